@@ -1,0 +1,168 @@
+"""Builds the sandbox's world from inside its fresh namespaces: root, mounts, identity, fences.
+
+Runs as root *of the sandbox's user namespace* (no privilege on the host), in the process that is
+about to become pid 1 of the sandbox. The host sends a plan (``cfg``); this module carries it out in
+an order where every step still has the rights it needs and each fence goes up before user code.
+Stdlib only.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import resource
+import socket
+import struct
+
+from . import landlock, linux
+
+USER_UID = 1000
+HOME = "/home/user"
+SCRATCH = "/.sandlot-scratch"  # one tmpfs backs home, /tmp and /dev/shm: one disk quota for all
+DEVICES = ("null", "zero", "full", "random", "urandom")
+# /etc entries the interpreter and common libraries read; everything else of the host's /etc stays out.
+ETC_ENTRIES = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime", "ssl", "ca-certificates",
+               "fonts", "alternatives", "mime.types", "nsswitch.conf", "protocols", "services",
+               "gai.conf", "host.conf", "debian_version", "os-release", "timezone", "matplotlibrc")
+SYSTEM_DIRS = ("/usr", "/lib", "/lib64", "/lib32", "/libx32", "/bin", "/sbin")
+
+_LOCKED_FLAGS = {os.ST_NOSUID: linux.MS_NOSUID, os.ST_NODEV: linux.MS_NODEV,
+                 os.ST_NOEXEC: linux.MS_NOEXEC, os.ST_NOATIME: linux.MS_NOATIME,
+                 os.ST_NODIRATIME: linux.MS_NODIRATIME, os.ST_RELATIME: linux.MS_RELATIME}
+
+
+def _mkdirs(path: str) -> None:
+    os.makedirs(path, mode=0o755, exist_ok=True)
+
+
+def _bind_readonly(source: str, target: str, is_dir: bool) -> None:
+    """Bind ``source`` at ``target`` read-only, nosuid, nodev, keeping the flags the host locked."""
+    if is_dir:
+        _mkdirs(target)
+    else:
+        _mkdirs(os.path.dirname(target))
+        if not os.path.exists(target):
+            open(target, "w").close()
+    linux.mount(source, target, None, linux.MS_BIND | linux.MS_REC)
+    # A bind mount in a user namespace must keep the flags its source mount was locked with,
+    # or the kernel refuses the remount with EPERM.
+    kept = 0
+    for st_flag, ms_flag in _LOCKED_FLAGS.items():
+        if os.statvfs(target).f_flag & st_flag:
+            kept |= ms_flag
+    linux.mount(None, target, None, linux.MS_REMOUNT | linux.MS_BIND | linux.MS_RDONLY
+                | linux.MS_NOSUID | linux.MS_NODEV | kept)
+
+
+def plan_host_paths(cfg: dict) -> list:
+    """Open every host path the root will show, while we still hold the host's rights.
+
+    Runs before our uid changes: afterwards it is an unprivileged one that may not
+    even traverse the interpreter's parents (pyenv under a 0700 /root, say). Binding from an
+    O_PATH descriptor needs no traversal. Symlinks (/bin -> usr/bin) are recreated, not bound.
+    """
+    wanted = list(SYSTEM_DIRS) + ["/etc/" + name for name in ETC_ENTRIES]
+    wanted += [(p, p) for p in cfg["prefixes"]] + [(cfg["agent_dir"], "/opt/sandlot/_agent")]
+    plan = []
+    for item in wanted:
+        host, inside = item if isinstance(item, tuple) else (item, item)
+        if os.path.islink(host) and not isinstance(item, tuple):
+            plan.append({"inside": inside, "link": os.readlink(host)})
+        elif os.path.exists(host):
+            fd = os.open(host, os.O_PATH | os.O_CLOEXEC)
+            plan.append({"inside": inside, "fd": fd, "dir": os.path.isdir(host)})
+    return plan
+
+
+def _write(path: str, text: str, mode: int = 0o644) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+    os.chmod(path, mode)
+
+
+def build_root(cfg: dict, plan: list) -> None:
+    """Make the new root at cfg['mountpoint'] and pivot into it."""
+    root = cfg["mountpoint"]
+    limits = cfg["limits"]
+    linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+    linux.mount("sandlot-root", root, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=0755,size=1m")
+
+    _mkdirs(root + "/etc")
+    for entry in plan:
+        target = root + entry["inside"]
+        if "link" in entry:
+            _mkdirs(os.path.dirname(target))
+            os.symlink(entry["link"], target)
+        else:
+            _bind_readonly("/proc/self/fd/%d" % entry["fd"], target, entry["dir"])
+            os.close(entry["fd"])
+
+    _write(root + "/etc/passwd", "root:x:0:0:root:/root:/bin/sh\n"
+           "user:x:%d:%d:user:%s:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n" % (USER_UID, USER_UID, HOME))
+    _write(root + "/etc/group", "root:x:0:\nuser:x:%d:\nnogroup:x:65534:\n" % USER_UID)
+    _write(root + "/etc/hostname", "sandbox\n")
+    _write(root + "/etc/hosts", "127.0.0.1 localhost sandbox\n::1 localhost\n")
+    _write(root + "/etc/resolv.conf", "")
+
+    # The only writable storage: one tmpfs with byte and inode caps, split into home, /tmp, /dev/shm.
+    scratch = root + SCRATCH
+    _mkdirs(scratch)
+    linux.mount("sandlot-scratch", scratch, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV,
+                "mode=0755,size=%d,nr_inodes=%d" % (limits["disk"], limits["inodes"]))
+    for sub, mode in (("home", 0o700), ("tmp", 0o1777), ("shm", 0o1777)):
+        os.mkdir(scratch + "/" + sub, mode)
+    os.chown(scratch + "/home", USER_UID, USER_UID)
+
+    _mkdirs(root + "/dev")
+    linux.mount("sandlot-dev", root + "/dev", "tmpfs", linux.MS_NOSUID | linux.MS_NOEXEC, "mode=0755,size=64k")
+    for dev in DEVICES:
+        open(root + "/dev/" + dev, "w").close()
+        linux.mount("/dev/" + dev, root + "/dev/" + dev, None, linux.MS_BIND)
+    for name, dest in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                       ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+        os.symlink(dest, root + "/dev/" + name)
+    for mount_at, sub in ((HOME, "home"), ("/tmp", "tmp"), ("/dev/shm", "shm")):
+        _mkdirs(root + mount_at)
+        linux.mount(scratch + "/" + sub, root + mount_at, None, linux.MS_BIND)
+    _mkdirs(root + "/proc")
+    linux.mount("proc", root + "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+    linux.mount(None, root + "/dev", None, linux.MS_REMOUNT | linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NOEXEC)
+
+    # Seal the root itself, then make it '/' and drop every trace of the host's tree.
+    linux.mount(None, root, None, linux.MS_REMOUNT | linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV)
+    os.chdir(root)
+    linux.pivot_root(".", ".")
+    linux.umount2(".", linux.MNT_DETACH)
+    os.chdir("/")
+
+
+def bring_up_loopback() -> None:
+    """The network namespace starts with lo down; bring it up so local servers work (nothing else exists)."""
+    SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        ifreq = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(s, SIOCGIFFLAGS, ifreq))[1]
+        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+
+
+def set_rlimits(limits: dict) -> None:
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limits["open_files"], limits["open_files"]))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limits["disk"], limits["disk"]))
+    resource.setrlimit(resource.RLIMIT_CPU, (limits["cpu_seconds"], limits["cpu_seconds"] + 5))
+    resource.setrlimit(resource.RLIMIT_NPROC, (limits["pids"], limits["pids"]))
+
+
+def drop_privileges(cfg: dict) -> None:
+    """Become the unprivileged sandbox user for good, then raise the kernel fences."""
+    linux.drop_bounding_set()
+    os.setgroups([])
+    os.setresgid(USER_UID, USER_UID, USER_UID)
+    os.setresuid(USER_UID, USER_UID, USER_UID)
+    linux.clear_capabilities()
+    linux.prctl(linux.PR_SET_PDEATHSIG, 9)  # cleared by the uid change above, so set it after
+    os.setsid()
+    linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)  # Landlock requires it; seccomp would set it anyway
+    landlock.restrict(read_paths=["/"], write_paths=[HOME, "/tmp", "/dev/shm"],
+                      device_paths=["/dev/" + d for d in DEVICES])
+    linux.install_seccomp(bytes.fromhex(cfg["seccomp"]))  # also sets no_new_privs

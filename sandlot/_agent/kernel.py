@@ -1,0 +1,193 @@
+"""The stateful Python session: runs cells in one namespace, like a notebook kernel. Stdlib only.
+
+Runs in its own process (a child of the agent) so that user code never holds the host channel.
+Its stdout/stderr are pipes the agent reads; results and the end of each cell travel as frames on
+a private socket. SIGINT is blocked except while user code runs, so an interrupt can never tear a
+frame in half; a stale interrupt is discarded before the next cell starts.
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import io
+import linecache
+import os
+import signal
+import socket
+import sys
+import traceback
+import types
+
+from . import protocol
+
+_MIME_METHODS = (
+    ("text/html", "_repr_html_"), ("text/markdown", "_repr_markdown_"), ("image/svg+xml", "_repr_svg_"),
+    ("image/png", "_repr_png_"), ("image/jpeg", "_repr_jpeg_"), ("text/latex", "_repr_latex_"),
+    ("application/json", "_repr_json_"), ("application/javascript", "_repr_javascript_"),
+)
+_MAX_REPR = 1024 * 1024
+
+
+class Kernel:
+    def __init__(self, ctl: socket.socket) -> None:
+        self.ctl = ctl
+        self.count = 0
+        self.namespace: dict = {"__name__": "__main__", "__builtins__": __builtins__}
+        self.namespace["display"] = self.display
+        self.buffer = protocol.FrameBuffer()
+
+    # -- channel to the agent ---------------------------------------------------------------
+    def send(self, header: dict) -> None:
+        self.ctl.sendall(protocol.encode(header))
+
+    def recv(self) -> dict:
+        while True:
+            data = self.ctl.recv(1 << 16)
+            if not data:
+                os._exit(0)
+            frames = self.buffer.feed(data)
+            if frames:
+                return frames[0][0]
+
+    # -- rich display -----------------------------------------------------------------------
+    def formats(self, value) -> dict:
+        data = {}
+        try:
+            text = repr(value)
+        except Exception as exc:  # a broken __repr__ is the user's bug, not ours
+            text = "<repr failed: %s>" % exc
+        data["text/plain"] = text[:_MAX_REPR]
+        figure = _as_figure_png(value)
+        if figure is not None:
+            data["image/png"] = figure
+        for mime, method in _MIME_METHODS:
+            fn = getattr(value, method, None)
+            if fn is None or isinstance(value, type) or mime in data:
+                continue
+            try:
+                out = fn()
+            except Exception:
+                continue
+            if out is None:
+                continue
+            if isinstance(out, tuple):  # (data, metadata) form
+                out = out[0]
+            if isinstance(out, bytes):
+                out = base64.b64encode(out).decode()
+            data[mime] = out
+        return data
+
+    def display(self, *values, is_main: bool = False) -> None:
+        for value in values:
+            self.send({"t": "result", "data": self.formats(value), "main": is_main})
+
+    def display_data(self, data: dict) -> None:
+        self.send({"t": "result", "data": data, "main": False})
+
+    # -- running cells ----------------------------------------------------------------------
+    def run_cell(self, code: str) -> dict:
+        self.count += 1
+        filename = "<cell-%d>" % self.count
+        linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+        _discard_pending_interrupt()
+        error = None
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        try:
+            value = self._execute(code, filename)
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            if value is not None:
+                self.namespace["_"] = value
+                self.display(value, is_main=True)
+        except BaseException as exc:  # noqa: BLE001 - everything the user raises is a result
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            if isinstance(exc, SystemExit):
+                error = {"name": "SystemExit", "value": str(exc.code), "traceback": ""}
+            else:
+                error = _format_error(exc)
+        _flush_streams()
+        self.flush_figures()
+        return {"t": "done", "error": error, "execution_count": self.count}
+
+    def _execute(self, code: str, filename: str):
+        tree = ast.parse(code, filename, "exec")
+        last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+        flags = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
+        body = compile(tree, filename, "exec", flags=flags, dont_inherit=True)
+        _await_if_needed(eval(body, self.namespace))
+        if last is None:
+            return None
+        expr = compile(ast.Expression(last.value), filename, "eval", flags=flags, dont_inherit=True)
+        return _await_if_needed(eval(expr, self.namespace))
+
+    def flush_figures(self) -> None:
+        """Figures left open at the end of a cell are shown, as a notebook's inline backend does."""
+        if "matplotlib.pyplot" in sys.modules:
+            from . import mpl_backend
+
+            mpl_backend.show()
+
+    def serve(self) -> None:
+        while True:
+            try:
+                msg = self.recv()
+            except KeyboardInterrupt:
+                continue
+            if msg.get("t") == "exec" and isinstance(msg.get("code"), str):
+                self.send(self.run_cell(msg["code"]))
+
+
+def _await_if_needed(value):
+    if isinstance(value, types.CoroutineType):
+        import asyncio
+
+        return asyncio.new_event_loop().run_until_complete(value)
+    return value
+
+
+def _as_figure_png(value):
+    if type(value).__module__.startswith("matplotlib.figure"):
+        from . import mpl_backend
+
+        return mpl_backend.figure_png(value)
+    return None
+
+
+def _discard_pending_interrupt() -> None:
+    while signal.SIGINT in signal.sigpending():
+        signal.sigtimedwait({signal.SIGINT}, 0)
+
+
+def _flush_streams() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+
+
+def _format_error(exc: BaseException) -> dict:
+    tb = exc.__traceback__
+    # Hide the kernel's own frames: the traceback starts at the first line the user wrote.
+    while tb is not None and not tb.tb_frame.f_code.co_filename.startswith("<cell-"):
+        tb = tb.tb_next
+    lines = traceback.format_exception(type(exc), exc, tb)
+    return {"name": type(exc).__name__, "value": str(exc), "traceback": "".join(lines)}
+
+
+def main(ctl_fd: int) -> None:
+    import site
+
+    site.main()  # the boot ran with -S; the session gets the template's site-packages
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False))
+    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True, line_buffering=True)
+    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True, line_buffering=True)
+    kernel = Kernel(socket.socket(fileno=ctl_fd))
+    global CURRENT
+    CURRENT = kernel
+    kernel.serve()
+
+
+CURRENT = None

@@ -1,0 +1,560 @@
+"""The agent: pid 1 of a sandbox. Serves the host's requests over the channel. Stdlib only.
+
+A single-threaded ``selectors`` loop multiplexes the host channel, the Python session's pipes, the
+commands' pipes and file transfers. As pid 1 it also reaps orphans, and the kernel shields it from
+signals sent by the sandbox's own processes. Everything it sends is bounded by the protocol; the
+host re-checks it all anyway.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import os
+import selectors
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import time
+
+from . import protocol
+
+HOME = "/home/user"
+HIGH_WATER = 4 * 1024 * 1024  # stop reading user output while this much waits for the host
+
+
+def _resolve(path) -> str:
+    if not isinstance(path, str) or not path or "\0" in path:
+        raise ValueError("path must be a non-empty string")
+    return os.path.normpath(path if path.startswith("/") else os.path.join(HOME, path))
+
+
+def _entry(path: str, st: os.stat_result) -> dict:
+    kind = "dir" if stat.S_ISDIR(st.st_mode) else "symlink" if stat.S_ISLNK(st.st_mode) else \
+        "file" if stat.S_ISREG(st.st_mode) else "other"
+    return {"name": os.path.basename(path) or "/", "path": path, "type": kind, "size": st.st_size,
+            "mode": stat.S_IMODE(st.st_mode), "mtime": st.st_mtime}
+
+
+class _Kernel:
+    """The session process, forked lazily and re-forked after it dies."""
+
+    def __init__(self, agent: "Agent") -> None:
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        parent, child = socket.socketpair()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                agent.host.close()
+                parent.close()
+                os.close(out_r)
+                os.close(err_r)
+                devnull = os.open("/dev/null", os.O_RDONLY)
+                os.dup2(devnull, 0)
+                os.dup2(out_w, 1)
+                os.dup2(err_w, 2)
+                keep = child.fileno()
+                os.closerange(3, keep)
+                os.closerange(keep + 1, 65536)
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                signal.set_wakeup_fd(-1)
+                from . import kernel
+
+                kernel.main(keep)
+            finally:
+                os._exit(1)
+        os.close(out_w)
+        os.close(err_w)
+        child.close()
+        self.pid = pid
+        self.ctl = parent
+        self.ctl.setblocking(False)
+        self.frames = protocol.FrameBuffer()
+        self.pipes = {out_r: "stdout", err_r: "stderr"}
+        for fd in self.pipes:
+            os.set_blocking(fd, False)
+
+
+class _Command:
+    """A shell command with its own process group; its pipes are raw fds the agent owns."""
+
+    def __init__(self, req: dict) -> None:
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        in_r, self.stdin_fd = os.pipe() if req.get("stdin") else (subprocess.DEVNULL, None)
+        try:
+            self.proc = subprocess.Popen(
+                ["/bin/sh", "-c", req["cmd"]], cwd=_resolve(req.get("cwd") or HOME), env=req["env"],
+                stdin=in_r, stdout=out_w, stderr=err_w, start_new_session=True)
+        except BaseException:
+            for fd in (out_r, err_r, self.stdin_fd):
+                if fd is not None:
+                    os.close(fd)
+            raise
+        finally:
+            for fd in (out_w, err_w) + ((in_r,) if self.stdin_fd is not None else ()):
+                os.close(fd)
+        self.pipes = {out_r: "stdout", err_r: "stderr"}
+        for fd in self.pipes:
+            os.set_blocking(fd, False)
+        if self.stdin_fd is not None:
+            os.set_blocking(self.stdin_fd, False)
+        self.stdin_pending = bytearray()
+        self.stdin_close = False
+        self.exit_code = None
+        self.exited_at = 0.0
+
+    def pump_stdin(self) -> None:
+        """Feed stdin without ever blocking the agent on a command that does not read."""
+        if self.stdin_fd is None:
+            return
+        try:
+            while self.stdin_pending:
+                n = os.write(self.stdin_fd, self.stdin_pending)
+                del self.stdin_pending[:n]
+        except BlockingIOError:
+            return
+        except OSError:
+            self.stdin_pending.clear()
+        if self.stdin_close and not self.stdin_pending:
+            self.close_stdin()
+
+    def close_stdin(self) -> None:
+        if self.stdin_fd is not None:
+            os.close(self.stdin_fd)
+            self.stdin_fd = None
+
+
+class Agent:
+    def __init__(self, sock: socket.socket, cfg: dict) -> None:
+        self.host = sock
+        self.host.setblocking(False)
+        self.cfg = cfg
+        self.env = dict(cfg.get("env") or {})
+        self.sel = selectors.DefaultSelector()
+        self.inbox = protocol.FrameBuffer()
+        self.out = bytearray()
+        self.kernel = None
+        self.exec_queue = collections.deque()
+        self.current_exec = None
+        self.commands = {}
+        self.stream_owner = {}  # pipe fd -> (request id or None for the kernel, stream name)
+        self.producers = collections.deque()
+        self.uploads = {}
+        self.paused = False
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        self.sel.register(wake_r, selectors.EVENT_READ, self._on_wakeup)
+        self.sel.register(self.host, selectors.EVENT_READ, self._on_host)
+
+    # -- output to the host ------------------------------------------------------------------
+    def send(self, header: dict, payload: bytes = b"") -> None:
+        self.out += protocol.encode(header, payload)
+
+    def _flush(self) -> None:
+        while self.out:
+            try:
+                sent = self.host.send(self.out)
+            except BlockingIOError:
+                break
+            except OSError:
+                os._exit(0)  # host gone: pid 1 exits and the kernel ends the whole sandbox
+            del self.out[:sent]
+        want = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.out else 0)
+        if self.sel.get_key(self.host).events != want:
+            self.sel.modify(self.host, want, self._on_host)
+        # Backpressure: a flood of user output waits in the pipe, not in our memory.
+        pause = len(self.out) > HIGH_WATER
+        if pause != self.paused:
+            self.paused = pause
+            for fd in list(self.stream_owner):
+                if pause:
+                    self.sel.unregister(fd)
+                else:
+                    self.sel.register(fd, selectors.EVENT_READ, self._on_stream)
+
+    def _on_host(self, key, mask) -> None:
+        if mask & selectors.EVENT_READ:
+            try:
+                data = self.host.recv(1 << 20)
+            except BlockingIOError:
+                data = None
+            if data == b"":
+                os._exit(0)
+            if data:
+                for header, payload in self.inbox.feed(data):
+                    self._dispatch(header, payload)
+
+    # -- requests -----------------------------------------------------------------------------
+    def _dispatch(self, req: dict, payload: bytes) -> None:
+        kind = req.get("t")
+        rid = req.get("id")
+        handler = getattr(self, "_req_" + str(kind), None)
+        if handler is None:
+            self.send({"t": "error", "id": rid, "etype": "InvalidRequest", "message": "unknown request %r" % kind})
+            return
+        try:
+            handler(rid, req, payload)
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            self._fail(rid, exc)
+
+    def _fail(self, rid, exc: BaseException) -> None:
+        self.send({"t": "error", "id": rid, "etype": type(exc).__name__, "message": str(exc),
+                   "errno": getattr(exc, "errno", None)})
+
+    def _req_ping(self, rid, req, payload) -> None:
+        self.send({"t": "pong", "id": rid})
+
+    def _req_exec(self, rid, req, payload) -> None:
+        if not isinstance(req.get("code"), str):
+            raise ValueError("code must be a string")
+        self.exec_queue.append((rid, req["code"]))
+        self._next_exec()
+
+    def _next_exec(self) -> None:
+        if self.current_exec is not None or not self.exec_queue:
+            return
+        if self.kernel is None:
+            self._start_kernel()
+        rid, code = self.exec_queue.popleft()
+        self.current_exec = rid
+        try:
+            self.kernel.ctl.sendall(protocol.encode({"t": "exec", "code": code}))
+        except (BlockingIOError, OSError):
+            # Cells up to the socket buffer size go through at once; larger ones block briefly.
+            self.kernel.ctl.setblocking(True)
+            self.kernel.ctl.settimeout(5)
+            try:
+                self.kernel.ctl.sendall(protocol.encode({"t": "exec", "code": code}))
+            except OSError:
+                pass
+            self.kernel.ctl.setblocking(False)
+
+    def _req_interrupt(self, rid, req, payload) -> None:
+        if self.kernel is not None and self.current_exec is not None:
+            os.kill(self.kernel.pid, signal.SIGINT)
+
+    def _start_kernel(self) -> None:
+        os.environ.clear()
+        os.environ.update(self.env)
+        self.kernel = _Kernel(self)
+        self.sel.register(self.kernel.ctl, selectors.EVENT_READ, self._on_kernel_ctl)
+        for fd, name in self.kernel.pipes.items():
+            self.stream_owner[fd] = (None, name)
+            if not self.paused:
+                self.sel.register(fd, selectors.EVENT_READ, self._on_stream)
+
+    def _on_kernel_ctl(self, key, mask) -> None:
+        kernel = self.kernel
+        try:
+            data = kernel.ctl.recv(1 << 20)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._kernel_gone("the session's channel closed")
+            return
+        try:
+            frames = kernel.frames.feed(data)
+        except protocol.ProtocolError as exc:
+            # User code wrote to our private socket. Nothing it says can be trusted any more.
+            os.kill(kernel.pid, signal.SIGKILL)
+            self._kernel_gone("the session's channel was corrupted (%s); the session was restarted" % exc)
+            return
+        for header, _ in frames:
+            if header["t"] == "result" and self.current_exec is not None:
+                self.send({"t": "result", "id": self.current_exec, "data": header.get("data"),
+                           "main": bool(header.get("main"))})
+            elif header["t"] == "done" and self.current_exec is not None:
+                self._drain_kernel_pipes()
+                self.send({"t": "done", "id": self.current_exec, "error": header.get("error"),
+                           "execution_count": header.get("execution_count")})
+                self.current_exec = None
+                self._next_exec()
+
+    def _drain_kernel_pipes(self) -> None:
+        for fd in list(self.kernel.pipes if self.kernel else ()):
+            self._read_stream(fd, drain=True)
+
+    def _kernel_gone(self, why: str) -> None:
+        kernel = self.kernel
+        if kernel is None:
+            return
+        self._drain_kernel_pipes()
+        for fd in kernel.pipes:
+            self._close_stream(fd)
+        self.sel.unregister(kernel.ctl)
+        kernel.ctl.close()
+        self.kernel = None
+        if kernel.pid not in _REAPED:
+            try:
+                os.kill(kernel.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        status = _reap(kernel.pid)
+        if self.current_exec is not None:
+            sig = -status if status is not None and status < 0 else None
+            self.send({"t": "done", "id": self.current_exec, "execution_count": None, "died": True,
+                       "signal": sig, "error": {"name": "SessionDied", "value": why, "traceback": ""}})
+            self.current_exec = None
+        self._next_exec()
+
+    # -- commands -----------------------------------------------------------------------------
+    def _req_cmd(self, rid, req, payload) -> None:
+        if not isinstance(req.get("cmd"), str):
+            raise ValueError("cmd must be a string")
+        env = dict(self.env)
+        env.update(req.get("env") or {})
+        req = dict(req, env=env)
+        try:
+            command = _Command(req)
+        except (OSError, subprocess.SubprocessError) as exc:
+            self._fail(rid, exc)
+            return
+        self.commands[rid] = command
+        for fd, name in command.pipes.items():
+            self.stream_owner[fd] = (rid, name)
+            if not self.paused:
+                self.sel.register(fd, selectors.EVENT_READ, self._on_stream)
+        self.send({"t": "started", "id": rid, "pid": command.proc.pid})
+
+    def _req_stdin(self, rid, req, payload) -> None:
+        command = self.commands.get(req.get("target"))
+        if command is None or command.stdin_fd is None:
+            return  # the command ended or closed its stdin; late input is dropped
+        command.stdin_pending += payload
+        command.stdin_close = command.stdin_close or bool(req.get("close"))
+        command.pump_stdin()
+
+    def _req_signal(self, rid, req, payload) -> None:
+        command = self.commands.get(req.get("target"))
+        if command is not None and command.exit_code is None:
+            try:
+                os.killpg(command.proc.pid, int(req.get("signal", signal.SIGKILL)))
+            except ProcessLookupError:
+                pass
+
+    # -- streams ------------------------------------------------------------------------------
+    def _on_stream(self, key, mask) -> None:
+        self._read_stream(key.fd)
+
+    def _read_stream(self, fd: int, drain: bool = False) -> None:
+        owner = self.stream_owner.get(fd)
+        if owner is None:
+            return
+        rid, name = owner
+        while True:
+            try:
+                data = os.read(fd, protocol.CHUNK)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._close_stream(fd)
+                return
+            target = self.current_exec if rid is None else rid
+            if target is not None:
+                self.send({"t": name, "id": target}, data)
+            if not drain or len(self.out) > HIGH_WATER * 4:
+                return
+
+    def _close_stream(self, fd: int) -> None:
+        if self.stream_owner.pop(fd, None) is None:
+            return
+        try:
+            self.sel.unregister(fd)
+        except (KeyError, ValueError):
+            pass
+        os.close(fd)
+
+    def _on_wakeup(self, key, mask) -> None:
+        try:
+            while os.read(key.fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _reap_children(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            code = os.waitstatus_to_exitcode(status)
+            if self.kernel is not None and pid == self.kernel.pid:
+                _REAPED[pid] = code
+                self._kernel_gone("the session process died (%s)" % _describe(code))
+                continue
+            for command in self.commands.values():
+                if command.proc.pid == pid:
+                    command.proc.returncode = code
+                    command.exit_code = code
+                    command.exited_at = time.monotonic()
+
+    def _finish_commands(self) -> None:
+        now = time.monotonic()
+        for rid, command in list(self.commands.items()):
+            if command.exit_code is None:
+                continue
+            open_pipes = [fd for fd in command.pipes if fd in self.stream_owner]
+            # A background grandchild may hold the pipes open forever; do not wait on it long.
+            if open_pipes and now - command.exited_at < 0.05:
+                continue
+            for fd in open_pipes:
+                self._read_stream(fd, drain=True)
+                self._close_stream(fd)
+            command.close_stdin()
+            del self.commands[rid]
+            self.send({"t": "exit", "id": rid, "exit_code": command.exit_code})
+
+    # -- files --------------------------------------------------------------------------------
+    def _req_fread(self, rid, req, payload) -> None:
+        path = _resolve(req.get("path"))
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise IsADirectoryError(errno.EISDIR, "is a directory", path)
+
+        def produce():
+            total = 0
+            try:
+                while True:
+                    chunk = os.read(fd, protocol.CHUNK)
+                    if not chunk:
+                        break
+                    total += len(chunk)
+                    yield {"t": "data", "id": rid}, chunk
+                yield {"t": "ok", "id": rid, "size": total}, b""
+            finally:
+                os.close(fd)
+
+        self.producers.append(produce())
+
+    def _req_fwrite(self, rid, req, payload) -> None:
+        path = _resolve(req.get("path"))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_APPEND if req.get("append") else os.O_TRUNC)
+        self.uploads[rid] = [os.open(path, flags, 0o644), 0]
+
+    def _req_fdata(self, rid, req, payload) -> None:
+        upload = self.uploads.get(rid)
+        if upload is None:
+            return  # an earlier error already answered this upload
+        try:
+            view = memoryview(payload)
+            while view:
+                n = os.write(upload[0], view)
+                view = view[n:]
+                upload[1] += n
+        except OSError:
+            os.close(upload[0])
+            del self.uploads[rid]
+            raise
+
+    def _req_fend(self, rid, req, payload) -> None:
+        upload = self.uploads.pop(rid, None)
+        if upload is None:
+            return
+        os.close(upload[0])
+        self.send({"t": "ok", "id": rid, "size": upload[1]})
+
+    def _req_flist(self, rid, req, payload) -> None:
+        root = _resolve(req.get("path"))
+        depth = max(1, min(int(req.get("depth") or 1), 32))
+        entries = []
+
+        def walk(path: str, level: int) -> None:
+            with os.scandir(path) as it:
+                for item in sorted(it, key=lambda e: e.name):
+                    st = item.stat(follow_symlinks=False)
+                    entries.append(_entry(item.path, st))
+                    if len(entries) >= 10000:
+                        return
+                    if item.is_dir(follow_symlinks=False) and level < depth:
+                        walk(item.path, level + 1)
+
+        walk(root, 1)
+        self.send({"t": "ok", "id": rid, "entries": entries})
+
+    def _req_fstat(self, rid, req, payload) -> None:
+        path = _resolve(req.get("path"))
+        self.send({"t": "ok", "id": rid, "entry": _entry(path, os.lstat(path))})
+
+    def _req_fexists(self, rid, req, payload) -> None:
+        self.send({"t": "ok", "id": rid, "exists": os.path.lexists(_resolve(req.get("path")))})
+
+    def _req_fremove(self, rid, req, payload) -> None:
+        path = _resolve(req.get("path"))
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+        self.send({"t": "ok", "id": rid})
+
+    def _req_fmkdir(self, rid, req, payload) -> None:
+        path = _resolve(req.get("path"))
+        existed = os.path.isdir(path)
+        os.makedirs(path, exist_ok=True)
+        self.send({"t": "ok", "id": rid, "created": not existed})
+
+    # -- loop ---------------------------------------------------------------------------------
+    def run(self) -> None:
+        while True:
+            self._flush()
+            timeout = 0.02 if self.commands else None
+            if self.producers and len(self.out) < HIGH_WATER:
+                timeout = 0
+            for key, mask in self.sel.select(timeout):
+                key.data(key, mask)
+            self._reap_children()
+            for command in self.commands.values():
+                command.pump_stdin()
+            self._finish_commands()
+            while self.producers and len(self.out) < HIGH_WATER:
+                try:
+                    header, payload = next(self.producers[0])
+                    self.send(header, payload)
+                except StopIteration:
+                    self.producers.popleft()
+                except OSError as exc:
+                    self.producers.popleft()
+                    self._fail(None, exc)
+            self._flush()
+
+
+_REAPED: dict = {}
+
+
+def _reap(pid: int):
+    if pid in _REAPED:
+        return _REAPED.pop(pid)
+    try:
+        _, status = os.waitpid(pid, 0)
+        return os.waitstatus_to_exitcode(status)
+    except ChildProcessError:
+        return None
+
+
+def _describe(code: int) -> str:
+    if code < 0:
+        try:
+            return "killed by " + signal.Signals(-code).name
+        except ValueError:
+            return "killed by signal %d" % -code
+    return "exit code %d" % code
+
+
+def serve(sock: socket.socket, cfg: dict) -> None:
+    agent = Agent(sock, cfg)
+    agent.send({"t": "ready", "pid": os.getpid()})
+    agent.run()

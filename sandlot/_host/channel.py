@@ -1,0 +1,102 @@
+"""The host's end of the agent channel: frames in, frames out, demultiplexed by request id.
+
+Nothing the agent says is trusted: every frame is size-checked by the protocol module before it
+is read, unknown ids are dropped, and a framing error closes the channel for good (the sandbox is
+then killed by its owner).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import socket
+from typing import Optional
+
+from .._agent import protocol
+
+CLOSED = object()  # queued to every open request when the channel ends
+
+
+class Channel:
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._ids = itertools.count(1)
+        self._queues: dict[int, asyncio.Queue] = {}
+        self._reader: Optional[asyncio.StreamReader] = None
+        self._writer: Optional[asyncio.StreamWriter] = None
+        self._task: Optional[asyncio.Task] = None
+        self.closed_reason: Optional[str] = None
+        self.control: asyncio.Queue = asyncio.Queue()  # frames without an id (boot messages)
+
+    async def open(self) -> None:
+        self._reader, self._writer = await asyncio.open_unix_connection(sock=self._sock, limit=protocol.MAX_PAYLOAD)
+        self._task = asyncio.get_running_loop().create_task(self._read_loop())
+
+    @property
+    def is_open(self) -> bool:
+        return self.closed_reason is None
+
+    def new_request(self) -> tuple[int, asyncio.Queue]:
+        rid = next(self._ids)
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[rid] = queue
+        if not self.is_open:
+            queue.put_nowait(CLOSED)
+        return rid, queue
+
+    def forget(self, rid: int) -> None:
+        self._queues.pop(rid, None)
+
+    async def send(self, header: dict, payload: bytes = b"") -> None:
+        if not self.is_open or self._writer is None:
+            return
+        self._writer.write(protocol.encode(header, payload))
+        try:
+            await self._writer.drain()
+        except (ConnectionError, OSError) as exc:
+            self._close("channel write failed: %s" % exc)
+
+    async def _read_loop(self) -> None:
+        assert self._reader is not None
+        reason = "the agent closed the channel"
+        try:
+            while True:
+                prefix = await self._reader.readexactly(protocol.PREFIX.size)
+                head_len, payload_len = protocol.check_prefix(prefix)
+                header = protocol.decode_header(await self._reader.readexactly(head_len))
+                payload = await self._reader.readexactly(payload_len) if payload_len else b""
+                rid = header.get("id")
+                if rid is None:
+                    self.control.put_nowait((header, payload))
+                    continue
+                queue = self._queues.get(rid) if isinstance(rid, int) else None
+                if queue is not None:
+                    queue.put_nowait((header, payload))
+        except asyncio.IncompleteReadError:
+            pass
+        except protocol.ProtocolError as exc:
+            reason = "the agent broke the protocol: %s" % exc
+        except (ConnectionError, OSError) as exc:
+            reason = "channel error: %s" % exc
+        except asyncio.CancelledError:
+            reason = "channel closed by the host"
+        self._close(reason)
+
+    def _close(self, reason: str) -> None:
+        if self.closed_reason is not None:
+            return
+        self.closed_reason = reason
+        for queue in self._queues.values():
+            queue.put_nowait(CLOSED)
+        self.control.put_nowait(CLOSED)
+        if self._writer is not None:
+            self._writer.close()
+
+    async def aclose(self) -> None:
+        self._close("channel closed by the host")
+        if self._task is not None and self._task is not asyncio.current_task():
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass

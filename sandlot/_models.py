@@ -1,0 +1,104 @@
+"""What calls return. Shapes follow E2B's SDK, the one agent developers already know."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+
+@dataclasses.dataclass
+class Result:
+    """One displayed value: the cell's last expression (``is_main_result``), a ``display()``, or a figure."""
+
+    text: Optional[str] = None
+    html: Optional[str] = None
+    markdown: Optional[str] = None
+    svg: Optional[str] = None
+    png: Optional[str] = None  # base64, as a notebook stores it
+    jpeg: Optional[str] = None
+    latex: Optional[str] = None
+    json: Optional[Any] = None
+    javascript: Optional[str] = None
+    is_main_result: bool = False
+    extra: dict = dataclasses.field(default_factory=dict)
+
+    _MIME = {"text/plain": "text", "text/html": "html", "text/markdown": "markdown", "image/svg+xml": "svg",
+             "image/png": "png", "image/jpeg": "jpeg", "text/latex": "latex", "application/json": "json",
+             "application/javascript": "javascript"}
+
+    @classmethod
+    def from_mime(cls, data: dict, is_main: bool) -> "Result":
+        fields: dict = {"is_main_result": is_main, "extra": {}}
+        for mime, value in data.items():
+            if mime in cls._MIME:
+                fields[cls._MIME[mime]] = value
+            else:
+                fields["extra"][mime] = value
+        return cls(**fields)
+
+    def formats(self) -> list[str]:
+        return [name for name in self._MIME.values() if getattr(self, name) is not None]
+
+
+@dataclasses.dataclass
+class Logs:
+    stdout: list[str] = dataclasses.field(default_factory=list)
+    stderr: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class ExecutionError:
+    """Raised *inside* the sandbox: the user's exception, or a limit that stopped the code.
+
+    ``limit`` names the limit when one ended the call ("timeout", "memory", "output", "pids"...).
+    """
+
+    name: str
+    value: str
+    traceback: str = ""
+    limit: Optional[str] = None
+
+
+@dataclasses.dataclass
+class Usage:
+    cpu_seconds: float = 0.0
+    peak_memory: int = 0  # bytes, the sandbox cgroup's high-water mark during the call
+    wall_seconds: float = 0.0
+
+
+@dataclasses.dataclass
+class Execution:
+    results: list[Result] = dataclasses.field(default_factory=list)
+    logs: Logs = dataclasses.field(default_factory=Logs)
+    error: Optional[ExecutionError] = None
+    execution_count: Optional[int] = None
+    usage: Usage = dataclasses.field(default_factory=Usage)
+    truncated: bool = False  # output beyond the per-call cap was dropped
+
+    @property
+    def text(self) -> Optional[str]:
+        """The main result's text/plain form, like a notebook's Out[n]."""
+        for result in self.results:
+            if result.is_main_result:
+                return result.text
+        return None
+
+
+@dataclasses.dataclass
+class CommandResult:
+    exit_code: Optional[int]
+    stdout: str = ""
+    stderr: str = ""
+    error: Optional[str] = None  # set when a limit ended the command (timeout, output)
+    usage: Usage = dataclasses.field(default_factory=Usage)
+    truncated: bool = False
+
+
+@dataclasses.dataclass
+class EntryInfo:
+    name: str
+    path: str
+    type: str  # "file", "dir", "symlink", "other"
+    size: int
+    mode: int
+    mtime: float
