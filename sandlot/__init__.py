@@ -1,0 +1,40 @@
+"""Sandlot: self-hosted sandboxes for code written by AI agents.
+
+    from sandlot import Sandbox
+    with Sandbox() as sb:
+        sb.run_code("x = 41")
+        print(sb.run_code("x + 1").text)   # 42
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._exceptions import (AuthError, FileError, HostUnsupported, InvalidRequest, QuotaExceeded, SandboxCrashed,
+                          SandboxNotFound, SandlotError, TimeoutError)
+from ._limits import Limits
+from ._models import CommandResult, EntryInfo, Execution, ExecutionError, Logs, Result, Usage
+from ._sandbox import AsyncCommandHandle, AsyncSandbox
+from ._sync import CommandHandle, Sandbox, run_sync
+
+__version__ = "0.1.0"
+
+
+async def async_run_code(code: str, *, template: str = "python", timeout: float | None = None,
+                         limits: Any = None, env: Any = None, **callbacks: Any) -> Execution:
+    """Stateless: a fresh sandbox runs ``code`` and is gone afterwards."""
+    async with AsyncSandbox(template, limits=limits, env=env) as sandbox:
+        return await sandbox.run_code(code, timeout=timeout, **callbacks)
+
+
+def run_code(code: str, **kwargs: Any) -> Execution:
+    """Stateless: a fresh sandbox runs ``code`` and is gone afterwards."""
+    return run_sync(async_run_code(code, **kwargs))
+
+
+__all__ = [
+    "Sandbox", "AsyncSandbox", "CommandHandle", "AsyncCommandHandle", "run_code", "async_run_code",
+    "Limits", "Execution", "ExecutionError", "Result", "Logs", "Usage", "CommandResult", "EntryInfo",
+    "SandlotError", "SandboxNotFound", "TimeoutError", "SandboxCrashed", "AuthError", "QuotaExceeded",
+    "InvalidRequest", "HostUnsupported", "FileError",
+]

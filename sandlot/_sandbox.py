@@ -1,0 +1,577 @@
+"""AsyncSandbox: the one implementation of the SDK. ``Sandbox`` (in _sync) is a thin synchronous facade.
+
+Every limit is enforced by the kernel (cgroups, rlimits, tmpfs caps) or by this host-side code
+(wall timeouts, output caps); nothing here inspects the user's code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import inspect
+import time
+from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Optional, Union
+
+from ._backends.base import SandboxProcess, get_backend
+from ._exceptions import FileError, InvalidRequest, SandboxCrashed, SandboxNotFound
+from ._host.channel import CLOSED
+from ._limits import Limits
+from ._models import CommandResult, EntryInfo, Execution, ExecutionError, Result, Usage
+from ._templates import get_template
+from ._agent import protocol
+
+OutputHandler = Callable[[str], Union[None, Awaitable[None]]]
+ResultHandler = Callable[[Result], Union[None, Awaitable[None]]]
+INTERRUPT_GRACE = 2.0  # seconds code gets to honour KeyboardInterrupt before its sandbox is killed
+
+
+async def _call(handler: Optional[Callable], value: Any) -> None:
+    if handler is not None:
+        out = handler(value)
+        if inspect.isawaitable(out):
+            await out
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+class _Output:
+    """Decodes and caps one call's stdout/stderr, feeding the callbacks as chunks arrive."""
+
+    def __init__(self, cap: int, on_stdout: Optional[OutputHandler], on_stderr: Optional[OutputHandler]) -> None:
+        self.cap = cap
+        self.seen = 0
+        self.truncated = False
+        self.chunks: dict[str, list[str]] = {"stdout": [], "stderr": []}
+        self.handlers = {"stdout": on_stdout, "stderr": on_stderr}
+        self.decoders = {name: codecs.getincrementaldecoder("utf-8")("replace") for name in self.chunks}
+
+    async def feed(self, stream: str, data: bytes) -> None:
+        self.seen += len(data)
+        room = self.cap - (self.seen - len(data))
+        if room <= 0:
+            self.truncated = True
+            return
+        if len(data) > room:
+            data = data[:room]
+            self.truncated = True
+        text = self.decoders[stream].decode(data)
+        if text:
+            self.chunks[stream].append(text)
+            await _call(self.handlers[stream], text)
+
+    @property
+    def over_cap(self) -> bool:
+        return self.seen > self.cap
+
+
+class AsyncSandbox:
+    """A sandbox: a stateful Python session, shell commands and files, isolated from the host.
+
+    ``async with AsyncSandbox() as sb`` or ``sb = await AsyncSandbox.create()``. ``timeout`` is the
+    sandbox's lifetime in seconds (extend it with ``set_timeout``); ``limits`` overrides any of
+    :class:`Limits`; ``env`` is visible to code and commands; ``metadata`` is yours to tag it with.
+    """
+
+    def __init__(self, template: str = "python", *, timeout: Optional[float] = None,
+                 limits: Union[Limits, Mapping[str, Any], None] = None, env: Optional[Mapping[str, str]] = None,
+                 metadata: Optional[Mapping[str, str]] = None, isolation: str = "process") -> None:
+        self.template = get_template(template)
+        limits = Limits.build(limits)
+        if timeout is not None:
+            limits = Limits.build({"lifetime": timeout}, base=limits)
+        self.limits = limits
+        if env is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+            raise InvalidRequest("env must map strings to strings")
+        self.env = dict(env or {})
+        self.metadata = dict(metadata or {})
+        self.isolation = isolation
+        self._backend = get_backend(isolation)
+        self._proc: Optional[SandboxProcess] = None
+        self._exec_lock = asyncio.Lock()
+        self._dead: Optional[str] = None
+        self._dead_limit: Optional[str] = None
+        self._started_at = 0.0
+        self._deadline = 0.0
+        self._last_activity = 0.0
+        self._watchdog: Optional[asyncio.Task] = None
+        self.commands = AsyncCommands(self)
+        self.files = AsyncFiles(self)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    @classmethod
+    async def create(cls, template: str = "python", **kwargs: Any) -> "AsyncSandbox":
+        sandbox = cls(template, **kwargs)
+        await sandbox.start()
+        return sandbox
+
+    async def start(self) -> "AsyncSandbox":
+        if self._proc is not None:
+            return self
+        self._proc = await self._backend.start(self.template, self.limits, self.env)
+        self._started_at = self._last_activity = time.monotonic()
+        self._deadline = self._started_at + self.limits.lifetime
+        self._watchdog = asyncio.get_running_loop().create_task(self._watch())
+        return self
+
+    @property
+    def sandbox_id(self) -> str:
+        if self._proc is None:
+            raise SandboxNotFound("the sandbox has not been started")
+        return self._proc.id
+
+    @property
+    def is_running(self) -> bool:
+        return self._proc is not None and self._dead is None
+
+    async def __aenter__(self) -> "AsyncSandbox":
+        return await self.start()
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.kill()
+
+    async def kill(self) -> None:
+        """End the sandbox and everything in it. Safe to call twice."""
+        await self._die("killed by its owner")
+
+    async def _die(self, reason: str, limit: Optional[str] = None) -> None:
+        if self._dead is None:
+            self._dead, self._dead_limit = reason, limit
+        if self._watchdog is not None and self._watchdog is not asyncio.current_task():
+            self._watchdog.cancel()
+        if self._proc is not None:
+            await self._proc.kill(reason)
+
+    async def set_timeout(self, seconds: float) -> None:
+        """Let the sandbox live ``seconds`` from now (capped by 14 days), like E2B's set_timeout."""
+        Limits.build({"lifetime": seconds})
+        self._alive()
+        self._deadline = time.monotonic() + seconds
+
+    async def _watch(self) -> None:
+        """End the sandbox at its lifetime or after idle_timeout without a call."""
+        while self._dead is None:
+            now = time.monotonic()
+            idle_end = self._last_activity + self.limits.idle_timeout
+            if now >= self._deadline:
+                await self._die(f"its lifetime ended ({self.limits.lifetime:.0f} s)", "lifetime")
+                return
+            if now >= idle_end and not self._exec_lock.locked():
+                await self._die(f"it was idle for {self.limits.idle_timeout:.0f} s", "idle_timeout")
+                return
+            await asyncio.sleep(max(0.05, min(self._deadline, idle_end) - now))
+
+    def _alive(self) -> SandboxProcess:
+        if self._proc is None:
+            raise SandboxNotFound("the sandbox has not been started (use `with Sandbox()` or `.create()`)")
+        if self._dead is not None:
+            if self._dead_limit in ("memory", "pids", "protocol"):
+                raise SandboxCrashed(f"sandbox {self._proc.id} is dead: {self._dead}", limit=self._dead_limit)
+            raise SandboxNotFound(f"sandbox {self._proc.id} is gone: {self._dead}")
+        if not self._proc.channel.is_open:
+            raise SandboxCrashed(f"sandbox {self._proc.id} lost its agent: {self._proc.channel.closed_reason}",
+                                 limit="protocol")
+        self._last_activity = time.monotonic()
+        return self._proc
+
+    # -- code --------------------------------------------------------------------------------
+    async def run_code(self, code: str, *, timeout: Optional[float] = None,
+                       on_stdout: Optional[OutputHandler] = None, on_stderr: Optional[OutputHandler] = None,
+                       on_result: Optional[ResultHandler] = None) -> Execution:
+        """Run Python in the sandbox's session. Variables persist between calls.
+
+        The user's exceptions and limits that stop the code come back in ``Execution.error``;
+        only failures of the sandbox itself raise.
+        """
+        if not isinstance(code, str):
+            raise InvalidRequest("code must be a string")
+        timeout = self._call_timeout(timeout)
+        async with self._exec_lock:
+            proc = self._alive()
+            rid, queue = proc.channel.new_request()
+            usage_start = self._usage_start(proc)
+            output = _Output(self.limits.output, on_stdout, on_stderr)
+            execution = Execution()
+            started = time.monotonic()
+            try:
+                await proc.channel.send({"t": "exec", "id": rid, "code": code})
+                done = await self._pump(proc, rid, queue, timeout, output, execution, on_result)
+            finally:
+                proc.channel.forget(rid)
+                self._last_activity = time.monotonic()
+            execution.logs.stdout = output.chunks["stdout"]
+            execution.logs.stderr = output.chunks["stderr"]
+            execution.truncated = output.truncated
+            execution.usage = self._usage_end(proc, usage_start, started)
+            await self._finish_execution(proc, execution, done, timeout, output, usage_start)
+            return execution
+
+    def _call_timeout(self, timeout: Optional[float]) -> float:
+        if timeout is None:
+            return self.limits.timeout
+        return Limits.build({"timeout": timeout}).timeout
+
+    async def _pump(self, proc, rid, queue, timeout, output, execution, on_result) -> dict:
+        """Collect frames of one execution until it is done, interrupting it at the timeout or output cap."""
+        deadline = time.monotonic() + timeout
+        interrupted_for: Optional[str] = None
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                if interrupted_for is None:
+                    interrupted_for = "timeout"
+                    await proc.channel.send({"t": "interrupt", "id": rid})
+                    deadline = time.monotonic() + INTERRUPT_GRACE
+                    continue
+                await self._die("its code ignored the interrupt after the timeout", "timeout")
+                return {"t": "killed", "why": interrupted_for}
+            try:
+                item = await asyncio.wait_for(queue.get(), remaining)
+            except asyncio.TimeoutError:
+                continue
+            if item is CLOSED:
+                return {"t": "closed", "why": interrupted_for}
+            header, payload = item
+            kind = header.get("t")
+            if kind in ("stdout", "stderr"):
+                await output.feed(kind, payload)
+                if output.over_cap and interrupted_for is None:
+                    interrupted_for = "output"
+                    await proc.channel.send({"t": "interrupt", "id": rid})
+                    deadline = time.monotonic() + INTERRUPT_GRACE
+            elif kind == "result" and isinstance(header.get("data"), dict):
+                result = Result.from_mime(header["data"], bool(header.get("main")))
+                execution.results.append(result)
+                await _call(on_result, result)
+            elif kind == "done":
+                return dict(header, why=interrupted_for)
+            elif kind == "error":
+                return {"t": "done", "why": interrupted_for, "error": {
+                    "name": "InvalidRequest", "value": str(header.get("message")), "traceback": ""}}
+
+    async def _finish_execution(self, proc, execution, done, timeout, output, usage_start) -> None:
+        why = done.get("why")
+        count = done.get("execution_count")
+        execution.execution_count = count if isinstance(count, int) else None
+        raw = done.get("error")
+        if isinstance(raw, dict):
+            execution.error = ExecutionError(str(raw.get("name")), str(raw.get("value")), str(raw.get("traceback") or ""))
+        oom = self._oom_since(proc, usage_start)
+        if done["t"] == "killed":
+            execution.error = ExecutionError(
+                "TimeoutError", f"the code ran past its {timeout:g} s timeout and ignored the interrupt, "
+                "so the sandbox was killed", limit="timeout")
+        elif done["t"] == "closed":
+            limit = "memory" if oom else "protocol"
+            msg = (f"the sandbox exceeded its memory limit ({_human(self.limits.memory)}) and was killed" if oom
+                   else f"the sandbox's agent stopped answering ({proc.channel.closed_reason}); the sandbox was killed")
+            execution.error = ExecutionError("OutOfMemory" if oom else "SandboxCrashed", msg, limit=limit)
+            await self._die(msg, limit)
+        elif done.get("died"):
+            if oom:
+                execution.error = ExecutionError(
+                    "OutOfMemory", f"the session used more than its memory limit ({_human(self.limits.memory)}) "
+                    "and was killed; its variables are lost, the sandbox still runs", limit="memory")
+            else:
+                execution.error.value += "; its variables are lost, the sandbox still runs"
+        elif why == "timeout":
+            execution.error = ExecutionError(
+                "TimeoutError", f"the code ran past its {timeout:g} s timeout and was interrupted "
+                "(KeyboardInterrupt); the session and its variables are intact",
+                execution.error.traceback if execution.error else "", limit="timeout")
+        elif why == "output":
+            execution.error = ExecutionError(
+                "OutputLimitExceeded", f"the code printed more than {_human(self.limits.output)} and was interrupted; "
+                "the output was truncated", execution.error.traceback if execution.error else "", limit="output")
+        if execution.error is not None and execution.error.limit is None and self._pids_hit_since(proc, usage_start):
+            execution.error.limit = "pids"
+            execution.error.value += f" (the sandbox reached its process limit of {self.limits.pids})"
+
+    # -- usage from the cgroup's own counters -----------------------------------------------
+    def _usage_start(self, proc) -> dict:
+        cg = getattr(proc, "cgroup", None)
+        if cg is None:
+            return {}
+        cg.reset_peak()
+        return {"cpu": cg.cpu_seconds(), "oom": cg.oom_kills(), "pids": cg.pids_limit_hits()}
+
+    def _usage_end(self, proc, start: dict, started: float) -> Usage:
+        cg = getattr(proc, "cgroup", None)
+        usage = Usage(wall_seconds=time.monotonic() - started)
+        if cg is not None and start:
+            usage.cpu_seconds = max(0.0, cg.cpu_seconds() - start["cpu"])
+            usage.peak_memory = cg.memory_peak()
+        return usage
+
+    def _oom_since(self, proc, start: dict) -> bool:
+        cg = getattr(proc, "cgroup", None)
+        return bool(cg is not None and start and cg.oom_kills() > start["oom"])
+
+    def _pids_hit_since(self, proc, start: dict) -> bool:
+        cg = getattr(proc, "cgroup", None)
+        return bool(cg is not None and start and cg.pids_limit_hits() > start["pids"])
+
+    # -- plumbing shared by commands and files -------------------------------------------------
+    async def _request(self, header: dict, payload: bytes = b"", timeout: float = 60.0) -> dict:
+        """One request, one reply (``ok`` or ``error``)."""
+        proc = self._alive()
+        rid, queue = proc.channel.new_request()
+        try:
+            await proc.channel.send(dict(header, id=rid), payload)
+            item = await self._next(proc, queue, timeout)
+            return self._reply(item, header)
+        finally:
+            proc.channel.forget(rid)
+
+    async def _next(self, proc, queue: asyncio.Queue, timeout: float):
+        try:
+            item = await asyncio.wait_for(queue.get(), timeout)
+        except asyncio.TimeoutError:
+            raise SandboxCrashed(f"the sandbox's agent did not answer within {timeout:g} s") from None
+        if item is CLOSED:
+            reason = proc.channel.closed_reason
+            await self._die(f"its agent went away ({reason})", "protocol")
+            raise SandboxCrashed(f"sandbox {proc.id} died: {reason}", limit="protocol")
+        return item
+
+    @staticmethod
+    def _reply(item, request: dict) -> dict:
+        header, _ = item
+        if header.get("t") == "error":
+            message = str(header.get("message"))
+            if header.get("etype") in ("InvalidRequest", "ValueError", "TypeError", "KeyError"):
+                raise InvalidRequest(message)
+            errno = header.get("errno") if isinstance(header.get("errno"), int) else None
+            raise FileError(f"{header.get('etype')}: {message}", errno=errno, path=request.get("path"))
+        return header
+
+
+class AsyncCommandHandle:
+    """A running command: ``await wait()``, ``kill()``, ``send_stdin()``; output so far in ``stdout``/``stderr``."""
+
+    def __init__(self, sandbox: AsyncSandbox, proc, rid: int, queue: asyncio.Queue, output: _Output,
+                 timeout: Optional[float]) -> None:
+        self._sandbox, self._proc, self._rid, self._queue = sandbox, proc, rid, queue
+        self._output = output
+        self._timeout = timeout
+        self._result: Optional[CommandResult] = None
+        self._started = time.monotonic()
+        self._task = asyncio.get_running_loop().create_task(self._collect())
+        self.pid: Optional[int] = None
+
+    @property
+    def stdout(self) -> str:
+        return "".join(self._output.chunks["stdout"])
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self._output.chunks["stderr"])
+
+    async def _collect(self) -> CommandResult:
+        error = None
+        exit_code = None
+        deadline = self._started + self._timeout if self._timeout else None
+        try:
+            while True:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0 and error is None:
+                    error = f"the command ran past its {self._timeout:g} s timeout and was killed"
+                    await self.kill()
+                    deadline = time.monotonic() + 5
+                    continue
+                if remaining is not None and remaining <= 0:
+                    raise SandboxCrashed("the agent did not report the end of a killed command")
+                try:
+                    item = await asyncio.wait_for(self._queue.get(), remaining)
+                except asyncio.TimeoutError:
+                    continue
+                if item is CLOSED:
+                    error = error or f"the sandbox died while the command ran ({self._proc.channel.closed_reason})"
+                    break
+                header, payload = item
+                kind = header.get("t")
+                if kind in ("stdout", "stderr"):
+                    await self._output.feed(kind, payload)
+                    if self._output.over_cap and error is None:
+                        error = f"the command printed more than {_human(self._output.cap)} and was killed"
+                        await self.kill()
+                elif kind == "started":
+                    self.pid = header.get("pid") if isinstance(header.get("pid"), int) else None
+                elif kind == "exit":
+                    exit_code = header.get("exit_code") if isinstance(header.get("exit_code"), int) else None
+                    break
+                elif kind == "error":
+                    AsyncSandbox._reply(item, {})
+        finally:
+            self._proc.channel.forget(self._rid)
+        self._result = CommandResult(exit_code=exit_code, stdout=self.stdout, stderr=self.stderr, error=error,
+                                     usage=Usage(wall_seconds=time.monotonic() - self._started),
+                                     truncated=self._output.truncated)
+        return self._result
+
+    async def wait(self) -> CommandResult:
+        return await asyncio.shield(self._task)
+
+    async def kill(self, signal: int = 9) -> None:
+        if self._proc.channel.is_open:
+            await self._proc.channel.send({"t": "signal", "id": 0, "target": self._rid, "signal": int(signal)})
+
+    async def send_stdin(self, data: Union[str, bytes], close: bool = False) -> None:
+        raw = data.encode() if isinstance(data, str) else bytes(data)
+        for i in range(0, max(len(raw), 1), protocol.CHUNK):
+            last = i + protocol.CHUNK >= len(raw)
+            await self._proc.channel.send({"t": "stdin", "id": 0, "target": self._rid, "close": close and last},
+                                          raw[i:i + protocol.CHUNK])
+
+
+class AsyncCommands:
+    """Shell commands in the sandbox (same filesystem as the session), via /bin/sh -c."""
+
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._sandbox = sandbox
+
+    async def run(self, cmd: str, *, timeout: Optional[float] = None, env: Optional[Mapping[str, str]] = None,
+                  cwd: Optional[str] = None, stdin: Union[str, bytes, None] = None,
+                  on_stdout: Optional[OutputHandler] = None, on_stderr: Optional[OutputHandler] = None,
+                  background: bool = False) -> Union[CommandResult, AsyncCommandHandle]:
+        """Run ``cmd``; return its result, or with ``background=True`` a handle to wait on or kill."""
+        if not isinstance(cmd, str) or not cmd.strip():
+            raise InvalidRequest("cmd must be a non-empty string")
+        if env is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+            raise InvalidRequest("env must map strings to strings")
+        sandbox = self._sandbox
+        timeout = None if background and timeout is None else sandbox._call_timeout(timeout)
+        proc = sandbox._alive()
+        rid, queue = proc.channel.new_request()
+        keep_stdin = background or stdin is not None
+        await proc.channel.send({"t": "cmd", "id": rid, "cmd": cmd, "env": dict(env or {}), "cwd": cwd,
+                                 "stdin": keep_stdin})
+        handle = AsyncCommandHandle(sandbox, proc, rid, queue, _Output(sandbox.limits.output, on_stdout, on_stderr),
+                                    timeout)
+        if stdin is not None:
+            await handle.send_stdin(stdin, close=True)
+        if background:
+            return handle
+        return await handle.wait()
+
+
+class AsyncFiles:
+    """Files inside the sandbox. Paths are resolved by the agent, inside the sandbox's own root:
+    a symlink or hardlink planted by sandbox code can never make the host read or write its files."""
+
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._sandbox = sandbox
+
+    @staticmethod
+    def _path(path: str) -> str:
+        if not isinstance(path, str) or not path or "\0" in path:
+            raise InvalidRequest("path must be a non-empty string without NUL bytes")
+        return path
+
+    async def write(self, path: str, data: Union[str, bytes, Any], *, append: bool = False) -> EntryInfo:
+        """Write text, bytes, a binary file object, or an (async) iterable of bytes, in chunks."""
+        path = self._path(path)
+        sandbox = self._sandbox
+        proc = sandbox._alive()
+        rid, queue = proc.channel.new_request()
+        try:
+            await proc.channel.send({"t": "fwrite", "id": rid, "path": path, "append": append})
+            async for chunk in _chunks(data):
+                await proc.channel.send({"t": "fdata", "id": rid}, chunk)
+                if not queue.empty():  # an early error (disk full, bad path) ends the upload
+                    break
+            await proc.channel.send({"t": "fend", "id": rid})
+            sandbox._reply(await sandbox._next(proc, queue, 120), {"path": path})
+        finally:
+            proc.channel.forget(rid)
+        return await self.stat(path)
+
+    async def read(self, path: str, *, format: str = "text") -> Union[str, bytes, AsyncIterator[bytes]]:
+        """``format``: "text" (UTF-8), "bytes", or "stream" (an async iterator of byte chunks)."""
+        if format not in ("text", "bytes", "stream"):
+            raise InvalidRequest("format must be 'text', 'bytes' or 'stream'")
+        stream = self._stream(self._path(path))
+        if format == "stream":
+            return stream
+        data = bytearray()
+        async for chunk in stream:
+            data += chunk
+        return data.decode() if format == "text" else bytes(data)
+
+    async def _stream(self, path: str) -> AsyncIterator[bytes]:
+        sandbox = self._sandbox
+        proc = sandbox._alive()
+        rid, queue = proc.channel.new_request()
+        try:
+            await proc.channel.send({"t": "fread", "id": rid, "path": path})
+            while True:
+                item = await sandbox._next(proc, queue, 120)
+                header, payload = item
+                if header.get("t") == "data":
+                    yield payload
+                    continue
+                sandbox._reply(item, {"path": path})
+                return
+        finally:
+            proc.channel.forget(rid)
+
+    async def list(self, path: str = "/home/user", *, depth: int = 1) -> list[EntryInfo]:
+        reply = await self._sandbox._request({"t": "flist", "path": self._path(path), "depth": int(depth)})
+        return [_entry(e) for e in reply.get("entries", [])]
+
+    async def stat(self, path: str) -> EntryInfo:
+        reply = await self._sandbox._request({"t": "fstat", "path": self._path(path)})
+        return _entry(reply["entry"])
+
+    async def exists(self, path: str) -> bool:
+        reply = await self._sandbox._request({"t": "fexists", "path": self._path(path)})
+        return bool(reply.get("exists"))
+
+    async def remove(self, path: str) -> None:
+        await self._sandbox._request({"t": "fremove", "path": self._path(path)})
+
+    async def mkdir(self, path: str) -> bool:
+        """Create a directory and its parents; False if it already existed."""
+        reply = await self._sandbox._request({"t": "fmkdir", "path": self._path(path)})
+        return bool(reply.get("created"))
+
+
+def _entry(raw: dict) -> EntryInfo:
+    try:
+        return EntryInfo(name=str(raw["name"]), path=str(raw["path"]), type=str(raw["type"]),
+                         size=int(raw["size"]), mode=int(raw["mode"]), mtime=float(raw["mtime"]))
+    except (KeyError, TypeError, ValueError):
+        raise SandboxCrashed("the agent sent a malformed file entry", limit="protocol") from None
+
+
+async def _chunks(data: Any) -> AsyncIterator[bytes]:
+    size = protocol.CHUNK
+    if isinstance(data, str):
+        data = data.encode()
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        view = memoryview(data)
+        for i in range(0, len(view), size):
+            yield bytes(view[i:i + size])
+        return
+    if hasattr(data, "read"):
+        while True:
+            chunk = await asyncio.to_thread(data.read, size)
+            if not chunk:
+                return
+            yield chunk.encode() if isinstance(chunk, str) else chunk
+    if hasattr(data, "__aiter__"):
+        async for chunk in data:
+            for i in range(0, len(chunk), size):
+                yield bytes(chunk[i:i + size])
+        return
+    if hasattr(data, "__iter__"):
+        for chunk in data:
+            for i in range(0, len(chunk), size):
+                yield bytes(chunk[i:i + size])
+        return
+    raise InvalidRequest("data must be str, bytes, a file object or an iterable of bytes")

@@ -1,0 +1,170 @@
+"""The synchronous face of the async SDK: one event loop in a daemon thread runs every coroutine.
+
+No second implementation: each sync method forwards to its async twin (Modal's ``synchronize_api``
+idea, in a few lines). Callbacks run on the loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any, Iterator, Mapping, Optional, Union
+
+from ._limits import Limits
+from ._models import CommandResult, EntryInfo, Execution
+from ._sandbox import AsyncCommandHandle, AsyncSandbox
+
+
+class _LoopThread:
+    _lock = threading.Lock()
+    _loop: Optional[asyncio.AbstractEventLoop] = None
+
+    @classmethod
+    def loop(cls) -> asyncio.AbstractEventLoop:
+        with cls._lock:
+            if cls._loop is None or cls._loop.is_closed():
+                loop = asyncio.new_event_loop()
+                threading.Thread(target=loop.run_forever, name="sandlot-loop", daemon=True).start()
+                cls._loop = loop
+            return cls._loop
+
+
+def run_sync(coro) -> Any:
+    loop = _LoopThread.loop()
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is loop:
+        raise RuntimeError("sync Sandlot API called from its own event loop thread; use AsyncSandbox")
+    return asyncio.run_coroutine_threadsafe(coro, loop).result()
+
+
+class CommandHandle:
+    def __init__(self, handle: AsyncCommandHandle) -> None:
+        self._handle = handle
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self._handle.pid
+
+    @property
+    def stdout(self) -> str:
+        return self._handle.stdout
+
+    @property
+    def stderr(self) -> str:
+        return self._handle.stderr
+
+    def wait(self) -> CommandResult:
+        return run_sync(self._handle.wait())
+
+    def kill(self, signal: int = 9) -> None:
+        run_sync(self._handle.kill(signal))
+
+    def send_stdin(self, data: Union[str, bytes], close: bool = False) -> None:
+        run_sync(self._handle.send_stdin(data, close))
+
+
+class Commands:
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._async = sandbox.commands
+
+    def run(self, cmd: str, **kwargs: Any) -> Union[CommandResult, CommandHandle]:
+        out = run_sync(self._async.run(cmd, **kwargs))
+        return CommandHandle(out) if isinstance(out, AsyncCommandHandle) else out
+
+
+class Files:
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._async = sandbox.files
+
+    def write(self, path: str, data: Any, *, append: bool = False) -> EntryInfo:
+        return run_sync(self._async.write(path, data, append=append))
+
+    def read(self, path: str, *, format: str = "text") -> Union[str, bytes, Iterator[bytes]]:
+        if format != "stream":
+            return run_sync(self._async.read(path, format=format))
+        stream = run_sync(self._async.read(path, format="stream"))
+        return _iterate(stream)
+
+    def list(self, path: str = "/home/user", *, depth: int = 1) -> list[EntryInfo]:
+        return run_sync(self._async.list(path, depth=depth))
+
+    def stat(self, path: str) -> EntryInfo:
+        return run_sync(self._async.stat(path))
+
+    def exists(self, path: str) -> bool:
+        return run_sync(self._async.exists(path))
+
+    def remove(self, path: str) -> None:
+        run_sync(self._async.remove(path))
+
+    def mkdir(self, path: str) -> bool:
+        return run_sync(self._async.mkdir(path))
+
+
+def _iterate(stream) -> Iterator[bytes]:
+    while True:
+        try:
+            yield run_sync(stream.__anext__())
+        except StopAsyncIteration:
+            return
+
+
+class Sandbox:
+    """The synchronous SDK. Same arguments and methods as :class:`AsyncSandbox`.
+
+    ``with Sandbox() as sb:`` starts the sandbox and kills it on exit.
+    """
+
+    def __init__(self, template: str = "python", *, timeout: Optional[float] = None,
+                 limits: Union[Limits, Mapping[str, Any], None] = None, env: Optional[Mapping[str, str]] = None,
+                 metadata: Optional[Mapping[str, str]] = None, isolation: str = "process") -> None:
+        self._async = AsyncSandbox(template, timeout=timeout, limits=limits, env=env, metadata=metadata,
+                                   isolation=isolation)
+        self.commands = Commands(self._async)
+        self.files = Files(self._async)
+        run_sync(self._async.start())
+
+    @classmethod
+    def create(cls, template: str = "python", **kwargs: Any) -> "Sandbox":
+        return cls(template, **kwargs)
+
+    @property
+    def sandbox_id(self) -> str:
+        return self._async.sandbox_id
+
+    @property
+    def limits(self) -> Limits:
+        return self._async.limits
+
+    @property
+    def metadata(self) -> dict:
+        return self._async.metadata
+
+    @property
+    def is_running(self) -> bool:
+        return self._async.is_running
+
+    def run_code(self, code: str, **kwargs: Any) -> Execution:
+        return run_sync(self._async.run_code(code, **kwargs))
+
+    def set_timeout(self, seconds: float) -> None:
+        run_sync(self._async.set_timeout(seconds))
+
+    def kill(self) -> None:
+        run_sync(self._async.kill())
+
+    def __enter__(self) -> "Sandbox":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.kill()
+
+    def __del__(self) -> None:  # a forgotten sandbox must not outlive its owner
+        try:
+            if self._async.is_running and _LoopThread._loop is not None and not _LoopThread._loop.is_closed():
+                asyncio.run_coroutine_threadsafe(self._async.kill(), _LoopThread._loop)
+        except Exception:
+            pass
