@@ -73,6 +73,8 @@ def main() -> None:
     pid = os.fork()
     if pid == 0:
         _init(sock, cfg, plan)
+    # The host kills the sandbox through pid 1 (the whole pid namespace dies with it, and we reap it).
+    _send(sock, {"t": "init", "pid": pid})
     sock.close()
     try:
         linux.drop_all_capabilities()

@@ -54,7 +54,7 @@ class Kernel:
     def formats(self, value) -> dict:
         data = {}
         try:
-            text = repr(value)
+            text = repr(_plain_scalar(value))
         except Exception as exc:  # a broken __repr__ is the user's bug, not ours
             text = "<repr failed: %s>" % exc
         data["text/plain"] = text[:_MAX_REPR]
@@ -135,6 +135,16 @@ class Kernel:
                 continue
             if msg.get("t") == "exec" and isinstance(msg.get("code"), str):
                 self.send(self.run_cell(msg["code"]))
+
+
+def _plain_scalar(value):
+    """numpy 2 reprs its scalars as ``np.int64(6)``; show ``6``, as every notebook did before."""
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        try:
+            return value.item()
+        except Exception:
+            return value
+    return value
 
 
 def _await_if_needed(value):

@@ -10,6 +10,7 @@ import asyncio
 import fcntl
 import os
 import secrets
+import signal
 import socket
 import subprocess
 
@@ -89,6 +90,11 @@ class ProcessSandbox(SandboxProcess):
         asyncio.get_running_loop().add_reader(self._pidfd, self._on_exit)
         self.killed_reason: Optional[str] = None
         self._cleaned = False
+        self._init_pidfd: Optional[int] = None
+
+    def adopt_init(self, pid: int) -> None:
+        """Hold pid 1 of the sandbox by pidfd, so killing it can never hit a recycled pid."""
+        self._init_pidfd = os.pidfd_open(pid)
 
     @property
     def pid(self) -> int:
@@ -113,6 +119,19 @@ class ProcessSandbox(SandboxProcess):
         """End the sandbox and everything in it; release its cgroup, uid range and channel."""
         if self.killed_reason is None:
             self.killed_reason = reason
+        if self._cleaned:
+            return
+        if self._init_pidfd is not None:
+            # Killing pid 1 ends the pid namespace: the kernel kills and reaps everything in it,
+            # then the boot process reaps pid 1 and exits, and we reap the boot process.
+            try:
+                signal.pidfd_send_signal(self._init_pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            try:
+                await asyncio.wait_for(self.wait(), 5)
+            except asyncio.TimeoutError:
+                pass
         try:
             self._proc.kill()
         except ProcessLookupError:
@@ -137,6 +156,9 @@ class ProcessSandbox(SandboxProcess):
         except Exception:
             pass
         os.close(self._pidfd)
+        if self._init_pidfd is not None:
+            os.close(self._init_pidfd)
+            self._init_pidfd = None
         if self._uid_slot is not None:
             self._uid_slot.release()
 
@@ -211,7 +233,11 @@ class ProcessBackend(Backend):
         await asyncio.to_thread(self._map_ids, pid, sandbox._uid_slot)
         await asyncio.to_thread(sandbox.cgroup.add, pid)
         await sandbox.channel.send({"t": "go"})
-        await self._expect(sandbox, "ready")
+        seen = {}
+        while len(seen) < 2:  # "init" (from the boot process) and "ready" (from pid 1), in either order
+            msg = await self._expect(sandbox, ("init", "ready"))
+            seen[msg["t"]] = msg
+        sandbox.adopt_init(int(seen["init"]["pid"]))
 
     @staticmethod
     def _map_ids(pid: int, slot: Optional[UidSlot]) -> None:
@@ -226,14 +252,14 @@ class ProcessBackend(Backend):
             (proc / "gid_map").write_text("1000 %d 1\n" % os.getgid())
 
     @staticmethod
-    async def _expect(sandbox: ProcessSandbox, kind: str) -> dict:
+    async def _expect(sandbox: ProcessSandbox, kind) -> dict:
         item = await sandbox.channel.control.get()
         if item is CLOSED:
             raise SandboxCrashed("sandbox died while booting: " + str(sandbox.channel.closed_reason))
         header, _ = item
         if header.get("t") == "boot_error":
             raise HostUnsupported("sandbox setup failed: %s" % header.get("error"))
-        if header.get("t") != kind:
+        if header.get("t") not in ((kind,) if isinstance(kind, str) else kind):
             raise SandboxCrashed("unexpected boot message %r" % header.get("t"))
         return header
 

@@ -1,0 +1,84 @@
+"""Shared fixtures. Tests run real sandboxes: they need Linux user namespaces and writable cgroups,
+which `.ci/run` provides (root on a fresh Debian 12). Where the machine lacks one, tests skip and say why."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import sandlot
+from sandlot._host import cgroups
+
+
+def _host_problem() -> str | None:
+    if not os.path.exists("/proc/self/ns/user"):
+        return "kernel without user namespaces"
+    info = cgroups.detect()
+    if not info["writable"]:
+        return "no writable cgroups: " + info["why"]
+    return None
+
+
+PROBLEM = _host_problem()
+needs_sandbox = pytest.mark.skipif(PROBLEM is not None, reason=str(PROBLEM))
+
+
+@pytest.fixture
+def sandbox():
+    if PROBLEM:
+        pytest.skip(PROBLEM)
+    with sandlot.Sandbox() as sb:
+        yield sb
+
+
+@pytest.fixture(scope="module")
+def shared_sandbox():
+    """One sandbox for a module of read-only checks (cheaper than one per test)."""
+    if PROBLEM:
+        pytest.skip(PROBLEM)
+    with sandlot.Sandbox() as sb:
+        yield sb
+
+
+@pytest.fixture
+async def asandbox():
+    if PROBLEM:
+        pytest.skip(PROBLEM)
+    async with sandlot.AsyncSandbox() as sb:
+        yield sb
+
+
+def host_leftovers() -> dict:
+    """What a sandbox could leave behind on the host: its cgroups and uid lock files in use."""
+    found = {}
+    for controller in ("memory", "pids", "cpu"):
+        base = cgroups.ROOT / controller
+        for d in base.glob("**/sandlot/sb-*") if base.exists() else []:
+            found.setdefault("cgroups", []).append(str(d))
+    unified = cgroups.ROOT
+    if (unified / "cgroup.controllers").exists():
+        for d in unified.glob("**/sandlot/sb-*"):
+            found.setdefault("cgroups", []).append(str(d))
+    return found
+
+
+def sandbox_processes() -> list[int]:
+    """Host pids of any live sandbox process: the boot process or anything running as a sandbox uid."""
+    from sandlot._backends.process import UID_BASE
+
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/status") as f:
+                status = f.read()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        uid = int(status.split("\nUid:")[1].split()[0])
+        if uid >= UID_BASE or b"_agent/boot.py" in cmdline:
+            pids.append(int(entry))
+    return pids

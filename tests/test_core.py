@@ -1,0 +1,236 @@
+"""Conformance of the SDK through its public API, sync and async (the issue's user story)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+
+import pytest
+
+import sandlot
+from sandlot import AsyncSandbox, InvalidRequest, Sandbox, SandboxNotFound
+
+from .conftest import needs_sandbox, sandbox_processes
+
+pytestmark = needs_sandbox
+
+
+def test_user_story(sandbox):
+    sandbox.run_code("import pandas as pd; df = pd.DataFrame({'a': [1, 2, 3]})")
+    assert sandbox.run_code("df.a.sum()").text == "6"
+    ex = sandbox.run_code("import matplotlib.pyplot as plt; plt.plot([1, 2]); plt.show()")
+    assert ex.error is None
+    png = base64.b64decode(ex.results[0].png)
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
+    ex = sandbox.run_code("1/0")
+    assert ex.error.name == "ZeroDivisionError"
+    assert "<cell-" in ex.error.traceback and "kernel.py" not in ex.error.traceback
+    r = sandbox.commands.run("echo hi; exit 3")
+    assert (r.exit_code, r.stdout) == (3, "hi\n")
+    sandbox.files.write("/home/user/data.csv", b"a,b\n1,2\n")
+    assert sandbox.files.read("/home/user/data.csv") == "a,b\n1,2\n"
+
+
+def test_state_persists_and_execution_fields(sandbox):
+    sandbox.run_code("x = 41")
+    ex = sandbox.run_code("x += 1\nprint('out'); import sys; print('err', file=sys.stderr)\nx")
+    assert ex.text == "42"
+    assert "".join(ex.logs.stdout) == "out\n" and "".join(ex.logs.stderr) == "err\n"
+    assert ex.execution_count == 2
+    assert ex.results[0].is_main_result
+    assert ex.usage.wall_seconds > 0 and ex.usage.peak_memory > 0
+
+
+def test_rich_results_and_display(sandbox):
+    ex = sandbox.run_code("import pandas as pd\ndisplay('side')\npd.DataFrame({'a': [1]})")
+    side, main = ex.results
+    assert side.text == "'side'" and not side.is_main_result
+    assert main.is_main_result and "<table" in main.html
+    ex = sandbox.run_code("class J:\n  def _repr_json_(self): return {'k': 1}\nJ()")
+    assert ex.results[0].json == {"k": 1}
+
+
+def test_figures_left_open_are_returned(sandbox):
+    ex = sandbox.run_code("import matplotlib.pyplot as plt\nfig, ax = plt.subplots(); ax.plot([3, 1])")
+    assert any(r.png for r in ex.results)
+    assert sandbox.run_code("import matplotlib.pyplot as plt; len(plt.get_fignums())").text == "0"
+
+
+def test_syntax_error_and_system_exit_are_results(sandbox):
+    ex = sandbox.run_code("def f(:\n  pass")
+    assert ex.error.name == "SyntaxError"
+    ex = sandbox.run_code("raise SystemExit(3)")
+    assert ex.error.name == "SystemExit"
+    assert sandbox.run_code("1 + 1").text == "2"  # the session survives both
+
+
+def test_callbacks_stream_while_code_runs(sandbox):
+    seen = []
+    t0 = time.monotonic()
+    ex = sandbox.run_code("import time\nprint('a', flush=True)\ntime.sleep(1)\nprint('b')",
+                          on_stdout=lambda s: seen.append((s, time.monotonic() - t0)),
+                          on_result=lambda r: seen.append(("result", 0)))
+    first = next(t for s, t in seen if "a" in s)
+    assert first < 0.9, "output must arrive while the code runs, not at the end"
+    assert "".join(ex.logs.stdout) == "a\nb\n"
+
+
+def test_timeout_interrupts_and_session_survives(sandbox):
+    sandbox.run_code("keep = 'me'")
+    t0 = time.monotonic()
+    ex = sandbox.run_code("while True: pass", timeout=1)
+    assert time.monotonic() - t0 < 5
+    assert ex.error.name == "TimeoutError" and ex.error.limit == "timeout"
+    assert "KeyboardInterrupt" in ex.error.traceback
+    assert sandbox.run_code("keep").text == "'me'"
+
+
+def test_code_ignoring_interrupt_gets_sandbox_killed():
+    with Sandbox() as sb:
+        ex = sb.run_code("import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True: time.sleep(0.1)",
+                         timeout=1)
+        assert ex.error.limit == "timeout" and "killed" in ex.error.value
+        assert not sb.is_running
+        with pytest.raises(SandboxNotFound):
+            sb.run_code("1")
+
+
+def test_commands_env_cwd_stdin(sandbox):
+    r = sandbox.commands.run("echo $FOO; pwd; cat", env={"FOO": "bar"}, cwd="/tmp", stdin="piped")
+    assert r.stdout == "bar\n/tmp\npiped" and r.exit_code == 0
+    r = sandbox.commands.run("echo oops >&2; false")
+    assert r.exit_code == 1 and r.stderr == "oops\n"
+
+
+def test_commands_share_the_filesystem_with_the_session(sandbox):
+    sandbox.run_code("open('/home/user/from_py.txt', 'w').write('py')")
+    assert sandbox.commands.run("cat from_py.txt").stdout == "py"
+
+
+def test_background_command_wait_and_kill(sandbox):
+    h = sandbox.commands.run("for i in 1 2 3; do echo $i; sleep 0.1; done", background=True)
+    assert h.wait().stdout == "1\n2\n3\n"
+    h = sandbox.commands.run("sleep 60", background=True)
+    t0 = time.monotonic()
+    h.kill()
+    r = h.wait()
+    assert r.exit_code == -9 and time.monotonic() - t0 < 5
+
+
+def test_command_timeout(sandbox):
+    r = sandbox.commands.run("sleep 30", timeout=0.5)
+    assert r.error and "timeout" in r.error and r.exit_code == -9
+
+
+def test_files_api(sandbox):
+    f = sandbox.files
+    assert f.mkdir("d/e") is True and f.mkdir("d/e") is False
+    f.write("d/e/t.txt", "héllo")
+    assert f.read("d/e/t.txt") == "héllo"
+    assert f.read("d/e/t.txt", format="bytes") == "héllo".encode()
+    info = f.stat("/home/user/d/e/t.txt")
+    assert info.type == "file" and info.size == len("héllo".encode())
+    assert [e.name for e in f.list("d", depth=2)] == ["e", "t.txt"]
+    assert f.exists("d/e/t.txt")
+    f.remove("d")
+    assert not f.exists("d/e/t.txt")
+    with pytest.raises(sandlot.FileError) as err:
+        f.read("nope.txt")
+    assert err.value.errno == 2
+    with pytest.raises(InvalidRequest):
+        f.read("")
+
+
+def test_large_file_round_trip_streams(sandbox):
+    size = 200 * 1024 * 1024
+    block = bytes(range(256)) * 4096  # 1 MiB
+
+    def gen():
+        for _ in range(size // len(block)):
+            yield block
+
+    sandbox.files.write("big.bin", gen())
+    assert sandbox.files.stat("big.bin").size == size
+    assert sandbox.commands.run("md5sum big.bin").stdout.split()[0] == __import__("hashlib").md5(block * 200).hexdigest()
+    total = 0
+    for chunk in sandbox.files.read("big.bin", format="stream"):
+        assert len(chunk) <= 1024 * 1024
+        total += len(chunk)
+    assert total == size
+
+
+def test_limits_are_validated():
+    with pytest.raises(InvalidRequest):
+        Sandbox(limits={"memory": "lots"})
+    with pytest.raises(InvalidRequest):
+        Sandbox(limits={"bogus": 1})
+    with pytest.raises(InvalidRequest):
+        Sandbox(template="no-such-template")
+
+
+def test_one_shot_run_code():
+    before = set(sandbox_processes())
+    ex = sandlot.run_code("print(6 * 7)")
+    assert "".join(ex.logs.stdout) == "42\n"
+    assert set(sandbox_processes()) <= before
+
+
+def test_kill_is_idempotent_and_final():
+    sb = Sandbox()
+    sb.kill()
+    sb.kill()
+    with pytest.raises(SandboxNotFound):
+        sb.commands.run("true")
+
+
+def test_idle_timeout_ends_sandbox():
+    sb = Sandbox(limits={"idle_timeout": 1})
+    time.sleep(2.5)
+    assert not sb.is_running
+    with pytest.raises(SandboxNotFound, match="idle"):
+        sb.run_code("1")
+
+
+def test_lifetime_and_set_timeout():
+    sb = Sandbox(timeout=1.5)
+    sb.set_timeout(4)
+    time.sleep(2)
+    assert sb.run_code("1").text == "1"
+    sb.kill()
+
+
+async def test_async_api_mirrors_sync():
+    async with AsyncSandbox(env={"GREETING": "hi"}) as sb:
+        chunks = []
+        ex = await sb.run_code("import os; print(os.environ['GREETING']); 2 ** 10", on_stdout=chunks.append)
+        assert ex.text == "1024" and chunks == ["hi\n"]
+        r = await sb.commands.run("echo $GREETING")
+        assert r.stdout == "hi\n"
+        await sb.files.write("a.txt", "x")
+        assert await sb.files.read("a.txt") == "x"
+        assert [e.name for e in await sb.files.list()].count("a.txt") == 1
+
+
+async def test_async_sandboxes_run_concurrently():
+    sbs = await asyncio.gather(*(AsyncSandbox.create() for _ in range(3)))
+    try:
+        t0 = time.monotonic()
+        results = await asyncio.gather(*(sb.run_code("import time; time.sleep(1); 1") for sb in sbs))
+        assert all(r.text == "1" for r in results)
+        assert time.monotonic() - t0 < 2.5
+    finally:
+        await asyncio.gather(*(sb.kill() for sb in sbs))
+
+
+def test_no_leftovers_after_kill():
+    from .conftest import host_leftovers
+
+    with Sandbox() as sb:
+        sb.commands.run("sleep 100 &")
+        sid = sb.sandbox_id
+    assert not any(sid in p for p in host_leftovers().get("cgroups", []))
+    deadline = time.monotonic() + 5
+    while sandbox_processes() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sandbox_processes() == []
