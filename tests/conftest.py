@@ -21,6 +21,8 @@ def _host_problem() -> str | None:
 
 
 PROBLEM = _host_problem()
+if PROBLEM and os.environ.get("SANDLOT_REQUIRE_SANDBOX") == "1":
+    raise RuntimeError(f"SANDLOT_REQUIRE_SANDBOX=1 but this host cannot run sandboxes: {PROBLEM}")
 needs_sandbox = pytest.mark.skipif(PROBLEM is not None, reason=str(PROBLEM))
 
 

@@ -1,0 +1,145 @@
+"""`sandlot doctor`: what this host supports, and a posture self-test from inside a real sandbox."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+from typing import Optional
+
+from ._host import cgroups
+
+# Runs inside the sandbox (stdlib only) and prints one JSON object of raw facts.
+POSTURE_PROBE = r'''
+import json, os, resource
+status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
+def ro(path):
+    try:
+        open(path, "w").close()
+        return False
+    except OSError as e:
+        return e.errno in (13, 30)
+facts = {
+    "seccomp": status["Seccomp"].strip(), "no_new_privs": status["NoNewPrivs"].strip(),
+    "cap_eff": status["CapEff"].strip(), "cap_prm": status["CapPrm"].strip(), "cap_bnd": status["CapBnd"].strip(),
+    "uid": os.getuid(), "gid": os.getgid(),
+    "uid_map": open("/proc/self/uid_map").read().split(),
+    "ns": {n: os.readlink("/proc/self/ns/" + n) for n in ("user", "mnt", "pid", "net", "ipc", "uts", "cgroup")},
+    "root_readonly": ro("/should-not-exist") and ro("/usr/should-not-exist"),
+    "interfaces": sorted(l.split(":")[0].strip() for l in open("/proc/net/dev").read().splitlines()[2:]),
+    "pids_visible": sorted(int(p) for p in os.listdir("/proc") if p.isdigit()),
+    "rlimit_core": resource.getrlimit(resource.RLIMIT_CORE)[1],
+    "rlimit_nofile": resource.getrlimit(resource.RLIMIT_NOFILE)[1],
+    "rlimit_nproc": resource.getrlimit(resource.RLIMIT_NPROC)[1],
+    "sid": os.getsid(0),
+    "home_writable": os.access(os.path.expanduser("~"), os.W_OK),
+    "secrets_visible": [p for p in ("/etc/shadow", "/etc/gshadow", "/etc/ssh", "/root/.ssh", "/root/.bash_history",
+                                    "/run/sandlot", "/var/lib", "/home/user/.ssh") if os.path.exists(p)],
+}
+print(json.dumps(facts))
+'''
+
+
+@dataclasses.dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    required: bool = True
+
+
+def host_checks() -> list[Check]:
+    checks = []
+    max_ns = _read_int("/proc/sys/user/max_user_namespaces")
+    userns_ok = os.path.exists("/proc/self/ns/user") and (max_ns or 0) > 0
+    detail = f"max_user_namespaces={max_ns}"
+    if os.geteuid() != 0:
+        clone = _read_int("/proc/sys/kernel/unprivileged_userns_clone")
+        apparmor = _read_int("/proc/sys/kernel/apparmor_restrict_unprivileged_userns")
+        if clone == 0:
+            userns_ok, detail = False, "kernel.unprivileged_userns_clone=0: unprivileged user namespaces are off"
+        elif apparmor == 1:
+            userns_ok, detail = False, ("kernel.apparmor_restrict_unprivileged_userns=1: AppArmor blocks "
+                                        "unprivileged user namespaces (run as root, or allow them)")
+    checks.append(Check("user namespaces", userns_ok, detail))
+    actions = _read("/proc/sys/kernel/seccomp/actions_avail")
+    checks.append(Check("seccomp filters", "errno" in (actions or ""), actions or "missing"))
+    from ._host import seccomp
+
+    try:
+        seccomp.compiled_filter()
+        checks.append(Check("libseccomp", True, "compiles the allowlist"))
+    except Exception as exc:  # noqa: BLE001 - the doctor reports, it does not crash
+        checks.append(Check("libseccomp", False, f"{type(exc).__name__}: {exc}"))
+    from ._agent import landlock
+
+    abi = landlock.abi_version()
+    checks.append(Check("Landlock", abi > 0, f"ABI {abi}" if abi else "not available (a second fence only)", False))
+    info = cgroups.detect()
+    version = f"v{info['version']}" if info["version"] else "none"
+    detail = f"{version}, controllers: {', '.join(info['controllers']) or '-'}"
+    if info["why"]:
+        detail += f" — {info['why']}"
+    checks.append(Check("cgroups", info["writable"], detail))
+    runsc = shutil.which("runsc")
+    runsc_detail = "missing (install Debian's runsc for isolation='gvisor')"
+    if runsc:
+        out = subprocess.run([runsc, "--version"], capture_output=True, text=True, timeout=10).stdout
+        runsc_detail = f"{runsc}: {out.splitlines()[0] if out else '?'}"
+    checks.append(Check("gVisor runsc", bool(runsc), runsc_detail, False))
+    kvm = os.path.exists("/dev/kvm") and os.access("/dev/kvm", os.R_OK | os.W_OK)
+    checks.append(Check("/dev/kvm", kvm, "usable" if kvm else "absent (gVisor uses ptrace/systrap)", False))
+    return checks
+
+
+def posture_checks(facts: dict, host_ns: Optional[dict] = None) -> list[Check]:
+    from ._backends.process import UID_BASE
+
+    host_ns = host_ns or {n: os.readlink(f"/proc/self/ns/{n}") for n in facts["ns"]}
+    same = [n for n, v in facts["ns"].items() if host_ns.get(n) == v]
+    uid_map = facts["uid_map"]
+    host_uid = int(uid_map[1]) if len(uid_map) >= 3 else 0
+    unprivileged = host_uid >= UID_BASE or (os.geteuid() != 0 and host_uid == os.getuid())
+    return [
+        Check("seccomp filter", facts["seccomp"] == "2", f"Seccomp: {facts['seccomp']}"),
+        Check("no_new_privs", facts["no_new_privs"] == "1", f"NoNewPrivs: {facts['no_new_privs']}"),
+        Check("no capabilities", int(facts["cap_eff"], 16) == 0 and int(facts["cap_bnd"], 16) == 0,
+              f"CapEff {facts['cap_eff']}, CapBnd {facts['cap_bnd']}"),
+        Check("own namespaces", not same, "all differ from the host's" if not same else f"shared: {same}"),
+        Check("non-root user", facts["uid"] != 0, f"uid {facts['uid']}"),
+        Check("unprivileged uid map", unprivileged, " ".join(uid_map)),
+        Check("read-only root", facts["root_readonly"], "/ and /usr refuse writes"),
+        Check("network", facts["interfaces"] == ["lo"], f"interfaces: {facts['interfaces']}"),
+        Check("host processes hidden", max(facts["pids_visible"]) < 100, f"{len(facts['pids_visible'])} pids visible"),
+        Check("no core dumps", facts["rlimit_core"] == 0, f"RLIMIT_CORE {facts['rlimit_core']}"),
+        Check("own session", facts["sid"] == 1, f"session {facts['sid']} (led by the sandbox's pid 1)"),
+        Check("no host secrets", not facts["secrets_visible"], ", ".join(facts["secrets_visible"]) or "none visible"),
+    ]
+
+
+def run_posture_probe() -> dict:
+    from ._sync import Sandbox
+
+    with Sandbox() as sb:
+        execution = sb.run_code(POSTURE_PROBE)
+        if execution.error:
+            raise RuntimeError(f"posture probe failed: {execution.error.name}: {execution.error.value}")
+        return json.loads("".join(execution.logs.stdout))
+
+
+def _read(path: str) -> Optional[str]:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _read_int(path: str) -> Optional[int]:
+    value = _read(path)
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None

@@ -1,0 +1,84 @@
+"""Posture, checked from inside a real sandbox: the hardening checklist holds by default."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from sandlot import _doctor
+from sandlot._backends.process import UID_BASE
+
+from .conftest import needs_sandbox
+
+pytestmark = needs_sandbox
+
+
+def _facts(sandbox) -> dict:
+    ex = sandbox.run_code(_doctor.POSTURE_PROBE)
+    assert ex.error is None, ex.error
+    return json.loads("".join(ex.logs.stdout))
+
+
+def test_kernel_fences(shared_sandbox):
+    facts = _facts(shared_sandbox)
+    assert facts["seccomp"] == "2"
+    assert facts["no_new_privs"] == "1"
+    assert int(facts["cap_eff"], 16) == 0 and int(facts["cap_prm"], 16) == 0 and int(facts["cap_bnd"], 16) == 0
+
+
+def test_namespaces_differ_from_host(shared_sandbox):
+    facts = _facts(shared_sandbox)
+    for name, inside in facts["ns"].items():
+        assert inside != os.readlink(f"/proc/self/ns/{name}"), name
+
+
+def test_identity_is_unprivileged(shared_sandbox):
+    facts = _facts(shared_sandbox)
+    assert facts["uid"] == 1000 and facts["gid"] == 1000
+    inside, outside, count = (int(x) for x in facts["uid_map"][:3])
+    assert inside == 0 and outside >= UID_BASE and count == 65536  # no host uid below the sandbox range
+
+
+def test_root_readonly_network_and_processes(shared_sandbox):
+    facts = _facts(shared_sandbox)
+    assert facts["root_readonly"] and facts["home_writable"]
+    assert facts["interfaces"] == ["lo"]
+    assert facts["pids_visible"][0] == 1 and max(facts["pids_visible"]) < 100  # only the sandbox's own
+    assert facts["sid"] == 1
+    assert facts["secrets_visible"] == []
+
+
+def test_rlimits(shared_sandbox):
+    facts = _facts(shared_sandbox)
+    limits = shared_sandbox.limits
+    assert facts["rlimit_core"] == 0
+    assert facts["rlimit_nofile"] == limits.open_files
+    assert facts["rlimit_nproc"] == limits.pids
+
+
+def test_root_shows_only_what_the_template_needs(shared_sandbox):
+    top = shared_sandbox.commands.run("ls -A /").stdout.split()
+    assert "root" not in top or shared_sandbox.commands.run("ls -A /root").stdout.split() == [".pyenv"]
+    assert set(top) <= {"bin", "sbin", "lib", "lib32", "lib64", "libx32", "usr", "etc", "opt", "dev", "proc",
+                        "tmp", "home", ".sandlot-scratch", "root", "work", "srv", "var"}
+    etc = set(shared_sandbox.commands.run("ls -A /etc").stdout.split())
+    assert "shadow" not in etc and "passwd" in etc
+
+
+def test_tmp_and_shm_are_capped_tmpfs(shared_sandbox):
+    out = shared_sandbox.commands.run("cat /proc/self/mountinfo").stdout
+    scratch = [line for line in out.splitlines() if " /.sandlot-scratch " in line]
+    assert scratch and "tmpfs" in scratch[0]
+    assert f"size={shared_sandbox.limits.disk // 1024}k" in scratch[0]
+    assert f"nr_inodes={shared_sandbox.limits.inodes}" in scratch[0]
+
+
+def test_doctor_cli_passes_here():
+    out = subprocess.run([sys.executable, "-m", "sandlot.cli", "doctor", "--json"], capture_output=True,
+                         text=True, timeout=120)
+    report = json.loads(out.stdout)
+    failing = [c for c in report["host"] + report["posture"] if c["required"] and not c["ok"]]
+    assert out.returncode == 0 and report["ok"], failing
+    assert {c["name"] for c in report["posture"]} >= {"seccomp filter", "no capabilities", "network"}
