@@ -96,7 +96,8 @@ def _init(sock: socket.socket, cfg: dict, plan: list) -> None:
     from _agent import isolation, server
 
     try:
-        isolation.build_root(cfg, plan)
+        isolation.build_template_root(cfg, plan)
+        isolation.enter_sandbox_root(cfg)
         import _agent
 
         # Modules imported later (the matplotlib backend, say) must resolve inside the new root.

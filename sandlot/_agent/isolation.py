@@ -80,10 +80,13 @@ def _write(path: str, text: str, mode: int = 0o644) -> None:
     os.chmod(path, mode)
 
 
-def build_root(cfg: dict, plan: list) -> None:
-    """Make the new root at cfg['mountpoint'] and pivot into it."""
+def build_template_root(cfg: dict, plan: list) -> str:
+    """Make the template's read-only root at cfg['mountpoint'], in our (private) mount namespace.
+
+    A zygote does this once and every sandbox forked from it shares the result (read-only, so
+    sharing the superblock is safe); a sandbox started directly does it for itself.
+    """
     root = cfg["mountpoint"]
-    limits = cfg["limits"]
     linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
     linux.mount("sandlot-root", root, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=0755,size=1m")
 
@@ -104,15 +107,6 @@ def build_root(cfg: dict, plan: list) -> None:
     _write(root + "/etc/hosts", "127.0.0.1 localhost sandbox\n::1 localhost\n")
     _write(root + "/etc/resolv.conf", "")
 
-    # The only writable storage: one tmpfs with byte and inode caps, split into home, /tmp, /dev/shm.
-    scratch = root + SCRATCH
-    _mkdirs(scratch)
-    linux.mount("sandlot-scratch", scratch, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV,
-                "mode=0755,size=%d,nr_inodes=%d" % (limits["disk"], limits["inodes"]))
-    for sub, mode in (("home", 0o700), ("tmp", 0o1777), ("shm", 0o1777)):
-        os.mkdir(scratch + "/" + sub, mode)
-    os.chown(scratch + "/home", USER_UID, USER_UID)
-
     _mkdirs(root + "/dev")
     linux.mount("sandlot-dev", root + "/dev", "tmpfs", linux.MS_NOSUID | linux.MS_NOEXEC, "mode=0755,size=64k")
     for dev in DEVICES:
@@ -121,15 +115,37 @@ def build_root(cfg: dict, plan: list) -> None:
     for name, dest in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
                        ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
         os.symlink(dest, root + "/dev/" + name)
-    for mount_at, sub in ((HOME, "home"), ("/tmp", "tmp"), ("/dev/shm", "shm")):
-        _mkdirs(root + mount_at)
-        linux.mount(scratch + "/" + sub, root + mount_at, None, linux.MS_BIND)
-    _mkdirs(root + "/proc")
-    linux.mount("proc", root + "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+    # Mount points for what each sandbox brings itself (its storage and its /proc).
+    for path in (SCRATCH, HOME, "/tmp", "/dev/shm", "/proc"):
+        _mkdirs(root + path)
     linux.mount(None, root + "/dev", None, linux.MS_REMOUNT | linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NOEXEC)
-
-    # Seal the root itself, then make it '/' and drop every trace of the host's tree.
     linux.mount(None, root, None, linux.MS_REMOUNT | linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV)
+    return root
+
+
+def enter_sandbox_root(cfg: dict) -> None:
+    """Give this sandbox its own storage and /proc on the template root, then pivot into it.
+
+    Runs in pid 1 of the sandbox, in the sandbox's own mount namespace.
+    """
+    root = cfg["mountpoint"]
+    limits = cfg["limits"]
+    linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+    # The only writable storage: one tmpfs with byte and inode caps, split into home, /tmp, /dev/shm.
+    scratch = root + SCRATCH
+    linux.mount("sandlot-scratch", scratch, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV,
+                "mode=0755,size=%d,nr_inodes=%d" % (limits["disk"], limits["inodes"]))
+    for sub, mode in (("home", 0o700), ("tmp", 0o1777), ("shm", 0o1777)):
+        os.mkdir(scratch + "/" + sub, mode)
+        # mkdir's mode is masked by the umask (022 here), which left /tmp and /dev/shm at 1755:
+        # not writable by the sandbox user at all. Set the mode explicitly.
+        os.chmod(scratch + "/" + sub, mode)
+    os.chown(scratch + "/home", USER_UID, USER_UID)
+    for mount_at, sub in ((HOME, "home"), ("/tmp", "tmp"), ("/dev/shm", "shm")):
+        linux.mount(scratch + "/" + sub, root + mount_at, None, linux.MS_BIND)
+    linux.mount("proc", root + "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+
+    # Make it '/' and drop every trace of the host's tree (and of the zygote's view of it).
     os.chdir(root)
     linux.pivot_root(".", ".")
     linux.umount2(".", linux.MNT_DETACH)
