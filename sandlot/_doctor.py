@@ -95,13 +95,13 @@ def host_checks() -> list[Check]:
 
 
 def posture_checks(facts: dict, host_ns: Optional[dict] = None) -> list[Check]:
-    from ._backends.process import UID_BASE
 
     host_ns = host_ns or {n: os.readlink(f"/proc/self/ns/{n}") for n in facts["ns"]}
     same = [n for n, v in facts["ns"].items() if host_ns.get(n) == v]
     uid_map = facts["uid_map"]
-    host_uid = int(uid_map[1]) if len(uid_map) >= 3 else 0
-    unprivileged = host_uid >= UID_BASE or (os.geteuid() != 0 and host_uid == os.getuid())
+    # The map is relative to the parent user namespace: it must never reach that namespace's root.
+    rows = [uid_map[i:i + 3] for i in range(0, len(uid_map), 3)]
+    unprivileged = bool(rows) and all(int(outside) != 0 for _, outside, _ in rows)
     return [
         Check("seccomp filter", facts["seccomp"] == "2", f"Seccomp: {facts['seccomp']}"),
         Check("no_new_privs", facts["no_new_privs"] == "1", f"NoNewPrivs: {facts['no_new_privs']}"),

@@ -65,9 +65,11 @@ def host_leftovers() -> dict:
     return found
 
 
-def sandbox_processes() -> list[int]:
-    """Host pids of any live sandbox process: the boot process or anything running as a sandbox uid."""
+def sandbox_processes(uid_range: tuple[int, int] | None = None) -> list[int]:
+    """Host pids of live sandbox processes: anything running as a sandbox uid (in ``uid_range`` if given)."""
     from sandlot._backends.process import UID_BASE
+
+    low, high = uid_range or (UID_BASE, 2**32)
 
     pids = []
     for entry in os.listdir("/proc"):
@@ -81,6 +83,23 @@ def sandbox_processes() -> list[int]:
         except OSError:
             continue
         uid = int(status.split("\nUid:")[1].split()[0])
-        if uid >= UID_BASE or b"_agent/boot.py" in cmdline:
+        if low <= uid < high or (uid_range is None and b"_agent/boot.py" in cmdline):
             pids.append(int(entry))
     return pids
+
+
+def processes_in_sandbox(sandbox_id: str) -> dict[int, int]:
+    """Host pid -> host uid of every process in the sandbox's cgroup (found from the host side)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cgroup") as f:
+                if f"/{sandbox_id}" not in f.read():
+                    continue
+            with open(f"/proc/{entry}/status") as f:
+                found[int(entry)] = int(f.read().split("\nUid:")[1].split()[0])
+        except (OSError, IndexError):
+            continue
+    return found

@@ -51,6 +51,26 @@ def main() -> None:
 
     sock = socket.socket(fileno=int(sys.argv[1]))
     cfg = _recv_frame(sock)["config"]
+    if len(sys.argv) > 2 and sys.argv[2] == "zygote":
+        _zygote(sock, cfg)
+    else:
+        _direct(sock, cfg)
+
+
+def _handshake(sock: socket.socket, cfg: dict) -> None:
+    """Tell the host our pid; it writes our uid/gid maps and cgroup, then says go."""
+    _send(sock, {"t": "unshared", "pid": os.getpid()})
+    if _recv_frame(sock)["t"] != "go":
+        os._exit(70)
+    if cfg["setup_uid"] == 0:
+        os.setresgid(0, 0, 0)
+        os.setresuid(0, 0, 0)
+
+
+def _direct(sock: socket.socket, cfg: dict) -> None:
+    """A sandbox exec'd on its own: builds the template root itself (no preloaded modules)."""
+    from _agent import isolation, linux
+
     try:
         linux.prctl(linux.PR_SET_PDEATHSIG, 9)
         linux.unshare(linux.CLONE_NEWUSER | linux.CLONE_NEWNS | linux.CLONE_NEWNET
@@ -59,20 +79,177 @@ def main() -> None:
         # paths owned by us, like a pyenv under a 0700 /root, and binds must come from this new
         # mount namespace, so the host paths are opened now.
         plan = isolation.plan_host_paths(cfg)
-        _send(sock, {"t": "unshared", "pid": os.getpid()})
-        if _recv_frame(sock)["t"] != "go":
-            os._exit(70)
-        if cfg["setup_uid"] == 0:
-            os.setresgid(0, 0, 0)
-            os.setresuid(0, 0, 0)
+        _handshake(sock, cfg)
         linux.unshare(linux.CLONE_NEWCGROUP | linux.CLONE_NEWPID)
     except Exception as exc:  # report the failing step to the host, plainly
         _send(sock, {"t": "boot_error", "error": "%s: %s" % (type(exc).__name__, exc)})
         os._exit(71)
+    _spawn_init(sock, cfg, lambda: isolation.build_template_root(cfg, plan))
+
+
+def _zygote(ctl: socket.socket, cfg: dict) -> None:
+    """A template's zygote: its user and mount namespace, its read-only root, its modules imported.
+
+    Never runs user code. Each "fork" request carries a fresh channel (SCM_RIGHTS); the child
+    becomes a sandbox with its own nested user namespace and every other namespace of its own.
+    The zygote imports from inside the template root (chroot: after the uid change the host's
+    paths, like a pyenv under a 0700 /root, are out of reach), keeping descriptors to the host's
+    root and /proc so that children can go back to build their own root and the zygote can write
+    their uid maps.
+    """
+    import gc
+    import signal
+
+    from _agent import isolation, linux
+
+    try:
+        linux.prctl(linux.PR_SET_PDEATHSIG, 9)
+        linux.unshare(linux.CLONE_NEWUSER | linux.CLONE_NEWNS)
+        plan = isolation.plan_host_paths(cfg)
+        _handshake(ctl, cfg)
+        # The uid change made us non-dumpable, which hands our children's /proc files to the
+        # host's root: we could not write their uid maps. Sandboxes drop it again at their own
+        # uid change (pid 1 becomes uid 1000).
+        linux.prctl(4, 1)  # PR_SET_DUMPABLE
+        root = isolation.build_template_root(cfg, plan)
+        host_root = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        host_proc = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        # A private scratch for the preload (matplotlib's font cache), unmounted once it is done.
+        # /dev/shm too: libraries probe it at import (joblib picks serial mode without it).
+        for scratch in ("/tmp", "/dev/shm"):
+            linux.mount("sandlot-zygote-tmp", root + scratch, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV,
+                        "size=64m,mode=0700")
+        os.chroot(root)
+        os.chdir("/")
+        os.environ.clear()
+        os.environ.update(cfg["env"])
+        os.environ.update({"MPLCONFIGDIR": "/tmp/matplotlib", "HOME": "/tmp"})
+        import site
+
+        site.main()
+    except Exception as exc:
+        _send(ctl, {"t": "boot_error", "error": "%s: %s" % (type(exc).__name__, exc)})
+        os._exit(71)
+    failed = {}
+    for name in cfg.get("preload", []):
+        try:
+            __import__(name)
+            if name == "matplotlib":
+                import matplotlib.pyplot  # noqa: F401  (loads the font list once, for every sandbox)
+        except Exception as exc:  # a missing optional module must not stop the zygote
+            failed[name] = "%s: %s" % (type(exc).__name__, exc)
+    for scratch in ("/tmp", "/dev/shm"):
+        linux.umount2(scratch, linux.MNT_DETACH)
+    gc.collect()
+    gc.freeze()  # keep the collector off the shared pages, so forks stay copy-on-write
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # sandboxes are reaped by the kernel, not by us
+    _send(ctl, {"t": "ready", "failed": failed})
+    buffer = protocol_buffer()
+    while True:
+        try:
+            data, fds, _, _ = socket.recv_fds(ctl, 1 << 16, 1)
+        except InterruptedError:
+            continue
+        if not data:
+            os._exit(0)
+        for header, _ in buffer.feed(data):
+            if header.get("t") != "fork" or len(fds) != 1:
+                for fd in fds:
+                    os.close(fd)
+                _send(ctl, {"t": "error", "error": "bad zygote request"})
+                continue
+            fd = fds.pop()
+            try:
+                pid = _fork_sandbox(ctl, fd, cfg, header, host_root, host_proc)
+            except OSError as exc:
+                _send(ctl, {"t": "error", "error": "fork failed: %s" % exc})
+                continue
+            finally:
+                os.close(fd)
+            _send(ctl, {"t": "forked", "pid": pid})
+
+
+def _fork_sandbox(ctl, fd: int, cfg: dict, header: dict, host_root: int, host_proc: int) -> int:
+    from _agent import linux
+
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        import signal
+
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        ctl.close()
+        os.close(ready_r)
+        _forked_sandbox(socket.socket(fileno=fd), dict(cfg, **header["config"]), ready_w, host_root)
+    os.close(ready_w)
+    try:
+        # The child unshares its user namespace; we (its parent namespace) write its maps.
+        if os.read(ready_r, 1) != b"u":
+            raise OSError("sandbox child died before its user namespace existed")
+    finally:
+        os.close(ready_r)
+    if cfg["setup_uid"] == 0:
+        base = 2 + 2 * int(header["slot"])  # a uid pair of its own, inside our 65536
+        maps = "0 %d 1\n1000 %d 1\n" % (base, base + 1)
+    else:
+        maps = "1000 1000 1\n"
+    for name in ("uid_map", "gid_map"):
+        out = os.open("%d/%s" % (pid, name), os.O_WRONLY, dir_fd=host_proc)
+        try:
+            os.write(out, maps.encode())
+        finally:
+            os.close(out)
+    return pid
+
+
+def protocol_buffer():
+    from _agent import protocol
+
+    return protocol.FrameBuffer()
+
+
+def _forked_sandbox(sock: socket.socket, cfg: dict, ready_w: int, host_root: int) -> None:
+    from _agent import linux
+
+    try:
+        linux.prctl(linux.PR_SET_PDEATHSIG, 9)
+        _reseed()
+        # Leave the zygote's chroot for the host tree (the kernel refuses a new user namespace to a
+        # chrooted process); pid 1 builds its root from there and pivots, detaching the host tree.
+        os.fchdir(host_root)
+        os.chroot(".")
+        os.close(host_root)
+        # A nested user namespace of our own: its own uid pair on the host, so per-user kernel
+        # counters (RLIMIT_NPROC, inotify, pending signals) are never shared between sandboxes.
+        linux.unshare(linux.CLONE_NEWUSER)
+        os.write(ready_w, b"u")
+        os.close(ready_w)
+        _handshake(sock, cfg)
+        linux.unshare(linux.CLONE_NEWNS | linux.CLONE_NEWNET | linux.CLONE_NEWIPC | linux.CLONE_NEWUTS
+                      | linux.CLONE_NEWCGROUP | linux.CLONE_NEWPID)
+    except Exception as exc:
+        _send(sock, {"t": "boot_error", "error": "%s: %s" % (type(exc).__name__, exc)})
+        os._exit(71)
+    _spawn_init(sock, cfg, None)
+
+
+def _reseed() -> None:
+    """Forks of one zygote share its random state; give each its own."""
+    import random
+
+    random.seed()
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        numpy.random.seed()
+
+
+def _spawn_init(sock: socket.socket, cfg: dict, prepare) -> None:
+    """Fork pid 1 of the new pid namespace, then wait for it so the host's view of us matches the sandbox's."""
+    from _agent import linux
 
     pid = os.fork()
     if pid == 0:
-        _init(sock, cfg, plan)
+        _init(sock, cfg, prepare)
     # The host kills the sandbox through pid 1 (the whole pid namespace dies with it, and we reap it).
     _send(sock, {"t": "init", "pid": pid})
     sock.close()
@@ -92,11 +269,12 @@ def main() -> None:
     os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
 
 
-def _init(sock: socket.socket, cfg: dict, plan: list) -> None:
-    from _agent import isolation, server
+def _init(sock: socket.socket, cfg: dict, prepare) -> None:
+    from _agent import isolation, linux, server
 
     try:
-        isolation.build_template_root(cfg, plan)
+        if prepare is not None:
+            prepare()
         isolation.enter_sandbox_root(cfg)
         import _agent
 
@@ -107,6 +285,8 @@ def _init(sock: socket.socket, cfg: dict, plan: list) -> None:
         isolation.bring_up_loopback()
         isolation.set_rlimits(cfg["limits"])
         isolation.drop_privileges(cfg)
+        os.environ.clear()
+        os.environ.update(cfg["env"])
         os.chdir(isolation.HOME)
     except Exception as exc:
         _send(sock, {"t": "boot_error", "error": "%s: %s" % (type(exc).__name__, exc)})

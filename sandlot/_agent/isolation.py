@@ -131,6 +131,9 @@ def enter_sandbox_root(cfg: dict) -> None:
     root = cfg["mountpoint"]
     limits = cfg["limits"]
     linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+    # A template root inherited from a zygote is locked in our namespace, and pivot_root refuses a
+    # locked new root; a recursive bind onto itself makes a mount of our own (same read-only tree).
+    linux.mount(root, root, None, linux.MS_BIND | linux.MS_REC)
     # The only writable storage: one tmpfs with byte and inode caps, split into home, /tmp, /dev/shm.
     scratch = root + SCRATCH
     linux.mount("sandlot-scratch", scratch, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV,

@@ -27,11 +27,16 @@ _MIME_METHODS = (
     ("application/json", "_repr_json_"), ("application/javascript", "_repr_javascript_"),
 )
 _MAX_REPR = 1024 * 1024
+# The agent re-wraps each of our frames with a request id before it goes to the host, so ours must
+# leave it room: a frame within a few bytes of MAX_HEADER used to crash the agent (pid 1), which
+# killed the whole sandbox. Frames that do not fit are shrunk, never dropped or fatal.
+_SEND_LIMIT = protocol.MAX_HEADER - 4096
 
 
 class Kernel:
     def __init__(self, ctl: socket.socket) -> None:
         self.ctl = ctl
+        self.pid = os.getpid()
         self.count = 0
         self.namespace: dict = {"__name__": "__main__", "__builtins__": __builtins__}
         self.namespace["display"] = self.display
@@ -39,7 +44,7 @@ class Kernel:
 
     # -- channel to the agent ---------------------------------------------------------------
     def send(self, header: dict) -> None:
-        self.ctl.sendall(protocol.encode(header))
+        self.ctl.sendall(_bounded_frame(header))
 
     def recv(self) -> dict:
         while True:
@@ -105,6 +110,15 @@ class Kernel:
                 error = {"name": "SystemExit", "value": str(exc.code), "traceback": ""}
             else:
                 error = _format_error(exc)
+        if os.getpid() != self.pid:
+            # User code forked and the child came back out of the cell instead of exiting. It holds
+            # a copy of our channel: left alive it would answer this cell a second time and then
+            # compete with us for the next ones (a fork bomb left dozens of such copies holding the
+            # pids limit). It ends here, as the end of a forked child should.
+            if error is not None and error["name"] != "SystemExit":
+                sys.stderr.write(error["traceback"])
+            _flush_streams()
+            os._exit(1 if error is not None else 0)
         _flush_streams()
         self.flush_figures()
         return {"t": "done", "error": error, "execution_count": self.count}
@@ -135,6 +149,43 @@ class Kernel:
                 continue
             if msg.get("t") == "exec" and isinstance(msg.get("code"), str):
                 self.send(self.run_cell(msg["code"]))
+
+
+def _frame_or_none(header: dict):
+    try:
+        frame = protocol.encode(header)
+    except (protocol.ProtocolError, ValueError, TypeError):
+        return None
+    return frame if len(frame) - protocol.PREFIX.size <= _SEND_LIMIT else None
+
+
+def _cut(text, keep: int, tail: bool = False) -> str:
+    text = text if isinstance(text, str) else str(text)
+    if len(text) <= keep:
+        return text
+    note = "\n[... %d characters cut: too large for one frame ...]\n" % (len(text) - keep)
+    return note + text[-keep:] if tail else text[:keep] + note
+
+
+def _bounded_frame(header: dict) -> bytes:
+    """Encode ``header``; if it is too large (a huge repr, figure or exception message), shrink it:
+    results keep only a cut text/plain, errors keep the start of the message and the end of the
+    traceback. Raising here instead would end the session and lose its variables."""
+    frame = _frame_or_none(header)
+    keep = 64 * 1024
+    while frame is None:
+        if header.get("t") == "result":
+            data = header.get("data") if isinstance(header.get("data"), dict) else {}
+            smaller = dict(header, data={"text/plain": _cut(data.get("text/plain", ""), keep)})
+        elif header.get("t") == "done" and isinstance(header.get("error"), dict):
+            err = header["error"]
+            smaller = dict(header, error={"name": _cut(err.get("name"), 200), "value": _cut(err.get("value"), keep),
+                                          "traceback": _cut(err.get("traceback"), keep, tail=True)})
+        else:
+            smaller = {"t": str(header.get("t"))}
+        frame = _frame_or_none(smaller)
+        keep //= 2
+    return frame
 
 
 def _plain_scalar(value):
@@ -186,9 +237,10 @@ def _format_error(exc: BaseException) -> dict:
 
 
 def main(ctl_fd: int) -> None:
-    import site
+    if not any(p.endswith("-packages") for p in sys.path):
+        import site
 
-    site.main()  # the boot ran with -S; the session gets the template's site-packages
+        site.main()  # the boot ran with -S; the session gets the template's site-packages
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False))

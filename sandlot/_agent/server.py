@@ -23,6 +23,9 @@ from . import protocol
 
 HOME = "/home/user"
 HIGH_WATER = 4 * 1024 * 1024  # stop reading user output while this much waits for the host
+# Files that report size 0 are pseudo-files (/proc); some never end (/proc/<pid>/pagemap streams
+# 256 GiB of zeros), so a symlink planted by user code made the host read forever. Cap them.
+PSEUDO_FILE_MAX = 4 * 1024 * 1024
 
 
 def _resolve(path) -> str:
@@ -150,6 +153,10 @@ class Agent:
         os.set_blocking(wake_w, False)
         signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
+        # Pid 1 only receives the signals it handles, and Python handles SIGINT by raising
+        # KeyboardInterrupt: `os.kill(1, signal.SIGINT)` from user code used to end the agent and
+        # with it the sandbox. A no-op handler (not SIG_IGN, which commands would inherit) stops that.
+        signal.signal(signal.SIGINT, lambda *_: None)
         self.sel.register(wake_r, selectors.EVENT_READ, self._on_wakeup)
         self.sel.register(self.host, selectors.EVENT_READ, self._on_host)
 
@@ -269,15 +276,25 @@ class Agent:
             self._kernel_gone("the session's channel was corrupted (%s); the session was restarted" % exc)
             return
         for header, _ in frames:
-            if header["t"] == "result" and self.current_exec is not None:
-                self.send({"t": "result", "id": self.current_exec, "data": header.get("data"),
-                           "main": bool(header.get("main"))})
-            elif header["t"] == "done" and self.current_exec is not None:
-                self._drain_kernel_pipes()
-                self.send({"t": "done", "id": self.current_exec, "error": header.get("error"),
-                           "execution_count": header.get("execution_count")})
-                self.current_exec = None
-                self._next_exec()
+            try:
+                self._from_kernel(header)
+            except protocol.ProtocolError as exc:
+                # A frame that fits the session's channel but not the host's once we add the request
+                # id: the kernel never sends one, so user code forged it. Same cure as garbage.
+                os.kill(kernel.pid, signal.SIGKILL)
+                self._kernel_gone("the session's channel was corrupted (%s); the session was restarted" % exc)
+                return
+
+    def _from_kernel(self, header: dict) -> None:
+        if header["t"] == "result" and self.current_exec is not None:
+            self.send({"t": "result", "id": self.current_exec, "data": header.get("data"),
+                       "main": bool(header.get("main"))})
+        elif header["t"] == "done" and self.current_exec is not None:
+            self._drain_kernel_pipes()
+            self.send({"t": "done", "id": self.current_exec, "error": header.get("error"),
+                       "execution_count": header.get("execution_count")})
+            self.current_exec = None
+            self._next_exec()
 
     def _drain_kernel_pipes(self) -> None:
         for fd in list(self.kernel.pipes if self.kernel else ()):
@@ -420,16 +437,22 @@ class Agent:
     # -- files --------------------------------------------------------------------------------
     def _req_fread(self, rid, req, payload) -> None:
         path = _resolve(req.get("path"))
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        if stat.S_ISDIR(os.fstat(fd).st_mode):
+        # O_NONBLOCK: a FIFO planted by user code used to block pid 1 in open(), hanging every request.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
             os.close(fd)
             raise IsADirectoryError(errno.EISDIR, "is a directory", path)
+        if not stat.S_ISREG(st.st_mode):  # /dev/zero and friends never end; FIFOs may never answer
+            os.close(fd)
+            raise OSError(errno.EINVAL, "not a regular file (a device, FIFO or socket)", path)
+        limit = None if st.st_size else PSEUDO_FILE_MAX
 
         def produce():
             total = 0
             try:
                 while True:
-                    chunk = os.read(fd, protocol.CHUNK)
+                    chunk = os.read(fd, protocol.CHUNK if limit is None else min(protocol.CHUNK, limit - total))
                     if not chunk:
                         break
                     total += len(chunk)
@@ -444,7 +467,12 @@ class Agent:
         path = _resolve(req.get("path"))
         os.makedirs(os.path.dirname(path), exist_ok=True)
         flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_APPEND if req.get("append") else os.O_TRUNC)
-        self.uploads[rid] = [os.open(path, flags, 0o644), 0]
+        # O_NONBLOCK and regular files only, as in fread: a planted FIFO must not block pid 1.
+        fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOCTTY, 0o644)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OSError(errno.EINVAL, "not a regular file (a device, FIFO or socket)", path)
+        self.uploads[rid] = [fd, 0]
 
     def _req_fdata(self, rid, req, payload) -> None:
         upload = self.uploads.get(rid)

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import hashlib
+import json
 import os
 import secrets
 import signal
 import socket
 import subprocess
+import threading
+import time
 
 from pathlib import Path
 from typing import Optional
@@ -20,6 +24,7 @@ from typing import Optional
 from .._exceptions import HostUnsupported, SandboxCrashed, TimeoutError
 from .._host import cgroups, seccomp
 from .._host.channel import CLOSED, Channel
+from .._host.zygote import Zygote, write_id_maps
 from .._limits import Limits
 from .._templates import Template
 from .base import Backend, SandboxProcess
@@ -77,20 +82,26 @@ def _mountpoint() -> str:
 
 
 class ProcessSandbox(SandboxProcess):
-    def __init__(self, sandbox_id: str, limits: Limits, proc: subprocess.Popen, channel: Channel,
-                 cgroup: cgroups.Cgroup, uid_slot: Optional[UidSlot]) -> None:
+    """A live sandbox. ``pid`` is its outermost process on the host (the boot process, or the
+    zygote's child); pid 1 of the sandbox is held by pidfd and killing it ends everything."""
+
+    def __init__(self, sandbox_id: str, limits: Limits, pid: int, channel: Channel, cgroup: cgroups.Cgroup,
+                 popen: Optional[subprocess.Popen] = None, release=None) -> None:
         self.id = sandbox_id
         self.limits = limits
         self.channel = channel
         self.cgroup = cgroup
-        self._proc = proc
-        self._uid_slot = uid_slot
-        self._exited = asyncio.get_running_loop().create_future()
-        self._pidfd = os.pidfd_open(proc.pid)
-        asyncio.get_running_loop().add_reader(self._pidfd, self._on_exit)
+        self._pid = pid
+        self._popen = popen  # set when we exec'd it ourselves (we reap it); zygote children reap elsewhere
+        self._release = release
+        loop = asyncio.get_running_loop()
+        self._exited = loop.create_future()
+        self._pidfd = os.pidfd_open(pid)
+        loop.add_reader(self._pidfd, self._on_exit)
         self.killed_reason: Optional[str] = None
         self._cleaned = False
         self._init_pidfd: Optional[int] = None
+        self.created_at = time.monotonic()
 
     def adopt_init(self, pid: int) -> None:
         """Hold pid 1 of the sandbox by pidfd, so killing it can never hit a recycled pid."""
@@ -98,19 +109,21 @@ class ProcessSandbox(SandboxProcess):
 
     @property
     def pid(self) -> int:
-        return self._proc.pid
+        return self._pid
 
     @property
     def returncode(self) -> Optional[int]:
-        return self._proc.returncode
+        if self._popen is not None:
+            return self._popen.poll()
+        return -9 if self._exited.done() else None
 
     def _on_exit(self) -> None:
-        if self._proc.poll() is None:
-            return
-        loop = asyncio.get_running_loop()
-        loop.remove_reader(self._pidfd)
+        # The pidfd turns readable when the process exits.
+        if self._popen is not None:
+            self._popen.poll()
+        asyncio.get_running_loop().remove_reader(self._pidfd)
         if not self._exited.done():
-            self._exited.set_result(self._proc.returncode)
+            self._exited.set_result(self.returncode)
 
     async def wait(self) -> int:
         return await asyncio.shield(self._exited)
@@ -121,36 +134,22 @@ class ProcessSandbox(SandboxProcess):
             self.killed_reason = reason
         if self._cleaned:
             return
-        if self._init_pidfd is not None:
+        self._cleaned = True
+        for fd in (self._init_pidfd, self._pidfd):
+            if fd is None:
+                continue
             # Killing pid 1 ends the pid namespace: the kernel kills and reaps everything in it,
-            # then the boot process reaps pid 1 and exits, and we reap the boot process.
+            # then its parent exits. The outer process gets the same, for a sandbox still booting.
             try:
-                signal.pidfd_send_signal(self._init_pidfd, signal.SIGKILL)
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            try:
-                await asyncio.wait_for(self.wait(), 5)
-            except asyncio.TimeoutError:
-                pass
-        try:
-            self._proc.kill()
-        except ProcessLookupError:
-            pass
-        await asyncio.to_thread(self.cgroup.kill_all)
         try:
             await asyncio.wait_for(self.wait(), 5)
         except asyncio.TimeoutError:
             pass
-        await self._cleanup()
-
-    async def _cleanup(self) -> None:
-        if self._cleaned:
-            return
-        self._cleaned = True
         await self.channel.aclose()
         await asyncio.to_thread(self.cgroup.remove)
-        if not self._exited.done():
-            self._proc.poll()
         try:
             asyncio.get_running_loop().remove_reader(self._pidfd)
         except Exception:
@@ -159,46 +158,99 @@ class ProcessSandbox(SandboxProcess):
         if self._init_pidfd is not None:
             os.close(self._init_pidfd)
             self._init_pidfd = None
-        if self._uid_slot is not None:
-            self._uid_slot.release()
+        if self._popen is not None:
+            self._popen.wait()
+        if self._release is not None:
+            self._release()
+
+
+def _sandbox_env(template: Template, env: dict[str, str]) -> dict[str, str]:
+    base = {"PATH": "/usr/local/bin:/usr/bin:/bin:" + os.path.dirname(template.python),
+            "HOME": "/home/user", "USER": "user", "LANG": "C.UTF-8", "TERM": "dumb",
+            "MPLBACKEND": "module://_agent.mpl_backend", "MPLCONFIGDIR": "/home/user/.config/matplotlib",
+            "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    base.update(dict(template.env))
+    base.update(env)
+    return base
+
+
+def _template_config(template: Template, env: dict[str, str]) -> dict:
+    return {
+        "mountpoint": _mountpoint(),
+        "prefixes": list(template.prefixes),
+        "agent_dir": str(AGENT_DIR),
+        "setup_uid": 0 if os.geteuid() == 0 else 1000,
+        "seccomp": seccomp.compiled_filter().hex(),
+        "preload": list(template.preload),
+        "env": _sandbox_env(template, env),
+    }
+
+
+def _sandbox_config(limits: Limits, env: dict) -> dict:
+    return {"env": env, "limits": {
+        "disk": limits.disk, "inodes": limits.inodes, "open_files": limits.open_files, "pids": limits.pids,
+        "cpu_seconds": int(limits.lifetime * max(1.0, limits.cpu)) + 1}}
 
 
 class ProcessBackend(Backend):
+    """Sandboxes are forks of a per-template zygote (the fast path) or, with ``zygote=False`` or for a
+    template without a preload list, exec'd one by one."""
+
     name = "process"
+    _zygotes: dict[str, Zygote] = {}  # one per template per host process, shared by every event loop
+    _zygotes_lock = threading.Lock()
+
+    def __init__(self, zygote: Optional[bool] = None) -> None:
+        if zygote is None:
+            zygote = os.environ.get("SANDLOT_ZYGOTE", "1") != "0"
+        self.use_zygote = zygote
+
+    def zygote_for(self, template: Template) -> Zygote:
+        config = _template_config(template, {})
+        key = hashlib.sha256(json.dumps([template.python, config], sort_keys=True).encode()).hexdigest()[:16]
+        with self._zygotes_lock:
+            zygote = self._zygotes.get(template.name)
+            if zygote is not None and zygote.key != key:  # the template changed: rebuild its zygote
+                zygote.stop()
+                zygote = None
+            if zygote is None:
+                uid_map = (UidSlot().base, UID_SPAN) if os.geteuid() == 0 else None
+                argv = [template.python, "-I", "-S", "-B", str(AGENT_DIR / "boot.py")]
+                zygote = self._zygotes[template.name] = Zygote(argv, config, uid_map, key)
+        return zygote
 
     async def start(self, template: Template, limits: Limits, env: dict[str, str]) -> ProcessSandbox:
         sandbox_id = "sb-" + secrets.token_hex(6)
-        root = os.geteuid() == 0
-        uid_slot = UidSlot() if root else None
-        cgroup = None
-        proc = None
+        cgroup = await asyncio.to_thread(cgroups.Cgroup, sandbox_id, limits)
+        host_end, child_end = socket.socketpair()
+        sandbox_env = _sandbox_env(template, env)
         try:
-            cgroup = await asyncio.to_thread(cgroups.Cgroup, sandbox_id, limits)
-            host_end, child_end = socket.socketpair()
-            # Boot/agent crashes print to stderr; keep them only when asked (debugging a host).
-            log = os.environ.get("SANDLOT_BOOT_LOG")
-            stderr = open(log, "ab") if log else subprocess.DEVNULL
-            proc = subprocess.Popen(
-                [template.python, "-I", "-S", "-B", str(AGENT_DIR / "boot.py"), str(child_end.fileno())],
-                pass_fds=[child_end.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=stderr, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, cwd="/")
-            child_end.close()
-            if log:
-                stderr.close()
-            channel = Channel(host_end)
-            await channel.open()
-            sandbox = ProcessSandbox(sandbox_id, limits, proc, channel, cgroup, uid_slot)
+            if self.use_zygote and template.preload:
+                zygote = self.zygote_for(template)
+                await asyncio.to_thread(zygote.ensure_started)
+                pid, slot = await asyncio.to_thread(zygote.fork, _sandbox_config(limits, sandbox_env), child_end)
+                maps = "zygote"  # the zygote wrote the nested maps itself
+                popen, release = None, (lambda: zygote.release_slot(slot))
+            else:
+                uid_slot = UidSlot() if os.geteuid() == 0 else None
+                popen = self._exec_boot(template, child_end)
+                pid = popen.pid
+                maps = uid_slot and [(0, uid_slot.base, UID_SPAN)]
+                release = uid_slot.release if uid_slot else None
         except BaseException:
-            if proc is not None:
-                proc.kill()
-                proc.wait()
-            if cgroup is not None:
-                await asyncio.to_thread(cgroup.remove)
-            if uid_slot is not None:
-                uid_slot.release()
+            host_end.close()
+            await asyncio.to_thread(cgroup.remove)
             raise
+        finally:
+            child_end.close()
+        channel = Channel(host_end)
+        await channel.open()
+        sandbox = ProcessSandbox(sandbox_id, limits, pid, channel, cgroup, popen, release)
         try:
-            await asyncio.wait_for(self._boot(sandbox, template, limits, env, root), BOOT_TIMEOUT)
+            if popen is not None:
+                config = dict(_template_config(template, env), **_sandbox_config(limits, sandbox_env))
+                await channel.send({"t": "config", "config": config})
+            await asyncio.wait_for(self._boot(sandbox, maps), BOOT_TIMEOUT)
         except asyncio.TimeoutError:
             await sandbox.kill("boot timed out")
             raise TimeoutError("sandbox did not boot within %.0f s" % BOOT_TIMEOUT) from None
@@ -207,49 +259,33 @@ class ProcessBackend(Backend):
             raise
         return sandbox
 
-    async def _boot(self, sandbox: ProcessSandbox, template: Template, limits: Limits,
-                    env: dict[str, str], root: bool) -> None:
-        base_env = {"PATH": "/usr/local/bin:/usr/bin:/bin:" + os.path.dirname(template.python),
-                    "HOME": "/home/user", "USER": "user", "LANG": "C.UTF-8", "TERM": "dumb",
-                    "MPLBACKEND": "module://_agent.mpl_backend", "MPLCONFIGDIR": "/home/user/.config/matplotlib",
-                    "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"}
-        base_env.update(dict(template.env))
-        base_env.update(env)
-        config = {
-            "mountpoint": _mountpoint(),
-            "prefixes": list(template.prefixes),
-            "agent_dir": str(AGENT_DIR),
-            "setup_uid": 0 if root else 1000,
-            "seccomp": seccomp.compiled_filter().hex(),
-            "env": base_env,
-            "limits": {"disk": limits.disk, "inodes": limits.inodes, "open_files": limits.open_files,
-                       "pids": limits.pids, "cpu_seconds": int(limits.lifetime * max(1.0, limits.cpu)) + 1},
-        }
-        await sandbox.channel.send({"t": "config", "config": config})
+    @staticmethod
+    def _exec_boot(template: Template, child_end: socket.socket) -> subprocess.Popen:
+        # Boot/agent crashes print to stderr; keep them only when asked (debugging a host).
+        log = os.environ.get("SANDLOT_BOOT_LOG")
+        stderr = open(log, "ab") if log else subprocess.DEVNULL
+        try:
+            return subprocess.Popen(
+                [template.python, "-I", "-S", "-B", str(AGENT_DIR / "boot.py"), str(child_end.fileno())],
+                pass_fds=[child_end.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=stderr, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, cwd="/")
+        finally:
+            if log:
+                stderr.close()
+
+    async def _boot(self, sandbox: ProcessSandbox, maps) -> None:
         msg = await self._expect(sandbox, "unshared")
-        pid = int(msg["pid"])
-        if pid != sandbox.pid:
-            raise SandboxCrashed("boot reported pid %d, expected %d" % (pid, sandbox.pid))
-        await asyncio.to_thread(self._map_ids, pid, sandbox._uid_slot)
-        await asyncio.to_thread(sandbox.cgroup.add, pid)
+        if int(msg["pid"]) != sandbox.pid:
+            raise SandboxCrashed("boot reported pid %s, expected %d" % (msg["pid"], sandbox.pid))
+        if maps != "zygote":
+            await asyncio.to_thread(write_id_maps, sandbox.pid, maps)
+        await asyncio.to_thread(sandbox.cgroup.add, sandbox.pid)
         await sandbox.channel.send({"t": "go"})
         seen = {}
-        while len(seen) < 2:  # "init" (from the boot process) and "ready" (from pid 1), in either order
+        while len(seen) < 2:  # "init" (from the outer process) and "ready" (from pid 1), in either order
             msg = await self._expect(sandbox, ("init", "ready"))
             seen[msg["t"]] = msg
         sandbox.adopt_init(int(seen["init"]["pid"]))
-
-    @staticmethod
-    def _map_ids(pid: int, slot: Optional[UidSlot]) -> None:
-        proc = Path("/proc/%d" % pid)
-        if slot is not None:
-            mapping = "0 %d %d\n" % (slot.base, UID_SPAN)
-            (proc / "uid_map").write_text(mapping)
-            (proc / "gid_map").write_text(mapping)
-        else:  # unprivileged: our own uid/gid become the sandbox user's, nothing else is mapped
-            (proc / "setgroups").write_text("deny")
-            (proc / "uid_map").write_text("1000 %d 1\n" % os.getuid())
-            (proc / "gid_map").write_text("1000 %d 1\n" % os.getgid())
 
     @staticmethod
     async def _expect(sandbox: ProcessSandbox, kind) -> dict:
@@ -262,5 +298,3 @@ class ProcessBackend(Backend):
         if header.get("t") not in ((kind,) if isinstance(kind, str) else kind):
             raise SandboxCrashed("unexpected boot message %r" % header.get("t"))
         return header
-
-
