@@ -16,6 +16,7 @@ from ._backends.base import SandboxProcess, get_backend
 from ._exceptions import FileError, InvalidRequest, SandboxCrashed, SandboxNotFound
 from ._host.channel import CLOSED
 from ._limits import Limits
+from ._pool import pool_for
 from ._models import CommandResult, EntryInfo, Execution, ExecutionError, Result, Usage
 from ._templates import get_template
 from ._agent import protocol
@@ -113,7 +114,18 @@ class AsyncSandbox:
     async def start(self) -> "AsyncSandbox":
         if self._proc is not None:
             return self
-        self._proc = await self._backend.start(self.template, self.limits, self.env)
+        pool = pool_for(self._backend, self.template, self.limits)
+        proc = pool.take() if pool is not None else None
+        if proc is not None:
+            # Taken from the warm pool: this owner's limits and environment apply from now on.
+            proc.limits = self.limits
+            if (self.limits.cpu, self.limits.memory) != (pool.limits.cpu, pool.limits.memory):
+                await asyncio.to_thread(proc.cgroup.apply, self.limits)
+            if self.env:
+                await proc.channel.send({"t": "configure", "id": 0, "env": self.env})
+        else:
+            proc = await self._backend.start(self.template, self.limits, self.env)
+        self._proc = proc
         self._started_at = self._last_activity = time.monotonic()
         self._deadline = self._started_at + self.limits.lifetime
         self._watchdog = asyncio.get_running_loop().create_task(self._watch())

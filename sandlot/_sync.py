@@ -7,12 +7,35 @@ idea, in a few lines). Callbacks run on the loop thread.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import threading
 from typing import Any, Iterator, Mapping, Optional, Union
 
 from ._limits import Limits
 from ._models import CommandResult, EntryInfo, Execution
 from ._sandbox import AsyncCommandHandle, AsyncSandbox
+
+
+def _shutdown() -> None:
+    """At exit: kill pooled sandboxes and finish the cleanups of killed ones (no cgroup left behind)."""
+    loop = _LoopThread._loop
+    if loop is None or loop.is_closed() or not loop.is_running():
+        return
+
+    async def finish() -> None:
+        from ._backends.process import finish_cleanups
+        from ._pool import close_pools
+
+        await close_pools()
+        await finish_cleanups()
+
+    try:
+        asyncio.run_coroutine_threadsafe(finish(), loop).result(timeout=30)
+    except Exception:
+        pass
+
+
+atexit.register(_shutdown)
 
 
 class _LoopThread:

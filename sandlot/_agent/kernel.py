@@ -147,7 +147,9 @@ class Kernel:
                 msg = self.recv()
             except KeyboardInterrupt:
                 continue
-            if msg.get("t") == "exec" and isinstance(msg.get("code"), str):
+            if msg.get("t") == "env" and isinstance(msg.get("env"), dict):
+                os.environ.update({str(k): str(v) for k, v in msg["env"].items()})
+            elif msg.get("t") == "exec" and isinstance(msg.get("code"), str):
                 self.send(self.run_cell(msg["code"]))
 
 

@@ -215,6 +215,19 @@ class Agent:
         self.send({"t": "error", "id": rid, "etype": type(exc).__name__, "message": str(exc),
                    "errno": getattr(exc, "errno", None)})
 
+    def _req_configure(self, rid, req, payload) -> None:
+        """Late settings for a sandbox taken from a warm pool: its owner's environment."""
+        env = req.get("env") or {}
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+            raise ValueError("env must map strings to strings")
+        self.env.update(env)
+        if self.kernel is not None:
+            self.kernel.ctl.setblocking(True)
+            try:
+                self.kernel.ctl.sendall(protocol.encode({"t": "env", "env": env}))
+            finally:
+                self.kernel.ctl.setblocking(False)
+
     def _req_ping(self, rid, req, payload) -> None:
         self.send({"t": "pong", "id": rid})
 
@@ -584,5 +597,6 @@ def _describe(code: int) -> str:
 
 def serve(sock: socket.socket, cfg: dict) -> None:
     agent = Agent(sock, cfg)
+    agent._start_kernel()  # the session is ready before the first call (and pooled sandboxes warm)
     agent.send({"t": "ready", "pid": os.getpid()})
     agent.run()

@@ -148,8 +148,19 @@ class ProcessSandbox(SandboxProcess):
             await asyncio.wait_for(self.wait(), 5)
         except asyncio.TimeoutError:
             pass
+        # Every process of the sandbox is dead now (its outer process exits only after pid 1, and
+        # pid 1's namespace takes all the rest with it). Removing the cgroup and closing descriptors
+        # is bookkeeping: done in the background, so a kill costs the caller only the kill.
+        task = asyncio.get_running_loop().create_task(self._cleanup())
+        _CLEANUPS.add(task)
+        task.add_done_callback(_CLEANUPS.discard)
+
+    async def _cleanup(self) -> None:
         await self.channel.aclose()
-        await asyncio.to_thread(self.cgroup.remove)
+        for _ in range(500):  # rmdir succeeds once the kernel has detached the last exited task
+            if self.cgroup.try_remove():
+                break
+            await asyncio.sleep(0.01)
         try:
             asyncio.get_running_loop().remove_reader(self._pidfd)
         except Exception:
@@ -159,9 +170,20 @@ class ProcessSandbox(SandboxProcess):
             os.close(self._init_pidfd)
             self._init_pidfd = None
         if self._popen is not None:
-            self._popen.wait()
+            self._popen.poll()  # it has exited (the pidfd said so): this reaps it
         if self._release is not None:
             self._release()
+
+
+_CLEANUPS: set = set()
+
+
+async def finish_cleanups() -> None:
+    """Wait until every killed sandbox of this event loop has released its cgroup and descriptors."""
+    loop = asyncio.get_running_loop()
+    pending = [t for t in _CLEANUPS if t.get_loop() is loop]
+    if pending:
+        await asyncio.gather(*pending, return_exceptions=True)
 
 
 def _sandbox_env(template: Template, env: dict[str, str]) -> dict[str, str]:
@@ -189,7 +211,9 @@ def _template_config(template: Template, env: dict[str, str]) -> dict:
 def _sandbox_config(limits: Limits, env: dict) -> dict:
     return {"env": env, "limits": {
         "disk": limits.disk, "inodes": limits.inodes, "open_files": limits.open_files, "pids": limits.pids,
-        "cpu_seconds": int(limits.lifetime * max(1.0, limits.cpu)) + 1}}
+        # RLIMIT_CPU is a per-process backstop only (the wall timeouts and lifetime are the host's):
+        # fixed at the longest lifetime allowed, so it never depends on the owner's settings.
+        "cpu_seconds": int(14 * 86400 * max(1.0, limits.cpu)) + 1}}
 
 
 class ProcessBackend(Backend):
@@ -200,7 +224,12 @@ class ProcessBackend(Backend):
     _zygotes: dict[str, Zygote] = {}  # one per template per host process, shared by every event loop
     _zygotes_lock = threading.Lock()
 
+    _swept = False
+
     def __init__(self, zygote: Optional[bool] = None) -> None:
+        if not ProcessBackend._swept:
+            ProcessBackend._swept = True
+            cgroups.sweep_stale()
         if zygote is None:
             zygote = os.environ.get("SANDLOT_ZYGOTE", "1") != "0"
         self.use_zygote = zygote

@@ -92,12 +92,12 @@ class Cgroup:
             self.dirs = {"": parent / "sandlot" / name}
         for d in self.dirs.values():
             d.mkdir(parents=True, exist_ok=True)
-        self._apply(limits)
+        self.apply(limits)
 
     def _dir(self, controller: str) -> Path:
         return self.dirs["" if self.version == 2 else controller]
 
-    def _apply(self, limits) -> None:
+    def apply(self, limits) -> None:
         quota = max(1000, int(limits.cpu * _PERIOD_US))
         if self.version == 2:
             d = self.dirs[""]
@@ -171,15 +171,46 @@ class Cgroup:
 
     def remove(self) -> None:
         self.kill_all()
+        for _ in range(500):
+            if self.try_remove():
+                return
+            time.sleep(0.01)  # the last exiting task is still being torn down
+
+    def try_remove(self) -> bool:
+        """One non-blocking attempt to delete the cgroup; True once every directory is gone."""
+        done = True
         for d in self.dirs.values():
-            for _ in range(100):
-                try:
-                    d.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.01)  # the last exiting task is still being torn down
+            try:
+                d.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError:
+                done = False
+        return done
+
+
+def sweep_stale(min_age: float = 60.0) -> int:
+    """Delete empty sandbox cgroups left by a process that died before cleaning up. Returns how many."""
+    own = _own_paths()
+    info = detect()
+    if not info["writable"]:
+        return 0
+    if info["version"] == 1:
+        holders = [ROOT / c / own.get(c, "/").lstrip("/") / "sandlot" for c in info["controllers"]]
+    else:
+        holders = [ROOT / own.get("", "/").lstrip("/") / "sandlot"]
+    removed = 0
+    now = time.time()
+    for holder in holders:
+        for d in holder.glob("sb-*") if holder.is_dir() else []:
+            try:
+                if now - d.stat().st_mtime < min_age or _read(d / "cgroup.procs").strip():
+                    continue
+                d.rmdir()
+                removed += 1
+            except OSError:
+                continue
+    return removed
 
 
 def _enable_v2_controllers(parent: Path) -> None:

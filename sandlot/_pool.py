@@ -1,0 +1,121 @@
+"""Warm pools: sandboxes fully isolated and waiting, so that creating one is taking one.
+
+A pool serves sandboxes of one template with the template's default limits (a sandbox asking for
+other limits is forked directly: its disk size and rlimits are fixed at boot). A pooled sandbox is
+handed out once and never reused; the owner's environment reaches it in the first message. Refills
+run in the background, one sandbox at a time, and never delay a claim; an empty pool means a direct
+fork from the zygote.
+
+Configure with ``sandlot.configure_pool("python", min_ready=4, max_ready=16)`` or the environment
+variables ``SANDLOT_POOL_MIN`` / ``SANDLOT_POOL_MAX`` (0 turns pooling off).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+from typing import Optional
+
+from ._backends.base import Backend, SandboxProcess
+from ._exceptions import InvalidRequest
+from ._limits import Limits
+from ._templates import Template
+
+
+@dataclasses.dataclass
+class PoolConfig:
+    min_ready: int = int(os.environ.get("SANDLOT_POOL_MIN", "2"))
+    max_ready: int = int(os.environ.get("SANDLOT_POOL_MAX", "64"))
+
+
+_CONFIG: dict[str, PoolConfig] = {}
+
+
+def configure_pool(template: str = "python", *, min_ready: int, max_ready: Optional[int] = None) -> None:
+    """Keep ``min_ready`` sandboxes of ``template`` waiting (at most ``max_ready``)."""
+    max_ready = max(min_ready, max_ready if max_ready is not None else PoolConfig().max_ready)
+    if not 0 <= min_ready <= max_ready <= 4096:
+        raise InvalidRequest("need 0 <= min_ready <= max_ready <= 4096")
+    _CONFIG[template] = PoolConfig(min_ready, max_ready)
+    for pool in list(_POOLS.values()):  # running pools adopt it at their next refill
+        if pool.template.name == template:
+            pool.config = _CONFIG[template]
+
+
+def pool_config(template: str) -> PoolConfig:
+    return _CONFIG.get(template) or PoolConfig()
+
+
+class WarmPool:
+    def __init__(self, backend: Backend, template: Template, limits: Limits) -> None:
+        self.backend = backend
+        self.template = template
+        self.limits = limits
+        self.config = pool_config(template.name)
+        self.ready: list[SandboxProcess] = []
+        self._refilling: Optional[asyncio.Task] = None
+        self.failures = 0
+
+    def take(self) -> Optional[SandboxProcess]:
+        """A ready sandbox, or None. Never waits."""
+        while self.ready:
+            sandbox = self.ready.pop()
+            if sandbox.channel.is_open and sandbox.returncode is None:
+                self.refill()
+                return sandbox
+        self.refill()
+        return None
+
+    def refill(self) -> None:
+        if self._refilling is None or self._refilling.done():
+            self._refilling = asyncio.get_running_loop().create_task(self._refill())
+
+    async def _refill(self) -> None:
+        while len(self.ready) < min(self.config.min_ready, self.config.max_ready):
+            try:
+                sandbox = await self.backend.start(self.template, self.limits, {})
+            except Exception:  # noqa: BLE001 - a failing host shows up on the direct path, with its reason
+                self.failures += 1
+                if self.failures > 3:
+                    return
+                await asyncio.sleep(0.5)
+                continue
+            self.failures = 0
+            self.ready.append(sandbox)
+
+    async def close(self) -> None:
+        if self._refilling is not None:
+            self._refilling.cancel()
+        sandboxes, self.ready = self.ready, []
+        await asyncio.gather(*(s.kill("pool closed") for s in sandboxes), return_exceptions=True)
+
+
+_POOLS: dict[tuple, WarmPool] = {}
+# Fixed when a sandbox boots (tmpfs size, rlimits): a pooled sandbox serves only owners who agree.
+# cpu and memory are cgroup settings, applied again when a sandbox is claimed.
+BOOT_LIMITS = ("disk", "inodes", "open_files", "pids")
+
+
+def poolable(limits: Limits) -> bool:
+    default = Limits()
+    return all(getattr(limits, name) == getattr(default, name) for name in BOOT_LIMITS)
+
+
+def pool_for(backend: Backend, template: Template, limits: Limits) -> Optional[WarmPool]:
+    """The pool of this event loop for (template, limits), or None when pooling does not apply."""
+    if pool_config(template.name).min_ready <= 0 or not poolable(limits):
+        return None
+    loop = asyncio.get_running_loop()
+    key = (id(loop), backend.name, template.name)
+    pool = _POOLS.get(key)
+    if pool is None:
+        pool = _POOLS[key] = WarmPool(backend, template, Limits())
+    return pool
+
+
+async def close_pools() -> None:
+    """Kill every waiting sandbox of this event loop's pools."""
+    loop_id = id(asyncio.get_running_loop())
+    for key in [k for k in _POOLS if k[0] == loop_id]:
+        await _POOLS.pop(key).close()
