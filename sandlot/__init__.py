@@ -13,6 +13,7 @@ from typing import Any
 from ._exceptions import (AuthError, FileError, HostUnsupported, InvalidRequest, QuotaExceeded, SandboxCrashed,
                           SandboxNotFound, SandlotError, TimeoutError)
 from ._limits import Limits
+from ._pool import configure_pool
 from ._models import CommandResult, EntryInfo, Execution, ExecutionError, Logs, Result, Usage
 from ._sandbox import AsyncCommandHandle, AsyncSandbox
 from ._sync import CommandHandle, Sandbox, run_sync
@@ -33,7 +34,7 @@ def run_code(code: str, **kwargs: Any) -> Execution:
 
 
 __all__ = [
-    "Sandbox", "AsyncSandbox", "CommandHandle", "AsyncCommandHandle", "run_code", "async_run_code",
+    "Sandbox", "AsyncSandbox", "configure_pool", "CommandHandle", "AsyncCommandHandle", "run_code", "async_run_code",
     "Limits", "Execution", "ExecutionError", "Result", "Logs", "Usage", "CommandResult", "EntryInfo",
     "SandlotError", "SandboxNotFound", "TimeoutError", "SandboxCrashed", "AuthError", "QuotaExceeded",
     "InvalidRequest", "HostUnsupported", "FileError",

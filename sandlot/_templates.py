@@ -43,6 +43,9 @@ def python_template() -> Template:
         python=sys.executable,
         prefixes=_interpreter_prefixes(),
         preload=("numpy", "pandas", "matplotlib", "scipy", "sklearn"),
+        # BLAS thread pools started in the zygote would not survive the fork, and each sandbox gets
+        # one core by default: one BLAS thread. Set these in env= for more (before the first import).
+        env=(("OPENBLAS_NUM_THREADS", "1"), ("OMP_NUM_THREADS", "1"), ("MKL_NUM_THREADS", "1")),
     )
 
 

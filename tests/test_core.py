@@ -229,8 +229,25 @@ def test_no_leftovers_after_kill():
         sb.commands.run("sleep 100 &")
         sid = sb.sandbox_id
         assert len(processes_in_sandbox(sid)) >= 3  # pid 1, its parent, the backgrounded sleep
-    assert processes_in_sandbox(sid) == {}  # every process is gone when kill returns
+    # When kill returns no code of the sandbox can run: each process left is dying (SIGKILL pending
+    # or already exiting), and they are all gone moments later.
+    for pid in processes_in_sandbox(sid):
+        assert _dying(pid), pid
+    deadline = time.monotonic() + 5
+    while processes_in_sandbox(sid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert processes_in_sandbox(sid) == {}
     deadline = time.monotonic() + 5  # the cgroup directories go in the background, promptly
     while any(sid in p for p in host_leftovers().get("cgroups", [])) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not any(sid in p for p in host_leftovers().get("cgroups", []))
+
+
+def _dying(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            status = dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
+    except OSError:
+        return True  # already gone
+    pending = int(status["SigPnd"], 16) | int(status["ShdPnd"], 16)
+    return status["State"].split()[0] in ("Z", "X") or bool(pending & (1 << 8))  # bit 8: SIGKILL

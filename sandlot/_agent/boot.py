@@ -136,6 +136,7 @@ def _zygote(ctl: socket.socket, cfg: dict) -> None:
             __import__(name)
             if name == "matplotlib":
                 import matplotlib.pyplot  # noqa: F401  (loads the font list once, for every sandbox)
+                from _agent import mpl_backend  # noqa: F401  (our inline backend, compiled once)
         except Exception as exc:  # a missing optional module must not stop the zygote
             failed[name] = "%s: %s" % (type(exc).__name__, exc)
     for scratch in ("/tmp", "/dev/shm"):

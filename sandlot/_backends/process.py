@@ -129,7 +129,12 @@ class ProcessSandbox(SandboxProcess):
         return await asyncio.shield(self._exited)
 
     async def kill(self, reason: str = "killed") -> None:
-        """End the sandbox and everything in it; release its cgroup, uid range and channel."""
+        """End the sandbox: when this returns, none of its code can run any more.
+
+        SIGKILL goes to pid 1 (its pid namespace dies with it), to the outer process, and to every
+        process the cgroup lists (so nothing runs on while pid 1 tears down). Reaping, tearing down
+        the address spaces and removing the cgroup finish in the background, within milliseconds.
+        """
         if self.killed_reason is None:
             self.killed_reason = reason
         if self._cleaned:
@@ -138,22 +143,35 @@ class ProcessSandbox(SandboxProcess):
         for fd in (self._init_pidfd, self._pidfd):
             if fd is None:
                 continue
-            # Killing pid 1 ends the pid namespace: the kernel kills and reaps everything in it,
-            # then its parent exits. The outer process gets the same, for a sandbox still booting.
             try:
                 signal.pidfd_send_signal(fd, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        try:
-            await asyncio.wait_for(self.wait(), 5)
-        except asyncio.TimeoutError:
-            pass
-        # Every process of the sandbox is dead now (its outer process exits only after pid 1, and
-        # pid 1's namespace takes all the rest with it). Removing the cgroup and closing descriptors
-        # is bookkeeping: done in the background, so a kill costs the caller only the kill.
-        task = asyncio.get_running_loop().create_task(self._cleanup())
+        self.cgroup.signal_all(signal.SIGKILL)
+        task = asyncio.get_running_loop().create_task(self._reap_and_cleanup())
         _CLEANUPS.add(task)
         task.add_done_callback(_CLEANUPS.discard)
+
+    async def _reap_and_cleanup(self) -> None:
+        try:
+            await asyncio.wait_for(self._wait_init_or_outer(), 10)
+        except asyncio.TimeoutError:
+            pass
+        await self._cleanup()
+
+    async def _wait_init_or_outer(self) -> None:
+        if self._init_pidfd is None:
+            await self.wait()
+            return
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        loop.add_reader(self._init_pidfd, lambda: done.done() or done.set_result(None))
+        outer = asyncio.ensure_future(self.wait())
+        try:
+            await asyncio.wait({done, outer}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            outer.cancel()
+            loop.remove_reader(self._init_pidfd)
 
     async def _cleanup(self) -> None:
         await self.channel.aclose()
