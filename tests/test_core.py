@@ -251,3 +251,45 @@ def _dying(pid: int) -> bool:
         return True  # already gone
     pending = int(status["SigPnd"], 16) | int(status["ShdPnd"], 16)
     return status["State"].split()[0] in ("Z", "X") or bool(pending & (1 << 8))  # bit 8: SIGKILL
+
+
+def test_sandboxes_die_with_their_owner(tmp_path):
+    """A process that owns sandboxes is SIGKILLed: its sandboxes (zygote-forked and direct) end too."""
+    import subprocess
+    import sys
+
+    from .conftest import processes_in_sandbox
+
+    script = tmp_path / "owner.py"
+    script.write_text(
+        "import sys, time, sandlot\n"
+        "a = sandlot.Sandbox()\n"
+        "b = sandlot.Sandbox(limits={'disk': '64M'})\n"  # not poolable: forked on demand
+        "print(a.sandbox_id, b.sandbox_id, flush=True)\n"
+        "time.sleep(60)\n")
+    owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        ids = owner.stdout.readline().split()
+        assert len(ids) == 2 and all(processes_in_sandbox(i) for i in ids)
+    finally:
+        owner.kill()
+        owner.wait()
+    deadline = time.monotonic() + 10
+    while any(processes_in_sandbox(i) for i in ids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(processes_in_sandbox(i) for i in ids)
+
+
+def test_direct_path_without_zygote():
+    """SANDLOT_ZYGOTE=0: every sandbox exec'd on its own (no preload). Same behaviour, slower start."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sandlot\n"
+        "with sandlot.Sandbox() as sb:\n"
+        "    sb.run_code('import pandas as pd; df = pd.DataFrame({\"a\": [1, 2, 3]})')\n"
+        "    print(sb.run_code('df.a.sum()').text, sb.commands.run('id -u').stdout.strip())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**__import__("os").environ, "SANDLOT_ZYGOTE": "0", "SANDLOT_POOL_MIN": "0"})
+    assert out.stdout.split() == ["6", "1000"], out.stderr

@@ -104,6 +104,7 @@ def _zygote(ctl: socket.socket, cfg: dict) -> None:
 
     try:
         linux.prctl(linux.PR_SET_PDEATHSIG, 9)
+        linux.prctl(36, 1)  # PR_SET_CHILD_SUBREAPER: sandboxes' pid 1 become our children
         linux.unshare(linux.CLONE_NEWUSER | linux.CLONE_NEWNS)
         plan = isolation.plan_host_paths(cfg)
         _handshake(ctl, cfg)
@@ -144,6 +145,10 @@ def _zygote(ctl: socket.socket, cfg: dict) -> None:
     gc.collect()
     gc.freeze()  # keep the collector off the shared pages, so forks stay copy-on-write
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # sandboxes are reaped by the kernel, not by us
+    # Every sandbox holds the read end; only we hold the write end. When we die (and we die with
+    # the host), each sandbox's agent sees EOF and exits, taking its pid namespace with it.
+    lifeline_r, lifeline_w = os.pipe()
+    cfg = dict(cfg, lifeline_fd=lifeline_r, lifeline_w=lifeline_w)
     _send(ctl, {"t": "ready", "failed": failed})
     buffer = protocol_buffer()
     while True:
@@ -181,6 +186,7 @@ def _fork_sandbox(ctl, fd: int, cfg: dict, header: dict, host_root: int, host_pr
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         ctl.close()
         os.close(ready_r)
+        os.close(cfg["lifeline_w"])
         _forked_sandbox(socket.socket(fileno=fd), dict(cfg, **header["config"]), ready_w, host_root)
     os.close(ready_w)
     try:
@@ -231,7 +237,7 @@ def _forked_sandbox(sock: socket.socket, cfg: dict, ready_w: int, host_root: int
     except Exception as exc:
         _send(sock, {"t": "boot_error", "error": "%s: %s" % (type(exc).__name__, exc)})
         os._exit(71)
-    _spawn_init(sock, cfg, None)
+    _spawn_init(sock, cfg, None, outer_exits=True)
 
 
 def _reseed() -> None:
@@ -244,15 +250,23 @@ def _reseed() -> None:
         numpy.random.seed()
 
 
-def _spawn_init(sock: socket.socket, cfg: dict, prepare) -> None:
-    """Fork pid 1 of the new pid namespace, then wait for it so the host's view of us matches the sandbox's."""
+def _spawn_init(sock: socket.socket, cfg: dict, prepare, outer_exits: bool = False) -> None:
+    """Fork pid 1 of the new pid namespace.
+
+    Exec'd directly, we stay and wait for it, so the host's child lives exactly as long as the
+    sandbox, and pid 1 dies with us (parent-death signal). Forked from a zygote we exit at once
+    (one process fewer per sandbox); pid 1 moves to the zygote, a subreaper, and dies with it
+    through the zygote's lifeline pipe instead.
+    """
     from _agent import linux
 
     pid = os.fork()
     if pid == 0:
         _init(sock, cfg, prepare)
-    # The host kills the sandbox through pid 1 (the whole pid namespace dies with it, and we reap it).
+    # The host kills the sandbox through pid 1 (the whole pid namespace dies with it).
     _send(sock, {"t": "init", "pid": pid})
+    if outer_exits:
+        os._exit(0)
     sock.close()
     try:
         linux.drop_all_capabilities()

@@ -106,6 +106,15 @@ class ProcessSandbox(SandboxProcess):
     def adopt_init(self, pid: int) -> None:
         """Hold pid 1 of the sandbox by pidfd, so killing it can never hit a recycled pid."""
         self._init_pidfd = os.pidfd_open(pid)
+        if self._popen is None:
+            # Forked from a zygote, the outer process exits once pid 1 exists: from now on the
+            # sandbox lives exactly as long as its pid 1.
+            loop = asyncio.get_running_loop()
+            loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd, self._init_pidfd = self._init_pidfd, None
+            self._pid = pid
+            loop.add_reader(self._pidfd, self._on_exit)
 
     @property
     def pid(self) -> int:
@@ -241,6 +250,7 @@ class ProcessBackend(Backend):
     name = "process"
     _zygotes: dict[str, Zygote] = {}  # one per template per host process, shared by every event loop
     _zygotes_lock = threading.Lock()
+    _retired: list[Zygote] = []
 
     _swept = False
 
@@ -257,8 +267,10 @@ class ProcessBackend(Backend):
         key = hashlib.sha256(json.dumps([template.python, config], sort_keys=True).encode()).hexdigest()[:16]
         with self._zygotes_lock:
             zygote = self._zygotes.get(template.name)
-            if zygote is not None and zygote.key != key:  # the template changed: rebuild its zygote
-                zygote.stop()
+            if zygote is not None and zygote.key != key:
+                # The template changed: new sandboxes come from a new zygote. The old one lives on
+                # for the sandboxes it already forked (they end with it), and ends with us.
+                self._retired.append(zygote)
                 zygote = None
             if zygote is None:
                 uid_map = (UidSlot().base, UID_SPAN) if os.geteuid() == 0 else None
