@@ -14,7 +14,7 @@ from ._exceptions import (AuthError, FileError, HostUnsupported, InvalidRequest,
                           SandboxNotFound, SandlotError, TimeoutError)
 from ._limits import Limits
 from ._pool import configure_pool
-from ._models import CommandResult, EntryInfo, Execution, ExecutionError, Logs, Result, Usage
+from ._models import CommandResult, EntryInfo, Execution, ExecutionError, Logs, Result, SandboxMetrics, Usage
 from ._sandbox import AsyncCommandHandle, AsyncSandbox
 from ._sync import CommandHandle, Sandbox, run_sync
 
@@ -35,7 +35,7 @@ def run_code(code: str, **kwargs: Any) -> Execution:
 
 __all__ = [
     "Sandbox", "AsyncSandbox", "configure_pool", "CommandHandle", "AsyncCommandHandle", "run_code", "async_run_code",
-    "Limits", "Execution", "ExecutionError", "Result", "Logs", "Usage", "CommandResult", "EntryInfo",
+    "Limits", "Execution", "ExecutionError", "Result", "Logs", "Usage", "SandboxMetrics", "CommandResult", "EntryInfo",
     "SandlotError", "SandboxNotFound", "TimeoutError", "SandboxCrashed", "AuthError", "QuotaExceeded",
     "InvalidRequest", "HostUnsupported", "FileError",
 ]

@@ -102,3 +102,18 @@ class EntryInfo:
     size: int
     mode: int
     mtime: float
+
+
+@dataclasses.dataclass
+class SandboxMetrics:
+    """A live sandbox's footprint, from its cgroup's own counters (host-side, not reported by the sandbox).
+
+    ``memory`` is what the sandbox's cgroup is charged now: the pages its processes copied or
+    allocated, its files (tmpfs) and page tables; pages still shared with the template's zygote are
+    not charged to it, which is why idle sessions are cheap.
+    """
+
+    memory: int
+    memory_peak: int
+    cpu_seconds: float
+    processes: int

@@ -17,7 +17,7 @@ from ._exceptions import FileError, InvalidRequest, SandboxCrashed, SandboxNotFo
 from ._host.channel import CLOSED
 from ._limits import Limits
 from ._pool import pool_for
-from ._models import CommandResult, EntryInfo, Execution, ExecutionError, Result, Usage
+from ._models import CommandResult, EntryInfo, Execution, ExecutionError, Result, SandboxMetrics, Usage
 from ._templates import get_template
 from ._agent import protocol
 
@@ -158,6 +158,17 @@ class AsyncSandbox:
             self._watchdog.cancel()
         if self._proc is not None:
             await self._proc.kill(reason)
+
+    async def metrics(self) -> SandboxMetrics:
+        """Memory, CPU and process count of the sandbox right now, from its cgroup."""
+        proc = self._alive()
+        cg = proc.cgroup
+
+        def read() -> SandboxMetrics:
+            return SandboxMetrics(memory=cg.memory_current(), memory_peak=cg.memory_peak(),
+                                  cpu_seconds=cg.cpu_seconds(), processes=len(cg.pids()))
+
+        return await asyncio.to_thread(read)
 
     async def set_timeout(self, seconds: float) -> None:
         """Let the sandbox live ``seconds`` from now (capped by 14 days), like E2B's set_timeout."""

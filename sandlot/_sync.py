@@ -12,7 +12,7 @@ import threading
 from typing import Any, Iterator, Mapping, Optional, Union
 
 from ._limits import Limits
-from ._models import CommandResult, EntryInfo, Execution
+from ._models import CommandResult, EntryInfo, Execution, SandboxMetrics
 from ._sandbox import AsyncCommandHandle, AsyncSandbox
 
 
@@ -172,6 +172,9 @@ class Sandbox:
 
     def run_code(self, code: str, **kwargs: Any) -> Execution:
         return run_sync(self._async.run_code(code, **kwargs))
+
+    def metrics(self) -> SandboxMetrics:
+        return run_sync(self._async.metrics())
 
     def set_timeout(self, seconds: float) -> None:
         run_sync(self._async.set_timeout(seconds))

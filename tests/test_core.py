@@ -293,3 +293,11 @@ def test_direct_path_without_zygote():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={**__import__("os").environ, "SANDLOT_ZYGOTE": "0", "SANDLOT_POOL_MIN": "0"})
     assert out.stdout.split() == ["6", "1000"], out.stderr
+
+
+def test_metrics_report_the_cgroup(sandbox):
+    before = sandbox.metrics()
+    sandbox.run_code("blob = bytearray(64 * 1024 * 1024)")
+    after = sandbox.metrics()
+    assert after.memory - before.memory > 60 * 1024 * 1024
+    assert after.processes >= 2 and after.cpu_seconds >= before.cpu_seconds
