@@ -1,0 +1,301 @@
+"""Sandlot and its peers side by side, in one run: the benchmark of issue 3.
+
+    .venv/bin/python bench/run.py --quick                 # a few minutes; density at N = 100
+    .venv/bin/python bench/run.py                         # the full run; density at N = 1,000
+    .venv/bin/python bench/run.py --install --quick       # first apt-get / pip install the missing peers
+    .venv/bin/python bench/run.py --only fresh warm       # some workloads; peer names work too
+    .venv/bin/python bench/run.py --quick --json bench.json
+
+Workloads: fresh (1: fresh sandbox, print(1)), pandas (2: fresh sandbox, a pandas expression),
+warm (3: x += 1 in a live session), throughput (4: fresh sandboxes per second from 2 and 8 client threads),
+density (5: N live idle sessions with pandas imported; host memory per session; all must answer 1+1).
+Sandlot is driven through its public SDK only, so whatever the SDK does (zygote, warm pool) is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import resource
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+import peers as peers_mod
+import workloads as wl
+
+WORKLOADS = ["fresh", "pandas", "warm", "throughput", "density"]
+PROFILES = {  # samples per latency workload, warm round trips, throughput seconds, density N, seconds/peer cap
+    "quick": dict(n=20, warm_n=200, seconds=3.0, density=100, budget=20.0),
+    "full": dict(n=100, warm_n=1000, seconds=10.0, density=1000, budget=90.0),
+}
+TARGETS = {"fresh": 0.005, "pandas": 0.010, "warm": 0.001, "throughput": 200.0, "density_mb": 5.0}
+
+console = Console(width=None if sys.stdout.isatty() else 150)
+
+
+def parse_args() -> argparse.Namespace:
+    names = WORKLOADS + [p.name for p in peers_mod.ALL]
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer samples, density at N = 100")
+    ap.add_argument("--only", nargs="+", metavar="NAME", choices=names,
+                    help=f"run only these workloads and/or peers (Sandlot always runs): {', '.join(names)}")
+    ap.add_argument("--n", type=int, help="samples per peer for the fresh and pandas workloads")
+    ap.add_argument("--warm-n", type=int, help="round trips per session for the warm workload")
+    ap.add_argument("--seconds", type=float, help="seconds per throughput measurement")
+    ap.add_argument("--threads", type=int, nargs="+", default=[2, 8], help="client threads for throughput")
+    ap.add_argument("--density", type=int, metavar="N", help="live sessions for the density workload")
+    ap.add_argument("--install", action="store_true", help="apt-get / pip install the peers that are missing")
+    ap.add_argument("--json", metavar="FILE", help="also write every result (with raw samples) as JSON")
+    return ap.parse_args()
+
+
+def fmt_s(v) -> str:
+    if v is None:
+        return "-"
+    ms = v * 1000
+    return f"{ms:.3f} ms" if ms < 1 else f"{ms:.2f} ms" if ms < 10 else f"{ms:.1f} ms" if ms < 1000 else f"{v:.2f} s"
+
+
+def fmt_ratio(v, base) -> str:
+    if v is None or not base:
+        return "-"
+    r = v / base
+    return f"{r:.2f}×" if r < 10 else f"{r:.0f}×"
+
+
+def status_cell(r: wl.Result) -> str:
+    return {"ok": "[green]ok", "partial": "[yellow]partial", "n/a": "[dim]n/a", "missing": "[yellow]missing"}.get(
+        r.status, "[red]error")
+
+
+def latency_table(title: str, results: dict, order: list) -> Table:
+    t = Table(title=title, title_justify="left")
+    for col, just in [("peer", "left"), ("status", "left"), ("n", "right"), ("p50", "right"), ("p95", "right"),
+                      ("peer ÷ Sandlot (p50)", "right"), ("note", "left")]:
+        t.add_column(col, justify=just, overflow="fold")
+    base = results.get("sandlot")
+    for peer in order:
+        r = results[peer.name]
+        ratio = fmt_ratio(r.p50, base.p50 if base else None) if peer.name != "sandlot" else "1×"
+        t.add_row(peer.label, status_cell(r), str(len(r.samples)) if r.samples else "",
+                  fmt_s(r.p50), fmt_s(r.p95), ratio if r.samples else "", r.note)
+    return t
+
+
+def throughput_table(results: dict, order: list, threads: list) -> Table:
+    t = Table(title="4. throughput: fresh sandboxes per second (print(1)), client threads in parallel",
+              title_justify="left")
+    for col, just in [("peer", "left"), ("threads", "right"), ("status", "left"), ("per second", "right"),
+                      ("p50 latency", "right"), ("p95 latency", "right"), ("peer ÷ Sandlot (rate)", "right"),
+                      ("note", "left")]:
+        t.add_column(col, justify=just, overflow="fold")
+    for peer in order:
+        for n in threads:
+            r = results[peer.name][n]
+            base = results.get("sandlot", {}).get(n)
+            rate, brate = r.extra.get("per_second"), base.extra.get("per_second") if base else None
+            ratio = "1×" if peer.name == "sandlot" else fmt_ratio(rate, brate)
+            t.add_row(peer.label, str(n), status_cell(r), f"{rate:.1f}" if rate is not None else "-",
+                      fmt_s(r.p50), fmt_s(r.p95), ratio if rate is not None else "", r.note)
+    return t
+
+
+def density_table(r: wl.Result) -> Table:
+    e = r.extra
+    t = Table(title=f"5. density: {e['requested']} live idle Sandlot sessions with pandas imported",
+              title_justify="left")
+    for col in ["status", "live", "answered 1+1", "host MemAvailable Δ / session", "PSS / session", "USS / session",
+                "create p50 / p95", "1+1 p50 / p95", "note"]:
+        t.add_column(col, overflow="fold")
+    mb = lambda v: "-" if v is None else f"{v:.2f} MB"  # noqa: E731
+    t.add_row(status_cell(r), str(e["live"]), str(e["answered"]), mb(e["mem_available_mb_per_session"]),
+              mb(e["pss_mb_per_session"]), mb(e["uss_mb_per_session"]),
+              f"{fmt_s(_sec(e['create_p50_ms']))} / {fmt_s(_sec(e['create_p95_ms']))}",
+              f"{fmt_s(r.p50)} / {fmt_s(r.p95)}", r.note)
+    return t
+
+
+def _sec(ms):
+    return None if ms is None else ms / 1000
+
+
+def targets_table(res: dict) -> Table:
+    t = Table(title="Sandlot against the targets of issue 3 (this machine)", title_justify="left")
+    for col in ["workload", "target", "measured", "met"]:
+        t.add_column(col)
+    rows = []
+    for key, label in [("fresh", "1. fresh print(1)"), ("pandas", "2. fresh pandas"), ("warm", "3. warm x += 1")]:
+        if key in res and res[key]["sandlot"].p50 is not None:
+            p50 = res[key]["sandlot"].p50
+            rows.append((label, f"p50 <= {fmt_s(TARGETS[key])}", fmt_s(p50), p50 <= TARGETS[key]))
+    for n, r in res.get("throughput", {}).get("sandlot", {}).items():
+        rate = r.extra.get("per_second")
+        if rate is not None:
+            rows.append((f"4. throughput, {n} threads", f">= {TARGETS['throughput']:.0f} /s", f"{rate:.1f} /s",
+                         rate >= TARGETS["throughput"]))
+    if "density" in res:
+        e = res["density"].extra
+        per = e["mem_available_mb_per_session"]
+        ok = per is not None and per <= TARGETS["density_mb"] and e["answered"] == e["live"] == e["requested"] >= 1000
+        rows.append((f"5. density, N = {e['requested']}", "N = 1,000, <= 5 MB each, all answer",
+                     f"{e['live']} live, {e['answered']} answered, {per} MB each", ok))
+    for label, target, measured, ok in rows:
+        t.add_row(label, target, measured, "[green]yes" if ok else "[red]no")
+    return t
+
+
+def prepare(order: list, install: bool) -> dict:
+    """Install (if asked), start each peer and run it once untimed (zygotes, compile caches...).
+    Returns name -> Result("missing" or "error", why) for the peers that cannot run."""
+    missing: dict = {}
+    table = Table(title="Peers", title_justify="left")
+    for col in ["peer", "status", "what runs", "version / why"]:
+        table.add_column(col, overflow="fold")
+    for peer in order:
+        why = peer.missing()
+        if why and install:
+            with console.status(f"installing {peer.name} ..."):
+                try:
+                    peer.install()
+                    why = peer.missing()
+                except Exception as e:  # noqa: BLE001
+                    why = f"install failed: {e}"
+        if why:
+            missing[peer.name] = wl.Result("missing", why)
+        else:
+            with console.status(f"starting {peer.name} ..."):
+                try:
+                    peer.start()
+                    for attempt in range(2):  # a second chance: the first start may hit a transient failure
+                        try:
+                            wl.check(peer.fresh(wl.TRIVIAL), wl.TRIVIAL_EXPECT)
+                            break
+                        except Exception:  # noqa: BLE001
+                            if attempt:
+                                raise
+                except Exception as e:  # noqa: BLE001
+                    missing[peer.name] = wl.Result("error", f"does not work here: {type(e).__name__}: {e}"[:300])
+        r = missing.get(peer.name)
+        table.add_row(peer.label, status_cell(r) if r else "[green]ok", peer.detail, r.note if r else peer.version())
+    console.print(_machine())
+    console.print(table)
+    return missing
+
+
+def main() -> int:
+    args = parse_args()
+    prof = dict(PROFILES["quick" if args.quick else "full"])
+    for key in ("n", "warm_n", "seconds", "density"):
+        if getattr(args, key) is not None:
+            prof[key] = getattr(args, key)
+    only = set(args.only or [])
+    workloads = [w for w in WORKLOADS if w in only] or WORKLOADS
+    named = {p.name for p in peers_mod.ALL if p.name in only}
+    order = [cls() for cls in peers_mod.ALL if not named or cls.name in named | {"sandlot"}]
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # a thousand sessions hold a few fds each
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+    missing = prepare(order, args.install)
+    usable = [p for p in order if p.name not in missing]
+    if "sandlot" in missing:
+        console.print("[red]Sandlot itself does not work here: the ratios have nothing to compare against.")
+
+    def fill(results: dict, applies=lambda p: True, why: str = "") -> dict:
+        """Rows for the peers that did not run: missing/error, or n/a (with why)."""
+        for p in order:
+            if p.name in missing:
+                results[p.name] = dataclasses.replace(missing[p.name])
+            elif not applies(p):
+                results[p.name] = wl.Result("n/a", why)
+        return results
+
+    res: dict = {}
+    if "fresh" in workloads:
+        with console.status("1. fresh sandbox, print(1) ..."):
+            res["fresh"] = fill(wl.fresh(usable, wl.TRIVIAL, wl.TRIVIAL_EXPECT, prof["n"], prof["budget"]))
+        console.print(latency_table("1. fresh sandbox: print(1), result back, sandbox gone", res["fresh"], order))
+    if "pandas" in workloads:
+        has = lambda p: p.has_pandas  # noqa: E731
+        with console.status("2. fresh sandbox, pandas ..."):
+            got = wl.fresh([p for p in usable if has(p)], wl.PANDAS, wl.PANDAS_EXPECT, prof["n"], prof["budget"])
+            res["pandas"] = fill(got, has, "no pandas in this peer")
+        console.print(latency_table(f"2. fresh sandbox: {wl.PANDAS}", res["pandas"], order))
+    if "warm" in workloads:
+        has = lambda p: p.has_session  # noqa: E731
+        with console.status("3. warm session, x += 1 ..."):
+            got = wl.warm([p for p in usable if has(p)], prof["warm_n"], prof["budget"])
+            res["warm"] = fill(got, has, "no live session (one process per run)")
+        console.print(latency_table("3. warm session round trip: x += 1 (after x = 0)", res["warm"], order))
+    if "throughput" in workloads:
+        res["throughput"] = {}
+        for p in order:
+            res["throughput"][p.name] = {}
+            for n in args.threads:
+                with console.status(f"4. throughput: {p.name}, {n} threads, {prof['seconds']:.0f} s ..."):
+                    res["throughput"][p.name][n] = (dataclasses.replace(missing[p.name]) if p.name in missing
+                                                    else wl.throughput(p, n, prof["seconds"]))
+        console.print(throughput_table(res["throughput"], order, args.threads))
+    if "density" in workloads and "sandlot" not in missing:
+        floor = max(2 * 2**30, wl.mem_total() // 10)  # never push the host below this MemAvailable
+        with console.status(f"5. density: starting {prof['density']} sessions ...") as status:
+            count = [0]
+
+            def tick() -> None:
+                count[0] += 1
+                status.update(f"5. density: {count[0]} / {prof['density']} sessions live ...")
+            res["density"] = wl.density(prof["density"], floor, tick)
+        console.print(density_table(res["density"]))
+
+    for p in usable:
+        try:
+            p.stop()
+        except Exception:  # noqa: BLE001
+            pass
+    console.print(targets_table(res))
+    if args.json:
+        write_json(args.json, res, order, missing, prof, args.quick)
+        console.print(f"results written to {args.json}")
+    return 0
+
+
+def write_json(path: str, res: dict, order: list, missing: dict, prof: dict, quick: bool) -> None:
+    def encode(workload: str, v):
+        if workload == "density":
+            return v.to_json()
+        if workload == "throughput":
+            return {peer: {str(n): r.to_json() for n, r in by_n.items()} for peer, by_n in v.items()}
+        return {peer: r.to_json() for peer, r in v.items()}
+
+    out = {"machine": _machine_info(),  # loadavg_1m here is at the end of the run; the header shows the start
+           "profile": "quick" if quick else "full", "settings": prof,
+           "command": " ".join([os.path.relpath(sys.executable), "bench/run.py", *sys.argv[1:]]),
+           "peers": {p.name: {"label": p.label, "detail": p.detail,
+                              "status": missing[p.name].status if p.name in missing else "ok",
+                              "why": missing[p.name].note if p.name in missing else "",
+                              "version": "" if p.name in missing else p.version()} for p in order},
+           "results": {w: encode(w, v) for w, v in res.items()}}
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
+
+
+def _machine_info() -> dict:
+    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpus": os.cpu_count(),
+            "mem_total_gib": round(wl.mem_total() / 2**30, 1), "kernel": platform.release(),
+            "python": platform.python_version(), "loadavg_1m": round(os.getloadavg()[0], 2)}
+
+
+def _machine() -> str:
+    m = _machine_info()
+    return f"[bold]Sandlot bench[/] {m['date']}: {m['cpus']} CPUs, {m['mem_total_gib']} GiB, " \
+           f"Linux {m['kernel']}, CPython {m['python']}, 1-min load {m['loadavg_1m']}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
