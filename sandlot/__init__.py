@@ -14,7 +14,8 @@ from ._exceptions import (AuthError, FileError, HostUnsupported, InvalidRequest,
                           SandboxNotFound, SandlotError, TimeoutError)
 from ._limits import Limits
 from ._pool import configure_pool
-from ._models import CommandResult, EntryInfo, Execution, ExecutionError, Logs, Result, SandboxMetrics, Usage
+from ._models import (CommandResult, EntryInfo, Execution, ExecutionError, Logs, Result, SandboxInfo, SandboxMetrics,
+                      Usage)
 from ._sandbox import AsyncCommandHandle, AsyncSandbox
 from ._sync import CommandHandle, Sandbox, run_sync
 
@@ -22,9 +23,17 @@ __version__ = "0.1.0"
 
 
 async def async_run_code(code: str, *, template: str = "python", timeout: float | None = None,
-                         limits: Any = None, env: Any = None, **callbacks: Any) -> Execution:
-    """Stateless: a fresh sandbox runs ``code`` and is gone afterwards."""
-    async with AsyncSandbox(template, limits=limits, env=env) as sandbox:
+                         limits: Any = None, env: Any = None, api_url: str | None = None, api_key: str | None = None,
+                         **callbacks: Any) -> Execution:
+    """Stateless: a fresh sandbox runs ``code`` and is gone afterwards (on a server: in one request)."""
+    from ._sandbox import _wants_server
+
+    if _wants_server(api_url):
+        from ._remote import run_once
+
+        return await run_once(code, template=template, timeout=timeout, limits=limits, env=env, api_url=api_url,
+                              api_key=api_key, **callbacks)
+    async with AsyncSandbox(template, limits=limits, env=env, api_url="") as sandbox:
         return await sandbox.run_code(code, timeout=timeout, **callbacks)
 
 
@@ -35,7 +44,8 @@ def run_code(code: str, **kwargs: Any) -> Execution:
 
 __all__ = [
     "Sandbox", "AsyncSandbox", "configure_pool", "CommandHandle", "AsyncCommandHandle", "run_code", "async_run_code",
-    "Limits", "Execution", "ExecutionError", "Result", "Logs", "Usage", "SandboxMetrics", "CommandResult", "EntryInfo",
+    "Limits", "Execution", "ExecutionError", "Result", "Logs", "Usage", "SandboxMetrics", "SandboxInfo", "CommandResult",
+    "EntryInfo",
     "SandlotError", "SandboxNotFound", "TimeoutError", "SandboxCrashed", "AuthError", "QuotaExceeded",
     "InvalidRequest", "HostUnsupported", "FileError",
 ]

@@ -89,9 +89,27 @@ def host_checks() -> list[Check]:
         out = subprocess.run([runsc, "--version"], capture_output=True, text=True, timeout=10).stdout
         runsc_detail = f"{runsc}: {out.splitlines()[0] if out else '?'}"
     checks.append(Check("gVisor runsc", bool(runsc), runsc_detail, False))
-    kvm = os.path.exists("/dev/kvm") and os.access("/dev/kvm", os.R_OK | os.W_OK)
-    checks.append(Check("/dev/kvm", kvm, "usable" if kvm else "absent (gVisor uses ptrace/systrap)", False))
+    checks.append(_kvm_check())
     return checks
+
+
+def _kvm_check() -> Check:
+    """/dev/kvm may exist without working (nested virtualisation): ask it for its API version."""
+    platform = os.environ.get("SANDLOT_GVISOR_PLATFORM", "ptrace")
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        return Check("/dev/kvm", False, f"absent or closed ({exc.strerror}); gVisor uses {platform}", False)
+    try:
+        import fcntl
+
+        version = fcntl.ioctl(fd, 0xAE00)  # KVM_GET_API_VERSION
+    except OSError as exc:
+        return Check("/dev/kvm", False, f"present but not answering ({exc.strerror}); gVisor uses {platform}", False)
+    finally:
+        os.close(fd)
+    return Check("/dev/kvm", True, f"KVM API {version}; gVisor uses {platform} "
+                 "(SANDLOT_GVISOR_PLATFORM=kvm to use it: check that `runsc --platform=kvm do true` returns)", False)
 
 
 def posture_checks(facts: dict, host_ns: Optional[dict] = None) -> list[Check]:

@@ -32,7 +32,11 @@ class AuthError(SandlotError):
 
 
 class QuotaExceeded(SandlotError):
-    """A tenant quota would be exceeded."""
+    """A tenant quota would be exceeded. ``retry_after`` (seconds) is set when waiting helps (request rate)."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class HostUnsupported(SandlotError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from datetime import datetime
 from typing import Any, Optional
 
 
@@ -117,3 +118,26 @@ class SandboxMetrics:
     memory_peak: int
     cpu_seconds: float
     processes: int
+
+
+@dataclasses.dataclass
+class SandboxInfo:
+    """What a server knows of one of your sandboxes (``Sandbox.list()``)."""
+
+    sandbox_id: str
+    template: str
+    status: str  # "running", "ended", or "lost" (the server stopped while it ran)
+    metadata: dict
+    limits: dict
+    created_at: datetime
+    expires_at: Optional[datetime] = None  # the end of its lifetime (set_timeout moves it)
+    ended_at: Optional[datetime] = None
+    end_reason: Optional[str] = None
+
+
+@dataclasses.dataclass
+class PauseInfo:
+    """What a pause or resume cost: wall seconds, and the size of the checkpoint on disk."""
+
+    seconds: float
+    checkpoint_bytes: int

@@ -43,8 +43,13 @@ def configure_pool(template: str = "python", *, min_ready: int, max_ready: Optio
             pool.config = _CONFIG[template]
 
 
-def pool_config(template: str) -> PoolConfig:
-    return _CONFIG.get(template) or PoolConfig()
+def pool_config(template: str, pool_size: Optional[int] = None) -> PoolConfig:
+    """configure_pool() first, then SANDLOT_POOL_MIN, then the template's own pool size (sandbox.yaml)."""
+    if template in _CONFIG:
+        return _CONFIG[template]
+    if pool_size is not None and "SANDLOT_POOL_MIN" not in os.environ:
+        return PoolConfig(min_ready=pool_size, max_ready=max(pool_size, PoolConfig().max_ready))
+    return PoolConfig()
 
 
 class WarmPool:
@@ -52,7 +57,7 @@ class WarmPool:
         self.backend = backend
         self.template = template
         self.limits = limits
-        self.config = pool_config(template.name)
+        self.config = pool_config(template.name, template.pool_size)
         self.ready: list[SandboxProcess] = []
         self._refilling: Optional[asyncio.Task] = None
         self.failures = 0
@@ -61,9 +66,14 @@ class WarmPool:
         """A ready sandbox, or None. Never waits."""
         while self.ready:
             sandbox = self.ready.pop()
-            if sandbox.channel.is_open and sandbox.returncode is None:
+            # The channel is the agent's lifeline: open means pid 1 answers. (``returncode`` is not a
+            # liveness test here: a zygote-forked sandbox reports the exit of its short-lived outer process.)
+            if sandbox.channel.is_open:
                 self.refill()
                 return sandbox
+            # Dead or not, never drop a sandbox without killing it: its cgroup, descriptors and any
+            # process left would otherwise outlive it for as long as this process runs.
+            asyncio.get_running_loop().create_task(sandbox.kill("found dead in the warm pool"))
         self.refill()
         return None
 
@@ -92,25 +102,35 @@ class WarmPool:
 
 
 _POOLS: dict[tuple, WarmPool] = {}
+_CLOSING: set = set()
 # Fixed when a sandbox boots (tmpfs size, rlimits): a pooled sandbox serves only owners who agree.
 # cpu and memory are cgroup settings, applied again when a sandbox is claimed.
 BOOT_LIMITS = ("disk", "inodes", "open_files", "pids")
 
 
-def poolable(limits: Limits) -> bool:
-    default = Limits()
+def poolable(limits: Limits, default: Optional[Limits] = None) -> bool:
+    default = default or Limits()
     return all(getattr(limits, name) == getattr(default, name) for name in BOOT_LIMITS)
 
 
 def pool_for(backend: Backend, template: Template, limits: Limits) -> Optional[WarmPool]:
     """The pool of this event loop for (template, limits), or None when pooling does not apply."""
-    if pool_config(template.name).min_ready <= 0 or not poolable(limits):
+    # An image template's pool boots with the template's default limits (sandbox.yaml `limits:`).
+    base = Limits.build(template.default_limits()) if template.limits else Limits()
+    if pool_config(template.name, template.pool_size).min_ready <= 0 or not poolable(limits, base):
         return None
     loop = asyncio.get_running_loop()
     key = (id(loop), backend.name, template.name)
     pool = _POOLS.get(key)
+    if pool is not None and pool.template != template:
+        # The template was rebuilt or pulled again under the same name: a new pool for the new root.
+        _POOLS.pop(key)
+        task = loop.create_task(pool.close())
+        _CLOSING.add(task)
+        task.add_done_callback(_CLOSING.discard)
+        pool = None
     if pool is None:
-        pool = _POOLS[key] = WarmPool(backend, template, Limits())
+        pool = _POOLS[key] = WarmPool(backend, template, base)
     return pool
 
 
@@ -119,3 +139,11 @@ async def close_pools() -> None:
     loop_id = id(asyncio.get_running_loop())
     for key in [k for k in _POOLS if k[0] == loop_id]:
         await _POOLS.pop(key).close()
+
+
+def pool_stats() -> dict[str, int]:
+    """Ready sandboxes per template, over every pool of this process (for metrics)."""
+    counts: dict[str, int] = {}
+    for (_, _, template), pool in list(_POOLS.items()):
+        counts[template] = counts.get(template, 0) + len(pool.ready)
+    return counts

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import inspect
+import os
 import time
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Optional, Union
 
@@ -17,7 +18,8 @@ from ._exceptions import FileError, InvalidRequest, SandboxCrashed, SandboxNotFo
 from ._host.channel import CLOSED
 from ._limits import Limits
 from ._pool import pool_for
-from ._models import CommandResult, EntryInfo, Execution, ExecutionError, Result, SandboxMetrics, Usage
+from ._models import (CommandResult, EntryInfo, Execution, ExecutionError, PauseInfo, Result, SandboxInfo,
+                      SandboxMetrics, Usage)
 from ._templates import get_template
 from ._agent import protocol
 
@@ -71,17 +73,40 @@ class _Output:
         return self.seen > self.cap
 
 
+def _wants_server(api_url: Optional[str]) -> bool:
+    """A server is used when ``api_url`` is given, or when it is None and SANDLOT_API_URL is set.
+    ``api_url=""`` means local, whatever the environment says (the server itself runs its sandboxes so)."""
+    return bool(api_url) if api_url is not None else bool(os.environ.get("SANDLOT_API_URL"))
+
+
 class AsyncSandbox:
     """A sandbox: a stateful Python session, shell commands and files, isolated from the host.
 
     ``async with AsyncSandbox() as sb`` or ``sb = await AsyncSandbox.create()``. ``timeout`` is the
     sandbox's lifetime in seconds (extend it with ``set_timeout``); ``limits`` overrides any of
     :class:`Limits`; ``env`` is visible to code and commands; ``metadata`` is yours to tag it with.
+
+    With ``api_url=`` (or SANDLOT_API_URL) and ``api_key=`` (or SANDLOT_API_KEY) the sandbox lives on a
+    Sandlot server instead, with this very API (the object is then the remote flavour, from _remote).
+    A local sandbox ends with this process; a remote one lives on until it is killed or times out.
     """
+
+    _dies_with_owner = True
+
+    def __new__(cls, *args: Any, api_url: Optional[str] = None, **kwargs: Any) -> "AsyncSandbox":
+        if cls is AsyncSandbox and _wants_server(api_url):
+            from ._remote import AsyncRemoteSandbox
+
+            cls = AsyncRemoteSandbox  # Python then runs AsyncRemoteSandbox.__init__ with the same arguments
+        return super().__new__(cls)
 
     def __init__(self, template: str = "python", *, timeout: Optional[float] = None,
                  limits: Union[Limits, Mapping[str, Any], None] = None, env: Optional[Mapping[str, str]] = None,
-                 metadata: Optional[Mapping[str, str]] = None, isolation: str = "process") -> None:
+                 metadata: Optional[Mapping[str, str]] = None, isolation: str = "process",
+                 api_url: Optional[str] = None, api_key: Optional[str] = None, on_idle: str = "kill") -> None:
+        if on_idle not in ("kill", "pause") or (on_idle == "pause" and isolation != "gvisor"):
+            raise InvalidRequest("on_idle is 'kill', or 'pause' with isolation='gvisor' (checkpoint to disk)")
+        self.on_idle = on_idle
         self.template = get_template(template)
         limits = Limits.build(limits)
         if timeout is not None:
@@ -111,6 +136,68 @@ class AsyncSandbox:
         await sandbox.start()
         return sandbox
 
+    @classmethod
+    async def connect(cls, sandbox_id: str, *, api_url: Optional[str] = None,
+                      api_key: Optional[str] = None, isolation: Optional[str] = None) -> "AsyncSandbox":
+        """Reattach to a live sandbox on a server, or (``isolation="gvisor"``, no server) resume a
+        sandbox that an earlier process of this host paused."""
+        if isolation == "gvisor" and not _wants_server(api_url):
+            return await cls._resume_paused(sandbox_id)
+        from ._remote import AsyncRemoteSandbox
+
+        return await AsyncRemoteSandbox.connect(sandbox_id, api_url=api_url, api_key=api_key)
+
+    @classmethod
+    async def _resume_paused(cls, sandbox_id: str) -> "AsyncSandbox":
+        from ._backends.gvisor import GVisorBackend
+
+        proc = await GVisorBackend().adopt_paused(sandbox_id)
+        sandbox = cls(proc.template_name, limits=proc.limits, isolation="gvisor", api_url="")
+        sandbox._proc = proc
+        await sandbox.resume()
+        return sandbox
+
+    async def pause(self) -> PauseInfo:
+        """Checkpoint the live session to disk and free its memory (gVisor tier). ``resume()`` restores
+        it with its variables, open files and working directory; so does ``connect(id)`` from a later process."""
+        async with self._exec_lock:
+            proc = self._alive()
+            if not hasattr(proc, "pause"):
+                raise InvalidRequest("pause() needs isolation='gvisor': the process tier cannot checkpoint")
+            if self._watchdog is not None and self._watchdog is not asyncio.current_task():
+                self._watchdog.cancel()
+            figures = await proc.pause()
+            return PauseInfo(seconds=figures["seconds"], checkpoint_bytes=figures["bytes"])
+
+    async def resume(self) -> PauseInfo:
+        """Bring a paused sandbox back (a no-op for a running one)."""
+        proc = self._proc
+        if proc is None or not getattr(proc, "paused", False):
+            self._alive()
+            return PauseInfo(seconds=0.0, checkpoint_bytes=0)
+        if self._dead is not None:
+            raise SandboxNotFound(f"sandbox {proc.id} is gone: {self._dead}")
+        figures = await proc.resume()
+        self._started_at = self._last_activity = time.monotonic()
+        self._deadline = self._started_at + self.limits.lifetime
+        self._watchdog = asyncio.get_running_loop().create_task(self._watch())
+        return PauseInfo(seconds=figures["seconds"], checkpoint_bytes=0)
+
+    async def interrupt(self) -> None:
+        """Send KeyboardInterrupt to the code running now (like Ctrl-C in a notebook). Its run_code
+        call then returns with that error; the session keeps its variables."""
+        proc = self._alive()
+        await proc.channel.send({"t": "interrupt", "id": 0})
+
+    @classmethod
+    async def list(cls, metadata: Optional[Mapping[str, str]] = None, *, status: str = "running",
+                   api_url: Optional[str] = None, api_key: Optional[str] = None) -> "list[SandboxInfo]":
+        """Your sandboxes on a server, newest first, having every ``metadata`` pair given.
+        ``status``: "running" (default), "ended", "lost" or "all"."""
+        from ._remote import AsyncRemoteSandbox
+
+        return await AsyncRemoteSandbox.list(metadata, status=status, api_url=api_url, api_key=api_key)
+
     async def start(self) -> "AsyncSandbox":
         if self._proc is not None:
             return self
@@ -139,7 +226,21 @@ class AsyncSandbox:
 
     @property
     def is_running(self) -> bool:
-        return self._proc is not None and self._dead is None
+        return self._proc is not None and self._dead is None and self._proc.channel.is_open
+
+    @property
+    def end_reason(self) -> Optional[str]:
+        """Why the sandbox ended (None while it runs)."""
+        if self._dead is None and self._proc is not None and not self._proc.channel.is_open:
+            return f"its agent went away ({self._proc.channel.closed_reason})"
+        return self._dead
+
+    @property
+    def end_limit(self) -> Optional[str]:
+        """The limit that ended the sandbox, if one did ("lifetime", "idle_timeout", "memory", "timeout"...)."""
+        if self._dead is None and self._proc is not None and not self._proc.channel.is_open:
+            return "protocol"
+        return self._dead_limit
 
     async def __aenter__(self) -> "AsyncSandbox":
         return await self.start()
@@ -176,6 +277,10 @@ class AsyncSandbox:
         self._alive()
         self._deadline = time.monotonic() + seconds
 
+    async def keep_alive(self) -> None:
+        """Count as activity now: the idle timeout starts over."""
+        self._alive()
+
     async def _watch(self) -> None:
         """End the sandbox at its lifetime or after idle_timeout without a call."""
         while self._dead is None:
@@ -185,6 +290,9 @@ class AsyncSandbox:
                 await self._die(f"its lifetime ended ({self.limits.lifetime:.0f} s)", "lifetime")
                 return
             if now >= idle_end and not self._exec_lock.locked():
+                if self.on_idle == "pause" and hasattr(self._proc, "pause"):
+                    await self.pause()  # checkpointed to disk; resume() or connect() brings it back
+                    return
                 await self._die(f"it was idle for {self.limits.idle_timeout:.0f} s", "idle_timeout")
                 return
             await asyncio.sleep(max(0.05, min(self._deadline, idle_end) - now))
@@ -196,6 +304,8 @@ class AsyncSandbox:
             if self._dead_limit in ("memory", "pids", "protocol"):
                 raise SandboxCrashed(f"sandbox {self._proc.id} is dead: {self._dead}", limit=self._dead_limit)
             raise SandboxNotFound(f"sandbox {self._proc.id} is gone: {self._dead}")
+        if getattr(self._proc, "paused", False):
+            raise InvalidRequest(f"sandbox {self._proc.id} is paused: call resume() first")
         if not self._proc.channel.is_open:
             raise SandboxCrashed(f"sandbox {self._proc.id} lost its agent: {self._proc.channel.closed_reason}",
                                  limit="protocol")
@@ -268,6 +378,17 @@ class AsyncSandbox:
                     await proc.channel.send({"t": "interrupt", "id": rid})
                     deadline = time.monotonic() + INTERRUPT_GRACE
             elif kind == "result" and isinstance(header.get("data"), dict):
+                # Rich results count against the output cap like printed bytes: a display() loop
+                # must not pile up gigabytes in this process.
+                size = sum(len(v) if isinstance(v, str) else 64 for v in header["data"].values())
+                output.seen += size
+                if output.over_cap:
+                    output.truncated = True
+                    if interrupted_for is None:
+                        interrupted_for = "output"
+                        await proc.channel.send({"t": "interrupt", "id": rid})
+                        deadline = time.monotonic() + INTERRUPT_GRACE
+                    continue
                 result = Result.from_mime(header["data"], bool(header.get("main")))
                 execution.results.append(result)
                 await _call(on_result, result)
@@ -321,7 +442,8 @@ class AsyncSandbox:
         if cg is None:
             return {}
         cg.reset_peak()
-        return {"cpu": cg.cpu_seconds(), "oom": cg.oom_kills(), "pids": cg.pids_limit_hits()}
+        return {"cpu": cg.cpu_seconds(), "oom": cg.oom_kills(), "pids": cg.pids_limit_hits(),
+                "mem_hits": cg.memory_limit_hits()}
 
     def _usage_end(self, proc, start: dict, started: float) -> Usage:
         cg = getattr(proc, "cgroup", None)
@@ -333,7 +455,11 @@ class AsyncSandbox:
 
     def _oom_since(self, proc, start: dict) -> bool:
         cg = getattr(proc, "cgroup", None)
-        return bool(cg is not None and start and cg.oom_kills() > start["oom"])
+        if cg is None or not start:
+            return False
+        # An OOM kill, or (gVisor's sentry may exit on a failed allocation, with no OOM kill counted)
+        # the cgroup ran into its limit during the call.
+        return cg.oom_kills() > start["oom"] or cg.memory_limit_hits() > start.get("mem_hits", 0)
 
     def _pids_hit_since(self, proc, start: dict) -> bool:
         cg = getattr(proc, "cgroup", None)
@@ -429,7 +555,11 @@ class AsyncCommandHandle:
                     exit_code = header.get("exit_code") if isinstance(header.get("exit_code"), int) else None
                     break
                 elif kind == "error":
-                    AsyncSandbox._reply(item, {})
+                    # The agent could not start it (EAGAIN at the process limit, a bad cwd...).
+                    error = f"the command could not start: {header.get('message')}"
+                    if header.get("errno") == 11:
+                        error += f" (the sandbox is at its process limit of {self._sandbox.limits.pids})"
+                    break
         finally:
             self._proc.channel.forget(self._rid)
         self._result = CommandResult(exit_code=exit_code, stdout=self.stdout, stderr=self.stderr, error=error,

@@ -12,7 +12,7 @@ import threading
 from typing import Any, Iterator, Mapping, Optional, Union
 
 from ._limits import Limits
-from ._models import CommandResult, EntryInfo, Execution, SandboxMetrics
+from ._models import CommandResult, EntryInfo, Execution, PauseInfo, SandboxInfo, SandboxMetrics
 from ._sandbox import AsyncCommandHandle, AsyncSandbox
 
 
@@ -138,21 +138,50 @@ def _iterate(stream) -> Iterator[bytes]:
 class Sandbox:
     """The synchronous SDK. Same arguments and methods as :class:`AsyncSandbox`.
 
-    ``with Sandbox() as sb:`` starts the sandbox and kills it on exit.
+    ``with Sandbox() as sb:`` starts the sandbox and kills it on exit. With ``api_url=`` (or
+    SANDLOT_API_URL) the sandbox lives on a Sandlot server; ``Sandbox.connect(id)`` reattaches to it.
     """
 
     def __init__(self, template: str = "python", *, timeout: Optional[float] = None,
                  limits: Union[Limits, Mapping[str, Any], None] = None, env: Optional[Mapping[str, str]] = None,
-                 metadata: Optional[Mapping[str, str]] = None, isolation: str = "process") -> None:
-        self._async = AsyncSandbox(template, timeout=timeout, limits=limits, env=env, metadata=metadata,
-                                   isolation=isolation)
-        self.commands = Commands(self._async)
-        self.files = Files(self._async)
+                 metadata: Optional[Mapping[str, str]] = None, isolation: str = "process",
+                 api_url: Optional[str] = None, api_key: Optional[str] = None, on_idle: str = "kill") -> None:
+        self._attach(AsyncSandbox(template, timeout=timeout, limits=limits, env=env, metadata=metadata,
+                                  isolation=isolation, api_url=api_url, api_key=api_key, on_idle=on_idle))
         run_sync(self._async.start())
+
+    def _attach(self, sandbox: AsyncSandbox) -> None:
+        self._async = sandbox
+        self.commands = Commands(sandbox)
+        self.files = Files(sandbox)
 
     @classmethod
     def create(cls, template: str = "python", **kwargs: Any) -> "Sandbox":
         return cls(template, **kwargs)
+
+    @classmethod
+    def connect(cls, sandbox_id: str, *, api_url: Optional[str] = None, api_key: Optional[str] = None,
+                isolation: Optional[str] = None) -> "Sandbox":
+        """Reattach to a live sandbox on a server, or resume a paused local gVisor sandbox."""
+        sandbox = cls.__new__(cls)
+        sandbox._attach(run_sync(AsyncSandbox.connect(sandbox_id, api_url=api_url, api_key=api_key,
+                                                      isolation=isolation)))
+        return sandbox
+
+    def pause(self) -> PauseInfo:
+        return run_sync(self._async.pause())
+
+    def resume(self) -> PauseInfo:
+        return run_sync(self._async.resume())
+
+    def interrupt(self) -> None:
+        run_sync(self._async.interrupt())
+
+    @staticmethod
+    def list(metadata: Optional[Mapping[str, str]] = None, *, status: str = "running",
+             api_url: Optional[str] = None, api_key: Optional[str] = None) -> "list[SandboxInfo]":
+        """Your sandboxes on a server, newest first, having every ``metadata`` pair given."""
+        return run_sync(AsyncSandbox.list(metadata, status=status, api_url=api_url, api_key=api_key))
 
     @property
     def sandbox_id(self) -> str:
@@ -179,6 +208,9 @@ class Sandbox:
     def set_timeout(self, seconds: float) -> None:
         run_sync(self._async.set_timeout(seconds))
 
+    def keep_alive(self) -> None:
+        run_sync(self._async.keep_alive())
+
     def kill(self) -> None:
         run_sync(self._async.kill())
 
@@ -188,9 +220,10 @@ class Sandbox:
     def __exit__(self, *exc: Any) -> None:
         self.kill()
 
-    def __del__(self) -> None:  # a forgotten sandbox must not outlive its owner
+    def __del__(self) -> None:  # a forgotten local sandbox must not outlive its owner (a remote one may)
         try:
-            if self._async.is_running and _LoopThread._loop is not None and not _LoopThread._loop.is_closed():
+            # kill() is idempotent and also cleans up a sandbox whose agent died (is_running is then False).
+            if self._async._dies_with_owner and _LoopThread._loop is not None and not _LoopThread._loop.is_closed():
                 asyncio.run_coroutine_threadsafe(self._async.kill(), _LoopThread._loop)
         except Exception:
             pass

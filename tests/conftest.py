@@ -53,15 +53,18 @@ async def asandbox():
 
 def host_leftovers() -> dict:
     """What a sandbox could leave behind on the host: its cgroups and uid lock files in use."""
-    found = {}
-    for controller in ("memory", "pids", "cpu"):
-        base = cgroups.ROOT / controller
-        for d in base.glob("**/sandlot/sb-*") if base.exists() else []:
-            found.setdefault("cgroups", []).append(str(d))
-    unified = cgroups.ROOT
-    if (unified / "cgroup.controllers").exists():
-        for d in unified.glob("**/sandlot/sb-*"):
-            found.setdefault("cgroups", []).append(str(d))
+    for _ in range(5):  # a cgroup may vanish while we walk the tree: walk again
+        try:
+            found: dict = {}
+            bases = [cgroups.ROOT / c for c in ("memory", "pids", "cpu")]
+            if (cgroups.ROOT / "cgroup.controllers").exists():
+                bases.append(cgroups.ROOT)
+            for base in bases:
+                for d in base.glob("**/sandlot/sb-*") if base.exists() else []:
+                    found.setdefault("cgroups", []).append(str(d))
+            return found
+        except FileNotFoundError:
+            continue
     return found
 
 

@@ -46,15 +46,187 @@ def _send(sock: socket.socket, header: dict) -> None:
 
 def main() -> None:
     sys.path.insert(0, _HERE)
+    if len(sys.argv) > 2 and sys.argv[2] == "serve":
+        _serve()  # an image's own interpreter, exec'd by pid 1: imports only what it needs
+        return
     from _agent import isolation, linux, server  # noqa: F401  (import everything before the pivot)
     from _agent import kernel, landlock, protocol  # noqa: F401
 
+    if len(sys.argv) > 2 and sys.argv[2] == "gvisor":
+        _gvisor()
+        return
     sock = socket.socket(fileno=int(sys.argv[1]))
     cfg = _recv_frame(sock)["config"]
     if len(sys.argv) > 2 and sys.argv[2] == "zygote":
         _zygote(sock, cfg)
     else:
         _direct(sock, cfg)
+
+
+def _gvisor() -> None:
+    """pid 1 of a gVisor container: runsc already gave us our namespaces, root, uid and no capabilities.
+
+    The channel is our stdin/stdout (host pipes that survive checkpoint and restore); they move to
+    high descriptors so that nothing printing to fd 1 can ever corrupt it. Our own fences still go
+    up (no_new_privs, rlimits, the seccomp allowlist, Landlock if the kernel offers it: gVisor
+    answers ENOSYS), then the template's modules are imported here, ahead of the first call.
+    """
+    from _agent import isolation, linux, server
+
+    channel = server.PipeChannel(os.dup(0), os.dup(1))
+    null = os.open("/dev/null", os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    os.close(null)
+    cfg = _recv_frame(channel)["config"]
+    try:
+        os.environ.clear()
+        os.environ.update(cfg["env"])
+        # An image's interpreter keeps all of its own path; the builtin one what is under its prefixes.
+        sys.path[:] = ["/opt/sandlot"] + _interpreter_path(dict(cfg, prefixes=["/"]) if cfg.get("rootfs") else cfg)
+        isolation.set_rlimits(cfg["limits"])
+        try:
+            os.setsid()
+        except OSError:
+            pass  # already a session leader
+        linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
+        isolation.landlock.restrict(read_paths=["/"], write_paths=[isolation.HOME, "/tmp", "/dev/shm"],
+                                    device_paths=["/dev/" + d for d in isolation.DEVICES])
+        linux.install_seccomp(bytes.fromhex(cfg["seccomp"]))
+        _chdir_workdir(cfg)
+        import site
+
+        site.main()
+    except Exception as exc:
+        _send(channel, {"t": "boot_error", "error": "%s: %s" % (type(exc).__name__, exc)})
+        os._exit(72)
+    _preload(cfg)
+    _send(channel, {"t": "init", "pid": os.getpid()})
+    server.serve(_relay(channel), cfg)
+    os._exit(0)
+
+
+def _relay(channel) -> socket.socket:
+    """Hand the agent a socket that two threads relay to and from the host pipes.
+
+    After a checkpoint/restore, gVisor (Debian's 2022 runsc) stops delivering readiness events for
+    host pipes to epoll, so the agent's event loop never saw the next request. Blocking reads and
+    writes on the pipes keep working, and a socketpair inside the sandbox is gVisor's own object,
+    so the loop waits on that instead.
+    """
+    import threading
+
+    inner, outer = socket.socketpair()
+    read_fd, write_fd = channel.read_fd, channel.write_fileno
+    os.set_blocking(read_fd, True)
+    os.set_blocking(write_fd, True)
+
+    def host_to_agent() -> None:
+        while True:
+            try:
+                data = os.read(read_fd, 1 << 20)
+            except InterruptedError:
+                continue
+            if not data:
+                os._exit(0)  # the host is gone: so is the sandbox
+            outer.sendall(data)
+
+    def agent_to_host() -> None:
+        while True:
+            data = outer.recv(1 << 20)
+            if not data:
+                os._exit(0)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(write_fd, view):]
+
+    for target in (host_to_agent, agent_to_host):
+        threading.Thread(target=target, daemon=True).start()
+    return inner
+
+
+def _interpreter_path(cfg: dict) -> list:
+    """sys.path entries of our interpreter the sandbox keeps: under the template's prefixes (the
+    builtin template), or all of an image interpreter's own ("/"), never our own script dir."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    return [p for p in sys.path if p and p.startswith(tuple(cfg["prefixes"])) and p != here
+            and not p.startswith("/opt/sandlot/_agent")]
+
+
+def _chdir_workdir(cfg: dict) -> None:
+    """The image's WorkingDir when it has one that exists, else the home directory."""
+    workdir = cfg.get("workdir")
+    if isinstance(workdir, str) and workdir.startswith("/") and os.path.isdir(workdir):
+        os.chdir(workdir)
+    else:
+        os.chdir("/home/user")
+
+
+def _preload(cfg: dict) -> None:
+    for name in cfg.get("preload", []):
+        try:
+            __import__(name)
+            if name == "matplotlib":
+                import matplotlib.pyplot  # noqa: F401
+                from _agent import mpl_backend  # noqa: F401
+        except Exception:
+            pass  # the session reports a missing module when the user imports it
+
+
+def _exec_agent(sock: socket.socket, cfg: dict) -> None:
+    """Image templates, process tier: pid 1 (the host's interpreter so far, which built the root and
+    raised every fence) becomes the image's interpreter for good, serving on the same channel.
+
+    The plan travels in a memfd (any size, no path); the new program starts with a bare environment
+    (no LD_* or PYTHON* variable of the owner can touch the agent) and sets the sandbox's own itself.
+    seccomp, Landlock, no_new_privs, rlimits, the uid and the capability sets all survive execve.
+    """
+    import json
+
+    data = json.dumps(dict(cfg, seccomp=None, lifeline_w=None)).encode()
+    fd = os.memfd_create("sandlot-agent-config", 0)  # inheritable: the new interpreter reads it
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.set_inheritable(sock.fileno(), True)
+    argv = list(cfg["exec"]) + ["/opt/sandlot/_agent/boot.py", str(sock.fileno()), "serve", str(fd)]
+    try:
+        os.execve(argv[0], argv, {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"})
+    except OSError as exc:
+        raise OSError(exc.errno, "cannot start the image's interpreter %s: %s" % (argv[0], exc.strerror)) from None
+
+
+def _serve() -> None:
+    """``boot.py FD serve CFG_FD``: the agent under an image's interpreter (or the host's, lent to an
+    image without Python), already inside the finished sandbox. Stdlib only, Python >= 3.8."""
+    import json
+
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    try:
+        cfg_fd = int(sys.argv[3])
+        chunks = []
+        while True:
+            chunk = os.read(cfg_fd, 1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        os.close(cfg_fd)
+        cfg = json.loads(b"".join(chunks).decode())
+        sys.path[:] = ["/opt/sandlot"] + _interpreter_path(dict(cfg, prefixes=["/"]))
+        import site
+
+        site.main()  # the image's site-packages (-I keeps the user's site out)
+        os.environ.clear()
+        os.environ.update(cfg["env"])
+        _chdir_workdir(cfg)
+        from _agent import server
+    except Exception as exc:
+        _send(sock, {"t": "boot_error", "error": "%s: %s" % (type(exc).__name__, exc)})
+        os._exit(72)
+    _preload(cfg)
+    server.serve(sock, cfg)
+    os._exit(0)
 
 
 def _handshake(sock: socket.socket, cfg: dict) -> None:
@@ -73,8 +245,9 @@ def _direct(sock: socket.socket, cfg: dict) -> None:
 
     try:
         linux.prctl(linux.PR_SET_PDEATHSIG, 9)
-        linux.unshare(linux.CLONE_NEWUSER | linux.CLONE_NEWNS | linux.CLONE_NEWNET
-                      | linux.CLONE_NEWIPC | linux.CLONE_NEWUTS)
+        # A build's apt step keeps the host's network (as `docker build` does); nothing else does.
+        net = 0 if cfg.get("network") else linux.CLONE_NEWNET
+        linux.unshare(linux.CLONE_NEWUSER | linux.CLONE_NEWNS | net | linux.CLONE_NEWIPC | linux.CLONE_NEWUTS)
         # Still the host's uid (only our capabilities moved to the new namespace): we can reach
         # paths owned by us, like a pyenv under a 0700 /root, and binds must come from this new
         # mount namespace, so the host paths are opened now.
@@ -297,12 +470,15 @@ def _init(sock: socket.socket, cfg: dict, prepare) -> None:
         _agent.__path__[:] = ["/opt/sandlot/_agent"]
         sys.path[:] = ["/opt/sandlot"] + [p for p in sys.path if p.startswith(tuple(cfg["prefixes"]))]
         linux_hostname(cfg.get("hostname", "sandbox"))
-        isolation.bring_up_loopback()
+        if not cfg.get("network"):
+            isolation.bring_up_loopback()
         isolation.set_rlimits(cfg["limits"])
         isolation.drop_privileges(cfg)
         os.environ.clear()
         os.environ.update(cfg["env"])
         os.chdir(isolation.HOME)
+        if cfg.get("exec"):
+            _exec_agent(sock, cfg)  # an image template: its own interpreter serves from here on
     except Exception as exc:
         _send(sock, {"t": "boot_error", "error": "%s: %s" % (type(exc).__name__, exc)})
         os._exit(72)

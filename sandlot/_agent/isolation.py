@@ -35,8 +35,9 @@ def _mkdirs(path: str) -> None:
     os.makedirs(path, mode=0o755, exist_ok=True)
 
 
-def _bind_readonly(source: str, target: str, is_dir: bool) -> None:
-    """Bind ``source`` at ``target`` read-only, nosuid, nodev, keeping the flags the host locked."""
+def _bind_readonly(source: str, target: str, is_dir: bool, readonly: bool = True) -> None:
+    """Bind ``source`` at ``target`` read-only, nosuid, nodev, keeping the flags the host locked.
+    (``readonly=False``: only a build step's private copy of an image root.)"""
     if is_dir:
         _mkdirs(target)
     else:
@@ -50,7 +51,7 @@ def _bind_readonly(source: str, target: str, is_dir: bool) -> None:
     for st_flag, ms_flag in _LOCKED_FLAGS.items():
         if os.statvfs(target).f_flag & st_flag:
             kept |= ms_flag
-    linux.mount(None, target, None, linux.MS_REMOUNT | linux.MS_BIND | linux.MS_RDONLY
+    linux.mount(None, target, None, linux.MS_REMOUNT | linux.MS_BIND | (linux.MS_RDONLY if readonly else 0)
                 | linux.MS_NOSUID | linux.MS_NODEV | kept)
 
 
@@ -61,8 +62,15 @@ def plan_host_paths(cfg: dict) -> list:
     even traverse the interpreter's parents (pyenv under a 0700 /root, say). Binding from an
     O_PATH descriptor needs no traversal. Symlinks (/bin -> usr/bin) are recreated, not bound.
     """
-    wanted = list(SYSTEM_DIRS) + ["/etc/" + name for name in ETC_ENTRIES]
-    wanted += [(p, p) for p in cfg["prefixes"]] + [(cfg["agent_dir"], "/opt/sandlot/_agent")]
+    if cfg.get("rootfs"):
+        # An image template: the image's own root (unpacked and prepared by the host, every mount
+        # point a real directory) becomes '/', nothing of the host's /usr or /etc; then the agent,
+        # and what the agent's interpreter needs (the host's, only for an image without Python).
+        wanted = [(cfg["rootfs"], "/")] + [(cfg["agent_dir"], "/opt/sandlot/_agent")]
+        wanted += [(host, inside) for host, inside in cfg.get("binds", [])]
+    else:
+        wanted = list(SYSTEM_DIRS) + ["/etc/" + name for name in ETC_ENTRIES]
+        wanted += [(p, p) for p in cfg["prefixes"]] + [(cfg["agent_dir"], "/opt/sandlot/_agent")]
     plan = []
     for item in wanted:
         host, inside = item if isinstance(item, tuple) else (item, item)
@@ -87,10 +95,18 @@ def build_template_root(cfg: dict, plan: list) -> str:
     sharing the superblock is safe); a sandbox started directly does it for itself.
     """
     root = cfg["mountpoint"]
+    image = bool(cfg.get("rootfs"))
     linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
-    linux.mount("sandlot-root", root, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=0755,size=1m")
-
-    _mkdirs(root + "/etc")
+    if image:
+        # The image root itself is the new root's mount (its /etc files were written by the host
+        # when it was unpacked); a build step's private copy is the only one bound writable.
+        first = plan[0]
+        _bind_readonly("/proc/self/fd/%d" % first["fd"], root, True, readonly=not cfg.get("writable"))
+        os.close(first["fd"])
+        plan = plan[1:]
+    else:
+        linux.mount("sandlot-root", root, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=0755,size=1m")
+        _mkdirs(root + "/etc")
     for entry in plan:
         target = root + entry["inside"]
         if "link" in entry:
@@ -100,12 +116,13 @@ def build_template_root(cfg: dict, plan: list) -> str:
             _bind_readonly("/proc/self/fd/%d" % entry["fd"], target, entry["dir"])
             os.close(entry["fd"])
 
-    _write(root + "/etc/passwd", "root:x:0:0:root:/root:/bin/sh\n"
-           "user:x:%d:%d:user:%s:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n" % (USER_UID, USER_UID, HOME))
-    _write(root + "/etc/group", "root:x:0:\nuser:x:%d:\nnogroup:x:65534:\n" % USER_UID)
-    _write(root + "/etc/hostname", "sandbox\n")
-    _write(root + "/etc/hosts", "127.0.0.1 localhost sandbox\n::1 localhost\n")
-    _write(root + "/etc/resolv.conf", "")
+    if not image:
+        _write(root + "/etc/passwd", "root:x:0:0:root:/root:/bin/sh\n"
+               "user:x:%d:%d:user:%s:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n" % (USER_UID, USER_UID, HOME))
+        _write(root + "/etc/group", "root:x:0:\nuser:x:%d:\nnogroup:x:65534:\n" % USER_UID)
+        _write(root + "/etc/hostname", "sandbox\n")
+        _write(root + "/etc/hosts", "127.0.0.1 localhost sandbox\n::1 localhost\n")
+        _write(root + "/etc/resolv.conf", "")
 
     _mkdirs(root + "/dev")
     linux.mount("sandlot-dev", root + "/dev", "tmpfs", linux.MS_NOSUID | linux.MS_NOEXEC, "mode=0755,size=64k")
@@ -119,7 +136,8 @@ def build_template_root(cfg: dict, plan: list) -> str:
     for path in (SCRATCH, HOME, "/tmp", "/dev/shm", "/proc"):
         _mkdirs(root + path)
     linux.mount(None, root + "/dev", None, linux.MS_REMOUNT | linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NOEXEC)
-    linux.mount(None, root, None, linux.MS_REMOUNT | linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV)
+    if not image:  # an image root is a bind, made read-only (or not, for a build step) above
+        linux.mount(None, root, None, linux.MS_REMOUNT | linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV)
     return root
 
 
@@ -146,6 +164,7 @@ def enter_sandbox_root(cfg: dict) -> None:
     os.chown(scratch + "/home", USER_UID, USER_UID)
     for mount_at, sub in ((HOME, "home"), ("/tmp", "tmp"), ("/dev/shm", "shm")):
         linux.mount(scratch + "/" + sub, root + mount_at, None, linux.MS_BIND)
+    linux.umount2(scratch, linux.MNT_DETACH)  # the binds keep it alive; no second path to the same files
     linux.mount("proc", root + "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
 
     # Make it '/' and drop every trace of the host's tree (and of the zygote's view of it).
@@ -169,20 +188,35 @@ def set_rlimits(limits: dict) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (limits["open_files"], limits["open_files"]))
     resource.setrlimit(resource.RLIMIT_FSIZE, (limits["disk"], limits["disk"]))
     resource.setrlimit(resource.RLIMIT_CPU, (limits["cpu_seconds"], limits["cpu_seconds"] + 5))
-    resource.setrlimit(resource.RLIMIT_NPROC, (limits["pids"], limits["pids"]))
+    # A little above the cgroup's pids.max: the cgroup refuses first, and its counter names the limit
+    # in the result (RLIMIT_NPROC also counts zombies and would refuse silently). Under gVisor the
+    # cgroup has room for runsc's own threads, and this is the app's real limit.
+    nproc = limits["pids"] + (0 if limits.get("nproc_exact") else 8)
+    resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
+
+
+# A build step (apt, pip as root) keeps Docker's default capabilities, *within its own user namespace*
+# (over files it owns there: its private copy of the image root), and stays that namespace's root.
+BUILD_CAPS = (0, 1, 3, 4, 5, 6, 7, 10, 29, 31)  # CHOWN DAC_OVERRIDE FOWNER FSETID KILL SETGID SETUID
+#                                                NET_BIND_SERVICE AUDIT_WRITE SETFCAP
 
 
 def drop_privileges(cfg: dict) -> None:
     """Become the unprivileged sandbox user for good, then raise the kernel fences."""
-    linux.drop_bounding_set()
-    os.setgroups([])
-    os.setresgid(USER_UID, USER_UID, USER_UID)
-    os.setresuid(USER_UID, USER_UID, USER_UID)
-    linux.clear_capabilities()
+    if cfg.get("build_root"):
+        linux.drop_bounding_set(keep=BUILD_CAPS)
+        os.setgroups([])
+        linux.set_capabilities(BUILD_CAPS)
+    else:
+        linux.drop_bounding_set()
+        os.setgroups([])
+        os.setresgid(USER_UID, USER_UID, USER_UID)
+        os.setresuid(USER_UID, USER_UID, USER_UID)
+        linux.clear_capabilities()
     if cfg.get("lifeline_fd") is None:
         linux.prctl(linux.PR_SET_PDEATHSIG, 9)  # cleared by the uid change above, so set it after
     os.setsid()
     linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)  # Landlock requires it; seccomp would set it anyway
-    landlock.restrict(read_paths=["/"], write_paths=[HOME, "/tmp", "/dev/shm"],
-                      device_paths=["/dev/" + d for d in DEVICES])
+    writable = ["/"] if cfg.get("writable") else [HOME, "/tmp", "/dev/shm"]
+    landlock.restrict(read_paths=["/"], write_paths=writable, device_paths=["/dev/" + d for d in DEVICES])
     linux.install_seccomp(bytes.fromhex(cfg["seccomp"]))  # also sets no_new_privs

@@ -101,6 +101,7 @@ class Kernel:
         try:
             value = self._execute(code, filename)
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            self._end_if_forked(None)  # before display: a child's value is not the cell's result
             if value is not None:
                 self.namespace["_"] = value
                 self.display(value, is_main=True)
@@ -110,18 +111,22 @@ class Kernel:
                 error = {"name": "SystemExit", "value": str(exc.code), "traceback": ""}
             else:
                 error = _format_error(exc)
-        if os.getpid() != self.pid:
-            # User code forked and the child came back out of the cell instead of exiting. It holds
-            # a copy of our channel: left alive it would answer this cell a second time and then
-            # compete with us for the next ones (a fork bomb left dozens of such copies holding the
-            # pids limit). It ends here, as the end of a forked child should.
-            if error is not None and error["name"] != "SystemExit":
-                sys.stderr.write(error["traceback"])
-            _flush_streams()
-            os._exit(1 if error is not None else 0)
+        self._end_if_forked(error)
         _flush_streams()
         self.flush_figures()
         return {"t": "done", "error": error, "execution_count": self.count}
+
+    def _end_if_forked(self, error) -> None:
+        """User code forked and the child came back out of the cell instead of exiting. It holds a copy
+        of our channel: left alive it would answer this cell a second time and then compete with us for
+        the next ones (a fork bomb left dozens of such copies holding the pids limit). It ends here, as
+        the end of a forked child should."""
+        if os.getpid() == self.pid:
+            return
+        if error is not None and error["name"] != "SystemExit":
+            sys.stderr.write(error["traceback"])
+        _flush_streams()
+        os._exit(1 if error is not None else 0)
 
     def _execute(self, code: str, filename: str):
         tree = ast.parse(code, filename, "exec")

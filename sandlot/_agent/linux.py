@@ -106,7 +106,7 @@ def drop_all_capabilities() -> None:
     clear_capabilities()
 
 
-def drop_bounding_set() -> None:
+def drop_bounding_set(keep=()) -> None:
     """Needs CAP_SETPCAP, so it comes before the uid change that empties our capabilities."""
     try:
         with open("/proc/sys/kernel/cap_last_cap") as f:
@@ -114,6 +114,8 @@ def drop_bounding_set() -> None:
     except OSError:
         last = 40
     for cap in range(last + 1):
+        if cap in keep:
+            continue
         try:
             prctl(PR_CAPBSET_DROP, cap)
         except OSError as exc:
@@ -125,6 +127,18 @@ def clear_capabilities() -> None:
     prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
     header = _CapHeader(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
     data = (_CapData * 2)()
+    _check(libc.capset(ctypes.byref(header), data), "capset")
+
+
+def set_capabilities(caps) -> None:
+    """Keep exactly ``caps`` (numbers) as effective and permitted; nothing inheritable or ambient."""
+    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    header = _CapHeader(0x20080522, 0)
+    data = (_CapData * 2)()
+    for cap in caps:
+        word, bit = divmod(cap, 32)
+        data[word].effective |= 1 << bit
+        data[word].permitted |= 1 << bit
     _check(libc.capset(ctypes.byref(header), data), "capset")
 
 

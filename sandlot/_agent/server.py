@@ -131,12 +131,47 @@ class _Command:
             self.stdin_fd = None
 
 
+class PipeChannel:
+    """The host channel as two pipes (stdin/stdout of a gVisor container), shaped like a socket."""
+
+    def __init__(self, read_fd: int, write_fd: int) -> None:
+        self.read_fd, self.write_fileno = read_fd, write_fd
+
+    def fileno(self) -> int:
+        return self.read_fd
+
+    def setblocking(self, flag: bool) -> None:
+        os.set_blocking(self.read_fd, flag)
+        os.set_blocking(self.write_fileno, flag)
+
+    def recv(self, n: int) -> bytes:
+        return os.read(self.read_fd, n)
+
+    def send(self, data) -> int:
+        return os.write(self.write_fileno, data)
+
+    def sendall(self, data) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.write_fileno, view):]
+
+    def close(self) -> None:
+        for fd in (self.read_fd, self.write_fileno):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
 class Agent:
-    def __init__(self, sock: socket.socket, cfg: dict) -> None:
+    def __init__(self, sock, cfg: dict) -> None:
         self.host = sock
         self.host.setblocking(False)
         self.cfg = cfg
         self.env = dict(cfg.get("env") or {})
+        # An image's WorkingDir (when it exists in the image) is where commands run by default.
+        workdir = cfg.get("workdir")
+        self.workdir = workdir if isinstance(workdir, str) and os.path.isdir(workdir) else HOME
         self.sel = selectors.DefaultSelector()
         self.inbox = protocol.FrameBuffer()
         self.out = bytearray()
@@ -175,9 +210,17 @@ class Agent:
             except OSError:
                 os._exit(0)  # host gone: pid 1 exits and the kernel ends the whole sandbox
             del self.out[:sent]
-        want = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.out else 0)
-        if self.sel.get_key(self.host).events != want:
-            self.sel.modify(self.host, want, self._on_host)
+        wfd = getattr(self.host, "write_fileno", None)
+        if wfd is None:  # a socket: one descriptor for both directions
+            want = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.out else 0)
+            if self.sel.get_key(self.host).events != want:
+                self.sel.modify(self.host, want, self._on_host)
+        else:  # a pair of pipes (gVisor tier): watch the write end only while output waits
+            registered = wfd in self.sel.get_map()
+            if self.out and not registered:
+                self.sel.register(wfd, selectors.EVENT_WRITE, lambda key, mask: None)
+            elif not self.out and registered:
+                self.sel.unregister(wfd)
         # Backpressure: a flood of user output waits in the pipe, not in our memory.
         pause = len(self.out) > HIGH_WATER
         if pause != self.paused:
@@ -236,6 +279,9 @@ class Agent:
     def _req_exec(self, rid, req, payload) -> None:
         if not isinstance(req.get("code"), str):
             raise ValueError("code must be a string")
+        if not self.cfg.get("python", True):
+            raise ValueError("template %s has no Python >= 3.8: run_code needs one; commands.run and files work"
+                             % self.cfg.get("template", "?"))
         self.exec_queue.append((rid, req["code"]))
         self._next_exec()
 
@@ -344,7 +390,7 @@ class Agent:
             raise ValueError("cmd must be a string")
         env = dict(self.env)
         env.update(req.get("env") or {})
-        req = dict(req, env=env)
+        req = dict(req, env=env, cwd=req.get("cwd") or self.workdir)
         try:
             command = _Command(req)
         except (OSError, subprocess.SubprocessError) as exc:
@@ -422,7 +468,7 @@ class Agent:
                 return
             if pid == 0:
                 return
-            code = os.waitstatus_to_exitcode(status)
+            code = _exitcode(status)
             if self.kernel is not None and pid == self.kernel.pid:
                 _REAPED[pid] = code
                 self._kernel_gone("the session process died (%s)" % _describe(code))
@@ -578,12 +624,19 @@ class Agent:
 _REAPED: dict = {}
 
 
+def _exitcode(status: int) -> int:
+    """os.waitstatus_to_exitcode, which Python 3.8 (an image's interpreter may be one) lacks."""
+    if os.WIFSIGNALED(status):
+        return -os.WTERMSIG(status)
+    return os.WEXITSTATUS(status)
+
+
 def _reap(pid: int):
     if pid in _REAPED:
         return _REAPED.pop(pid)
     try:
         _, status = os.waitpid(pid, 0)
-        return os.waitstatus_to_exitcode(status)
+        return _exitcode(status)
     except ChildProcessError:
         return None
 
@@ -597,8 +650,9 @@ def _describe(code: int) -> str:
     return "exit code %d" % code
 
 
-def serve(sock: socket.socket, cfg: dict) -> None:
+def serve(sock, cfg: dict) -> None:
     agent = Agent(sock, cfg)
-    agent._start_kernel()  # the session is ready before the first call (and pooled sandboxes warm)
+    if cfg.get("python", True):  # an image without Python serves commands and files only
+        agent._start_kernel()  # the session is ready before the first call (and pooled sandboxes warm)
     agent.send({"t": "ready", "pid": os.getpid()})
     agent.run()

@@ -51,4 +51,8 @@ def get_backend(isolation: str) -> Backend:
         from .process import ProcessBackend
 
         return ProcessBackend()
-    raise InvalidRequest(f"unknown isolation {isolation!r}; available: ['process']")
+    if isolation == "gvisor":
+        from .gvisor import GVisorBackend
+
+        return GVisorBackend()
+    raise InvalidRequest(f"unknown isolation {isolation!r}; available: ['process', 'gvisor']")

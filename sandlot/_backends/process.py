@@ -15,6 +15,7 @@ import secrets
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 
@@ -110,10 +111,17 @@ class ProcessSandbox(SandboxProcess):
             # Forked from a zygote, the outer process exits once pid 1 exists: from now on the
             # sandbox lives exactly as long as its pid 1.
             loop = asyncio.get_running_loop()
-            loop.remove_reader(self._pidfd)
+            try:
+                loop.remove_reader(self._pidfd)
+            except Exception:
+                pass
             os.close(self._pidfd)
             self._pidfd, self._init_pidfd = self._init_pidfd, None
             self._pid = pid
+            # The outer process may already have exited (it does so on purpose): that was not the
+            # sandbox ending, so its exit must not count.
+            if self._exited.done():
+                self._exited = loop.create_future()
             loop.add_reader(self._pidfd, self._on_exit)
 
     @property
@@ -214,7 +222,10 @@ async def finish_cleanups() -> None:
 
 
 def _sandbox_env(template: Template, env: dict[str, str]) -> dict[str, str]:
-    base = {"PATH": "/usr/local/bin:/usr/bin:/bin:" + os.path.dirname(template.python),
+    # An image's python is a path inside the image (its PATH usually comes with its env); an image
+    # without one has "" (and an empty PATH entry would mean the cwd).
+    python_dir = os.path.dirname(template.python) if template.python else "/usr/sbin:/sbin"
+    base = {"PATH": "/usr/local/bin:/usr/bin:/bin:" + python_dir,
             "HOME": "/home/user", "USER": "user", "LANG": "C.UTF-8", "TERM": "dumb",
             "MPLBACKEND": "module://_agent.mpl_backend", "MPLCONFIGDIR": "/home/user/.config/matplotlib",
             "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"}
@@ -224,7 +235,7 @@ def _sandbox_env(template: Template, env: dict[str, str]) -> dict[str, str]:
 
 
 def _template_config(template: Template, env: dict[str, str]) -> dict:
-    return {
+    config = {
         "mountpoint": _mountpoint(),
         "prefixes": list(template.prefixes),
         "agent_dir": str(AGENT_DIR),
@@ -232,6 +243,25 @@ def _template_config(template: Template, env: dict[str, str]) -> dict:
         "seccomp": seccomp.compiled_filter().hex(),
         "preload": list(template.preload),
         "env": _sandbox_env(template, env),
+        "template": template.name,
+    }
+    if template.rootfs:
+        config.update(image_config(template))
+    return config
+
+
+def image_config(template: Template) -> dict:
+    """What an image template adds to the plan (both tiers): its root, the interpreter the agent runs
+    under inside (the image's Python, or the host's lent under /opt/sandlot/host when it has none),
+    and the build-step switches."""
+    from .._images import agent_launch
+
+    launch = agent_launch(template)
+    return {
+        "rootfs": template.rootfs, "exec": launch["argv"], "python": template.has_python,
+        "binds": [list(b) for b in launch["binds"]] + [list(b) for b in template.binds],
+        "workdir": template.workdir, "writable": template.writable, "network": template.network,
+        "build_root": template.writable and os.geteuid() == 0,  # root of its own user namespace
     }
 
 
@@ -284,12 +314,19 @@ class ProcessBackend(Backend):
         host_end, child_end = socket.socketpair()
         sandbox_env = _sandbox_env(template, env)
         try:
-            if self.use_zygote and template.preload:
+            # Image templates start directly (the warm pool still applies): their agent ends up
+            # as the image's own interpreter, which a zygote of the host's could not fork into.
+            if self.use_zygote and template.preload and not template.rootfs:
                 zygote = self.zygote_for(template)
                 await asyncio.to_thread(zygote.ensure_started)
                 pid, slot = await asyncio.to_thread(zygote.fork, _sandbox_config(limits, sandbox_env), child_end)
                 maps = "zygote"  # the zygote wrote the nested maps itself
                 popen, release = None, (lambda: zygote.release_slot(slot))
+            elif template.uid_base is not None and os.geteuid() == 0:
+                # A build step: the builder holds this uid range and shifted its copy of the root onto it.
+                popen = self._exec_boot(template, child_end)
+                pid = popen.pid
+                maps, release = [(0, template.uid_base, UID_SPAN)], None
             else:
                 uid_slot = UidSlot() if os.geteuid() == 0 else None
                 popen = self._exec_boot(template, child_end)
@@ -323,9 +360,12 @@ class ProcessBackend(Backend):
         # Boot/agent crashes print to stderr; keep them only when asked (debugging a host).
         log = os.environ.get("SANDLOT_BOOT_LOG")
         stderr = open(log, "ab") if log else subprocess.DEVNULL
+        # An image's python is a path inside the image: the host's own interpreter builds the
+        # sandbox, then execs the image's (boot.py _exec_agent).
+        interpreter = sys.executable if template.rootfs else template.python
         try:
             return subprocess.Popen(
-                [template.python, "-I", "-S", "-B", str(AGENT_DIR / "boot.py"), str(child_end.fileno())],
+                [interpreter, "-I", "-S", "-B", str(AGENT_DIR / "boot.py"), str(child_end.fileno())],
                 pass_fds=[child_end.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=stderr, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, cwd="/")
         finally:

@@ -140,6 +140,12 @@ class Cgroup:
             return _keyed(_read(self.dirs[""] / "memory.events")).get("oom_kill", 0)
         return _keyed(_read(self.dirs["memory"] / "memory.oom_control")).get("oom_kill", 0)
 
+    def memory_limit_hits(self) -> int:
+        """How often usage ran into the limit (v1 failcnt, v2 events 'max'): pressure, even without an OOM kill."""
+        if self.version == 2:
+            return _keyed(_read(self.dirs[""] / "memory.events")).get("max", 0)
+        return int(_read(self.dirs["memory"] / "memory.failcnt") or 0)
+
     def pids_limit_hits(self) -> int:
         return _keyed(_read(self._dir("pids") / "pids.events")).get("max", 0)
 
@@ -249,3 +255,47 @@ def _enable_v2_controllers(parent: Path) -> None:
             raise HostUnsupported(
                 "cannot enable %s in %s (%s). Under systemd run Sandlot in a unit with Delegate=yes, "
                 "or as root outside any cgroup that holds other processes." % (sorted(missing), d, exc)) from None
+
+
+def remove_named(names: "set[str] | frozenset[str]") -> int:
+    """Kill whatever is left in the sandbox cgroups called ``names`` and delete them, wherever they are.
+
+    For a server restarting after a crash: its previous process may have lived in another cgroup, so
+    this searches every ``.../sandlot/sb-*`` directory rather than only below our own. Returns how many
+    directories it removed.
+    """
+    if not names:
+        return 0
+    info = detect()
+    roots = [ROOT / c for c in info["controllers"]] if info["version"] == 1 else [ROOT]
+    removed = 0
+    for root in roots:
+        for d in root.glob("**/sandlot/sb-*"):
+            if d.name not in names:
+                continue
+            if (d / "cgroup.kill").exists():
+                try:
+                    _write(d / "cgroup.kill", "1")
+                except OSError:
+                    pass
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                pids = _read(d / "cgroup.procs").split()
+                if not pids:
+                    break
+                for pid in pids:
+                    try:
+                        os.kill(int(pid), 9)
+                    except (ProcessLookupError, ValueError):
+                        pass
+                time.sleep(0.01)
+            for _ in range(200):
+                try:
+                    d.rmdir()
+                    removed += 1
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.01)
+    return removed

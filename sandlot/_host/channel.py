@@ -18,7 +18,7 @@ CLOSED = object()  # queued to every open request when the channel ends
 
 
 class Channel:
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: "socket.socket | tuple") -> None:
         self._sock = sock
         self._ids = itertools.count(1)
         self._queues: dict[int, asyncio.Queue] = {}
@@ -29,7 +29,16 @@ class Channel:
         self.control: asyncio.Queue = asyncio.Queue()  # frames without an id (boot messages)
 
     async def open(self) -> None:
-        self._reader, self._writer = await asyncio.open_unix_connection(sock=self._sock, limit=protocol.MAX_PAYLOAD)
+        if isinstance(self._sock, tuple):  # (read pipe, write pipe): a gVisor container's stdout/stdin
+            loop = asyncio.get_running_loop()
+            read_pipe, write_pipe = self._sock
+            self._reader = asyncio.StreamReader(limit=protocol.MAX_PAYLOAD)
+            await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(self._reader), read_pipe)
+            transport, proto = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, write_pipe)
+            self._writer = asyncio.StreamWriter(transport, proto, None, loop)
+        else:
+            self._reader, self._writer = await asyncio.open_unix_connection(sock=self._sock,
+                                                                            limit=protocol.MAX_PAYLOAD)
         self._task = asyncio.get_running_loop().create_task(self._read_loop())
 
     @property

@@ -1,26 +1,20 @@
-"""The `sandlot` command line. For now: `sandlot doctor`."""
+"""`sandlot doctor`: what this host supports, and the posture self-test inside a real sandbox."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 
 import click
-from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from . import _doctor
+from .. import _doctor
+from ._common import EXIT_FAILED, EXIT_OK, json_option, out, print_json
 
 
-@click.group()
-@click.version_option(package_name="sandlot")
-def main() -> None:
-    """Sandlot: self-hosted sandboxes for code written by AI agents."""
-
-
-@main.command()
-@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.command(short_help="Check this host, and the fences from inside a sandbox.")
+@json_option
 @click.option("--no-sandbox", is_flag=True, help="Only check the host; do not start a sandbox.")
 def doctor(as_json: bool, no_sandbox: bool) -> None:
     """Check what this host supports, then run the posture self-test inside a sandbox.
@@ -37,11 +31,9 @@ def doctor(as_json: bool, no_sandbox: bool) -> None:
             probe_error = f"{type(exc).__name__}: {exc}"
     ok = all(c.ok for c in host + posture if c.required) and probe_error is None
     if as_json:
-        click.echo(json.dumps({"ok": ok, "host": [dataclasses.asdict(c) for c in host],
-                               "posture": [dataclasses.asdict(c) for c in posture], "probe_error": probe_error},
-                              indent=2))
+        print_json({"ok": ok, "host": [dataclasses.asdict(c) for c in host],
+                    "posture": [dataclasses.asdict(c) for c in posture], "probe_error": probe_error})
     else:
-        console = Console()
         for title, checks in (("Host", host), ("Inside a sandbox", posture)):
             if not checks:
                 continue
@@ -51,15 +43,11 @@ def doctor(as_json: bool, no_sandbox: bool) -> None:
             table.add_column("detail", overflow="fold")
             for c in checks:
                 status = "[green]ok[/]" if c.ok else ("[red]MISSING[/]" if c.required else "[yellow]no[/]")
-                table.add_row(c.name, status, c.detail)
-            console.print(table)
+                table.add_row(escape(c.name), status, escape(c.detail))
+            out.print(table)
         if probe_error:
-            console.print(f"[red]Posture self-test could not run:[/] {probe_error}")
+            out.print(f"[red]Posture self-test could not run:[/] {escape(probe_error)}")
         elif not posture and not no_sandbox:
-            console.print("[red]Sandboxes cannot run here:[/] fix the MISSING items above.")
-        console.print("[green]All required checks pass.[/]" if ok else "[red]Some required checks fail.[/]")
-    sys.exit(0 if ok else 1)
-
-
-if __name__ == "__main__":
-    main()
+            out.print("[red]Sandboxes cannot run here:[/] fix the MISSING items above.")
+        out.print("[green]All required checks pass.[/]" if ok else "[red]Some required checks fail.[/]")
+    sys.exit(EXIT_OK if ok else EXIT_FAILED)

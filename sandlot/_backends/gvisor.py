@@ -1,0 +1,347 @@
+"""The strong tier: the same agent under gVisor's ``runsc`` (a user-space kernel between the code and the host).
+
+runsc gives the container its namespaces, a read-only root (host paths bound through its gofer), no
+network (``--network=none``), uid 1000 with no capabilities; the agent adds no_new_privs, rlimits and
+the seccomp allowlist inside. The channel is the container's stdin/stdout: host pipes, which is also
+what lets ``runsc checkpoint``/``restore`` pause a live session to disk and bring it back, even into
+a later process.
+
+Limits: the whole runsc process tree joins the sandbox's cgroup before runsc starts (a shell
+trampoline writes its pid, then execs runsc), so memory and CPU cover gVisor's own work too. runsc's
+threads get room in ``pids.max``; the app's own process limit is RLIMIT_NPROC inside (a tight pids.max
+would make gVisor itself fail).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import secrets
+import shlex
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+from typing import Optional
+
+from .._exceptions import HostUnsupported, InvalidRequest, SandboxCrashed, SandboxNotFound, TimeoutError
+from .._host import cgroups
+from .._host.channel import CLOSED, Channel
+from .._limits import Limits
+from .._templates import Template, data_root
+from . import process as _process
+from .base import Backend, SandboxProcess
+
+BOOT_TIMEOUT = 60.0  # runsc start plus importing the preload list under ptrace
+RUNSC_PIDS_ROOM = 1024  # threads of the sentry and the gofer, on top of the app's own limit
+ETC_FILES = ("passwd", "group", "hosts", "hostname", "resolv.conf")
+
+
+def runsc_path() -> str:
+    path = os.environ.get("SANDLOT_RUNSC") or shutil.which("runsc") or "/usr/bin/runsc"
+    if not os.access(path, os.X_OK):
+        raise HostUnsupported("isolation='gvisor' needs runsc (Debian package `runsc`); not found")
+    return path
+
+
+def data_dir() -> Path:
+    """Durable state (checkpoint images of paused sandboxes): survives restarts of the owning process."""
+    path = data_root() / "gvisor"  # the same data dir as the image templates
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path
+
+
+def _runsc_argv(*args: str) -> list[str]:
+    platform = os.environ.get("SANDLOT_GVISOR_PLATFORM", "ptrace")  # "kvm" where /dev/kvm really works
+    # --ignore-cgroups: runsc would otherwise move itself into a cgroup of its own, outside our limits.
+    return [runsc_path(), "--root", str(data_dir() / "runsc"), "--network=none", "--ignore-cgroups",
+            f"--platform={platform}", *args]
+
+
+def _template_rootfs(template: Template) -> Path:
+    """An empty skeleton with the mount points the spec binds onto, plus the generated /etc files."""
+    key = hashlib.sha256(json.dumps([template.name, template.python, template.prefixes]).encode()).hexdigest()[:16]
+    root = data_dir() / "roots" / key
+    if (root / ".complete").exists():
+        return root
+    tmp = root.with_name(key + ".tmp-" + secrets.token_hex(4))
+    for d in ("usr", "etc", "proc", "dev", "tmp", "home/user", "opt/sandlot/_agent", "sys"):
+        (tmp / d).mkdir(parents=True, exist_ok=True)
+    (tmp / "home/user").chmod(0o777)
+    for name in ("bin", "sbin", "lib", "lib64", "lib32", "libx32"):
+        host = Path("/") / name
+        if host.is_symlink():
+            (tmp / name).symlink_to(os.readlink(host))
+        elif host.is_dir():
+            (tmp / name).mkdir()
+    for prefix in template.prefixes:
+        (tmp / prefix.lstrip("/")).mkdir(parents=True, exist_ok=True)
+    for name in _etc_binds():
+        (tmp / "etc" / name).touch() if Path("/etc", name).is_file() else (tmp / "etc" / name).mkdir(exist_ok=True)
+    files = {
+        "passwd": "root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000:user:/home/user:/bin/sh\n",
+        "group": "root:x:0:\nuser:x:1000:\n", "hosts": "127.0.0.1 localhost sandbox\n::1 localhost\n",
+        "hostname": "sandbox\n", "resolv.conf": ""}
+    for name, text in files.items():
+        (tmp / "etc" / name).write_text(text)
+    (tmp / ".complete").touch()
+    try:
+        tmp.rename(root)
+    except OSError:  # another process built it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def _etc_binds() -> list[str]:
+    from .._agent import isolation
+
+    return [n for n in isolation.ETC_ENTRIES if n not in ETC_FILES and Path("/etc", n).exists()
+            and not Path("/etc", n).is_symlink()]
+
+
+def _spec(template: Template, limits: Limits, env: dict[str, str], rootfs: Path) -> dict:
+    def bind(src: str, dst: Optional[str] = None) -> dict:
+        return {"destination": dst or src, "type": "bind", "source": src, "options": ["rbind", "ro", "nosuid", "nodev"]}
+
+    mounts: list[dict] = [
+        {"destination": "/proc", "type": "proc", "source": "proc"},
+        # One size cap each (gVisor has no shared tmpfs across mount points); RLIMIT_FSIZE caps files.
+        {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
+         "options": ["nosuid", "nodev", f"size={limits.disk}", "mode=1777"]},
+        {"destination": "/home/user", "type": "tmpfs", "source": "tmpfs",
+         "options": ["nosuid", "nodev", f"size={limits.disk}", "mode=0777"]},
+    ]
+    if template.rootfs:
+        # An image template: the image's root is the container's root (prepared on the host when it
+        # was unpacked: real mount points, generated /etc files); the agent, and the host's
+        # interpreter only for an image without Python, are bound on top.
+        launch = _process.image_config(template)
+        mounts.append(bind(str(_process.AGENT_DIR), "/opt/sandlot/_agent"))
+        mounts += [bind(host, inside) for host, inside in launch["binds"]]
+        argv = list(launch["exec"])
+    else:
+        for name in ("usr", "lib", "lib64", "lib32", "libx32", "bin", "sbin"):
+            host = Path("/") / name
+            if host.is_dir() and not host.is_symlink():
+                mounts.append(bind(str(host)))
+        mounts += [bind(f"/etc/{n}") for n in _etc_binds()]
+        mounts += [bind(p) for p in template.prefixes]
+        mounts.append(bind(str(_process.AGENT_DIR), "/opt/sandlot/_agent"))
+        argv = [template.python, "-I", "-S", "-B"]
+    rlimits = [("RLIMIT_NOFILE", limits.open_files), ("RLIMIT_NPROC", limits.pids), ("RLIMIT_CORE", 0),
+               ("RLIMIT_FSIZE", limits.disk)]
+    return {
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": False, "user": {"uid": 1000, "gid": 1000},
+            "args": argv + ["/opt/sandlot/_agent/boot.py", "0", "gvisor"],
+            "env": [f"{k}={v}" for k, v in env.items()], "cwd": "/home/user",
+            "capabilities": {}, "noNewPrivileges": True,
+            "rlimits": [{"type": t, "hard": v, "soft": v} for t, v in rlimits],
+        },
+        "root": {"path": template.rootfs or str(rootfs), "readonly": True},
+        "hostname": "sandbox",
+        "mounts": mounts,
+        "linux": {"namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount")]},
+    }
+
+
+class GVisorSandbox(SandboxProcess):
+    def __init__(self, sandbox_id: str, limits: Limits, cgroup: cgroups.Cgroup, home: Path) -> None:
+        self.id = sandbox_id
+        self.limits = limits
+        self.cgroup = cgroup
+        self.home = home  # bundle/, image/ and meta.json of this sandbox
+        self.channel: Channel = Channel((None, None))
+        self.killed_reason: Optional[str] = None
+        self.paused = False
+        self.template_name = "python"
+        self._proc: Optional[subprocess.Popen] = None
+        self._exited: Optional[asyncio.Future] = None
+        self._pidfd: Optional[int] = None
+        self._cleaned = False
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid if self._proc else -1
+
+    @property
+    def returncode(self) -> Optional[int]:
+        return None if self._proc is None else self._proc.poll()
+
+    async def wait(self) -> int:
+        assert self._exited is not None
+        return await asyncio.shield(self._exited)
+
+    async def _launch(self, *runsc_args: str) -> None:
+        """Start runsc (run or restore) inside our cgroup, speaking on fresh pipes."""
+        procs = [str(d / "cgroup.procs") for d in self.cgroup.dirs.values()]
+        trampoline = 'for f in "$@"; do printf %s $$ > "$f" || exit 97; done; exec ' + shlex.join(_runsc_argv(*runsc_args))
+        log = os.environ.get("SANDLOT_BOOT_LOG")
+        stderr = open(log, "ab") if log else subprocess.DEVNULL
+        try:
+            self._proc = subprocess.Popen(["/bin/sh", "-c", trampoline, "sh", *procs], stdin=subprocess.PIPE,
+                                          stdout=subprocess.PIPE, stderr=stderr, cwd="/",
+                                          env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+        finally:
+            if log:
+                stderr.close()
+        loop = asyncio.get_running_loop()
+        self._exited = loop.create_future()
+        self._pidfd = os.pidfd_open(self._proc.pid)
+        loop.add_reader(self._pidfd, self._on_exit)
+        self.channel = Channel((self._proc.stdout, self._proc.stdin))
+        await self.channel.open()
+
+    def _on_exit(self) -> None:
+        if self._proc is None or self._proc.poll() is None:
+            return
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        self._pidfd = None
+        if self._exited is not None and not self._exited.done():
+            self._exited.set_result(self._proc.returncode)
+
+    async def _run_runsc(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        run = lambda: subprocess.run(_runsc_argv(*args), capture_output=True, text=True, timeout=timeout)  # noqa: E731
+        try:
+            return await asyncio.to_thread(run)
+        except RuntimeError:  # interpreter shutdown: no executor any more, so block briefly instead
+            return run()
+
+    # -- pause / resume -------------------------------------------------------------------------
+    async def pause(self) -> dict:
+        """Checkpoint the live session to disk (memory, open files, cwd) and stop it. Returns figures."""
+        image = self.home / "image"
+        shutil.rmtree(image, ignore_errors=True)
+        image.mkdir()
+        self.paused = True
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        out = await self._run_runsc("checkpoint", f"--image-path={image}", self.id, timeout=300)
+        if out.returncode != 0:
+            self.paused = False
+            raise SandboxCrashed(f"runsc checkpoint failed: {out.stderr.strip()[-500:]}")
+        try:
+            await asyncio.wait_for(self.wait(), 30)
+        except asyncio.TimeoutError:
+            pass
+        await self.channel.aclose()
+        await self._run_runsc("delete", "-force", self.id)
+        size = sum(f.stat().st_size for f in image.rglob("*") if f.is_file())
+        return {"seconds": loop.time() - started, "bytes": size}
+
+    async def resume(self) -> dict:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await self._launch("restore", f"--image-path={self.home / 'image'}", f"--bundle={self.home / 'bundle'}",
+                           self.id)
+        self.paused = False
+        # The agent does not know it slept; a ping proves the channel works end to end.
+        rid, queue = self.channel.new_request()
+        try:
+            await self.channel.send({"t": "ping", "id": rid})
+            item = await asyncio.wait_for(queue.get(), BOOT_TIMEOUT)
+        except asyncio.TimeoutError:
+            item = CLOSED
+        finally:
+            self.channel.forget(rid)
+        if item is CLOSED:
+            await self.kill("restore failed")
+            raise SandboxCrashed(f"sandbox {self.id} did not come back from its checkpoint")
+        shutil.rmtree(self.home / "image", ignore_errors=True)
+        return {"seconds": loop.time() - started}
+
+    # -- kill -----------------------------------------------------------------------------------
+    async def kill(self, reason: str = "killed") -> None:
+        if self.killed_reason is None:
+            self.killed_reason = reason
+        if self._cleaned:
+            return
+        self._cleaned = True
+        self.cgroup.signal_all(signal.SIGKILL)  # runsc, the sentry, the gofer: all in the cgroup
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+        task = asyncio.get_running_loop().create_task(self._cleanup())
+        _process._CLEANUPS.add(task)
+        task.add_done_callback(_process._CLEANUPS.discard)
+
+    async def _cleanup(self) -> None:
+        if self._exited is not None:
+            try:
+                await asyncio.wait_for(self.wait(), 10)
+            except asyncio.TimeoutError:
+                pass
+        await self.channel.aclose()
+        await self._run_runsc("delete", "-force", self.id)
+        for _ in range(500):
+            if self.cgroup.try_remove():
+                break
+            await asyncio.sleep(0.01)
+        shutil.rmtree(self.home, ignore_errors=True)
+
+
+class GVisorBackend(Backend):
+    name = "gvisor"
+
+    async def start(self, template: Template, limits: Limits, env: dict[str, str]) -> GVisorSandbox:
+        runsc_path()
+        sandbox_id = "sb-" + secrets.token_hex(6)
+        cgroup = await asyncio.to_thread(cgroups.Cgroup, sandbox_id, _room_for_runsc(limits))
+        home = data_dir() / "sandboxes" / sandbox_id
+        (home / "bundle").mkdir(parents=True)
+        sandbox_env = _process._sandbox_env(template, env)
+        rootfs = Path(template.rootfs) if template.rootfs else await asyncio.to_thread(_template_rootfs, template)
+        spec = _spec(template, limits, sandbox_env, rootfs)
+        (home / "bundle" / "config.json").write_text(json.dumps(spec))
+        sandbox = GVisorSandbox(sandbox_id, limits, cgroup, home)
+        sandbox.template_name = template.name
+        try:
+            await sandbox._launch("run", f"--bundle={home / 'bundle'}", sandbox_id)
+            config = dict(_process._template_config(template, env), **_process._sandbox_config(limits, sandbox_env))
+            config["limits"]["nproc_exact"] = True  # the cgroup has room for runsc; this is the app's limit
+            await sandbox.channel.send({"t": "config", "config": config})
+            await asyncio.wait_for(self._expect_ready(sandbox), BOOT_TIMEOUT)
+        except asyncio.TimeoutError:
+            await sandbox.kill("boot timed out")
+            raise TimeoutError(f"gVisor sandbox did not boot within {BOOT_TIMEOUT:.0f} s") from None
+        except BaseException:
+            await sandbox.kill("boot failed")
+            raise
+        (home / "meta.json").write_text(json.dumps({
+            "id": sandbox_id, "template": template.name, "limits": limits.to_dict(), "env": env}))
+        return sandbox
+
+    @staticmethod
+    async def _expect_ready(sandbox: GVisorSandbox) -> None:
+        seen = set()
+        while "ready" not in seen:
+            item = await sandbox.channel.control.get()
+            if item is CLOSED:
+                raise SandboxCrashed("gVisor sandbox died while booting: " + str(sandbox.channel.closed_reason))
+            header, _ = item
+            if header.get("t") == "boot_error":
+                raise HostUnsupported(f"gVisor sandbox setup failed: {header.get('error')}")
+            seen.add(header.get("t"))
+
+    async def adopt_paused(self, sandbox_id: str) -> GVisorSandbox:
+        """A sandbox paused by an earlier process: rebuild its handle (resume() brings it back)."""
+        if not isinstance(sandbox_id, str) or not sandbox_id.startswith("sb-") or "/" in sandbox_id:
+            raise InvalidRequest(f"not a sandbox id: {sandbox_id!r}")
+        home = data_dir() / "sandboxes" / sandbox_id
+        if not (home / "image").is_dir() or not (home / "meta.json").exists():
+            raise SandboxNotFound(f"no paused gVisor sandbox {sandbox_id}")
+        meta = json.loads((home / "meta.json").read_text())
+        limits = Limits.build(meta["limits"])
+        cgroup = await asyncio.to_thread(cgroups.Cgroup, sandbox_id, _room_for_runsc(limits))
+        sandbox = GVisorSandbox(sandbox_id, limits, cgroup, home)
+        sandbox.template_name = meta["template"]
+        sandbox.paused = True
+        return sandbox
+
+
+def _room_for_runsc(limits: Limits) -> Limits:
+    return Limits.build({"pids": min(limits.pids + RUNSC_PIDS_ROOM, 1_000_000)}, base=limits)

@@ -1,0 +1,521 @@
+"""The remote flavour of the SDK: the same API as a local sandbox, over HTTP to a Sandlot server (httpx).
+
+``AsyncSandbox(api_url=..., api_key=...)`` (or SANDLOT_API_URL / SANDLOT_API_KEY) builds an
+:class:`AsyncRemoteSandbox`; the sync ``Sandbox`` wraps it like any other. Output callbacks fire as the
+server streams NDJSON events; the server's errors come back as the same exceptions a local sandbox raises.
+
+A remote sandbox is not tied to this process: it lives on the server until it is killed (``with`` blocks
+kill on exit) or times out, and ``Sandbox.connect(sandbox_id)`` reattaches to it from anywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import json
+import os
+import weakref
+from datetime import datetime
+from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Optional, Union
+from urllib.parse import quote
+
+import httpx
+
+from ._exceptions import (AuthError, FileError, HostUnsupported, InvalidRequest, QuotaExceeded, SandboxCrashed,
+                          SandboxNotFound, SandlotError, TimeoutError)
+from ._limits import Limits
+from ._models import CommandResult, EntryInfo, Execution, ExecutionError, Result, SandboxInfo, SandboxMetrics, Usage
+from ._sandbox import AsyncCommandHandle, AsyncFiles, AsyncSandbox, OutputHandler, ResultHandler, _call, _chunks
+
+ENV_URL = "SANDLOT_API_URL"
+ENV_KEY = "SANDLOT_API_KEY"
+# Streams carry a ping at least every 15 s (the server's heartbeat), so a silent minute means a dead peer.
+_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
+_UPLOAD_TIMEOUT = httpx.Timeout(60.0, connect=10.0, write=None)
+
+_BY_NAME = {cls.__name__: cls for cls in (SandlotError, InvalidRequest, SandboxNotFound, TimeoutError, SandboxCrashed,
+                                          AuthError, QuotaExceeded, HostUnsupported, FileError)}
+_BY_STATUS = {400: InvalidRequest, 401: AuthError, 403: AuthError, 404: SandboxNotFound, 408: TimeoutError,
+              409: InvalidRequest, 410: SandboxCrashed, 413: InvalidRequest, 415: InvalidRequest,
+              422: InvalidRequest, 429: QuotaExceeded}
+
+
+def _exception(status: int, detail: Mapping[str, Any]) -> SandlotError:
+    """The server's error as the exception a local sandbox would have raised."""
+    message = str(detail.get("message") or f"the server answered HTTP {status}")
+    cls = _BY_NAME.get(str(detail.get("type"))) or _BY_STATUS.get(status) or SandlotError
+    if cls is FileError:
+        errno = detail.get("errno")
+        return FileError(message, errno=errno if isinstance(errno, int) else None, path=detail.get("path"))
+    if cls is SandboxCrashed:
+        return SandboxCrashed(message, limit=detail.get("limit"))
+    if cls is QuotaExceeded:
+        return QuotaExceeded(message, retry_after=detail.get("retry_after"))
+    return cls(message)
+
+
+def _error_of(response: httpx.Response) -> SandlotError:
+    try:
+        detail = response.json().get("error")
+    except (ValueError, AttributeError):
+        detail = None
+    if not isinstance(detail, dict):
+        detail = {"message": f"HTTP {response.status_code}: {response.text[:300]}"}
+    return _exception(response.status_code, detail)
+
+
+class _Server:
+    """One server (URL and key). Its httpx client is per event loop: an AsyncClient belongs to its loop."""
+
+    _clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict]" = weakref.WeakKeyDictionary()
+
+    def __init__(self, api_url: Optional[str], api_key: Optional[str]) -> None:
+        url = api_url or os.environ.get(ENV_URL)
+        if not url:
+            raise InvalidRequest(f"no Sandlot server given: pass api_url= or set {ENV_URL}")
+        if not url.startswith(("http://", "https://")):
+            raise InvalidRequest(f"api_url must start with http:// or https://, got {url!r}")
+        self.url = url.rstrip("/")
+        self.key = api_key if api_key is not None else os.environ.get(ENV_KEY)
+
+    def client(self) -> httpx.AsyncClient:
+        clients = self._clients.setdefault(asyncio.get_running_loop(), {})
+        client = clients.get((self.url, self.key))
+        if client is None or client.is_closed:
+            from . import __version__
+
+            headers = {"User-Agent": f"sandlot-python/{__version__}"}
+            if self.key:
+                headers["Authorization"] = f"Bearer {self.key}"
+            client = clients[(self.url, self.key)] = httpx.AsyncClient(
+                base_url=self.url, headers=headers, timeout=_TIMEOUT,
+                limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
+        return client
+
+    @contextlib.contextmanager
+    def _transport_errors(self):
+        try:
+            yield
+        except httpx.TimeoutException as exc:
+            raise TimeoutError(f"the Sandlot server at {self.url} did not answer in time ({type(exc).__name__})") from None
+        except httpx.TransportError as exc:
+            raise SandlotError(f"lost the Sandlot server at {self.url}: {type(exc).__name__}: {exc}") from None
+
+    async def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        with self._transport_errors():
+            response = await self.client().request(method, path, **kwargs)
+        if response.status_code >= 400:
+            raise _error_of(response)
+        return response
+
+    @contextlib.asynccontextmanager
+    async def stream(self, method: str, path: str, **kwargs: Any) -> AsyncIterator[httpx.Response]:
+        with self._transport_errors():
+            async with self.client().stream(method, path, **kwargs) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    raise _error_of(response)
+                yield response
+
+    async def events(self, method: str, path: str, handlers: Mapping[str, Callable[[dict], Awaitable[None]]],
+                     **kwargs: Any) -> dict:
+        """Follow an NDJSON stream: each event goes to its handler; returns the final ``end`` event."""
+        async with self.stream(method, path, **kwargs) as response:
+            async for raw in response.aiter_lines():
+                if not raw.strip():
+                    continue
+                try:
+                    event = json.loads(raw)
+                except ValueError:
+                    raise SandlotError(f"the server sent a malformed event: {raw[:200]!r}") from None
+                kind = event.get("type")
+                if kind == "end":
+                    return event
+                if kind == "exception":
+                    raise _exception(200, event.get("error") or {})
+                handler = handlers.get(kind)
+                if handler is not None:
+                    await handler(event)
+        raise SandlotError(f"the server at {self.url} ended the stream before the call finished")
+
+
+# -- conversions from the wire -------------------------------------------------------------------------
+def _fields(cls: type, raw: Mapping[str, Any]) -> dict:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in raw.items() if k in names}  # newer servers may add fields
+
+
+def _result(raw: Mapping[str, Any]) -> Result:
+    return Result(**_fields(Result, raw))
+
+
+def _usage(raw: Optional[Mapping[str, Any]]) -> Usage:
+    return Usage(**_fields(Usage, raw or {}))
+
+
+def _entry(raw: Mapping[str, Any]) -> EntryInfo:
+    return EntryInfo(**_fields(EntryInfo, raw))
+
+
+def _when(raw: Optional[str]) -> Optional[datetime]:
+    return None if raw is None else datetime.fromisoformat(raw.replace("Z", "+00:00"))
+
+
+def _info(raw: Mapping[str, Any]) -> SandboxInfo:
+    return SandboxInfo(sandbox_id=raw["sandbox_id"], template=raw["template"], status=raw["status"],
+                       metadata=dict(raw.get("metadata") or {}), limits=dict(raw.get("limits") or {}),
+                       created_at=_when(raw["created_at"]), expires_at=_when(raw.get("expires_at")),
+                       ended_at=_when(raw.get("ended_at")), end_reason=raw.get("end_reason"))
+
+
+def _limits_body(limits: Union[Limits, Mapping[str, Any], None]) -> Optional[dict]:
+    if limits is None:
+        return None
+    return limits.to_dict() if isinstance(limits, Limits) else dict(limits)
+
+
+def _stdin_body(data: Union[str, bytes]) -> dict:
+    if isinstance(data, str):
+        return {"data": data, "base64": False}
+    return {"data": base64.b64encode(bytes(data)).decode(), "base64": True}
+
+
+async def _execute(server: _Server, path: str, body: dict, on_stdout: Optional[OutputHandler],
+                   on_stderr: Optional[OutputHandler], on_result: Optional[ResultHandler]) -> Execution:
+    """Run code through a streaming endpoint, firing the callbacks as events arrive."""
+    execution = Execution()
+
+    async def stdout(event: dict) -> None:
+        execution.logs.stdout.append(event["text"])
+        await _call(on_stdout, event["text"])
+
+    async def stderr(event: dict) -> None:
+        execution.logs.stderr.append(event["text"])
+        await _call(on_stderr, event["text"])
+
+    async def result(event: dict) -> None:
+        value = _result(event["result"])
+        execution.results.append(value)
+        await _call(on_result, value)
+
+    async def error(event: dict) -> None:
+        execution.error = ExecutionError(**_fields(ExecutionError, event["error"]))
+
+    end = await server.events("POST", path, {"stdout": stdout, "stderr": stderr, "result": result, "error": error},
+                              json=dict(body, stream=True))
+    count = end.get("execution_count")
+    execution.execution_count = count if isinstance(count, int) else None
+    execution.usage = _usage(end.get("usage"))
+    execution.truncated = bool(end.get("truncated"))
+    return execution
+
+
+def _check_env(env: Optional[Mapping[str, str]]) -> None:
+    if env is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        raise InvalidRequest("env must map strings to strings")
+
+
+def _check_call_timeout(timeout: Optional[float]) -> None:
+    if timeout is not None:
+        Limits.build({"timeout": timeout})  # the same message as a local sandbox, before any request
+
+
+class AsyncRemoteSandbox(AsyncSandbox):
+    """A sandbox on a Sandlot server. Same methods as the local :class:`AsyncSandbox`."""
+
+    _dies_with_owner = False
+
+    def __init__(self, template: str = "python", *, timeout: Optional[float] = None,
+                 limits: Union[Limits, Mapping[str, Any], None] = None, env: Optional[Mapping[str, str]] = None,
+                 metadata: Optional[Mapping[str, str]] = None, isolation: str = "process",
+                 api_url: Optional[str] = None, api_key: Optional[str] = None, on_idle: str = "kill") -> None:
+        if on_idle != "kill":
+            raise InvalidRequest("on_idle='pause' is not offered through the server yet")
+        if not isinstance(template, str):
+            raise InvalidRequest("template must be a string")
+        built = Limits.build(limits)  # bad limits fail here, as they would locally
+        if timeout is not None:
+            built = Limits.build({"lifetime": timeout}, base=built)
+        _check_env(env)
+        self._bind(_Server(api_url, api_key))
+        self.template = template
+        self.limits = built
+        self.env = dict(env or {})
+        self.metadata = dict(metadata or {})
+        self.isolation = isolation
+        self._create_body = {"template": template, "timeout": timeout, "limits": _limits_body(limits),
+                             "env": self.env or None, "metadata": self.metadata or None, "isolation": isolation}
+
+    def _bind(self, server: _Server) -> None:
+        self._server = server
+        self._id: Optional[str] = None
+        self._ended: Optional[str] = None
+        self.commands = AsyncRemoteCommands(self)
+        self.files = AsyncRemoteFiles(self)
+
+    def _adopt(self, raw: Mapping[str, Any]) -> None:
+        info = _info(raw)
+        self._id = info.sandbox_id
+        self.template = info.template
+        self.metadata = info.metadata
+        self.limits = Limits(**_fields(Limits, info.limits))
+
+    # -- not (yet) offered by the server API -------------------------------------------------------
+    async def pause(self):  # type: ignore[override]
+        raise InvalidRequest("pause() is not offered through the server yet; use a local gVisor sandbox")
+
+    async def resume(self):  # type: ignore[override]
+        raise InvalidRequest("resume() is not offered through the server yet; use a local gVisor sandbox")
+
+    async def interrupt(self) -> None:
+        raise InvalidRequest("interrupt() is not offered through the server yet; the call's timeout stops code")
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    async def start(self) -> "AsyncRemoteSandbox":
+        if self._id is None:
+            self._adopt((await self._server.request("POST", "/v1/sandboxes", json=self._create_body)).json())
+        return self
+
+    @classmethod
+    async def connect(cls, sandbox_id: str, *, api_url: Optional[str] = None,
+                      api_key: Optional[str] = None) -> "AsyncRemoteSandbox":
+        server = _Server(api_url, api_key)
+        if not isinstance(sandbox_id, str) or not sandbox_id:
+            raise InvalidRequest("sandbox_id must be a non-empty string")
+        raw = (await server.request("GET", f"/v1/sandboxes/{quote(sandbox_id, safe='')}")).json()
+        if raw["status"] != "running":
+            raise SandboxNotFound(f"sandbox {sandbox_id} is {raw['status']}: {raw.get('end_reason')}")
+        sandbox = cls.__new__(cls)
+        sandbox._bind(server)
+        sandbox.env, sandbox.isolation, sandbox._create_body = {}, "process", {}
+        sandbox._adopt(raw)
+        return sandbox
+
+    @classmethod
+    async def list(cls, metadata: Optional[Mapping[str, str]] = None, *, status: str = "running",
+                   api_url: Optional[str] = None, api_key: Optional[str] = None) -> "list[SandboxInfo]":
+        server = _Server(api_url, api_key)
+        params = [("metadata", f"{k}={v}") for k, v in (metadata or {}).items()]
+        params += [("status", status), ("limit", "1000")]
+        return [_info(raw) for raw in (await server.request("GET", "/v1/sandboxes", params=params)).json()]
+
+    @property
+    def sandbox_id(self) -> str:
+        if self._id is None:
+            raise SandboxNotFound("the sandbox has not been started (use `with Sandbox()` or `.create()`)")
+        return self._id
+
+    @property
+    def is_running(self) -> bool:
+        """As far as this client knows (no request is made): started, not killed, not found gone."""
+        return self._id is not None and self._ended is None
+
+    @property
+    def end_reason(self) -> Optional[str]:
+        return self._ended
+
+    @property
+    def end_limit(self) -> Optional[str]:
+        return None
+
+    async def kill(self) -> None:
+        """End the sandbox on the server. Safe to call twice."""
+        if self._id is not None and self._ended is None:
+            try:
+                await self._server.request("DELETE", self._path(""))
+            except SandboxNotFound:
+                pass
+        self._ended = self._ended or "killed by its owner"
+
+    async def set_timeout(self, seconds: float) -> None:
+        Limits.build({"lifetime": seconds})
+        await self._http("POST", "/timeout", json={"timeout": seconds})
+
+    async def keep_alive(self) -> None:
+        await self._http("POST", "/keepalive")
+
+    async def metrics(self) -> SandboxMetrics:
+        return SandboxMetrics(**_fields(SandboxMetrics, (await self._http("GET", "/metrics")).json()))
+
+    # -- plumbing --------------------------------------------------------------------------------------
+    def _path(self, suffix: str) -> str:
+        return f"/v1/sandboxes/{quote(self.sandbox_id, safe='')}{suffix}"
+
+    @contextlib.contextmanager
+    def _tracking(self):
+        """A sandbox the server calls gone (or dead) is not running any more, as far as we know."""
+        try:
+            yield
+        except (SandboxNotFound, SandboxCrashed) as exc:
+            self._ended = self._ended or str(exc)
+            raise
+
+    async def _http(self, method: str, suffix: str, **kwargs: Any) -> httpx.Response:
+        if self._id is None:
+            raise SandboxNotFound("the sandbox has not been started (use `with Sandbox()` or `.create()`)")
+        with self._tracking():
+            return await self._server.request(method, self._path(suffix), **kwargs)
+
+    # -- code --------------------------------------------------------------------------------------
+    async def run_code(self, code: str, *, timeout: Optional[float] = None,
+                       on_stdout: Optional[OutputHandler] = None, on_stderr: Optional[OutputHandler] = None,
+                       on_result: Optional[ResultHandler] = None) -> Execution:
+        if not isinstance(code, str):
+            raise InvalidRequest("code must be a string")
+        _check_call_timeout(timeout)
+        with self._tracking():
+            return await _execute(self._server, self._path("/code"), {"code": code, "timeout": timeout},
+                                  on_stdout, on_stderr, on_result)
+
+
+async def run_once(code: str, *, template: str = "python", timeout: Optional[float] = None, limits: Any = None,
+                   env: Optional[Mapping[str, str]] = None, api_url: Optional[str] = None,
+                   api_key: Optional[str] = None, on_stdout: Optional[OutputHandler] = None,
+                   on_stderr: Optional[OutputHandler] = None, on_result: Optional[ResultHandler] = None) -> Execution:
+    """Stateless, on a server: one request, a fresh sandbox that is gone afterwards."""
+    if not isinstance(code, str):
+        raise InvalidRequest("code must be a string")
+    _check_call_timeout(timeout)
+    _check_env(env)
+    Limits.build(limits)
+    body = {"code": code, "template": template, "timeout": timeout, "limits": _limits_body(limits),
+            "env": dict(env) if env else None}
+    return await _execute(_Server(api_url, api_key), "/v1/run", body, on_stdout, on_stderr, on_result)
+
+
+class AsyncRemoteCommandHandle(AsyncCommandHandle):
+    """A background command on the server; its output streams in from the start, so ``stdout`` and
+    ``stderr`` grow as it runs and callbacks fire, as with a local handle."""
+
+    def __init__(self, sandbox: AsyncRemoteSandbox, raw: Mapping[str, Any], on_stdout: Optional[OutputHandler],
+                 on_stderr: Optional[OutputHandler]) -> None:
+        self._sandbox = sandbox
+        self.command_id: str = raw["command_id"]
+        self.pid: Optional[int] = raw.get("pid")
+        self._chunks: dict[str, list[str]] = {"stdout": [], "stderr": []}
+        self._handlers = {"stdout": on_stdout, "stderr": on_stderr}
+        self._task = asyncio.get_running_loop().create_task(self._follow())
+
+    @property
+    def stdout(self) -> str:
+        return "".join(self._chunks["stdout"])
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self._chunks["stderr"])
+
+    def _url(self, suffix: str = "") -> str:
+        return self._sandbox._path(f"/commands/{quote(self.command_id, safe='')}{suffix}")
+
+    async def _follow(self) -> CommandResult:
+        async def output(event: dict) -> None:
+            self._chunks[event["type"]].append(event["text"])
+            await _call(self._handlers[event["type"]], event["text"])
+
+        end = await self._sandbox._server.events("GET", self._url("/stream"), {"stdout": output, "stderr": output})
+        return CommandResult(exit_code=end.get("exit_code"), stdout=self.stdout, stderr=self.stderr,
+                             error=end.get("error"), usage=_usage(end.get("usage")), truncated=bool(end.get("truncated")))
+
+    async def wait(self) -> CommandResult:
+        return await asyncio.shield(self._task)
+
+    async def kill(self, signal: int = 9) -> None:
+        await self._sandbox._server.request("POST", self._url("/kill"), json={"signal": int(signal)})
+
+    async def send_stdin(self, data: Union[str, bytes], close: bool = False) -> None:
+        await self._sandbox._server.request("POST", self._url("/stdin"), json=dict(_stdin_body(data), close=close))
+
+
+class AsyncRemoteCommands:
+    def __init__(self, sandbox: AsyncRemoteSandbox) -> None:
+        self._sandbox = sandbox
+
+    async def run(self, cmd: str, *, timeout: Optional[float] = None, env: Optional[Mapping[str, str]] = None,
+                  cwd: Optional[str] = None, stdin: Union[str, bytes, None] = None,
+                  on_stdout: Optional[OutputHandler] = None, on_stderr: Optional[OutputHandler] = None,
+                  background: bool = False) -> Union[CommandResult, AsyncRemoteCommandHandle]:
+        if not isinstance(cmd, str) or not cmd.strip():
+            raise InvalidRequest("cmd must be a non-empty string")
+        _check_env(env)
+        _check_call_timeout(timeout)
+        body: dict[str, Any] = {"cmd": cmd, "timeout": timeout, "env": dict(env) if env else None, "cwd": cwd}
+        if stdin is not None:
+            encoded = _stdin_body(stdin)
+            body.update(stdin=encoded["data"], stdin_base64=encoded["base64"])
+        sandbox = self._sandbox
+        if background:
+            raw = (await sandbox._http("POST", "/commands", json=dict(body, background=True))).json()
+            return AsyncRemoteCommandHandle(sandbox, raw, on_stdout, on_stderr)
+        chunks: dict[str, list[str]] = {"stdout": [], "stderr": []}
+        handlers = {"stdout": on_stdout, "stderr": on_stderr}
+
+        async def output(event: dict) -> None:
+            chunks[event["type"]].append(event["text"])
+            await _call(handlers[event["type"]], event["text"])
+
+        with sandbox._tracking():
+            end = await sandbox._server.events("POST", sandbox._path("/commands"), {"stdout": output, "stderr": output},
+                                               json=dict(body, stream=True))
+        return CommandResult(exit_code=end.get("exit_code"), stdout="".join(chunks["stdout"]),
+                             stderr="".join(chunks["stderr"]), error=end.get("error"), usage=_usage(end.get("usage")),
+                             truncated=bool(end.get("truncated")))
+
+
+class AsyncRemoteFiles:
+    """Files inside the remote sandbox; uploads and downloads stream, whatever their size."""
+
+    def __init__(self, sandbox: AsyncRemoteSandbox) -> None:
+        self._sandbox = sandbox
+
+    async def write(self, path: str, data: Union[str, bytes, Any], *, append: bool = False) -> EntryInfo:
+        path = AsyncFiles._path(path)
+        if isinstance(data, str):
+            content: Any = data.encode()
+        elif isinstance(data, (bytes, bytearray, memoryview)):
+            content = bytes(data)
+        elif hasattr(data, "read") or hasattr(data, "__aiter__") or hasattr(data, "__iter__"):
+            content = _chunks(data)  # streamed with chunked transfer encoding
+        else:
+            raise InvalidRequest("data must be str, bytes, a file object or an iterable of bytes")
+        response = await self._sandbox._http("PUT", "/files", params={"path": path, "append": str(append).lower()},
+                                                content=content, timeout=_UPLOAD_TIMEOUT)
+        return _entry(response.json())
+
+    async def read(self, path: str, *, format: str = "text") -> Union[str, bytes, AsyncIterator[bytes]]:
+        if format not in ("text", "bytes", "stream"):
+            raise InvalidRequest("format must be 'text', 'bytes' or 'stream'")
+        stream = self._stream(AsyncFiles._path(path))
+        if format == "stream":
+            return stream
+        data = bytearray()
+        async for chunk in stream:
+            data += chunk
+        return data.decode() if format == "text" else bytes(data)
+
+    async def _stream(self, path: str) -> AsyncIterator[bytes]:
+        sandbox = self._sandbox
+        with sandbox._tracking():
+            async with sandbox._server.stream("GET", sandbox._path("/files"), params={"path": path}) as response:
+                async for chunk in response.aiter_bytes():
+                    yield chunk
+
+    async def list(self, path: str = "/home/user", *, depth: int = 1) -> "list[EntryInfo]":
+        response = await self._sandbox._http("GET", "/files/list",
+                                                params={"path": AsyncFiles._path(path), "depth": max(1, min(int(depth), 32))})
+        return [_entry(raw) for raw in response.json()]
+
+    async def stat(self, path: str) -> EntryInfo:
+        return _entry((await self._sandbox._http("GET", "/files/stat", params={"path": AsyncFiles._path(path)})).json())
+
+    async def exists(self, path: str) -> bool:
+        response = await self._sandbox._http("GET", "/files/exists", params={"path": AsyncFiles._path(path)})
+        return bool(response.json()["exists"])
+
+    async def remove(self, path: str) -> None:
+        await self._sandbox._http("DELETE", "/files", params={"path": AsyncFiles._path(path)})
+
+    async def mkdir(self, path: str) -> bool:
+        response = await self._sandbox._http("POST", "/files/mkdir", json={"path": AsyncFiles._path(path)})
+        return bool(response.json()["created"])

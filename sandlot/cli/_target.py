@@ -1,0 +1,110 @@
+"""Where sandboxes come from: this machine, or a Sandlot server (--api-url / SANDLOT_API_URL).
+
+The SDK gives one API for both (``Sandbox(api_url=..., api_key=...)``), so commands only ever see
+a ``Sandbox``; this module is the one place that knows which kind it asked for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Optional, TypeVar
+
+import click
+
+from .._sync import Sandbox
+from ._common import fail_usage, spinner
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    api_url: Optional[str] = None
+    api_key: Optional[str] = None
+
+    @property
+    def remote(self) -> bool:
+        return bool(self.api_url)
+
+    def credentials(self) -> dict[str, Optional[str]]:
+        """SDK arguments: ``api_url=""`` pins a local sandbox (the SDK would otherwise read the env again)."""
+        return {"api_url": self.api_url or "", "api_key": self.api_key}
+
+    def require_server(self, command: str) -> None:
+        if not self.remote:
+            fail_usage(f"`sandlot {command}` works on a Sandlot server's sandboxes: pass --api-url URL "
+                       "(and --api-key) or set SANDLOT_API_URL / SANDLOT_API_KEY. Start a server with `sandlot serve`.")
+
+
+def target_options(f: F) -> F:
+    """--api-url / --api-key, read from SANDLOT_API_URL / SANDLOT_API_KEY when not given."""
+    f = click.option("--api-key", envvar="SANDLOT_API_KEY", metavar="KEY", show_envvar=True,
+                     help="API key for the server.")(f)
+    f = click.option("--api-url", envvar="SANDLOT_API_URL", metavar="URL", show_envvar=True,
+                     help="Sandlot server to use; without it sandboxes run on this machine.")(f)
+    return f
+
+
+def make_target(api_url: Optional[str], api_key: Optional[str]) -> Target:
+    return Target(api_url or None, api_key or None)
+
+
+def _tune_for_one_sandbox(template: str) -> None:
+    """A CLI process creates one sandbox and exits: neither a zygote nor a warm pool can pay off.
+
+    A zygote preloads the whole data-science stack (about 3 s) to make *later* forks instant, and
+    a pool boots spare sandboxes nobody will claim; a direct exec starts in about 0.3 s and imports
+    only what the code uses. Explicit settings in the environment still win.
+    """
+    os.environ.setdefault("SANDLOT_ZYGOTE", "0")
+    if "SANDLOT_POOL_MIN" not in os.environ:
+        from .._pool import configure_pool
+
+        configure_pool(template, min_ready=0)
+
+
+def create_sandbox(target: Target, template: str = "python", *, limits: Any = None, env: Any = None,
+                   metadata: Any = None, timeout: Optional[float] = None, quiet: bool = False) -> Sandbox:
+    """A new sandbox, local or on the server; a spinner shows while it starts."""
+    kwargs: dict[str, Any] = {"limits": limits, "env": env, "metadata": metadata, "timeout": timeout}
+    kwargs.update(target.credentials())
+    if not target.remote:
+        _tune_for_one_sandbox(template)
+    where = f" on {target.api_url}" if target.remote else ""
+    with spinner(f"Starting a {template} sandbox{where}…", enabled=not quiet):
+        return Sandbox(template, **kwargs)
+
+
+def connect_sandbox(target: Target, sandbox_id: str, command: str, *, quiet: bool = False) -> Sandbox:
+    """Attach to a live sandbox on the server (only servers keep sandboxes between commands)."""
+    target.require_server(command)
+    with spinner(f"Connecting to {sandbox_id}…", enabled=not quiet):
+        return Sandbox.connect(sandbox_id, **target.credentials())
+
+
+def list_sandboxes(target: Target, metadata: Optional[dict[str, str]] = None, status: str = "running") -> list[Any]:
+    target.require_server("ls")
+    return list(Sandbox.list(metadata or None, status=status, **target.credentials()))
+
+
+def interrupt(sandbox: Sandbox) -> bool:
+    """Interrupt the code running in ``sandbox`` (a KeyboardInterrupt in the session). False if not possible.
+
+    The SDK has no public ``interrupt()`` yet (it interrupts only at a call's timeout), so for a
+    local sandbox this sends the engine's own interrupt frame on the sandbox's channel, which is
+    exactly what the timeout path sends. Prefer the public method as soon as the SDK grows one.
+    """
+    method = getattr(sandbox, "interrupt", None)
+    if callable(method):
+        method()
+        return True
+    proc = getattr(getattr(sandbox, "_async", None), "_proc", None)
+    channel = getattr(proc, "channel", None)
+    if channel is None or not getattr(channel, "is_open", False):
+        return False
+    from .._sync import run_sync
+
+    # The agent interrupts whatever cell is current; the request id is not looked at.
+    run_sync(channel.send({"t": "interrupt", "id": 0}))
+    return True

@@ -1,0 +1,129 @@
+"""`sandlot serve`, `sandlot keys` and `sandlot mcp`: running and administering the service.
+
+The server package (FastAPI, uvicorn) is imported only when these commands run, so `sandlot run`
+and `sandlot shell` start fast. `keys` opens the server's database directly (no HTTP): run it on the
+server's machine, as the user the server runs as.
+"""
+
+from __future__ import annotations
+
+import datetime
+import sys
+from typing import Any, Callable, Optional
+
+import click
+from rich.markup import escape
+from rich.table import Table
+
+from ._common import EXIT_SANDLOT, err, json_option, out, print_json, to_jsonable
+from ._target import make_target, target_options
+
+_DB_HELP = "SQLite database of the server (tenants, keys, sandboxes, audit log)."
+
+
+def db_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--db", "db_path", envvar="SANDLOT_DB", metavar="PATH", show_envvar=True,
+                        help=_DB_HELP + " [default: the server's, see `sandlot serve --help`]")(f)
+
+
+def _when(epoch: Optional[float]) -> str:
+    return "" if epoch is None else datetime.datetime.fromtimestamp(epoch).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@click.command(short_help="Run the HTTP server (REST, /mcp, /metrics, /docs).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind. Loopback by default: put a TLS proxy in front to serve a network.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="TCP port.")
+@db_option
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["critical", "error", "warning", "info", "debug"]))
+@click.option("--no-mcp", is_flag=True, help="Do not serve MCP (streamable HTTP) at /mcp.")
+def serve(host: str, port: int, db_path: Optional[str], log_level: str, no_mcp: bool) -> None:
+    """Run the Sandlot HTTP server: REST + streaming, MCP at /mcp, /metrics, OpenAPI at /docs.
+
+    Every request needs an API key (`sandlot keys create --tenant NAME`). Stops cleanly on Ctrl-C
+    or SIGTERM, ending every live sandbox.
+    """
+    from .. import server
+
+    mounts = []
+    if not no_mcp:
+        from ..mcp_hosted import server_mount
+
+        mounts.append(server_mount(host=host))
+    err.print(escape(f"Sandlot server on http://{host}:{port} (database {db_path or server.default_db_path()})"
+                     + ("" if no_mcp else f"; MCP at http://{host}:{port}/mcp/")))
+    server.serve(host=host, port=port, db_path=db_path, log_level=log_level, mounts=mounts)
+
+
+@click.group(short_help="Create, list and revoke API keys.")
+def keys() -> None:
+    """Manage API keys (opens the server's database directly: run it on the server's machine)."""
+
+
+@keys.command(name="create")
+@click.option("--tenant", required=True, metavar="NAME", help="Tenant the key acts for (created if new).")
+@db_option
+@json_option
+def keys_create(tenant: str, db_path: Optional[str], as_json: bool) -> None:
+    """Create an API key for a tenant. The key is printed once; only its hash is stored."""
+    from .. import server
+
+    key = server.create_key(tenant, db_path)
+    if as_json:
+        print_json({"tenant": tenant, "key": key})
+        return
+    err.print(f"API key for tenant [bold]{escape(tenant)}[/] (shown only this once; use it as SANDLOT_API_KEY):")
+    click.echo(key)
+
+
+@keys.command(name="ls")
+@click.option("--tenant", metavar="NAME", help="Only this tenant's keys.")
+@db_option
+@json_option
+def keys_ls(tenant: Optional[str], db_path: Optional[str], as_json: bool) -> None:
+    """List API keys: ids, tenants, hints, when created, last used, revoked (never the keys)."""
+    from .. import server
+
+    rows = server.list_keys(tenant, db_path)
+    if as_json:
+        print_json(to_jsonable(rows))
+        return
+    if not rows:
+        err.print("no API keys: create one with `sandlot keys create --tenant NAME`")
+        return
+    table = Table(box=None, pad_edge=False)
+    for column in ("KEY ID", "TENANT", "HINT", "CREATED", "LAST USED", "REVOKED"):
+        table.add_column(column)
+    for k in rows:
+        table.add_row(escape(k.key_id), escape(k.tenant), escape(k.hint), _when(k.created_at), _when(k.last_used_at),
+                      _when(k.revoked_at) or "[green]active[/]")
+    out.print(table)
+
+
+@keys.command(name="revoke")
+@click.argument("key_id", metavar="KEY_ID")
+@db_option
+def keys_revoke(key_id: str, db_path: Optional[str]) -> None:
+    """Revoke an API key (by its id, or the key itself); requests with it fail from now on."""
+    from .. import server
+
+    if not server.revoke_key(key_id, db_path):
+        err.print(f"[red]error:[/] no active API key {escape(repr(key_id))}")
+        sys.exit(EXIT_SANDLOT)
+    err.print(f"revoked {escape(key_id)}")
+
+
+@click.command(short_help="Serve MCP over stdio, for agents (Claude Desktop, IDEs).")
+@click.option("--template", default="python", show_default=True, help="Template of the sandboxes it creates.")
+@target_options
+def mcp(template: str, api_url: Optional[str], api_key: Optional[str]) -> None:
+    """Serve MCP over stdio, for an agent (Claude Desktop, an IDE...).
+
+    Tools: run_code, create_session, close_session, run_command, write_file, read_file, list_files.
+    Sandboxes run on this machine, or on a server with --api-url. The README has the client config.
+    """
+    from .. import mcp_server
+
+    target = make_target(api_url, api_key)
+    mcp_server.run_stdio(mcp_server.LocalSandboxes(template, **target.credentials()))

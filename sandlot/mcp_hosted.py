@@ -1,0 +1,144 @@
+"""The MCP endpoint of the Sandlot server: ``/mcp`` over streamable HTTP, behind the server's API keys.
+
+``sandlot serve`` passes ``server_mount()`` to ``sandlot.server.serve(mounts=[...])``. MCP sandboxes
+are made by the server's own registry, so tenants' quotas, the audit log, ``sandlot ls`` and the reaper
+cover them like any other; a tenant's MCP sessions are invisible to every other tenant.
+
+The dependency points one way: this client-layer module uses the server package, never the reverse.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Hashable, Optional
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .mcp_server import build_mcp_app
+from .server import Mount
+
+_STATE = "sandlot.state"  # where the outer app's server state is kept for the MCP handlers
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerCaller:
+    """An authenticated tenant, with the server state (registry, store, metrics) that serves it."""
+
+    tenant: Any  # sandlot.server.Tenant
+    state: Any  # sandlot.server.deps.ServerState
+
+    @property
+    def key(self) -> Hashable:
+        return ("tenant", self.tenant.id)  # every key of one tenant sees the same sessions
+
+    def audit(self, action: str, sandbox_id: Optional[str], detail: Optional[str]) -> None:
+        self.state.store.audit(self.tenant.name, action, sandbox_id, detail, self.tenant.key_id)
+
+
+class _HostedSandbox:
+    """A registry session's sandbox, used as the REST routes use it: work is audited and measured, and
+    ending or extending it goes through the registry (the tenant's quota is freed, the audit log says who)."""
+
+    def __init__(self, session: Any, caller: ServerCaller) -> None:
+        self._session = session
+        self._caller = caller
+        self.commands = _HostedCommands(self)
+        self.files = _HostedFiles(self)
+
+    def __getattr__(self, name: str) -> Any:  # sandbox_id, is_running, end_reason...
+        return getattr(self._session.sandbox, name)
+
+    @property
+    def _audit_id(self) -> Optional[str]:
+        return None if self._session.one_shot else self._session.id
+
+    async def run_code(self, code: str, **kwargs: Any) -> Any:
+        self._caller.audit("run_once" if self._session.one_shot else "run_code", self._audit_id, code[:1000])
+        execution = await self._session.sandbox.run_code(code, **kwargs)
+        error = execution.error
+        self._caller.state.metrics.execution("code", execution.usage.wall_seconds, error.limit if error else None,
+                                             error is not None)
+        return execution
+
+    async def kill(self) -> None:
+        if self._session.one_shot:
+            await self._caller.state.registry.end_one_shot(self._session)
+        else:
+            await self._caller.state.registry.kill(self._caller.tenant, self._session.id)
+
+    async def set_timeout(self, seconds: float) -> None:
+        await self._caller.state.registry.set_timeout(self._caller.tenant, self._session.id, seconds)
+
+
+class _HostedCommands:
+    def __init__(self, hosted: _HostedSandbox) -> None:
+        self._hosted = hosted
+
+    async def run(self, cmd: str, **kwargs: Any) -> Any:
+        hosted = self._hosted
+        hosted._caller.audit("command", hosted._audit_id, cmd[:1000])
+        result = await hosted._session.sandbox.commands.run(cmd, **kwargs)
+        limit = None if result.error is None else ("timeout" if "timeout" in result.error else "other")
+        hosted._caller.state.metrics.execution("command", result.usage.wall_seconds, limit,
+                                               bool(result.exit_code) or bool(limit))
+        return result
+
+
+class _HostedFiles:
+    def __init__(self, hosted: _HostedSandbox) -> None:
+        self._hosted = hosted
+
+    def __getattr__(self, name: str) -> Any:  # read, list, stat: not audited, as over REST
+        return getattr(self._hosted._session.sandbox.files, name)
+
+    async def write(self, path: str, data: Any, **kwargs: Any) -> Any:
+        self._hosted._caller.audit("file_write", self._hosted._audit_id, path)
+        return await self._hosted._session.sandbox.files.write(path, data, **kwargs)
+
+    async def mkdir(self, path: str) -> bool:
+        self._hosted._caller.audit("mkdir", self._hosted._audit_id, path)
+        return await self._hosted._session.sandbox.files.mkdir(path)
+
+
+class RegistrySandboxes:
+    """The provider for the hosted endpoint: the server's registry, with the caller's tenant."""
+
+    async def create(self, caller: Optional[ServerCaller], *, one_shot: bool) -> Any:
+        if caller is None:  # the mount is authenticated; this would be a wiring bug, not a user error
+            raise RuntimeError("an MCP request reached the server's registry without a tenant")
+        metadata = None if one_shot else {"via": "mcp"}
+        session = await caller.state.registry.create(caller.tenant, one_shot=one_shot, metadata=metadata)
+        return _HostedSandbox(session, caller)
+
+    async def aclose(self) -> None:
+        """Nothing to do: the registry ends its sandboxes when the server stops."""
+
+
+def _caller(request: Any) -> Optional[ServerCaller]:
+    scope = getattr(request, "scope", None) or {}
+    tenant, state = scope.get("sandlot.tenant"), scope.get(_STATE)
+    if tenant is None or state is None:
+        return None
+    return ServerCaller(tenant, state)
+
+
+class _KeepServerState:
+    """Keeps the server's state in the scope: the mounted Starlette app replaces ``scope["app"]`` with
+    itself, and the MCP handlers still need the server's registry."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        outer = scope.get("app")
+        state = getattr(getattr(outer, "state", None), "sandlot", None)
+        if state is not None:
+            scope[_STATE] = state
+        await self.app(scope, receive, send)
+
+
+def server_mount(path: str = "/mcp", *, host: str = "127.0.0.1", max_sessions: int = 32) -> Mount:
+    """The authenticated ``/mcp`` mount for ``sandlot.server.serve(mounts=[...])``."""
+    app = build_mcp_app(RegistrySandboxes(), caller_of=_caller, host=host, max_sessions=max_sessions)
+    return Mount(path, _KeepServerState(app), authenticated=True,
+                 lifespan=lambda: app.router.lifespan_context(app))

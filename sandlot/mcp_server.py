@@ -1,0 +1,384 @@
+"""Sandlot as an MCP server (the official ``mcp`` SDK, v2): code, sessions, commands and files for agents.
+
+Two faces, one tool set:
+
+- ``sandlot mcp`` serves stdio (``run_stdio``) for desktop agents and IDEs;
+- ``build_mcp_app(provider, caller_of=...)`` returns a Starlette app speaking streamable HTTP; the
+  Sandlot server mounts it at ``/mcp`` behind its API keys (see ``mcp_hosted.server_mount``).
+
+A *session* is a live sandbox this MCP server keeps for the caller (variables persist across
+``run_code`` calls); it ends with ``close_session``, with the sandbox's own idle timeout or lifetime,
+or when the MCP server shuts down. Without ``session_id``, ``run_code`` and ``run_command`` use a
+fresh sandbox that is gone afterwards. Images the code displays come back as MCP image content;
+a failed program comes back as a tool error (``isError``) carrying its traceback.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import posixpath
+import time
+from typing import Any, AsyncIterator, Callable, Hashable, Optional, Protocol, Union
+
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp.types import CallToolResult, ImageContent, TextContent
+from typing_extensions import TypedDict  # pydantic needs this one on Python < 3.12
+
+from ._exceptions import SandboxNotFound, SandlotError
+
+Content = Union[TextContent, ImageContent]
+MAX_FILE_BYTES = 8 * 1024 * 1024  # read_file answers travel inside one JSON-RPC message
+_IMAGE_MAGIC = {b"\x89PNG\r\n\x1a\n": "image/png", b"\xff\xd8\xff": "image/jpeg", b"GIF8": "image/gif"}
+
+
+class SessionInfo(TypedDict):
+    session_id: str
+    home: str
+
+
+class FileInfo(TypedDict):
+    name: str
+    path: str
+    type: str
+    size: int
+    mtime: float
+
+
+class SandboxProvider(Protocol):
+    """Where the MCP server's sandboxes come from.
+
+    ``create(caller, one_shot=...)`` returns a started sandbox (an ``AsyncSandbox`` or anything with its
+    methods) whose ``kill()`` ends it; ``one_shot`` is True for a session-less call, which kills it
+    right after. ``caller`` is None on stdio and whatever ``caller_of(request)`` returned on HTTP.
+    ``aclose()`` runs when the MCP server stops.
+    """
+
+    async def create(self, caller: Any, *, one_shot: bool) -> Any: ...
+
+    async def aclose(self) -> None: ...
+
+
+CallerOf = Callable[[Any], Any]  # the HTTP request (Starlette) -> who is calling; None on stdio
+
+
+def caller_key(caller: Any) -> Hashable:
+    """Sessions are visible only to callers with the same key: ``caller.key`` if it has one, else itself."""
+    return getattr(caller, "key", caller)
+
+
+class LocalSandboxes:
+    """The default provider: sandboxes on this machine (or on a Sandlot server, given ``api_url``).
+
+    An MCP server lives long and creates many sandboxes, so it keeps the engine's fast path
+    (zygote and warm pool); ``aclose`` ends the pool's spare sandboxes and waits for cleanups.
+    """
+
+    def __init__(self, template: str = "python", *, api_url: Optional[str] = None,
+                 api_key: Optional[str] = None) -> None:
+        self.template = template
+        self.api_url = api_url or ""  # "": local, whatever SANDLOT_API_URL says
+        self.api_key = api_key
+
+    async def create(self, caller: Any, *, one_shot: bool) -> Any:
+        from ._sandbox import AsyncSandbox
+
+        return await AsyncSandbox.create(self.template, api_url=self.api_url, api_key=self.api_key)
+
+    async def aclose(self) -> None:
+        if self.api_url:
+            return
+        from ._backends.process import finish_cleanups
+        from ._pool import close_pools
+
+        await close_pools()
+        await finish_cleanups()
+
+
+@dataclasses.dataclass
+class _Session:
+    sandbox: Any
+    owner: Hashable
+    created: float
+
+
+class Sessions:
+    """Live sandboxes by session id (the sandbox id), each visible only to the caller that made it."""
+
+    def __init__(self, provider: SandboxProvider, max_per_caller: int = 32) -> None:
+        self.provider = provider
+        self.max_per_caller = max_per_caller
+        self._sessions: dict[str, _Session] = {}
+
+    async def create(self, caller: Any) -> Any:
+        owner = caller_key(caller)
+        if sum(1 for s in self._sessions.values() if s.owner == owner) >= self.max_per_caller:
+            raise ToolError(f"too many open sessions (at most {self.max_per_caller}); close one with close_session")
+        sandbox = await self.provider.create(caller, one_shot=False)
+        self._sessions[sandbox.sandbox_id] = _Session(sandbox, owner, time.time())
+        return sandbox
+
+    def get(self, caller: Any, session_id: str) -> Any:
+        session = self._sessions.get(session_id)
+        # Another caller's session is reported exactly like a missing one: no way to probe ids.
+        if session is None or session.owner != caller_key(caller):
+            raise ToolError(f"no session {session_id!r}: create one with create_session")
+        if not session.sandbox.is_running:
+            self._sessions.pop(session_id, None)
+            reason = getattr(session.sandbox, "end_reason", None) or "idle timeout, lifetime or a limit"
+            raise ToolError(f"session {session_id!r} has ended ({reason}); create a new one with create_session")
+        return session.sandbox
+
+    def forget(self, session_id: str) -> None:
+        self._sessions.pop(session_id, None)
+
+    async def close(self, caller: Any, session_id: str) -> None:
+        sandbox = self.get(caller, session_id)
+        self._sessions.pop(session_id, None)
+        await sandbox.kill()
+
+    async def close_all(self) -> None:
+        sessions, self._sessions = list(self._sessions.values()), {}
+        for session in sessions:
+            with contextlib.suppress(Exception):
+                await session.sandbox.kill()
+
+
+def _caller(ctx: Context, caller_of: Optional[CallerOf]) -> Any:
+    if caller_of is None:
+        return None
+    try:
+        request = ctx.request_context.request
+    except ValueError:
+        request = None
+    return caller_of(request)
+
+
+def scope_tenant(request: Any) -> Any:
+    """Default ``caller_of`` on HTTP: ``scope["sandlot.tenant"]``, where the server's auth puts the tenant."""
+    scope = getattr(request, "scope", None)
+    return scope.get("sandlot.tenant") if isinstance(scope, dict) else None
+
+
+def execution_content(execution: Any) -> CallToolResult:
+    """An Execution as MCP content: output, results (images as image content), then the error."""
+    blocks: list[Content] = []
+    stdout, stderr = "".join(execution.logs.stdout), "".join(execution.logs.stderr)
+    if stdout:
+        blocks.append(TextContent(type="text", text=stdout))
+    if stderr:
+        blocks.append(TextContent(type="text", text="[stderr]\n" + stderr))
+    for result in execution.results:
+        if result.png is not None:
+            blocks.append(ImageContent(type="image", data=result.png, mime_type="image/png"))
+        elif result.jpeg is not None:
+            blocks.append(ImageContent(type="image", data=result.jpeg, mime_type="image/jpeg"))
+        elif result.text is not None:
+            label = f"Out[{execution.execution_count}]: " if result.is_main_result and execution.execution_count else ""
+            blocks.append(TextContent(type="text", text=label + result.text))
+        elif result.svg is not None:
+            blocks.append(TextContent(type="text", text=result.svg))
+    error = execution.error
+    if error is not None:
+        trace = error.traceback.rstrip() if error.traceback.strip() else f"{error.name}: {error.value}"
+        if error.limit and error.value not in trace:
+            trace += f"\n{error.name}: {error.value}"
+        blocks.append(TextContent(type="text", text=trace))
+    if execution.truncated:
+        blocks.append(TextContent(type="text", text="[output truncated: the per-call output limit was reached]"))
+    if not blocks:
+        blocks.append(TextContent(type="text", text="(no output)"))
+    return CallToolResult(content=blocks, is_error=error is not None)
+
+
+def command_content(result: Any) -> CallToolResult:
+    parts = [f"exit code: {result.exit_code}"]
+    if result.stdout:
+        parts.append("[stdout]\n" + result.stdout)
+    if result.stderr:
+        parts.append("[stderr]\n" + result.stderr)
+    if result.error:
+        parts.append(f"[error] {result.error}")
+    return CallToolResult(content=[TextContent(type="text", text="\n".join(parts))],
+                          is_error=bool(result.error) or result.exit_code != 0)
+
+
+def _entry_dict(entry: Any) -> FileInfo:
+    return {"name": entry.name, "path": entry.path, "type": entry.type, "size": entry.size,
+            "mtime": entry.mtime}
+
+
+def build_mcp_server(provider: Optional[SandboxProvider] = None, *, caller_of: Optional[CallerOf] = None,
+                     max_sessions: int = 32) -> MCPServer:
+    """The MCP server with Sandlot's tools. ``provider`` defaults to local sandboxes; ``caller_of`` (HTTP
+    only) tells callers apart so each sees only its own sessions; ``max_sessions`` is per caller."""
+    provider = provider or LocalSandboxes()
+    sessions = Sessions(provider, max_per_caller=max_sessions)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: MCPServer) -> AsyncIterator[dict]:
+        try:
+            yield {}
+        finally:
+            # Sessions are this server's to end: no sandbox outlives the MCP server that made it.
+            await sessions.close_all()
+            await provider.aclose()
+
+    server: MCPServer = MCPServer(
+        "sandlot",
+        instructions=("Run Python and shell commands in isolated Sandlot sandboxes. Use create_session to keep "
+                      "variables and files across calls, and close_session when done. Charts shown with "
+                      "matplotlib come back as images."),
+        lifespan=lifespan,
+        log_level="WARNING",  # stdio's stderr is the agent's log; keep it for problems
+    )
+
+    @contextlib.asynccontextmanager
+    async def sandbox_for(ctx: Context, session_id: Optional[str]) -> AsyncIterator[Any]:
+        """The session's sandbox, or a fresh one for this call only; Sandlot errors become tool errors."""
+        caller = _caller(ctx, caller_of)
+        try:
+            if session_id:
+                sandbox = sessions.get(caller, session_id)
+                try:
+                    yield sandbox
+                except SandboxNotFound:
+                    sessions.forget(session_id)
+                    raise
+            else:
+                sandbox = await provider.create(caller, one_shot=True)
+                try:
+                    yield sandbox
+                finally:
+                    await sandbox.kill()
+        except ToolError:
+            raise
+        except SandlotError as exc:
+            raise ToolError(f"{type(exc).__name__}: {exc}") from exc
+
+    @server.tool()
+    async def run_code(code: str, ctx: Context, session_id: Optional[str] = None,
+                       timeout: Optional[float] = None) -> CallToolResult:
+        """Run Python code in a sandbox and return its output, the value of the last expression, and images.
+
+        Without session_id the code runs in a fresh sandbox that is discarded afterwards. With a
+        session_id from create_session, variables, imports and files persist between calls.
+        numpy, pandas, matplotlib, scipy and scikit-learn are installed; there is no network.
+        Figures shown with plt.show() (or displayed) are returned as PNG images. If the code raises,
+        the result is an error carrying the traceback. timeout: seconds for this call (default 60).
+        """
+        async with sandbox_for(ctx, session_id) as sandbox:
+            return execution_content(await sandbox.run_code(code, timeout=timeout))
+
+    @server.tool()
+    async def create_session(ctx: Context, ttl_seconds: Optional[float] = None) -> SessionInfo:
+        """Start a stateful sandbox session; pass its session_id to the other tools.
+
+        The session keeps Python variables and files until close_session, 30 minutes without a call,
+        or ttl_seconds (default 24 h, at most 14 days). Close sessions you no longer need.
+        """
+        try:
+            sandbox = await sessions.create(_caller(ctx, caller_of))
+            if ttl_seconds is not None:
+                await sandbox.set_timeout(ttl_seconds)
+        except SandlotError as exc:
+            raise ToolError(f"{type(exc).__name__}: {exc}") from exc
+        return {"session_id": sandbox.sandbox_id, "home": "/home/user"}
+
+    @server.tool()
+    async def close_session(session_id: str, ctx: Context) -> str:
+        """End a session: its sandbox, variables and files are gone."""
+        try:
+            await sessions.close(_caller(ctx, caller_of), session_id)
+        except SandlotError as exc:
+            raise ToolError(f"{type(exc).__name__}: {exc}") from exc
+        return f"session {session_id} closed"
+
+    @server.tool()
+    async def run_command(command: str, ctx: Context, session_id: Optional[str] = None,
+                          timeout: Optional[float] = None, cwd: Optional[str] = None) -> CallToolResult:
+        """Run a shell command (/bin/sh -c) in a sandbox; returns exit code, stdout and stderr.
+
+        With a session_id it runs in that session's sandbox (same files as run_code); without, in
+        a fresh sandbox. A non-zero exit code is reported as an error. The working directory is
+        /home/user unless cwd is given; timeout is in seconds (default 60).
+        """
+        async with sandbox_for(ctx, session_id) as sandbox:
+            return command_content(await sandbox.commands.run(command, timeout=timeout, cwd=cwd))
+
+    @server.tool()
+    async def write_file(session_id: str, path: str, content: str, ctx: Context,
+                         encoding: str = "utf-8") -> FileInfo:
+        """Write a file in a session's sandbox, creating parent directories; relative paths are under /home/user.
+
+        encoding: "utf-8" for text content, "base64" for binary content.
+        """
+        if encoding not in ("utf-8", "base64"):
+            raise ToolError("encoding must be 'utf-8' or 'base64'")
+        try:
+            data = base64.b64decode(content, validate=True) if encoding == "base64" else content.encode()
+        except ValueError as exc:
+            raise ToolError(f"content is not valid base64: {exc}") from exc
+        async with sandbox_for(ctx, session_id) as sandbox:
+            parent = posixpath.dirname(path)
+            if parent and parent != "/":
+                await sandbox.files.mkdir(parent)
+            return _entry_dict(await sandbox.files.write(path, data))
+
+    @server.tool()
+    async def read_file(session_id: str, path: str, ctx: Context) -> CallToolResult:
+        """Read a file from a session's sandbox. Text comes back as text, PNG/JPEG/GIF images as images,
+        other binary data as base64. Files over 8 MiB are refused (use run_command to inspect them)."""
+        async with sandbox_for(ctx, session_id) as sandbox:
+            info = await sandbox.files.stat(path)
+            if info.type == "dir":
+                raise ToolError(f"{path} is a directory; use list_files")
+            if info.size > MAX_FILE_BYTES:
+                raise ToolError(f"{path} is {info.size} bytes; read_file returns at most {MAX_FILE_BYTES}")
+            data = bytearray()
+            async for chunk in await sandbox.files.read(path, format="stream"):
+                data += chunk
+                if len(data) > MAX_FILE_BYTES:  # a file that grew, or a pseudo-file with no size
+                    raise ToolError(f"{path} is larger than {MAX_FILE_BYTES} bytes")
+        for magic, mime in _IMAGE_MAGIC.items():
+            if data.startswith(magic):
+                return CallToolResult(content=[ImageContent(type="image", data=base64.b64encode(data).decode(),
+                                                            mime_type=mime)])
+        try:
+            return CallToolResult(content=[TextContent(type="text", text=data.decode("utf-8"))])
+        except UnicodeDecodeError:
+            text = f"[binary, {len(data)} bytes, base64]\n" + base64.b64encode(data).decode()
+            return CallToolResult(content=[TextContent(type="text", text=text)])
+
+    @server.tool()
+    async def list_files(session_id: str, ctx: Context, path: str = "/home/user", depth: int = 1) -> list[FileInfo]:
+        """List a directory in a session's sandbox (depth > 1 descends into subdirectories).
+
+        Returns the entries: name, path, type (file, dir, symlink, other), size, mtime.
+        """
+        async with sandbox_for(ctx, session_id) as sandbox:
+            entries = await sandbox.files.list(path, depth=max(1, min(int(depth), 10)))
+        return [_entry_dict(e) for e in entries]
+
+    return server
+
+
+def build_mcp_app(provider: Optional[SandboxProvider] = None, *, caller_of: Optional[CallerOf] = None,
+                  path: str = "/", host: str = "127.0.0.1", max_sessions: int = 32, json_response: bool = False) -> Any:
+    """A Starlette app serving Sandlot's MCP tools over streamable HTTP at ``path`` (mount it at /mcp).
+
+    ``caller_of(request)`` names the caller once the auth in front of the app has run (default:
+    ``scope["sandlot.tenant"]``, the Sandlot server's convention); sessions are kept per caller.
+    ``host`` is the public host name, for the MCP SDK's DNS-rebinding check (loopback names turn it on).
+    The app's lifespan runs the MCP session manager; Starlette does not run a mounted app's lifespan,
+    so a parent app enters ``app.router.lifespan_context(app)`` from its own (``mcp_hosted`` does).
+    """
+    server = build_mcp_server(provider, caller_of=caller_of or scope_tenant, max_sessions=max_sessions)
+    return server.streamable_http_app(streamable_http_path=path, host=host, json_response=json_response)
+
+
+def run_stdio(provider: Optional[SandboxProvider] = None) -> None:
+    """Serve MCP on stdin/stdout until the client closes it (``sandlot mcp``)."""
+    build_mcp_server(provider).run("stdio")

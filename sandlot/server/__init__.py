@@ -1,0 +1,37 @@
+"""The Sandlot server: HTTP API with API keys, tenants, quotas, a reaper, Prometheus metrics.
+
+For the CLI (``sandlot serve`` / ``sandlot keys ...``) and the MCP endpoint, the supported surface is:
+
+    from sandlot import server
+
+    server.serve(host="127.0.0.1", port=8000, db_path=None, log_level="info",
+                 settings=None, mounts=())          # blocks; SIGINT/SIGTERM stop it cleanly
+    server.create_app(settings, mounts=[server.Mount("/mcp", asgi_app, lifespan=factory)]) -> FastAPI
+    server.Settings(db_path=..., quotas=server.Quotas(max_live=20, max_lifetime=14*86400,
+                                                      requests_per_minute=1200), ...)
+
+    # keys and tenants: the database directly, no HTTP (db_path=None: $SANDLOT_DB or the default path)
+    server.create_key(tenant, db_path=None) -> "sl_..."   # creates the tenant if needed; shown once
+    server.list_keys(tenant=None, db_path=None) -> [KeyInfo(key_id, tenant, hint, created_at, last_used_at, revoked_at)]
+    server.revoke_key(key_id_or_key, db_path=None) -> bool
+    server.create_tenant(name, db_path=None) / server.list_tenants(db_path=None)
+    server.set_quotas(tenant, db_path=None, max_live=..., max_lifetime=..., requests_per_minute=...)
+    server.default_db_path()
+
+Mounted apps (``Mount``, authenticated by default) get the same API keys and rate limit as the REST
+routes; the caller's tenant is ``scope["sandlot.tenant"]`` and the server's state (``registry``,
+``store``, ``settings``) is ``scope["app"].state.sandlot``. ``deps.Owner`` is the FastAPI dependency
+for routes added later (``tenant: Owner``), and ``auth.check_key(state, header)`` the plain check.
+
+Run it as ``python -m sandlot.server --port 8000 --db /path/sandlot.db`` too.
+"""
+
+from .app import Mount, create_app
+from .runner import main, serve
+from .settings import Quotas, Settings
+from .store import (DatabaseInUse, KeyInfo, Store, Tenant, create_key, create_tenant, default_db_path, list_keys,
+                    list_tenants, revoke_key, set_quotas)
+
+__all__ = ["serve", "main", "create_app", "Mount", "Settings", "Quotas", "Store", "Tenant", "KeyInfo",
+           "DatabaseInUse", "create_key", "create_tenant", "list_keys", "list_tenants", "revoke_key", "set_quotas",
+           "default_db_path"]

@@ -1,0 +1,93 @@
+"""The app factory: ``create_app(settings, mounts=[...]) -> FastAPI``."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from typing import AsyncContextManager, AsyncIterator, Callable, Optional, Sequence
+
+from fastapi import FastAPI
+from starlette.requests import ClientDisconnect
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp
+
+from . import errors
+from .auth import RequireKey
+from .bodylimit import BodyLimit
+from .deps import ServerState
+from .metrics import Metrics, RequestTimer
+from .quotas import RateLimiter
+from .registry import Registry
+from .routes import execution, files, sandboxes, system
+from .settings import Settings
+from .store import Store, lock_database
+
+
+@dataclasses.dataclass
+class Mount:
+    """An extra ASGI app under ``path`` (the MCP endpoint at /mcp).
+
+    ``authenticated``: requests need an API key, and the tenant is in ``scope["sandlot.tenant"]``; the
+    server's state (registry, store) is at ``scope["app"].state.sandlot``. ``lifespan``: a factory of an
+    async context manager run for the server's life (Starlette does not run a mounted app's own lifespan),
+    e.g. the MCP streamable-HTTP session manager's ``run()``.
+    """
+
+    path: str
+    app: ASGIApp
+    authenticated: bool = True
+    lifespan: Optional[Callable[[], AsyncContextManager]] = None
+
+
+_DESCRIPTION = """Self-hosted sandboxes for code written by AI agents.
+
+Every request needs `Authorization: Bearer sl_...` (an API key from `sandlot keys create --tenant NAME`),
+except `/healthz` and these docs. Errors are `{"error": {"type": <SDK exception name>, "message": ...}}`.
+Calls that run code or commands can stream NDJSON events with `"stream": true`.
+"""
+
+
+def create_app(settings: Optional[Settings] = None, *, mounts: Sequence[Mount] = ()) -> FastAPI:
+    settings = settings or Settings()
+    store = Store(settings.db_path)
+    metrics = Metrics(lambda: registry.live_count())  # bound late: registry is defined on the next line
+    registry = Registry(store, settings, metrics)
+    state = ServerState(settings=settings, store=store, rate=RateLimiter(), registry=registry, metrics=metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # One server per database: otherwise each would take the other's sandboxes for lost.
+        state.lock_fd = lock_database(settings.db_path)
+        try:
+            await registry.startup()
+            async with contextlib.AsyncExitStack() as stack:
+                for mount in mounts:
+                    if mount.lifespan is not None:
+                        await stack.enter_async_context(mount.lifespan())
+                yield
+        finally:
+            await registry.close()
+            store.close()
+            os.close(state.lock_fd)
+
+    docs = settings.public_docs
+    from .. import __version__
+
+    app = FastAPI(title="Sandlot", version=__version__, description=_DESCRIPTION, lifespan=lifespan,
+                  docs_url="/docs" if docs else None, redoc_url=None, openapi_url="/openapi.json" if docs else None)
+    app.state.sandlot = state
+    errors.install(app)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request, exc) -> JSONResponse:  # the client hung up mid-upload: nobody to answer
+        return JSONResponse({"error": {"type": "InvalidRequest", "message": "client disconnected"}}, status_code=400)
+
+    for module in (sandboxes, execution, files, system):
+        app.include_router(module.router)
+    for mount in mounts:
+        app.mount(mount.path, RequireKey(mount.app) if mount.authenticated else mount.app)
+    # The last added is the outermost: timing sees every answer (413s included), the body limit guards every route.
+    app.add_middleware(BodyLimit, json_limit=settings.max_json_bytes, upload_limit=settings.max_upload_bytes)
+    app.add_middleware(RequestTimer, metrics=metrics)
+    return app

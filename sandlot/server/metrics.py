@@ -1,0 +1,79 @@
+"""Prometheus metrics, in a registry of the app's own (two apps in one process never collide)."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .._pool import pool_stats
+
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+
+class _PoolCollector:
+    """Warm-pool sizes, read when scraped."""
+
+    def collect(self):
+        ready = GaugeMetricFamily("sandlot_pool_ready", "Sandboxes booted and waiting in a warm pool",
+                                  labels=["template"])
+        for template, count in sorted(pool_stats().items()):
+            ready.add_metric([template], count)
+        yield ready
+
+
+class Metrics:
+    def __init__(self, live: Callable[[], int]) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        Gauge("sandlot_sandboxes_live", "Sandboxes alive on this server", registry=r).set_function(live)
+        r.register(_PoolCollector())
+        self.created = Counter("sandlot_sandboxes_created", "Sandboxes created", ["template"], registry=r)
+        self.ended = Counter("sandlot_sandboxes_ended", "Sandboxes ended, by cause", ["cause"], registry=r)
+        self.executions = Counter("sandlot_executions", "Code runs and commands, by outcome",
+                                  ["kind", "outcome"], registry=r)
+        self.execution_seconds = Histogram("sandlot_execution_seconds", "Wall time of code runs and commands",
+                                           ["kind"], buckets=_LATENCY, registry=r)
+        self.create_seconds = Histogram("sandlot_create_seconds", "Time to create a sandbox",
+                                        buckets=_LATENCY, registry=r)
+        self.limit_kills = Counter("sandlot_limit_kills", "Calls or sandboxes stopped by a limit", ["limit"],
+                                   registry=r)
+        self.requests = Histogram("sandlot_http_request_seconds", "HTTP latency to the response headers",
+                                  ["method", "route", "status"], buckets=_LATENCY, registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def execution(self, kind: str, seconds: float, error_limit: "str | None", failed: bool) -> None:
+        outcome = "limit" if error_limit else ("error" if failed else "ok")
+        self.executions.labels(kind, outcome).inc()
+        self.execution_seconds.labels(kind).observe(seconds)
+        if error_limit:
+            self.limit_kills.labels(error_limit).inc()
+
+
+class RequestTimer:
+    """ASGI middleware: latency per route template (never the raw path, whose ids would explode cardinality)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.monotonic()
+
+        async def timed_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                route = scope.get("route")
+                path = getattr(route, "path", None) or "unmatched"
+                self.metrics.requests.labels(scope["method"], path, str(message["status"])).observe(
+                    time.monotonic() - started)
+            await send(message)
+
+        await self.app(scope, receive, timed_send)

@@ -1,0 +1,84 @@
+"""NDJSON streaming: one JSON event per line while work runs, then a final ``end`` (or ``exception``) line.
+
+The work runs in its own task and is never cancelled by a client going away: a stateful session must
+finish (or time out) its call either way, and the sandbox's limits bound it. Idle streams get a ping
+line now and then, so proxies and the client's read timeout see a live connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+from fastapi.responses import StreamingResponse
+
+from .._exceptions import SandlotError
+from .errors import error_detail
+from .schemas import NDJSON
+
+log = logging.getLogger("sandlot.server")
+Emit = Callable[[dict], None]
+_DONE = object()
+_PING = b'{"type":"ping"}\n'
+_orphans: set[asyncio.Task] = set()  # work whose client left; kept referenced until it finishes
+
+
+def finite(value: Any) -> Any:
+    """JSON has no NaN or Infinity: such floats (from a user's _repr_json_) become null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def line(event: dict) -> bytes:
+    return json.dumps(finite(event), separators=(",", ":"), default=str).encode() + b"\n"
+
+
+def response(work: Callable[[Emit], Awaitable[dict]], heartbeat: float) -> StreamingResponse:
+    """``work(emit)`` emits events and returns the final event."""
+    return StreamingResponse(_lines(work, heartbeat), media_type=NDJSON,
+                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+
+async def _lines(work: Callable[[Emit], Awaitable[dict]], heartbeat: float) -> AsyncIterator[bytes]:
+    queue: asyncio.Queue = asyncio.Queue()
+    task = asyncio.get_running_loop().create_task(work(queue.put_nowait))
+    task.add_done_callback(lambda _: queue.put_nowait(_DONE))
+    try:
+        while True:
+            try:
+                item = await asyncio.wait_for(queue.get(), heartbeat)
+            except asyncio.TimeoutError:
+                yield _PING
+                continue
+            if item is _DONE:
+                break
+            yield line(item)
+        yield line(_final(task))
+    finally:
+        if not task.done():
+            _orphans.add(task)
+            task.add_done_callback(_forget)
+
+
+def _final(task: asyncio.Task) -> dict:
+    try:
+        return task.result()
+    except SandlotError as exc:
+        return {"type": "exception", "error": error_detail(exc)}
+    except Exception as exc:  # noqa: BLE001 - the stream has started: report in band, never hang the client
+        log.exception("streamed request failed")
+        return {"type": "exception", "error": {"type": "SandlotError", "message": f"internal error: {exc}"}}
+
+
+def _forget(task: asyncio.Task) -> None:
+    _orphans.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        log.info("work of a departed client failed: %s", task.exception())

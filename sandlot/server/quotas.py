@@ -1,0 +1,41 @@
+"""Per-tenant request rate (a token bucket) and the quota checks, each answered with a clear message (429)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from .._exceptions import QuotaExceeded
+from .settings import Quotas
+
+
+class RateLimiter:
+    """One token bucket per tenant: up to ``requests_per_minute`` at once, refilled evenly over a minute."""
+
+    def __init__(self) -> None:
+        self._buckets: dict[int, tuple[float, float]] = {}  # tenant id -> (tokens, at)
+        self._lock = threading.Lock()
+
+    def check(self, tenant_id: int, tenant_name: str, per_minute: int) -> None:
+        now = time.monotonic()
+        with self._lock:
+            tokens, at = self._buckets.get(tenant_id, (float(per_minute), now))
+            tokens = min(float(per_minute), tokens + (now - at) * per_minute / 60.0)
+            if tokens < 1.0:
+                self._buckets[tenant_id] = (tokens, now)
+                wait = (1.0 - tokens) * 60.0 / max(per_minute, 1)
+                raise QuotaExceeded(f"tenant {tenant_name!r} is over its rate of {per_minute} requests per minute; "
+                                    f"retry in {wait:.1f} s", retry_after=wait)
+            self._buckets[tenant_id] = (tokens - 1.0, now)
+
+
+def check_live(tenant_name: str, live: int, quotas: Quotas) -> None:
+    if live >= quotas.max_live:
+        raise QuotaExceeded(f"tenant {tenant_name!r} already has {live} live sandboxes, its quota is "
+                            f"{quotas.max_live}; kill one (or let it time out) first")
+
+
+def check_lifetime(tenant_name: str, seconds: float, quotas: Quotas) -> None:
+    if seconds > quotas.max_lifetime + 1e-6:
+        raise QuotaExceeded(f"a sandbox of tenant {tenant_name!r} may live at most {quotas.max_lifetime:g} s from "
+                            f"its creation; {seconds:.0f} s was asked")

@@ -1,0 +1,248 @@
+"""The live sandboxes of this server: who owns which, quotas at creation, and the reaper.
+
+Each live sandbox is an ``AsyncSandbox`` on the server's event loop; its own watchdog ends it at its
+idle timeout or lifetime. The reaper notices sandboxes that ended on their own (or crashed), records
+why, and frees their quota. A tenant only ever reaches its own sandboxes: anything else is "not found",
+worded the same whether the id belongs to another tenant or to nobody.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import time
+from typing import Any, Mapping, Optional
+
+from .. import _sandbox
+from .._exceptions import InvalidRequest, QuotaExceeded, SandboxNotFound
+from .._host import cgroups
+from .._backends.base import get_backend
+from .._limits import Limits
+from .._pool import pool_for
+from .._templates import get_template
+from .background import CommandTable
+from .metrics import Metrics
+from .quotas import check_lifetime, check_live
+from .settings import Settings, quotas_for
+from .store import SandboxRow, Store, Tenant
+
+log = logging.getLogger("sandlot.server")
+LOST_ON_RESTART = "the server stopped (restart or crash) while it ran; its processes were ended"
+LOST_ON_SHUTDOWN = "the server shut down while it ran"
+_HOUSEKEEPING_EVERY = 300.0  # seconds between pruning old rows and sweeping stale cgroups
+
+
+@dataclasses.dataclass
+class Session:
+    sandbox: Any  # a local AsyncSandbox
+    tenant: Tenant
+    template: str
+    created_at: float  # wall clock
+    commands: CommandTable
+    one_shot: bool = False
+
+    @property
+    def id(self) -> str:
+        return self.sandbox.sandbox_id
+
+
+class Registry:
+    def __init__(self, store: Store, settings: Settings, metrics: Metrics) -> None:
+        self.store = store
+        self.settings = settings
+        self.metrics = metrics
+        self.live: dict[str, Session] = {}
+        self._creating: dict[int, int] = {}  # tenant id -> creations in flight (they count against quotas)
+        self._tasks: set[asyncio.Task] = set()
+        self._reaper: Optional[asyncio.Task] = None
+
+    # -- counts --------------------------------------------------------------------------------------
+    def live_count(self, tenant: Optional[Tenant] = None) -> int:
+        if tenant is None:
+            return len(self.live) + sum(self._creating.values())
+        return sum(1 for s in self.live.values() if s.tenant.id == tenant.id) + self._creating.get(tenant.id, 0)
+
+    # -- create --------------------------------------------------------------------------------------
+    def _limits(self, tenant: Tenant, limits: Optional[Mapping[str, Any]], timeout: Optional[float]) -> Limits:
+        quotas = quotas_for(self.settings, tenant)
+        requested = dict(limits or {})
+        if timeout is not None:
+            requested["lifetime"] = timeout
+        built = Limits.build(requested)
+        if requested.get("lifetime") is None:  # the default lifetime, shortened to what the tenant may have
+            built = dataclasses.replace(built, lifetime=min(built.lifetime, quotas.max_lifetime))
+        check_lifetime(tenant.name, built.lifetime, quotas)
+        if "cpu" in requested and built.cpu > self.settings.max_cpu:
+            raise InvalidRequest(f"limit cpu={built.cpu:g} is more than this server has ({self.settings.max_cpu:g} cores)")
+        if "memory" in requested and built.memory > self.settings.max_memory:
+            raise InvalidRequest(f"limit memory={built.memory} is more than this server has "
+                                 f"({self.settings.max_memory} bytes)")
+        return built
+
+    async def create(self, tenant: Tenant, *, template: str = "python", timeout: Optional[float] = None,
+                     limits: Optional[Mapping[str, Any]] = None, env: Optional[Mapping[str, str]] = None,
+                     metadata: Optional[Mapping[str, str]] = None, isolation: str = "process",
+                     one_shot: bool = False) -> Session:
+        if isolation not in self.settings.isolations:
+            raise InvalidRequest(f"isolation {isolation[:32]!r} is not enabled on this server; "
+                                 f"enabled: {list(self.settings.isolations)}")
+        built = self._limits(tenant, limits, timeout)
+        check_live(tenant.name, self.live_count(tenant), quotas_for(self.settings, tenant))
+        if self.live_count() >= self.settings.max_live_total:
+            raise QuotaExceeded(f"this server is at capacity ({self.settings.max_live_total} live sandboxes); "
+                                "retry later", retry_after=5.0)
+        # api_url="": always a local sandbox, even if SANDLOT_API_URL is set in the server's environment.
+        sandbox = _sandbox.AsyncSandbox(template, limits=built, env=env, metadata=metadata, isolation=isolation,
+                                        api_url="")
+        self._creating[tenant.id] = self._creating.get(tenant.id, 0) + 1
+        started = time.monotonic()
+        try:
+            await sandbox.start()
+        finally:
+            self._creating[tenant.id] -= 1
+            if not self._creating[tenant.id]:
+                del self._creating[tenant.id]
+        self.metrics.create_seconds.observe(time.monotonic() - started)
+        self.metrics.created.labels(template).inc()
+        now = time.time()
+        session = Session(sandbox, tenant, template, now, CommandTable(self.settings.max_background_commands),
+                          one_shot)
+        self.live[session.id] = session
+        if not one_shot:
+            self.store.add_sandbox(session.id, tenant, template, dict(metadata or {}), built.to_dict(), now,
+                                   now + built.lifetime)
+            self.store.audit(tenant.name, "create", session.id,
+                             json.dumps({"template": template, "metadata": dict(metadata or {})}), tenant.key_id)
+        return session
+
+    # -- lookup --------------------------------------------------------------------------------------
+    def get(self, tenant: Tenant, sandbox_id: str) -> Session:
+        """The tenant's live sandbox, or SandboxNotFound saying what became of it."""
+        session = self.live.get(sandbox_id)
+        if session is not None and session.tenant.id == tenant.id and not session.one_shot:
+            if session.sandbox.is_running:
+                return session
+            self._finish(session)
+        row = self.store.sandbox(tenant, sandbox_id)
+        if row is None:
+            raise SandboxNotFound(f"no sandbox {sandbox_id[:80]!r}")
+        raise SandboxNotFound(f"sandbox {sandbox_id} is {row.status}: {row.end_reason}")
+
+    def row(self, tenant: Tenant, sandbox_id: str) -> SandboxRow:
+        self.collect()
+        row = self.store.sandbox(tenant, sandbox_id)
+        if row is None:
+            raise SandboxNotFound(f"no sandbox {sandbox_id[:80]!r}")
+        return row
+
+    # -- ending ----------------------------------------------------------------------------------
+    async def kill(self, tenant: Tenant, sandbox_id: str) -> SandboxRow:
+        """End the tenant's sandbox. Killing one that already ended is not an error (like the SDK's kill)."""
+        session = self.live.get(sandbox_id)
+        if session is not None and session.tenant.id == tenant.id and not session.one_shot:
+            await session.sandbox.kill()
+            self._finish(session, "killed by its owner", cause="owner")
+            self.store.audit(tenant.name, "kill", sandbox_id, None, tenant.key_id)
+        return self.row(tenant, sandbox_id)
+
+    def _finish(self, session: Session, reason: Optional[str] = None, status: str = "ended",
+                cause: Optional[str] = None) -> None:
+        """Record that a sandbox ended and free its place. Idempotent.
+
+        ``cause`` labels the metric: "owner", "one_shot", "shutdown", or (ended on its own) the limit
+        that ended it ("lifetime", "idle_timeout", "timeout", "memory"...) or "crash"."""
+        if self.live.pop(session.id, None) is None:
+            return
+        sandbox = session.sandbox
+        reason = reason or sandbox.end_reason or "it ended"
+        limit = sandbox.end_limit
+        if not session.one_shot:
+            self.store.end_sandbox(session.id, status, reason)
+            if cause is None:  # it ended on its own, not by a request: the audit log says so too
+                self.store.audit(session.tenant.name, "end", session.id, reason)
+        self.metrics.ended.labels(cause or limit or "crash").inc()
+        if cause is None and limit in ("lifetime", "idle_timeout"):
+            self.metrics.limit_kills.labels(limit).inc()
+        self._spawn(sandbox.kill())  # idempotent; makes sure a crashed sandbox is cleaned up too
+
+    async def end_one_shot(self, session: Session) -> None:
+        await session.sandbox.kill()
+        self._finish(session, "one-shot run finished", cause="one_shot")
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def collect(self) -> None:
+        """Record every sandbox that ended on its own since last time."""
+        for session in list(self.live.values()):
+            if not session.sandbox.is_running:
+                self._finish(session)
+
+    async def set_timeout(self, tenant: Tenant, sandbox_id: str, seconds: float) -> SandboxRow:
+        session = self.get(tenant, sandbox_id)
+        now = time.time()
+        check_lifetime(tenant.name, now - session.created_at + seconds, quotas_for(self.settings, tenant))
+        await session.sandbox.set_timeout(seconds)
+        self.store.set_expiry(sandbox_id, now + seconds)
+        self.store.audit(tenant.name, "set_timeout", sandbox_id, f"{seconds:g}", tenant.key_id)
+        return self.row(tenant, sandbox_id)
+
+    # -- server lifecycle ----------------------------------------------------------------------------
+    async def startup(self) -> None:
+        """Sandboxes the database still calls running belonged to a previous server process: they died
+        with it (sandboxes end with their owner by design). Say so to their owners and clear what is left."""
+        lost = self.store.mark_running_lost(LOST_ON_RESTART)
+        for sandbox_id, tenant in lost:
+            self.store.audit(tenant, "lost", sandbox_id, LOST_ON_RESTART)
+        if lost:
+            removed = await asyncio.to_thread(cgroups.remove_named, {i for i, _ in lost})
+            log.warning("%d sandbox(es) of a previous server process marked lost; %d leftover cgroup(s) removed",
+                        len(lost), removed)
+        self._reaper = asyncio.get_running_loop().create_task(self._reap())
+        self._spawn(self._warm_up())
+
+    async def _warm_up(self) -> None:
+        """Start the default template's zygote and warm pool now, so the first client does not wait for
+        the preload (numpy, pandas... several seconds) and gets a sandbox in milliseconds."""
+        try:
+            template = get_template("python")
+            backend = get_backend("process")
+            pool = pool_for(backend, template, Limits())
+            if pool is not None:
+                pool.refill()
+            elif getattr(backend, "use_zygote", False) and template.preload:
+                await asyncio.to_thread(backend.zygote_for(template).ensure_started)
+        except Exception as exc:  # noqa: BLE001 - a host problem shows on the first create, with its reason
+            log.warning("warm-up failed: %s", exc)
+
+    async def _reap(self) -> None:
+        last_housekeeping = 0.0
+        while True:
+            await asyncio.sleep(self.settings.reap_interval)
+            try:
+                self.collect()
+                if time.monotonic() - last_housekeeping > _HOUSEKEEPING_EVERY:
+                    last_housekeeping = time.monotonic()
+                    self.store.prune(time.time() - self.settings.retention)
+                    await asyncio.to_thread(cgroups.sweep_stale)  # e.g. warm-pool leftovers of a crashed server
+            except Exception:  # noqa: BLE001 - the reaper must outlive any one bad pass
+                log.exception("reaper pass failed")
+
+    async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+        sessions = list(self.live.values())
+        await asyncio.gather(*(s.sandbox.kill() for s in sessions), return_exceptions=True)
+        for session in sessions:
+            self._finish(session, LOST_ON_SHUTDOWN, status="lost", cause="shutdown")
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        from .._backends.process import finish_cleanups
+        from .._pool import close_pools
+
+        await close_pools()
+        await finish_cleanups()

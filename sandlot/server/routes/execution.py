@@ -1,0 +1,220 @@
+"""Running things: code in a sandbox's session, shell commands (foreground or background), one-shot code.
+
+Each has a JSON answer and, with ``stream: true``, an NDJSON one whose events arrive while the work runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import dataclasses
+import json
+from typing import Any, Optional, Union
+
+from fastapi import APIRouter, Query
+
+from ..._agent import protocol
+from ..._exceptions import InvalidRequest, SandboxNotFound
+from ..._models import CommandResult, Execution
+from .. import ndjson
+from ..background import BackgroundCommand
+from ..deps import Owner, ServerState, State
+from ..registry import Session
+from ..schemas import (NDJSON, STREAM_DOC, BackgroundCommandOut, CommandInput, CommandResultOut, CommandSignal,
+                       ErrorBody, ExecutionOut, RunCode, RunCommand, RunOnce, execution_out)
+from ..store import Tenant
+
+router = APIRouter(tags=["execution"], responses={code: {"model": ErrorBody} for code in (400, 401, 404, 422, 429)})
+_STREAMS = {200: {"description": STREAM_DOC, "content": {NDJSON: {}}}}
+
+
+def _fits_one_frame(header: dict) -> None:
+    """Code, a command and its environment travel in one frame to the sandbox: refuse what cannot."""
+    size = len(json.dumps(header, separators=(",", ":")))
+    if size > protocol.MAX_HEADER - 1024:
+        raise InvalidRequest(f"the request is too large for the sandbox ({size} bytes encoded, at most about "
+                             f"{protocol.MAX_HEADER // 1024} KiB); send big inputs as files")
+
+
+def _emitters(emit: Optional[ndjson.Emit]) -> dict:
+    if emit is None:
+        return {}
+    return {"on_stdout": lambda text: emit({"type": "stdout", "text": text}),
+            "on_stderr": lambda text: emit({"type": "stderr", "text": text})}
+
+
+# -- code -------------------------------------------------------------------------------------------
+async def _run_code(state: ServerState, session: Session, tenant: Tenant, code: str, timeout: Optional[float],
+                    emit: Optional[ndjson.Emit] = None) -> Execution:
+    callbacks = _emitters(emit)
+    if emit is not None:
+        callbacks["on_result"] = lambda r: emit({"type": "result", "result": dataclasses.asdict(r)})
+    execution = await session.sandbox.run_code(code, timeout=timeout, **callbacks)
+    error = execution.error
+    state.metrics.execution("code", execution.usage.wall_seconds, error.limit if error else None, error is not None)
+    return execution
+
+
+def _code_end(execution: Execution, emit: ndjson.Emit) -> dict:
+    if execution.error is not None:
+        emit({"type": "error", "error": dataclasses.asdict(execution.error)})
+    return {"type": "end", "execution_count": execution.execution_count,
+            "usage": dataclasses.asdict(execution.usage), "truncated": execution.truncated}
+
+
+@router.post("/v1/sandboxes/{sandbox_id}/code", response_model=ExecutionOut, responses=_STREAMS,
+             summary="Run Python in the sandbox's session (state persists between calls)")
+async def run_code(sandbox_id: str, body: RunCode, tenant: Owner, state: State) -> Any:
+    session = state.registry.get(tenant, sandbox_id)
+    _fits_one_frame({"t": "exec", "id": 1, "code": body.code})
+    state.store.audit(tenant.name, "run_code", sandbox_id, body.code[:1000], tenant.key_id)
+    if not body.stream:
+        return ndjson.finite(execution_out(await _run_code(state, session, tenant, body.code, body.timeout)))
+
+    async def work(emit: ndjson.Emit) -> dict:
+        return _code_end(await _run_code(state, session, tenant, body.code, body.timeout, emit), emit)
+
+    return ndjson.response(work, state.settings.heartbeat)
+
+
+@router.post("/v1/run", response_model=ExecutionOut, responses=_STREAMS,
+             summary="One-shot: run code in a fresh sandbox that is gone afterwards")
+async def run_once(body: RunOnce, tenant: Owner, state: State) -> Any:
+    _fits_one_frame({"t": "exec", "id": 1, "code": body.code})
+    session = await state.registry.create(tenant, template=body.template, limits=body.limits, env=body.env,
+                                          one_shot=True)
+    state.store.audit(tenant.name, "run_once", None, body.code[:1000], tenant.key_id)
+    if not body.stream:
+        try:
+            return ndjson.finite(execution_out(await _run_code(state, session, tenant, body.code, body.timeout)))
+        finally:
+            await state.registry.end_one_shot(session)
+
+    async def work(emit: ndjson.Emit) -> dict:
+        try:
+            return _code_end(await _run_code(state, session, tenant, body.code, body.timeout, emit), emit)
+        finally:
+            await state.registry.end_one_shot(session)
+
+    return ndjson.response(work, state.settings.heartbeat)
+
+
+# -- commands ----------------------------------------------------------------------------------------
+def _limit_of(result: CommandResult) -> Optional[str]:
+    if result.error is None:
+        return None
+    return "timeout" if "timeout" in result.error else "output" if "printed more" in result.error else "other"
+
+
+def _command_end(result: CommandResult) -> dict:
+    return {"type": "end", "exit_code": result.exit_code, "error": result.error,
+            "usage": dataclasses.asdict(result.usage), "truncated": result.truncated}
+
+
+def _background_out(command: BackgroundCommand) -> BackgroundCommandOut:
+    handle = command.handle
+    result = command.result
+    return BackgroundCommandOut(command_id=command.id, pid=handle.pid, running=command.running,
+                                stdout=handle.stdout, stderr=handle.stderr,
+                                result=CommandResultOut(**dataclasses.asdict(result)) if result else None)
+
+
+@router.post("/v1/sandboxes/{sandbox_id}/commands", response_model=Union[CommandResultOut, BackgroundCommandOut],
+             responses=_STREAMS, summary="Run a shell command (/bin/sh -c) in the sandbox")
+async def run_command(sandbox_id: str, body: RunCommand, tenant: Owner, state: State) -> Any:
+    session = state.registry.get(tenant, sandbox_id)
+    stdin: Union[str, bytes, None] = body.stdin
+    if body.stdin is not None and body.stdin_base64:
+        try:
+            stdin = base64.b64decode(body.stdin, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidRequest("stdin is not valid base64") from None
+    options = {"timeout": body.timeout, "env": body.env, "cwd": body.cwd, "stdin": stdin}
+    _fits_one_frame({"t": "cmd", "id": 1, "cmd": body.cmd, "env": body.env or {}, "cwd": body.cwd, "stdin": True})
+    state.store.audit(tenant.name, "command", sandbox_id, body.cmd[:1000], tenant.key_id)
+    if body.background:
+        command = session.commands.add()
+        try:
+            await command.start(session.sandbox, body.cmd, **options)
+        except BaseException:
+            session.commands.discard(command)
+            raise
+        for _ in range(50):  # its pid arrives with the agent's first word about it, within milliseconds
+            if command.handle.pid is not None or not command.running:
+                break
+            await asyncio.sleep(0.01)
+        return _background_out(command)
+
+    async def run(emit: Optional[ndjson.Emit] = None) -> CommandResult:
+        result = await session.sandbox.commands.run(body.cmd, **options, **_emitters(emit))
+        limit = _limit_of(result)
+        state.metrics.execution("command", result.usage.wall_seconds, limit, bool(result.exit_code) or bool(limit))
+        return result
+
+    if not body.stream:
+        return CommandResultOut(**dataclasses.asdict(await run()))
+
+    async def work(emit: ndjson.Emit) -> dict:
+        return _command_end(await run(emit))
+
+    return ndjson.response(work, state.settings.heartbeat)
+
+
+def _command(state: ServerState, tenant: Tenant, sandbox_id: str, command_id: str) -> BackgroundCommand:
+    command = state.registry.get(tenant, sandbox_id).commands.get(command_id)
+    if command is None:
+        raise SandboxNotFound(f"no background command {command_id[:80]!r} in sandbox {sandbox_id}")
+    return command
+
+
+@router.get("/v1/sandboxes/{sandbox_id}/commands/{command_id}", response_model=BackgroundCommandOut,
+            summary="A background command: output so far, and its result once it ended")
+async def command_status(sandbox_id: str, command_id: str, tenant: Owner, state: State,
+                         wait: float = Query(0, ge=0, le=3600, description="Wait up to this many seconds for it to end")
+                         ) -> BackgroundCommandOut:
+    command = _command(state, tenant, sandbox_id, command_id)
+    if wait > 0 and command.running:
+        try:
+            await asyncio.wait_for(command.done.wait(), wait)
+        except asyncio.TimeoutError:
+            pass
+    return _background_out(command)
+
+
+@router.get("/v1/sandboxes/{sandbox_id}/commands/{command_id}/stream", responses=_STREAMS,
+            summary="NDJSON: a background command's output from the start, then live")
+async def command_stream(sandbox_id: str, command_id: str, tenant: Owner, state: State) -> Any:
+    command = _command(state, tenant, sandbox_id, command_id)
+
+    async def work(emit: ndjson.Emit) -> dict:
+        async for event in command.follow():
+            emit(event)
+        if command.failure is not None:
+            raise command.failure
+        return _command_end(command.result)
+
+    return ndjson.response(work, state.settings.heartbeat)
+
+
+@router.post("/v1/sandboxes/{sandbox_id}/commands/{command_id}/kill", response_model=BackgroundCommandOut,
+             summary="Signal a background command (default SIGKILL)")
+async def command_kill(sandbox_id: str, command_id: str, body: CommandSignal, tenant: Owner,
+                       state: State) -> BackgroundCommandOut:
+    command = _command(state, tenant, sandbox_id, command_id)
+    await command.handle.kill(body.signal)
+    return _background_out(command)
+
+
+@router.post("/v1/sandboxes/{sandbox_id}/commands/{command_id}/stdin", response_model=BackgroundCommandOut,
+             summary="Write to a background command's stdin")
+async def command_stdin(sandbox_id: str, command_id: str, body: CommandInput, tenant: Owner,
+                        state: State) -> BackgroundCommandOut:
+    command = _command(state, tenant, sandbox_id, command_id)
+    try:
+        data = base64.b64decode(body.data, validate=True) if body.base64 else body.data.encode()
+    except (binascii.Error, ValueError):
+        raise InvalidRequest("data is not valid base64") from None
+    if command.running:
+        await command.handle.send_stdin(data, body.close)
+    return _background_out(command)

@@ -1,0 +1,77 @@
+"""Sandboxes: create, list (with metadata filters), get, kill, extend, keep alive, metrics."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query
+
+from ..._exceptions import InvalidRequest
+from ..deps import Owner, State
+from ..schemas import CreateSandbox, ErrorBody, MetricsOut, SandboxOut, SetTimeout, when
+from ..store import SandboxRow
+
+router = APIRouter(prefix="/v1/sandboxes", tags=["sandboxes"],
+                   responses={code: {"model": ErrorBody} for code in (400, 401, 404, 422, 429)})
+
+
+def sandbox_out(row: SandboxRow) -> SandboxOut:
+    return SandboxOut(sandbox_id=row.id, template=row.template, status=row.status, metadata=row.metadata,
+                      limits=row.limits, created_at=when(row.created_at), expires_at=when(row.expires_at),
+                      ended_at=when(row.ended_at), end_reason=row.end_reason)
+
+
+@router.post("", status_code=201, response_model=SandboxOut, summary="Create a sandbox")
+async def create(body: CreateSandbox, tenant: Owner, state: State) -> SandboxOut:
+    session = await state.registry.create(tenant, template=body.template, timeout=body.timeout, limits=body.limits,
+                                          env=body.env, metadata=body.metadata, isolation=body.isolation)
+    return sandbox_out(state.registry.row(tenant, session.id))
+
+
+def _metadata_filter(pairs: list[str]) -> dict[str, str]:
+    wanted = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InvalidRequest(f"metadata filter {pair[:80]!r} must look like key=value")
+        wanted[key] = value
+    return wanted
+
+
+@router.get("", response_model=list[SandboxOut], summary="List your sandboxes")
+async def list_sandboxes(
+        tenant: Owner, state: State,
+        metadata: Annotated[list[str], Query(max_length=64, description="key=value; repeat to require several")] = [],
+        status: Literal["running", "ended", "lost", "all"] = "running",
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[SandboxOut]:
+    state.registry.collect()
+    rows = state.store.sandboxes(tenant, metadata=_metadata_filter(metadata),
+                                 status=None if status == "all" else status, limit=limit)
+    return [sandbox_out(r) for r in rows]
+
+
+@router.get("/{sandbox_id}", response_model=SandboxOut, summary="One sandbox (also after it ended or was lost)")
+async def get(sandbox_id: str, tenant: Owner, state: State) -> SandboxOut:
+    return sandbox_out(state.registry.row(tenant, sandbox_id))
+
+
+@router.delete("/{sandbox_id}", response_model=SandboxOut, summary="Kill a sandbox (idempotent)")
+async def kill(sandbox_id: str, tenant: Owner, state: State) -> SandboxOut:
+    return sandbox_out(await state.registry.kill(tenant, sandbox_id))
+
+
+@router.post("/{sandbox_id}/timeout", response_model=SandboxOut, summary="Let it live this long from now")
+async def set_timeout(sandbox_id: str, body: SetTimeout, tenant: Owner, state: State) -> SandboxOut:
+    return sandbox_out(await state.registry.set_timeout(tenant, sandbox_id, body.timeout))
+
+
+@router.post("/{sandbox_id}/keepalive", response_model=SandboxOut, summary="Restart its idle timeout")
+async def keep_alive(sandbox_id: str, tenant: Owner, state: State) -> SandboxOut:
+    await state.registry.get(tenant, sandbox_id).sandbox.keep_alive()
+    return sandbox_out(state.registry.row(tenant, sandbox_id))
+
+
+@router.get("/{sandbox_id}/metrics", response_model=MetricsOut, summary="Memory, CPU, processes (from its cgroup)")
+async def metrics(sandbox_id: str, tenant: Owner, state: State) -> MetricsOut:
+    m = await state.registry.get(tenant, sandbox_id).sandbox.metrics()
+    return MetricsOut(memory=m.memory, memory_peak=m.memory_peak, cpu_seconds=m.cpu_seconds, processes=m.processes)

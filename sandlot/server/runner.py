@@ -1,0 +1,52 @@
+"""Running the server: ``serve(...)`` for `sandlot serve`, and ``python -m sandlot.server`` (see main)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import uvicorn
+
+from .app import Mount, create_app
+from .settings import Quotas, Settings
+from .store import DatabaseInUse, default_db_path, lock_database
+
+
+def serve(host: str = "127.0.0.1", port: int = 8000, db_path: "str | os.PathLike[str] | None" = None, *,
+          log_level: str = "info", settings: Optional[Settings] = None, mounts: Sequence[Mount] = ()) -> None:
+    """Serve until SIGINT/SIGTERM; then every live sandbox is ended (and reported lost to its owner).
+
+    Binds 127.0.0.1 unless told otherwise: put a TLS-terminating proxy in front to serve a network.
+    Raises DatabaseInUse if another server holds ``db_path``.
+    """
+    settings = (settings or Settings()).with_db(db_path)
+    os.close(lock_database(settings.db_path))  # fail here, with a clear message, rather than inside uvicorn
+    app = create_app(settings, mounts=mounts)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, lifespan="on", timeout_graceful_shutdown=10,
+                server_header=False)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    defaults = Quotas()
+    parser = argparse.ArgumentParser(prog="python -m sandlot.server", description="Run the Sandlot HTTP server.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--db", default=None, help=f"SQLite database (default: {default_db_path()})")
+    parser.add_argument("--log-level", default="info")
+    parser.add_argument("--max-live", type=int, default=defaults.max_live, help="default per-tenant live sandboxes")
+    parser.add_argument("--max-lifetime", type=float, default=defaults.max_lifetime, help="seconds (<= 14 days)")
+    parser.add_argument("--rate", type=int, default=defaults.requests_per_minute, help="requests/minute per tenant")
+    parser.add_argument("--isolations", default="process", help="tiers clients may ask for, e.g. process,gvisor")
+    args = parser.parse_args(argv)
+    settings = Settings(db_path=Path(args.db) if args.db else default_db_path(),
+                        quotas=Quotas(args.max_live, args.max_lifetime, args.rate),
+                        isolations=tuple(i.strip() for i in args.isolations.split(",") if i.strip()))
+    try:
+        serve(args.host, args.port, log_level=args.log_level, settings=settings)
+    except DatabaseInUse as exc:
+        print(f"sandlot server: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,269 @@
+"""Request and response bodies (pydantic). They are the HTTP contract; the SDK's dataclasses are its Python face.
+
+Every request string refuses lone UTF-16 surrogates (JSON can carry ``"\\ud800"``, nothing downstream can
+store or run it) and every collection is bounded, so a malformed or giant request is a 4xx, never a 500.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from datetime import datetime, timezone
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator
+
+from .settings import MAX_LIFETIME
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,255}")
+
+
+def _no_surrogates(value: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("strings must be valid Unicode (no lone surrogates)") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_no_surrogates)]
+Seconds = Annotated[float, Field(gt=0, le=MAX_LIFETIME, allow_inf_nan=False)]
+LimitValue = Union[StrictInt, StrictFloat, Annotated[Text, Field(max_length=32)]]
+
+
+def _check_env(env: Optional[dict[str, str]]) -> Optional[dict[str, str]]:
+    if env is None:
+        return env
+    if len(env) > 256:
+        raise ValueError("at most 256 environment variables")
+    for key, value in env.items():
+        if not _ENV_NAME.fullmatch(key):
+            raise ValueError(f"environment variable name {key[:64]!r} is not a valid name ([A-Za-z_][A-Za-z0-9_]*)")
+        if "\0" in value or len(value) > 32768:
+            raise ValueError(f"environment variable {key}: value must be at most 32768 characters, without NUL")
+    return env
+
+
+def _check_metadata(metadata: Optional[dict[str, str]]) -> Optional[dict[str, str]]:
+    if metadata is None:
+        return metadata
+    if len(metadata) > 64:
+        raise ValueError("at most 64 metadata entries")
+    for key, value in metadata.items():
+        if not 0 < len(key) <= 128 or len(value) > 1024 or "\0" in key + value:
+            raise ValueError("metadata keys are 1-128 characters, values at most 1024, without NUL")
+    return metadata
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- requests ----------------------------------------------------------------------------------------
+class CreateSandbox(_Body):
+    template: Text = Field("python", max_length=64, description="Template name (GET /healthz lists them)")
+    timeout: Optional[Seconds] = Field(None, description="Lifetime in seconds from now (extend with /timeout)")
+    limits: Optional[dict[Text, LimitValue]] = Field(
+        None, description='Overrides of the default limits, e.g. {"memory": "2G", "cpu": 2, "idle_timeout": 600}')
+    env: Optional[dict[Text, Text]] = Field(None, description="Environment of the session and commands")
+    metadata: Optional[dict[Text, Text]] = Field(None, description="Your tags; filter GET /v1/sandboxes by them")
+    isolation: Text = Field("process", max_length=32,
+                            description='"process", or "gvisor" where the server enables it (GET /healthz lists them)')
+
+    _env = field_validator("env")(_check_env)
+    _metadata = field_validator("metadata")(_check_metadata)
+
+    @field_validator("limits")
+    @classmethod
+    def _few_limits(cls, value):
+        if value is not None and len(value) > 32:
+            raise ValueError("too many limits")
+        return value
+
+
+class RunCode(_Body):
+    code: Text = Field(..., max_length=1024**2, description="Python source, run in the sandbox's session")
+    timeout: Optional[Seconds] = Field(None, description="Wall time of this call (default: the sandbox's limit)")
+    stream: bool = Field(False, description="Answer with NDJSON events while the code runs")
+
+
+class RunCommand(_Body):
+    cmd: Text = Field(..., min_length=1, max_length=1024**2, description="Run by /bin/sh -c")
+    timeout: Optional[Seconds] = None
+    env: Optional[dict[Text, Text]] = None
+    cwd: Optional[Text] = Field(None, max_length=4096)
+    stdin: Optional[Text] = Field(None, max_length=8 * 1024**2, description="Fed to the command, then closed")
+    stdin_base64: bool = Field(False, description="stdin is base64 (for bytes that are not UTF-8)")
+    background: bool = Field(False, description="Return at once with a command id (see /commands/{command_id})")
+    stream: bool = False
+
+    _env = field_validator("env")(_check_env)
+
+
+class RunOnce(_Body):
+    code: Text = Field(..., max_length=1024**2)
+    template: Text = Field("python", max_length=64)
+    timeout: Optional[Seconds] = None
+    limits: Optional[dict[Text, LimitValue]] = None
+    env: Optional[dict[Text, Text]] = None
+    stream: bool = False
+
+    _env = field_validator("env")(_check_env)
+
+
+class SetTimeout(_Body):
+    timeout: Seconds = Field(..., description="The sandbox lives this many seconds from now")
+
+
+class MakeDir(_Body):
+    path: Text = Field(..., min_length=1, max_length=4096)
+
+
+class CommandInput(_Body):
+    data: Text = Field("", max_length=8 * 1024**2)
+    base64: bool = False
+    close: bool = False
+
+
+class CommandSignal(_Body):
+    signal: int = Field(9, ge=1, le=64)
+
+
+# -- responses ---------------------------------------------------------------------------------------
+class ErrorDetail(BaseModel):
+    type: str = Field(..., description="The SDK's exception name: SandboxNotFound, InvalidRequest, QuotaExceeded...")
+    message: str
+    limit: Optional[str] = None
+    errno: Optional[int] = None
+    path: Optional[str] = None
+    retry_after: Optional[float] = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class ResultOut(BaseModel):
+    text: Optional[str] = None
+    html: Optional[str] = None
+    markdown: Optional[str] = None
+    svg: Optional[str] = None
+    png: Optional[str] = None
+    jpeg: Optional[str] = None
+    latex: Optional[str] = None
+    json_: Optional[Any] = Field(None, alias="json", serialization_alias="json")
+    javascript: Optional[str] = None
+    is_main_result: bool = False
+    extra: dict = {}
+
+    model_config = ConfigDict(populate_by_name=True)
+
+
+class LogsOut(BaseModel):
+    stdout: list[str] = []
+    stderr: list[str] = []
+
+
+class ExecutionErrorOut(BaseModel):
+    name: str
+    value: str
+    traceback: str = ""
+    limit: Optional[str] = None
+
+
+class UsageOut(BaseModel):
+    cpu_seconds: float = 0.0
+    peak_memory: int = 0
+    wall_seconds: float = 0.0
+
+
+class ExecutionOut(BaseModel):
+    results: list[ResultOut] = []
+    logs: LogsOut = LogsOut()
+    error: Optional[ExecutionErrorOut] = None
+    execution_count: Optional[int] = None
+    usage: UsageOut = UsageOut()
+    truncated: bool = False
+    text: Optional[str] = Field(None, description="The main result's text/plain form")
+
+
+class CommandResultOut(BaseModel):
+    exit_code: Optional[int]
+    stdout: str = ""
+    stderr: str = ""
+    error: Optional[str] = None
+    usage: UsageOut = UsageOut()
+    truncated: bool = False
+
+
+class BackgroundCommandOut(BaseModel):
+    command_id: str
+    pid: Optional[int] = None
+    running: bool
+    stdout: str = Field("", description="Output so far")
+    stderr: str = ""
+    result: Optional[CommandResultOut] = None
+
+
+class EntryOut(BaseModel):
+    name: str
+    path: str
+    type: str
+    size: int
+    mode: int
+    mtime: float
+
+
+class ExistsOut(BaseModel):
+    exists: bool
+
+
+class MakeDirOut(BaseModel):
+    created: bool
+
+
+class MetricsOut(BaseModel):
+    memory: int
+    memory_peak: int
+    cpu_seconds: float
+    processes: int
+
+
+class SandboxOut(BaseModel):
+    sandbox_id: str
+    template: str
+    status: Literal["running", "ended", "lost"] = Field(
+        ..., description="lost: the server stopped (restart or crash) while it ran")
+    metadata: dict[str, str]
+    limits: dict[str, Any]
+    created_at: datetime
+    expires_at: Optional[datetime] = None
+    ended_at: Optional[datetime] = None
+    end_reason: Optional[str] = None
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok"] = "ok"
+    version: str
+    live_sandboxes: int
+    templates: list[str]
+    isolations: list[str]
+
+
+def when(ts: Optional[float]) -> Optional[datetime]:
+    return None if ts is None else datetime.fromtimestamp(ts, timezone.utc)
+
+
+def execution_out(execution) -> dict:
+    body = dataclasses.asdict(execution)
+    body["text"] = execution.text
+    return body
+
+
+NDJSON = "application/x-ndjson"
+STREAM_DOC = (
+    "With `stream: true` the answer is NDJSON, one event per line, while the code runs: "
+    '`{"type": "stdout"|"stderr", "text": ...}`, `{"type": "result", "result": {...}}`, '
+    '`{"type": "error", "error": {...}}` (the code\'s own error), `{"type": "ping"}` (keep-alive), then '
+    '`{"type": "end", ...}` with the rest of the outcome, or `{"type": "exception", "error": {...}}` if the '
+    "sandbox itself failed.")

@@ -1,0 +1,73 @@
+"""`sandlot serve` (the CLI's entry point, so /mcp is mounted) in a subprocess, with keys from `sandlot keys`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import httpx
+
+from .serverproc import free_port
+
+SCRIPT = Path(sys.executable).with_name("sandlot")
+COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "sandlot.cli"]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The environment without any SANDLOT_API_* of the caller's, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SANDLOT_API")}
+    env.update(extra)
+    return env
+
+
+class CliServer:
+    def __init__(self, workdir: Path) -> None:
+        self.db = workdir / "sandlot.db"
+        self.log_path = workdir / "serve.log"
+        self.port = free_port()
+        self.proc: Optional[subprocess.Popen] = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def key(self, tenant: str) -> str:
+        r = subprocess.run(COMMAND + ["keys", "create", "--tenant", tenant, "--db", str(self.db), "--json"],
+                           capture_output=True, text=True, env=clean_env(), timeout=60)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)["key"]
+
+    def start(self, timeout: float = 60) -> "CliServer":
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(COMMAND + ["serve", "--port", str(self.port), "--db", str(self.db),
+                                                    "--log-level", "warning"],
+                                         stdout=log, stderr=subprocess.STDOUT, env=clean_env())
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"sandlot serve exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"sandlot serve did not come up:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

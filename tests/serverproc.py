@@ -1,0 +1,137 @@
+"""A real Sandlot server in a subprocess on a free loopback port, for the server and remote-SDK tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import httpx
+
+from sandlot import server as sandlot_server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, db_path: Path, *args: str, port: Optional[int] = None, env: Optional[dict] = None) -> None:
+        self.db_path = Path(db_path)
+        self.args = args
+        self.port = port or free_port()
+        self.env = env
+        self.proc: Optional[subprocess.Popen] = None
+        self.log_path = self.db_path.with_suffix(".log")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def key(self, tenant: str, **quotas) -> str:
+        """A new API key for ``tenant`` (created on demand), straight through the store, as the CLI does."""
+        key = sandlot_server.create_key(tenant, self.db_path)
+        if quotas:
+            sandlot_server.set_quotas(tenant, self.db_path, **quotas)
+        return key
+
+    def start(self, timeout: float = 60) -> "ServerProcess":
+        env = dict(os.environ if self.env is None else self.env)
+        env.pop("SANDLOT_API_URL", None)  # the server runs its sandboxes locally whatever the test set
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sandlot.server", "--port", str(self.port), "--db", str(self.db_path),
+             "--log-level", "warning", *self.args], stdout=log, stderr=subprocess.STDOUT, env=env)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"server did not come up:\n{self.log()}")
+
+    def wait_warm(self, key: str, timeout: float = 60) -> None:
+        """Until the preloaded zygote answers (the first sandbox pays for importing numpy, pandas...)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            r = httpx.post(self.url + "/v1/run", json={"code": "1"}, headers={"Authorization": f"Bearer {key}"},
+                           timeout=timeout)
+            if r.status_code == 200:
+                return
+            time.sleep(0.2)
+        raise RuntimeError("server never ran code")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (by parent links in /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0

@@ -1,0 +1,277 @@
+"""The `sandlot` command line through its real entry point (the installed script), on real sandboxes:
+locally, and against a real `sandlot serve` on loopback for the commands that work on a server."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import time
+
+import pytest
+
+from sandlot import Sandbox
+
+from .cli_server import COMMAND, CliServer
+from .cli_server import clean_env as cli_env
+from .conftest import PROBLEM, needs_sandbox
+
+
+def sandlot(*args: str, input: str | None = None, env: dict | None = None,
+            timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(COMMAND + list(args), input=input, capture_output=True, text=True,
+                          env=env or cli_env(), timeout=timeout)
+
+
+# -- run -------------------------------------------------------------------------------------------
+
+@needs_sandbox
+def test_run_argument_streams_output_and_prints_the_value():
+    r = sandlot("run", "import sys; print('hi'); print('oops', file=sys.stderr); 6 * 7")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "hi\n42\n"
+    assert "oops" in r.stderr
+
+
+@needs_sandbox
+def test_run_file_and_stdin(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text("total = sum(range(10))\nprint('total', total)\n")
+    r = sandlot("run", "--file", str(script))
+    assert (r.returncode, r.stdout) == (0, "total 45\n"), r.stderr
+    r = sandlot("run", input="print(2 ** 10)\n")
+    assert (r.returncode, r.stdout) == (0, "1024\n"), r.stderr
+    r = sandlot("run", "-", input="print('dash')\n")
+    assert (r.returncode, r.stdout) == (0, "dash\n"), r.stderr
+
+
+@needs_sandbox
+def test_run_exit_codes():
+    r = sandlot("run", "def f():\n    1 / 0\nf()")
+    assert r.returncode == 1
+    assert "ZeroDivisionError: division by zero" in r.stderr and 'File "<cell-1>", line 2, in f' in r.stderr
+    r = sandlot("run", "raise SystemExit(5)")
+    assert r.returncode == 1
+    # Usage errors: exit 2, with a message that says what to do.
+    r = sandlot("run", "1", "--file", "x.py")
+    assert r.returncode == 2 and "not both" in r.stderr
+    r = sandlot("run", "--file", "/nonexistent/job.py")
+    assert r.returncode == 2 and "cannot read" in r.stderr
+    r = sandlot("run", "--limit", "memory=1", "1")  # an absurd limit is the caller's mistake
+    assert r.returncode == 2 and "memory" in r.stderr
+    r = sandlot("run", "--env", "NOEQUALS", "1")
+    assert r.returncode == 2 and "KEY=VALUE" in r.stderr
+
+
+@needs_sandbox
+def test_run_json_env_limits_and_timeout():
+    r = sandlot("run", "--json", "--env", "GREETING=hello", "--limit", "memory=256M",
+                "import os; print(os.environ['GREETING']); {'a': 1}")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["ok"] is True and data["error"] is None
+    assert data["stdout"] == "hello\n" and data["text"] == "{'a': 1}"
+    assert data["sandbox_id"].startswith("sb-") and data["usage"]["wall_seconds"] > 0
+    r = sandlot("run", "--json", "--timeout", "1", "import time; time.sleep(30)")
+    assert r.returncode == 1
+    error = json.loads(r.stdout)["error"]
+    assert error["name"] == "TimeoutError" and error["limit"] == "timeout"
+
+
+@needs_sandbox
+def test_run_saves_images(tmp_path):
+    code = "import matplotlib.pyplot as plt\nplt.plot([1, 3, 2])\nplt.show()\nprint('drawn')"
+    r = sandlot("run", "--save-images", str(tmp_path / "out"), code, timeout=90)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "drawn\n"
+    png = (tmp_path / "out" / "image-1.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    r = sandlot("run", "--json", code, timeout=90)
+    result = json.loads(r.stdout)["results"][0]
+    assert base64.b64decode(result["png"]).startswith(b"\x89PNG")
+
+
+@needs_sandbox
+def test_run_output_arrives_while_the_code_runs():
+    proc = subprocess.Popen(COMMAND + ["run", "import time\nprint('first', flush=True)\ntime.sleep(3)\nprint('second')"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
+    try:
+        first = proc.stdout.readline()
+        seen_at = time.monotonic()
+        rest, _ = proc.communicate(timeout=30)
+        ended_at = time.monotonic()
+    finally:
+        proc.kill()
+    assert first == "first\n" and rest == "second\n"
+    assert ended_at - seen_at > 2  # the first line came before the sleep ended, not with the rest
+
+
+# -- doctor ----------------------------------------------------------------------------------------
+
+@needs_sandbox
+def test_doctor_tables():
+    """The human form (test_posture checks `doctor --json`): both tables, and a verdict that matches the exit code."""
+    r = sandlot("doctor", timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Host" in r.stdout and "Inside a sandbox" in r.stdout and "seccomp filter" in r.stdout
+    assert r.stdout.rstrip().endswith("All required checks pass.")
+
+
+def test_version_and_help():
+    r = sandlot("--version")
+    assert r.returncode == 0 and "version" in r.stdout
+    r = sandlot("--help")
+    for command in ("run", "exec", "shell", "ls", "kill", "cp", "serve", "keys", "mcp", "doctor"):
+        assert f"  {command} " in r.stdout
+
+
+# -- shell -----------------------------------------------------------------------------------------
+
+@needs_sandbox
+def test_shell_from_a_pipe_keeps_state():
+    cells = "x = 41\nfor i in range(2):\n    x += i\n\ndef double(v):\n    return 2 * v\n\nprint('x is', x)\n" \
+            "1 / 0\n!echo from-the-shell\ndouble(x)\n"
+    r = sandlot("shell", input=cells)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["x is 42", "from-the-shell", "84"]
+    assert "ZeroDivisionError" in r.stderr  # an error does not end the session
+
+
+@needs_sandbox
+def test_shell_on_a_terminal(tmp_path):
+    """Drive the prompt_toolkit shell through a real pty: multi-line cells, Ctrl-C, history, Ctrl-D."""
+    pexpect = pytest.importorskip("pexpect")
+    env = cli_env(TERM="xterm", PROMPT_TOOLKIT_NO_CPR="1", XDG_STATE_HOME=str(tmp_path))
+    child = pexpect.spawn(COMMAND[0], COMMAND[1:] + ["shell"], env=env, encoding="utf-8", timeout=30,
+                          dimensions=(40, 200))
+    try:
+        child.expect_exact(">>>")
+        child.send("value = 21\r")
+        child.expect_exact(">>>")
+        child.send("if value:\r")  # incomplete: Enter opens an indented line
+        child.send("print('block', value * 2)\r")
+        child.send("\r")  # a blank line ends the block
+        child.expect_exact("block 42")
+        child.expect_exact(">>>")
+        child.send("import time; time.sleep(60)\r")
+        time.sleep(1.5)
+        started = time.monotonic()
+        child.sendintr()  # Ctrl-C interrupts the code, not the shell
+        child.expect_exact("KeyboardInterrupt")
+        assert time.monotonic() - started < 10
+        child.expect_exact(">>>")
+        child.send("value + 1\r")
+        child.expect_exact("22")  # the session kept its variables
+        child.expect_exact(">>>")
+        child.sendeof()  # Ctrl-D
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+    history = (tmp_path / "sandlot" / "shell_history").read_text()
+    assert "value = 21" in history and "print('block', value * 2)" in history
+
+
+# -- commands that need a server -------------------------------------------------------------------
+
+@pytest.mark.parametrize("args", [["ls"], ["kill", "sb-x"], ["exec", "sb-x", "ls"], ["cp", "f", "sb-x:/tmp/f"],
+                                  ["shell", "sb-x"], ["run", "--sandbox", "sb-x", "1"]])
+def test_server_commands_without_a_server_are_usage_errors(args):
+    r = sandlot(*args)
+    assert r.returncode == 2
+    assert "--api-url" in r.stderr and "SANDLOT_API_URL" in r.stderr
+
+
+def test_cp_needs_exactly_one_sandbox_path():
+    r = sandlot("cp", "a", "b", env=cli_env(SANDLOT_API_URL="http://127.0.0.1:9"))
+    assert r.returncode == 2 and "ID:/path" in r.stderr
+
+
+# -- against a server ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    if PROBLEM:
+        pytest.skip(PROBLEM)
+    srv = CliServer(tmp_path_factory.mktemp("cli-server")).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def acme(server):
+    """The environment of a client of tenant "acme" (SANDLOT_API_URL / SANDLOT_API_KEY)."""
+    return cli_env(SANDLOT_API_URL=server.url, SANDLOT_API_KEY=server.key("acme"))
+
+
+def test_keys_create_ls_revoke(server):
+    db = ["--db", str(server.db)]
+    key = server.key("keys-test")
+    assert key.startswith("sl_")
+    rows = json.loads(sandlot("keys", "ls", "--tenant", "keys-test", "--json", *db).stdout)
+    assert len(rows) == 1 and rows[0]["tenant"] == "keys-test" and rows[0]["revoked_at"] is None
+    assert key not in json.dumps(rows)  # only a hint of the key is ever shown again
+    env = cli_env(SANDLOT_API_URL=server.url, SANDLOT_API_KEY=key)
+    assert sandlot("ls", env=env).returncode == 0
+    r = sandlot("keys", "revoke", rows[0]["key_id"], *db)
+    assert r.returncode == 0 and "revoked" in r.stderr
+    r = sandlot("ls", env=env)
+    assert r.returncode == 3 and "AuthError" in r.stderr
+    assert sandlot("keys", "revoke", rows[0]["key_id"], *db).returncode == 3  # nothing left to revoke
+    table = sandlot("keys", "ls", *db).stdout
+    assert "keys-test" in table and rows[0]["key_id"] in table
+
+
+def test_remote_run(acme):
+    r = sandlot("run", "import os; print(os.environ['WHO']); 40 + 2", "--env", "WHO=server", env=acme)
+    assert (r.returncode, r.stdout) == (0, "server\n42\n"), r.stderr
+    r = sandlot("run", "--json", "1 / 0", env=acme)
+    assert r.returncode == 1 and json.loads(r.stdout)["error"]["name"] == "ZeroDivisionError"
+    r = sandlot("run", "1", env=dict(acme, SANDLOT_API_KEY="sl_wrong"))
+    assert r.returncode == 3 and "AuthError" in r.stderr
+    r = sandlot("run", "1", env=dict(acme, SANDLOT_API_URL="http://127.0.0.1:9"))  # nothing listens there
+    assert r.returncode == 3 and "error" in r.stderr
+
+
+def test_remote_session_exec_cp_shell_ls_kill(server, acme, tmp_path):
+    with Sandbox(metadata={"job": "cli-test"}, api_url=server.url, api_key=acme["SANDLOT_API_KEY"]) as sb:
+        sid = sb.sandbox_id
+        # ls: the table and the JSON both show it, with its metadata
+        assert sid in sandlot("ls", env=acme).stdout
+        listed = json.loads(sandlot("ls", "--json", "--metadata", "job=cli-test", env=acme).stdout)
+        assert [i["sandbox_id"] for i in listed] == [sid] and listed[0]["metadata"] == {"job": "cli-test"}
+        # exec: the command's output and exit code; stdin on request
+        r = sandlot("exec", sid, "echo out; echo err >&2; exit 7", env=acme)
+        assert (r.returncode, r.stdout, r.stderr) == (7, "out\n", "err\n")
+        r = sandlot("exec", "-i", sid, "--", "wc", "-c", input="12345", env=acme)
+        assert (r.returncode, r.stdout.strip()) == (0, "5")
+        # cp: both directions, streamed, bytes intact; into a directory keeps the name
+        payload = tmp_path / "payload.bin"
+        payload.write_bytes(bytes(range(256)) * 4096)  # 1 MiB
+        r = sandlot("cp", str(payload), f"{sid}:/home/user/", env=acme)
+        assert r.returncode == 0, r.stderr
+        assert sb.files.stat("/home/user/payload.bin").size == 1024 * 1024
+        r = sandlot("cp", "--json", f"{sid}:/home/user/payload.bin", str(tmp_path / "back.bin"), env=acme)
+        assert json.loads(r.stdout)["bytes"] == 1024 * 1024
+        assert (tmp_path / "back.bin").read_bytes() == payload.read_bytes()
+        r = subprocess.run(COMMAND + ["cp", f"{sid}:/home/user/payload.bin", "-"], capture_output=True, env=acme)
+        assert r.stdout == payload.read_bytes()
+        r = sandlot("cp", f"{sid}:/home/user/missing", str(tmp_path), env=acme)
+        assert r.returncode == 3 and "missing" in r.stderr
+        # shell ID: attaches to the live session; the sandbox outlives the shell
+        r = sandlot("shell", sid, input="shared = 'from the shell'\n", env=acme)
+        assert r.returncode == 0, r.stderr
+        assert sb.run_code("shared").text == "'from the shell'"
+        r = sandlot("run", "--sandbox", sid, "print(shared.upper())", env=acme)
+        assert r.stdout == "FROM THE SHELL\n"
+        # another tenant cannot tell it exists
+        other = cli_env(SANDLOT_API_URL=server.url, SANDLOT_API_KEY=server.key("other"))
+        r = sandlot("exec", sid, "true", env=other)
+        assert r.returncode == 3 and "SandboxNotFound" in r.stderr
+        # kill: ends it; using it afterwards is a Sandlot error that says why
+        r = sandlot("kill", sid, env=acme)
+        assert r.returncode == 0
+        r = sandlot("exec", sid, "true", env=acme)
+        assert r.returncode == 3 and "killed" in r.stderr
+        ended = json.loads(sandlot("ls", "--json", "--status", "ended", env=acme).stdout)
+        assert sid in [i["sandbox_id"] for i in ended]
