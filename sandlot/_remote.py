@@ -270,7 +270,8 @@ class AsyncRemoteSandbox(AsyncSandbox):
         raise InvalidRequest("resume() is not offered through the server yet; use a local gVisor sandbox")
 
     async def interrupt(self) -> None:
-        raise InvalidRequest("interrupt() is not offered through the server yet; the call's timeout stops code")
+        """KeyboardInterrupt to the code running now in this sandbox (its run_code call returns with it)."""
+        await self._http("POST", "/interrupt")
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> "AsyncRemoteSandbox":

@@ -261,3 +261,17 @@ async def test_async_remote_api(remote):
         assert all(r.text == "1" for r in results) and time.monotonic() - t0 < 2.5
     finally:
         await asyncio.gather(*(s.kill() for s in sbs))
+
+
+async def test_interrupt_remote_and_local(remote):
+    """interrupt() stops the running cell with KeyboardInterrupt and keeps the session, on both faces."""
+    for kwargs in (remote, {"api_url": ""}):
+        async with AsyncSandbox(**kwargs) as sb:
+            await sb.run_code("kept = 'yes'")
+            running = asyncio.ensure_future(sb.run_code("import time\nwhile True: time.sleep(0.05)", timeout=30))
+            await asyncio.sleep(1.0)
+            t0 = time.monotonic()
+            await sb.interrupt()
+            ex = await asyncio.wait_for(running, 10)
+            assert ex.error.name == "KeyboardInterrupt" and time.monotonic() - t0 < 5
+            assert (await sb.run_code("kept")).text == "'yes'"

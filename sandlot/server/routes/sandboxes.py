@@ -71,6 +71,13 @@ async def keep_alive(sandbox_id: str, tenant: Owner, state: State) -> SandboxOut
     return sandbox_out(state.registry.row(tenant, sandbox_id))
 
 
+@router.post("/{sandbox_id}/interrupt", response_model=SandboxOut,
+             summary="KeyboardInterrupt to the code running now (the session keeps its variables)")
+async def interrupt(sandbox_id: str, tenant: Owner, state: State) -> SandboxOut:
+    await state.registry.get(tenant, sandbox_id).sandbox.interrupt()
+    return sandbox_out(state.registry.row(tenant, sandbox_id))
+
+
 @router.get("/{sandbox_id}/metrics", response_model=MetricsOut, summary="Memory, CPU, processes (from its cgroup)")
 async def metrics(sandbox_id: str, tenant: Owner, state: State) -> MetricsOut:
     m = await state.registry.get(tenant, sandbox_id).sandbox.metrics()
