@@ -82,17 +82,26 @@ class WarmPool:
             self._refilling = asyncio.get_running_loop().create_task(self._refill())
 
     async def _refill(self) -> None:
-        while len(self.ready) < min(self.config.min_ready, self.config.max_ready):
-            try:
-                sandbox = await self.backend.start(self.template, self.limits, {})
-            except Exception:  # noqa: BLE001 - a failing host shows up on the direct path, with its reason
-                self.failures += 1
-                if self.failures > 3:
-                    return
+        # Boots overlap (one per core): most of a boot is the new sandbox's own setup, not our work.
+        width = max(1, min(os.cpu_count() or 1, 4))
+        while True:
+            missing = min(self.config.min_ready, self.config.max_ready) - len(self.ready)
+            if missing <= 0:
+                return
+            results = await asyncio.gather(
+                *(self.backend.start(self.template, self.limits, {}) for _ in range(min(missing, width))),
+                return_exceptions=True)
+            for result in results:
+                if isinstance(result, BaseException):
+                    # A failing host shows up on the direct path, with its reason; do not spin here.
+                    self.failures += 1
+                else:
+                    self.failures = 0
+                    self.ready.append(result)
+            if self.failures > 3:
+                return
+            if self.failures:
                 await asyncio.sleep(0.5)
-                continue
-            self.failures = 0
-            self.ready.append(sandbox)
 
     async def close(self) -> None:
         if self._refilling is not None:
