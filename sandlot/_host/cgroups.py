@@ -83,6 +83,7 @@ class Cgroup:
         if not info["writable"]:
             raise HostUnsupported("cannot enforce memory/pids/cpu limits: " + info["why"])
         self.version = info["version"]
+        self._fds: dict = {}
         own = _own_paths()
         if self.version == 1:
             self.dirs = {c: ROOT / c / own.get(c, "/").lstrip("/") / "sandlot" / name for c in info["controllers"]}
@@ -120,40 +121,62 @@ class Cgroup:
             _write(d / "cgroup.procs", str(pid))
 
     # -- counters (all read by the host, never reported by the sandbox) -----------------------
+    def _fd(self, path: Path) -> int:
+        # Counters are read around every call: descriptors kept open make a read one pread.
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = os.open(path, os.O_RDWR if path.name.endswith("usage_in_bytes")
+                                           or path.name == "memory.peak" else os.O_RDONLY)
+        return fd
+
+    def _pread(self, path: Path) -> str:
+        try:
+            return os.pread(self._fd(path), 4096, 0).decode()
+        except OSError:
+            return ""
+
+    def _pwrite(self, path: Path, value: str) -> None:
+        os.pwrite(self._fd(path), value.encode(), 0)
+
+    def close_counters(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
     def memory_current(self) -> int:
         name = "memory.current" if self.version == 2 else "memory.usage_in_bytes"
-        return int(_read(self._dir("memory") / name) or 0)
+        return int(self._pread(self._dir("memory") / name) or 0)
 
     def memory_peak(self) -> int:
         name = "memory.peak" if self.version == 2 else "memory.max_usage_in_bytes"
-        return int(_read(self._dir("memory") / name) or 0)
+        return int(self._pread(self._dir("memory") / name) or 0)
 
     def reset_peak(self) -> None:
         name = "memory.peak" if self.version == 2 else "memory.max_usage_in_bytes"
         try:
-            _write(self._dir("memory") / name, "0")
+            self._pwrite(self._dir("memory") / name, "0")
         except OSError:
             pass  # v2 kernels before 6.12 cannot reset the peak; it then covers the sandbox's life
 
     def oom_kills(self) -> int:
         if self.version == 2:
-            return _keyed(_read(self.dirs[""] / "memory.events")).get("oom_kill", 0)
-        return _keyed(_read(self.dirs["memory"] / "memory.oom_control")).get("oom_kill", 0)
+            return _keyed(self._pread(self.dirs[""] / "memory.events")).get("oom_kill", 0)
+        return _keyed(self._pread(self.dirs["memory"] / "memory.oom_control")).get("oom_kill", 0)
 
     def memory_limit_hits(self) -> int:
         """How often usage ran into the limit (v1 failcnt, v2 events 'max'): pressure, even without an OOM kill."""
         if self.version == 2:
-            return _keyed(_read(self.dirs[""] / "memory.events")).get("max", 0)
-        return int(_read(self.dirs["memory"] / "memory.failcnt") or 0)
+            return _keyed(self._pread(self.dirs[""] / "memory.events")).get("max", 0)
+        return int(self._pread(self.dirs["memory"] / "memory.failcnt") or 0)
 
     def pids_limit_hits(self) -> int:
-        return _keyed(_read(self._dir("pids") / "pids.events")).get("max", 0)
+        return _keyed(self._pread(self._dir("pids") / "pids.events")).get("max", 0)
 
     def cpu_seconds(self) -> float:
         if self.version == 2:
-            return _keyed(_read(self.dirs[""] / "cpu.stat")).get("usage_usec", 0) / 1e6
+            return _keyed(self._pread(self.dirs[""] / "cpu.stat")).get("usage_usec", 0) / 1e6
         acct = self.dirs.get("cpuacct")
-        return int(_read(acct / "cpuacct.usage") or 0) / 1e9 if acct else 0.0
+        return int(self._pread(acct / "cpuacct.usage") or 0) / 1e9 if acct else 0.0
 
     def pids(self) -> list[int]:
         d = self._dir("pids")
@@ -195,6 +218,7 @@ class Cgroup:
 
     def try_remove(self) -> bool:
         """One non-blocking attempt to delete the cgroup; True once every directory is gone."""
+        self.close_counters()
         done = True
         for d in self.dirs.values():
             try:
