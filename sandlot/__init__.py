@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._exceptions import (AuthError, FileError, HostUnsupported, InvalidRequest, QuotaExceeded, SandboxCrashed,
+from ._exceptions import (AuthError, FileError, HostUnsupported, ImageError, InvalidRequest, QuotaExceeded, SandboxCrashed,
                           SandboxNotFound, SandlotError, TimeoutError)
 from ._limits import Limits
 from ._pool import configure_pool
@@ -47,5 +47,5 @@ __all__ = [
     "Limits", "Execution", "ExecutionError", "Result", "Logs", "Usage", "SandboxMetrics", "SandboxInfo", "CommandResult",
     "EntryInfo",
     "SandlotError", "SandboxNotFound", "TimeoutError", "SandboxCrashed", "AuthError", "QuotaExceeded",
-    "InvalidRequest", "HostUnsupported", "FileError",
+    "InvalidRequest", "HostUnsupported", "FileError", "ImageError",
 ]

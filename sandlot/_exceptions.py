@@ -54,3 +54,7 @@ class FileError(SandlotError, OSError):
 
     def __str__(self) -> str:
         return self.strerror
+
+
+class ImageError(SandlotError):
+    """Pulling, loading, unpacking or building an image failed; the message says which step and why."""

@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from ._exceptions import HostUnsupported, InvalidRequest, SandlotError
+from ._exceptions import HostUnsupported, ImageError, InvalidRequest, SandlotError
 from ._templates import NAME_RE, data_root, read_record, records_dir
 
 Progress = Callable[[dict], None]  # {"phase": ..., "message": ..., and per phase: "done"/"total"/"blob"}
@@ -55,9 +55,6 @@ PYTHON_CANDIDATES = ("/usr/local/bin/python3", "/usr/bin/python3", "/usr/local/b
                      "/opt/conda/bin/python3", "/opt/conda/bin/python", "/bin/python3")
 COMMAND_TIMEOUT = 3600  # seconds for one skopeo/umoci run
 
-
-class ImageError(SandlotError):
-    """Pulling, loading, unpacking or building an image failed; the message says which step and why."""
 
 
 # -- places and the lock ---------------------------------------------------------------------------
@@ -533,12 +530,16 @@ def remove(name: str, *, force: bool = False, progress: Optional[Progress] = Non
         if record is None:
             raise InvalidRequest(f"unknown template {name!r}")
         if record.get("rootfs"):
-            users = _sandboxes_using(Path(record["rootfs"]))
             shared = [r["name"] for r in list_templates()[1:]
                       if r.get("rootfs") == record["rootfs"] and r["name"] != name]
-            if users and not shared and not force:
-                raise InvalidRequest(f"template {name!r} is in use by {users} running sandbox(es); kill them "
-                                     "first (or pass --force)")
+            users = 0 if shared or force else _sandboxes_using(Path(record["rootfs"]))
+            deadline = time.monotonic() + 3
+            while users and time.monotonic() < deadline:  # a sandbox killed a moment ago is still tearing down
+                time.sleep(0.1)
+                users = _sandboxes_using(Path(record["rootfs"]))
+            if users:
+                raise InvalidRequest(f"template {name!r} is in use by running sandboxes (its root is mounted in "
+                                     f"{users} mount namespace(s)); kill them first, or pass --force")
         path.unlink()
         with contextlib.suppress(Exception):
             _retag(name, None)

@@ -108,7 +108,9 @@ class AsyncSandbox:
             raise InvalidRequest("on_idle is 'kill', or 'pause' with isolation='gvisor' (checkpoint to disk)")
         self.on_idle = on_idle
         self.template = get_template(template)
-        limits = Limits.build(limits)
+        # An image template may carry default limits (sandbox.yaml); the owner's override them.
+        defaults = getattr(self.template, "default_limits", None)
+        limits = Limits.build(limits, base=Limits.build(defaults()) if callable(defaults) else None)
         if timeout is not None:
             limits = Limits.build({"lifetime": timeout}, base=limits)
         self.limits = limits

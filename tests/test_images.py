@@ -21,7 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 import sandlot
-from sandlot import InvalidRequest, SandlotError
+from sandlot import InvalidRequest
 
 from . import imagekit
 from .conftest import PROBLEM
@@ -338,7 +338,7 @@ def test_rm_keeps_shared_roots_and_refuses_while_in_use(world):
     with sandlot.Sandbox("img-rm-b"):
         _images.remove("img-base")  # the root is still img-rm-b's: removing img-base is fine
         assert Path(b["rootfs"]).is_dir()
-        with pytest.raises(InvalidRequest, match="in use by 1 running sandbox"):
+        with pytest.raises(InvalidRequest, match="in use by running sandboxes"):
             _images.remove("img-rm-b")
     _images.remove("img-rm-b")
     assert not Path(b["rootfs"]).exists()

@@ -235,8 +235,16 @@ def _handshake(sock: socket.socket, cfg: dict) -> None:
     if _recv_frame(sock)["t"] != "go":
         os._exit(70)
     if cfg["setup_uid"] == 0:
+        parent = os.getppid()
         os.setresgid(0, 0, 0)
         os.setresuid(0, 0, 0)
+        # A uid change clears the parent-death signal: arm it again, and if our parent died in
+        # between (we were reparented), follow it now.
+        from _agent import linux
+
+        linux.prctl(linux.PR_SET_PDEATHSIG, 9)
+        if os.getppid() != parent:
+            os._exit(0)
 
 
 def _direct(sock: socket.socket, cfg: dict) -> None:

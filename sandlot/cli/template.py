@@ -13,7 +13,7 @@ from typing import Any, Iterator, Optional
 
 import click
 from rich.markup import escape
-from rich.progress import BarColumn, DownloadColumn, Progress, SpinnerColumn, TaskProgressColumn, TextColumn
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 
 from ._common import err, json_option, out, print_json
@@ -46,18 +46,21 @@ def _progress(enabled: bool) -> Iterator[Any]:
 
         yield plain
         return
-    bars = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
-                    DownloadColumn(), console=err, transient=False)
+    bars = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[detail]}"),
+                    console=err, transient=False)
     tasks: dict[str, Any] = {}
 
     def rich_event(event: dict) -> None:
         phase, message = event.get("phase"), escape(event.get("message", ""))
         if phase == "copy":
-            total_bytes = event.get("total_bytes")
+            total_bytes, total = event.get("total_bytes"), event.get("total")
             if "copy" not in tasks:
-                tasks["copy"] = bars.add_task(message, total=total_bytes or event.get("total") or None)
+                tasks["copy"] = bars.add_task(message, total=total_bytes or total or None, detail="")
             done = event.get("bytes") if total_bytes else event.get("done")
-            bars.update(tasks["copy"], description=message, completed=done or 0)
+            detail = f"{event.get('done') or 0}/{total} layers" if total else ""
+            if total_bytes:
+                detail += f"  {_size(event.get('bytes') or 0) or '0 B'} / {_size(total_bytes)}"
+            bars.update(tasks["copy"], description=message, completed=done or 0, detail=detail)
         elif phase == "blob":
             pass  # the bar above counts them
         elif phase == "log":
@@ -72,7 +75,7 @@ def _progress(enabled: bool) -> Iterator[Any]:
                     bars.update(task_id, total=1, completed=1)
             if phase == "done":
                 return
-            tasks[key + str(len(tasks))] = bars.add_task(message, total=None)
+            tasks[key + str(len(tasks))] = bars.add_task(message, total=None, detail="")
 
     with bars:
         yield rich_event
