@@ -84,3 +84,22 @@ class Limits:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def check_env(env: "Mapping[str, str] | None") -> dict:
+    """Validate an environment for a sandbox: names and values that a process environment can hold."""
+    if env is None:
+        return {}
+    if not isinstance(env, Mapping):
+        raise InvalidRequest("env must map strings to strings")
+    for key, value in env.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise InvalidRequest("env must map strings to strings")
+        if not key or "=" in key or "\0" in key or "\0" in value:
+            raise InvalidRequest(f"env name {key!r} is not valid (empty, or has '=' or NUL), or its value has NUL")
+        for text in (key, value):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidRequest(f"env {key!r}: not valid UTF-8 (lone surrogates cannot enter a process)") from None
+    return dict(env)

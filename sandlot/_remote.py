@@ -25,7 +25,7 @@ import httpx
 
 from ._exceptions import (AuthError, FileError, HostUnsupported, InvalidRequest, QuotaExceeded, SandboxCrashed,
                           SandboxNotFound, SandlotError, TimeoutError)
-from ._limits import Limits
+from ._limits import Limits, check_env
 from ._models import CommandResult, EntryInfo, Execution, ExecutionError, Result, SandboxInfo, SandboxMetrics, Usage
 from ._sandbox import AsyncCommandHandle, AsyncFiles, AsyncSandbox, OutputHandler, ResultHandler, _call, _chunks
 
@@ -213,8 +213,7 @@ async def _execute(server: _Server, path: str, body: dict, on_stdout: Optional[O
 
 
 def _check_env(env: Optional[Mapping[str, str]]) -> None:
-    if env is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
-        raise InvalidRequest("env must map strings to strings")
+    check_env(env)  # the same rules and messages as a local sandbox, before any request
 
 
 def _check_call_timeout(timeout: Optional[float]) -> None:

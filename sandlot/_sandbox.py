@@ -16,7 +16,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Optional, U
 from ._backends.base import SandboxProcess, get_backend
 from ._exceptions import FileError, InvalidRequest, SandboxCrashed, SandboxNotFound
 from ._host.channel import CLOSED
-from ._limits import Limits
+from ._limits import Limits, check_env
 from ._pool import pool_for
 from ._models import (CommandResult, EntryInfo, Execution, ExecutionError, PauseInfo, Result, SandboxInfo,
                       SandboxMetrics, Usage)
@@ -114,9 +114,7 @@ class AsyncSandbox:
         if timeout is not None:
             limits = Limits.build({"lifetime": timeout}, base=limits)
         self.limits = limits
-        if env is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
-            raise InvalidRequest("env must map strings to strings")
-        self.env = dict(env or {})
+        self.env = check_env(env)
         self.metadata = dict(metadata or {})
         self.isolation = isolation
         self._backend = get_backend(isolation)
@@ -461,7 +459,8 @@ class AsyncSandbox:
             return False
         # An OOM kill, or (gVisor's sentry may exit on a failed allocation, with no OOM kill counted)
         # the cgroup ran into its limit during the call.
-        return cg.oom_kills() > start["oom"] or cg.memory_limit_hits() > start.get("mem_hits", 0)
+        return (cg.oom_kills() > start["oom"] or cg.memory_limit_hits() > start.get("mem_hits", 0)
+                or cg.memory_peak() >= 0.95 * self.limits.memory)
 
     def _pids_hit_since(self, proc, start: dict) -> bool:
         cg = getattr(proc, "cgroup", None)
@@ -597,8 +596,7 @@ class AsyncCommands:
         """Run ``cmd``; return its result, or with ``background=True`` a handle to wait on or kill."""
         if not isinstance(cmd, str) or not cmd.strip():
             raise InvalidRequest("cmd must be a non-empty string")
-        if env is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
-            raise InvalidRequest("env must map strings to strings")
+        env = check_env(env)
         sandbox = self._sandbox
         timeout = None if background and timeout is None else sandbox._call_timeout(timeout)
         proc = sandbox._alive()

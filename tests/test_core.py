@@ -301,3 +301,13 @@ def test_metrics_report_the_cgroup(sandbox):
     after = sandbox.metrics()
     assert after.memory - before.memory > 60 * 1024 * 1024
     assert after.processes >= 2 and after.cpu_seconds >= before.cpu_seconds
+
+
+def test_bad_env_is_refused_before_anything_starts():
+    for env in ({"A": "\ud8de"}, {"": "x"}, {"A=B": "x"}, {"A": "x\0y"}, {"A": 1}):
+        with pytest.raises(InvalidRequest):
+            Sandbox(env=env)
+    with Sandbox() as sb:
+        with pytest.raises(InvalidRequest):
+            sb.commands.run("true", env={"A": "\udcff"})
+        assert sb.run_code("1").text == "1"

@@ -172,7 +172,10 @@ class Kernel:
             except KeyboardInterrupt:
                 continue
             if msg.get("t") == "env" and isinstance(msg.get("env"), dict):
-                os.environ.update({str(k): str(v) for k, v in msg["env"].items()})
+                try:
+                    os.environ.update({str(k): str(v) for k, v in msg["env"].items()})
+                except (ValueError, OSError):
+                    pass  # the agent validated it; never let a bad name end the session
             elif msg.get("t") == "exec" and isinstance(msg.get("code"), str):
                 self.send(self.run_cell(msg["code"]))
 

@@ -263,8 +263,12 @@ class Agent:
     def _req_configure(self, rid, req, payload) -> None:
         """Late settings for a sandbox taken from a warm pool: its owner's environment."""
         env = req.get("env") or {}
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
             raise ValueError("env must map strings to strings")
+        for key, value in env.items():  # what os.environ could not hold would crash us later
+            if not key or "=" in key or "\0" in key + value:
+                raise ValueError("bad environment variable %r" % key)
+            (key + value).encode("utf-8")  # UnicodeEncodeError is a ValueError: answered as an error
         self.env.update(env)
         if self.kernel is not None:
             self.kernel.ctl.setblocking(True)

@@ -41,6 +41,10 @@ def _check_env(env: Optional[dict[str, str]]) -> Optional[dict[str, str]]:
             raise ValueError(f"environment variable name {key[:64]!r} is not a valid name ([A-Za-z_][A-Za-z0-9_]*)")
         if "\0" in value or len(value) > 32768:
             raise ValueError(f"environment variable {key}: value must be at most 32768 characters, without NUL")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"environment variable {key}: value is not valid UTF-8 (lone surrogates)") from None
     return env
 
 
