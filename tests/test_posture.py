@@ -65,10 +65,20 @@ def test_rlimits(shared_sandbox):
 
 
 def test_root_shows_only_what_the_template_needs(shared_sandbox):
+    from sandlot._templates import python_template
+
+    prefixes = python_template().prefixes  # the interpreter's own trees (a venv, a pyenv), wherever they are
     top = shared_sandbox.commands.run("ls -A /").stdout.split()
-    assert "root" not in top or shared_sandbox.commands.run("ls -A /root").stdout.split() == [".pyenv"]
-    assert set(top) <= {"bin", "sbin", "lib", "lib32", "lib64", "libx32", "usr", "etc", "opt", "dev", "proc",
-                        "tmp", "home", ".sandlot-scratch", "root", "work", "srv", "var"}
+    expected = {"bin", "sbin", "lib", "lib32", "lib64", "libx32", "usr", "etc", "opt", "dev", "proc", "tmp", "home",
+                ".sandlot-scratch", ".sandlot-zygote"} | {p.split("/")[1] for p in prefixes}
+    assert set(top) <= expected, set(top) - expected
+    if "root" in top and not any(p.startswith("/root/") for p in prefixes):
+        assert shared_sandbox.commands.run("ls -A /root").stdout.split() == []
+    for p in prefixes:  # each prefix's parents show only the way down to it, never their other contents
+        parent = os.path.dirname(p)
+        if parent not in ("/", "/tmp", "/home"):
+            listed = shared_sandbox.commands.run(f"ls -A {parent}").stdout.split()
+            assert listed == [os.path.basename(p)] or set(listed) <= {os.path.basename(q) for q in prefixes}, listed
     etc = set(shared_sandbox.commands.run("ls -A /etc").stdout.split())
     assert "shadow" not in etc and "passwd" in etc
 

@@ -296,16 +296,18 @@ def _zygote(ctl: socket.socket, cfg: dict) -> None:
         root = isolation.build_template_root(cfg, plan)
         host_root = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         host_proc = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        # A private scratch for the preload (matplotlib's font cache), unmounted once it is done.
+        # A private scratch for the preload (matplotlib's font cache), unmounted once it is done: on
+        # a mount point of its own, not /tmp, which may hold the interpreter (a venv in /tmp/ci).
         # /dev/shm too: libraries probe it at import (joblib picks serial mode without it).
-        for scratch in ("/tmp", "/dev/shm"):
+        for scratch in (isolation.ZYGOTE_SCRATCH, "/dev/shm"):
             linux.mount("sandlot-zygote-tmp", root + scratch, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV,
                         "size=64m,mode=0700")
         os.chroot(root)
         os.chdir("/")
         os.environ.clear()
         os.environ.update(cfg["env"])
-        os.environ.update({"MPLCONFIGDIR": "/tmp/matplotlib", "HOME": "/tmp"})
+        os.environ.update({"MPLCONFIGDIR": isolation.ZYGOTE_SCRATCH + "/matplotlib", "HOME": isolation.ZYGOTE_SCRATCH,
+                           "TMPDIR": isolation.ZYGOTE_SCRATCH})
         import site
 
         site.main()
@@ -321,8 +323,11 @@ def _zygote(ctl: socket.socket, cfg: dict) -> None:
                 from _agent import mpl_backend  # noqa: F401  (our inline backend, compiled once)
         except Exception as exc:  # a missing optional module must not stop the zygote
             failed[name] = "%s: %s" % (type(exc).__name__, exc)
-    for scratch in ("/tmp", "/dev/shm"):
+    for scratch in (isolation.ZYGOTE_SCRATCH, "/dev/shm"):
         linux.umount2(scratch, linux.MNT_DETACH)
+    import tempfile
+
+    tempfile.tempdir = None  # sandboxes pick their own /tmp
     gc.collect()
     gc.freeze()  # keep the collector off the shared pages, so forks stay copy-on-write
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # sandboxes are reaped by the kernel, not by us

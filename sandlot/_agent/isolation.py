@@ -19,6 +19,7 @@ from . import landlock, linux
 USER_UID = 1000
 HOME = "/home/user"
 SCRATCH = "/.sandlot-scratch"  # one tmpfs backs home, /tmp and /dev/shm: one disk quota for all
+ZYGOTE_SCRATCH = "/.sandlot-zygote"  # the zygote's own scratch while it imports its preload list
 DEVICES = ("null", "zero", "full", "random", "urandom")
 # /etc entries the interpreter and common libraries read; everything else of the host's /etc stays out.
 ETC_ENTRIES = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime", "ssl", "ca-certificates",
@@ -133,7 +134,7 @@ def build_template_root(cfg: dict, plan: list) -> str:
                        ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
         os.symlink(dest, root + "/dev/" + name)
     # Mount points for what each sandbox brings itself (its storage and its /proc).
-    for path in (SCRATCH, HOME, "/tmp", "/dev/shm", "/proc"):
+    for path in (SCRATCH, ZYGOTE_SCRATCH, HOME, "/tmp", "/dev/shm", "/proc"):
         _mkdirs(root + path)
     linux.mount(None, root + "/dev", None, linux.MS_REMOUNT | linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NOEXEC)
     if not image:  # an image root is a bind, made read-only (or not, for a build step) above
@@ -162,8 +163,16 @@ def enter_sandbox_root(cfg: dict) -> None:
         # not writable by the sandbox user at all. Set the mode explicitly.
         os.chmod(scratch + "/" + sub, mode)
     os.chown(scratch + "/home", USER_UID, USER_UID)
+    # An interpreter prefix may live under a path we are about to cover (a venv in /tmp/ci, say):
+    # hold it by descriptor now and bind it back on top of our own storage afterwards.
+    covered = [p for p in cfg.get("prefixes", ()) if any(p == m or p.startswith(m + "/") for m in (HOME, "/tmp", "/dev/shm"))]
+    held = [(p, os.open(root + p, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)) for p in covered]
     for mount_at, sub in ((HOME, "home"), ("/tmp", "tmp"), ("/dev/shm", "shm")):
         linux.mount(scratch + "/" + sub, root + mount_at, None, linux.MS_BIND)
+    for prefix, fd in held:
+        _mkdirs(root + prefix)
+        linux.mount("/proc/self/fd/%d" % fd, root + prefix, None, linux.MS_BIND | linux.MS_REC)
+        os.close(fd)
     linux.umount2(scratch, linux.MNT_DETACH)  # the binds keep it alive; no second path to the same files
     linux.mount("proc", root + "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
 
