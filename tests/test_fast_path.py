@@ -72,3 +72,11 @@ def test_idle_session_is_cheap(sandbox):
     # a few MiB of its own, not the ~170 MiB an interpreter with these modules occupies.
     assert metrics.memory < 40 * 1024 * 1024, metrics
     assert len(processes_in_sandbox(sandbox.sandbox_id)) == 2  # the agent (pid 1) and the session
+
+
+def test_env_and_first_cell_arriving_together_both_count():
+    """A pooled sandbox gets its owner's env and first cell back to back; neither may be lost."""
+    sandlot.configure_pool("python", min_ready=2)
+    for i in range(6):
+        ex = sandlot.run_code("import os; os.environ['N']", env={"N": str(i)}, timeout=10)
+        assert ex.text == repr(str(i)), ex.error

@@ -41,19 +41,20 @@ class Kernel:
         self.namespace: dict = {"__name__": "__main__", "__builtins__": __builtins__}
         self.namespace["display"] = self.display
         self.buffer = protocol.FrameBuffer()
+        self.pending: list = []
 
     # -- channel to the agent ---------------------------------------------------------------
     def send(self, header: dict) -> None:
         self.ctl.sendall(_bounded_frame(header))
 
     def recv(self) -> dict:
-        while True:
+        # Several frames can arrive in one read (an owner's env, then its first cell): keep them all.
+        while not self.pending:
             data = self.ctl.recv(1 << 16)
             if not data:
                 os._exit(0)
-            frames = self.buffer.feed(data)
-            if frames:
-                return frames[0][0]
+            self.pending.extend(header for header, _ in self.buffer.feed(data))
+        return self.pending.pop(0)
 
     # -- rich display -----------------------------------------------------------------------
     def formats(self, value) -> dict:
