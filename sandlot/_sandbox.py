@@ -207,7 +207,9 @@ class AsyncSandbox:
             # Taken from the warm pool: this owner's limits and environment apply from now on.
             proc.limits = self.limits
             if (self.limits.cpu, self.limits.memory) != (pool.limits.cpu, pool.limits.memory):
-                await asyncio.to_thread(proc.cgroup.apply, self.limits)
+                # (Through the backend: the gVisor tier keeps room for runsc's own threads in pids.max.)
+                cgroup_limits = getattr(proc, "cgroup_limits", lambda limits: limits)(self.limits)
+                await asyncio.to_thread(proc.cgroup.apply, cgroup_limits)
             if self.env:
                 await proc.channel.send({"t": "configure", "id": 0, "env": self.env})
         else:

@@ -134,7 +134,8 @@ def build_template_root(cfg: dict, plan: list) -> str:
                        ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
         os.symlink(dest, root + "/dev/" + name)
     # Mount points for what each sandbox brings itself (its storage and its /proc).
-    for path in (SCRATCH, ZYGOTE_SCRATCH, HOME, "/tmp", "/dev/shm", "/proc"):
+    # (An image root made its own at unpack time; only the builtin template has a zygote.)
+    for path in (SCRATCH, HOME, "/tmp", "/dev/shm", "/proc") + (() if image else (ZYGOTE_SCRATCH,)):
         _mkdirs(root + path)
     linux.mount(None, root + "/dev", None, linux.MS_REMOUNT | linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NOEXEC)
     if not image:  # an image root is a bind, made read-only (or not, for a build step) above

@@ -163,6 +163,11 @@ class GVisorSandbox(SandboxProcess):
         self._pidfd: Optional[int] = None
         self._cleaned = False
 
+    @staticmethod
+    def cgroup_limits(limits: Limits) -> Limits:
+        """What the cgroup gets for these limits: pids.max leaves room for runsc's own threads."""
+        return _room_for_runsc(limits)
+
     @property
     def pid(self) -> int:
         return self._proc.pid if self._proc else -1
