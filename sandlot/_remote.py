@@ -27,7 +27,8 @@ from ._exceptions import (AuthError, FileError, HostUnsupported, InvalidRequest,
                           SandboxNotFound, SandlotError, TimeoutError)
 from ._limits import Limits, check_env
 from ._models import CommandResult, EntryInfo, Execution, ExecutionError, Result, SandboxInfo, SandboxMetrics, Usage
-from ._sandbox import AsyncCommandHandle, AsyncFiles, AsyncSandbox, OutputHandler, ResultHandler, _call, _chunks
+from ._sandbox import (AsyncCommandHandle, AsyncFiles, AsyncSandbox, OutputHandler, ResultHandler, _call, _check_format,
+                       _chunks, read_as)
 
 ENV_URL = "SANDLOT_API_URL"
 ENV_KEY = "SANDLOT_API_KEY"
@@ -484,15 +485,8 @@ class AsyncRemoteFiles:
         return _entry(response.json())
 
     async def read(self, path: str, *, format: str = "text") -> Union[str, bytes, AsyncIterator[bytes]]:
-        if format not in ("text", "bytes", "stream"):
-            raise InvalidRequest("format must be 'text', 'bytes' or 'stream'")
-        stream = self._stream(AsyncFiles._path(path))
-        if format == "stream":
-            return stream
-        data = bytearray()
-        async for chunk in stream:
-            data += chunk
-        return data.decode() if format == "text" else bytes(data)
+        _check_format(format)
+        return await read_as(self._stream(AsyncFiles._path(path)), format)
 
     async def _stream(self, path: str) -> AsyncIterator[bytes]:
         sandbox = self._sandbox

@@ -648,15 +648,8 @@ class AsyncFiles:
 
     async def read(self, path: str, *, format: str = "text") -> Union[str, bytes, AsyncIterator[bytes]]:
         """``format``: "text" (UTF-8), "bytes", or "stream" (an async iterator of byte chunks)."""
-        if format not in ("text", "bytes", "stream"):
-            raise InvalidRequest("format must be 'text', 'bytes' or 'stream'")
-        stream = self._stream(self._path(path))
-        if format == "stream":
-            return stream
-        data = bytearray()
-        async for chunk in stream:
-            data += chunk
-        return data.decode() if format == "text" else bytes(data)
+        _check_format(format)
+        return await read_as(self._stream(self._path(path)), format)
 
     async def _stream(self, path: str) -> AsyncIterator[bytes]:
         sandbox = self._sandbox
@@ -694,6 +687,21 @@ class AsyncFiles:
         """Create a directory and its parents; False if it already existed."""
         reply = await self._sandbox._request({"t": "fmkdir", "path": self._path(path)})
         return bool(reply.get("created"))
+
+
+def _check_format(format: str) -> None:
+    if format not in ("text", "bytes", "stream"):
+        raise InvalidRequest("format must be 'text', 'bytes' or 'stream'")
+
+
+async def read_as(stream: AsyncIterator[bytes], format: str) -> Union[str, bytes, AsyncIterator[bytes]]:
+    """A file's chunks as the caller asked: the stream itself, or gathered into bytes or UTF-8 text."""
+    if format == "stream":
+        return stream
+    data = bytearray()
+    async for chunk in stream:
+        data += chunk
+    return data.decode() if format == "text" else bytes(data)
 
 
 def _entry(raw: dict) -> EntryInfo:

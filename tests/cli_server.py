@@ -7,13 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
-import httpx
 
-from .serverproc import free_port
+from .serverproc import free_port, wait_healthy
 
 SCRIPT = Path(sys.executable).with_name("sandlot")
 COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "sandlot.cli"]
@@ -48,17 +46,8 @@ class CliServer:
             self.proc = subprocess.Popen(COMMAND + ["serve", "--port", str(self.port), "--db", str(self.db),
                                                     "--log-level", "warning"],
                                          stdout=log, stderr=subprocess.STDOUT, env=clean_env())
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"sandlot serve exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"sandlot serve did not come up:\n{self.log()}")
+        wait_healthy(self.proc, self.url, self.log, "sandlot serve", timeout)
+        return self
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

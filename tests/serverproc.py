@@ -22,6 +22,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(proc: subprocess.Popen, url: str, log, name: str, timeout: float) -> None:
+    """Until ``url``/healthz answers 200; a process that exits first fails with its log."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{log()}")
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{name} did not come up:\n{log()}")
+
+
 class ServerProcess:
     def __init__(self, db_path: Path, *args: str, port: Optional[int] = None, env: Optional[dict] = None) -> None:
         self.db_path = Path(db_path)
@@ -50,17 +65,8 @@ class ServerProcess:
             [sys.executable, "-m", "sandlot.server", "--port", str(self.port), "--db", str(self.db_path),
              "--log-level", "warning", *self.args], stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"server did not come up:\n{self.log()}")
+        wait_healthy(self.proc, self.url, self.log, "server", timeout)
+        return self
 
     def wait_warm(self, key: str, timeout: float = 60) -> None:
         """Until the preloaded zygote answers (the first sandbox pays for importing numpy, pandas...)."""
