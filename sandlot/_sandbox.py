@@ -363,7 +363,8 @@ class AsyncSandbox:
                     await proc.channel.send({"t": "interrupt", "id": rid})
                     deadline = time.monotonic() + INTERRUPT_GRACE
                     continue
-                await self._die("its code ignored the interrupt after the timeout", "timeout")
+                after = "the timeout" if interrupted_for == "timeout" else "the output cap"
+                await self._die(f"its code ignored the interrupt after {after}", interrupted_for)
                 return {"t": "killed", "why": interrupted_for}
             try:
                 item = await asyncio.wait_for(queue.get(), remaining)
@@ -408,7 +409,11 @@ class AsyncSandbox:
         if isinstance(raw, dict):
             execution.error = ExecutionError(str(raw.get("name")), str(raw.get("value")), str(raw.get("traceback") or ""))
         oom = self._oom_since(proc, usage_start)
-        if done["t"] == "killed":
+        if done["t"] == "killed" and why == "output":
+            execution.error = ExecutionError(
+                "OutputLimitExceeded", f"the code printed more than {_human(self.limits.output)} and ignored "
+                "the interrupt, so the sandbox was killed", limit="output")
+        elif done["t"] == "killed":
             execution.error = ExecutionError(
                 "TimeoutError", f"the code ran past its {timeout:g} s timeout and ignored the interrupt, "
                 "so the sandbox was killed", limit="timeout")

@@ -412,6 +412,22 @@ def test_code_that_swallows_keyboard_interrupt_gets_its_sandbox_killed(bystander
     bystander()
 
 
+def test_a_flood_that_swallows_the_interrupt_is_killed_for_its_output(bystander):
+    sb, fp = _open(limits={"output": "256K"})
+    try:
+        code = ("import signal\n"
+                "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+                "while True: print('x' * 1000)\n")
+        ex = _timed(lambda: sb.run_code(code, timeout=60), 15)  # the cap ends it, not the 60 s timeout
+        assert ex.error.name == "OutputLimitExceeded" and ex.error.limit == "output", ex.error
+        assert "killed" in ex.error.value and ex.truncated
+        assert not sb.is_running
+    finally:
+        sb.kill()
+    fp.assert_gone()
+    bystander()
+
+
 def test_fd_exhaustion_hits_emfile_and_the_hard_limit_holds(victim, bystander):
     count, err, raise_err = _value(victim, """
 import os, resource

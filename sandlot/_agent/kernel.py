@@ -45,7 +45,15 @@ class Kernel:
 
     # -- channel to the agent ---------------------------------------------------------------
     def send(self, header: dict) -> None:
-        self.ctl.sendall(_bounded_frame(header))
+        # display() calls this from user code, where SIGINT is unblocked: an interrupt landing
+        # inside sendall would raise KeyboardInterrupt half way through a frame and garble the
+        # stream for the agent. The frame goes out whole; the interrupt is taken right after.
+        frame = _bounded_frame(header)
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            self.ctl.sendall(frame)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
     def recv(self) -> dict:
         # Several frames can arrive in one read (an owner's env, then its first cell): keep them all.
