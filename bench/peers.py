@@ -65,6 +65,19 @@ def _apt_install(package: str) -> None:
                    stdout=subprocess.DEVNULL)
 
 
+def _runsc_missing() -> Optional[str]:
+    if not shutil.which("runsc"):
+        return "runsc not installed (Debian package runsc)"
+    if os.geteuid() != 0:
+        return "runsc needs root here"
+    return None
+
+
+def _install_runsc() -> None:
+    if not shutil.which("runsc"):
+        _apt_install("runsc")
+
+
 class Peer:
     name = ""
     label = ""
@@ -97,9 +110,9 @@ class Peer:
 # --- Sandlot: the public SDK, nothing else. Whatever the SDK does (zygote, warm pool...) is what we measure.
 
 class _SandlotSession:
-    def __init__(self) -> None:
+    def __init__(self, isolation: str = "process") -> None:
         import sandlot
-        self.sandbox = sandlot.Sandbox()
+        self.sandbox = sandlot.Sandbox(isolation=isolation)
 
     def run(self, code: str) -> str:
         return _execution_text(self.sandbox.run_code(code))
@@ -131,13 +144,30 @@ class Sandlot(Peer):
         import sandlot
         return sandlot.__version__
 
+    isolation = "process"
+
     def fresh(self, code: str) -> str:
         import sandlot
-        with sandlot.Sandbox() as sandbox:
+        with sandlot.Sandbox(isolation=self.isolation) as sandbox:
             return _execution_text(sandbox.run_code(code))
 
     def session(self) -> _SandlotSession:
-        return _SandlotSession()
+        return _SandlotSession(self.isolation)
+
+
+class SandlotGVisor(Sandlot):
+    """Sandlot's strong tier: the same SDK call with isolation="gvisor" (warm pool included)."""
+
+    name = "sandlot-gvisor"
+    label = "Sandlot, gVisor tier"
+    detail = 'public SDK: sandlot.Sandbox(isolation="gvisor")'
+    isolation = "gvisor"
+
+    def missing(self) -> Optional[str]:
+        return _runsc_missing() or super().missing()
+
+    def install(self) -> None:
+        _install_runsc()
 
 
 # --- Peers that run one command per fresh sandbox.
@@ -213,15 +243,10 @@ class GVisor(CommandPeer):
     detail = "runsc --network=none --platform=ptrace do python3 -S -c CODE"
 
     def missing(self) -> Optional[str]:
-        if not shutil.which("runsc"):
-            return "runsc not installed (Debian package runsc)"
-        if os.geteuid() != 0:
-            return "runsc do needs root here"
-        return None
+        return _runsc_missing()
 
     def install(self) -> None:
-        if not shutil.which("runsc"):
-            _apt_install("runsc")
+        _install_runsc()
 
     def version(self) -> str:
         out = subprocess.run(["runsc", "--version"], capture_output=True, text=True).stdout
@@ -358,4 +383,4 @@ class Jupyter(Peer):
         return _JupyterSession()
 
 
-ALL = [Sandlot, Subprocess, Bubblewrap, GVisor, Wasmtime, Jupyter]
+ALL = [Sandlot, SandlotGVisor, Subprocess, Bubblewrap, GVisor, Wasmtime, Jupyter]

@@ -8,7 +8,8 @@
 
 Workloads: fresh (1: fresh sandbox, print(1)), pandas (2: fresh sandbox, a pandas expression),
 warm (3: x += 1 in a live session), throughput (4: fresh sandboxes per second from 2 and 8 client threads),
-density (5: N live idle sessions with pandas imported; host memory per session; all must answer 1+1).
+density (5: N live idle sessions with pandas imported; host memory per session; all must answer 1+1),
+pause (gVisor tier: pause and resume a live pandas session; times and checkpoint size).
 Sandlot is driven through its public SDK only, so whatever the SDK does (zygote, warm pool) is measured.
 """
 
@@ -29,10 +30,11 @@ from rich.table import Table
 import peers as peers_mod
 import workloads as wl
 
-WORKLOADS = ["fresh", "pandas", "warm", "throughput", "density"]
-PROFILES = {  # samples per latency workload, warm round trips, throughput seconds, density N, seconds/peer cap
-    "quick": dict(n=20, warm_n=200, seconds=3.0, density=100, budget=20.0),
-    "full": dict(n=100, warm_n=1000, seconds=10.0, density=1000, budget=90.0),
+WORKLOADS = ["fresh", "pandas", "warm", "throughput", "density", "pause"]
+PROFILES = {  # samples per latency workload, warm round trips, throughput seconds, density N, seconds/peer cap,
+    # pause/resume cycles
+    "quick": dict(n=20, warm_n=200, seconds=3.0, density=100, budget=20.0, pauses=3),
+    "full": dict(n=100, warm_n=1000, seconds=10.0, density=1000, budget=90.0, pauses=10),
 }
 TARGETS = {"fresh": 0.005, "pandas": 0.010, "warm": 0.001, "throughput": 200.0, "density_mb": 5.0}
 
@@ -118,6 +120,18 @@ def density_table(r: wl.Result) -> Table:
               mb(e["pss_mb_per_session"]), mb(e["uss_mb_per_session"]),
               f"{fmt_s(_sec(e['create_p50_ms']))} / {fmt_s(_sec(e['create_p95_ms']))}",
               f"{fmt_s(r.p50)} / {fmt_s(r.p95)}", r.note)
+    return t
+
+
+def pause_table(r: wl.Result) -> Table:
+    e = r.extra
+    t = Table(title="6. gVisor tier: pause (checkpoint to disk) and resume a live pandas session",
+              title_justify="left")
+    for col in ["status", "cycles", "pause p50 / p95", "resume p50 / p95", "checkpoint (p50)", "note"]:
+        t.add_column(col, overflow="fold")
+    t.add_row(status_cell(r), str(len(r.samples)), f"{fmt_s(r.p50)} / {fmt_s(r.p95)}",
+              f"{fmt_s(_sec(e.get('resume_p50_ms')))} / {fmt_s(_sec(e.get('resume_p95_ms')))}",
+              f"{e['checkpoint_mb_p50']} MB" if e.get("checkpoint_mb_p50") is not None else "-", r.note)
     return t
 
 
@@ -252,6 +266,14 @@ def main() -> int:
                 status.update(f"5. density: {count[0]} / {prof['density']} sessions live ...")
             res["density"] = wl.density(prof["density"], floor, tick)
         console.print(density_table(res["density"]))
+    if "pause" in workloads:
+        if "sandlot-gvisor" in missing or not any(p.name == "sandlot-gvisor" for p in order):
+            why = missing["sandlot-gvisor"].note if "sandlot-gvisor" in missing else "sandlot-gvisor not selected"
+            res["pause"] = wl.Result("missing", why)
+        else:
+            with console.status(f"6. pause/resume: {prof['pauses']} cycles under gVisor ..."):
+                res["pause"] = wl.pause_resume(prof["pauses"])
+        console.print(pause_table(res["pause"]))
 
     for p in usable:
         try:
@@ -267,7 +289,7 @@ def main() -> int:
 
 def write_json(path: str, res: dict, order: list, missing: dict, prof: dict, quick: bool) -> None:
     def encode(workload: str, v):
-        if workload == "density":
+        if workload in ("density", "pause"):
             return v.to_json()
         if workload == "throughput":
             return {peer: {str(n): r.to_json() for n, r in by_n.items()} for peer, by_n in v.items()}

@@ -156,6 +156,35 @@ def throughput(peer, threads: int, seconds: float) -> Result:
 
 # --- Workload 5: density.
 
+PAUSE_STATE = "import pandas as pd\ndf = pd.DataFrame({'a': range(100_000)})\nf = open('/home/user/log', 'w')"
+
+
+def pause_resume(n: int) -> Result:
+    """gVisor tier: pause a live session (pandas and a 100k-row frame in it, a file open) and resume it.
+    Samples are pause seconds; resume seconds and checkpoint sizes are in ``extra``."""
+    import sandlot
+
+    pauses, resumes, sizes = [], [], []
+    try:
+        with sandlot.Sandbox(isolation="gvisor") as sb:
+            sb.run_code(PAUSE_STATE)
+            for i in range(n):
+                sb.run_code(f"f.write('{i} ')\nf.flush()")
+                info = sb.pause()
+                pauses.append(info.seconds)
+                sizes.append(info.checkpoint_bytes)
+                resumes.append(sb.resume().seconds)
+                check(str(sb.run_code("int(df.a.sum())").text), str(sum(range(100_000))))
+            check(sb.run_code("open('/home/user/log').read().split()[-1]").text, repr(str(n - 1)))
+    except Exception as e:  # noqa: BLE001
+        return Result("error", f"{type(e).__name__}: {e}"[:300], pauses)
+    mb = [b / 1e6 for b in sizes]
+    return Result("ok", "", pauses, {"resume_p50_ms": _ms(percentile(resumes, 50)),
+                                     "resume_p95_ms": _ms(percentile(resumes, 95)),
+                                     "checkpoint_mb_p50": round(percentile(mb, 50), 1),
+                                     "resume_samples_ms": [_ms(r) for r in resumes]})
+
+
 def mem_available() -> int:
     with open("/proc/meminfo") as f:
         for line in f:

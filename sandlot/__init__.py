@@ -23,17 +23,17 @@ __version__ = "0.1.0"
 
 
 async def async_run_code(code: str, *, template: str = "python", timeout: float | None = None,
-                         limits: Any = None, env: Any = None, api_url: str | None = None, api_key: str | None = None,
-                         **callbacks: Any) -> Execution:
+                         limits: Any = None, env: Any = None, isolation: str | None = None,
+                         api_url: str | None = None, api_key: str | None = None, **callbacks: Any) -> Execution:
     """Stateless: a fresh sandbox runs ``code`` and is gone afterwards (on a server: in one request)."""
     from ._sandbox import _wants_server
 
     if _wants_server(api_url):
         from ._remote import run_once
 
-        return await run_once(code, template=template, timeout=timeout, limits=limits, env=env, api_url=api_url,
-                              api_key=api_key, **callbacks)
-    async with AsyncSandbox(template, limits=limits, env=env, api_url="") as sandbox:
+        return await run_once(code, template=template, timeout=timeout, limits=limits, env=env, isolation=isolation,
+                              api_url=api_url, api_key=api_key, **callbacks)
+    async with AsyncSandbox(template, limits=limits, env=env, isolation=isolation, api_url="") as sandbox:
         return await sandbox.run_code(code, timeout=timeout, **callbacks)
 
 

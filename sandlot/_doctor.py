@@ -13,8 +13,13 @@ from ._host import cgroups
 
 # Runs inside the sandbox (stdlib only) and prints one JSON object of raw facts.
 POSTURE_PROBE = r'''
-import json, os, resource
+import ctypes, json, os, resource
 status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
+def ns(name):
+    try:
+        return os.readlink("/proc/self/ns/" + name)
+    except OSError:  # gVisor has no cgroup namespace to show
+        return None
 def ro(path):
     try:
         open(path, "w").close()
@@ -22,11 +27,12 @@ def ro(path):
     except OSError as e:
         return e.errno in (13, 30)
 facts = {
-    "seccomp": status["Seccomp"].strip(), "no_new_privs": status["NoNewPrivs"].strip(),
+    # PR_GET_NO_NEW_PRIVS: gVisor's /proc/self/status has no NoNewPrivs line.
+    "seccomp": status["Seccomp"].strip(), "no_new_privs": str(ctypes.CDLL(None).prctl(39, 0, 0, 0, 0)),
     "cap_eff": status["CapEff"].strip(), "cap_prm": status["CapPrm"].strip(), "cap_bnd": status["CapBnd"].strip(),
-    "uid": os.getuid(), "gid": os.getgid(),
+    "uid": os.getuid(), "gid": os.getgid(), "kernel_release": os.uname().release,
     "uid_map": open("/proc/self/uid_map").read().split(),
-    "ns": {n: os.readlink("/proc/self/ns/" + n) for n in ("user", "mnt", "pid", "net", "ipc", "uts", "cgroup")},
+    "ns": {n: ns(n) for n in ("user", "mnt", "pid", "net", "ipc", "uts", "cgroup")},
     "root_readonly": ro("/should-not-exist") and ro("/usr/should-not-exist"),
     "interfaces": sorted(l.split(":")[0].strip() for l in open("/proc/net/dev").read().splitlines()[2:]),
     "pids_visible": sorted(int(p) for p in os.listdir("/proc") if p.isdigit()),
@@ -112,14 +118,20 @@ def _kvm_check() -> Check:
                  "(SANDLOT_GVISOR_PLATFORM=kvm to use it: check that `runsc --platform=kvm do true` returns)", False)
 
 
-def posture_checks(facts: dict, host_ns: Optional[dict] = None) -> list[Check]:
-
+def posture_checks(facts: dict, host_ns: Optional[dict] = None, isolation: str = "process") -> list[Check]:
     host_ns = host_ns or {n: os.readlink(f"/proc/self/ns/{n}") for n in facts["ns"]}
     same = [n for n, v in facts["ns"].items() if host_ns.get(n) == v]
-    uid_map = facts["uid_map"]
-    # The map is relative to the parent user namespace: it must never reach that namespace's root.
-    rows = [uid_map[i:i + 3] for i in range(0, len(uid_map), 3)]
-    unprivileged = bool(rows) and all(int(outside) != 0 for _, outside, _ in rows)
+    if isolation == "gvisor":
+        # gVisor's uid map is its own kernel's; what matters is that the code talks to that kernel.
+        release = facts.get("kernel_release")
+        boundary = Check("gVisor kernel", release != os.uname().release,
+                         f"the code's kernel reports {release!r} (the host's is {os.uname().release!r})")
+    else:
+        uid_map = facts["uid_map"]
+        # The map is relative to the parent user namespace: it must never reach that namespace's root.
+        rows = [uid_map[i:i + 3] for i in range(0, len(uid_map), 3)]
+        unprivileged = bool(rows) and all(int(outside) != 0 for _, outside, _ in rows)
+        boundary = Check("unprivileged uid map", unprivileged, " ".join(uid_map))
     return [
         Check("seccomp filter", facts["seccomp"] == "2", f"Seccomp: {facts['seccomp']}"),
         Check("no_new_privs", facts["no_new_privs"] == "1", f"NoNewPrivs: {facts['no_new_privs']}"),
@@ -127,7 +139,7 @@ def posture_checks(facts: dict, host_ns: Optional[dict] = None) -> list[Check]:
               f"CapEff {facts['cap_eff']}, CapBnd {facts['cap_bnd']}"),
         Check("own namespaces", not same, "all differ from the host's" if not same else f"shared: {same}"),
         Check("non-root user", facts["uid"] != 0, f"uid {facts['uid']}"),
-        Check("unprivileged uid map", unprivileged, " ".join(uid_map)),
+        boundary,
         Check("read-only root", facts["root_readonly"], "/ and /usr refuse writes"),
         Check("network", facts["interfaces"] == ["lo"], f"interfaces: {facts['interfaces']}"),
         Check("host processes hidden", max(facts["pids_visible"]) < 100, f"{len(facts['pids_visible'])} pids visible"),
@@ -137,10 +149,10 @@ def posture_checks(facts: dict, host_ns: Optional[dict] = None) -> list[Check]:
     ]
 
 
-def run_posture_probe() -> dict:
+def run_posture_probe(isolation: Optional[str] = None) -> dict:
     from ._sync import Sandbox
 
-    with Sandbox() as sb:
+    with Sandbox(isolation=isolation) as sb:
         execution = sb.run_code(POSTURE_PROBE)
         if execution.error:
             raise RuntimeError(f"posture probe failed: {execution.error.name}: {execution.error.value}")

@@ -25,6 +25,7 @@ import httpx
 
 from ._exceptions import (AuthError, FileError, HostUnsupported, InvalidRequest, QuotaExceeded, SandboxCrashed,
                           SandboxNotFound, SandlotError, TimeoutError)
+from ._backends.base import default_isolation
 from ._limits import Limits, check_env
 from ._models import CommandResult, EntryInfo, Execution, ExecutionError, Result, SandboxInfo, SandboxMetrics, Usage
 from ._sandbox import (AsyncCommandHandle, AsyncFiles, AsyncSandbox, OutputHandler, ResultHandler, _call, _check_format,
@@ -229,8 +230,9 @@ class AsyncRemoteSandbox(AsyncSandbox):
 
     def __init__(self, template: str = "python", *, timeout: Optional[float] = None,
                  limits: Union[Limits, Mapping[str, Any], None] = None, env: Optional[Mapping[str, str]] = None,
-                 metadata: Optional[Mapping[str, str]] = None, isolation: str = "process",
+                 metadata: Optional[Mapping[str, str]] = None, isolation: Optional[str] = None,
                  api_url: Optional[str] = None, api_key: Optional[str] = None, on_idle: str = "kill") -> None:
+        isolation = default_isolation(isolation)
         if on_idle != "kill":
             raise InvalidRequest("on_idle='pause' is not offered through the server yet")
         if not isinstance(template, str):
@@ -372,8 +374,8 @@ class AsyncRemoteSandbox(AsyncSandbox):
 
 
 async def run_once(code: str, *, template: str = "python", timeout: Optional[float] = None, limits: Any = None,
-                   env: Optional[Mapping[str, str]] = None, api_url: Optional[str] = None,
-                   api_key: Optional[str] = None, on_stdout: Optional[OutputHandler] = None,
+                   env: Optional[Mapping[str, str]] = None, isolation: Optional[str] = None,
+                   api_url: Optional[str] = None, api_key: Optional[str] = None, on_stdout: Optional[OutputHandler] = None,
                    on_stderr: Optional[OutputHandler] = None, on_result: Optional[ResultHandler] = None) -> Execution:
     """Stateless, on a server: one request, a fresh sandbox that is gone afterwards."""
     if not isinstance(code, str):
@@ -382,7 +384,7 @@ async def run_once(code: str, *, template: str = "python", timeout: Optional[flo
     _check_env(env)
     Limits.build(limits)
     body = {"code": code, "template": template, "timeout": timeout, "limits": _limits_body(limits),
-            "env": dict(env) if env else None}
+            "env": dict(env) if env else None, "isolation": default_isolation(isolation)}
     return await _execute(_Server(api_url, api_key), "/v1/run", body, on_stdout, on_stderr, on_result)
 
 

@@ -13,7 +13,7 @@ import os
 import time
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Optional, Union
 
-from ._backends.base import SandboxProcess, get_backend
+from ._backends.base import SandboxProcess, default_isolation, get_backend
 from ._exceptions import FileError, InvalidRequest, SandboxCrashed, SandboxNotFound
 from ._host.channel import CLOSED
 from ._limits import Limits, check_env
@@ -102,8 +102,9 @@ class AsyncSandbox:
 
     def __init__(self, template: str = "python", *, timeout: Optional[float] = None,
                  limits: Union[Limits, Mapping[str, Any], None] = None, env: Optional[Mapping[str, str]] = None,
-                 metadata: Optional[Mapping[str, str]] = None, isolation: str = "process",
+                 metadata: Optional[Mapping[str, str]] = None, isolation: Optional[str] = None,
                  api_url: Optional[str] = None, api_key: Optional[str] = None, on_idle: str = "kill") -> None:
+        isolation = default_isolation(isolation)
         if on_idle not in ("kill", "pause") or (on_idle == "pause" and isolation != "gvisor"):
             raise InvalidRequest("on_idle is 'kill', or 'pause' with isolation='gvisor' (checkpoint to disk)")
         self.on_idle = on_idle

@@ -144,7 +144,7 @@ class Sandbox:
 
     def __init__(self, template: str = "python", *, timeout: Optional[float] = None,
                  limits: Union[Limits, Mapping[str, Any], None] = None, env: Optional[Mapping[str, str]] = None,
-                 metadata: Optional[Mapping[str, str]] = None, isolation: str = "process",
+                 metadata: Optional[Mapping[str, str]] = None, isolation: Optional[str] = None,
                  api_url: Optional[str] = None, api_key: Optional[str] = None, on_idle: str = "kill") -> None:
         self._attach(AsyncSandbox(template, timeout=timeout, limits=limits, env=env, metadata=metadata,
                                   isolation=isolation, api_url=api_url, api_key=api_key, on_idle=on_idle))
@@ -194,6 +194,11 @@ class Sandbox:
     @property
     def metadata(self) -> dict:
         return self._async.metadata
+
+    @property
+    def isolation(self) -> str:
+        """The tier it runs on: "process" or "gvisor"."""
+        return self._async.isolation
 
     @property
     def is_running(self) -> bool:

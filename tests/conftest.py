@@ -4,6 +4,7 @@ which `.ci/run` provides (root on a fresh Debian 12). Where the machine lacks on
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 
@@ -26,17 +27,53 @@ if PROBLEM and os.environ.get("SANDLOT_REQUIRE_SANDBOX") == "1":
 needs_sandbox = pytest.mark.skipif(PROBLEM is not None, reason=str(PROBLEM))
 
 
-@pytest.fixture
-def sandbox():
+# -- isolation tiers ------------------------------------------------------------------------------------
+# A module that marks itself `pytest.mark.usefixtures("tier")` runs every test once per tier: the
+# process tier, then gVisor (skipped, saying why, where runsc is missing). The tier reaches the SDK
+# the way it reaches a user's code: $SANDLOT_ISOLATION, the default of Sandbox(isolation=...).
+# `@pytest.mark.tiers("process")` keeps a test that is about one tier's mechanism to that tier.
+RUNSC_MISSING = None if shutil.which("runsc") else "runsc (Debian package `runsc`) is not installed"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "tiers(*names): the isolation tiers a test runs on (default: every tier)")
+
+
+def pytest_generate_tests(metafunc):
+    if "tier" not in metafunc.fixturenames:
+        return
+    marker = metafunc.definition.get_closest_marker("tiers")
+    names = marker.args if marker else ("process", "gvisor")
+    params = [pytest.param(name, id=name, marks=pytest.mark.skipif(
+        name == "gvisor" and RUNSC_MISSING is not None, reason=str(RUNSC_MISSING))) for name in names]
+    metafunc.parametrize("tier", params, indirect=True, scope="module")
+
+
+@pytest.fixture(scope="module")
+def tier(request):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SANDLOT_ISOLATION", request.param)
+        yield request.param
+
+
+def _tiered(request) -> None:
+    """Fixtures that make sandboxes come after the tier is chosen (and are rebuilt when it changes)."""
     if PROBLEM:
         pytest.skip(PROBLEM)
+    if "tier" in request.fixturenames:
+        request.getfixturevalue("tier")
+
+
+@pytest.fixture
+def sandbox(request):
+    _tiered(request)
     with sandlot.Sandbox() as sb:
         yield sb
 
 
 @pytest.fixture(scope="module")
-def shared_sandbox():
-    """One sandbox for a module of read-only checks (cheaper than one per test)."""
+def shared_sandbox(tier):
+    """One sandbox per tier for a module of read-only checks (cheaper than one per test)."""
     if PROBLEM:
         pytest.skip(PROBLEM)
     with sandlot.Sandbox() as sb:
@@ -44,9 +81,8 @@ def shared_sandbox():
 
 
 @pytest.fixture
-async def asandbox():
-    if PROBLEM:
-        pytest.skip(PROBLEM)
+async def asandbox(request):
+    _tiered(request)
     async with sandlot.AsyncSandbox() as sb:
         yield sb
 

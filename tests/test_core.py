@@ -13,7 +13,7 @@ from sandlot import AsyncSandbox, InvalidRequest, Sandbox, SandboxNotFound
 
 from .conftest import needs_sandbox
 
-pytestmark = needs_sandbox
+pytestmark = [needs_sandbox, pytest.mark.usefixtures("tier")]
 
 
 def test_user_story(sandbox):
@@ -30,6 +30,15 @@ def test_user_story(sandbox):
     assert (r.exit_code, r.stdout) == (3, "hi\n")
     sandbox.files.write("/home/user/data.csv", b"a,b\n1,2\n")
     assert sandbox.files.read("/home/user/data.csv") == "a,b\n1,2\n"
+
+
+def test_the_sandbox_runs_on_the_tier_asked_for(sandbox, tier):
+    assert sandbox.isolation == tier
+    with open("/proc/version") as f:
+        host_kernel = f.read().split()[2]
+    seen = sandbox.run_code("open('/proc/version').read().split()[2]").text.strip("'")
+    # The process tier shares the host's kernel; gVisor's sentry is a kernel of its own.
+    assert (seen == host_kernel) == (tier == "process"), (seen, host_kernel)
 
 
 def test_state_persists_and_execution_fields(sandbox):

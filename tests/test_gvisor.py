@@ -93,17 +93,21 @@ def test_pause_and_resume_keep_state():
         assert ex.text == "(42, '/tmp', 'one two')", ex.error
 
 
-def test_paused_sandbox_survives_a_restart_of_its_owner(tmp_path):
+def _owner_process(tmp_path, body: str) -> str:
+    """Run ``body`` (which makes ``sb``) as a separate owner process; return the sandbox id it printed."""
     script = tmp_path / "owner.py"
-    script.write_text(
-        "import sys, sandlot\n"
-        "sb = sandlot.Sandbox(isolation='gvisor')\n"
-        "sb.run_code('secret = \"kept across owners\"')\n"
-        "sb.pause()\n"
-        "print(sb.sandbox_id, flush=True)\n")
+    script.write_text(f"import os, signal, sandlot\n{body}")
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     sandbox_id = out.stdout.strip()
     assert sandbox_id.startswith("sb-"), out.stderr
+    return sandbox_id
+
+
+def test_paused_sandbox_survives_a_restart_of_its_owner(tmp_path):
+    sandbox_id = _owner_process(tmp_path, "sb = sandlot.Sandbox(isolation='gvisor')\n"
+                                          "sb.run_code('secret = \"kept across owners\"')\n"
+                                          "sb.pause()\n"
+                                          "print(sb.sandbox_id, flush=True)\n")
     sb = Sandbox.connect(sandbox_id, isolation="gvisor")
     try:
         assert sb.run_code("secret").text == "'kept across owners'"
@@ -133,3 +137,30 @@ def test_killed_paused_sandbox_leaves_nothing():
     assert sid not in listed.stdout
     with pytest.raises(SandboxNotFound):
         Sandbox.connect(sid, isolation="gvisor")
+
+
+def _mounted(path: str) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == path for line in f)
+
+
+def test_an_owner_killed_outright_leaves_nothing_after_the_sweep(tmp_path):
+    """kill -9 of the owning process: its sandbox ends with it; the next sweep unmounts and removes
+    the sandbox's host tmpfs and directory, while live and paused sandboxes are left alone."""
+    from sandlot._backends.gvisor import data_dir, sweep_stale
+
+    sid = _owner_process(tmp_path, "sb = sandlot.Sandbox(isolation='gvisor', limits={'disk': '32M'})\n"  # not pooled
+                                   "sb.files.write('note.txt', 'left behind')\n"
+                                   "print(sb.sandbox_id, flush=True)\n"
+                                   "os.kill(os.getpid(), signal.SIGKILL)\n")
+    home = data_dir() / "sandboxes" / sid
+    assert _mounted(str(home / "rw"))  # what a crashed owner leaves: its sandbox's tmpfs...
+    with Sandbox(isolation="gvisor") as live:  # ...next to a live sandbox of this process, which stays
+        deadline = time.monotonic() + 20
+        while processes_in_sandbox(sid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not processes_in_sandbox(sid)  # the sandbox died with its owner
+        assert sweep_stale(min_age=0) >= 1
+        assert not _mounted(str(home / "rw")) and not home.exists()
+        assert live.run_code("1 + 1").text == "2"
+        assert (data_dir() / "sandboxes" / live.sandbox_id).is_dir()

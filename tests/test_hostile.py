@@ -29,10 +29,11 @@ from sandlot._backends.process import state_dir
 
 from .conftest import PROBLEM, host_leftovers, needs_sandbox, sandbox_processes
 
-pytestmark = needs_sandbox
+pytestmark = [needs_sandbox, pytest.mark.usefixtures("tier")]
 
 X86_64 = platform.machine() == "x86_64"
 EPERM_OR_ENOSYS = {errno.EPERM, errno.ENOSYS}
+NO_ROUTE = {errno.ENETUNREACH, errno.EHOSTUNREACH}
 
 
 # -- footprints: what a sandbox holds on the host, so a test can prove it is all gone -------------------
@@ -120,6 +121,14 @@ def _footprint(sb: sandlot.Sandbox) -> Footprint:
     return Footprint(sid, dirs, procs, uids)
 
 
+def _host_pids_cap(sb: sandlot.Sandbox) -> int:
+    """pids.max of the sandbox's cgroup: its process limit, plus room for runsc's own threads under gVisor
+    (where the app's processes live inside the sentry and RLIMIT_NPROC caps them)."""
+    from sandlot._backends.gvisor import RUNSC_PIDS_ROOM
+
+    return sb.limits.pids + (RUNSC_PIDS_ROOM if sb.isolation == "gvisor" else 0)
+
+
 def _open(**kwargs) -> tuple[sandlot.Sandbox, Footprint]:
     sb = sandlot.Sandbox(**kwargs)
     try:
@@ -158,7 +167,7 @@ def nothing_left_behind():
 
 
 @pytest.fixture(scope="module")
-def bystander():
+def bystander(tier):
     """A second live sandbox with state. ``bystander()`` asserts it still answers, state intact."""
     if PROBLEM:
         pytest.skip(PROBLEM)
@@ -175,7 +184,7 @@ def bystander():
 
 
 @pytest.fixture(scope="module")
-def victim():
+def victim(tier):
     """One sandbox for the attacks that leave it usable (escapes, syscalls, network probes)."""
     if PROBLEM:
         pytest.skip(PROBLEM)
@@ -186,8 +195,12 @@ def victim():
 
 
 # -- resource exhaustion --------------------------------------------------------------------------------------
-def test_fork_bomb_in_the_session_meets_the_pids_limit(bystander):
-    sb, fp = _open(limits={"pids": 64})
+def test_fork_bomb_in_the_session_meets_the_pids_limit(tier, bystander):
+    # Under gVisor each forked interpreter costs tens of MB of the sentry's memory (a ptrace stub and
+    # its own page tables per address space): a smaller process limit and more memory, so that the
+    # process limit, not the memory limit, is what the bomb meets.
+    limits = {"pids": 64} if tier == "process" else {"pids": 16, "memory": "2G"}
+    sb, fp = _open(limits=limits)
     try:
         ex = _timed(lambda: sb.run_code("import os\nwhile True:\n    os.fork()", timeout=30), 40)
         assert ex.error is not None and ex.error.name == "BlockingIOError", ex.error
@@ -197,9 +210,9 @@ def test_fork_bomb_in_the_session_meets_the_pids_limit(bystander):
         assert ex.error.limit in ("pids", None)
         pids_dirs = [d for d in fp.cgroups if os.path.exists(os.path.join(d, "pids.max"))]
         for d in pids_dirs:
-            assert int(_read(os.path.join(d, "pids.current"))) <= 64
+            assert int(_read(os.path.join(d, "pids.current"))) <= _host_pids_cap(sb)
             if os.path.exists(os.path.join(d, "pids.peak")):
-                assert int(_read(os.path.join(d, "pids.peak"))) <= 64
+                assert int(_read(os.path.join(d, "pids.peak"))) <= _host_pids_cap(sb)
         bystander()
     finally:
         sb.kill()
@@ -221,11 +234,12 @@ def test_shell_fork_bomb_is_capped_and_killed_whole(bystander):
             peak = max(peak, sum(1 for pid in _cgroup_pids(fp) if _uids(pid) & fp.uids))
             time.sleep(0.02)
         # It really pressed on the limit (the pids cgroup or RLIMIT_NPROC, whichever fires first),
-        # and the kernel held it there.
-        assert 32 <= peak <= 64, peak
+        # and the kernel held it there. (Under gVisor the host processes are the sentry's ptrace
+        # stubs, one per address space; RLIMIT_NPROC inside holds the app's own.)
+        assert 32 <= peak <= _host_pids_cap(sb), peak
         for d in pids_dirs:
             if os.path.exists(os.path.join(d, "pids.peak")):
-                assert int(_read(os.path.join(d, "pids.peak"))) <= 64
+                assert int(_read(os.path.join(d, "pids.peak"))) <= _host_pids_cap(sb)
         bystander()
     finally:
         _timed(sb.kill, 20)  # killing a sandbox mid-bomb must be quick and total
@@ -244,6 +258,14 @@ def test_memory_bomb_is_killed_by_the_cgroup_and_reported(bystander):
                     70)
         assert ex.error is not None and ex.error.name == "OutOfMemory" and ex.error.limit == "memory", ex.error
         assert ex.usage.peak_memory <= 256 * 1024**2
+        if sb.isolation == "gvisor":
+            # The app's memory is the sentry's: the host's OOM killer can only end the whole sandbox,
+            # and the result says so.
+            assert "killed" in ex.error.value and not sb.is_running
+            with pytest.raises(SandboxCrashed):
+                sb.run_code("1")
+            bystander()
+            return
         # The session was restarted; the sandbox itself lives on.
         assert sb.is_running and sb.run_code("1 + 1").text == "2"
         assert sb.run_code("doomed").error.name == "NameError"
@@ -583,7 +605,8 @@ for fam, kind in ((17, socket.SOCK_RAW), (40, socket.SOCK_STREAM), (38, socket.S
 out['families'] = list(fams.values())
 out""")
     assert facts["dns"] == "gaierror"
-    assert facts["tcp"] == errno.ENETUNREACH and facts["udp"] == errno.ENETUNREACH
+    # No route anywhere: Linux says ENETUNREACH, gVisor's netstack EHOSTUNREACH.
+    assert facts["tcp"] in NO_ROUTE and facts["udp"] in NO_ROUTE, facts
     assert facts["ifaces"] == ["lo"] and facts["routes"] == [] and facts["resolv"] == ""
     # AF_PACKET, AF_VSOCK, AF_ALG and raw IP: refused (seccomp, or no capability).
     assert all(e in (errno.EPERM, errno.EACCES, errno.EAFNOSUPPORT) for e in facts["families"]), facts["families"]
@@ -674,7 +697,7 @@ SYSCALLS = [
 
 
 @pytest.fixture(scope="module")
-def syscall_answers(bystander):
+def syscall_answers(tier, bystander):
     """Every dangerous syscall, tried once, in a sandbox of its own (a hole would corrupt it)."""
     if not X86_64:
         pytest.skip("syscall numbers are for x86_64")
@@ -730,17 +753,23 @@ e""")
 @pytest.mark.skipif(not X86_64, reason="x86_64 only")
 def test_foreign_syscall_abis_kill_the_caller(victim):
     """i386 (int 0x80) and x32 system calls are a classic filter bypass: they kill the process (SIGSYS)."""
-    int80 = ("import ctypes, mmap\n"
+    int80 = ("import ctypes, mmap, os\n"
              "m = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)\n"
              "m.write(bytes([0xb8, 20, 0, 0, 0, 0xcd, 0x80, 0xc3]))  # mov eax, 20 (getpid); int 0x80; ret\n"
              "f = ctypes.CFUNCTYPE(ctypes.c_int)(ctypes.addressof(ctypes.c_char.from_buffer(m)))\n"
-             "print('returned', f())\n")
+             "print('returned', f(), os.getpid())\n")
     x32 = ("import ctypes\n"
            "libc = ctypes.CDLL(None); libc.syscall.restype = ctypes.c_long\n"
            "print('returned', libc.syscall(0x40000000 + 39))  # x32 getpid\n")
     for code in (int80, x32):
         victim.files.write("abi.py", code)
         r = victim.commands.run("python3 abi.py; echo rc=$?")
+        if code is int80 and victim.isolation == "gvisor":
+            # gVisor has no i386 table at all: int 0x80 is taken as a native call (20 = writev, here
+            # with a bad descriptor), which our allowlist then judges. It never runs i386 getpid.
+            words = r.stdout.split()
+            assert "rc=159" in r.stdout or (words[0] == "returned" and int(words[1]) < 0), r
+            continue
         assert "returned" not in r.stdout and "rc=159" in r.stdout, r  # 128 + SIGSYS
     assert victim.run_code("1").text == "1"
 
@@ -752,11 +781,13 @@ def test_setuid_binaries_grant_nothing(victim):
     posture = _value(victim, f"""
 import os
 flags = {{p: bool(os.statvfs(p).f_flag & os.ST_NOSUID) for p in {found!r}}}
-nnp = [l.split()[1] for l in open('/proc/self/status') if l.startswith('NoNewPrivs')][0]
+import ctypes
+nnp = ctypes.CDLL(None).prctl(39, 0, 0, 0, 0)  # PR_GET_NO_NEW_PRIVS (gVisor's /proc does not show it)
 (flags, nnp)""")
     flags, nnp = posture
-    assert all(flags.values()), flags  # every setuid bit sits on a nosuid mount...
-    assert nnp == "1"  # ...and no_new_privs would void it anyway
+    if victim.isolation == "process":  # gVisor's 2022 gofer mounts do not carry nosuid...
+        assert all(flags.values()), flags  # every setuid bit sits on a nosuid mount...
+    assert nnp == 1  # ...and no_new_privs voids it anyway (under gVisor, alone; its root is not the host's)
     script = "".join(f"{b} </dev/null >/dev/null 2>&1; {b} --help </dev/null >/dev/null 2>&1; " for b in found)
     r = victim.commands.run(script + "id -u; id -ru; id -G", timeout=60)
     assert r.stdout.split() == ["1000", "1000", "1000"], r
@@ -772,9 +803,14 @@ import os
 out = {{}}
 out['self_root'] = os.path.realpath('/proc/self/root')
 out['self_root_list'] = sorted(os.listdir('/proc/self/root')) == sorted(os.listdir('/'))
+def reveals(path):  # exists and shows something (gVisor insists on a /sys: ours is empty and closed)
+    try:
+        return bool(os.listdir(path)) if os.path.isdir(path) else os.path.exists(path)
+    except OSError:
+        return False
 out['host_paths'] = [p for p in {host_only!r}
                      for via in ('/proc/self/root', '/proc/1/root', '/proc/2/root', '/proc/self/cwd/../..')
-                     if os.path.exists(via + p)]
+                     if reveals(via + p)]
 denied = {{}}
 for p in ('/proc/1/root', '/proc/1/cwd', '/proc/1/environ', '/proc/1/mem', '/proc/1/fd', '/proc/1/maps'):
     try:
@@ -783,6 +819,11 @@ for p in ('/proc/1/root', '/proc/1/cwd', '/proc/1/environ', '/proc/1/mem', '/pro
     except OSError as e:
         denied[p] = e.errno
 out['pid1'] = denied
+try:
+    own = {{k.encode() + b'=' + v.encode() for k, v in os.environ.items()}}
+    out['pid1_environ_news'] = [kv for kv in open('/proc/1/environ', 'rb').read().split(b'\\0') if kv and kv not in own]
+except OSError:
+    out['pid1_environ_news'] = []
 writes = {{}}
 for p in ('/proc/sysrq-trigger', '/proc/sys/kernel/hostname', '/proc/sys/vm/drop_caches'):
     try:
@@ -795,10 +836,21 @@ out['mounts'] = sorted(l.split()[4] for l in open('/proc/self/mountinfo'))
 out""")
     assert facts["self_root"] == "/" and facts["self_root_list"]
     assert facts["host_paths"] == []
-    assert all(e == errno.EACCES for e in facts["pid1"].values()), facts["pid1"]
+    pid1 = dict(facts["pid1"])
+    if victim.isolation == "gvisor":
+        # gVisor's 2022 procfs checks only file modes here, and pid 1 acts with the user's effective
+        # uid (so that files it writes are the user's): its environ, fd list and maps are readable.
+        # They are gVisor's view of the agent, inside the same sentry; the environ holds nothing the
+        # session's own environment lacks. Its root, cwd and memory stay closed.
+        assert facts["pid1_environ_news"] == [], facts["pid1_environ_news"]
+        for p in ("/proc/1/environ", "/proc/1/fd", "/proc/1/maps"):
+            pid1.pop(p)
+    assert all(e == errno.EACCES for e in pid1.values()), facts["pid1"]
     assert all(e in (errno.EACCES, errno.ENOENT, errno.EPERM, errno.EROFS) for e in facts["writes"].values()), \
         facts["writes"]
-    assert not set(host_only) & set(facts["mounts"]), facts["mounts"]
+    # (gVisor mounts a /sys of its own unless one is given: ours is the empty, closed tmpfs checked above.)
+    mounted_ok = {"/sys"} if victim.isolation == "gvisor" else set()
+    assert not (set(host_only) - mounted_ok) & set(facts["mounts"]), facts["mounts"]
 
 
 def test_pid1_ignores_every_signal_from_inside(bystander):
@@ -816,7 +868,12 @@ for sig in range(1, 65):
         pass
 import time; time.sleep(0.3)
 sent""")
-        assert 9 in sent and 2 in sent  # delivered to the kernel's care, which ignores them for pid 1
+        if sb.isolation == "process":
+            assert 9 in sent and 2 in sent  # delivered to the kernel's care, which ignores them for pid 1
+        else:
+            # gVisor does not shield an init: pid 1 keeps ids the user's code does not have, so every
+            # signal is refused (EPERM) before it is sent, but SIGCONT, which a session may always send.
+            assert set(sent) <= {18}, sent
         r = sb.commands.run("kill -KILL 1; kill -INT 1; kill -TERM 1; kill -STOP 1; echo sent")
         assert r.stdout == "sent\n"
         assert sb.is_running and sb.run_code("kept").text == "'intact'"
@@ -863,7 +920,10 @@ def test_sandboxes_cannot_reach_each_other(bystander):
     b, fpb = _open()
     token = secrets.token_hex(6)
     try:
-        assert not fpa.uids & fpb.uids  # distinct host uids: no shared per-user kernel counters or files
+        if a.isolation == "process":  # distinct host uids: no shared per-user kernel counters or files
+            assert not fpa.uids & fpb.uids
+        # (runsc runs every sentry as host "nobody" in a user namespace of its own: the sentry, not
+        # the uid, is what separates gVisor sandboxes; the checks below hold for both tiers.)
         a.commands.run("sleep 987654 >/dev/null 2>&1 &")
         a.run_code(f"""
 import ctypes, os, socket
@@ -958,7 +1018,7 @@ errs""")
     via_link = victim.files.read("l_root/etc/passwd")
     assert via_link == inside_passwd and "user:x:1000" in via_link
     assert via_link != _read("/etc/passwd")
-    inside_root = sorted(victim.commands.run("ls -A /").stdout.split())
+    inside_root = _value(victim, "sorted(__import__('os').listdir('/'))")
     assert sorted(e.name for e in victim.files.list("l_root")) == inside_root
 
     # Writes through links land in the sandbox's own storage, or fail; never on the host.
@@ -973,7 +1033,7 @@ errs""")
     with pytest.raises(FileError):
         victim.files.remove("l_root/usr/bin/python3")
     victim.files.remove("l_root")  # removes the link, not what it points at
-    assert victim.commands.run("ls /usr/bin/python3").exit_code == 0
+    assert victim.commands.run("test -e /usr/bin/python3").exit_code == 0
     bystander()
 
 
@@ -1112,8 +1172,8 @@ def test_a_frozen_session_cannot_hang_the_host(bystander):
     """SIGSTOP on the session process: the call still ends (timeout, then the sandbox is killed)."""
     sb, fp = _open()
     try:
-        sb.run_code("x = 1")
-        sb.commands.run("kill -STOP 2")
+        session = sb.run_code("x = 1\nimport os\nos.getpid()").text
+        sb.commands.run(f"kill -STOP {session}")
         ex = _timed(lambda: sb.run_code("x", timeout=1), 1 + 2 + 5)
         assert ex.error is not None and ex.error.limit == "timeout"
     finally:

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 from sandlot import _doctor
 from sandlot._backends.process import UID_BASE
 
 from .conftest import needs_sandbox
 
-pytestmark = needs_sandbox
+pytestmark = [needs_sandbox, pytest.mark.usefixtures("tier")]
 
 
 def _facts(sandbox) -> dict:
@@ -34,17 +37,32 @@ def test_namespaces_differ_from_host(shared_sandbox):
         assert inside != os.readlink(f"/proc/self/ns/{name}"), name
 
 
-def test_identity_is_unprivileged(shared_sandbox):
+def test_identity_is_unprivileged(shared_sandbox, tier):
     from .conftest import processes_in_sandbox
 
     facts = _facts(shared_sandbox)
     assert facts["uid"] == 1000 and facts["gid"] == 1000
-    # Seen from the host, every process of the sandbox runs as a uid of the sandbox range.
     uids = processes_in_sandbox(shared_sandbox.sandbox_id)
+    if tier == "gvisor":
+        # The code runs on gVisor's kernel, whose sentry runs as host "nobody" in a user namespace of
+        # its own (runsc's gofer, which serves it the read-only files, runs as root by design).
+        assert facts["kernel_release"] != os.uname().release
+        sentries = [pid for pid in uids if _cmdline(pid).startswith(b"runsc-sandbox")]
+        assert sentries and all(uids[pid] == 65534 for pid in sentries), uids
+        return
+    # Seen from the host, every process of the sandbox runs as a uid of the sandbox range.
     assert uids and all(uid >= UID_BASE for uid in uids.values()), uids
     # And the map (relative to the parent namespace) never reaches the parent's root.
     rows = [facts["uid_map"][i:i + 3] for i in range(0, len(facts["uid_map"]), 3)]
     assert all(int(outside) != 0 for _, outside, _ in rows)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
 
 
 def test_root_readonly_network_and_processes(shared_sandbox):
@@ -64,26 +82,49 @@ def test_rlimits(shared_sandbox):
     assert limits.pids <= facts["rlimit_nproc"] <= limits.pids + 8  # the cgroup's pids.max refuses first
 
 
-def test_root_shows_only_what_the_template_needs(shared_sandbox):
+def test_root_shows_only_what_the_template_needs(shared_sandbox, tier):
     from sandlot._templates import python_template
 
+    def listing(path: str) -> list:  # os.listdir, not `ls`: see the README on coreutils under gVisor
+        return _value(shared_sandbox, f"sorted(__import__('os').listdir({path!r}))")
+
     prefixes = python_template().prefixes  # the interpreter's own trees (a venv, a pyenv), wherever they are
-    top = shared_sandbox.commands.run("ls -A /").stdout.split()
+    top = listing("/")
     expected = {"bin", "sbin", "lib", "lib32", "lib64", "libx32", "usr", "etc", "opt", "dev", "proc", "tmp", "home",
                 ".sandlot-scratch", ".sandlot-zygote"} | {p.split("/")[1] for p in prefixes}
+    if tier == "gvisor":
+        expected.add("sys")  # runsc insists on a /sys mount: ours is an empty, closed tmpfs
     assert set(top) <= expected, set(top) - expected
     if "root" in top and not any(p.startswith("/root/") for p in prefixes):
-        assert shared_sandbox.commands.run("ls -A /root").stdout.split() == []
+        assert listing("/root") == []
     for p in prefixes:  # each prefix's parents show only the way down to it, never their other contents
         parent = os.path.dirname(p)
         if parent not in ("/", "/tmp", "/home"):
-            listed = shared_sandbox.commands.run(f"ls -A {parent}").stdout.split()
+            listed = listing(parent)
             assert listed == [os.path.basename(p)] or set(listed) <= {os.path.basename(q) for q in prefixes}, listed
-    etc = set(shared_sandbox.commands.run("ls -A /etc").stdout.split())
+    etc = set(listing("/etc"))
     assert "shadow" not in etc and "passwd" in etc
 
 
-def test_tmp_and_shm_are_capped_tmpfs(shared_sandbox):
+def _value(sandbox, code: str):
+    ex = sandbox.run_code(code)
+    assert ex.error is None, ex.error
+    return ast.literal_eval(ex.text)
+
+
+def test_tmp_and_shm_are_capped_tmpfs(shared_sandbox, tier):
+    if tier == "gvisor":
+        # Home, /tmp and /dev/shm come through the gofer from one host tmpfs with the caps.
+        from sandlot._backends.gvisor import data_dir
+
+        rw = str(data_dir() / "sandboxes" / shared_sandbox.sandbox_id / "rw")
+        with open("/proc/self/mountinfo") as f:
+            line = next(line for line in f if line.split()[4] == rw)
+        assert " - tmpfs " in line, line
+        assert f"size={shared_sandbox.limits.disk // 1024}k" in line and f"nr_inodes={shared_sandbox.limits.inodes}" in line
+        inside = shared_sandbox.commands.run("cat /proc/self/mounts").stdout
+        assert all(f" {p} " in inside for p in ("/home/user", "/tmp", "/dev/shm")), inside
+        return
     out = shared_sandbox.commands.run("cat /proc/self/mountinfo").stdout
     scratch = [line for line in out.splitlines() if " /home/user " in line]
     assert scratch and "tmpfs" in scratch[0]

@@ -64,7 +64,7 @@ def main() -> None:
 
 
 def _gvisor() -> None:
-    """pid 1 of a gVisor container: runsc already gave us our namespaces, root, uid and no capabilities.
+    """pid 1 of a gVisor container: runsc already gave us our namespaces and root.
 
     The channel is our stdin/stdout (host pipes that survive checkpoint and restore); they move to
     high descriptors so that nothing printing to fd 1 can ever corrupt it. Our own fences still go
@@ -90,6 +90,7 @@ def _gvisor() -> None:
         except OSError:
             pass  # already a session leader
         linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
+        isolation.become_user_effectively()
         isolation.landlock.restrict(read_paths=["/"], write_paths=[isolation.HOME, "/tmp", "/dev/shm"],
                                     device_paths=["/dev/" + d for d in isolation.DEVICES])
         linux.install_seccomp(bytes.fromhex(cfg["seccomp"]))

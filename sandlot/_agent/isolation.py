@@ -211,6 +211,35 @@ BUILD_CAPS = (0, 1, 3, 4, 5, 6, 7, 10, 29, 31)  # CHOWN DAC_OVERRIDE FOWNER FSET
 #                                                NET_BIND_SERVICE AUDIT_WRITE SETFCAP
 
 
+def become_user_effectively() -> None:
+    """gVisor tier: pid 1 starts as gVisor's root with CAP_SETUID/SETGID/SETPCAP only. It keeps real
+    and saved uid 0 and takes the user's ids as effective ones, then drops every capability: files
+    it writes belong to the user and its access checks are the user's, but code running as the user
+    (all ids 1000) cannot signal or trace it. gVisor, unlike Linux, does not shield its init from
+    SIGKILL and SIGSTOP sent from inside. Children become the user for good (``become_user``)."""
+    linux.drop_bounding_set()
+    os.setgroups([])
+    os.setresgid(0, USER_UID, 0)
+    os.setresuid(0, USER_UID, 0)
+    linux.clear_capabilities()
+    linux.prctl(linux.PR_SET_DUMPABLE, 0)  # and its /proc files (environ...) are closed to the user
+
+
+def acting_as_user() -> bool:
+    """pid 1 holds the user's ids as effective ones only (the gVisor tier): its children must drop
+    the others. False on the process tier (pid 1 is the user) and in a build (pid 1 is root)."""
+    return os.geteuid() == USER_UID and os.getuid() != USER_UID
+
+
+def become_user() -> None:
+    """In a child of pid 1: all ids the user's (allowed without capabilities, since the effective
+    ids already are). Does nothing unless pid 1 is ``acting_as_user()``."""
+    if acting_as_user():
+        os.setresgid(USER_UID, USER_UID, USER_UID)
+        os.setresuid(USER_UID, USER_UID, USER_UID)
+        linux.prctl(linux.PR_SET_DUMPABLE, 1)  # an ordinary process of the user again
+
+
 def drop_privileges(cfg: dict) -> None:
     """Become the unprivileged sandbox user for good, then raise the kernel fences."""
     if cfg.get("build_root"):

@@ -38,6 +38,7 @@ MS_STRICTATIME = 1 << 24
 MNT_DETACH = 2
 
 PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
 PR_CAPBSET_DROP = 24
 PR_SET_SECUREBITS = 28
 PR_SET_NO_NEW_PRIVS = 38
@@ -123,8 +124,16 @@ def drop_bounding_set(keep=()) -> None:
                 raise
 
 
+def _clear_ambient() -> None:
+    try:
+        prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    except OSError as exc:
+        if exc.errno != 22:  # EINVAL: a kernel without ambient capabilities (gVisor 2022) has none to clear
+            raise
+
+
 def clear_capabilities() -> None:
-    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    _clear_ambient()
     header = _CapHeader(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
     data = (_CapData * 2)()
     _check(libc.capset(ctypes.byref(header), data), "capset")
@@ -132,7 +141,7 @@ def clear_capabilities() -> None:
 
 def set_capabilities(caps) -> None:
     """Keep exactly ``caps`` (numbers) as effective and permitted; nothing inheritable or ambient."""
-    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    _clear_ambient()
     header = _CapHeader(0x20080522, 0)
     data = (_CapData * 2)()
     for cap in caps:

@@ -20,6 +20,8 @@ import subprocess
 import time
 
 from . import protocol
+from . import isolation
+from .isolation import USER_UID
 
 HOME = "/home/user"
 HIGH_WATER = 4 * 1024 * 1024  # stop reading user output while this much waits for the host
@@ -31,7 +33,13 @@ PSEUDO_FILE_MAX = 4 * 1024 * 1024
 def _resolve(path) -> str:
     if not isinstance(path, str) or not path or "\0" in path:
         raise ValueError("path must be a non-empty string")
-    return os.path.normpath(path if path.startswith("/") else os.path.join(HOME, path))
+    path = os.path.normpath(path if path.startswith("/") else os.path.join(HOME, path))
+    # Symlinks in the parent are resolved here, one by one, rather than left to the kernel: gVisor's
+    # 2022 release drops the rest of a path after a link to "/" (l_root/etc/passwd opened "/").
+    # We are inside the sandbox, so wherever a link leads is still the sandbox; the last component
+    # is kept as it is, so removing a link removes the link.
+    parent, name = os.path.split(path)
+    return os.path.join(os.path.realpath(parent), name) if name else path
 
 
 def _entry(path: str, st: os.stat_result) -> dict:
@@ -64,7 +72,9 @@ class _Kernel:
                 os.closerange(keep + 1, 65536)
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 signal.set_wakeup_fd(-1)
-                from . import kernel
+                from . import isolation, kernel
+
+                isolation.become_user()
 
                 kernel.main(keep)
             finally:
@@ -88,10 +98,12 @@ class _Command:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         in_r, self.stdin_fd = os.pipe() if req.get("stdin") else (subprocess.DEVNULL, None)
+        # Commands run with all of the user's ids (pid 1 may hold only effective ones: isolation.py).
+        ids = {"user": USER_UID, "group": USER_UID} if isolation.acting_as_user() else {}
         try:
             self.proc = subprocess.Popen(
                 ["/bin/sh", "-c", req["cmd"]], cwd=_resolve(req.get("cwd") or HOME), env=req["env"],
-                stdin=in_r, stdout=out_w, stderr=err_w, start_new_session=True)
+                stdin=in_r, stdout=out_w, stderr=err_w, start_new_session=True, **ids)
         except BaseException:
             for fd in (out_r, err_r, self.stdin_fd):
                 if fd is not None:

@@ -9,6 +9,7 @@ the same agent differently.
 from __future__ import annotations
 
 import abc
+import os
 from typing import Optional
 
 from .._host.channel import Channel
@@ -44,6 +45,15 @@ class Backend(abc.ABC):
     async def start(self, template: Template, limits: Limits, env: dict[str, str]) -> SandboxProcess: ...
 
 
+ISOLATIONS = ("process", "gvisor")
+
+
+def default_isolation(isolation: Optional[str] = None) -> str:
+    """The tier a sandbox asked for, else ``$SANDLOT_ISOLATION`` (a host that wants gVisor for
+    everything sets it once), else the process tier."""
+    return isolation or os.environ.get("SANDLOT_ISOLATION") or "process"
+
+
 def get_backend(isolation: str) -> Backend:
     from .._exceptions import InvalidRequest
 
@@ -55,4 +65,4 @@ def get_backend(isolation: str) -> Backend:
         from .gvisor import GVisorBackend
 
         return GVisorBackend()
-    raise InvalidRequest(f"unknown isolation {isolation!r}; available: ['process', 'gvisor']")
+    raise InvalidRequest(f"unknown isolation {isolation!r}; available: {list(ISOLATIONS)}")

@@ -1,10 +1,23 @@
 """The strong tier: the same agent under gVisor's ``runsc`` (a user-space kernel between the code and the host).
 
-runsc gives the container its namespaces, a read-only root (host paths bound through its gofer), no
-network (``--network=none``), uid 1000 with no capabilities; the agent adds no_new_privs, rlimits and
-the seccomp allowlist inside. The channel is the container's stdin/stdout: host pipes, which is also
-what lets ``runsc checkpoint``/``restore`` pause a live session to disk and bring it back, even into
-a later process.
+runsc gives the container its namespaces, a read-only root (host paths bound through its gofer) and no
+network (``--network=none``); the agent adds no_new_privs, rlimits and the seccomp allowlist inside.
+
+Who is who inside: gVisor (Debian's 2022 runsc) does not shield pid 1 from its own container's
+signals as Linux shields an init, so code running as the agent's uid could SIGKILL or SIGSTOP it. The
+agent therefore starts as gVisor-internal root with only CAP_SETUID/SETGID/SETPCAP, empties the
+bounding set and takes the user's uid as its *effective* id only (real and saved stay 0, every
+capability dropped): it reads and writes files as the user, while the user's code, whose ids are all
+1000, may not signal or trace it. That root is gVisor's, never the host's.
+
+Writable storage: gVisor's tmpfs of that release ignores ``size=``, so home, /tmp and /dev/shm are
+three directories of one host tmpfs per sandbox (size and inode caps enforced by the host kernel,
+one quota for all three as on the process tier), bound in through the gofer. It stays mounted while
+the sandbox is paused (a checkpoint holds memory, not gofer files) and is unmounted when it is killed;
+a sweep unmounts what a crashed owner left.
+
+The channel is the container's stdin/stdout: host pipes, which is also what lets ``runsc
+checkpoint``/``restore`` pause a live session to disk and bring it back, even into a later process.
 
 Limits: the whole runsc process tree joins the sandbox's cgroup before runsc starts (a shell
 trampoline writes its pid, then execs runsc), so memory and CPU cover gVisor's own work too. runsc's
@@ -15,6 +28,7 @@ would make gVisor itself fail).
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import json
 import os
@@ -23,6 +37,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -30,6 +45,8 @@ from .._exceptions import HostUnsupported, InvalidRequest, SandboxCrashed, Sandb
 from .._host import cgroups
 from .._host.channel import CLOSED, Channel
 from .._limits import Limits
+from .._agent import linux
+from .._agent.isolation import USER_UID
 from .._templates import Template, data_root
 from . import process as _process
 from .base import Backend, SandboxProcess
@@ -37,6 +54,8 @@ from .base import Backend, SandboxProcess
 BOOT_TIMEOUT = 60.0  # runsc start plus importing the preload list under ptrace
 RUNSC_PIDS_ROOM = 1024  # threads of the sentry and the gofer, on top of the app's own limit
 ETC_FILES = ("passwd", "group", "hosts", "hostname", "resolv.conf")
+AGENT_CAPS = ["CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP"]  # only to become the user; dropped at boot
+WRITABLE = {"home": ("/home/user", 0o700), "tmp": ("/tmp", 0o1777), "shm": ("/dev/shm", 0o1777)}
 
 
 def runsc_path() -> str:
@@ -62,9 +81,9 @@ def _runsc_argv(*args: str) -> list[str]:
 
 def _template_rootfs(template: Template) -> Path:
     """An empty skeleton with the mount points the spec binds onto, plus the generated /etc files."""
-    key = hashlib.sha256(json.dumps([template.name, template.python, template.prefixes]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([2, template.name, template.python, template.prefixes]).encode()).hexdigest()[:16]
     root = data_dir() / "roots" / key
-    if (root / ".complete").exists():
+    if root.is_dir():  # built under another name and renamed into place: complete once it exists
         return root
     tmp = root.with_name(key + ".tmp-" + secrets.token_hex(4))
     for d in ("usr", "etc", "proc", "dev", "tmp", "home/user", "opt/sandlot/_agent", "sys"):
@@ -86,7 +105,6 @@ def _template_rootfs(template: Template) -> Path:
         "hostname": "sandbox\n", "resolv.conf": ""}
     for name, text in files.items():
         (tmp / "etc" / name).write_text(text)
-    (tmp / ".complete").touch()
     try:
         tmp.rename(root)
     except OSError:  # another process built it first
@@ -101,18 +119,16 @@ def _etc_binds() -> list[str]:
             and not Path("/etc", n).is_symlink()]
 
 
-def _spec(template: Template, limits: Limits, env: dict[str, str], rootfs: Path) -> dict:
-    def bind(src: str, dst: Optional[str] = None) -> dict:
-        return {"destination": dst or src, "type": "bind", "source": src, "options": ["rbind", "ro", "nosuid", "nodev"]}
+def _spec(template: Template, limits: Limits, env: dict[str, str], rootfs: Path, writable: Path) -> dict:
+    def bind(src: str, dst: Optional[str] = None, mode: str = "ro") -> dict:
+        return {"destination": dst or src, "type": "bind", "source": src, "options": ["rbind", mode, "nosuid", "nodev"]}
 
     mounts: list[dict] = [
         {"destination": "/proc", "type": "proc", "source": "proc"},
-        # One size cap each (gVisor has no shared tmpfs across mount points); RLIMIT_FSIZE caps files.
-        {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
-         "options": ["nosuid", "nodev", f"size={limits.disk}", "mode=1777"]},
-        {"destination": "/home/user", "type": "tmpfs", "source": "tmpfs",
-         "options": ["nosuid", "nodev", f"size={limits.disk}", "mode=0777"]},
+        # runsc mounts its own sysfs unless the spec puts something at /sys: an empty, closed tmpfs.
+        {"destination": "/sys", "type": "tmpfs", "source": "tmpfs", "options": ["ro", "nosuid", "nodev", "mode=000"]},
     ]
+    mounts += [bind(str(writable / name), inside, "rw") for name, (inside, _) in WRITABLE.items()]
     if template.rootfs:
         # An image template: the image's root is the container's root (prepared on the host when it
         # was unpacked: real mount points, generated /etc files); the agent, and the host's
@@ -135,10 +151,11 @@ def _spec(template: Template, limits: Limits, env: dict[str, str], rootfs: Path)
     return {
         "ociVersion": "1.0.2",
         "process": {
-            "terminal": False, "user": {"uid": 1000, "gid": 1000},
+            "terminal": False, "user": {"uid": 0, "gid": 0},
             "args": argv + ["/opt/sandlot/_agent/boot.py", "0", "gvisor"],
             "env": [f"{k}={v}" for k, v in env.items()], "cwd": "/home/user",
-            "capabilities": {}, "noNewPrivileges": True,
+            "capabilities": {"bounding": AGENT_CAPS, "effective": AGENT_CAPS, "permitted": AGENT_CAPS},
+            "noNewPrivileges": True,
             "rlimits": [{"type": t, "hard": v, "soft": v} for t, v in rlimits],
         },
         "root": {"path": template.rootfs or str(rootfs), "readonly": True},
@@ -146,6 +163,64 @@ def _spec(template: Template, limits: Limits, env: dict[str, str], rootfs: Path)
         "mounts": mounts,
         "linux": {"namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount")]},
     }
+
+
+# -- per-sandbox state on the host: the writable tmpfs and the owner's lock ---------------------------
+def _mount_writable(home: Path, limits: Limits) -> Path:
+    """One host tmpfs with the sandbox's disk and inode caps, split into home, /tmp and /dev/shm."""
+    rw = home / "rw"
+    rw.mkdir()
+    linux.mount("tmpfs", str(rw), "tmpfs", linux.MS_NOSUID | linux.MS_NODEV,
+                f"size={limits.disk},nr_inodes={limits.inodes},mode=0755")
+    for name, (_, mode) in WRITABLE.items():
+        (rw / name).mkdir()
+        (rw / name).chmod(mode)
+    os.chown(rw / "home", USER_UID, USER_UID)
+    return rw
+
+
+def _remove_home(home: Path) -> None:
+    """Unmount the sandbox's tmpfs (if mounted) before deleting its directory: never rmtree into a mount."""
+    rw = home / "rw"
+    if os.path.ismount(rw):
+        try:
+            linux.umount2(str(rw), linux.MNT_DETACH)
+        except OSError:
+            return  # still mounted: leave the directory for the next sweep rather than delete into it
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def _hold(home: Path) -> int:
+    """The owner's lock on a live sandbox's directory (released when the owner ends or pauses it)."""
+    fd = os.open(home / "owner.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def sweep_stale(min_age: float = 60.0) -> int:
+    """Remove what owners that died left behind (runsc state, the tmpfs, the directory); paused
+    sandboxes, and live ones (their owner holds the lock), are kept. Returns how many were removed."""
+    removed = 0
+    root = data_dir() / "sandboxes"
+    for home in root.glob("sb-*") if root.is_dir() else []:
+        try:
+            if (home / "image").is_dir() or time.time() - home.stat().st_mtime < min_age:
+                continue
+            fd = os.open(home / "owner.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue  # a live sandbox of another process
+        try:
+            subprocess.run(_runsc_argv("delete", "-force", home.name), capture_output=True, timeout=60)
+            _remove_home(home)
+            removed += 1
+        finally:
+            os.close(fd)
+    return removed
 
 
 class GVisorSandbox(SandboxProcess):
@@ -162,6 +237,7 @@ class GVisorSandbox(SandboxProcess):
         self._exited: Optional[asyncio.Future] = None
         self._pidfd: Optional[int] = None
         self._cleaned = False
+        self._lock_fd: Optional[int] = None
 
     @staticmethod
     def cgroup_limits(limits: Limits) -> Limits:
@@ -211,11 +287,7 @@ class GVisorSandbox(SandboxProcess):
             self._exited.set_result(self._proc.returncode)
 
     async def _run_runsc(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        run = lambda: subprocess.run(_runsc_argv(*args), capture_output=True, text=True, timeout=timeout)  # noqa: E731
-        try:
-            return await asyncio.to_thread(run)
-        except RuntimeError:  # interpreter shutdown: no executor any more, so block briefly instead
-            return run()
+        return await _off_loop(subprocess.run, _runsc_argv(*args), capture_output=True, text=True, timeout=timeout)
 
     # -- pause / resume -------------------------------------------------------------------------
     async def pause(self) -> dict:
@@ -236,10 +308,16 @@ class GVisorSandbox(SandboxProcess):
             pass
         await self.channel.aclose()
         await self._run_runsc("delete", "-force", self.id)
+        self._release()
         size = sum(f.stat().st_size for f in image.rglob("*") if f.is_file())
         return {"seconds": loop.time() - started, "bytes": size}
 
     async def resume(self) -> dict:
+        if self._lock_fd is None:
+            try:
+                self._lock_fd = _hold(self.home)
+            except OSError:
+                raise InvalidRequest(f"sandbox {self.id} is being resumed by another process") from None
         loop = asyncio.get_running_loop()
         started = loop.time()
         await self._launch("restore", f"--image-path={self.home / 'image'}", f"--bundle={self.home / 'bundle'}",
@@ -286,24 +364,40 @@ class GVisorSandbox(SandboxProcess):
             if self.cgroup.try_remove():
                 break
             await asyncio.sleep(0.01)
-        shutil.rmtree(self.home, ignore_errors=True)
+        await _off_loop(_remove_home, self.home)
+        self._release()
+
+    def _release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
 
 class GVisorBackend(Backend):
     name = "gvisor"
+    _swept = False
 
     async def start(self, template: Template, limits: Limits, env: dict[str, str]) -> GVisorSandbox:
         runsc_path()
+        if not GVisorBackend._swept:
+            GVisorBackend._swept = True
+            await asyncio.to_thread(sweep_stale)
         sandbox_id = "sb-" + secrets.token_hex(6)
         cgroup = await asyncio.to_thread(cgroups.Cgroup, sandbox_id, _room_for_runsc(limits))
         home = data_dir() / "sandboxes" / sandbox_id
         (home / "bundle").mkdir(parents=True)
-        sandbox_env = _process._sandbox_env(template, env)
-        rootfs = Path(template.rootfs) if template.rootfs else await asyncio.to_thread(_template_rootfs, template)
-        spec = _spec(template, limits, sandbox_env, rootfs)
-        (home / "bundle" / "config.json").write_text(json.dumps(spec))
         sandbox = GVisorSandbox(sandbox_id, limits, cgroup, home)
         sandbox.template_name = template.name
+        sandbox._lock_fd = _hold(home)
+        try:
+            writable = await asyncio.to_thread(_mount_writable, home, limits)
+        except BaseException:
+            await sandbox.kill("boot failed")
+            raise
+        sandbox_env = _process._sandbox_env(template, env)
+        rootfs = Path(template.rootfs) if template.rootfs else await asyncio.to_thread(_template_rootfs, template)
+        spec = _spec(template, limits, sandbox_env, rootfs, writable)
+        (home / "bundle" / "config.json").write_text(json.dumps(spec))
         try:
             await sandbox._launch("run", f"--bundle={home / 'bundle'}", sandbox_id)
             config = dict(_process._template_config(template, env), **_process._sandbox_config(limits, sandbox_env))
@@ -346,6 +440,14 @@ class GVisorBackend(Backend):
         sandbox.template_name = meta["template"]
         sandbox.paused = True
         return sandbox
+
+
+async def _off_loop(fn, *args, **kwargs):
+    """``fn`` in a worker thread; inline at interpreter shutdown, when there is no executor any more."""
+    try:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+    except RuntimeError:
+        return fn(*args, **kwargs)
 
 
 def _room_for_runsc(limits: Limits) -> Limits:

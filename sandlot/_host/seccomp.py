@@ -29,7 +29,7 @@ getrusage getsid getsockname getsockopt gettid gettimeofday getuid getxattr inot
 inotify_init inotify_init1 inotify_rm_watch ioctl ioprio_get ioprio_set kill landlock_add_rule
 landlock_create_ruleset landlock_restrict_self lchown lgetxattr link linkat listen listxattr
 llistxattr lremovexattr lseek lsetxattr lstat madvise map_shadow_stack mbind membarrier memfd_create
-mincore mkdir mkdirat mknod mknodat mlock mlock2 mlockall mmap mprotect mq_getsetattr mq_notify
+mincore mkdir mkdirat mlock mlock2 mlockall mmap mprotect mq_getsetattr mq_notify
 mq_open mq_timedreceive mq_timedsend mq_unlink mremap msgctl msgget msgrcv msgsnd msync munlock
 munlockall munmap nanosleep newfstatat open openat openat2 pause pidfd_getfd pidfd_open
 pidfd_send_signal pipe pipe2 pkey_alloc pkey_free pkey_mprotect poll ppoll prctl pread64 preadv
@@ -63,6 +63,10 @@ sethostname setdomainname
 SOCKET_FAMILIES = {"AF_UNIX": 1, "AF_INET": 2, "AF_INET6": 10, "AF_NETLINK": 16}
 CLONE_NAMESPACE_FLAGS = 0x7E020080  # NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET|NEWTIME
 PERSONALITIES = (0x0, 0x8, 0x20000, 0x20008, 0xFFFFFFFF)  # the harmless ones Docker allows
+# mknod makes FIFOs, sockets and plain files; device nodes (S_IFCHR, S_IFBLK) are refused here, not only
+# for want of CAP_MKNOD: gVisor's own kernel lets any uid create them in its tmpfs.
+S_IFMT = 0o170000
+MKNOD_TYPES = (0, 0o100000, 0o010000, 0o140000)  # default (regular), S_IFREG, S_IFIFO, S_IFSOCK
 
 
 @functools.lru_cache(maxsize=1)
@@ -83,6 +87,12 @@ def compiled_filter() -> bytes:
     f.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")
     for value in PERSONALITIES:
         f.add_rule(sc.ALLOW, "personality", sc.Arg(0, sc.EQ, value))
+    for kind in MKNOD_TYPES:
+        f.add_rule(sc.ALLOW, "mknodat", sc.Arg(2, sc.MASKED_EQ, S_IFMT, kind))
+        try:
+            f.add_rule(sc.ALLOW, "mknod", sc.Arg(1, sc.MASKED_EQ, S_IFMT, kind))
+        except (ValueError, OSError):
+            pass  # aarch64 has only mknodat
     with tempfile.TemporaryFile() as out:
         f.export_bpf(out)
         out.flush()

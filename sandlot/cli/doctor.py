@@ -10,13 +10,16 @@ from rich.markup import escape
 from rich.table import Table
 
 from .. import _doctor
+from .._backends.base import ISOLATIONS
 from ._common import EXIT_FAILED, EXIT_OK, json_option, out, print_json
 
 
 @click.command(short_help="Check this host, and the fences from inside a sandbox.")
 @json_option
 @click.option("--no-sandbox", is_flag=True, help="Only check the host; do not start a sandbox.")
-def doctor(as_json: bool, no_sandbox: bool) -> None:
+@click.option("--isolation", type=click.Choice(ISOLATIONS), envvar="SANDLOT_ISOLATION", show_envvar=True,
+              default="process", show_default=True, help="The tier whose fences the self-test checks.")
+def doctor(as_json: bool, no_sandbox: bool, isolation: str) -> None:
     """Check what this host supports, then run the posture self-test inside a sandbox.
 
     Exit code 0: sandboxes run with every required fence; 1: something required is missing.
@@ -26,7 +29,7 @@ def doctor(as_json: bool, no_sandbox: bool) -> None:
     probe_error = None
     if not no_sandbox and all(c.ok for c in host if c.required):
         try:
-            posture = _doctor.posture_checks(_doctor.run_posture_probe())
+            posture = _doctor.posture_checks(_doctor.run_posture_probe(isolation), isolation=isolation)
         except Exception as exc:  # noqa: BLE001 - reported, with its reason
             probe_error = f"{type(exc).__name__}: {exc}"
     ok = all(c.ok for c in host + posture if c.required) and probe_error is None

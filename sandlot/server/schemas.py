@@ -110,6 +110,7 @@ class RunOnce(_Body):
     timeout: Optional[Seconds] = None
     limits: Optional[dict[Text, LimitValue]] = None
     env: Optional[dict[Text, Text]] = None
+    isolation: Text = Field("process", max_length=32, description='"process", or "gvisor" where the server enables it')
     stream: bool = False
 
     _env = field_validator("env")(_check_env)

@@ -83,7 +83,7 @@ async def run_code(sandbox_id: str, body: RunCode, tenant: Owner, state: State) 
 async def run_once(body: RunOnce, tenant: Owner, state: State) -> Any:
     _fits_one_frame({"t": "exec", "id": 1, "code": body.code})
     session = await state.registry.create(tenant, template=body.template, limits=body.limits, env=body.env,
-                                          one_shot=True)
+                                          isolation=body.isolation, one_shot=True)
     state.store.audit(tenant.name, "run_once", None, body.code[:1000], tenant.key_id)
     if not body.stream:
         try:
