@@ -214,7 +214,7 @@ class AsyncSandbox:
             if self.env:
                 await proc.channel.send({"t": "configure", "id": 0, "env": self.env})
         else:
-            proc = await self._backend.start(self.template, self.limits, self.env)
+            proc = await self._backend.start(self.template, self.limits, self.env, awaited=True)
         self._proc = proc
         self._started_at = self._last_activity = time.monotonic()
         self._deadline = self._started_at + self.limits.lifetime

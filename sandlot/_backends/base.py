@@ -42,7 +42,10 @@ class Backend(abc.ABC):
     name: str
 
     @abc.abstractmethod
-    async def start(self, template: Template, limits: Limits, env: dict[str, str]) -> SandboxProcess: ...
+    async def start(self, template: Template, limits: Limits, env: dict[str, str], *,
+                    awaited: bool = False) -> SandboxProcess:
+        """A new sandbox running the agent. ``awaited``: a caller is waiting for this one (not a warm
+        pool filling up), so it should be ready as soon as possible rather than fully warmed."""
 
 
 ISOLATIONS = ("process", "gvisor")

@@ -377,7 +377,8 @@ class GVisorBackend(Backend):
     name = "gvisor"
     _swept = False
 
-    async def start(self, template: Template, limits: Limits, env: dict[str, str]) -> GVisorSandbox:
+    async def start(self, template: Template, limits: Limits, env: dict[str, str], *,
+                    awaited: bool = False) -> GVisorSandbox:
         runsc_path()
         if not GVisorBackend._swept:
             GVisorBackend._swept = True
@@ -402,6 +403,11 @@ class GVisorBackend(Backend):
             await sandbox._launch("run", f"--bundle={home / 'bundle'}", sandbox_id)
             config = dict(_process._template_config(template, env), **_process._sandbox_config(limits, sandbox_env))
             config["limits"]["nproc_exact"] = True  # the cgroup has room for runsc; this is the app's limit
+            if awaited:
+                # No zygote to share imports with here: importing the preload list under ptrace takes
+                # seconds. Pooled sandboxes pay that ahead of time; one someone waits for starts bare,
+                # and its session imports what the code uses.
+                config["preload"] = []
             await sandbox.channel.send({"t": "config", "config": config})
             await asyncio.wait_for(self._expect_ready(sandbox), BOOT_TIMEOUT)
         except asyncio.TimeoutError:

@@ -308,7 +308,8 @@ class ProcessBackend(Backend):
                 zygote = self._zygotes[template.name] = Zygote(argv, config, uid_map, key)
         return zygote
 
-    async def start(self, template: Template, limits: Limits, env: dict[str, str]) -> ProcessSandbox:
+    async def start(self, template: Template, limits: Limits, env: dict[str, str], *,
+                    awaited: bool = False) -> ProcessSandbox:
         sandbox_id = "sb-" + secrets.token_hex(6)
         cgroup = await asyncio.to_thread(cgroups.Cgroup, sandbox_id, limits)
         host_end, child_end = socket.socketpair()
