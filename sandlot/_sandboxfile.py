@@ -19,8 +19,10 @@ How the build runs (``sandlot template build -f sandbox.yaml -t NAME``):
    owners are shifted into a private range of host uids, so the build's root is the owner of its
    files *inside its own user namespace* and nobody's on the host);
 2. apt: ``apt-get install`` runs in a process-tier sandbox on that copy, as root of its user
-   namespace with Docker's default capabilities, seccomp and Landlock still on. It is the only step
-   with network: it keeps the host's network namespace, like ``docker build``;
+   namespace with Docker's default capabilities, seccomp and Landlock still on. It has no network
+   either: apt's HTTP proxy is a loopback port that the sandbox's agent carries to an allowlisting
+   proxy on the host (sandlot/_host/egress.py), which reaches only the mirrors the image's own apt
+   sources name, on ports 80 and 443, and never an address of this host;
 3. pip: wheels are downloaded *on the host* by ``pip download --only-binary=:all:`` for the image's
    Python version and platform (a download never runs package code; sdists are refused for that
    reason), then ``pip install --no-index`` runs in a sandbox **without network** against them;
@@ -52,7 +54,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from . import _images
+from ._agent.relay import PROXY_PORT
 from ._exceptions import InvalidRequest, SandlotError
+from ._host.egress import EgressProxy, apt_source_hosts
 from ._images import ImageError, Progress, _emit
 from ._limits import Limits
 from ._templates import Template, read_record, register_transient, unregister_transient
@@ -288,13 +292,13 @@ def _shift_owners(root: Path, lo: int, hi: int, delta: int) -> None:
             fix(os.path.join(dirpath, name))
 
 
-def _step_template(state: dict, step: str, network: bool = False, binds: tuple = ()) -> Template:
+def _step_template(state: dict, step: str, egress: str = "", binds: tuple = ()) -> Template:
     base = state["base"]
     _images.finalize_rootfs(state["rootfs"])  # a previous step may have planted symlinks at mount points
     env = dict(base.get("env") or {})
     return Template(name=f".build-{state['home'].name}-{step}", python=base.get("python") or "", prefixes=(),
                     env=tuple(sorted(env.items())), rootfs=str(state["rootfs"]), workdir=None,
-                    pool_size=0, writable=True, network=network, uid_base=state.get("uid_base"),
+                    pool_size=0, writable=True, egress=egress, uid_base=state.get("uid_base"),
                     binds=tuple(binds))
 
 
@@ -333,17 +337,33 @@ def _step_apt(state: dict, progress: Optional[Progress]) -> None:
     if os.geteuid() != 0:
         raise ImageError("apt packages need Sandlot running as root: the build's root must own the image's "
                          "files inside its user namespace (pip and files work without)")
-    resolv = os.path.realpath("/etc/resolv.conf")
-    binds = ((resolv, "/etc/resolv.conf"),) if os.path.isfile(resolv) else ()
-    with _sandbox(_step_template(state, "apt", network=True, binds=binds)) as sb:
+    try:
+        hosts = apt_source_hosts(str(state["rootfs"]))
+    except InvalidRequest as exc:
+        raise ImageError(f"the base image {state['base']['name']}: {exc}") from None
+    egress_dir = state["home"] / "egress"
+    egress_dir.mkdir()
+    egress_dir.chmod(0o755)
+    inside = "/.sandlot-build/egress"
+    proxy = f"http://127.0.0.1:{PROXY_PORT}"
+    apt = f"apt-get -o Acquire::http::Proxy={proxy} -o Acquire::https::Proxy={proxy}"
+    _emit(progress, "log", f"apt may reach: {', '.join(sorted(hosts))} (through the build's proxy)")
+    with EgressProxy(hosts, str(egress_dir / "proxy.sock")) as egress, \
+            _sandbox(_step_template(state, "apt", egress=inside + "/proxy.sock", binds=((str(egress_dir), inside),))) as sb:
         check = sb.commands.run("command -v apt-get", timeout=30)
         if check.exit_code != 0:
             raise ImageError(f"the base image {state['base']['name']} has no apt-get")
         env = {"DEBIAN_FRONTEND": "noninteractive", "HOME": "/root", "LC_ALL": "C"}
         packages = " ".join(spec.apt)
-        _run(sb, "apt-get update -q", "apt-get update", progress, env)
-        _run(sb, f"apt-get install -y -q --no-install-recommends {packages}", f"apt-get install {packages}",
-             progress, env)
+        try:
+            _run(sb, f"{apt} update -q", "apt-get update", progress, env)
+            _run(sb, f"{apt} install -y -q --no-install-recommends {packages}", f"apt-get install {packages}",
+                 progress, env)
+        except _StepFailed as exc:
+            if egress.refused:
+                raise _StepFailed(f"{exc}\nthe build's proxy refused: {'; '.join(sorted(set(egress.refused))[:5])}") \
+                    from None
+            raise
         _run(sb, "apt-get clean && rm -rf /var/lib/apt/lists/*", "apt-get clean", progress, env)
 
 

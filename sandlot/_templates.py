@@ -42,7 +42,7 @@ class Template:
     digest: Optional[str] = None  # the image's manifest digest (or the build's id)
     # -- build steps only (``sandlot template build``; never set in a template record) -------
     writable: bool = False  # the root (a private copy of the base) is bound read-write
-    network: bool = False  # keep the host's network namespace (the apt step, like `docker build`)
+    egress: str = ""  # the apt step: path inside of the socket of the host's allowlisting proxy (no other way out)
     uid_base: Optional[int] = None  # root host: map 0..65535 onto the host uids the copy was shifted to
     binds: tuple[tuple[str, str], ...] = ()  # extra host paths bound read-only (build context, wheels)
 

@@ -423,7 +423,8 @@ def _reachable(host: str, port: int = 80) -> bool:
 @pytest.mark.skipif(os.geteuid() != 0, reason="apt in a build needs Sandlot running as root")
 def test_build_with_apt_on_a_debian_image(world):
     """A real Debian root (mmdebstrap --variant=apt, about 40 s), then `apt: [jq]` installed by a build
-    step: the only step with network, as root of its own user namespace on a private copy."""
+    step, as root of its own user namespace on a private copy, in a network namespace of its own: apt
+    reaches the mirror its sources name only through the build's allowlisting proxy."""
     from sandlot import _images, _sandboxfile
 
     if not _reachable("deb.debian.org"):
@@ -444,6 +445,7 @@ def test_build_with_apt_on_a_debian_image(world):
     record = _sandboxfile.build(str(path), "img-debian-jq", progress=events.append)
     assert [e["step"] for e in events if e["phase"] == "step"] == ["base", "apt", "files", "check", "commit"]
     assert any("jq" in e["message"] for e in events if e["phase"] == "log")
+    assert any(e["message"].startswith("apt may reach: deb.debian.org") for e in events if e["phase"] == "log")
     with sandlot.Sandbox("img-debian-jq") as sb:
         r = sb.commands.run("echo '{\"a\": 5}' | jq .a; dpkg-query -W -f='${Status}' jq; id -u; ls /app")
         assert r.stdout.split("\n")[:3] == ["5", "install ok installed1000", "main.py"], (r.stdout, r.stderr)

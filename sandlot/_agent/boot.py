@@ -254,9 +254,8 @@ def _direct(sock: socket.socket, cfg: dict) -> None:
 
     try:
         linux.prctl(linux.PR_SET_PDEATHSIG, 9)
-        # A build's apt step keeps the host's network (as `docker build` does); nothing else does.
-        net = 0 if cfg.get("network") else linux.CLONE_NEWNET
-        linux.unshare(linux.CLONE_NEWUSER | linux.CLONE_NEWNS | net | linux.CLONE_NEWIPC | linux.CLONE_NEWUTS)
+        linux.unshare(linux.CLONE_NEWUSER | linux.CLONE_NEWNS | linux.CLONE_NEWNET | linux.CLONE_NEWIPC
+                      | linux.CLONE_NEWUTS)
         # Still the host's uid (only our capabilities moved to the new namespace): we can reach
         # paths owned by us, like a pyenv under a 0700 /root, and binds must come from this new
         # mount namespace, so the host paths are opened now.
@@ -484,8 +483,7 @@ def _init(sock: socket.socket, cfg: dict, prepare) -> None:
         _agent.__path__[:] = ["/opt/sandlot/_agent"]
         sys.path[:] = ["/opt/sandlot"] + [p for p in sys.path if p.startswith(tuple(cfg["prefixes"]))]
         linux_hostname(cfg.get("hostname", "sandbox"))
-        if not cfg.get("network"):
-            isolation.bring_up_loopback()
+        isolation.bring_up_loopback()
         isolation.set_rlimits(cfg["limits"])
         isolation.drop_privileges(cfg)
         os.environ.clear()

@@ -667,6 +667,10 @@ def _describe(code: int) -> str:
 
 
 def serve(sock, cfg: dict) -> None:
+    if cfg.get("egress"):  # a build's apt step: its only way out is the host's allowlisting proxy
+        from . import relay
+
+        relay.forward_loopback(cfg["egress"])
     agent = Agent(sock, cfg)
     if cfg.get("python", True):  # an image without Python serves commands and files only
         agent._start_kernel()  # the session is ready before the first call (and pooled sandboxes warm)

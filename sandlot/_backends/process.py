@@ -260,7 +260,7 @@ def image_config(template: Template) -> dict:
     return {
         "rootfs": template.rootfs, "exec": launch["argv"], "python": template.has_python,
         "binds": [list(b) for b in launch["binds"]] + [list(b) for b in template.binds],
-        "workdir": template.workdir, "writable": template.writable, "network": template.network,
+        "workdir": template.workdir, "writable": template.writable, "egress": template.egress,
         "build_root": template.writable and os.geteuid() == 0,  # root of its own user namespace
     }
 
