@@ -145,8 +145,8 @@ def _mounted(path: str) -> bool:
 
 
 def test_an_owner_killed_outright_leaves_nothing_after_the_sweep(tmp_path):
-    """kill -9 of the owning process: its sandbox ends with it; the next sweep unmounts and removes
-    the sandbox's host tmpfs and directory, while live and paused sandboxes are left alone."""
+    """kill -9 of the owning process: its sandbox ends with it and its host tmpfs is unmounted; the next
+    sweep removes the directory (and would unmount a tmpfs left mounted), while live sandboxes stay."""
     from sandlot._backends.gvisor import data_dir, sweep_stale
 
     sid = _owner_process(tmp_path, "sb = sandlot.Sandbox(isolation='gvisor', limits={'disk': '32M'})\n"  # not pooled
@@ -154,12 +154,13 @@ def test_an_owner_killed_outright_leaves_nothing_after_the_sweep(tmp_path):
                                    "print(sb.sandbox_id, flush=True)\n"
                                    "os.kill(os.getpid(), signal.SIGKILL)\n")
     home = data_dir() / "sandboxes" / sid
-    assert _mounted(str(home / "rw"))  # what a crashed owner leaves: its sandbox's tmpfs...
-    with Sandbox(isolation="gvisor") as live:  # ...next to a live sandbox of this process, which stays
+    with Sandbox(isolation="gvisor") as live:  # a live sandbox of this process, which must stay
         deadline = time.monotonic() + 20
-        while processes_in_sandbox(sid) and time.monotonic() < deadline:
+        while (processes_in_sandbox(sid) or _mounted(str(home / "rw"))) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not processes_in_sandbox(sid)  # the sandbox died with its owner
+        assert not _mounted(str(home / "rw"))  # and its tmpfs (what it wrote) went with it
+        assert home.is_dir()  # the directory is the sweep's
         assert sweep_stale(min_age=0) >= 1
         assert not _mounted(str(home / "rw")) and not home.exists()
         assert live.run_code("1 + 1").text == "2"

@@ -20,7 +20,8 @@ The channel is the container's stdin/stdout: host pipes, which is also what lets
 checkpoint``/``restore`` pause a live session to disk and bring it back, even into a later process.
 
 Limits: the whole runsc process tree joins the sandbox's cgroup before runsc starts (a shell
-trampoline writes its pid, then execs runsc), so memory and CPU cover gVisor's own work too. runsc's
+trampoline writes its pid, then execs runsc; its parent shell, outside the cgroup, unmounts the
+sandbox's tmpfs once runsc ends for good), so memory and CPU cover gVisor's own work too. runsc's
 threads get room in ``pids.max``; the app's own process limit is RLIMIT_NPROC inside (a tight pids.max
 would make gVisor itself fail).
 """
@@ -260,10 +261,15 @@ class GVisorSandbox(SandboxProcess):
         """Start runsc (run or restore) inside our cgroup, speaking on fresh pipes."""
         procs = [str(d / "cgroup.procs") for d in self.cgroup.dirs.values()]
         trampoline = 'for f in "$@"; do printf %s $$ > "$f" || exit 97; done; exec ' + shlex.join(_runsc_argv(*runsc_args))
+        # The outer shell stays outside the cgroup, waits for runsc, and unmounts the sandbox's tmpfs
+        # when it ends for good (its owner died, say), unless it ended for a pause (image/ exists).
+        rw, image = shlex.quote(str(self.home / "rw")), shlex.quote(str(self.home / "image"))
+        outer = (shlex.join(["/bin/sh", "-c", trampoline, "sh", *procs])
+                 + f"; rc=$?; [ -d {image} ] || umount -l {rw} 2>/dev/null; exit $rc")
         log = os.environ.get("SANDLOT_BOOT_LOG")
         stderr = open(log, "ab") if log else subprocess.DEVNULL
         try:
-            self._proc = subprocess.Popen(["/bin/sh", "-c", trampoline, "sh", *procs], stdin=subprocess.PIPE,
+            self._proc = subprocess.Popen(["/bin/sh", "-c", outer], stdin=subprocess.PIPE,
                                           stdout=subprocess.PIPE, stderr=stderr, cwd="/",
                                           env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
         finally:
@@ -301,6 +307,7 @@ class GVisorSandbox(SandboxProcess):
         out = await self._run_runsc("checkpoint", f"--image-path={image}", self.id, timeout=300)
         if out.returncode != 0:
             self.paused = False
+            shutil.rmtree(image, ignore_errors=True)
             raise SandboxCrashed(f"runsc checkpoint failed: {out.stderr.strip()[-500:]}")
         try:
             await asyncio.wait_for(self.wait(), 30)
