@@ -13,8 +13,8 @@ capability dropped): it reads and writes files as the user, while the user's cod
 Writable storage: gVisor's tmpfs of that release ignores ``size=``, so home, /tmp and /dev/shm are
 three directories of one host tmpfs per sandbox (size and inode caps enforced by the host kernel,
 one quota for all three as on the process tier), bound in through the gofer. It stays mounted while
-the sandbox is paused (a checkpoint holds memory, not gofer files) and is unmounted when it is killed;
-a sweep unmounts what a crashed owner left.
+the sandbox is paused (a checkpoint holds memory, not gofer files) and is unmounted when runsc ends
+for good (killed, or its owner died); a sweep removes the directories that owners left behind.
 
 The channel is the container's stdin/stdout: host pipes, which is also what lets ``runsc
 checkpoint``/``restore`` pause a live session to disk and bring it back, even into a later process.
