@@ -27,7 +27,8 @@ from ._exceptions import (AuthError, FileError, HostUnsupported, InvalidRequest,
                           SandboxNotFound, SandlotError, TimeoutError)
 from ._backends.base import default_isolation
 from ._limits import Limits, check_env
-from ._models import CommandResult, EntryInfo, Execution, ExecutionError, Result, SandboxInfo, SandboxMetrics, Usage
+from ._models import (CommandResult, EntryInfo, Execution, ExecutionError, PauseInfo, Result, SandboxInfo,
+                      SandboxMetrics, Usage)
 from ._sandbox import (AsyncCommandHandle, AsyncFiles, AsyncSandbox, OutputHandler, ResultHandler, _call, _check_format,
                        _chunks, read_as)
 
@@ -264,12 +265,15 @@ class AsyncRemoteSandbox(AsyncSandbox):
         self.metadata = info.metadata
         self.limits = Limits(**_fields(Limits, info.limits))
 
-    # -- not (yet) offered by the server API -------------------------------------------------------
-    async def pause(self):  # type: ignore[override]
-        raise InvalidRequest("pause() is not offered through the server yet; use a local gVisor sandbox")
+    async def pause(self) -> PauseInfo:
+        """Checkpoint it to disk on the server and free its memory (gVisor tier); ``resume()``, or
+        ``connect(id)`` later, even after a restart of the server, brings it back."""
+        raw = (await self._http("POST", "/pause")).json()
+        return PauseInfo(seconds=raw["seconds"], checkpoint_bytes=raw["checkpoint_bytes"])
 
-    async def resume(self):  # type: ignore[override]
-        raise InvalidRequest("resume() is not offered through the server yet; use a local gVisor sandbox")
+    async def resume(self) -> PauseInfo:
+        raw = (await self._http("POST", "/resume")).json()
+        return PauseInfo(seconds=raw["seconds"], checkpoint_bytes=0)
 
     async def interrupt(self) -> None:
         """KeyboardInterrupt to the code running now in this sandbox (its run_code call returns with it)."""
@@ -287,7 +291,11 @@ class AsyncRemoteSandbox(AsyncSandbox):
         server = _Server(api_url, api_key)
         if not isinstance(sandbox_id, str) or not sandbox_id:
             raise InvalidRequest("sandbox_id must be a non-empty string")
-        raw = (await server.request("GET", f"/v1/sandboxes/{quote(sandbox_id, safe='')}")).json()
+        path = f"/v1/sandboxes/{quote(sandbox_id, safe='')}"
+        raw = (await server.request("GET", path)).json()
+        if raw["status"] == "paused":  # connecting to a paused sandbox brings it back
+            await server.request("POST", path + "/resume")
+            raw = (await server.request("GET", path)).json()
         if raw["status"] != "running":
             raise SandboxNotFound(f"sandbox {sandbox_id} is {raw['status']}: {raw.get('end_reason')}")
         sandbox = cls.__new__(cls)

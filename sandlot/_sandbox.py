@@ -232,6 +232,11 @@ class AsyncSandbox:
         return self._proc is not None and self._dead is None and self._proc.channel.is_open
 
     @property
+    def is_paused(self) -> bool:
+        """Checkpointed to disk by ``pause()`` (gVisor tier), waiting for ``resume()``."""
+        return self._proc is not None and self._dead is None and bool(getattr(self._proc, "paused", False))
+
+    @property
     def end_reason(self) -> Optional[str]:
         """Why the sandbox ended (None while it runs)."""
         if self._dead is None and self._proc is not None and not self._proc.channel.is_open:

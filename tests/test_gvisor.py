@@ -165,3 +165,38 @@ def test_an_owner_killed_outright_leaves_nothing_after_the_sweep(tmp_path):
         assert not _mounted(str(home / "rw")) and not home.exists()
         assert live.run_code("1 + 1").text == "2"
         assert (data_dir() / "sandboxes" / live.sandbox_id).is_dir()
+
+
+def test_pause_and_resume_through_the_server_survive_its_restart(tmp_path):
+    """The remote SDK pauses a gVisor sandbox on a server; the server is killed -9 and started again;
+    connect(id) resumes the sandbox with its variables. Running code while paused says so (400)."""
+    from sandlot import InvalidRequest
+
+    from .serverproc import ServerProcess
+
+    first = ServerProcess(tmp_path / "sandlot.db", "--isolations", "process,gvisor").start()
+    key = first.key("owner")
+    remote = {"api_url": first.url, "api_key": key}
+    sb = Sandbox(**remote, isolation="gvisor")
+    sb.run_code("import os\nos.chdir('/tmp')\ncounter = 41")
+    info = sb.pause()
+    assert info.checkpoint_bytes > 0 and info.seconds > 0
+    assert [s.sandbox_id for s in Sandbox.list(status="paused", **remote)] == [sb.sandbox_id]
+    with pytest.raises(InvalidRequest, match="paused"):
+        sb.run_code("counter")
+    assert sb.resume().seconds > 0
+    assert sb.run_code("counter += 1\n(counter, os.getcwd())").text == "(42, '/tmp')"
+    sb.pause()
+    first.kill9()  # a paused sandbox is on disk, not in the server's process tree
+
+    second = ServerProcess(first.db_path, "--isolations", "process,gvisor", port=first.port).start()
+    try:
+        again = Sandbox.connect(sb.sandbox_id, **remote)  # connecting to a paused sandbox resumes it
+        try:
+            assert again.run_code("counter += 1\ncounter").text == "43"
+            assert [s.sandbox_id for s in Sandbox.list(**remote)] == [sb.sandbox_id]
+        finally:
+            again.kill()
+        assert Sandbox.list(status="ended", **remote)[0].sandbox_id == sb.sandbox_id
+    finally:
+        second.stop()

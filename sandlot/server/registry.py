@@ -20,6 +20,7 @@ from .._exceptions import InvalidRequest, QuotaExceeded, SandboxNotFound
 from .._host import cgroups
 from .._backends.base import get_backend
 from .._limits import Limits
+from .._models import PauseInfo
 from .._pool import pool_for
 from .._templates import get_template
 from .background import CommandTable
@@ -122,12 +123,14 @@ class Registry:
         """The tenant's live sandbox, or SandboxNotFound saying what became of it."""
         session = self.live.get(sandbox_id)
         if session is not None and session.tenant.id == tenant.id and not session.one_shot:
-            if session.sandbox.is_running:
+            if session.sandbox.is_running or session.sandbox.is_paused:  # a paused one says so when used
                 return session
             self._finish(session)
         row = self.store.sandbox(tenant, sandbox_id)
         if row is None:
             raise SandboxNotFound(f"no sandbox {sandbox_id[:80]!r}")
+        if row.status == "paused":
+            raise InvalidRequest(f"sandbox {sandbox_id} is paused: resume it first (POST .../resume)")
         raise SandboxNotFound(f"sandbox {sandbox_id} is {row.status}: {row.end_reason}")
 
     def row(self, tenant: Tenant, sandbox_id: str) -> SandboxRow:
@@ -136,6 +139,35 @@ class Registry:
         if row is None:
             raise SandboxNotFound(f"no sandbox {sandbox_id[:80]!r}")
         return row
+
+    # -- pause and resume (gVisor tier) ------------------------------------------------------------
+    async def pause(self, tenant: Tenant, sandbox_id: str) -> PauseInfo:
+        session = self.get(tenant, sandbox_id)
+        info = await session.sandbox.pause()
+        self.store.set_paused(sandbox_id, True)
+        self.store.audit(tenant.name, "pause", sandbox_id, f"{info.checkpoint_bytes} bytes", tenant.key_id)
+        return info
+
+    async def resume(self, tenant: Tenant, sandbox_id: str) -> PauseInfo:
+        session = self.live.get(sandbox_id)
+        if session is None or session.tenant.id != tenant.id or session.one_shot:
+            # Paused by an earlier server process: its checkpoint waits on disk.
+            row = self.store.sandbox(tenant, sandbox_id)
+            if row is None or row.status != "paused":
+                self.get(tenant, sandbox_id)  # says what became of it
+                raise InvalidRequest(f"sandbox {sandbox_id} is not paused")
+            check_live(tenant.name, self.live_count(tenant), quotas_for(self.settings, tenant))
+            started = time.monotonic()
+            sandbox = await _sandbox.AsyncSandbox.connect(sandbox_id, isolation="gvisor", api_url="")  # resumes it
+            session = Session(sandbox, tenant, row.template, row.created_at,
+                              CommandTable(self.settings.max_background_commands))
+            self.live[sandbox_id] = session
+            info = PauseInfo(seconds=time.monotonic() - started, checkpoint_bytes=0)
+        else:
+            info = await session.sandbox.resume()
+        self.store.set_paused(sandbox_id, False)
+        self.store.audit(tenant.name, "resume", sandbox_id, None, tenant.key_id)
+        return info
 
     # -- ending ----------------------------------------------------------------------------------
     async def kill(self, tenant: Tenant, sandbox_id: str) -> SandboxRow:
@@ -179,7 +211,7 @@ class Registry:
     def collect(self) -> None:
         """Record every sandbox that ended on its own since last time."""
         for session in list(self.live.values()):
-            if not session.sandbox.is_running:
+            if not session.sandbox.is_running and not session.sandbox.is_paused:
                 self._finish(session)
 
     async def set_timeout(self, tenant: Tenant, sandbox_id: str, seconds: float) -> SandboxRow:
@@ -235,7 +267,8 @@ class Registry:
     async def close(self) -> None:
         if self._reaper is not None:
             self._reaper.cancel()
-        sessions = list(self.live.values())
+        # Paused sandboxes stay on disk (and "paused" in the database): a later server resumes them.
+        sessions = [s for s in self.live.values() if not s.sandbox.is_paused]
         await asyncio.gather(*(s.sandbox.kill() for s in sessions), return_exceptions=True)
         for session in sessions:
             self._finish(session, LOST_ON_SHUTDOWN, status="lost", cause="shutdown")

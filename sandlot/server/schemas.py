@@ -237,14 +237,22 @@ class MetricsOut(BaseModel):
 class SandboxOut(BaseModel):
     sandbox_id: str
     template: str
-    status: Literal["running", "ended", "lost"] = Field(
-        ..., description="lost: the server stopped (restart or crash) while it ran")
+    status: Literal["running", "paused", "ended", "lost"] = Field(
+        ..., description="paused: checkpointed to disk (POST .../resume); "
+                         "lost: the server stopped (restart or crash) while it ran")
     metadata: dict[str, str]
     limits: dict[str, Any]
     created_at: datetime
     expires_at: Optional[datetime] = None
     ended_at: Optional[datetime] = None
     end_reason: Optional[str] = None
+
+
+class PauseOut(BaseModel):
+    sandbox_id: str
+    status: Literal["running", "paused"]
+    seconds: float = Field(..., description="how long the pause (checkpoint) or resume (restore) took")
+    checkpoint_bytes: int = Field(0, description="size of the checkpoint on disk (pause)")
 
 
 class HealthOut(BaseModel):

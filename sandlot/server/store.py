@@ -52,7 +52,7 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     id TEXT PRIMARY KEY,
     tenant_id INTEGER NOT NULL REFERENCES tenants(id),
     template TEXT NOT NULL,
-    status TEXT NOT NULL,          -- running | ended | lost
+    status TEXT NOT NULL,          -- running | paused | ended | lost
     metadata TEXT NOT NULL,
     limits TEXT NOT NULL,
     created_at REAL NOT NULL,
@@ -266,8 +266,14 @@ class Store:
 
     def end_sandbox(self, sandbox_id: str, status: str, reason: str) -> None:
         with self._tx() as db:
-            db.execute("UPDATE sandboxes SET status = ?, ended_at = ?, end_reason = ? WHERE id = ? AND status = 'running'",
-                       (status, time.time(), reason, sandbox_id))
+            db.execute("UPDATE sandboxes SET status = ?, ended_at = ?, end_reason = ? WHERE id = ?"
+                       " AND status IN ('running', 'paused')", (status, time.time(), reason, sandbox_id))
+
+    def set_paused(self, sandbox_id: str, paused: bool) -> None:
+        """A paused sandbox (gVisor tier) waits on disk: it outlives a restart of the server."""
+        new, old = ("paused", "running") if paused else ("running", "paused")
+        with self._tx() as db:
+            db.execute("UPDATE sandboxes SET status = ? WHERE id = ? AND status = ?", (new, sandbox_id, old))
 
     def set_expiry(self, sandbox_id: str, expires_at: float) -> None:
         with self._tx() as db:

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query
 
 from ..._exceptions import InvalidRequest
 from ..deps import Owner, State
-from ..schemas import CreateSandbox, ErrorBody, MetricsOut, SandboxOut, SetTimeout, when
+from ..schemas import CreateSandbox, ErrorBody, MetricsOut, PauseOut, SandboxOut, SetTimeout, when
 from ..store import SandboxRow
 
 router = APIRouter(prefix="/v1/sandboxes", tags=["sandboxes"],
@@ -42,7 +42,7 @@ def _metadata_filter(pairs: list[str]) -> dict[str, str]:
 async def list_sandboxes(
         tenant: Owner, state: State,
         metadata: Annotated[list[str], Query(max_length=64, description="key=value; repeat to require several")] = [],
-        status: Literal["running", "ended", "lost", "all"] = "running",
+        status: Literal["running", "paused", "ended", "lost", "all"] = "running",
         limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[SandboxOut]:
     state.registry.collect()
     rows = state.store.sandboxes(tenant, metadata=_metadata_filter(metadata),
@@ -69,6 +69,21 @@ async def set_timeout(sandbox_id: str, body: SetTimeout, tenant: Owner, state: S
 async def keep_alive(sandbox_id: str, tenant: Owner, state: State) -> SandboxOut:
     await state.registry.get(tenant, sandbox_id).sandbox.keep_alive()
     return sandbox_out(state.registry.row(tenant, sandbox_id))
+
+
+@router.post("/{sandbox_id}/pause", response_model=PauseOut,
+             summary="Checkpoint it to disk and free its memory (gVisor tier); it survives a server restart")
+async def pause(sandbox_id: str, tenant: Owner, state: State) -> PauseOut:
+    info = await state.registry.pause(tenant, sandbox_id)
+    return PauseOut(sandbox_id=sandbox_id, status="paused", seconds=info.seconds,
+                    checkpoint_bytes=info.checkpoint_bytes)
+
+
+@router.post("/{sandbox_id}/resume", response_model=PauseOut,
+             summary="Bring a paused sandbox back with its variables, open files and working directory")
+async def resume(sandbox_id: str, tenant: Owner, state: State) -> PauseOut:
+    info = await state.registry.resume(tenant, sandbox_id)
+    return PauseOut(sandbox_id=sandbox_id, status="running", seconds=info.seconds)
 
 
 @router.post("/{sandbox_id}/interrupt", response_model=SandboxOut,
