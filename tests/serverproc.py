@@ -37,6 +37,21 @@ def wait_healthy(proc: subprocess.Popen, url: str, log, name: str, timeout: floa
     raise RuntimeError(f"{name} did not come up:\n{log()}")
 
 
+def read_log(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def terminate(proc: Optional[subprocess.Popen]) -> None:
+    """SIGTERM (a server shuts down cleanly on it), then SIGKILL after 30 s."""
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class ServerProcess:
     def __init__(self, db_path: Path, *args: str, port: Optional[int] = None, env: Optional[dict] = None) -> None:
         self.db_path = Path(db_path)
@@ -80,16 +95,10 @@ class ServerProcess:
         raise RuntimeError("server never ran code")
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return read_log(self.log_path)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
 
     def kill9(self) -> None:
         assert self.proc is not None

@@ -12,6 +12,7 @@ import sandlot
 from sandlot import AsyncSandbox, InvalidRequest, Sandbox, SandboxNotFound
 
 from .conftest import needs_sandbox
+from .stories import files_api_story
 
 pytestmark = [needs_sandbox, pytest.mark.usefixtures("tier")]
 
@@ -133,22 +134,7 @@ def test_command_timeout(sandbox):
 
 
 def test_files_api(sandbox):
-    f = sandbox.files
-    assert f.mkdir("d/e") is True and f.mkdir("d/e") is False
-    f.write("d/e/t.txt", "héllo")
-    assert f.read("d/e/t.txt") == "héllo"
-    assert f.read("d/e/t.txt", format="bytes") == "héllo".encode()
-    info = f.stat("/home/user/d/e/t.txt")
-    assert info.type == "file" and info.size == len("héllo".encode())
-    assert [e.name for e in f.list("d", depth=2)] == ["e", "t.txt"]
-    assert f.exists("d/e/t.txt")
-    f.remove("d")
-    assert not f.exists("d/e/t.txt")
-    with pytest.raises(sandlot.FileError) as err:
-        f.read("nope.txt")
-    assert err.value.errno == 2
-    with pytest.raises(InvalidRequest):
-        f.read("")
+    files_api_story(sandbox.files)
 
 
 def test_large_file_round_trip_streams(sandbox):

@@ -19,9 +19,7 @@ import stat
 import subprocess
 import time
 
-from . import protocol
-from . import isolation
-from .isolation import USER_UID
+from . import isolation, protocol
 
 HOME = "/home/user"
 HIGH_WATER = 4 * 1024 * 1024  # stop reading user output while this much waits for the host
@@ -72,7 +70,7 @@ class _Kernel:
                 os.closerange(keep + 1, 65536)
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 signal.set_wakeup_fd(-1)
-                from . import isolation, kernel
+                from . import kernel
 
                 isolation.become_user()
 
@@ -99,7 +97,8 @@ class _Command:
         err_r, err_w = os.pipe()
         in_r, self.stdin_fd = os.pipe() if req.get("stdin") else (subprocess.DEVNULL, None)
         # Commands run with all of the user's ids (pid 1 may hold only effective ones: isolation.py).
-        ids = {"user": USER_UID, "group": USER_UID} if isolation.acting_as_user() else {}
+        uid = isolation.USER_UID
+        ids = {"user": uid, "group": uid} if isolation.acting_as_user() else {}
         try:
             self.proc = subprocess.Popen(
                 ["/bin/sh", "-c", req["cmd"]], cwd=_resolve(req.get("cwd") or HOME), env=req["env"],
