@@ -18,25 +18,49 @@ from rich.markup import escape
 
 from .._models import Execution, ExecutionError, Result
 from ._common import err
+from ._terminal import SGR_RESET, TerminalText, for_stream, is_terminal
 
 _IMAGE_FORMATS = (("png", "png"), ("jpeg", "jpg"), ("svg", "svg"))
 
 
 class LiveOutput:
-    """Callbacks for run_code that copy the sandbox's stdout/stderr to ours as chunks arrive."""
+    """Callbacks for run_code that copy the sandbox's stdout/stderr to ours as chunks arrive.
+
+    A stream that is a terminal gets the text with its escape sequences shown, not obeyed
+    (``_terminal``); a pipe or file gets it unchanged. ``end()`` once the sandbox's output is over.
+    """
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
         self._lock = threading.Lock()  # callbacks run on the SDK's loop thread
         self.wrote_newline = True
+        # Looked up at each write, so a test or caller that swaps sys.stdout is obeyed.
+        self._terminal: dict[int, TerminalText] = {}
 
     def _write(self, stream, text: str) -> None:
         if not self.enabled or not text:
             return
         with self._lock:
+            if is_terminal(stream):
+                text = self._terminal.setdefault(id(stream), TerminalText()).feed(text)
+                if not text:
+                    return
             stream.write(text)
             stream.flush()
             self.wrote_newline = text.endswith("\n")
+
+    def end(self) -> None:
+        """Write what a terminal stream still holds (a split escape) and reset colours the sandbox set."""
+        with self._lock:
+            for stream in (sys.stdout, sys.stderr):
+                held = self._terminal.pop(id(stream), None)
+                rest = held.end() if held else ""
+                if rest:
+                    stream.write(rest)
+                    stream.flush()
+                    text = rest.removesuffix(SGR_RESET)
+                    if text:
+                        self.wrote_newline = text.endswith("\n")
 
     def on_stdout(self, text: str) -> None:
         self._write(sys.stdout, text)
@@ -85,6 +109,7 @@ def has_image(result: Result) -> bool:
 
 def show_results(execution: Execution, saver: ImageSaver, live: LiveOutput) -> list[str]:
     """Print each result's text (images are saved or mentioned instead); return saved image paths."""
+    live.end()
     saved: list[str] = []
     for result in execution.results:
         if has_image(result):
@@ -103,7 +128,7 @@ def show_results(execution: Execution, saver: ImageSaver, live: LiveOutput) -> l
             continue
         if not live.wrote_newline:
             sys.stdout.write("\n")
-        sys.stdout.write(text + "\n")
+        sys.stdout.write(for_stream(sys.stdout, text) + "\n")
         sys.stdout.flush()
         live.wrote_newline = True
     return saved
@@ -115,7 +140,8 @@ def show_error(error: ExecutionError) -> None:
     text = error.traceback.rstrip("\n") if error.traceback.strip() else f"{error.name}: {error.value}"
     if error.limit and error.value not in text:
         text += f"\n{error.name}: {error.value}"
-    err.print(text, style="red", markup=False, highlight=False)
+    # The traceback's text is the sandbox's (an exception message can carry escapes).
+    err.print(for_stream(sys.stderr, text), style="red", markup=False, highlight=False)
 
 
 def execution_dict(execution: Execution, sandbox_id: Optional[str], images: list[str]) -> dict:

@@ -22,6 +22,7 @@ from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, Time
 from .._sync import Sandbox
 from ._common import err, fail_usage, json_option, print_json
 from ._target import connect_sandbox, make_target, target_options
+from ._terminal import TerminalBytes, is_terminal
 
 _REMOTE = re.compile(r"^(?P<id>[A-Za-z0-9][A-Za-z0-9._-]*):(?P<path>.*)$")
 
@@ -96,11 +97,19 @@ def download(sandbox: Sandbox, remote: str, local: str, show: bool) -> tuple[str
                    f"sandlot exec {sandbox.sandbox_id} 'tar c -C {remote} .' > out.tar")
     received = 0
     if local == "-":
+        # A terminal shows the file's escape sequences instead of obeying them; a pipe gets its bytes.
+        terminal = TerminalBytes() if is_terminal(sys.stdout) else None
         with _progress(info.name, info.size or None, show) as progress:
             for chunk in sandbox.files.read(remote, format="stream"):
-                sys.stdout.buffer.write(chunk)
+                if terminal is None:
+                    sys.stdout.buffer.write(chunk)
+                else:
+                    sys.stdout.write(terminal.feed(chunk))
                 received += len(chunk)
                 progress.update(progress.task_ids[0], advance=len(chunk))
+        if terminal is not None:
+            sys.stdout.write(terminal.end())
+            sys.stdout.flush()
         sys.stdout.buffer.flush()
         return "-", received
     if os.path.isdir(local):

@@ -12,6 +12,7 @@ from ._common import (EXIT_FAILED, EXIT_OK, err, fail_usage, json_option, parse_
                       stdin_is_terminal)
 from .. import run_code
 from ._render import ImageSaver, LiveOutput, execution_dict, show_error, show_results
+from ._terminal import for_stream
 from ._target import connect_sandbox, create_sandbox, make_target, target_options
 
 EXIT_LIMIT = 124  # `exec`: a limit (timeout, output cap) ended the command, as timeout(1) reports it
@@ -111,11 +112,12 @@ def exec_(sandbox_id: str, command: tuple[str, ...], timeout: Optional[float], e
     stdin = sys.stdin.buffer.read() if forward_stdin else None
     result = sandbox.commands.run(" ".join(command), timeout=timeout, env=parse_pairs(env, "--env") or None,
                                   cwd=cwd, stdin=stdin, **live.callbacks())
+    live.end()
     code = result.exit_code
     exit_code = EXIT_LIMIT if code is None else (128 - code if code < 0 else code)
     if as_json:
         print_json({"sandbox_id": sandbox_id, "exit_code": result.exit_code, "stdout": result.stdout,
                     "stderr": result.stderr, "error": result.error, "truncated": result.truncated})
     elif result.error:
-        err.print(f"[red]{escape(result.error)}[/]")
+        err.print(f"[red]{escape(for_stream(sys.stderr, result.error) or '')}[/]")
     sys.exit(exit_code)

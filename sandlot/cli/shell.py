@@ -19,6 +19,7 @@ from ._common import err, parse_limits, parse_pairs
 from ._render import ImageSaver, LiveOutput, show_error, show_results
 from ._repl_input import CellReader, TerminalReader, make_reader
 from ._target import Target, connect_sandbox, create_sandbox, interrupt, make_target, target_options
+from ._terminal import for_stream
 
 
 class Repl:
@@ -63,8 +64,9 @@ class Repl:
         live = LiveOutput()
         result = self._wait(self.worker.submit(self.sandbox.commands.run, cmd, timeout=self.timeout,
                                                **live.callbacks()))
+        live.end()
         if result.error:
-            err.print(f"[red]{escape(result.error)}[/]")
+            err.print(f"[red]{escape(for_stream(sys.stderr, result.error) or '')}[/]")
         elif result.exit_code:
             err.print(f"[dim]exit code {result.exit_code}[/]")
 
