@@ -12,6 +12,7 @@
     preload: [pandas]               # imported by each sandbox's agent before the first call
     limits: {memory: 2G, cpu: 2}    # the template's default limits
     pool_size: 2                    # warm sandboxes kept ready (unless configure_pool says otherwise)
+    zygote: false                   # exec each sandbox: its own hash secret, ASLR and stack canary
 
 How the build runs (``sandlot template build -f sandbox.yaml -t NAME``):
 
@@ -106,6 +107,10 @@ class SandboxFile(BaseModel):
     preload: list[str] = []
     limits: dict[str, Any] = {}
     pool_size: Optional[int] = Field(default=None, ge=0, le=256)
+    # false: never fork this template's sandboxes from a shared zygote, so each gets its own string-hash
+    # secret, address-space layout and stack canary (README, "Security: what a sandbox can and cannot
+    # observe of others"). Unset: the base template's choice (default true).
+    zygote: Optional[bool] = None
 
     @field_validator("apt")
     @classmethod
@@ -600,6 +605,7 @@ def _step_commit(state: dict, path: str, progress: Optional[Progress]) -> dict:
             "python_version": state.get("python_version") or version, "env": env,
             "workdir": spec.workdir or base.get("workdir"), "preload": list(spec.preload),
             "limits": dict(spec.limits), "pool_size": spec.pool_size,
+            "zygote": base.get("zygote", True) if spec.zygote is None else spec.zygote,
             "layers": list(base.get("layers") or []), "size": _du(final),
             "architecture": base.get("architecture"), "created": _images._now(),
         }

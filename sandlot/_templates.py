@@ -4,7 +4,8 @@ Two kinds:
 
 - the builtin ``python``: the interpreter Sandlot itself runs under, with its own prefixes (a venv
   and its base, even under /root or /home) bound read-only, plus the system's library dirs;
-  ``preload`` lists the modules its zygote imports ahead of time;
+  ``preload`` lists the modules its zygote imports ahead of time (``zygote=False``: no zygote, each
+  sandbox exec'd on its own);
 - image templates (``sandlot template pull / load / build``, see ``_images`` and ``_sandboxfile``):
   an OCI image unpacked into a root filesystem under the data dir (``rootfs``), bound read-only as
   the sandbox's ``/``; ``python`` is then a path *inside* the image ("" when the image has none).
@@ -34,6 +35,9 @@ class Template:
     prefixes: tuple[str, ...]  # host directories bound read-only at the same path
     preload: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
+    # Fork sandboxes from a zygote (the fast path), where the backend offers one. False: exec each one,
+    # so it gets its own string-hash secret, address-space layout and stack canary (forks share them).
+    zygote: bool = True
     # -- image templates -------------------------------------------------------------------
     rootfs: Optional[str] = None  # host path of the unpacked image, bound read-only as the sandbox's /
     workdir: Optional[str] = None  # cwd of the session and of commands (the image's WorkingDir)
@@ -114,6 +118,7 @@ def from_record(record: dict) -> Template:
         python=record.get("python") or "",
         prefixes=(),
         preload=tuple(record.get("preload") or ()),
+        zygote=record.get("zygote", True) is not False,
         env=tuple(sorted((str(k), str(v)) for k, v in (record.get("env") or {}).items())),
         rootfs=record["rootfs"],
         workdir=record.get("workdir") or None,

@@ -274,8 +274,8 @@ def _sandbox_config(limits: Limits, env: dict) -> dict:
 
 
 class ProcessBackend(Backend):
-    """Sandboxes are forks of a per-template zygote (the fast path) or, with ``zygote=False`` or for a
-    template without a preload list, exec'd one by one."""
+    """Sandboxes are forks of a per-template zygote (the fast path) or, with ``zygote=False`` (here, in
+    the template, or ``SANDLOT_ZYGOTE=0``) or for a template without a preload list, exec'd one by one."""
 
     name = "process"
     _zygotes: dict[str, Zygote] = {}  # one per template per host process, shared by every event loop
@@ -317,7 +317,7 @@ class ProcessBackend(Backend):
         try:
             # Image templates start directly (the warm pool still applies): their agent ends up
             # as the image's own interpreter, which a zygote of the host's could not fork into.
-            if self.use_zygote and template.preload and not template.rootfs:
+            if self.use_zygote and template.zygote and template.preload and not template.rootfs:
                 zygote = self.zygote_for(template)
                 await asyncio.to_thread(zygote.ensure_started)
                 pid, slot = await asyncio.to_thread(zygote.fork, _sandbox_config(limits, sandbox_env), child_end)

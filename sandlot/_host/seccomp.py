@@ -3,8 +3,9 @@
 In the spirit of Docker's default profile (an allowlist, EPERM for the rest), plus denials Docker
 lacks: io_uring, userfaultfd, keyctl, bpf, perf_event_open, ptrace, process_vm_*, the mount API,
 namespace creation (unshare/setns, clone with namespace flags; clone3 answers ENOSYS so libc falls
-back to clone, whose flags we can inspect), and sockets other than unix/inet/inet6/netlink. Only the
-native ABI is allowed: i386 and x32 system calls kill the process.
+back to clone, whose flags we can inspect), inotify (ENOSYS: watches on the shared read-only root would
+see other sandboxes' file opens), and sockets other than unix/inet/inet6/netlink. Only the native ABI is
+allowed: i386 and x32 system calls kill the process.
 
 The agent installs the compiled bytes itself (stdlib only), so libseccomp never enters the sandbox.
 """
@@ -26,7 +27,7 @@ fsync ftruncate futex futex_requeue futex_wait futex_waitv futex_wake futimesat 
 get_robust_list getcpu getcwd getdents getdents64 getegid geteuid getgid getgroups getitimer
 getpeername getpgid getpgrp getpid getppid getpriority getrandom getresgid getresuid getrlimit
 getrusage getsid getsockname getsockopt gettid gettimeofday getuid getxattr inotify_add_watch
-inotify_init inotify_init1 inotify_rm_watch ioctl ioprio_get ioprio_set kill landlock_add_rule
+inotify_rm_watch ioctl ioprio_get ioprio_set kill landlock_add_rule
 landlock_create_ruleset landlock_restrict_self lchown lgetxattr link linkat listen listxattr
 llistxattr lremovexattr lseek lsetxattr lstat madvise map_shadow_stack mbind membarrier memfd_create
 mincore mkdir mkdirat mlock mlock2 mlockall mmap mprotect mq_getsetattr mq_notify
@@ -60,6 +61,13 @@ iopl ioperm modify_ldt vhangup syslog clock_settime clock_adjtime adjtimex setti
 sethostname setdomainname
 """.split()
 
+# Answered ENOSYS ("this kernel has none"), so programs take their fallback instead of failing.
+# clone3: libc falls back to clone, whose flags the filter can inspect. inotify: every process-tier sandbox
+# reads the same host inodes for its read-only root, so a watch on them would report other sandboxes' (and
+# the host's) opens and reads, e.g. which modules they import; `tail -f`, watchdog and the like poll instead.
+# (fanotify_init is refused above; its inode marks would see the same events.)
+UNIMPLEMENTED = ("clone3", "inotify_init", "inotify_init1")
+
 SOCKET_FAMILIES = {"AF_UNIX": 1, "AF_INET": 2, "AF_INET6": 10, "AF_NETLINK": 16}
 CLONE_NAMESPACE_FLAGS = 0x7E020080  # NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET|NEWTIME
 PERSONALITIES = (0x0, 0x8, 0x20000, 0x20008, 0xFFFFFFFF)  # the harmless ones Docker allows
@@ -84,7 +92,11 @@ def compiled_filter() -> bytes:
     for value in SOCKET_FAMILIES.values():
         f.add_rule(sc.ALLOW, "socket", sc.Arg(0, sc.EQ, value))
     f.add_rule(sc.ALLOW, "clone", sc.Arg(0, sc.MASKED_EQ, CLONE_NAMESPACE_FLAGS, 0))
-    f.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")
+    for name in UNIMPLEMENTED:
+        try:
+            f.add_rule(sc.ERRNO(errno.ENOSYS), name)
+        except (ValueError, OSError):
+            pass  # aarch64 has no inotify_init, only inotify_init1
     for value in PERSONALITIES:
         f.add_rule(sc.ALLOW, "personality", sc.Arg(0, sc.EQ, value))
     for kind in MKNOD_TYPES:
@@ -112,4 +124,4 @@ def libseccomp_version() -> str | None:
         return None
 
 
-__all__ = ["compiled_filter", "ALLOWED", "DENIED"]
+__all__ = ["compiled_filter", "ALLOWED", "DENIED", "UNIMPLEMENTED"]

@@ -246,7 +246,7 @@ class Registry:
             pool = pool_for(backend, template, Limits())
             if pool is not None:
                 pool.refill()
-            elif getattr(backend, "use_zygote", False) and template.preload:
+            elif getattr(backend, "use_zygote", False) and template.zygote and template.preload:
                 await asyncio.to_thread(backend.zygote_for(template).ensure_started)
         except Exception as exc:  # noqa: BLE001 - a host problem shows on the first create, with its reason
             log.warning("warm-up failed: %s", exc)
