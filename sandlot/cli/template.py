@@ -17,6 +17,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 
 from ._common import err, json_option, out, print_json
+from ._terminal import neutralise
 
 
 @click.group(short_help="Templates from OCI images and sandbox.yaml: pull, load, build, ls, rm.")
@@ -51,7 +52,8 @@ def _progress(enabled: bool) -> Iterator[Any]:
     tasks: dict[str, Any] = {}
 
     def rich_event(event: dict) -> None:
-        phase, message = event.get("phase"), escape(event.get("message", ""))
+        # Build logs are the output of apt and pip inside a sandbox: shown, never obeyed, on this terminal.
+        phase, message = event.get("phase"), escape(neutralise(event.get("message", "")))
         if phase == "copy":
             total_bytes, total = event.get("total_bytes"), event.get("total")
             if "copy" not in tasks:
