@@ -34,7 +34,7 @@ class LiveOutput:
         self.enabled = enabled
         self._lock = threading.Lock()  # callbacks run on the SDK's loop thread
         self.wrote_newline = True
-        # Looked up at each write, so a test or caller that swaps sys.stdout is obeyed.
+        # Per terminal stream, the escape a chunk may have split (isatty is asked at each write).
         self._terminal: dict[int, TerminalText] = {}
 
     def _write(self, stream, text: str) -> None:
