@@ -91,7 +91,7 @@ def _gvisor() -> None:
         except OSError:
             pass  # already a session leader
         linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
-        isolation.become_user_effectively()
+        isolation.become_user_effectively(session_dumpable=True)
         isolation.landlock.restrict(read_paths=["/"], write_paths=[isolation.HOME, "/tmp", "/dev/shm"],
                                     device_paths=["/dev/" + d for d in isolation.DEVICES])
         linux.install_seccomp(bytes.fromhex(cfg["seccomp"]))

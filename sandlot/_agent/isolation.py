@@ -211,7 +211,13 @@ BUILD_CAPS = (0, 1, 3, 4, 5, 6, 7, 10, 29, 31)  # CHOWN DAC_OVERRIDE FOWNER FSET
 #                                                NET_BIND_SERVICE AUDIT_WRITE SETFCAP
 
 
-def become_user_effectively() -> None:
+# Whether the session process is made dumpable again once it is the user (``become_user``). gVisor
+# tier: yes. Process tier: no, as it always was (it inherits pid 1's state): a command, all ids 1000
+# as well, could otherwise take the session's descriptors (pidfd_getfd) or open its /proc/PID/mem.
+_session_dumpable = False
+
+
+def become_user_effectively(session_dumpable: bool = False) -> None:
     """pid 1, on both tiers: keep real and saved uid 0 of the sandbox's user namespace and take the
     user's ids as effective ones only, then drop every capability (bounding set first, which needs
     CAP_SETPCAP). Files it writes belong to the user (fsuid follows euid) and its access checks are
@@ -220,6 +226,8 @@ def become_user_effectively() -> None:
     Linux, does not shield its init from SIGKILL and SIGSTOP sent from inside, and on Linux any
     process of the same uid could change pid 1's rlimits. Children become the user for good
     (``become_user``), which needs no capability: 1000 is already their effective id."""
+    global _session_dumpable
+    _session_dumpable = session_dumpable
     linux.drop_bounding_set()
     os.setgroups([])
     os.setresgid(0, USER_UID, 0)
@@ -240,7 +248,8 @@ def become_user() -> None:
     if acting_as_user():
         os.setresgid(USER_UID, USER_UID, USER_UID)
         os.setresuid(USER_UID, USER_UID, USER_UID)
-        linux.prctl(linux.PR_SET_DUMPABLE, 1)  # an ordinary process of the user again
+        if _session_dumpable:
+            linux.prctl(linux.PR_SET_DUMPABLE, 1)  # an ordinary process of the user again
 
 
 def drop_privileges(cfg: dict, parent_waits: bool) -> None:
