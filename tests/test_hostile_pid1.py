@@ -251,3 +251,56 @@ def test_direct_path_pid1_is_the_same(tier):
     uid = facts["uid"]
     assert uid[0] == uid[2] != uid[1], uid
     assert facts["prlimit"] == str(errno.EPERM) and facts["echo"] == "ok\n", facts
+
+
+# -- image templates: pid 1 execve's the image's interpreter (or the host's, lent to an image without one) ------------
+def _images_missing():
+    import shutil
+
+    from . import imagekit
+
+    missing = [t for t in ("skopeo", "umoci", "docker-registry") if shutil.which(t) is None]
+    return f"{missing} not installed (scripts/setup installs them)" if missing else imagekit.available()
+
+
+try:
+    from .test_images import world  # noqa: F401  (the module fixture: test images in a registry on loopback)
+except Exception:  # pragma: no cover - the images test module needs click
+    world = None
+
+
+@pytest.mark.tiers("process")
+@pytest.mark.skipif(world is None or _images_missing() is not None, reason=str(world is None or _images_missing()))
+def test_image_template_pid1_keeps_its_identity_across_execve(tier, world):  # noqa: F811
+    for name, python in (("img-py", True), ("img-base", False)):
+        with sandlot.Sandbox(name) as sb:
+            sb.commands.run("sleep 30 >/dev/null 2>&1 &")
+            if python:
+                assert sb.run_code("1").text == "1"  # the session is up
+            pid1 = _host_pid1(sb)
+            status = _status(pid1)
+            uid, gid = status["Uid"].split(), status["Gid"].split()
+            assert uid[0] == uid[2] != uid[1] == uid[3] and gid[0] == gid[2] != gid[1] == gid[3], (name, uid, gid)
+            assert (status["NoNewPrivs"].strip(), status["Seccomp"].strip()) == ("1", "2"), name
+            assert {int(status[k], 16) for k in ("CapEff", "CapPrm", "CapBnd", "CapAmb")} == {0}, name
+            outer = int(status["PPid"])  # the exec'd path's boot process, waiting outside the pid namespace
+            users = [pid for pid in processes_in_sandbox(sb.sandbox_id) if pid not in (pid1, outer)]
+            assert users and all(_status(pid)["Uid"].split() == [uid[1]] * 4 for pid in users), (name, users)
+            # Non-dumpable after the exec too: pid 1's private /proc files stay closed to the user.
+            r = sb.commands.run("cat /proc/1/environ; ls /proc/1/fd; cat /proc/1/maps; echo done")
+            assert r.stdout == "done\n" and r.stderr.count("Permission denied") == 3, (name, r)
+            sb.files.write("/home/user/mine/f.txt", "x")
+            owners = [line.split()[2:4] for line in sb.commands.run("ls -lnd ~/mine ~/mine/f.txt").stdout.splitlines()]
+            assert owners == [["1000", "1000"]] * 2, (name, owners)
+            kinds = collections.Counter(_kind(t) for t in _host_fds(pid1).values())
+            expected = _expected_pid1_fds("process")
+            if not python:  # no session process: its socket and two pipes are absent
+                expected.subtract({"socket": 1, "pipe": 2})
+            assert kinds == +expected, (name, kinds)
+            if python:
+                sb.files.write("prl.py", PRLIMIT_PID1 + "print(repr(out))")
+                r = sb.commands.run("python3 prl.py")
+                assert ast.literal_eval(r.stdout.strip()) == dict.fromkeys(("nofile", "as", "nproc", "cpu", "read"),
+                                                                          errno.EPERM), r
+                assert sb.run_code("6 * 7").text == "42"
+            assert sb.commands.run("echo still").stdout == "still\n"

@@ -181,9 +181,10 @@ def _exec_agent(sock: socket.socket, cfg: dict) -> None:
 
     The plan travels in a memfd (any size, no path); the new program starts with a bare environment
     (no LD_* or PYTHON* variable of the owner can touch the agent) and sets the sandbox's own itself.
-    seccomp, Landlock, no_new_privs, rlimits, the ids and the (empty) capability sets all survive
-    execve; the effective uid differs from the real one, so the kernel treats the exec as setuid:
-    the new program starts non-dumpable, with glibc's secure mode (no LD_* variable is heeded).
+    seccomp, Landlock, no_new_privs, rlimits, securebits and the (empty) capability sets survive
+    execve. The effective uid differs from the real one, so the kernel treats the exec as setuid (the
+    new program starts non-dumpable, in glibc's secure mode) and copies the effective ids into the
+    saved ones: the new interpreter puts those back first (isolation.keep_identity_across_exec).
     """
     import json
 
@@ -224,11 +225,9 @@ def _serve() -> None:
         os.environ.clear()
         os.environ.update(cfg["env"])
         _chdir_workdir(cfg)
-        from _agent import linux, server
+        from _agent import isolation, server
 
-        # The kernel made us non-dumpable at the exec (the ids differ); say so ourselves too, in case
-        # the host runs with fs.suid_dumpable=1: our /proc files must stay closed to the user.
-        linux.prctl(linux.PR_SET_DUMPABLE, 0)
+        isolation.keep_identity_across_exec()
     except Exception as exc:
         _send(sock, {"t": "boot_error", "error": "%s: %s" % (type(exc).__name__, exc)})
         os._exit(72)

@@ -236,6 +236,17 @@ def become_user_effectively(session_dumpable: bool = False) -> None:
     linux.prctl(linux.PR_SET_DUMPABLE, 0)  # and its /proc files (environ, maps, fd...) are closed to the user
 
 
+def keep_identity_across_exec() -> None:
+    """In pid 1 after it execve'd an image's interpreter: the exec copied the effective ids into the
+    saved ones (1000), which would let the user's code signal pid 1 again. Put back saved 0 (allowed
+    without capabilities: it is our real id) and stay non-dumpable (the kernel made us so for the
+    exec, unless the host runs with fs.suid_dumpable=1)."""
+    if acting_as_user():
+        os.setresgid(0, USER_UID, 0)
+        os.setresuid(0, USER_UID, 0)
+        linux.prctl(linux.PR_SET_DUMPABLE, 0)
+
+
 def acting_as_user() -> bool:
     """pid 1 holds the user's ids as effective ones only (``become_user_effectively``): its children
     must drop the others. False in a build (pid 1 is root) and in a child that already dropped them."""

@@ -58,6 +58,7 @@ class _Kernel:
         pid = os.fork()
         if pid == 0:
             try:
+                isolation.become_user()  # first: nothing of pid 1's identity outlives the fork
                 agent.host.close()
                 parent.close()
                 os.close(out_r)
@@ -72,8 +73,6 @@ class _Kernel:
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 signal.set_wakeup_fd(-1)
                 from . import kernel
-
-                isolation.become_user()
 
                 kernel.main(keep)
             finally:
