@@ -275,6 +275,16 @@ def drop_privileges(cfg: dict, parent_waits: bool) -> None:
         linux.drop_bounding_set(keep=BUILD_CAPS)
         os.setgroups([])
         linux.set_capabilities(BUILD_CAPS)
+    elif cfg.get("setup_uid", 0) != 0:
+        # An unprivileged host maps one uid only (the user's 1000): pid 1 has no other id to keep,
+        # so it is the user, as before; only the non-dumpable flag sets it apart (README: running as a
+        # normal user).
+        linux.drop_bounding_set()
+        os.setgroups([])
+        os.setresgid(USER_UID, USER_UID, USER_UID)
+        os.setresuid(USER_UID, USER_UID, USER_UID)
+        linux.clear_capabilities()
+        linux.prctl(linux.PR_SET_DUMPABLE, 0)
     else:
         # Real and saved uid 0 must never mean privilege: not at an execve (an image's interpreter
         # replaces pid 1), whatever the bounding set. Locked, for pid 1 and every child.
