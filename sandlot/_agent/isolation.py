@@ -13,6 +13,7 @@ import os
 import resource
 import socket
 import struct
+from typing import Iterable
 
 from . import landlock, linux
 
@@ -299,7 +300,7 @@ def drop_privileges(cfg: dict, parent_waits: bool) -> None:
     linux.install_seccomp(bytes.fromhex(cfg["seccomp"]))  # also sets no_new_privs
 
 
-def close_inherited(keep) -> None:
+def close_inherited(keep: Iterable[int]) -> None:
     """Close every descriptor but the standard streams and ``keep``: an allowlist, so whatever the
     process that made pid 1 held (a zygote's descriptor of the host's /proc, a pipe all its forks
     share, anything its preload opened) is gone before user code runs, named or not."""
