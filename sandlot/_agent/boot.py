@@ -78,6 +78,7 @@ def _gvisor() -> None:
     os.dup2(null, 0)
     os.dup2(null, 1)
     os.close(null)
+    isolation.close_inherited([channel.read_fd, channel.write_fileno])  # anything else runsc passed
     cfg = _recv_frame(channel)["config"]
     try:
         os.environ.clear()
@@ -90,7 +91,7 @@ def _gvisor() -> None:
         except OSError:
             pass  # already a session leader
         linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
-        isolation.become_user_effectively()
+        isolation.become_user_effectively(session_dumpable=True)
         isolation.landlock.restrict(read_paths=["/"], write_paths=[isolation.HOME, "/tmp", "/dev/shm"],
                                     device_paths=["/dev/" + d for d in isolation.DEVICES])
         linux.install_seccomp(bytes.fromhex(cfg["seccomp"]))
@@ -180,11 +181,14 @@ def _exec_agent(sock: socket.socket, cfg: dict) -> None:
 
     The plan travels in a memfd (any size, no path); the new program starts with a bare environment
     (no LD_* or PYTHON* variable of the owner can touch the agent) and sets the sandbox's own itself.
-    seccomp, Landlock, no_new_privs, rlimits, the uid and the capability sets all survive execve.
+    seccomp, Landlock, no_new_privs, rlimits, securebits and the (empty) capability sets survive
+    execve. The effective uid differs from the real one, so the kernel treats the exec as setuid (the
+    new program starts non-dumpable, in glibc's secure mode) and copies the effective ids into the
+    saved ones: the new interpreter puts those back first (isolation.keep_identity_across_exec).
     """
     import json
 
-    data = json.dumps(dict(cfg, seccomp=None, lifeline_w=None)).encode()
+    data = json.dumps(dict(cfg, seccomp=None)).encode()
     fd = os.memfd_create("sandlot-agent-config", 0)  # inheritable: the new interpreter reads it
     view = memoryview(data)
     while view:
@@ -221,7 +225,9 @@ def _serve() -> None:
         os.environ.clear()
         os.environ.update(cfg["env"])
         _chdir_workdir(cfg)
-        from _agent import server
+        from _agent import isolation, server
+
+        isolation.keep_identity_across_exec()
     except Exception as exc:
         _send(sock, {"t": "boot_error", "error": "%s: %s" % (type(exc).__name__, exc)})
         os._exit(72)
@@ -448,7 +454,7 @@ def _spawn_init(sock: socket.socket, cfg: dict, prepare, outer_exits: bool = Fal
 
     pid = os.fork()
     if pid == 0:
-        _init(sock, cfg, prepare)
+        _init(sock, cfg, prepare, parent_waits=not outer_exits)
     # The host kills the sandbox through pid 1 (the whole pid namespace dies with it).
     _send(sock, {"t": "init", "pid": pid})
     if outer_exits:
@@ -470,13 +476,18 @@ def _spawn_init(sock: socket.socket, cfg: dict, prepare, outer_exits: bool = Fal
     os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
 
 
-def _init(sock: socket.socket, cfg: dict, prepare) -> None:
+def _init(sock: socket.socket, cfg: dict, prepare, parent_waits: bool) -> None:
     from _agent import isolation, linux, server
 
     try:
         if prepare is not None:
             prepare()
         isolation.enter_sandbox_root(cfg)
+        # pid 1 keeps its channel and nothing else it inherited: not the zygote's descriptor of the
+        # host's /proc, not the lifeline pipe every fork of the zygote shares (a sandbox ends when
+        # its channel closes, that is with its owner), not what the preload left open.
+        isolation.close_inherited([sock.fileno()])
+        cfg = {k: v for k, v in cfg.items() if not k.startswith("lifeline")}
         import _agent
 
         # Modules imported later (the matplotlib backend, say) must resolve inside the new root.
@@ -485,7 +496,7 @@ def _init(sock: socket.socket, cfg: dict, prepare) -> None:
         linux_hostname(cfg.get("hostname", "sandbox"))
         isolation.bring_up_loopback()
         isolation.set_rlimits(cfg["limits"])
-        isolation.drop_privileges(cfg)
+        isolation.drop_privileges(cfg, parent_waits)
         os.environ.clear()
         os.environ.update(cfg["env"])
         os.chdir(isolation.HOME)

@@ -13,6 +13,7 @@ import os
 import resource
 import socket
 import struct
+from typing import Iterable
 
 from . import landlock, linux
 
@@ -211,23 +212,45 @@ BUILD_CAPS = (0, 1, 3, 4, 5, 6, 7, 10, 29, 31)  # CHOWN DAC_OVERRIDE FOWNER FSET
 #                                                NET_BIND_SERVICE AUDIT_WRITE SETFCAP
 
 
-def become_user_effectively() -> None:
-    """gVisor tier: pid 1 starts as gVisor's root with CAP_SETUID/SETGID/SETPCAP only. It keeps real
-    and saved uid 0 and takes the user's ids as effective ones, then drops every capability: files
-    it writes belong to the user and its access checks are the user's, but code running as the user
-    (all ids 1000) cannot signal or trace it. gVisor, unlike Linux, does not shield its init from
-    SIGKILL and SIGSTOP sent from inside. Children become the user for good (``become_user``)."""
+# Whether the session process is made dumpable again once it is the user (``become_user``). gVisor
+# tier: yes. Process tier: no, as it always was (it inherits pid 1's state): a command, all ids 1000
+# as well, could otherwise take the session's descriptors (pidfd_getfd) or open its /proc/PID/mem.
+_session_dumpable = False
+
+
+def become_user_effectively(session_dumpable: bool = False) -> None:
+    """pid 1, on both tiers: keep real and saved uid 0 of the sandbox's user namespace and take the
+    user's ids as effective ones only, then drop every capability (bounding set first, which needs
+    CAP_SETPCAP). Files it writes belong to the user (fsuid follows euid) and its access checks are
+    the user's, but code running as the user (all ids 1000) fails every kernel check that compares
+    its ids with *all* of pid 1's: kill, prlimit, ptrace and /proc access, pidfd_getfd. gVisor, unlike
+    Linux, does not shield its init from SIGKILL and SIGSTOP sent from inside, and on Linux any
+    process of the same uid could change pid 1's rlimits. Children become the user for good
+    (``become_user``), which needs no capability: 1000 is already their effective id."""
+    global _session_dumpable
+    _session_dumpable = session_dumpable
     linux.drop_bounding_set()
     os.setgroups([])
     os.setresgid(0, USER_UID, 0)
     os.setresuid(0, USER_UID, 0)
     linux.clear_capabilities()
-    linux.prctl(linux.PR_SET_DUMPABLE, 0)  # and its /proc files (environ...) are closed to the user
+    linux.prctl(linux.PR_SET_DUMPABLE, 0)  # and its /proc files (environ, maps, fd...) are closed to the user
+
+
+def keep_identity_across_exec() -> None:
+    """In pid 1 after it execve'd an image's interpreter: the exec copied the effective ids into the
+    saved ones (1000), which would let the user's code signal pid 1 again. Put back saved 0 (allowed
+    without capabilities: it is our real id) and stay non-dumpable (the kernel made us so for the
+    exec, unless the host runs with fs.suid_dumpable=1)."""
+    if acting_as_user():
+        os.setresgid(0, USER_UID, 0)
+        os.setresuid(0, USER_UID, 0)
+        linux.prctl(linux.PR_SET_DUMPABLE, 0)
 
 
 def acting_as_user() -> bool:
-    """pid 1 holds the user's ids as effective ones only (the gVisor tier): its children must drop
-    the others. False on the process tier (pid 1 is the user) and in a build (pid 1 is root)."""
+    """pid 1 holds the user's ids as effective ones only (``become_user_effectively``): its children
+    must drop the others. False in a build (pid 1 is root) and in a child that already dropped them."""
     return os.geteuid() == USER_UID and os.getuid() != USER_UID
 
 
@@ -237,25 +260,54 @@ def become_user() -> None:
     if acting_as_user():
         os.setresgid(USER_UID, USER_UID, USER_UID)
         os.setresuid(USER_UID, USER_UID, USER_UID)
-        linux.prctl(linux.PR_SET_DUMPABLE, 1)  # an ordinary process of the user again
+        if _session_dumpable:
+            linux.prctl(linux.PR_SET_DUMPABLE, 1)  # an ordinary process of the user again
 
 
-def drop_privileges(cfg: dict) -> None:
-    """Become the unprivileged sandbox user for good, then raise the kernel fences."""
+def drop_privileges(cfg: dict, parent_waits: bool) -> None:
+    """Take pid 1's final identity (the user's effective ids over uid 0 of the sandbox's user
+    namespace; a build step stays that namespace's root), then raise the kernel fences.
+
+    ``parent_waits``: a sandbox exec'd on its own has a parent that waits for pid 1 and must take
+    it along when it dies; a zygote's fork has none (its outer process exits at once, and pid 1
+    ends when its channel to the host closes).
+    """
     if cfg.get("build_root"):
         linux.drop_bounding_set(keep=BUILD_CAPS)
         os.setgroups([])
         linux.set_capabilities(BUILD_CAPS)
-    else:
+    elif cfg.get("setup_uid", 0) != 0:
+        # An unprivileged host maps one uid only (the user's 1000): pid 1 has no other id to keep,
+        # so it is the user, as before; only the non-dumpable flag sets it apart (README: running as a
+        # normal user).
         linux.drop_bounding_set()
         os.setgroups([])
         os.setresgid(USER_UID, USER_UID, USER_UID)
         os.setresuid(USER_UID, USER_UID, USER_UID)
         linux.clear_capabilities()
-    if cfg.get("lifeline_fd") is None:
+        linux.prctl(linux.PR_SET_DUMPABLE, 0)
+    else:
+        # Real and saved uid 0 must never mean privilege: not at an execve (an image's interpreter
+        # replaces pid 1), whatever the bounding set. Locked, for pid 1 and every child.
+        linux.prctl(linux.PR_SET_SECUREBITS, linux.SECBIT_NOROOT | linux.SECBIT_NOROOT_LOCKED)
+        become_user_effectively()
+    if parent_waits:
         linux.prctl(linux.PR_SET_PDEATHSIG, 9)  # cleared by the uid change above, so set it after
     os.setsid()
     linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)  # Landlock requires it; seccomp would set it anyway
     writable = ["/"] if cfg.get("writable") else [HOME, "/tmp", "/dev/shm"]
     landlock.restrict(read_paths=["/"], write_paths=writable, device_paths=["/dev/" + d for d in DEVICES])
     linux.install_seccomp(bytes.fromhex(cfg["seccomp"]))  # also sets no_new_privs
+
+
+def close_inherited(keep: Iterable[int]) -> None:
+    """Close every descriptor but the standard streams and ``keep``: an allowlist, so whatever the
+    process that made pid 1 held (a zygote's descriptor of the host's /proc, a pipe all its forks
+    share, anything its preload opened) is gone before user code runs, named or not."""
+    keep = set(keep) | {0, 1, 2}
+    for name in os.listdir("/proc/self/fd"):
+        if int(name) not in keep:
+            try:
+                os.close(int(name))
+            except OSError:
+                pass  # the listing's own descriptor, closed already

@@ -17,6 +17,7 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import time
 
 from . import isolation, protocol
@@ -57,6 +58,7 @@ class _Kernel:
         pid = os.fork()
         if pid == 0:
             try:
+                isolation.become_user()  # first: nothing of pid 1's identity outlives the fork
                 agent.host.close()
                 parent.close()
                 os.close(out_r)
@@ -71,8 +73,6 @@ class _Kernel:
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 signal.set_wakeup_fd(-1)
                 from . import kernel
-
-                isolation.become_user()
 
                 kernel.main(keep)
             finally:
@@ -96,9 +96,14 @@ class _Command:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         in_r, self.stdin_fd = os.pipe() if req.get("stdin") else (subprocess.DEVNULL, None)
-        # Commands run with all of the user's ids (pid 1 may hold only effective ones: isolation.py).
+        # Commands run with all of the user's ids (pid 1 holds them only as effective ones: isolation.py).
         uid = isolation.USER_UID
-        ids = {"user": uid, "group": uid} if isolation.acting_as_user() else {}
+        if not isolation.acting_as_user():
+            ids = {}
+        elif sys.version_info >= (3, 9):
+            ids = {"user": uid, "group": uid}
+        else:  # an image's Python 3.8 has no user=/group=: the same calls, in the child before exec
+            ids = {"preexec_fn": _all_user_ids}
         try:
             self.proc = subprocess.Popen(
                 ["/bin/sh", "-c", req["cmd"]], cwd=_resolve(req.get("cwd") or HOME), env=req["env"],
@@ -140,6 +145,11 @@ class _Command:
         if self.stdin_fd is not None:
             os.close(self.stdin_fd)
             self.stdin_fd = None
+
+
+def _all_user_ids() -> None:
+    os.setresgid(isolation.USER_UID, isolation.USER_UID, isolation.USER_UID)
+    os.setresuid(isolation.USER_UID, isolation.USER_UID, isolation.USER_UID)
 
 
 class PipeChannel:
@@ -204,9 +214,7 @@ class Agent:
         # with it the sandbox. A no-op handler (not SIG_IGN, which commands would inherit) stops that.
         signal.signal(signal.SIGINT, lambda *_: None)
         self.sel.register(wake_r, selectors.EVENT_READ, self._on_wakeup)
-        self.sel.register(self.host, selectors.EVENT_READ, self._on_host)
-        if cfg.get("lifeline_fd") is not None:  # forked from a zygote: end when it ends
-            self.sel.register(cfg["lifeline_fd"], selectors.EVENT_READ, lambda key, mask: os._exit(0))
+        self.sel.register(self.host, selectors.EVENT_READ, self._on_host)  # closed: the sandbox ends
 
     # -- output to the host ------------------------------------------------------------------
     def send(self, header: dict, payload: bytes = b"") -> None:
