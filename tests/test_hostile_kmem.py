@@ -90,7 +90,7 @@ def assert_limit_applies(d: Path, limit: int) -> None:
         return
     assert got["memsw"] >= got["memory"], got  # the kernel's own rule; swap is off either way
     assert got["tcp"] < 2**60, f"TCP buffers are not charged to the sandbox (v1 kmem.tcp off): {got}"
-    assert got["memory"] + got["tcp"] == limit, got
+    assert limit - PAGE < got["memory"] + got["tcp"] <= limit, got  # (the kernel counts whole pages)
     assert got["memory"] >= limit * 3 // 4, got
 
 
@@ -212,7 +212,9 @@ def test_socket_buffer_flood_stays_inside_the_memory_limit(tier):
         assert grown <= FLOOD_LIMIT, (f"the sandbox made the host hold {grown // MiB} MiB of TCP buffers "
                                       f"(limit {FLOOD_LIMIT // MiB} MiB); steps: {steps[-3:]}")
         # ...and what the sandbox held, memory and TCP buffers together, stayed within its limit.
-        assert peak["memory"] + peak["tcp"] <= FLOOD_LIMIT, peak
+        # (The kernel lets a few forced charges through beyond a limit: an OOM victim's last pages, a
+        # socket's FIN or ACK. They are pages per socket, not buffers: 1% covers them.)
+        assert peak["memory"] + peak["tcp"] <= FLOOD_LIMIT * 101 // 100, peak
         if crashed is not None:
             # Dying of it is fine, if it is reported as the memory limit.
             assert getattr(crashed, "limit", None) == "memory", crashed
@@ -259,7 +261,9 @@ def test_pooled_sandbox_takes_a_raised_or_lowered_memory_limit(tier):
     sandlot.configure_pool("python", min_ready=1, max_ready=1)
     try:
         sandlot.Sandbox().kill()  # starts this loop's pool
-        sizes = SIZES if tier == "process" else SIZES[:3]  # gVisor boots are slow under ptrace
+        # gVisor boots are slow under ptrace; a warm gVisor sandbox already holds ~230 MiB (the sentry
+        # and the preloaded session), so its lowered limit leaves room for the 64 MiB below.
+        sizes = SIZES if tier == "process" else ["2G", "512M", "3G"]
         for size in sizes:
             warm = _wait_for_warm(tier)
             with sandlot.Sandbox(limits={"memory": size}) as sb:
@@ -303,7 +307,8 @@ def test_a_cgroup_write_the_kernel_refuses_is_a_sandlot_error():
     if PROBLEM:
         pytest.skip(PROBLEM)
     with sandlot.Sandbox(limits={"memory": "512M"}) as sb:
-        assert sb.run_code("blob = bytearray(200 * 1024 * 1024); blob[::4096] = b'x' * len(blob[::4096]); 1").text == "1"
+        touch = "blob = bytearray(200 * 1024 * 1024); blob[::4096] = b'x' * len(blob[::4096]); 1"
+        assert sb.run_code(touch).text == "1"
         cgroup = sb._async._proc.cgroup  # the one path that re-applies limits to a live cgroup: a pool claim
         if cgroup.version == 2:
             pytest.skip("v2 reclaims or OOM-kills on memory.max instead of refusing the write")

@@ -391,7 +391,7 @@ class GVisorBackend(Backend):
             GVisorBackend._swept = True
             await asyncio.to_thread(sweep_stale)
         sandbox_id = "sb-" + secrets.token_hex(6)
-        cgroup = await asyncio.to_thread(cgroups.Cgroup, sandbox_id, _room_for_runsc(limits))
+        cgroup = await asyncio.to_thread(cgroups.Cgroup, sandbox_id, _room_for_runsc(limits), host_sockets=False)
         home = data_dir() / "sandboxes" / sandbox_id
         (home / "bundle").mkdir(parents=True)
         sandbox = GVisorSandbox(sandbox_id, limits, cgroup, home)
@@ -448,7 +448,7 @@ class GVisorBackend(Backend):
             raise SandboxNotFound(f"no paused gVisor sandbox {sandbox_id}")
         meta = json.loads((home / "meta.json").read_text())
         limits = Limits.build(meta["limits"])
-        cgroup = await asyncio.to_thread(cgroups.Cgroup, sandbox_id, _room_for_runsc(limits))
+        cgroup = await asyncio.to_thread(cgroups.Cgroup, sandbox_id, _room_for_runsc(limits), host_sockets=False)
         sandbox = GVisorSandbox(sandbox_id, limits, cgroup, home)
         sandbox.template_name = meta["template"]
         sandbox.paused = True
