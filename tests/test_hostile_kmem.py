@@ -342,3 +342,27 @@ def test_doctor_does_not_call_kvm_usable_without_hardware_virtualisation():
         if os.path.isdir("/sys/module/kvm_pvm"):
             assert "PVM" in kvm["detail"], kvm
         assert "ptrace" in kvm["detail"], kvm  # and what gVisor uses instead
+
+
+def test_gvisor_refuses_the_kvm_platform_where_it_would_hang(monkeypatch):
+    """SANDLOT_GVISOR_PLATFORM=kvm on a host without VT-x/AMD-V: a clear HostUnsupported before runsc
+    starts, not a hang. (Only the argv is built here: runsc never runs with --platform=kvm.)"""
+    from sandlot._backends import gvisor
+
+    monkeypatch.setenv("SANDLOT_GVISOR_PLATFORM", "kvm")
+    if {"vmx", "svm"} & _cpu_flags() and not os.path.isdir("/sys/module/kvm_pvm"):
+        pytest.skip("this host has VT-x/AMD-V")
+    with pytest.raises(sandlot.HostUnsupported, match="vmx/svm|PVM"):
+        gvisor._runsc_argv("run", "x")
+
+
+def test_doctor_says_whether_socket_buffers_count_against_the_memory_limit():
+    r = subprocess.run([sys.executable, "-m", "sandlot.cli", "doctor", "--no-sandbox", "--json"],
+                       capture_output=True, text=True, timeout=120)
+    check = next(c for c in json.loads(r.stdout)["host"] if c["name"] == "socket buffers")
+    info = cgroups.detect()
+    if info["version"] == 1:
+        charged = (cgroups.ROOT / "memory" / "memory.kmem.tcp.limit_in_bytes").exists()
+    else:
+        charged = "cgroup.memory=nosocket" not in _read("/proc/cmdline").split()
+    assert check["ok"] == charged, check

@@ -75,6 +75,12 @@ def data_dir() -> Path:
 
 def _runsc_argv(*args: str) -> list[str]:
     platform = os.environ.get("SANDLOT_GVISOR_PLATFORM", "ptrace")  # "kvm" where /dev/kvm really works
+    if platform == "kvm":
+        from .._host import kvm
+
+        why = kvm.why_not_for_gvisor()
+        if why is not None:  # runsc would hang rather than fail: say so instead
+            raise HostUnsupported(f"SANDLOT_GVISOR_PLATFORM=kvm cannot work here: {why}. Use ptrace (the default).")
     # --ignore-cgroups: runsc would otherwise move itself into a cgroup of its own, outside our limits.
     return [runsc_path(), "--root", str(data_dir() / "runsc"), "--network=none", "--ignore-cgroups",
             f"--platform={platform}", *args]

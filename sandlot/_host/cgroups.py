@@ -113,6 +113,21 @@ def detect() -> dict:
     return {"version": None, "controllers": [], "writable": False, "why": "no usable cgroup hierarchy found"}
 
 
+def socket_memory_charged() -> "tuple[bool, str]":
+    """Do a sandbox's socket buffers count against its memory limit on this host? (ok, why)"""
+    info = detect()
+    if info["version"] == 1:
+        own = _own_paths().get("memory", "/").lstrip("/")
+        if (ROOT / "memory" / own / "memory.kmem.tcp.limit_in_bytes").exists():
+            return True, "v1: TCP buffers have their own share of the memory limit (memory.kmem.tcp)"
+        return False, "v1 without memory.kmem.tcp: TCP buffers are the host's, outside every sandbox's limit"
+    if info["version"] == 2:
+        if "cgroup.memory=nosocket" in _read(Path("/proc/cmdline")).split():
+            return False, "the kernel boots with cgroup.memory=nosocket: socket buffers are outside memory.max"
+        return True, "v2: socket buffers count in memory.current, under memory.max"
+    return False, "no cgroups"
+
+
 class Cgroup:
     """One sandbox's cgroup, whatever the hierarchy."""
 
