@@ -37,15 +37,16 @@ def _write(path: Path, value: str) -> None:
         f.write(value)
 
 
-def _set(path: Path, value: "int | str", what: str) -> None:
-    """Write one limit; a write the kernel refuses becomes a SandlotError that says which and why."""
+def _set(path: Path, value: "int | str", what: str, asked: "int | None" = None) -> None:
+    """Write one limit; a write the kernel refuses becomes a SandlotError that says which and why.
+    ``asked``: the limit as the owner gave it, when the file gets a part of it (v1's memory and TCP)."""
     try:
         _write(path, str(value))
     except OSError as exc:
         if exc.errno == errno.EBUSY:
             # v1 refuses to lower a limit below what the cgroup already holds (it cannot reclaim it).
-            raise InvalidRequest(f"cannot set the {what} to {_size(value)}: the sandbox already holds more than "
-                                 f"that ({path.name}: {exc.strerror})") from None
+            raise InvalidRequest(f"cannot set the {what} to {_size(asked if asked is not None else value)}: the "
+                                 f"sandbox already holds more than that ({path.name}: {exc.strerror})") from None
         raise HostUnsupported(f"cannot set the {what} ({path} = {value}): {exc.strerror}") from None
 
 
@@ -196,16 +197,16 @@ class Cgroup:
         # The kernel keeps memory+swap >= memory at every moment (EINVAL otherwise): when raising, memsw
         # goes first; when lowering, memory does. Swap stays off (memsw == memory).
         if has_memsw and rest > current:
-            _set(memsw, rest, "memory limit (memory+swap)")
-            _set(mem / "memory.limit_in_bytes", rest, "memory limit")
+            _set(memsw, rest, "memory limit (memory+swap)", memory)
+            _set(mem / "memory.limit_in_bytes", rest, "memory limit", memory)
         else:
-            _set(mem / "memory.limit_in_bytes", rest, "memory limit")
+            _set(mem / "memory.limit_in_bytes", rest, "memory limit", memory)
             if has_memsw:
-                _set(memsw, rest, "memory limit (memory+swap)")
+                _set(memsw, rest, "memory limit (memory+swap)", memory)
         if tcp_file.exists():
             # Writing any TCP limit also turns on TCP accounting for this cgroup: sockets created from
             # now on are charged to it (a warm sandbox's cgroup has it from its birth, before any socket).
-            _set(tcp_file, tcp, "TCP buffer limit")
+            _set(tcp_file, tcp, f"TCP buffer share of the {_size(memory)} memory limit")
         if (mem / "memory.swappiness").exists():
             _set(mem / "memory.swappiness", 0, "swappiness")
 
