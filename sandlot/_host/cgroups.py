@@ -7,8 +7,9 @@ controller's hierarchy. Only the host touches these files; the sandbox sees its 
 The memory limit covers the kernel memory a sandbox makes the host hold for its sockets too. On v2,
 socket buffers are charged to memory.current (MEMCG_SOCK) by default, so memory.max covers them. On v1
 they are not, unless the cgroup has a TCP limit of its own (memory.kmem.tcp.limit_in_bytes, a separate
-counter): without it, one sandbox's loopback connections could fill the host-wide tcp_mem. So on v1 the
-limit is split: ``tcp_share(memory)`` for TCP buffers, the rest for everything else.
+counter, which then takes UDP buffers too): without it, one sandbox's loopback connections could fill
+the host-wide tcp_mem/udp_mem. So on v1 the limit is split: ``tcp_share(memory)`` for socket buffers,
+the rest for everything else.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ _MiB = 1024**2
 
 
 def tcp_share(memory: int) -> int:
-    """The part of a v1 memory limit set aside for the sandbox's TCP socket buffers.
+    """The part of a v1 memory limit set aside for the sandbox's TCP (and UDP) socket buffers.
 
     An eighth of the limit, between 1 MiB and 256 MiB, in whole pages: room for ordinary loopback
     traffic (a local server and its client), while the rest stays for the sandbox's processes. The two
