@@ -89,6 +89,8 @@ def host_checks() -> list[Check]:
     if info["why"]:
         detail += f" — {info['why']}"
     checks.append(Check("cgroups", info["writable"], detail))
+    charged, why = cgroups.socket_memory_charged()
+    checks.append(Check("socket buffers", charged, why, False))
     runsc = shutil.which("runsc")
     runsc_detail = "missing (install Debian's runsc for isolation='gvisor')"
     if runsc:
@@ -100,21 +102,14 @@ def host_checks() -> list[Check]:
 
 
 def _kvm_check() -> Check:
-    """/dev/kvm may exist without working (nested virtualisation): ask it for its API version."""
-    platform = os.environ.get("SANDLOT_GVISOR_PLATFORM", "ptrace")
-    try:
-        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
-    except OSError as exc:
-        return Check("/dev/kvm", False, f"absent or closed ({exc.strerror}); gVisor uses {platform}", False)
-    try:
-        import fcntl
+    """/dev/kvm may answer without carrying runsc's KVM platform (PVM, no VT-x/AMD-V): say which, and why."""
+    from ._host import kvm
 
-        version = fcntl.ioctl(fd, 0xAE00)  # KVM_GET_API_VERSION
-    except OSError as exc:
-        return Check("/dev/kvm", False, f"present but not answering ({exc.strerror}); gVisor uses {platform}", False)
-    finally:
-        os.close(fd)
-    return Check("/dev/kvm", True, f"KVM API {version}; gVisor uses {platform} "
+    platform = os.environ.get("SANDLOT_GVISOR_PLATFORM", "ptrace")
+    why = kvm.why_not_for_gvisor()
+    if why is not None:
+        return Check("/dev/kvm", False, f"not usable: {why}; gVisor uses {platform}", False)
+    return Check("/dev/kvm", True, f"KVM API {kvm.api_version()} with VT-x/AMD-V; gVisor uses {platform} "
                  "(SANDLOT_GVISOR_PLATFORM=kvm to use it: check that `runsc --platform=kvm do true` returns)", False)
 
 

@@ -75,6 +75,12 @@ def data_dir() -> Path:
 
 def _runsc_argv(*args: str) -> list[str]:
     platform = os.environ.get("SANDLOT_GVISOR_PLATFORM", "ptrace")  # "kvm" where /dev/kvm really works
+    if platform == "kvm":
+        from .._host import kvm
+
+        why = kvm.why_not_for_gvisor()
+        if why is not None:  # runsc would hang rather than fail: say so instead
+            raise HostUnsupported(f"SANDLOT_GVISOR_PLATFORM=kvm cannot work here: {why}. Use ptrace (the default).")
     # --ignore-cgroups: runsc would otherwise move itself into a cgroup of its own, outside our limits.
     return [runsc_path(), "--root", str(data_dir() / "runsc"), "--network=none", "--ignore-cgroups",
             f"--platform={platform}", *args]
@@ -391,7 +397,7 @@ class GVisorBackend(Backend):
             GVisorBackend._swept = True
             await asyncio.to_thread(sweep_stale)
         sandbox_id = "sb-" + secrets.token_hex(6)
-        cgroup = await asyncio.to_thread(cgroups.Cgroup, sandbox_id, _room_for_runsc(limits))
+        cgroup = await asyncio.to_thread(cgroups.Cgroup, sandbox_id, _room_for_runsc(limits), host_sockets=False)
         home = data_dir() / "sandboxes" / sandbox_id
         (home / "bundle").mkdir(parents=True)
         sandbox = GVisorSandbox(sandbox_id, limits, cgroup, home)
@@ -448,7 +454,7 @@ class GVisorBackend(Backend):
             raise SandboxNotFound(f"no paused gVisor sandbox {sandbox_id}")
         meta = json.loads((home / "meta.json").read_text())
         limits = Limits.build(meta["limits"])
-        cgroup = await asyncio.to_thread(cgroups.Cgroup, sandbox_id, _room_for_runsc(limits))
+        cgroup = await asyncio.to_thread(cgroups.Cgroup, sandbox_id, _room_for_runsc(limits), host_sockets=False)
         sandbox = GVisorSandbox(sandbox_id, limits, cgroup, home)
         sandbox.template_name = meta["template"]
         sandbox.paused = True

@@ -3,15 +3,23 @@
 Each sandbox gets a cgroup below ``<the server's own cgroup>/sandlot``: memory (swap off, OOM counted
 from the cgroup's own counters), pids, and a CPU quota. On v1 the same name is made in each
 controller's hierarchy. Only the host touches these files; the sandbox sees its cgroup namespace.
+
+The memory limit covers the kernel memory a sandbox makes the host hold for its sockets too. On v2,
+socket buffers are charged to memory.current (MEMCG_SOCK) by default, so memory.max covers them. On v1
+they are not, unless the cgroup has a TCP limit of its own (memory.kmem.tcp.limit_in_bytes, a separate
+counter, which then takes UDP buffers too): without it, one sandbox's loopback connections could fill
+the host-wide tcp_mem/udp_mem. So on v1 the limit is split: ``tcp_share(memory)`` for socket buffers,
+the rest for everything else.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from pathlib import Path
 
-from .._exceptions import HostUnsupported
+from .._exceptions import HostUnsupported, InvalidRequest
 
 ROOT = Path("/sys/fs/cgroup")
 _V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct")
@@ -28,6 +36,38 @@ def _read(path: Path) -> str:
 def _write(path: Path, value: str) -> None:
     with open(path, "w") as f:
         f.write(value)
+
+
+def _set(path: Path, value: "int | str", what: str, asked: "int | None" = None) -> None:
+    """Write one limit; a write the kernel refuses becomes a SandlotError that says which and why.
+    ``asked``: the limit as the owner gave it, when the file gets a part of it (v1's memory and TCP)."""
+    try:
+        _write(path, str(value))
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            # v1 refuses to lower a limit below what the cgroup already holds (it cannot reclaim it).
+            raise InvalidRequest(f"cannot set the {what} to {_size(asked if asked is not None else value)}: the "
+                                 f"sandbox already holds more than that ({path.name}: {exc.strerror})") from None
+        raise HostUnsupported(f"cannot set the {what} ({path} = {value}): {exc.strerror}") from None
+
+
+def _size(value: "int | str") -> str:
+    return f"{int(value) / 1024**2:.0f} MiB" if str(value).isdigit() else str(value)
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+_MiB = 1024**2
+
+
+def tcp_share(memory: int) -> int:
+    """The part of a v1 memory limit set aside for the sandbox's TCP (and UDP) socket buffers.
+
+    An eighth of the limit, between 1 MiB and 256 MiB, in whole pages: room for ordinary loopback
+    traffic (a local server and its client), while the rest stays for the sandbox's processes. The two
+    add up to the limit, so the sandbox's total (memory + TCP buffers) never exceeds it.
+    """
+    share = min(max(memory // 8, _MiB), 256 * _MiB)
+    return share // _PAGE * _PAGE
 
 
 def _keyed(text: str) -> dict:
@@ -75,15 +115,34 @@ def detect() -> dict:
     return {"version": None, "controllers": [], "writable": False, "why": "no usable cgroup hierarchy found"}
 
 
+def socket_memory_charged() -> "tuple[bool, str]":
+    """Do a sandbox's socket buffers count against its memory limit on this host? (ok, why)"""
+    info = detect()
+    if info["version"] == 1:
+        own = _own_paths().get("memory", "/").lstrip("/")
+        if (ROOT / "memory" / own / "memory.kmem.tcp.limit_in_bytes").exists():
+            return True, "v1: TCP buffers have their own share of the memory limit (memory.kmem.tcp)"
+        return False, "v1 without memory.kmem.tcp: TCP buffers are the host's, outside every sandbox's limit"
+    if info["version"] == 2:
+        if "cgroup.memory=nosocket" in _read(Path("/proc/cmdline")).split():
+            return False, "the kernel boots with cgroup.memory=nosocket: socket buffers are outside memory.max"
+        return True, "v2: socket buffers count in memory.current, under memory.max"
+    return False, "no cgroups"
+
+
 class Cgroup:
     """One sandbox's cgroup, whatever the hierarchy."""
 
-    def __init__(self, name: str, limits) -> None:
+    def __init__(self, name: str, limits, *, host_sockets: bool = True) -> None:
+        """``host_sockets=False``: the sandbox's sockets are not the host's (gVisor's netstack keeps its
+        buffers in the sentry's ordinary memory), so on v1 no part of the limit goes to host TCP buffers:
+        the TCP counter is capped at zero and the whole limit is memory."""
         info = detect()
         if not info["writable"]:
             raise HostUnsupported("cannot enforce memory/pids/cpu limits: " + info["why"])
         self.version = info["version"]
         self._fds: dict = {}
+        self.host_sockets = host_sockets
         own = _own_paths()
         if self.version == 1:
             self.dirs = {c: ROOT / c / own.get(c, "/").lstrip("/") / "sandlot" / name for c in info["controllers"]}
@@ -91,30 +150,66 @@ class Cgroup:
             parent = ROOT / own.get("", "/").lstrip("/")
             _enable_v2_controllers(parent)
             self.dirs = {"": parent / "sandlot" / name}
-        for d in self.dirs.values():
-            d.mkdir(parents=True, exist_ok=True)
-        self.apply(limits)
+        try:
+            for d in self.dirs.values():
+                d.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            self.try_remove()
+            raise HostUnsupported(f"cannot make the sandbox's cgroup ({exc.filename}): {exc.strerror}") from None
+        try:
+            self.apply(limits)
+        except BaseException:
+            self.try_remove()  # nothing runs in it yet
+            raise
 
     def _dir(self, controller: str) -> Path:
         return self.dirs["" if self.version == 2 else controller]
 
     def apply(self, limits) -> None:
+        """Set (or change: a warm sandbox takes its owner's limits) memory, pids and CPU.
+
+        Raises InvalidRequest when the kernel refuses to lower a limit below current use, HostUnsupported
+        for any other refusal; a refused write leaves that limit as it was.
+        """
         quota = max(1000, int(limits.cpu * _PERIOD_US))
         if self.version == 2:
             d = self.dirs[""]
-            _write(d / "memory.max", str(limits.memory))
-            _write(d / "memory.swap.max", "0") if (d / "memory.swap.max").exists() else None
-            _write(d / "pids.max", str(limits.pids))
-            _write(d / "cpu.max", "%d %d" % (quota, _PERIOD_US))
+            # Socket buffers count in memory.current (unless the kernel boots with cgroup.memory=nosocket:
+            # doctor says so), so memory.max alone bounds them.
+            _set(d / "memory.max", limits.memory, "memory limit")
+            if (d / "memory.swap.max").exists():
+                _set(d / "memory.swap.max", 0, "swap limit")
+            _set(d / "pids.max", limits.pids, "process limit")
+            _set(d / "cpu.max", "%d %d" % (quota, _PERIOD_US), "CPU quota")
         else:
-            mem = self.dirs["memory"]
-            _write(mem / "memory.limit_in_bytes", str(limits.memory))
-            if (mem / "memory.memsw.limit_in_bytes").exists():
-                _write(mem / "memory.memsw.limit_in_bytes", str(limits.memory))
-            _write(mem / "memory.swappiness", "0") if (mem / "memory.swappiness").exists() else None
-            _write(self.dirs["pids"] / "pids.max", str(limits.pids))
-            _write(self.dirs["cpu"] / "cpu.cfs_period_us", str(_PERIOD_US))
-            _write(self.dirs["cpu"] / "cpu.cfs_quota_us", str(quota))
+            self._apply_v1_memory(limits.memory)
+            _set(self.dirs["pids"] / "pids.max", limits.pids, "process limit")
+            _set(self.dirs["cpu"] / "cpu.cfs_period_us", _PERIOD_US, "CPU period")
+            _set(self.dirs["cpu"] / "cpu.cfs_quota_us", quota, "CPU quota")
+
+    def _apply_v1_memory(self, memory: int) -> None:
+        mem = self.dirs["memory"]
+        tcp_file = mem / "memory.kmem.tcp.limit_in_bytes"
+        tcp = tcp_share(memory) if self.host_sockets and tcp_file.exists() else 0
+        rest = memory - tcp
+        memsw = mem / "memory.memsw.limit_in_bytes"
+        has_memsw = memsw.exists()
+        current = int(_read(mem / "memory.limit_in_bytes").strip() or 0)
+        # The kernel keeps memory+swap >= memory at every moment (EINVAL otherwise): when raising, memsw
+        # goes first; when lowering, memory does. Swap stays off (memsw == memory).
+        if has_memsw and rest > current:
+            _set(memsw, rest, "memory limit (memory+swap)", memory)
+            _set(mem / "memory.limit_in_bytes", rest, "memory limit", memory)
+        else:
+            _set(mem / "memory.limit_in_bytes", rest, "memory limit", memory)
+            if has_memsw:
+                _set(memsw, rest, "memory limit (memory+swap)", memory)
+        if tcp_file.exists():
+            # Writing any TCP limit also turns on TCP accounting for this cgroup: sockets created from
+            # now on are charged to it (a warm sandbox's cgroup has it from its birth, before any socket).
+            _set(tcp_file, tcp, f"TCP buffer share of the {_size(memory)} memory limit")
+        if (mem / "memory.swappiness").exists():
+            _set(mem / "memory.swappiness", 0, "swappiness")
 
     def add(self, pid: int) -> None:
         for d in self.dirs.values():
