@@ -257,7 +257,9 @@ def test_memory_bomb_is_killed_by_the_cgroup_and_reported(bystander):
         ex = _timed(lambda: sb.run_code("hoard = []\nwhile True:\n    hoard.append(bytearray(10**7))", timeout=60),
                     70)
         assert ex.error is not None and ex.error.name == "OutOfMemory" and ex.error.limit == "memory", ex.error
-        assert ex.usage.peak_memory <= 256 * 1024**2
+        # The kernel lets a few forced charges past a limit while it kills (pages it cannot refuse,
+        # seen as one page over on the gVisor tier): the limit holds to within a page per CPU.
+        assert ex.usage.peak_memory <= 256 * 1024**2 + 4096 * (os.cpu_count() or 1)
         if sb.isolation == "gvisor":
             # The app's memory is the sentry's: the host's OOM killer can only end the whole sandbox,
             # and the result says so.
