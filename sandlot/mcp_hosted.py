@@ -4,6 +4,11 @@
 are made by the server's own registry, so tenants' quotas, the audit log, ``sandlot ls`` and the reaper
 cover them like any other; a tenant's MCP sessions are invisible to every other tenant.
 
+A transport session (the ``mcp-session-id`` of streamable HTTP) belongs to the tenant that opened it:
+each request carries its tenant to the MCP SDK as the authenticated principal (``scope["user"]``), and
+the SDK's session manager answers a request whose principal is not the session's creator exactly as it
+answers an unknown session (404), so another tenant can neither use, follow, nor end it.
+
 The dependency points one way: this client-layer module uses the server package, never the reverse.
 """
 
@@ -12,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Hashable, Optional
 
+from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
+from mcp.server.auth.provider import AccessToken
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .mcp_server import build_mcp_app
@@ -53,6 +60,7 @@ class _HostedSandbox:
         return None if self._session.one_shot else self._session.id
 
     async def run_code(self, code: str, **kwargs: Any) -> Any:
+        self._caller.state.registry.check_call_timeout(kwargs.get("timeout"))
         self._caller.audit("run_once" if self._session.one_shot else "run_code", self._audit_id, code[:1000])
         execution = await self._session.sandbox.run_code(code, **kwargs)
         error = execution.error
@@ -76,6 +84,7 @@ class _HostedCommands:
 
     async def run(self, cmd: str, **kwargs: Any) -> Any:
         hosted = self._hosted
+        hosted._caller.state.registry.check_call_timeout(kwargs.get("timeout"))
         hosted._caller.audit("command", hosted._audit_id, cmd[:1000])
         result = await hosted._session.sandbox.commands.run(cmd, **kwargs)
         limit = None if result.error is None else ("timeout" if "timeout" in result.error else "other")
@@ -122,9 +131,17 @@ def _caller(request: Any) -> Optional[ServerCaller]:
     return ServerCaller(tenant, state)
 
 
+def tenant_principal(tenant: Any) -> AuthenticatedUser:
+    """The tenant as the MCP SDK's authenticated user: the principal a transport session is bound to.
+    Every key of one tenant is the same principal (as for its sandboxes); the key itself is not in it."""
+    return AuthenticatedUser(AccessToken(token=f"sandlot-tenant-{tenant.id}", client_id=f"sandlot-tenant-{tenant.id}",
+                                         scopes=[], subject=str(tenant.id)))
+
+
 class _KeepServerState:
-    """Keeps the server's state in the scope: the mounted Starlette app replaces ``scope["app"]`` with
-    itself, and the MCP handlers still need the server's registry."""
+    """Keeps the server's state in the scope (the mounted Starlette app replaces ``scope["app"]`` with
+    itself, and the MCP handlers still need the server's registry), and names the tenant as the scope's
+    authenticated user, which binds each MCP transport session to the tenant that opened it."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -134,6 +151,9 @@ class _KeepServerState:
         state = getattr(getattr(outer, "state", None), "sandlot", None)
         if state is not None:
             scope[_STATE] = state
+        tenant = scope.get("sandlot.tenant")
+        if tenant is not None:
+            scope["user"] = tenant_principal(tenant)
         await self.app(scope, receive, send)
 
 
