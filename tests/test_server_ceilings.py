@@ -334,3 +334,27 @@ def test_an_mcp_session_belongs_to_the_tenant_that_opened_it(mcp_server):
         assert status == 404 and "alice only" not in text, (method, status, text)
     assert not after.is_error and "alice only" in after.content[0].text
     assert Sandbox.list(api_url=mcp_server.url, api_key=alice) == []
+
+
+@pytest.mark.skipif(RUNSC_MISSING is not None, reason=str(RUNSC_MISSING))
+def test_a_paused_sandbox_holds_no_memory_in_the_totals_until_it_resumes(ceilinged):
+    """gVisor tier: a paused sandbox is a checkpoint on disk, so its memory leaves the tenant's total; resuming
+    it counts it again, and is refused while the total has no room for it."""
+    key = ceilinged.key("pauser", total_memory=GiB)
+    with client(ceilinged, key) as c:
+        first = c.post("/v1/sandboxes", json={"isolation": "gvisor", "limits": {"memory": "600M"}})
+        assert first.status_code == 201, first.text
+        first = first.json()["sandbox_id"]
+        try:
+            assert c.post(f"/v1/sandboxes/{first}/code", json={"code": "x = 'kept'"}).status_code == 200
+            assert c.post(f"/v1/sandboxes/{first}/pause").status_code == 200
+            assert c.get("/v1/info").json()["usage"]["memory"] == 0
+            other = c.post("/v1/sandboxes", json={"limits": {"memory": "600M"}})  # the paused one holds nothing
+            assert other.status_code == 201, other.text
+            r = c.post(f"/v1/sandboxes/{first}/resume")
+            assert r.status_code == 429 and "total of memory" in error_of(r)["message"], r.text
+            c.delete(f"/v1/sandboxes/{other.json()['sandbox_id']}")
+            assert c.post(f"/v1/sandboxes/{first}/resume").status_code == 200
+            assert c.post(f"/v1/sandboxes/{first}/code", json={"code": "x"}).json()["text"] == "'kept'"
+        finally:
+            c.delete(f"/v1/sandboxes/{first}")
