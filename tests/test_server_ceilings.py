@@ -358,3 +358,30 @@ def test_a_paused_sandbox_holds_no_memory_in_the_totals_until_it_resumes(ceiling
             assert c.post(f"/v1/sandboxes/{first}/code", json={"code": "x"}).json()["text"] == "'kept'"
         finally:
             c.delete(f"/v1/sandboxes/{first}")
+
+
+def test_one_tenant_cannot_take_every_mcp_transport_session(mcp_server):
+    """Transport sessions are capped per tenant (32), so one tenant opening sessions without end is refused
+    (429) while another tenant still gets one; closing one makes room again."""
+    url = mcp_server.url + "/mcp/"
+    hog, other = mcp_server.key("hog"), mcp_server.key("other")
+    initialize = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                  "params": {"protocolVersion": "2025-06-18", "capabilities": {},
+                             "clientInfo": {"name": "test", "version": "0"}}}
+
+    def open_session(h: httpx.Client, key: str) -> httpx.Response:
+        return h.post(url, json=initialize, headers={"Authorization": f"Bearer {key}",
+                                                     "Accept": "application/json, text/event-stream"})
+
+    with httpx.Client(timeout=30) as h:
+        opened = [open_session(h, hog) for _ in range(32)]
+        assert [r.status_code for r in opened] == [200] * 32
+        refused = open_session(h, hog)
+        assert refused.status_code == 429 and error_of(refused)["type"] == "QuotaExceeded", refused.text
+        assert "32" in error_of(refused)["message"] and "MCP" in error_of(refused)["message"]
+        assert open_session(h, other).status_code == 200  # another tenant is not held back
+        first = opened[0].headers["mcp-session-id"]
+        r = h.delete(url, headers={"Authorization": f"Bearer {hog}", "mcp-session-id": first,
+                                   "mcp-protocol-version": "2025-06-18"})
+        assert r.status_code == 200, r.text
+        assert open_session(h, hog).status_code == 200  # a closed session makes room
