@@ -210,20 +210,28 @@ class TransportSessions:
             await error_response(refusal)(scope, receive, send)
             return
 
+        opening = [True]  # counted in _opening until it is a session (or the request ends without one)
+
+        def opened() -> None:
+            if opening[0]:
+                opening[0] = False
+                self._opening[tenant.id] -= 1
+                if not self._opening[tenant.id]:
+                    del self._opening[tenant.id]
+
         async def record(message: Message) -> None:
             if message["type"] == "http.response.start":
                 for name, value in message.get("headers") or []:
                     if name.lower() == b"mcp-session-id":
                         self._sessions[value.decode("latin-1")] = _Transport(tenant.id)
+                        opened()  # the same moment: never counted twice, nor zero times
             await send(message)
 
         self._opening[tenant.id] = self._opening.get(tenant.id, 0) + 1
         try:
             await app(scope, receive, record)
         finally:
-            self._opening[tenant.id] -= 1
-            if not self._opening[tenant.id]:
-                del self._opening[tenant.id]
+            opened()
 
 
 class _KeepServerState:

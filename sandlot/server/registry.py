@@ -13,11 +13,12 @@ does not count; resuming it counts it again, and is refused (429) if it no longe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
 import time
-from typing import Any, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 from .. import _sandbox
 from .._exceptions import InvalidRequest, QuotaExceeded, SandboxNotFound
@@ -37,6 +38,19 @@ log = logging.getLogger("sandlot.server")
 LOST_ON_RESTART = "the server stopped (restart or crash) while it ran; its processes were ended"
 LOST_ON_SHUTDOWN = "the server shut down while it ran"
 _HOUSEKEEPING_EVERY = 300.0  # seconds between pruning old rows and sweeping stale cgroups
+
+
+@contextlib.contextmanager
+def _reserved(table: dict[int, list[Limits]], tenant_id: int, limits: Limits) -> Iterator[None]:
+    """``limits`` counts in ``table[tenant_id]`` while the block runs (a creation or resume in flight)."""
+    entries = table.setdefault(tenant_id, [])
+    entries.append(limits)
+    try:
+        yield
+    finally:
+        entries.remove(limits)
+        if not entries and table.get(tenant_id) is entries:
+            del table[tenant_id]
 
 
 @dataclasses.dataclass
@@ -61,6 +75,7 @@ class Registry:
         self.metrics = metrics
         self.live: dict[str, Session] = {}
         self._creating: dict[int, list[Limits]] = {}  # tenant id -> creations in flight (they count against quotas)
+        self._resuming: dict[int, list[Limits]] = {}  # tenant id -> resumes in flight (they count against totals)
         self._tasks: set[asyncio.Task] = set()
         self._reaper: Optional[asyncio.Task] = None
 
@@ -73,7 +88,8 @@ class Registry:
     def usage(self, tenant: Tenant) -> Usage:
         """What the tenant holds now: live sandboxes, and the memory and pids limits of those not paused."""
         mine = [s for s in self.live.values() if s.tenant.id == tenant.id]
-        holding = [s.limits for s in mine if not s.sandbox.is_paused] + self._creating.get(tenant.id, [])
+        holding = ([s.limits for s in mine if not s.sandbox.is_paused] + self._creating.get(tenant.id, [])
+                   + self._resuming.get(tenant.id, []))
         return Usage(live=len(mine) + len(self._creating.get(tenant.id, ())),
                      memory=sum(limits.memory for limits in holding), pids=sum(limits.pids for limits in holding))
 
@@ -113,16 +129,10 @@ class Registry:
         # api_url="": always a local sandbox, even if SANDLOT_API_URL is set in the server's environment.
         sandbox = _sandbox.AsyncSandbox(template, limits=built, env=env, metadata=metadata, isolation=isolation,
                                         api_url="")
-        # Reserved before the first await: concurrent creations see each other in the checks above.
-        in_flight = self._creating.setdefault(tenant.id, [])
-        in_flight.append(built)
         started = time.monotonic()
-        try:
+        # Reserved before the first await: concurrent creations see each other in the checks above.
+        with _reserved(self._creating, tenant.id, built):
             await sandbox.start()
-        finally:
-            in_flight.remove(built)
-            if not in_flight:
-                self._creating.pop(tenant.id, None)
         self.metrics.create_seconds.observe(time.monotonic() - started)
         self.metrics.created.labels(template).inc()
         now = time.time()
@@ -179,15 +189,19 @@ class Registry:
             limits = Limits.build(row.limits)
             check_totals(tenant.name, self.usage(tenant), limits, quotas)
             started = time.monotonic()
-            sandbox = await _sandbox.AsyncSandbox.connect(sandbox_id, isolation="gvisor", api_url="")  # resumes it
+            with _reserved(self._resuming, tenant.id, limits):
+                sandbox = await _sandbox.AsyncSandbox.connect(sandbox_id, isolation="gvisor", api_url="")  # resumes
             session = Session(sandbox, tenant, row.template, row.created_at,
                               CommandTable(self.settings.max_background_commands), limits)
             self.live[sandbox_id] = session
             info = PauseInfo(seconds=time.monotonic() - started, checkpoint_bytes=0)
         else:
-            if session.sandbox.is_paused:  # it holds memory and pids again once resumed
+            if not session.sandbox.is_paused:
+                info = await session.sandbox.resume()  # says it is not paused
+            else:  # it holds memory and pids again once resumed
                 check_totals(tenant.name, self.usage(tenant), session.limits, quotas_for(self.settings, tenant))
-            info = await session.sandbox.resume()
+                with _reserved(self._resuming, tenant.id, session.limits):
+                    info = await session.sandbox.resume()
         self.store.set_paused(sandbox_id, False)
         self.store.audit(tenant.name, "resume", sandbox_id, None, tenant.key_id)
         return info
