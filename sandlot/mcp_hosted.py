@@ -4,15 +4,26 @@
 are made by the server's own registry, so tenants' quotas, the audit log, ``sandlot ls`` and the reaper
 cover them like any other; a tenant's MCP sessions are invisible to every other tenant.
 
+A transport session (the ``mcp-session-id`` of streamable HTTP) belongs to the tenant that opened it:
+each request carries its tenant to the MCP SDK as the authenticated principal (``scope["user"]``), and
+the SDK's session manager answers a request whose principal is not the session's creator exactly as it
+answers an unknown session (404), so another tenant can neither use, follow, nor end it. Each tenant may
+hold a bounded number of transport sessions (:class:`TransportSessions`), so no tenant can take all of
+the SDK's (a server-wide pool) from the others.
+
 The dependency points one way: this client-layer module uses the server package, never the reverse.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any, Hashable, Optional
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
+from mcp.server.auth.provider import AccessToken
+from mcp.server.streamable_http_manager import DEFAULT_SESSION_IDLE_TIMEOUT
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .mcp_server import build_mcp_app
 from .server import Mount
@@ -53,6 +64,7 @@ class _HostedSandbox:
         return None if self._session.one_shot else self._session.id
 
     async def run_code(self, code: str, **kwargs: Any) -> Any:
+        self._caller.state.registry.check_call_timeout(kwargs.get("timeout"))
         self._caller.audit("run_once" if self._session.one_shot else "run_code", self._audit_id, code[:1000])
         execution = await self._session.sandbox.run_code(code, **kwargs)
         error = execution.error
@@ -76,6 +88,7 @@ class _HostedCommands:
 
     async def run(self, cmd: str, **kwargs: Any) -> Any:
         hosted = self._hosted
+        hosted._caller.state.registry.check_call_timeout(kwargs.get("timeout"))
         hosted._caller.audit("command", hosted._audit_id, cmd[:1000])
         result = await hosted._session.sandbox.commands.run(cmd, **kwargs)
         limit = None if result.error is None else ("timeout" if "timeout" in result.error else "other")
@@ -122,23 +135,131 @@ def _caller(request: Any) -> Optional[ServerCaller]:
     return ServerCaller(tenant, state)
 
 
-class _KeepServerState:
-    """Keeps the server's state in the scope: the mounted Starlette app replaces ``scope["app"]`` with
-    itself, and the MCP handlers still need the server's registry."""
+def tenant_principal(tenant: Any) -> AuthenticatedUser:
+    """The tenant as the MCP SDK's authenticated user: the principal a transport session is bound to.
+    Every key of one tenant is the same principal (as for its sandboxes); the key itself is not in it."""
+    return AuthenticatedUser(AccessToken(token=f"sandlot-tenant-{tenant.id}", client_id=f"sandlot-tenant-{tenant.id}",
+                                         scopes=[], subject=str(tenant.id)))
 
-    def __init__(self, app: ASGIApp) -> None:
+
+@dataclasses.dataclass
+class _Transport:
+    tenant_id: int
+    in_flight: int = 0
+    last_seen: float = dataclasses.field(default_factory=time.monotonic)
+
+
+class TransportSessions:
+    """Counts each tenant's MCP transport sessions, and refuses (429) one more than ``per_tenant``.
+
+    It follows the SDK from the outside, by the ``mcp-session-id`` header: a session is born with the answer
+    that carries a new id, ends with a DELETE that succeeds or any 404 for its id (the SDK no longer knows it),
+    and is taken for ended after the SDK's idle timeout with no request in flight (the SDK reaps it then).
+    """
+
+    def __init__(self, per_tenant: int = 32, idle_timeout: float = DEFAULT_SESSION_IDLE_TIMEOUT) -> None:
+        self.per_tenant = per_tenant
+        self.idle_timeout = idle_timeout
+        self._sessions: dict[str, _Transport] = {}
+        self._opening: dict[int, int] = {}  # tenant id -> opening requests in flight
+
+    def _alive(self, transport: _Transport, now: float) -> bool:
+        return transport.in_flight > 0 or now - transport.last_seen < self.idle_timeout
+
+    def count(self, tenant_id: int) -> int:
+        now = time.monotonic()
+        for sid in [sid for sid, t in self._sessions.items() if not self._alive(t, now)]:
+            del self._sessions[sid]
+        return sum(1 for t in self._sessions.values() if t.tenant_id == tenant_id) + self._opening.get(tenant_id, 0)
+
+    async def __call__(self, app: ASGIApp, tenant: Any, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = dict(scope.get("headers") or [])
+        session_id = headers.get(b"mcp-session-id", b"").decode("latin-1") or None
+        if session_id is None:
+            await self._open(app, tenant, scope, receive, send)
+            return
+        transport = self._sessions.get(session_id)
+        mine = transport is not None and transport.tenant_id == tenant.id
+        status: list[int] = []
+
+        async def watch(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+
+        if mine:
+            transport.in_flight += 1
+        try:
+            await app(scope, receive, watch)
+        finally:
+            if mine:
+                transport.in_flight -= 1
+                transport.last_seen = time.monotonic()
+                ended = status[:1] == [404] or (scope.get("method") == "DELETE" and status[:1] == [200])
+                if ended:
+                    self._sessions.pop(session_id, None)
+
+    async def _open(self, app: ASGIApp, tenant: Any, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope.get("method") == "POST" and self.count(tenant.id) >= self.per_tenant:
+            from ._exceptions import QuotaExceeded
+            from .server.errors import error_response
+
+            refusal = QuotaExceeded(f"tenant {tenant.name!r} already has {self.per_tenant} MCP sessions open, its "
+                                    "limit; close one (DELETE with its mcp-session-id) or let it idle out",
+                                    retry_after=5.0)
+            await error_response(refusal)(scope, receive, send)
+            return
+
+        opening = [True]  # counted in _opening until it is a session (or the request ends without one)
+
+        def opened() -> None:
+            if opening[0]:
+                opening[0] = False
+                self._opening[tenant.id] -= 1
+                if not self._opening[tenant.id]:
+                    del self._opening[tenant.id]
+
+        async def record(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                for name, value in message.get("headers") or []:
+                    if name.lower() == b"mcp-session-id":
+                        self._sessions[value.decode("latin-1")] = _Transport(tenant.id)
+                        opened()  # the same moment: never counted twice, nor zero times
+            await send(message)
+
+        self._opening[tenant.id] = self._opening.get(tenant.id, 0) + 1
+        try:
+            await app(scope, receive, record)
+        finally:
+            opened()
+
+
+class _KeepServerState:
+    """Keeps the server's state in the scope (the mounted Starlette app replaces ``scope["app"]`` with
+    itself, and the MCP handlers still need the server's registry), and names the tenant as the scope's
+    authenticated user, which binds each MCP transport session to the tenant that opened it."""
+
+    def __init__(self, app: ASGIApp, transports: TransportSessions) -> None:
         self.app = app
+        self.transports = transports
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         outer = scope.get("app")
         state = getattr(getattr(outer, "state", None), "sandlot", None)
         if state is not None:
             scope[_STATE] = state
-        await self.app(scope, receive, send)
+        tenant = scope.get("sandlot.tenant")
+        if tenant is None or scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        scope["user"] = tenant_principal(tenant)
+        await self.transports(self.app, tenant, scope, receive, send)
 
 
-def server_mount(path: str = "/mcp", *, host: str = "127.0.0.1", max_sessions: int = 32) -> Mount:
-    """The authenticated ``/mcp`` mount for ``sandlot.server.serve(mounts=[...])``."""
+def server_mount(path: str = "/mcp", *, host: str = "127.0.0.1", max_sessions: int = 32,
+                 transports_per_tenant: int = 32) -> Mount:
+    """The authenticated ``/mcp`` mount for ``sandlot.server.serve(mounts=[...])``: ``max_sessions`` sandbox
+    sessions and ``transports_per_tenant`` MCP transport sessions per tenant."""
     app = build_mcp_app(RegistrySandboxes(), caller_of=_caller, host=host, max_sessions=max_sessions)
-    return Mount(path, _KeepServerState(app), authenticated=True,
+    return Mount(path, _KeepServerState(app, TransportSessions(transports_per_tenant)), authenticated=True,
                  lifespan=lambda: app.router.lifespan_context(app))

@@ -14,11 +14,13 @@ from .serverproc import free_port, read_log, terminate, wait_healthy
 
 SCRIPT = Path(sys.executable).with_name("sandlot")
 COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "sandlot.cli"]
+CHECKOUT = Path(__file__).resolve().parents[1]  # the sandlot package under test, whatever the venv installed
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    """The environment without any SANDLOT_API_* of the caller's, plus ``extra``."""
+    """The environment without any SANDLOT_API_* of the caller's, plus ``extra``; the checkout's sandlot first."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SANDLOT_API")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CHECKOUT), env.get("PYTHONPATH")]))
     env.update(extra)
     return env
 

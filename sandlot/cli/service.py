@@ -38,14 +38,40 @@ def _when(epoch: Optional[float]) -> str:
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 @click.option("--no-mcp", is_flag=True, help="Do not serve MCP (streamable HTTP) at /mcp.")
-def serve(host: str, port: int, db_path: Optional[str], log_level: str, no_mcp: bool) -> None:
+@click.option("--ceiling", "ceilings", multiple=True, metavar="LIMIT=VALUE", envvar="SANDLOT_CEILINGS",
+              show_envvar=True,
+              help="The most a tenant may ask for of one limit (cpu, memory, pids, disk, inodes, open_files, "
+                   "timeout, idle_timeout, lifetime, output), e.g. --ceiling memory=8G; repeat for more "
+                   "(the variable: space-separated). Over it: 400. Default: from this host (cores, half the RAM, "
+                   "pid_max/8, ...; a tenant's key sees them at GET /v1/info).")
+@click.option("--total-memory", metavar="SIZE", envvar="SANDLOT_TOTAL_MEMORY", show_envvar=True,
+              help="Per tenant: the most the memory limits of its running sandboxes may sum to (e.g. 64G). "
+                   "Over it: 429. [default: this host's RAM]")
+@click.option("--total-pids", type=click.IntRange(1), metavar="N", envvar="SANDLOT_TOTAL_PIDS", show_envvar=True,
+              help="Per tenant: the most the pids limits of its running sandboxes may sum to. [default: pid_max/2]")
+@click.option("--audit-retention", metavar="DURATION", envvar="SANDLOT_AUDIT_RETENTION", show_envvar=True,
+              help="Keep audit-log rows this long (90d, 12h, 30m, 45s); the reaper prunes older ones. [default: 90d]")
+@click.option("--audit-max-rows", type=click.IntRange(1), metavar="N", envvar="SANDLOT_AUDIT_MAX_ROWS",
+              show_envvar=True, help="Keep at most the newest N audit-log rows. [default: 1000000]")
+def serve(host: str, port: int, db_path: Optional[str], log_level: str, no_mcp: bool, ceilings: tuple[str, ...],
+          total_memory: Optional[str], total_pids: Optional[int], audit_retention: Optional[str],
+          audit_max_rows: Optional[int]) -> None:
     """Run the Sandlot HTTP server: REST + streaming, MCP at /mcp, /metrics, OpenAPI at /docs.
 
-    Every request needs an API key (`sandlot keys create --tenant NAME`). Stops cleanly on Ctrl-C
-    or SIGTERM, ending every live sandbox.
+    Every request needs an API key (`sandlot keys create --tenant NAME`); /metrics needs an operator
+    key (`sandlot keys create --operator`); /healthz needs none and says only that the server lives.
+    Per-tenant quotas (live sandboxes, lifetime, rate, totals) can be overridden per tenant with
+    `sandlot.server.set_quotas`. Stops cleanly on Ctrl-C or SIGTERM, ending every live sandbox.
     """
     from .. import server
+    from .._exceptions import InvalidRequest
 
+    try:
+        settings = server.operator_settings(db_path, ceilings=ceilings, total_memory=total_memory,
+                                            total_pids=total_pids, audit_retention=audit_retention,
+                                            audit_max_rows=audit_max_rows)
+    except InvalidRequest as exc:
+        raise click.UsageError(str(exc)) from None
     mounts = []
     if not no_mcp:
         from ..mcp_hosted import server_mount
@@ -53,7 +79,7 @@ def serve(host: str, port: int, db_path: Optional[str], log_level: str, no_mcp: 
         mounts.append(server_mount(host=host))
     err.print(escape(f"Sandlot server on http://{host}:{port} (database {db_path or server.default_db_path()})"
                      + ("" if no_mcp else f"; MCP at http://{host}:{port}/mcp/")))
-    server.serve(host=host, port=port, db_path=db_path, log_level=log_level, mounts=mounts)
+    server.serve(host=host, port=port, db_path=db_path, log_level=log_level, settings=settings, mounts=mounts)
 
 
 @click.group(short_help="Create, list and revoke API keys.")
@@ -62,16 +88,29 @@ def keys() -> None:
 
 
 @keys.command(name="create")
-@click.option("--tenant", required=True, metavar="NAME", help="Tenant the key acts for (created if new).")
+@click.option("--tenant", metavar="NAME", help="Tenant the key acts for (created if new).")
+@click.option("--operator", is_flag=True,
+              help="An operator key instead: it reads /metrics (every tenant's figures) and acts for no tenant.")
 @db_option
 @json_option
-def keys_create(tenant: str, db_path: Optional[str], as_json: bool) -> None:
-    """Create an API key for a tenant. The key is printed once; only its hash is stored."""
+def keys_create(tenant: Optional[str], operator: bool, db_path: Optional[str], as_json: bool) -> None:
+    """Create an API key for a tenant (--tenant NAME), or an operator key (--operator).
+    The key is printed once; only its hash is stored."""
     from .. import server
 
+    if operator == bool(tenant):
+        raise click.UsageError("give either --tenant NAME or --operator")
+    if operator:
+        key = server.create_operator_key(db_path)
+        if as_json:
+            print_json({"role": "operator", "key": key})
+            return
+        err.print("Operator key (shown only this once; send it as 'Authorization: Bearer ...' to /metrics):")
+        click.echo(key)
+        return
     key = server.create_key(tenant, db_path)
     if as_json:
-        print_json({"tenant": tenant, "key": key})
+        print_json({"tenant": tenant, "role": "tenant", "key": key})
         return
     err.print(f"API key for tenant [bold]{escape(tenant)}[/] (shown only this once; use it as SANDLOT_API_KEY):")
     click.echo(key)
@@ -93,11 +132,11 @@ def keys_ls(tenant: Optional[str], db_path: Optional[str], as_json: bool) -> Non
         err.print("no API keys: create one with `sandlot keys create --tenant NAME`")
         return
     table = Table(box=None, pad_edge=False)
-    for column in ("KEY ID", "TENANT", "HINT", "CREATED", "LAST USED", "REVOKED"):
+    for column in ("KEY ID", "ROLE", "TENANT", "HINT", "CREATED", "LAST USED", "REVOKED"):
         table.add_column(column)
     for k in rows:
-        table.add_row(escape(k.key_id), escape(k.tenant), escape(k.hint), _when(k.created_at), _when(k.last_used_at),
-                      _when(k.revoked_at) or "[green]active[/]")
+        table.add_row(escape(k.key_id), k.role, "" if k.role == "operator" else escape(k.tenant), escape(k.hint),
+                      _when(k.created_at), _when(k.last_used_at), _when(k.revoked_at) or "[green]active[/]")
     out.print(table)
 
 

@@ -12,10 +12,15 @@ For the CLI (``sandlot serve`` / ``sandlot keys ...``) and the MCP endpoint, the
 
     # keys and tenants: the database directly, no HTTP (db_path=None: $SANDLOT_DB or the default path)
     server.create_key(tenant, db_path=None) -> "sl_..."   # creates the tenant if needed; shown once
+    server.create_operator_key(db_path=None) -> "sl_..."  # reads /metrics; acts for no tenant
     server.list_keys(tenant=None, db_path=None) -> [KeyInfo(key_id, tenant, hint, created_at, last_used_at, revoked_at)]
     server.revoke_key(key_id_or_key, db_path=None) -> bool
     server.create_tenant(name, db_path=None) / server.list_tenants(db_path=None)
-    server.set_quotas(tenant, db_path=None, max_live=..., max_lifetime=..., requests_per_minute=...)
+    server.set_quotas(tenant, db_path=None, max_live=..., max_lifetime=..., requests_per_minute=...,
+                      total_memory="64G", total_pids=...)
+    server.operator_settings(db_path, ceilings=["memory=8G"], total_memory=..., total_pids=...,
+                             audit_retention="90d", audit_max_rows=...) -> Settings   # the operator's flags
+    server.Ceilings.for_host({"memory": "8G"})   # the most a tenant may ask for, per limit
     server.default_db_path()
 
 Mounted apps (``Mount``, authenticated by default) get the same API keys and rate limit as the REST
@@ -27,11 +32,12 @@ Run it as ``python -m sandlot.server --port 8000 --db /path/sandlot.db`` too.
 """
 
 from .app import Mount, create_app
+from .ceilings import Ceilings
 from .runner import main, serve
-from .settings import Quotas, Settings
-from .store import (DatabaseInUse, KeyInfo, Store, Tenant, create_key, create_tenant, default_db_path, list_keys,
-                    list_tenants, revoke_key, set_quotas)
+from .settings import Quotas, Settings, operator_settings
+from .store import (DatabaseInUse, KeyInfo, Store, Tenant, create_key, create_operator_key, create_tenant,
+                    default_db_path, list_keys, list_tenants, revoke_key, set_quotas)
 
-__all__ = ["serve", "main", "create_app", "Mount", "Settings", "Quotas", "Store", "Tenant", "KeyInfo",
-           "DatabaseInUse", "create_key", "create_tenant", "list_keys", "list_tenants", "revoke_key", "set_quotas",
-           "default_db_path"]
+__all__ = ["serve", "main", "create_app", "Mount", "Settings", "Quotas", "Ceilings", "operator_settings", "Store",
+           "Tenant", "KeyInfo", "DatabaseInUse", "create_key", "create_operator_key", "create_tenant", "list_keys",
+           "list_tenants", "revoke_key", "set_quotas", "default_db_path"]

@@ -4,6 +4,10 @@ Two ways in, one check: :func:`authenticate` is the FastAPI dependency of every 
 :class:`RequireKey` wraps a mounted ASGI app (the MCP endpoint) so it gets the same keys, the same
 rate limit and the tenant in ``scope["sandlot.tenant"]``. Admin work (tenants, keys, quotas) is not on
 HTTP at all: it goes through the CLI, which opens the database directly.
+
+Every key has a role. A tenant's key acts for its tenant (sandboxes, /mcp); an operator's key
+(`sandlot keys create --operator`) reads what spans tenants (/metrics) and acts for nobody. A valid key
+used outside its role is a 403; a missing or unknown one a 401.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from fastapi import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .._exceptions import AuthError, SandlotError
+from .errors import Forbidden
 from .settings import quotas_for
 from .store import Tenant
 
@@ -25,8 +30,16 @@ def bearer_token(header: Optional[str]) -> Optional[str]:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-def check_key(state, header: Optional[str]) -> Tenant:
-    """The tenant of a valid key, after charging one request to its rate. Raises AuthError / QuotaExceeded."""
+_WRONG_ROLE = {
+    "tenant": "an operator key acts for no tenant: it cannot create, see or use sandboxes (use a tenant's key, "
+              "`sandlot keys create --tenant NAME`)",
+    "operator": "this endpoint needs an operator key (`sandlot keys create --operator`); a tenant's key cannot read it",
+}
+
+
+def check_key(state, header: Optional[str], role: str = "tenant") -> Tenant:
+    """The tenant of a valid key with ``role``, after charging one request to its rate.
+    Raises AuthError (401), Forbidden (403, a key of another role) or QuotaExceeded."""
     token = bearer_token(header)
     if token is None:
         raise AuthError("missing API key: send 'Authorization: Bearer sl_...' (create one with `sandlot keys create`)")
@@ -34,6 +47,8 @@ def check_key(state, header: Optional[str]) -> Tenant:
     if tenant is None:
         raise AuthError("invalid or revoked API key")
     state.rate.check(tenant.id, tenant.name, quotas_for(state.settings, tenant).requests_per_minute)
+    if tenant.role != role:
+        raise Forbidden(_WRONG_ROLE[role])
     return tenant
 
 
@@ -42,6 +57,11 @@ async def authenticate(request: Request) -> Tenant:
     tenant = check_key(request.app.state.sandlot, request.headers.get("authorization"))
     request.state.tenant = tenant
     return tenant
+
+
+async def authenticate_operator(request: Request) -> Tenant:
+    """FastAPI dependency of the operator's endpoints (/metrics)."""
+    return check_key(request.app.state.sandlot, request.headers.get("authorization"), role="operator")
 
 
 class RequireKey:

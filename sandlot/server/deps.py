@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from .auth import authenticate
+from .auth import authenticate, authenticate_operator
 from .metrics import Metrics
 from .quotas import RateLimiter
 from .registry import Registry
@@ -40,5 +40,10 @@ async def _owner(request: Request, _: Optional[HTTPAuthorizationCredentials] = D
     return await authenticate(request)
 
 
+async def _operator(request: Request, _: Optional[HTTPAuthorizationCredentials] = Depends(_bearer)) -> Tenant:
+    return await authenticate_operator(request)
+
+
 Owner = Annotated[Tenant, Depends(_owner)]
+OperatorKey = Annotated[Tenant, Depends(_operator)]
 State = Annotated[ServerState, Depends(get_state)]

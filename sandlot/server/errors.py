@@ -22,9 +22,14 @@ from .bodylimit import BodyTooLarge
 
 log = logging.getLogger("sandlot.server")
 
+
+class Forbidden(AuthError):
+    """A valid key whose role may not do this (a tenant's key on /metrics, an operator's on a sandbox): 403."""
+
 _STATUS: list[tuple[type, int]] = [  # most specific first
     (BodyTooLarge, 413),
     (SandboxNotFound, 404),
+    (Forbidden, 403),
     (AuthError, 401),
     (QuotaExceeded, 429),
     (InvalidRequest, 400),
@@ -69,7 +74,7 @@ def error_detail(exc: BaseException) -> dict[str, Any]:
 def error_response(exc: SandlotError) -> JSONResponse:
     status = status_for(exc)
     headers = {}
-    if isinstance(exc, AuthError):
+    if isinstance(exc, AuthError) and not isinstance(exc, Forbidden):
         headers["WWW-Authenticate"] = 'Bearer realm="sandlot"'
     if isinstance(exc, QuotaExceeded):
         headers["Retry-After"] = str(max(1, round(exc.retry_after or 1)))

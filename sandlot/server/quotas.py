@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -33,6 +34,31 @@ def check_live(tenant_name: str, live: int, quotas: Quotas) -> None:
     if live >= quotas.max_live:
         raise QuotaExceeded(f"tenant {tenant_name!r} already has {live} live sandboxes, its quota is "
                             f"{quotas.max_live}; kill one (or let it time out) first")
+
+
+@dataclasses.dataclass(frozen=True)
+class Usage:
+    """What a tenant holds now: live sandboxes, and the memory (bytes) and pids limits of those running."""
+
+    live: int
+    memory: int
+    pids: int
+
+
+def _size(n: float) -> str:
+    return f"{n / 1024**3:.3g} GiB" if n >= 1024**3 else f"{n / 1024**2:.4g} MiB"
+
+
+def check_totals(tenant_name: str, usage: Usage, limits, quotas: Quotas) -> None:
+    """One more sandbox with ``limits`` must keep the tenant's memory and pids totals within its quotas."""
+    if usage.memory + limits.memory > quotas.total_memory:
+        raise QuotaExceeded(f"tenant {tenant_name!r} is over its total of memory: its running sandboxes' memory limits "
+                            f"sum to {_size(usage.memory)}, this one asks for {_size(limits.memory)}, and its total "
+                            f"is {_size(quotas.total_memory)} ({quotas.total_memory} bytes); kill one, or ask for less")
+    if usage.pids + limits.pids > quotas.total_pids:
+        raise QuotaExceeded(f"tenant {tenant_name!r} is over its total of pids: its running sandboxes' pids limits "
+                            f"sum to {usage.pids}, this one asks for {limits.pids}, and its total is "
+                            f"{quotas.total_pids}; kill one, or ask for fewer")
 
 
 def check_lifetime(tenant_name: str, seconds: float, quotas: Quotas) -> None:

@@ -1,19 +1,24 @@
-"""The live sandboxes of this server: who owns which, quotas at creation, and the reaper.
+"""The live sandboxes of this server: who owns which, ceilings and quotas at creation, and the reaper.
 
 Each live sandbox is an ``AsyncSandbox`` on the server's event loop; its own watchdog ends it at its
 idle timeout or lifetime. The reaper notices sandboxes that ended on their own (or crashed), records
-why, and frees their quota. A tenant only ever reaches its own sandboxes: anything else is "not found",
-worded the same whether the id belongs to another tenant or to nobody.
+why, and frees their quota; it also prunes old rows and the audit log. A tenant only ever reaches its own
+sandboxes: anything else is "not found", worded the same whether the id belongs to another tenant or to nobody.
+
+A tenant's memory and pids totals sum the limits of its sandboxes that hold them: running ones and
+creations in flight. A paused sandbox (gVisor tier) waits on disk with no process and no memory, so it
+does not count; resuming it counts it again, and is refused (429) if it no longer fits.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
 import time
-from typing import Any, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 from .. import _sandbox
 from .._exceptions import InvalidRequest, QuotaExceeded, SandboxNotFound
@@ -25,7 +30,7 @@ from .._pool import pool_for
 from .._templates import get_template
 from .background import CommandTable
 from .metrics import Metrics
-from .quotas import check_lifetime, check_live
+from .quotas import Usage, check_lifetime, check_live, check_totals
 from .settings import Settings, quotas_for
 from .store import SandboxRow, Store, Tenant
 
@@ -35,6 +40,19 @@ LOST_ON_SHUTDOWN = "the server shut down while it ran"
 _HOUSEKEEPING_EVERY = 300.0  # seconds between pruning old rows and sweeping stale cgroups
 
 
+@contextlib.contextmanager
+def _reserved(table: dict[int, list[Limits]], tenant_id: int, limits: Limits) -> Iterator[None]:
+    """``limits`` counts in ``table[tenant_id]`` while the block runs (a creation or resume in flight)."""
+    entries = table.setdefault(tenant_id, [])
+    entries.append(limits)
+    try:
+        yield
+    finally:
+        entries.remove(limits)
+        if not entries and table.get(tenant_id) is entries:
+            del table[tenant_id]
+
+
 @dataclasses.dataclass
 class Session:
     sandbox: Any  # a local AsyncSandbox
@@ -42,6 +60,7 @@ class Session:
     template: str
     created_at: float  # wall clock
     commands: CommandTable
+    limits: Limits
     one_shot: bool = False
 
     @property
@@ -55,32 +74,43 @@ class Registry:
         self.settings = settings
         self.metrics = metrics
         self.live: dict[str, Session] = {}
-        self._creating: dict[int, int] = {}  # tenant id -> creations in flight (they count against quotas)
+        self._creating: dict[int, list[Limits]] = {}  # tenant id -> creations in flight (they count against quotas)
+        self._resuming: dict[int, list[Limits]] = {}  # tenant id -> resumes in flight (they count against totals)
         self._tasks: set[asyncio.Task] = set()
         self._reaper: Optional[asyncio.Task] = None
 
     # -- counts --------------------------------------------------------------------------------------
     def live_count(self, tenant: Optional[Tenant] = None) -> int:
         if tenant is None:
-            return len(self.live) + sum(self._creating.values())
-        return sum(1 for s in self.live.values() if s.tenant.id == tenant.id) + self._creating.get(tenant.id, 0)
+            return len(self.live) + sum(len(c) for c in self._creating.values())
+        return sum(1 for s in self.live.values() if s.tenant.id == tenant.id) + len(self._creating.get(tenant.id, ()))
+
+    def usage(self, tenant: Tenant) -> Usage:
+        """What the tenant holds now: live sandboxes, and the memory and pids limits of those not paused."""
+        mine = [s for s in self.live.values() if s.tenant.id == tenant.id]
+        holding = ([s.limits for s in mine if not s.sandbox.is_paused] + self._creating.get(tenant.id, [])
+                   + self._resuming.get(tenant.id, []))
+        return Usage(live=len(mine) + len(self._creating.get(tenant.id, ())),
+                     memory=sum(limits.memory for limits in holding), pids=sum(limits.pids for limits in holding))
 
     # -- create --------------------------------------------------------------------------------------
     def _limits(self, tenant: Tenant, limits: Optional[Mapping[str, Any]], timeout: Optional[float]) -> Limits:
         quotas = quotas_for(self.settings, tenant)
+        ceilings = self.settings.ceilings
         requested = dict(limits or {})
         if timeout is not None:
             requested["lifetime"] = timeout
         built = Limits.build(requested)
+        ceilings.check(requested, built)  # what the tenant asked for: 400 over a ceiling...
+        built = ceilings.lower_defaults(built, requested)  # ...what it did not ask for: lowered to fit
         if requested.get("lifetime") is None:  # the default lifetime, shortened to what the tenant may have
             built = dataclasses.replace(built, lifetime=min(built.lifetime, quotas.max_lifetime))
         check_lifetime(tenant.name, built.lifetime, quotas)
-        if "cpu" in requested and built.cpu > self.settings.max_cpu:
-            raise InvalidRequest(f"limit cpu={built.cpu:g} is more than this server has ({self.settings.max_cpu:g} cores)")
-        if "memory" in requested and built.memory > self.settings.max_memory:
-            raise InvalidRequest(f"limit memory={built.memory} is more than this server has "
-                                 f"({self.settings.max_memory} bytes)")
         return built
+
+    def check_call_timeout(self, seconds: Optional[float]) -> None:
+        """A call's own timeout (code, commands) may not pass the server's ``timeout`` ceiling."""
+        self.settings.ceilings.check_call_timeout(seconds)
 
     async def create(self, tenant: Tenant, *, template: str = "python", timeout: Optional[float] = None,
                      limits: Optional[Mapping[str, Any]] = None, env: Optional[Mapping[str, str]] = None,
@@ -90,26 +120,24 @@ class Registry:
             raise InvalidRequest(f"isolation {isolation[:32]!r} is not enabled on this server; "
                                  f"enabled: {list(self.settings.isolations)}")
         built = self._limits(tenant, limits, timeout)
-        check_live(tenant.name, self.live_count(tenant), quotas_for(self.settings, tenant))
+        quotas = quotas_for(self.settings, tenant)
+        check_live(tenant.name, self.live_count(tenant), quotas)
+        check_totals(tenant.name, self.usage(tenant), built, quotas)
         if self.live_count() >= self.settings.max_live_total:
             raise QuotaExceeded(f"this server is at capacity ({self.settings.max_live_total} live sandboxes); "
                                 "retry later", retry_after=5.0)
         # api_url="": always a local sandbox, even if SANDLOT_API_URL is set in the server's environment.
         sandbox = _sandbox.AsyncSandbox(template, limits=built, env=env, metadata=metadata, isolation=isolation,
                                         api_url="")
-        self._creating[tenant.id] = self._creating.get(tenant.id, 0) + 1
         started = time.monotonic()
-        try:
+        # Reserved before the first await: concurrent creations see each other in the checks above.
+        with _reserved(self._creating, tenant.id, built):
             await sandbox.start()
-        finally:
-            self._creating[tenant.id] -= 1
-            if not self._creating[tenant.id]:
-                del self._creating[tenant.id]
         self.metrics.create_seconds.observe(time.monotonic() - started)
         self.metrics.created.labels(template).inc()
         now = time.time()
         session = Session(sandbox, tenant, template, now, CommandTable(self.settings.max_background_commands),
-                          one_shot)
+                          built, one_shot)
         self.live[session.id] = session
         if not one_shot:
             self.store.add_sandbox(session.id, tenant, template, dict(metadata or {}), built.to_dict(), now,
@@ -156,15 +184,24 @@ class Registry:
             if row is None or row.status != "paused":
                 self.get(tenant, sandbox_id)  # says what became of it
                 raise InvalidRequest(f"sandbox {sandbox_id} is not paused")
-            check_live(tenant.name, self.live_count(tenant), quotas_for(self.settings, tenant))
+            quotas = quotas_for(self.settings, tenant)
+            check_live(tenant.name, self.live_count(tenant), quotas)
+            limits = Limits.build(row.limits)
+            check_totals(tenant.name, self.usage(tenant), limits, quotas)
             started = time.monotonic()
-            sandbox = await _sandbox.AsyncSandbox.connect(sandbox_id, isolation="gvisor", api_url="")  # resumes it
+            with _reserved(self._resuming, tenant.id, limits):
+                sandbox = await _sandbox.AsyncSandbox.connect(sandbox_id, isolation="gvisor", api_url="")  # resumes
             session = Session(sandbox, tenant, row.template, row.created_at,
-                              CommandTable(self.settings.max_background_commands))
+                              CommandTable(self.settings.max_background_commands), limits)
             self.live[sandbox_id] = session
             info = PauseInfo(seconds=time.monotonic() - started, checkpoint_bytes=0)
         else:
-            info = await session.sandbox.resume()
+            if not session.sandbox.is_paused:
+                info = await session.sandbox.resume()  # says it is not paused
+            else:  # it holds memory and pids again once resumed
+                check_totals(tenant.name, self.usage(tenant), session.limits, quotas_for(self.settings, tenant))
+                with _reserved(self._resuming, tenant.id, session.limits):
+                    info = await session.sandbox.resume()
         self.store.set_paused(sandbox_id, False)
         self.store.audit(tenant.name, "resume", sandbox_id, None, tenant.key_id)
         return info
@@ -217,6 +254,7 @@ class Registry:
     async def set_timeout(self, tenant: Tenant, sandbox_id: str, seconds: float) -> SandboxRow:
         session = self.get(tenant, sandbox_id)
         now = time.time()
+        self.settings.ceilings.check_lifetime(now - session.created_at + seconds)
         check_lifetime(tenant.name, now - session.created_at + seconds, quotas_for(self.settings, tenant))
         await session.sandbox.set_timeout(seconds)
         self.store.set_expiry(sandbox_id, now + seconds)
@@ -252,14 +290,22 @@ class Registry:
             log.warning("warm-up failed: %s", exc)
 
     async def _reap(self) -> None:
-        last_housekeeping = 0.0
+        last_housekeeping = last_audit_prune = float("-inf")
+        settings = self.settings
+        # Often enough that no row outlives its retention by more than a tenth of it (a short retention is
+        # pruned every reaper pass), at most every _HOUSEKEEPING_EVERY.
+        audit_every = min(_HOUSEKEEPING_EVERY, settings.audit_retention / 10)
         while True:
-            await asyncio.sleep(self.settings.reap_interval)
+            await asyncio.sleep(settings.reap_interval)
             try:
                 self.collect()
+                if time.monotonic() - last_audit_prune >= audit_every:
+                    last_audit_prune = time.monotonic()
+                    await asyncio.to_thread(self.store.prune_audit, time.time() - settings.audit_retention,
+                                            settings.audit_max_rows)
                 if time.monotonic() - last_housekeeping > _HOUSEKEEPING_EVERY:
                     last_housekeeping = time.monotonic()
-                    self.store.prune(time.time() - self.settings.retention)
+                    self.store.prune(time.time() - settings.retention)
                     await asyncio.to_thread(cgroups.sweep_stale)  # e.g. warm-pool leftovers of a crashed server
             except Exception:  # noqa: BLE001 - the reaper must outlive any one bad pass
                 log.exception("reaper pass failed")

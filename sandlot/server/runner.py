@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 from typing import Optional, Sequence
 
 import uvicorn
 
+from .._exceptions import InvalidRequest
 from .app import Mount, create_app
-from .settings import Quotas, Settings
+from .settings import Quotas, Settings, operator_settings
 from .store import DatabaseInUse, default_db_path, lock_database
 
 
@@ -40,10 +40,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--max-lifetime", type=float, default=defaults.max_lifetime, help="seconds (<= 14 days)")
     parser.add_argument("--rate", type=int, default=defaults.requests_per_minute, help="requests/minute per tenant")
     parser.add_argument("--isolations", default="process", help="tiers clients may ask for, e.g. process,gvisor")
+    parser.add_argument("--ceiling", action="append", default=[], metavar="LIMIT=VALUE",
+                        help="the most a tenant may ask for, e.g. memory=8G (repeat; default: from this host)")
+    parser.add_argument("--total-memory", metavar="SIZE", help="default per-tenant sum of memory limits (e.g. 64G)")
+    parser.add_argument("--total-pids", type=int, metavar="N", help="default per-tenant sum of pids limits")
+    parser.add_argument("--audit-retention", metavar="DURATION", help="keep audit rows this long (e.g. 90d, 12h)")
+    parser.add_argument("--audit-max-rows", type=int, metavar="N", help="keep at most the newest N audit rows")
     args = parser.parse_args(argv)
-    settings = Settings(db_path=Path(args.db) if args.db else default_db_path(),
-                        quotas=Quotas(args.max_live, args.max_lifetime, args.rate),
-                        isolations=tuple(i.strip() for i in args.isolations.split(",") if i.strip()))
+    try:
+        settings = operator_settings(
+            args.db, ceilings=args.ceiling, total_memory=args.total_memory, total_pids=args.total_pids,
+            audit_retention=args.audit_retention, audit_max_rows=args.audit_max_rows, max_live=args.max_live,
+            max_lifetime=args.max_lifetime, requests_per_minute=args.rate,
+            isolations=[i.strip() for i in args.isolations.split(",") if i.strip()])
+    except InvalidRequest as exc:
+        parser.error(str(exc))
     try:
         serve(args.host, args.port, log_level=args.log_level, settings=settings)
     except DatabaseInUse as exc:

@@ -65,14 +65,15 @@ class _Body(BaseModel):
 
 # -- requests ----------------------------------------------------------------------------------------
 class CreateSandbox(_Body):
-    template: Text = Field("python", max_length=64, description="Template name (GET /healthz lists them)")
+    template: Text = Field("python", max_length=64, description="Template name (GET /v1/info lists them)")
     timeout: Optional[Seconds] = Field(None, description="Lifetime in seconds from now (extend with /timeout)")
     limits: Optional[dict[Text, LimitValue]] = Field(
-        None, description='Overrides of the default limits, e.g. {"memory": "2G", "cpu": 2, "idle_timeout": 600}')
+        None, description='Overrides of the default limits, e.g. {"memory": "2G", "cpu": 2, "idle_timeout": 600}; '
+                          "each at most the server's ceiling (GET /v1/info)")
     env: Optional[dict[Text, Text]] = Field(None, description="Environment of the session and commands")
     metadata: Optional[dict[Text, Text]] = Field(None, description="Your tags; filter GET /v1/sandboxes by them")
     isolation: Text = Field("process", max_length=32,
-                            description='"process", or "gvisor" where the server enables it (GET /healthz lists them)')
+                            description='"process", or "gvisor" where the server enables it (GET /v1/info lists them)')
 
     _env = field_validator("env")(_check_env)
     _metadata = field_validator("metadata")(_check_metadata)
@@ -256,11 +257,33 @@ class PauseOut(BaseModel):
 
 
 class HealthOut(BaseModel):
+    """Liveness only: no key is needed, so it says nothing of anyone's sandboxes (nor of the server's make-up)."""
+
     status: Literal["ok"] = "ok"
+
+
+class QuotasOut(BaseModel):
+    max_live: int
+    max_lifetime: float
+    requests_per_minute: int
+    total_memory: int = Field(..., description="bytes: the most the memory limits of your live sandboxes may sum to")
+    total_pids: int = Field(..., description="the most the pids limits of your live sandboxes may sum to")
+
+
+class UsageNowOut(BaseModel):
+    live: int = Field(..., description="your live sandboxes (paused ones included), and creations in flight")
+    memory: int = Field(..., description="bytes: the memory limits of your running sandboxes, summed")
+    pids: int = Field(..., description="the pids limits of your running sandboxes, summed")
+
+
+class InfoOut(BaseModel):
     version: str
-    live_sandboxes: int
     templates: list[str]
     isolations: list[str]
+    defaults: dict[str, float] = Field(..., description="the limits a sandbox gets when it asks for none")
+    ceilings: dict[str, float] = Field(..., description="the most you may ask for, per limit (over it: 400)")
+    quotas: QuotasOut
+    usage: UsageNowOut
 
 
 def when(ts: Optional[float]) -> Optional[datetime]:

@@ -1,22 +1,29 @@
-"""Server settings: where state lives, default tenant quotas, and the bounds every request must respect."""
+"""Server settings: where state lives, default tenant quotas, the operator's ceilings, the audit log's retention.
+
+:func:`operator_settings` turns the operator's flags (`sandlot serve`, ``python -m sandlot.server``) into
+Settings, so both entry points read them the same way.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from pathlib import Path
-from typing import Optional
+from typing import Any, Iterable, Optional
 
+from .._exceptions import InvalidRequest
+from .._limits import parse_size
+from .ceilings import MAX_LIFETIME, Ceilings, host_pids, physical_memory
 from .store import default_db_path
 
-MAX_LIFETIME = 14 * 86400.0  # the longest a session may live, as Vertex AI allows
+
+def _total_memory() -> int:
+    return physical_memory()  # one tenant may reserve (sum of its memory limits) at most the machine's RAM
 
 
-def _physical_memory() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
-        return 1024**4
+def _total_pids() -> int:
+    return host_pids() // 2  # one tenant may reserve at most half of the tasks the kernel can hold
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +33,9 @@ class Quotas:
     max_live: int = 20  # sandboxes alive at once (one-shot runs count while they run)
     max_lifetime: float = MAX_LIFETIME  # seconds from creation; set_timeout cannot go past it
     requests_per_minute: int = 1200  # a token bucket: bursts up to this many, refilled evenly
+    # Sums of the memory and pids limits over the tenant's live sandboxes (paused ones hold neither).
+    total_memory: int = dataclasses.field(default_factory=_total_memory)
+    total_pids: int = dataclasses.field(default_factory=_total_pids)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,13 +43,14 @@ class Settings:
     db_path: Path = dataclasses.field(default_factory=default_db_path)
     quotas: Quotas = Quotas()
     max_live_total: int = 1000  # across all tenants: the host's own capacity
-    # Absurd limits are refused up front with a clear message rather than accepted and never met.
-    max_cpu: float = float(os.cpu_count() or 1)
-    max_memory: int = dataclasses.field(default_factory=_physical_memory)
+    # The most a tenant may ask for, per limit: refused up front with a clear message, never accepted and unmet.
+    ceilings: Ceilings = dataclasses.field(default_factory=Ceilings)
     max_json_bytes: int = 8 * 1024**2  # any JSON body (code travels in a frame of at most 256 KiB anyway)
     max_upload_bytes: int = 4 * 1024**3  # one file upload; the sandbox's disk limit applies too
     reap_interval: float = 1.0  # how often the reaper records sandboxes that ended on their own
     retention: float = 7 * 86400.0  # ended sandboxes stay listable this long
+    audit_retention: float = 90 * 86400.0  # audit rows older than this are pruned by the reaper...
+    audit_max_rows: int = 1_000_000  # ...and only the newest this many are kept, whatever their age
     heartbeat: float = 15.0  # idle NDJSON streams get a {"type": "ping"} line this often
     max_background_commands: int = 32  # tracked per sandbox (finished ones are dropped first)
     isolations: tuple[str, ...] = ("process",)  # tiers clients may ask for ("gvisor" needs runsc on the host)
@@ -58,4 +69,72 @@ def quotas_for(settings: Settings, tenant) -> Quotas:
 
     return Quotas(max_live=int(pick(tenant.max_live, base.max_live)),
                   max_lifetime=float(min(pick(tenant.max_lifetime, base.max_lifetime), MAX_LIFETIME)),
-                  requests_per_minute=int(pick(tenant.requests_per_minute, base.requests_per_minute)))
+                  requests_per_minute=int(pick(tenant.requests_per_minute, base.requests_per_minute)),
+                  total_memory=int(pick(tenant.total_memory, base.total_memory)),
+                  total_pids=int(pick(tenant.total_pids, base.total_pids)))
+
+
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*")
+_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: Any, name: str) -> float:
+    """``90d``, ``12h``, ``30m``, ``8s`` or plain seconds -> seconds."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    m = _DURATION.fullmatch(str(value))
+    if not m or float(m.group(1)) <= 0:
+        raise InvalidRequest(f"{name}: cannot read {value!r} as a duration (try 90d, 12h, 30m or 45s)")
+    return float(m.group(1)) * _SECONDS[m.group(2)]
+
+
+def parse_assignments(pairs: Iterable[str], what: str) -> dict[str, str]:
+    """``["memory=8G", "pids=2048"]`` -> ``{"memory": "8G", "pids": "2048"}`` (a later one wins)."""
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise InvalidRequest(f"{what} {pair!r} must look like NAME=VALUE, e.g. memory=8G")
+        out[name.strip()] = value.strip()
+    return out
+
+
+def _number(value: str) -> "float | str":
+    """``"1.5"`` -> 1.5, ``"256"`` -> 256; a size like ``"8G"`` stays as it is (Limits.build reads it)."""
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return int(number) if number.is_integer() else number
+
+
+def operator_settings(db_path: "str | os.PathLike[str] | None" = None, *, ceilings: Iterable[str] = (),
+                      total_memory: Optional[str] = None, total_pids: Optional[int] = None,
+                      audit_retention: Optional[str] = None, audit_max_rows: Optional[int] = None,
+                      max_live: Optional[int] = None, max_lifetime: Optional[float] = None,
+                      requests_per_minute: Optional[int] = None, isolations: Optional[Iterable[str]] = None) -> Settings:
+    """Settings from the operator's flags; None keeps a default. Raises InvalidRequest on a bad value."""
+    quotas = Quotas()
+    changes: dict[str, Any] = {}
+    for field, value in (("max_live", max_live), ("max_lifetime", max_lifetime),
+                         ("requests_per_minute", requests_per_minute), ("total_pids", total_pids)):
+        if value is not None:
+            if value <= 0:
+                raise InvalidRequest(f"{field.replace('_', '-')} must be more than 0")
+            changes[field] = value
+    if total_memory is not None:
+        changes["total_memory"] = parse_size(total_memory, "total-memory")
+    quotas = dataclasses.replace(quotas, **changes)
+    settings = Settings(db_path=Path(db_path) if db_path else default_db_path(), quotas=quotas,
+                        ceilings=Ceilings.for_host({k: _number(v) for k, v in
+                                                    parse_assignments(ceilings, "ceiling").items()}))
+    more: dict[str, Any] = {}
+    if audit_retention is not None:
+        more["audit_retention"] = parse_duration(audit_retention, "audit-retention")
+    if audit_max_rows is not None:
+        if audit_max_rows < 1:
+            raise InvalidRequest("audit-max-rows must be at least 1")
+        more["audit_max_rows"] = int(audit_max_rows)
+    if isolations is not None:
+        more["isolations"] = tuple(isolations)
+    return dataclasses.replace(settings, **more) if more else settings

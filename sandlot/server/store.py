@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
 from .._exceptions import InvalidRequest, SandlotError
+from .._limits import parse_size
 
 KEY_PREFIX = "sl_"
 _TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -37,7 +38,9 @@ CREATE TABLE IF NOT EXISTS tenants (
     created_at REAL NOT NULL,
     max_live INTEGER,              -- NULL: the server's default quota
     max_lifetime REAL,
-    requests_per_minute INTEGER
+    requests_per_minute INTEGER,
+    total_memory INTEGER,          -- bytes: the sum of memory limits over its live sandboxes
+    total_pids INTEGER
 );
 CREATE TABLE IF NOT EXISTS api_keys (
     key_id TEXT PRIMARY KEY,
@@ -46,7 +49,8 @@ CREATE TABLE IF NOT EXISTS api_keys (
     hint TEXT NOT NULL,            -- the first characters of the key, to recognise it
     created_at REAL NOT NULL,
     last_used_at REAL,
-    revoked_at REAL
+    revoked_at REAL,
+    role TEXT NOT NULL DEFAULT 'tenant'  -- tenant | operator (see OPERATOR_TENANT)
 );
 CREATE TABLE IF NOT EXISTS sandboxes (
     id TEXT PRIMARY KEY,
@@ -79,6 +83,13 @@ CREATE TABLE IF NOT EXISTS audit (
 );
 CREATE INDEX IF NOT EXISTS audit_by_tenant ON audit(tenant, at);
 """
+# Added after a database may have been created: columns (table, column, declaration), then indexes.
+_ADDED_COLUMNS = [("tenants", "total_memory", "INTEGER"), ("tenants", "total_pids", "INTEGER"),
+                  ("api_keys", "role", "TEXT NOT NULL DEFAULT 'tenant'")]
+_ADDED_INDEXES = "CREATE INDEX IF NOT EXISTS audit_by_time ON audit(at);"
+# Operator keys hang off this tenant. Its name cannot be a tenant's (they start with a letter or digit), and
+# an operator key is refused wherever a tenant acts (sandboxes, /mcp): it holds nothing and runs nothing.
+OPERATOR_TENANT = "@operator"
 
 
 def default_db_path() -> Path:
@@ -102,7 +113,10 @@ class Tenant:
     max_live: Optional[int] = None  # None: the server's default
     max_lifetime: Optional[float] = None
     requests_per_minute: Optional[int] = None
+    total_memory: Optional[int] = None
+    total_pids: Optional[int] = None
     key_id: Optional[str] = None  # the key this request authenticated with
+    role: str = "tenant"  # the role of that key: "tenant", or "operator" (/metrics)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +127,7 @@ class KeyInfo:
     created_at: float
     last_used_at: Optional[float]
     revoked_at: Optional[float]
+    role: str = "tenant"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +171,10 @@ class Store:
             self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across crashes of the process
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(_SCHEMA)
+            for table, column, declaration in _ADDED_COLUMNS:
+                if column not in {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+            self._db.executescript(_ADDED_INDEXES)
 
     def close(self) -> None:
         with self._lock:
@@ -193,13 +212,19 @@ class Store:
         return _tenant(rows[0])
 
     def tenants(self) -> list[Tenant]:
-        return [_tenant(r) for r in self._query("SELECT * FROM tenants ORDER BY name")]
+        return [_tenant(r) for r in self._query("SELECT * FROM tenants WHERE name != ? ORDER BY name",
+                                                 (OPERATOR_TENANT,))]
 
     def set_quotas(self, name: str, *, max_live: Optional[int] = None, max_lifetime: Optional[float] = None,
-                   requests_per_minute: Optional[int] = None) -> Tenant:
-        """Override the server's default quotas for one tenant (None keeps the current value)."""
+                   requests_per_minute: Optional[int] = None, total_memory: "int | str | None" = None,
+                   total_pids: Optional[int] = None) -> Tenant:
+        """Override the server's default quotas for one tenant (None keeps the current value).
+        ``total_memory`` takes sizes like ``"8G"``."""
         tenant = self.tenant(name)
-        values = {"max_live": max_live, "max_lifetime": max_lifetime, "requests_per_minute": requests_per_minute}
+        if total_memory is not None:
+            total_memory = parse_size(total_memory, "total_memory")
+        values = {"max_live": max_live, "max_lifetime": max_lifetime, "requests_per_minute": requests_per_minute,
+                  "total_memory": total_memory, "total_pids": total_pids}
         for field, value in values.items():
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
                 raise InvalidRequest(f"quota {field} must be a number >= 0")
@@ -218,17 +243,28 @@ class Store:
             if not create_tenant:
                 raise
             owner = self.create_tenant(tenant)
+        return self._new_key(owner.id, "tenant")
+
+    def create_operator_key(self) -> str:
+        """A new operator key: it reads /metrics, and is refused wherever a tenant acts. Shown once."""
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO tenants (name, created_at) VALUES (?, ?)", (OPERATOR_TENANT, time.time()))
+        return self._new_key(self._query("SELECT id FROM tenants WHERE name = ?", (OPERATOR_TENANT,))[0][0],
+                             "operator")
+
+    def _new_key(self, tenant_id: int, role: str) -> str:
         key = KEY_PREFIX + secrets.token_urlsafe(32)
         with self._tx() as db:
-            db.execute("INSERT INTO api_keys (key_id, tenant_id, key_hash, hint, created_at) VALUES (?, ?, ?, ?, ?)",
-                       ("k_" + secrets.token_hex(4), owner.id, hash_key(key), key[:9] + "…", time.time()))
+            db.execute("INSERT INTO api_keys (key_id, tenant_id, key_hash, hint, created_at, role)"
+                       " VALUES (?, ?, ?, ?, ?, ?)",
+                       ("k_" + secrets.token_hex(4), tenant_id, hash_key(key), key[:9] + "…", time.time(), role))
         return key
 
     def list_keys(self, tenant: Optional[str] = None) -> list[KeyInfo]:
         sql = ("SELECT k.*, t.name AS tenant FROM api_keys k JOIN tenants t ON t.id = k.tenant_id"
                + (" WHERE t.name = ?" if tenant else "") + " ORDER BY k.created_at")
-        return [KeyInfo(r["key_id"], r["tenant"], r["hint"], r["created_at"], r["last_used_at"], r["revoked_at"])
-                for r in self._query(sql, (tenant,) if tenant else ())]
+        return [KeyInfo(r["key_id"], r["tenant"], r["hint"], r["created_at"], r["last_used_at"], r["revoked_at"],
+                        r["role"]) for r in self._query(sql, (tenant,) if tenant else ())]
 
     def revoke_key(self, key_id: str) -> bool:
         """Revoke by key id (``k_...``) or by the key itself. False if no such live key."""
@@ -242,7 +278,8 @@ class Store:
         """The tenant owning this live key, or None."""
         if not key.startswith(KEY_PREFIX) or len(key) > 128:
             return None
-        rows = self._query("SELECT t.*, k.key_id, k.last_used_at FROM api_keys k JOIN tenants t ON t.id = k.tenant_id"
+        rows = self._query("SELECT t.*, k.key_id, k.last_used_at, k.role FROM api_keys k"
+                           " JOIN tenants t ON t.id = k.tenant_id"
                            " WHERE k.key_hash = ? AND k.revoked_at IS NULL", (hash_key(key),))
         if not rows:
             return None
@@ -251,7 +288,7 @@ class Store:
         if row["last_used_at"] is None or now - row["last_used_at"] > 60:  # at most one write a minute per key
             with self._tx() as db:
                 db.execute("UPDATE api_keys SET last_used_at = ? WHERE key_id = ?", (now, row["key_id"]))
-        return dataclasses.replace(_tenant(row), key_id=row["key_id"])
+        return dataclasses.replace(_tenant(row), key_id=row["key_id"], role=row["role"])
 
     # -- sandboxes -------------------------------------------------------------------------------
     def add_sandbox(self, sandbox_id: str, tenant: Tenant, template: str, metadata: Mapping[str, str],
@@ -316,6 +353,15 @@ class Store:
                               (ended_before,)).rowcount
 
     # -- audit -----------------------------------------------------------------------------------
+    def prune_audit(self, before: float, max_rows: int) -> int:
+        """Forget audit rows older than ``before``, and all but the newest ``max_rows``. -> rows removed."""
+        with self._tx() as db:
+            removed = db.execute("DELETE FROM audit WHERE at < ?", (before,)).rowcount
+            cutoff = db.execute("SELECT id FROM audit ORDER BY id DESC LIMIT 1 OFFSET ?", (int(max_rows),)).fetchone()
+            if cutoff is not None:
+                removed += db.execute("DELETE FROM audit WHERE id <= ?", (cutoff[0],)).rowcount
+        return removed
+
     def audit(self, tenant: str, action: str, sandbox_id: Optional[str] = None, detail: Optional[str] = None,
               key_id: Optional[str] = None) -> None:
         if detail is not None and len(detail) > 2000:
@@ -340,7 +386,8 @@ class Store:
 
 
 def _tenant(row: sqlite3.Row) -> Tenant:
-    return Tenant(row["id"], row["name"], row["max_live"], row["max_lifetime"], row["requests_per_minute"])
+    return Tenant(row["id"], row["name"], row["max_live"], row["max_lifetime"], row["requests_per_minute"],
+                  row["total_memory"], row["total_pids"])
 
 
 def _sandbox(row: sqlite3.Row) -> SandboxRow:
@@ -385,6 +432,11 @@ def create_key(tenant: str, db_path: "str | os.PathLike[str] | None" = None) -> 
     return _with_store(db_path, lambda s: s.create_key(tenant))
 
 
+def create_operator_key(db_path: "str | os.PathLike[str] | None" = None) -> str:
+    """A new operator key (``sl_...``): it reads /metrics and nothing of any tenant's. Shown once."""
+    return _with_store(db_path, lambda s: s.create_operator_key())
+
+
 def list_keys(tenant: Optional[str] = None, db_path: "str | os.PathLike[str] | None" = None) -> list[KeyInfo]:
     return _with_store(db_path, lambda s: s.list_keys(tenant))
 
@@ -398,5 +450,6 @@ def list_tenants(db_path: "str | os.PathLike[str] | None" = None) -> list[Tenant
 
 
 def set_quotas(tenant: str, db_path: "str | os.PathLike[str] | None" = None, **quotas: Any) -> Tenant:
-    """``set_quotas("acme", max_live=50, max_lifetime=86400, requests_per_minute=600)``."""
+    """``set_quotas("acme", max_live=50, max_lifetime=86400, requests_per_minute=600, total_memory="64G",
+    total_pids=8192)``."""
     return _with_store(db_path, lambda s: s.set_quotas(tenant, **quotas))

@@ -67,6 +67,7 @@ def _code_end(execution: Execution, emit: ndjson.Emit) -> dict:
              summary="Run Python in the sandbox's session (state persists between calls)")
 async def run_code(sandbox_id: str, body: RunCode, tenant: Owner, state: State) -> Any:
     session = state.registry.get(tenant, sandbox_id)
+    state.registry.check_call_timeout(body.timeout)
     _fits_one_frame({"t": "exec", "id": 1, "code": body.code})
     state.store.audit(tenant.name, "run_code", sandbox_id, body.code[:1000], tenant.key_id)
     if not body.stream:
@@ -82,6 +83,7 @@ async def run_code(sandbox_id: str, body: RunCode, tenant: Owner, state: State) 
              summary="One-shot: run code in a fresh sandbox that is gone afterwards")
 async def run_once(body: RunOnce, tenant: Owner, state: State) -> Any:
     _fits_one_frame({"t": "exec", "id": 1, "code": body.code})
+    state.registry.check_call_timeout(body.timeout)
     session = await state.registry.create(tenant, template=body.template, limits=body.limits, env=body.env,
                                           isolation=body.isolation, one_shot=True)
     state.store.audit(tenant.name, "run_once", None, body.code[:1000], tenant.key_id)
@@ -124,6 +126,7 @@ def _background_out(command: BackgroundCommand) -> BackgroundCommandOut:
              responses=_STREAMS, summary="Run a shell command (/bin/sh -c) in the sandbox")
 async def run_command(sandbox_id: str, body: RunCommand, tenant: Owner, state: State) -> Any:
     session = state.registry.get(tenant, sandbox_id)
+    state.registry.check_call_timeout(body.timeout)
     stdin: Union[str, bytes, None] = body.stdin
     if body.stdin is not None and body.stdin_base64:
         try:

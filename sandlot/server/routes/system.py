@@ -1,27 +1,44 @@
-"""Health (no key needed: load balancers and `sandlot doctor` probe it) and Prometheus metrics (a key needed)."""
+"""Health (no key: load balancers and `sandlot doctor` probe it), what a tenant may ask for (/v1/info, a tenant's
+key) and Prometheus metrics (an operator's key: they span every tenant)."""
 
 from __future__ import annotations
+
+import dataclasses
 
 from fastapi import APIRouter
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from ..._limits import Limits
 from ..._templates import template_names
-from ..deps import Owner, State
-from ..schemas import HealthOut
+from ..deps import OperatorKey, Owner, State
+from ..schemas import ErrorBody, HealthOut, InfoOut, QuotasOut, UsageNowOut
+from ..settings import quotas_for
 
 router = APIRouter(tags=["system"])
 
 
-@router.get("/healthz", response_model=HealthOut, summary="Liveness (no API key needed)")
-async def healthz(state: State) -> HealthOut:
+@router.get("/healthz", response_model=HealthOut, summary="Liveness (no API key needed; says nothing else)")
+async def healthz() -> HealthOut:
+    return HealthOut()
+
+
+@router.get("/v1/info", response_model=InfoOut, responses={401: {"model": ErrorBody}, 403: {"model": ErrorBody}},
+            summary="What you may ask for: templates, tiers, default limits, ceilings, your quotas and usage")
+async def info(tenant: Owner, state: State) -> InfoOut:
     from ... import __version__
 
-    return HealthOut(version=__version__, live_sandboxes=state.registry.live_count(), templates=template_names(),
-                     isolations=list(state.settings.isolations))
+    ceilings = state.settings.ceilings
+    usage = state.registry.usage(tenant)
+    return InfoOut(version=__version__, templates=template_names(), isolations=list(state.settings.isolations),
+                   defaults=ceilings.lower_defaults(Limits(), {}).to_dict(), ceilings=ceilings.to_dict(),
+                   quotas=QuotasOut(**dataclasses.asdict(quotas_for(state.settings, tenant))),
+                   usage=UsageNowOut(live=usage.live, memory=usage.memory, pids=usage.pids))
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response,
-            responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
-async def metrics(tenant: Owner, state: State) -> Response:
+@router.get("/metrics", summary="Prometheus metrics (an operator key: `sandlot keys create --operator`)",
+            response_class=Response,
+            responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}, 401: {"model": ErrorBody},
+                       403: {"model": ErrorBody}})
+async def metrics(operator: OperatorKey, state: State) -> Response:
     return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
