@@ -29,7 +29,8 @@ from ._backends.base import default_isolation
 from ._limits import Limits, check_env
 from ._models import (CommandResult, EntryInfo, Execution, ExecutionError, PauseInfo, Result, SandboxInfo,
                       SandboxMetrics, Usage)
-from ._sandbox import (AsyncCommandHandle, AsyncFiles, AsyncSandbox, OutputHandler, ResultHandler, _call, _check_format,
+from ._output import OutputHandler, call as _call
+from ._sandbox import (AsyncCommandHandle, AsyncFiles, AsyncSandbox, ResultHandler, _check_format,
                        _chunks, read_as)
 
 ENV_URL = "SANDLOT_API_URL"
