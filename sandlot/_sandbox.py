@@ -624,7 +624,9 @@ class AsyncFiles:
     async def _stream(self, path: str) -> AsyncIterator[bytes]:
         sandbox = self._sandbox
         proc = sandbox._alive()
-        rid, queue = proc.channel.new_request()
+        # Flow-controlled: the file comes at the reader's pace, never piling up in this process.
+        rid, queue = proc.channel.new_request(window=protocol.FREAD_WINDOW)
+        finished = False
         try:
             await proc.channel.send({"t": "fread", "id": rid, "path": path})
             while True:
@@ -632,11 +634,15 @@ class AsyncFiles:
                 header, payload = item
                 if header.get("t") == "data":
                     yield payload
+                    await proc.channel.ack(rid, len(payload))
                     continue
+                finished = True
                 sandbox._reply(item, {"path": path})
                 return
         finally:
             proc.channel.forget(rid)
+            if not finished:
+                await proc.channel.send({"t": "fcancel", "id": 0, "target": rid})
 
     async def list(self, path: str = "/home/user", *, depth: int = 1) -> list[EntryInfo]:
         reply = await self._sandbox._request({"t": "flist", "path": self._path(path), "depth": int(depth)})

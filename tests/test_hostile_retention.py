@@ -11,6 +11,9 @@ for a remote one), reset just before the flood.
 from __future__ import annotations
 
 import json
+import time
+
+import httpx
 
 import pytest
 
@@ -151,6 +154,27 @@ def test_background_command_keeps_at_most_the_cap_after_it_ends(capped):
     assert rss.growth() < 8 * CAP + 48 * MiB
 
 
+@pytest.mark.tiers("process")
+def test_a_file_streams_at_the_pace_of_its_reader(capped):
+    """A stalled reader of a big file must not make the host buffer the file."""
+    size = 192 * MiB
+    assert capped.commands.run(f"head -c {size} /dev/zero > /tmp/big && echo ok", timeout=60).stdout == "ok\n"
+    rss = PeakRSS()
+    rss.reset()
+    stream = capped.files.read("/tmp/big", format="stream")
+    first = next(iter(stream))
+    for _ in range(10):  # the reader stalls for 5 s: time enough for the sandbox to send the rest
+        time.sleep(0.5)
+        if rss.growth() > 48 * MiB:
+            break
+    growth = rss.growth()
+    print(f"\n[retention] local, stalled read of {size // MiB} MiB: peak RSS +{growth / MiB:.1f} MiB")
+    assert growth < 48 * MiB
+    assert len(first) + sum(len(chunk) for chunk in stream) == size  # and the rest still arrives, intact
+    assert capped.run_code("kept").text == "'yes'"
+    capped.commands.run("rm -f /tmp/big")
+
+
 # -- through a real server: the host is the server, shared by every tenant -------------------------
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tier):
@@ -193,3 +217,32 @@ def test_server_keeps_at_most_the_cap_of_background_output(server, remote):
     status = remote.commands.run("echo ok").stdout
     assert status == "ok\n"
     assert rss.growth() < 8 * CAP + 64 * MiB
+
+
+def test_server_streams_a_file_at_the_pace_of_a_slow_reader(server, remote):
+    """A client that reads a big file slowly must not make the server hold the file in memory."""
+    size = 192 * MiB
+    assert remote.commands.run(f"head -c {size} /dev/zero > /tmp/big && echo ok", timeout=60).stdout == "ok\n"
+    rss = PeakRSS(server.pid)
+    rss.reset()
+    url = f"{server.url}/v1/sandboxes/{remote.sandbox_id}/files"
+    headers = {"Authorization": f"Bearer {server.api_key}"}
+    got = 0
+    with httpx.stream("GET", url, params={"path": "/tmp/big"}, headers=headers, timeout=60) as response:
+        assert response.status_code == 200
+        for chunk in response.iter_bytes():
+            got += len(chunk)
+            if got >= 4 * MiB:
+                break
+        for _ in range(20):  # the reader stalls for 10 s: time enough for the sandbox to send the rest
+            time.sleep(0.5)
+            if rss.growth() > 48 * MiB:
+                break
+        growth = rss.growth()
+    print(f"\n[retention] server, slow download of {size // MiB} MiB: peak RSS +{growth / MiB:.1f} MiB")
+    assert growth < 48 * MiB
+    assert remote.run_code("kept").text == "'yes'"
+    # And a whole download still arrives intact.
+    with httpx.stream("GET", url, params={"path": "/tmp/big"}, headers=headers, timeout=60) as response:
+        assert sum(len(c) for c in response.iter_bytes()) == size
+    remote.commands.run("rm -f /tmp/big")

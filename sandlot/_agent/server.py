@@ -191,7 +191,7 @@ class Agent:
         self.current_exec = None
         self.commands = {}
         self.stream_owner = {}  # pipe fd -> (request id or None for the kernel, stream name)
-        self.producers = collections.deque()
+        self.producers = {}  # request id -> [file chunks generator, bytes sent and not yet acknowledged]
         self.uploads = {}
         self.paused = False
         wake_r, wake_w = os.pipe()
@@ -537,7 +537,7 @@ class Agent:
             finally:
                 os.close(fd)
 
-        self.producers.append(produce())
+        self.producers[rid] = [produce(), 0]
 
     def _req_fwrite(self, rid, req, payload) -> None:
         path = _resolve(req.get("path"))
@@ -616,7 +616,7 @@ class Agent:
         while True:
             self._flush()
             timeout = 0.02 if self.commands else None
-            if self.producers and len(self.out) < HIGH_WATER:
+            if self._producing() and len(self.out) < HIGH_WATER:
                 timeout = 0
             for key, mask in self.sel.select(timeout):
                 key.data(key, mask)
@@ -624,16 +624,39 @@ class Agent:
             for command in self.commands.values():
                 command.pump_stdin()
             self._finish_commands()
-            while self.producers and len(self.out) < HIGH_WATER:
-                try:
-                    header, payload = next(self.producers[0])
-                    self.send(header, payload)
-                except StopIteration:
-                    self.producers.popleft()
-                except OSError as exc:
-                    self.producers.popleft()
-                    self._fail(None, exc)
+            self._produce()
             self._flush()
+
+    # A file is read at the pace of its reader: at most FREAD_WINDOW bytes go out unacknowledged.
+    # (The host enforces the window; keeping to it here is what lets an honest read never break it.)
+    def _producing(self) -> bool:
+        return any(unacked < protocol.FREAD_WINDOW for _, unacked in self.producers.values())
+
+    def _produce(self) -> None:
+        for rid, read in list(self.producers.items()):
+            while read[1] < protocol.FREAD_WINDOW and len(self.out) < HIGH_WATER:
+                try:
+                    header, payload = next(read[0])
+                except StopIteration:
+                    del self.producers[rid]
+                    break
+                except OSError as exc:
+                    del self.producers[rid]
+                    self._fail(rid, exc)
+                    break
+                read[1] += len(payload)
+                self.send(header, payload)
+
+    def _req_fack(self, rid, req, payload) -> None:
+        read = self.producers.get(req.get("target"))
+        if read is not None:
+            read[1] = max(0, read[1] - int(req.get("bytes") or 0))
+
+    def _req_fcancel(self, rid, req, payload) -> None:
+        """The host stopped reading (its client went away): close the file now, not at its end."""
+        read = self.producers.pop(req.get("target"), None)
+        if read is not None:
+            read[0].close()
 
 
 _REAPED: dict = {}
