@@ -630,11 +630,11 @@ class Agent:
     # A file is read at the pace of its reader: at most FREAD_WINDOW bytes go out unacknowledged.
     # (The host enforces the window; keeping to it here is what lets an honest read never break it.)
     def _producing(self) -> bool:
-        return any(unacked < protocol.FREAD_WINDOW for _, unacked in self.producers.values())
+        return any(unacked + protocol.CHUNK <= protocol.FREAD_WINDOW for _, unacked in self.producers.values())
 
     def _produce(self) -> None:
         for rid, read in list(self.producers.items()):
-            while read[1] < protocol.FREAD_WINDOW and len(self.out) < HIGH_WATER:
+            while read[1] + protocol.CHUNK <= protocol.FREAD_WINDOW and len(self.out) < HIGH_WATER:
                 try:
                     header, payload = next(read[0])
                 except StopIteration:
