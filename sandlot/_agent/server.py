@@ -191,7 +191,7 @@ class Agent:
         self.current_exec = None
         self.commands = {}
         self.stream_owner = {}  # pipe fd -> (request id or None for the kernel, stream name)
-        self.producers = {}  # request id -> [file chunks generator, bytes sent and not yet acknowledged]
+        self.producers = {}  # request id -> [file chunks generator, bytes sent not yet acknowledged, close]
         self.uploads = {}
         self.paused = False
         wake_r, wake_w = os.pipe()
@@ -232,7 +232,8 @@ class Agent:
                 self.sel.register(wfd, selectors.EVENT_WRITE, lambda key, mask: None)
             elif not self.out and registered:
                 self.sel.unregister(wfd)
-        # Backpressure: a flood of user output waits in the pipe, not in our memory.
+        # Backpressure: a flood of user output waits in the pipe, not in our memory; a flood of results
+        # waits in the session (blocked in its send), so an interrupt is never queued behind a backlog.
         pause = len(self.out) > HIGH_WATER
         if pause != self.paused:
             self.paused = pause
@@ -241,6 +242,11 @@ class Agent:
                     self.sel.unregister(fd)
                 else:
                     self.sel.register(fd, selectors.EVENT_READ, self._on_stream)
+            if self.kernel is not None:
+                if pause:
+                    self.sel.unregister(self.kernel.ctl)
+                else:
+                    self.sel.register(self.kernel.ctl, selectors.EVENT_READ, self._on_kernel_ctl)
 
     def _on_host(self, key, mask) -> None:
         if mask & selectors.EVENT_READ:
@@ -327,7 +333,8 @@ class Agent:
         os.environ.clear()
         os.environ.update(self.env)
         self.kernel = _Kernel(self)
-        self.sel.register(self.kernel.ctl, selectors.EVENT_READ, self._on_kernel_ctl)
+        if not self.paused:
+            self.sel.register(self.kernel.ctl, selectors.EVENT_READ, self._on_kernel_ctl)
         for fd, name in self.kernel.pipes.items():
             self.stream_owner[fd] = (None, name)
             if not self.paused:
@@ -383,7 +390,8 @@ class Agent:
         self._drain_kernel_pipes()
         for fd in kernel.pipes:
             self._close_stream(fd)
-        self.sel.unregister(kernel.ctl)
+        if not self.paused:
+            self.sel.unregister(kernel.ctl)
         kernel.ctl.close()
         self.kernel = None
         if kernel.pid not in _REAPED:
@@ -523,6 +531,11 @@ class Agent:
             os.close(fd)
             raise OSError(errno.EINVAL, "not a regular file (a device, FIFO or socket)", path)
         limit = None if st.st_size else PSEUDO_FILE_MAX
+        open_fds = [fd]
+
+        def close() -> None:  # once, whether the read ends, fails or is cancelled before it began
+            while open_fds:
+                os.close(open_fds.pop())
 
         def produce():
             total = 0
@@ -535,9 +548,9 @@ class Agent:
                     yield {"t": "data", "id": rid}, chunk
                 yield {"t": "ok", "id": rid, "size": total}, b""
             finally:
-                os.close(fd)
+                close()
 
-        self.producers[rid] = [produce(), 0]
+        self.producers[rid] = [produce(), 0, close]
 
     def _req_fwrite(self, rid, req, payload) -> None:
         path = _resolve(req.get("path"))
@@ -630,10 +643,10 @@ class Agent:
     # A file is read at the pace of its reader: at most FREAD_WINDOW bytes go out unacknowledged.
     # (The host enforces the window; keeping to it here is what lets an honest read never break it.)
     def _producing(self) -> bool:
-        return any(unacked + protocol.CHUNK <= protocol.FREAD_WINDOW for _, unacked in self.producers.values())
+        return any(read[1] + protocol.CHUNK <= protocol.FREAD_WINDOW for read in self.producers.values())
 
     def _produce(self) -> None:
-        for rid, read in list(self.producers.items()):
+        for rid, read in list(self.producers.items()):  # [chunks, unacknowledged bytes, close]
             while read[1] + protocol.CHUNK <= protocol.FREAD_WINDOW and len(self.out) < HIGH_WATER:
                 try:
                     header, payload = next(read[0])
@@ -657,6 +670,7 @@ class Agent:
         read = self.producers.pop(req.get("target"), None)
         if read is not None:
             read[0].close()
+            read[2]()
 
 
 _REAPED: dict = {}
