@@ -334,9 +334,14 @@ class AsyncSandbox:
                 await self._die(f"its code ignored the interrupt after {after}", interrupted_for)
                 return {"t": "killed", "why": interrupted_for}
             try:
-                item = await asyncio.wait_for(queue.get(), remaining)
-            except asyncio.TimeoutError:
-                continue
+                # Frames already here are taken without a timer each: after an interrupt the backlog
+                # (thousands of tiny results) must drain well within the grace the code gets.
+                item = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                try:
+                    item = await asyncio.wait_for(queue.get(), remaining)
+                except asyncio.TimeoutError:
+                    continue
             if item is CLOSED:
                 return {"t": "closed", "why": interrupted_for}
             header, payload = item

@@ -23,6 +23,7 @@ from . import isolation, protocol
 
 HOME = "/home/user"
 HIGH_WATER = 4 * 1024 * 1024  # stop reading user output while this much waits for the host
+RESULTS_HIGH_WATER = 64 * 1024  # stop reading the session's results while this much waits
 # Files that report size 0 are pseudo-files (/proc); some never end (/proc/<pid>/pagemap streams
 # 256 GiB of zeros), so a symlink planted by user code made the host read forever. Cap them.
 PSEUDO_FILE_MAX = 4 * 1024 * 1024
@@ -194,6 +195,7 @@ class Agent:
         self.producers = {}  # request id -> [file chunks generator, bytes sent not yet acknowledged, close]
         self.uploads = {}
         self.paused = False
+        self.ctl_paused = False
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
         os.set_blocking(wake_w, False)
@@ -232,8 +234,7 @@ class Agent:
                 self.sel.register(wfd, selectors.EVENT_WRITE, lambda key, mask: None)
             elif not self.out and registered:
                 self.sel.unregister(wfd)
-        # Backpressure: a flood of user output waits in the pipe, not in our memory; a flood of results
-        # waits in the session (blocked in its send), so an interrupt is never queued behind a backlog.
+        # Backpressure: a flood of user output waits in the pipe, not in our memory.
         pause = len(self.out) > HIGH_WATER
         if pause != self.paused:
             self.paused = pause
@@ -242,8 +243,13 @@ class Agent:
                     self.sel.unregister(fd)
                 else:
                     self.sel.register(fd, selectors.EVENT_READ, self._on_stream)
+        # A flood of results waits in the session (blocked in its send), and only a short backlog here:
+        # the host must see the end of an interrupted cell within its grace, even over a slow channel.
+        ctl_pause = len(self.out) > RESULTS_HIGH_WATER
+        if ctl_pause != self.ctl_paused:
+            self.ctl_paused = ctl_pause
             if self.kernel is not None:
-                if pause:
+                if ctl_pause:
                     self.sel.unregister(self.kernel.ctl)
                 else:
                     self.sel.register(self.kernel.ctl, selectors.EVENT_READ, self._on_kernel_ctl)
@@ -333,7 +339,7 @@ class Agent:
         os.environ.clear()
         os.environ.update(self.env)
         self.kernel = _Kernel(self)
-        if not self.paused:
+        if not self.ctl_paused:
             self.sel.register(self.kernel.ctl, selectors.EVENT_READ, self._on_kernel_ctl)
         for fd, name in self.kernel.pipes.items():
             self.stream_owner[fd] = (None, name)
@@ -390,7 +396,7 @@ class Agent:
         self._drain_kernel_pipes()
         for fd in kernel.pipes:
             self._close_stream(fd)
-        if not self.paused:
+        if not self.ctl_paused:
             self.sel.unregister(kernel.ctl)
         kernel.ctl.close()
         self.kernel = None
