@@ -246,3 +246,20 @@ def test_server_streams_a_file_at_the_pace_of_a_slow_reader(server, remote):
     with httpx.stream("GET", url, params={"path": "/tmp/big"}, headers=headers, timeout=60) as response:
         assert sum(len(c) for c in response.iter_bytes()) == size
     remote.commands.run("rm -f /tmp/big")
+
+
+def test_server_keeps_at_most_the_cap_of_finished_background_commands(server, remote):
+    """Finished commands of one sandbox together keep at most its cap: the oldest are forgotten first."""
+    handles = []
+    for _ in range(3):
+        handle = remote.commands.run("yes", background=True)
+        assert handle.wait().truncated
+        handles.append(handle)
+    headers = {"Authorization": f"Bearer {server.api_key}"}
+    kept = {}
+    for handle in handles:
+        r = httpx.get(f"{server.url}/v1/sandboxes/{remote.sandbox_id}/commands/{handle._handle.command_id}", headers=headers)
+        kept[handle._handle.command_id] = len(r.json()["stdout"]) if r.status_code == 200 else None
+    print(f"\n[retention] server, three finished `yes` commands keep: {list(kept.values())}")
+    assert sum(v or 0 for v in kept.values()) <= CAP  # (the handle's copy of the same text comes on top)
+    assert kept[handles[-1]._handle.command_id]  # the newest finished one always stays
