@@ -32,7 +32,8 @@ class Limits:
     ``cpu`` is in cores (a cgroup quota); ``memory`` and ``disk`` in bytes (``"512M"`` accepted);
     ``disk`` and ``inodes`` cap the sandbox's writable storage (home, /tmp and /dev/shm together);
     ``timeout`` is the default wall time of one call, ``idle_timeout`` and ``lifetime`` end the
-    sandbox itself; ``output`` caps the bytes of stdout+stderr kept per call.
+    sandbox itself; ``output`` caps what the host keeps of one call: stdout+stderr bytes and every rich
+    result at its serialized size (see _output.py).
     """
 
     cpu: float = 1.0

@@ -29,7 +29,8 @@ from ._backends.base import default_isolation
 from ._limits import Limits, check_env
 from ._models import (CommandResult, EntryInfo, Execution, ExecutionError, PauseInfo, Result, SandboxInfo,
                       SandboxMetrics, Usage)
-from ._sandbox import (AsyncCommandHandle, AsyncFiles, AsyncSandbox, OutputHandler, ResultHandler, _call, _check_format,
+from ._output import OutputHandler, TextLog, call as _call
+from ._sandbox import (AsyncCommandHandle, AsyncFiles, AsyncSandbox, ResultHandler, _check_format,
                        _chunks, read_as)
 
 ENV_URL = "SANDLOT_API_URL"
@@ -189,13 +190,14 @@ async def _execute(server: _Server, path: str, body: dict, on_stdout: Optional[O
                    on_stderr: Optional[OutputHandler], on_result: Optional[ResultHandler]) -> Execution:
     """Run code through a streaming endpoint, firing the callbacks as events arrive."""
     execution = Execution()
+    logs = {"stdout": TextLog(), "stderr": TextLog()}  # small chunks merged, as the local SDK stores them
 
     async def stdout(event: dict) -> None:
-        execution.logs.stdout.append(event["text"])
+        logs["stdout"].append(event["text"])
         await _call(on_stdout, event["text"])
 
     async def stderr(event: dict) -> None:
-        execution.logs.stderr.append(event["text"])
+        logs["stderr"].append(event["text"])
         await _call(on_stderr, event["text"])
 
     async def result(event: dict) -> None:
@@ -208,6 +210,7 @@ async def _execute(server: _Server, path: str, body: dict, on_stdout: Optional[O
 
     end = await server.events("POST", path, {"stdout": stdout, "stderr": stderr, "result": result, "error": error},
                               json=dict(body, stream=True))
+    execution.logs.stdout, execution.logs.stderr = logs["stdout"].chunks(), logs["stderr"].chunks()
     count = end.get("execution_count")
     execution.execution_count = count if isinstance(count, int) else None
     execution.usage = _usage(end.get("usage"))
@@ -405,17 +408,17 @@ class AsyncRemoteCommandHandle(AsyncCommandHandle):
         self._sandbox = sandbox
         self.command_id: str = raw["command_id"]
         self.pid: Optional[int] = raw.get("pid")
-        self._chunks: dict[str, list[str]] = {"stdout": [], "stderr": []}
+        self._chunks = {"stdout": TextLog(), "stderr": TextLog()}
         self._handlers = {"stdout": on_stdout, "stderr": on_stderr}
         self._task = asyncio.get_running_loop().create_task(self._follow())
 
     @property
     def stdout(self) -> str:
-        return "".join(self._chunks["stdout"])
+        return self._chunks["stdout"].text()
 
     @property
     def stderr(self) -> str:
-        return "".join(self._chunks["stderr"])
+        return self._chunks["stderr"].text()
 
     def _url(self, suffix: str = "") -> str:
         return self._sandbox._path(f"/commands/{quote(self.command_id, safe='')}{suffix}")
@@ -459,7 +462,7 @@ class AsyncRemoteCommands:
         if background:
             raw = (await sandbox._http("POST", "/commands", json=dict(body, background=True))).json()
             return AsyncRemoteCommandHandle(sandbox, raw, on_stdout, on_stderr)
-        chunks: dict[str, list[str]] = {"stdout": [], "stderr": []}
+        chunks = {"stdout": TextLog(), "stderr": TextLog()}
         handlers = {"stdout": on_stdout, "stderr": on_stderr}
 
         async def output(event: dict) -> None:
@@ -469,8 +472,8 @@ class AsyncRemoteCommands:
         with sandbox._tracking():
             end = await sandbox._server.events("POST", sandbox._path("/commands"), {"stdout": output, "stderr": output},
                                                json=dict(body, stream=True))
-        return CommandResult(exit_code=end.get("exit_code"), stdout="".join(chunks["stdout"]),
-                             stderr="".join(chunks["stderr"]), error=end.get("error"), usage=_usage(end.get("usage")),
+        return CommandResult(exit_code=end.get("exit_code"), stdout=chunks["stdout"].text(),
+                             stderr=chunks["stderr"].text(), error=end.get("error"), usage=_usage(end.get("usage")),
                              truncated=bool(end.get("truncated")))
 
 

@@ -7,8 +7,6 @@ Every limit is enforced by the kernel (cgroups, rlimits, tmpfs caps) or by this 
 from __future__ import annotations
 
 import asyncio
-import codecs
-import inspect
 import os
 import time
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Optional, Union
@@ -17,22 +15,15 @@ from ._backends.base import SandboxProcess, default_isolation, get_backend
 from ._exceptions import FileError, InvalidRequest, SandboxCrashed, SandboxNotFound
 from ._host.channel import CLOSED
 from ._limits import Limits, check_env
+from ._output import CallOutput, OutputHandler, call as _call
 from ._pool import pool_for
 from ._models import (CommandResult, EntryInfo, Execution, ExecutionError, PauseInfo, Result, SandboxInfo,
                       SandboxMetrics, Usage)
 from ._templates import get_template
 from ._agent import protocol
 
-OutputHandler = Callable[[str], Union[None, Awaitable[None]]]
 ResultHandler = Callable[[Result], Union[None, Awaitable[None]]]
 INTERRUPT_GRACE = 2.0  # seconds code gets to honour KeyboardInterrupt before its sandbox is killed
-
-
-async def _call(handler: Optional[Callable], value: Any) -> None:
-    if handler is not None:
-        out = handler(value)
-        if inspect.isawaitable(out):
-            await out
 
 
 def _human(n: float) -> str:
@@ -41,36 +32,6 @@ def _human(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
-
-
-class _Output:
-    """Decodes and caps one call's stdout/stderr, feeding the callbacks as chunks arrive."""
-
-    def __init__(self, cap: int, on_stdout: Optional[OutputHandler], on_stderr: Optional[OutputHandler]) -> None:
-        self.cap = cap
-        self.seen = 0
-        self.truncated = False
-        self.chunks: dict[str, list[str]] = {"stdout": [], "stderr": []}
-        self.handlers = {"stdout": on_stdout, "stderr": on_stderr}
-        self.decoders = {name: codecs.getincrementaldecoder("utf-8")("replace") for name in self.chunks}
-
-    async def feed(self, stream: str, data: bytes) -> None:
-        self.seen += len(data)
-        room = self.cap - (self.seen - len(data))
-        if room <= 0:
-            self.truncated = True
-            return
-        if len(data) > room:
-            data = data[:room]
-            self.truncated = True
-        text = self.decoders[stream].decode(data)
-        if text:
-            self.chunks[stream].append(text)
-            await _call(self.handlers[stream], text)
-
-    @property
-    def over_cap(self) -> bool:
-        return self.seen > self.cap
 
 
 def _wants_server(api_url: Optional[str]) -> bool:
@@ -336,7 +297,7 @@ class AsyncSandbox:
             proc = self._alive()
             rid, queue = proc.channel.new_request()
             usage_start = self._usage_start(proc)
-            output = _Output(self.limits.output, on_stdout, on_stderr)
+            output = CallOutput(self.limits.output, on_stdout, on_stderr)
             execution = Execution()
             started = time.monotonic()
             try:
@@ -345,8 +306,8 @@ class AsyncSandbox:
             finally:
                 proc.channel.forget(rid)
                 self._last_activity = time.monotonic()
-            execution.logs.stdout = output.chunks["stdout"]
-            execution.logs.stderr = output.chunks["stderr"]
+            execution.logs.stdout = output.chunks("stdout")
+            execution.logs.stderr = output.chunks("stderr")
             execution.truncated = output.truncated
             execution.usage = self._usage_end(proc, usage_start, started)
             await self._finish_execution(proc, execution, done, timeout, output, usage_start)
@@ -373,9 +334,14 @@ class AsyncSandbox:
                 await self._die(f"its code ignored the interrupt after {after}", interrupted_for)
                 return {"t": "killed", "why": interrupted_for}
             try:
-                item = await asyncio.wait_for(queue.get(), remaining)
-            except asyncio.TimeoutError:
-                continue
+                # Frames already here are taken without a timer each: after an interrupt the backlog
+                # (thousands of tiny results) must drain well within the grace the code gets.
+                item = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                try:
+                    item = await asyncio.wait_for(queue.get(), remaining)
+                except asyncio.TimeoutError:
+                    continue
             if item is CLOSED:
                 return {"t": "closed", "why": interrupted_for}
             header, payload = item
@@ -387,12 +353,9 @@ class AsyncSandbox:
                     await proc.channel.send({"t": "interrupt", "id": rid})
                     deadline = time.monotonic() + INTERRUPT_GRACE
             elif kind == "result" and isinstance(header.get("data"), dict):
-                # Rich results count against the output cap like printed bytes: a display() loop
-                # must not pile up gigabytes in this process.
-                size = sum(len(v) if isinstance(v, str) else 64 for v in header["data"].values())
-                output.seen += size
-                if output.over_cap:
-                    output.truncated = True
+                # A rich result is charged its serialized size against the same cap as printed bytes:
+                # a display() loop must not pile up gigabytes in this process.
+                if not output.admit(header["data"]):
                     if interrupted_for is None:
                         interrupted_for = "output"
                         await proc.channel.send({"t": "interrupt", "id": rid})
@@ -415,9 +378,10 @@ class AsyncSandbox:
         if isinstance(raw, dict):
             execution.error = ExecutionError(str(raw.get("name")), str(raw.get("value")), str(raw.get("traceback") or ""))
         oom = self._oom_since(proc, usage_start)
+        cap = _human(self.limits.output)
         if done["t"] == "killed" and why == "output":
             execution.error = ExecutionError(
-                "OutputLimitExceeded", f"the code printed more than {_human(self.limits.output)} and ignored "
+                "OutputLimitExceeded", f"the code's output (printed text and results) passed {cap} and it ignored "
                 "the interrupt, so the sandbox was killed", limit="output")
         elif done["t"] == "killed":
             execution.error = ExecutionError(
@@ -443,8 +407,8 @@ class AsyncSandbox:
                 execution.error.traceback if execution.error else "", limit="timeout")
         elif why == "output":
             execution.error = ExecutionError(
-                "OutputLimitExceeded", f"the code printed more than {_human(self.limits.output)} and was interrupted; "
-                "the output was truncated", execution.error.traceback if execution.error else "", limit="output")
+                "OutputLimitExceeded", f"the code's output (printed text and results) passed {cap} and it was "
+                "interrupted; the output was truncated", execution.error.traceback if execution.error else "", limit="output")
         if execution.error is not None and execution.error.limit is None and self._pids_hit_since(proc, usage_start):
             execution.error.limit = "pids"
             execution.error.value += f" (the sandbox reached its process limit of {self.limits.pids})"
@@ -517,7 +481,7 @@ class AsyncSandbox:
 class AsyncCommandHandle:
     """A running command: ``await wait()``, ``kill()``, ``send_stdin()``; output so far in ``stdout``/``stderr``."""
 
-    def __init__(self, sandbox: AsyncSandbox, proc, rid: int, queue: asyncio.Queue, output: _Output,
+    def __init__(self, sandbox: AsyncSandbox, proc, rid: int, queue: asyncio.Queue, output: CallOutput,
                  timeout: Optional[float]) -> None:
         self._sandbox, self._proc, self._rid, self._queue = sandbox, proc, rid, queue
         self._output = output
@@ -529,11 +493,11 @@ class AsyncCommandHandle:
 
     @property
     def stdout(self) -> str:
-        return "".join(self._output.chunks["stdout"])
+        return self._output.text("stdout")
 
     @property
     def stderr(self) -> str:
-        return "".join(self._output.chunks["stderr"])
+        return self._output.text("stderr")
 
     async def _collect(self) -> CommandResult:
         error = None
@@ -617,7 +581,7 @@ class AsyncCommands:
         keep_stdin = background or stdin is not None
         await proc.channel.send({"t": "cmd", "id": rid, "cmd": cmd, "env": dict(env or {}), "cwd": cwd,
                                  "stdin": keep_stdin})
-        handle = AsyncCommandHandle(sandbox, proc, rid, queue, _Output(sandbox.limits.output, on_stdout, on_stderr),
+        handle = AsyncCommandHandle(sandbox, proc, rid, queue, CallOutput(sandbox.limits.output, on_stdout, on_stderr),
                                     timeout)
         if stdin is not None:
             await handle.send_stdin(stdin, close=True)
@@ -665,7 +629,9 @@ class AsyncFiles:
     async def _stream(self, path: str) -> AsyncIterator[bytes]:
         sandbox = self._sandbox
         proc = sandbox._alive()
-        rid, queue = proc.channel.new_request()
+        # Flow-controlled: the file comes at the reader's pace, never piling up in this process.
+        rid, queue = proc.channel.new_request(window=protocol.FREAD_WINDOW)
+        finished = False
         try:
             await proc.channel.send({"t": "fread", "id": rid, "path": path})
             while True:
@@ -673,11 +639,15 @@ class AsyncFiles:
                 header, payload = item
                 if header.get("t") == "data":
                     yield payload
+                    await proc.channel.ack(rid, len(payload))
                     continue
+                finished = True
                 sandbox._reply(item, {"path": path})
                 return
         finally:
             proc.channel.forget(rid)
+            if not finished:
+                await proc.channel.send({"t": "fcancel", "id": 0, "target": rid})
 
     async def list(self, path: str = "/home/user", *, depth: int = 1) -> list[EntryInfo]:
         reply = await self._sandbox._request({"t": "flist", "path": self._path(path), "depth": int(depth)})

@@ -17,6 +17,7 @@ PREFIX = struct.Struct(">II")
 MAX_HEADER = 256 * 1024  # a header is metadata (a result's repr, a traceback); bounded generously
 MAX_PAYLOAD = 1024 * 1024  # output and file data travel in chunks of at most 1 MiB
 CHUNK = 256 * 1024  # the size the agent uses for file and output chunks
+FREAD_WINDOW = 4 * CHUNK  # file bytes in flight to the host before it acknowledges ("fack") them
 
 
 class ProtocolError(Exception):

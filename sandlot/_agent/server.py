@@ -24,6 +24,7 @@ from . import isolation, protocol
 
 HOME = "/home/user"
 HIGH_WATER = 4 * 1024 * 1024  # stop reading user output while this much waits for the host
+RESULTS_HIGH_WATER = 64 * 1024  # stop reading the session's results while this much waits
 # Files that report size 0 are pseudo-files (/proc); some never end (/proc/<pid>/pagemap streams
 # 256 GiB of zeros), so a symlink planted by user code made the host read forever. Cap them.
 PSEUDO_FILE_MAX = 4 * 1024 * 1024
@@ -201,9 +202,10 @@ class Agent:
         self.current_exec = None
         self.commands = {}
         self.stream_owner = {}  # pipe fd -> (request id or None for the kernel, stream name)
-        self.producers = collections.deque()
+        self.producers = {}  # request id -> [file chunks generator, bytes sent not yet acknowledged, close]
         self.uploads = {}
         self.paused = False
+        self.ctl_paused = False
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
         os.set_blocking(wake_w, False)
@@ -249,6 +251,16 @@ class Agent:
                     self.sel.unregister(fd)
                 else:
                     self.sel.register(fd, selectors.EVENT_READ, self._on_stream)
+        # A flood of results waits in the session (blocked in its send), and only a short backlog here:
+        # the host must see the end of an interrupted cell within its grace, even over a slow channel.
+        ctl_pause = len(self.out) > RESULTS_HIGH_WATER
+        if ctl_pause != self.ctl_paused:
+            self.ctl_paused = ctl_pause
+            if self.kernel is not None:
+                if ctl_pause:
+                    self.sel.unregister(self.kernel.ctl)
+                else:
+                    self.sel.register(self.kernel.ctl, selectors.EVENT_READ, self._on_kernel_ctl)
 
     def _on_host(self, key, mask) -> None:
         if mask & selectors.EVENT_READ:
@@ -335,7 +347,8 @@ class Agent:
         os.environ.clear()
         os.environ.update(self.env)
         self.kernel = _Kernel(self)
-        self.sel.register(self.kernel.ctl, selectors.EVENT_READ, self._on_kernel_ctl)
+        if not self.ctl_paused:
+            self.sel.register(self.kernel.ctl, selectors.EVENT_READ, self._on_kernel_ctl)
         for fd, name in self.kernel.pipes.items():
             self.stream_owner[fd] = (None, name)
             if not self.paused:
@@ -391,7 +404,8 @@ class Agent:
         self._drain_kernel_pipes()
         for fd in kernel.pipes:
             self._close_stream(fd)
-        self.sel.unregister(kernel.ctl)
+        if not self.ctl_paused:
+            self.sel.unregister(kernel.ctl)
         kernel.ctl.close()
         self.kernel = None
         if kernel.pid not in _REAPED:
@@ -531,6 +545,11 @@ class Agent:
             os.close(fd)
             raise OSError(errno.EINVAL, "not a regular file (a device, FIFO or socket)", path)
         limit = None if st.st_size else PSEUDO_FILE_MAX
+        open_fds = [fd]
+
+        def close() -> None:  # once, whether the read ends, fails or is cancelled before it began
+            while open_fds:
+                os.close(open_fds.pop())
 
         def produce():
             total = 0
@@ -543,9 +562,9 @@ class Agent:
                     yield {"t": "data", "id": rid}, chunk
                 yield {"t": "ok", "id": rid, "size": total}, b""
             finally:
-                os.close(fd)
+                close()
 
-        self.producers.append(produce())
+        self.producers[rid] = [produce(), 0, close]
 
     def _req_fwrite(self, rid, req, payload) -> None:
         path = _resolve(req.get("path"))
@@ -624,7 +643,7 @@ class Agent:
         while True:
             self._flush()
             timeout = 0.02 if self.commands else None
-            if self.producers and len(self.out) < HIGH_WATER:
+            if self._producing() and len(self.out) < HIGH_WATER:
                 timeout = 0
             for key, mask in self.sel.select(timeout):
                 key.data(key, mask)
@@ -632,16 +651,40 @@ class Agent:
             for command in self.commands.values():
                 command.pump_stdin()
             self._finish_commands()
-            while self.producers and len(self.out) < HIGH_WATER:
-                try:
-                    header, payload = next(self.producers[0])
-                    self.send(header, payload)
-                except StopIteration:
-                    self.producers.popleft()
-                except OSError as exc:
-                    self.producers.popleft()
-                    self._fail(None, exc)
+            self._produce()
             self._flush()
+
+    # A file is read at the pace of its reader: at most FREAD_WINDOW bytes go out unacknowledged.
+    # (The host enforces the window; keeping to it here is what lets an honest read never break it.)
+    def _producing(self) -> bool:
+        return any(read[1] + protocol.CHUNK <= protocol.FREAD_WINDOW for read in self.producers.values())
+
+    def _produce(self) -> None:
+        for rid, read in list(self.producers.items()):  # [chunks, unacknowledged bytes, close]
+            while read[1] + protocol.CHUNK <= protocol.FREAD_WINDOW and len(self.out) < HIGH_WATER:
+                try:
+                    header, payload = next(read[0])
+                except StopIteration:
+                    del self.producers[rid]
+                    break
+                except OSError as exc:
+                    del self.producers[rid]
+                    self._fail(rid, exc)
+                    break
+                read[1] += len(payload)
+                self.send(header, payload)
+
+    def _req_fack(self, rid, req, payload) -> None:
+        read = self.producers.get(req.get("target"))
+        if read is not None:
+            read[1] = max(0, read[1] - int(req.get("bytes") or 0))
+
+    def _req_fcancel(self, rid, req, payload) -> None:
+        """The host stopped reading (its client went away): close the file now, not at its end."""
+        read = self.producers.pop(req.get("target"), None)
+        if read is not None:
+            read[0].close()
+            read[2]()
 
 
 _REAPED: dict = {}

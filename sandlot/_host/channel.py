@@ -22,6 +22,7 @@ class Channel:
         self._sock = sock
         self._ids = itertools.count(1)
         self._queues: dict[int, asyncio.Queue] = {}
+        self._windows: dict[int, list] = {}  # request id -> [window, payload bytes held and not acknowledged]
         self._reader: Optional[asyncio.StreamReader] = None
         self._writer: Optional[asyncio.StreamWriter] = None
         self._task: Optional[asyncio.Task] = None
@@ -45,16 +46,29 @@ class Channel:
     def is_open(self) -> bool:
         return self.closed_reason is None
 
-    def new_request(self) -> tuple[int, asyncio.Queue]:
+    def new_request(self, window: Optional[int] = None) -> tuple[int, asyncio.Queue]:
+        """A request id and the queue its answers arrive on. With ``window``, the agent may send at most
+        that many payload bytes not yet acknowledged (``ack``): more breaks the protocol and closes the
+        channel, so a reader that stops reading never makes this process buffer what the agent keeps sending."""
         rid = next(self._ids)
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[rid] = queue
+        if window is not None:
+            self._windows[rid] = [window, 0]
         if not self.is_open:
             queue.put_nowait(CLOSED)
         return rid, queue
 
     def forget(self, rid: int) -> None:
         self._queues.pop(rid, None)
+        self._windows.pop(rid, None)
+
+    async def ack(self, rid: int, size: int) -> None:
+        """``size`` payload bytes of ``rid`` were consumed: the agent may send as many more."""
+        window = self._windows.get(rid)
+        if window is not None:
+            window[1] = max(0, window[1] - size)
+            await self.send({"t": "fack", "id": 0, "target": rid, "bytes": size})
 
     async def send(self, header: dict, payload: bytes = b"") -> None:
         if not self.is_open or self._writer is None:
@@ -80,6 +94,12 @@ class Channel:
                     continue
                 queue = self._queues.get(rid) if isinstance(rid, int) else None
                 if queue is not None:
+                    window = self._windows.get(rid)
+                    if window is not None:
+                        window[1] += payload_len
+                        if window[1] > window[0]:
+                            raise protocol.ProtocolError("request %d: %d bytes sent past a %d-byte window"
+                                                         % (rid, window[1], window[0]))
                     queue.put_nowait((header, payload))
         except asyncio.IncompleteReadError:
             pass

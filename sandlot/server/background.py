@@ -1,30 +1,56 @@
 """Background commands on the server: their output is kept as events, so any number of clients can
 follow a command from its first byte (replay, then live) and a client that reconnects misses nothing.
-Memory stays bounded: a command's output is capped by the sandbox's ``output`` limit."""
+
+Memory stays bounded by the sandbox's ``output`` limit: each command keeps at most that much (its handle
+kills it past the cap), its small chunks are merged as they are stored (a flood of tiny writes costs its
+bytes, not an object per chunk), and the finished commands of a sandbox together keep at most that much
+too: the oldest are forgotten first (the newest finished one always stays)."""
 
 from __future__ import annotations
 
 import asyncio
 import secrets
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Callable, Optional
 
 from .._exceptions import QuotaExceeded, SandlotError
 from .._models import CommandResult
+from .._output import TextLog
+
+_EVENT_CHARS = 64 * 1024  # an event grows while it is the newest, up to this; then a new one starts
+
+
+class _Event:
+    """A run of one stream's output, stored merged."""
+
+    __slots__ = ("kind", "log", "size")
+
+    def __init__(self, kind: str) -> None:
+        self.kind, self.log, self.size = kind, TextLog(), 0
+
+    def add(self, text: str) -> None:
+        self.log.append(text)
+        self.size += len(text)
 
 
 class BackgroundCommand:
     def __init__(self) -> None:
         self.id = "cmd-" + secrets.token_hex(6)
-        self.events: list[dict] = []
+        self.events: list[_Event] = []
         self.handle: Any = None
         self.result: Optional[CommandResult] = None
         self.failure: Optional[SandlotError] = None
+        self.budget: Optional[int] = None  # the sandbox's output cap
         self.done = asyncio.Event()
+        self.on_end: Optional[Callable[["BackgroundCommand"], None]] = None
         self._changed = asyncio.Event()
         self._watcher: Optional[asyncio.Task] = None
 
     def _emit(self, kind: str, text: str) -> None:
-        self.events.append({"type": kind, "text": text})
+        last = self.events[-1] if self.events else None
+        if last is None or last.kind != kind or last.size >= _EVENT_CHARS:
+            last = _Event(kind)
+            self.events.append(last)
+        last.add(text)
         self._wake()
 
     def _wake(self) -> None:
@@ -32,7 +58,13 @@ class BackgroundCommand:
         self._changed.set()
         self._changed = asyncio.Event()
 
+    @property
+    def retained(self) -> int:
+        """Characters of output this command keeps (its events; its handle holds the same text again)."""
+        return sum(event.size for event in self.events)
+
     async def start(self, sandbox, cmd: str, **kwargs: Any) -> None:
+        self.budget = sandbox.limits.output
         self.handle = await sandbox.commands.run(
             cmd, background=True, on_stdout=lambda t: self._emit("stdout", t),
             on_stderr=lambda t: self._emit("stderr", t), **kwargs)
@@ -46,6 +78,8 @@ class BackgroundCommand:
         finally:
             self.done.set()
             self._wake()
+            if self.on_end is not None:
+                self.on_end(self)
 
     @property
     def running(self) -> bool:
@@ -53,12 +87,19 @@ class BackgroundCommand:
 
     async def follow(self) -> AsyncIterator[dict]:
         """Every output event from the start, then live ones, until the command ends."""
-        i = 0
+        i, sent = 0, 0  # the event being followed, and how many of its characters went out
         while True:
             changed = self._changed
             while i < len(self.events):
-                yield self.events[i]
-                i += 1
+                event = self.events[i]
+                if event.size > sent:
+                    text = event.log.text()[sent:]
+                    sent += len(text)
+                    yield {"type": event.kind, "text": text}
+                    continue  # it may have grown meanwhile (only the newest event grows)
+                if i + 1 == len(self.events):
+                    break
+                i, sent = i + 1, 0
             if self.done.is_set():
                 return
             await changed.wait()
@@ -79,8 +120,21 @@ class CommandTable:
                                     "wait for or kill one first")
             del self.commands[finished[0]]
         command = BackgroundCommand()
+        command.on_end = self._trim
         self.commands[command.id] = command
         return command
+
+    def _trim(self, ended: BackgroundCommand) -> None:
+        """Finished commands keep at most the sandbox's output cap in all: forget the oldest first."""
+        if ended.budget is None:
+            return
+        finished = [c for c in self.commands.values() if not c.running]
+        kept = sum(c.retained for c in finished)
+        for command in finished[:-1]:
+            if kept <= ended.budget:
+                break
+            kept -= command.retained
+            self.discard(command)
 
     def discard(self, command: BackgroundCommand) -> None:
         self.commands.pop(command.id, None)

@@ -3,11 +3,16 @@
 The work runs in its own task and is never cancelled by a client going away: a stateful session must
 finish (or time out) its call either way, and the sandbox's limits bound it. Idle streams get a ping
 line now and then, so proxies and the client's read timeout see a live connection.
+
+Events wait in an outbox for a slow client. What they hold is capped upstream (the sandbox's ``output``
+limit); the outbox merges consecutive text events of one stream while they wait, so a flood of tiny
+chunks costs the server its bytes, not one event object per chunk.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import math
@@ -16,6 +21,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 from fastapi.responses import StreamingResponse
 
 from .._exceptions import SandlotError
+from .._output import TextLog
 from .errors import error_detail
 from .schemas import NDJSON
 
@@ -24,6 +30,41 @@ Emit = Callable[[dict], None]
 _DONE = object()
 _PING = b'{"type":"ping"}\n'
 _orphans: set[asyncio.Task] = set()  # work whose client left; kept referenced until it finishes
+_TEXT_EVENTS = ("stdout", "stderr")
+_MERGED_CHARS = 64 * 1024  # a waiting text event takes more chunks of its stream up to this size
+
+
+class _Outbox:
+    """Events waiting for the client, in order; consecutive text events of one stream are merged."""
+
+    def __init__(self) -> None:
+        self._items: collections.deque = collections.deque()
+        self._ready = asyncio.Event()
+        self._tail_text: "list | None" = None  # [kind, TextLog, chars] of the newest item, while it is text
+
+    def put(self, item: Any) -> None:
+        tail = self._tail_text
+        if isinstance(item, dict) and item.get("type") in _TEXT_EVENTS and set(item) == {"type", "text"}:
+            if tail is None or tail[0] != item["type"] or tail[2] >= _MERGED_CHARS:
+                tail = self._tail_text = [item["type"], TextLog(), 0]
+                self._items.append(tail)
+            tail[1].append(item["text"])
+            tail[2] += len(item["text"])
+        else:
+            self._tail_text = None
+            self._items.append(item)
+        self._ready.set()
+
+    async def get(self) -> Any:
+        while not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        item = self._items.popleft()
+        if item is self._tail_text:
+            self._tail_text = None
+        if isinstance(item, list):
+            return {"type": item[0], "text": item[1].text()}
+        return item
 
 
 def finite(value: Any) -> Any:
@@ -48,9 +89,9 @@ def response(work: Callable[[Emit], Awaitable[dict]], heartbeat: float) -> Strea
 
 
 async def _lines(work: Callable[[Emit], Awaitable[dict]], heartbeat: float) -> AsyncIterator[bytes]:
-    queue: asyncio.Queue = asyncio.Queue()
-    task = asyncio.get_running_loop().create_task(work(queue.put_nowait))
-    task.add_done_callback(lambda _: queue.put_nowait(_DONE))
+    queue = _Outbox()
+    task = asyncio.get_running_loop().create_task(work(queue.put))
+    task.add_done_callback(lambda _: queue.put(_DONE))
     try:
         while True:
             try:
