@@ -86,6 +86,9 @@ class Limits:
         return dataclasses.asdict(self)
 
 
+MAX_CREATE_INPUT = 128 * 1024  # bytes of JSON: what a create carries to the sandbox and the store
+
+
 def check_env(env: "Mapping[str, str] | None") -> dict:
     """Validate an environment for a sandbox: names and values that a process environment can hold."""
     if env is None:
