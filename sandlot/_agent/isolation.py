@@ -252,7 +252,7 @@ def drop_privileges(cfg: dict) -> None:
         os.setresgid(USER_UID, USER_UID, USER_UID)
         os.setresuid(USER_UID, USER_UID, USER_UID)
         linux.clear_capabilities()
-    if cfg.get("lifeline_fd") is None:
+    if not cfg.get("forked"):  # a zygote's fork ends with its channel (its parent exits at once)
         linux.prctl(linux.PR_SET_PDEATHSIG, 9)  # cleared by the uid change above, so set it after
     os.setsid()
     linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)  # Landlock requires it; seccomp would set it anyway

@@ -205,8 +205,6 @@ class Agent:
         signal.signal(signal.SIGINT, lambda *_: None)
         self.sel.register(wake_r, selectors.EVENT_READ, self._on_wakeup)
         self.sel.register(self.host, selectors.EVENT_READ, self._on_host)
-        if cfg.get("lifeline_fd") is not None:  # forked from a zygote: end when it ends
-            self.sel.register(cfg["lifeline_fd"], selectors.EVENT_READ, lambda key, mask: os._exit(0))
 
     # -- output to the host ------------------------------------------------------------------
     def send(self, header: dict, payload: bytes = b"") -> None:
