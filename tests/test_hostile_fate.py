@@ -209,6 +209,37 @@ def _taken(before: list, pool) -> list:
     return [p for p in before if p not in pool.ready]
 
 
+def _sandbox_of(pid: int):
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            text = f.read()
+    except OSError:
+        return None
+    marks = [part for part in text.split("/") if part.startswith("sb-")]
+    return marks[0].split()[0] if marks else None
+
+
+def _orphans(owned=()) -> dict:
+    """Sandbox processes on the host that this test process started (its descendants: other helpers'
+    sandboxes do not count) and that belong to no warm pool and no owner. Waits for the dying."""
+    from sandlot._pool import _POOLS
+
+    from .serverproc import descendants
+
+    deadline = time.monotonic() + 10
+    while True:
+        known = {p.id for pool in list(_POOLS.values()) for p in pool.ready} | {sb.sandbox_id for sb in owned}
+        mine = descendants(os.getpid())
+        found = {}
+        for pid in set(sandbox_processes()) & mine:
+            sid = _sandbox_of(pid)
+            if sid is not None and sid not in known:
+                found[pid] = sid
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)
+
+
 @pytest.mark.usefixtures("tier")
 async def test_oversize_env_claims_no_warm_sandbox():
     """Refused before the pool is touched: no warm sandbox is claimed for a request that cannot succeed."""
@@ -219,6 +250,7 @@ async def test_oversize_env_claims_no_warm_sandbox():
     for proc in _taken(before, pool):  # none, or each killed
         assert proc.killed_reason is not None
         assert await asyncio.to_thread(_wait_gone, proc.id) == {}
+    assert await asyncio.to_thread(_orphans) == {}
 
 
 @pytest.mark.usefixtures("tier")
@@ -237,6 +269,7 @@ async def test_create_cancelled_while_configuring_leaks_nothing():
     assert proc not in pool.ready
     assert proc.killed_reason is not None, "the claimed sandbox was left running, owned by nobody"
     assert await asyncio.to_thread(_wait_gone, proc.id) == {}
+    assert await asyncio.to_thread(_orphans) == {}
     async with sandlot.AsyncSandbox() as sb:  # the pool still serves
         assert (await sb.run_code("1 + 1")).text == "2"
 
@@ -263,6 +296,7 @@ async def test_claimed_sandbox_is_owned_or_killed(memory):
             assert await asyncio.to_thread(_wait_gone, proc.id) == {}
         if sb is not None:
             assert (await sb.run_code("6 * 7")).text == "42"
+        assert await asyncio.to_thread(_orphans, [sb] if sb is not None else []) == {}
     finally:
         if sb is not None:
             await sb.kill()
