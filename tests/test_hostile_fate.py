@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 
+import httpx
 import pytest
 
 import sandlot
@@ -178,9 +179,19 @@ def test_oversize_create_through_the_server_fails_alone(tier, tmp_path):
         remote = {"api_url": server.url, "api_key": server.key("alice")}
         with Sandbox(**remote) as bystander:
             bystander.run_code("secret = 42")
+            mallory = dict(remote, api_key=server.key("mallory"))
+            env = {f"V{i}": "c" * 30_000 for i in range(10)}  # each variable within the schema's own bounds
+            answers = [httpx.post(server.url + "/v1/sandboxes", json={"env": env, "limits": limits},
+                                  headers={"Authorization": f"Bearer {mallory['api_key']}"}, timeout=60)
+                       for limits in (None, {"disk": "64M"})]  # a client that does not check
+            assert bystander.run_code("secret").text == "42"
+            for r in answers:
+                assert r.status_code == 422 and "create input" in r.text, r.text[:300]
             for limits in (None, {"disk": "64M"}):
-                with pytest.raises(InvalidRequest):
-                    Sandbox(env={f"V{i}": "c" * 30_000 for i in range(10)}, limits=limits, **dict(remote, api_key=server.key("mallory")))
+                with pytest.raises(InvalidRequest, match="create input"):  # the remote SDK checks first
+                    Sandbox(env=env, limits=limits, **mallory)
+            with Sandbox(limits={"disk": "64M"}, **mallory) as after:
+                assert after.run_code("1 + 1").text == "2"
             assert bystander.run_code("secret").text == "42"
     finally:
         server.stop()
