@@ -129,6 +129,33 @@ def test_zygote_restarts_do_not_leak_slots(tier):
     assert len(zygote._free_slots) == free
 
 
+@pytest.mark.tiers("process")
+@pytest.mark.parametrize("config", ["not a plan", {"env": ["not", "a", "mapping"]}])
+def test_zygote_answers_a_bad_request_and_carries_on(tier, config):
+    """A request whose content the zygote cannot use gets an error answer; the zygote stays (same
+    process) and so do the sandboxes forked from it."""
+    import socket
+
+    from sandlot._backends.process import ProcessBackend
+
+    with Sandbox(limits={"disk": "64M"}) as bystander:
+        bystander.run_code("secret = 42")
+        zygote = ProcessBackend._zygotes["python"]
+        pid = zygote.pid
+        near, far = socket.socketpair()
+        try:
+            with pytest.raises(sandlot.SandboxCrashed, match="could not fork"):
+                zygote.fork(config, far)
+        finally:
+            near.close()
+            far.close()
+        assert zygote.pid == pid and zygote.alive()
+        assert bystander.run_code("secret").text == "42"
+        with Sandbox(limits={"disk": "64M"}) as after:
+            assert after.run_code("1 + 1").text == "2"
+        assert zygote.pid == pid
+
+
 OWNER = """
 import os, signal, sys, threading, time, sandlot
 from sandlot._backends.process import ProcessBackend
