@@ -70,7 +70,8 @@ class Zygote:
             self._keeper = subprocess.Popen(
                 self._argv + [str(child_end.fileno()), "zygote"], pass_fds=[child_end.fileno()],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
-                env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, cwd="/")
+                env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, cwd="/",
+                start_new_session=True)  # a Ctrl-C meant for the owner's terminal is not for them
         finally:
             child_end.close()
             if log:
