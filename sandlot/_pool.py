@@ -61,6 +61,7 @@ class WarmPool:
         self.ready: list[SandboxProcess] = []
         self._refilling: Optional[asyncio.Task] = None
         self.failures = 0
+        self.closed = False
 
     def take(self) -> Optional[SandboxProcess]:
         """A ready sandbox, or None. Never waits."""
@@ -78,6 +79,8 @@ class WarmPool:
         return None
 
     def refill(self) -> None:
+        if self.closed:
+            return
         if self._refilling is None or self._refilling.done():
             self._refilling = asyncio.get_running_loop().create_task(self._refill())
 
@@ -88,24 +91,33 @@ class WarmPool:
             missing = min(self.config.min_ready, self.config.max_ready) - len(self.ready)
             if missing <= 0:
                 return
-            results = await asyncio.gather(
-                *(self.backend.start(self.template, self.limits, {}) for _ in range(min(missing, width))),
-                return_exceptions=True)
+            results = await asyncio.gather(*(self._boot_one() for _ in range(min(missing, width))),
+                                           return_exceptions=True)
             for result in results:
                 if isinstance(result, BaseException):
                     # A failing host shows up on the direct path, with its reason; do not spin here.
                     self.failures += 1
                 else:
                     self.failures = 0
-                    self.ready.append(result)
             if self.failures > 3:
                 return
             if self.failures:
                 await asyncio.sleep(0.5)
 
+    async def _boot_one(self) -> None:
+        # Each boot files its sandbox itself, so that a refill cancelled half-way (the pool closing)
+        # loses none that had finished: they are in ``ready``, or killed if the pool closed meanwhile.
+        sandbox = await self.backend.start(self.template, self.limits, {})
+        if self.closed:
+            await sandbox.kill("pool closed")
+        else:
+            self.ready.append(sandbox)
+
     async def close(self) -> None:
+        self.closed = True
         if self._refilling is not None:
             self._refilling.cancel()
+            await asyncio.gather(self._refilling, return_exceptions=True)
         sandboxes, self.ready = self.ready, []
         await asyncio.gather(*(s.kill("pool closed") for s in sandboxes), return_exceptions=True)
 

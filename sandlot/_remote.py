@@ -26,7 +26,7 @@ import httpx
 from ._exceptions import (AuthError, FileError, HostUnsupported, InvalidRequest, QuotaExceeded, SandboxCrashed,
                           SandboxNotFound, SandlotError, TimeoutError)
 from ._backends.base import default_isolation
-from ._limits import Limits, check_env
+from ._limits import Limits, check_create_input, check_env
 from ._models import (CommandResult, EntryInfo, Execution, ExecutionError, PauseInfo, Result, SandboxInfo,
                       SandboxMetrics, Usage)
 from ._output import OutputHandler, TextLog, call as _call
@@ -245,6 +245,7 @@ class AsyncRemoteSandbox(AsyncSandbox):
         if timeout is not None:
             built = Limits.build({"lifetime": timeout}, base=built)
         _check_env(env)
+        check_create_input(env, metadata)  # the server's own bound, before any request
         self._bind(_Server(api_url, api_key))
         self.template = template
         self.limits = built
@@ -393,6 +394,7 @@ async def run_once(code: str, *, template: str = "python", timeout: Optional[flo
         raise InvalidRequest("code must be a string")
     _check_call_timeout(timeout)
     _check_env(env)
+    check_create_input(env)
     Limits.build(limits)
     body = {"code": code, "template": template, "timeout": timeout, "limits": _limits_body(limits),
             "env": dict(env) if env else None, "isolation": default_isolation(isolation)}

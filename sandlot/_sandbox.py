@@ -7,6 +7,7 @@ Every limit is enforced by the kernel (cgroups, rlimits, tmpfs caps) or by this 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Optional, Union
@@ -14,7 +15,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Optional, U
 from ._backends.base import SandboxProcess, default_isolation, get_backend
 from ._exceptions import FileError, InvalidRequest, SandboxCrashed, SandboxNotFound
 from ._host.channel import CLOSED
-from ._limits import Limits, check_env
+from ._limits import Limits, check_create_input, check_env
 from ._output import CallOutput, OutputHandler, call as _call
 from ._pool import pool_for
 from ._models import (CommandResult, EntryInfo, Execution, ExecutionError, PauseInfo, Result, SandboxInfo,
@@ -78,6 +79,7 @@ class AsyncSandbox:
         self.limits = limits
         self.env = check_env(env)
         self.metadata = dict(metadata or {})
+        check_create_input(self.env, self.metadata)  # before a warm sandbox is claimed or a zygote asked
         self.isolation = isolation
         self._backend = get_backend(isolation)
         self._proc: Optional[SandboxProcess] = None
@@ -166,21 +168,32 @@ class AsyncSandbox:
         pool = pool_for(self._backend, self.template, self.limits)
         proc = pool.take() if pool is not None else None
         if proc is not None:
-            # Taken from the warm pool: this owner's limits and environment apply from now on.
-            proc.limits = self.limits
-            if (self.limits.cpu, self.limits.memory) != (pool.limits.cpu, pool.limits.memory):
-                # (Through the backend: the gVisor tier keeps room for runsc's own threads in pids.max.)
-                cgroup_limits = getattr(proc, "cgroup_limits", lambda limits: limits)(self.limits)
-                await asyncio.to_thread(proc.cgroup.apply, cgroup_limits)
-            if self.env:
-                await proc.channel.send({"t": "configure", "id": 0, "env": self.env})
-        else:
+            try:
+                await self._configure_claimed(proc, pool.limits)
+            except BaseException as exc:
+                # Out of the pool and not handed to an owner: nobody else would ever kill it.
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(proc.kill("its create failed while configuring it"))
+                if not isinstance(exc, OSError):
+                    raise
+                proc = None  # limits this warm sandbox cannot take: a fresh one boots with them
+        if proc is None:
             proc = await self._backend.start(self.template, self.limits, self.env, awaited=True)
         self._proc = proc
         self._started_at = self._last_activity = time.monotonic()
         self._deadline = self._started_at + self.limits.lifetime
         self._watchdog = asyncio.get_running_loop().create_task(self._watch())
         return self
+
+    async def _configure_claimed(self, proc: SandboxProcess, pool_limits: Limits) -> None:
+        """A sandbox taken from the warm pool: this owner's limits and environment apply from now on."""
+        proc.limits = self.limits
+        if (self.limits.cpu, self.limits.memory) != (pool_limits.cpu, pool_limits.memory):
+            # (Through the backend: the gVisor tier keeps room for runsc's own threads in pids.max.)
+            cgroup_limits = getattr(proc, "cgroup_limits", lambda limits: limits)(self.limits)
+            await asyncio.to_thread(proc.cgroup.apply, cgroup_limits)
+        if self.env:
+            await proc.channel.send({"t": "configure", "id": 0, "env": self.env})
 
     @property
     def sandbox_id(self) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import time
 
 import pytest
@@ -262,7 +263,9 @@ def test_sandboxes_die_with_their_owner(tmp_path):
         "b = sandlot.Sandbox(limits={'disk': '64M'})\n"  # not poolable: forked on demand
         "print(a.sandbox_id, b.sandbox_id, flush=True)\n"
         "time.sleep(60)\n")
-    owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    repo = os.path.dirname(os.path.dirname(sandlot.__file__))  # this checkout's sandlot, not an installed one
+    owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                             env=dict(os.environ, PYTHONPATH=repo))
     try:
         ids = owner.stdout.readline().split()
         assert len(ids) == 2 and all(processes_in_sandbox(i) for i in ids)

@@ -58,7 +58,7 @@ def main() -> None:
     sock = socket.socket(fileno=int(sys.argv[1]))
     cfg = _recv_frame(sock)["config"]
     if len(sys.argv) > 2 and sys.argv[2] == "zygote":
-        _zygote(sock, cfg)
+        _keeper(sock, cfg)
     else:
         _direct(sock, cfg)
 
@@ -274,6 +274,31 @@ def _direct(sock: socket.socket, cfg: dict) -> None:
     _spawn_init(sock, cfg, lambda: isolation.build_template_root(cfg, plan))
 
 
+def _keeper(ctl: socket.socket, cfg: dict) -> None:
+    """The process the host starts for a zygote: it forks the zygote and stays, a subreaper, to reap
+    the sandboxes' pid 1s (orphaned as soon as each fork's outer process exits). Sandboxes do not
+    depend on the zygote, so it can die and be replaced while they run; the keeper stays until its
+    last sandbox has ended, then exits. It runs nothing else and holds nothing (it dies with the host)."""
+    from _agent import linux
+
+    linux.prctl(linux.PR_SET_PDEATHSIG, 9)
+    linux.prctl(36, 1)  # PR_SET_CHILD_SUBREAPER
+    pid = os.fork()
+    if pid == 0:
+        try:
+            _zygote(ctl, cfg)
+        finally:
+            os._exit(71)
+    ctl.close()
+    while True:
+        try:
+            os.wait()
+        except ChildProcessError:  # the zygote and every sandbox it forked are gone
+            os._exit(0)
+        except InterruptedError:
+            continue
+
+
 def _zygote(ctl: socket.socket, cfg: dict) -> None:
     """A template's zygote: its user and mount namespace, its read-only root, its modules imported.
 
@@ -290,8 +315,7 @@ def _zygote(ctl: socket.socket, cfg: dict) -> None:
     from _agent import isolation, linux
 
     try:
-        linux.prctl(linux.PR_SET_PDEATHSIG, 9)
-        linux.prctl(36, 1)  # PR_SET_CHILD_SUBREAPER: sandboxes' pid 1 become our children
+        linux.prctl(linux.PR_SET_PDEATHSIG, 9)  # dies with its keeper, which dies with the host
         linux.unshare(linux.CLONE_NEWUSER | linux.CLONE_NEWNS)
         plan = isolation.plan_host_paths(cfg)
         _handshake(ctl, cfg)
@@ -336,35 +360,65 @@ def _zygote(ctl: socket.socket, cfg: dict) -> None:
     tempfile.tempdir = None  # sandboxes pick their own /tmp
     gc.collect()
     gc.freeze()  # keep the collector off the shared pages, so forks stay copy-on-write
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # sandboxes are reaped by the kernel, not by us
-    # Every sandbox holds the read end; only we hold the write end. When we die (and we die with
-    # the host), each sandbox's agent sees EOF and exits, taking its pid namespace with it.
-    lifeline_r, lifeline_w = os.pipe()
-    cfg = dict(cfg, lifeline_fd=lifeline_r, lifeline_w=lifeline_w)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # forks' outer processes are reaped by the kernel
+    # Sandboxes do not depend on us once forked: each ends with its owner (EOF on its channel, which
+    # only the owner holds), and the keeper reaps it. If we die, they live on; the host starts a new zygote.
     _send(ctl, {"t": "ready", "failed": failed})
-    buffer = protocol_buffer()
+    _serve_forks(ctl, cfg, host_root, host_proc)
+
+
+def _serve_forks(ctl: socket.socket, cfg: dict, host_root: int, host_proc: int) -> None:
+    """The zygote's request loop. One request's content never ends it: each is checked and answered
+    ("forked" or "error"); only a broken stream (bad framing, the host gone) does, and the host then
+    starts a new zygote."""
+    from _agent import protocol
+
+    buffer = protocol.FrameBuffer()
+    pending = []  # descriptors received for the request being read (a big frame spans many reads)
     while True:
         try:
             data, fds, _, _ = socket.recv_fds(ctl, 1 << 16, 1)
         except InterruptedError:
             continue
+        pending.extend(fds)
         if not data:
             os._exit(0)
-        for header, _ in buffer.feed(data):
-            if header.get("t") != "fork" or len(fds) != 1:
-                for fd in fds:
-                    os.close(fd)
-                _send(ctl, {"t": "error", "error": "bad zygote request"})
-                continue
-            fd = fds.pop()
-            try:
-                pid = _fork_sandbox(ctl, fd, cfg, header, host_root, host_proc)
-            except OSError as exc:
-                _send(ctl, {"t": "error", "error": "fork failed: %s" % exc})
-                continue
-            finally:
-                os.close(fd)
-            _send(ctl, {"t": "forked", "pid": pid})
+        try:
+            frames = buffer.feed(data)
+        except protocol.ProtocolError:
+            os._exit(73)  # out of step with the host: it restarts us
+        for header, _ in frames:
+            fds, pending = pending, []
+            _answer_fork(ctl, header, fds, cfg, host_root, host_proc)
+
+
+def _answer_fork(ctl: socket.socket, header: dict, fds: list, cfg: dict, host_root: int, host_proc: int) -> None:
+    try:
+        problem = _fork_request_problem(header, fds)
+        if problem:
+            _send(ctl, {"t": "error", "error": problem})
+            return
+        try:
+            pid = _fork_sandbox(ctl, fds[0], cfg, header, host_root, host_proc)
+        except Exception as exc:
+            _send(ctl, {"t": "error", "error": "fork failed: %s: %s" % (type(exc).__name__, exc)})
+            return
+        _send(ctl, {"t": "forked", "pid": pid})
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _fork_request_problem(header: dict, fds: list):
+    """Why a request cannot be a fork (None when it can): checked before anything is done for it."""
+    if header.get("t") != "fork" or len(fds) != 1:
+        return "bad zygote request: a fork with one channel is the only request"
+    config, slot = header.get("config"), header.get("slot")
+    if not isinstance(config, dict) or not isinstance(config.get("env", {}), dict):
+        return "bad zygote request: config"
+    if not isinstance(slot, int) or isinstance(slot, bool) or not 0 <= slot < 32767:
+        return "bad zygote request: slot"  # uids 2 + 2*slot and the next must fit our 65536
+    return None
 
 
 def _fork_sandbox(ctl, fd: int, cfg: dict, header: dict, host_root: int, host_proc: int) -> int:
@@ -375,11 +429,13 @@ def _fork_sandbox(ctl, fd: int, cfg: dict, header: dict, host_root: int, host_pr
     if pid == 0:
         import signal
 
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        ctl.close()
-        os.close(ready_r)
-        os.close(cfg["lifeline_w"])
-        _forked_sandbox(socket.socket(fileno=fd), dict(cfg, **header["config"]), ready_w, host_root)
+        try:  # the child never returns into the zygote's loop, whatever happens
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            ctl.close()
+            os.close(ready_r)
+            _forked_sandbox(socket.socket(fileno=fd), dict(cfg, **header["config"]), ready_w, host_root)
+        finally:
+            os._exit(71)
     os.close(ready_w)
     try:
         # The child unshares its user namespace; we (its parent namespace) write its maps.
@@ -399,12 +455,6 @@ def _fork_sandbox(ctl, fd: int, cfg: dict, header: dict, host_root: int, host_pr
         finally:
             os.close(out)
     return pid
-
-
-def protocol_buffer():
-    from _agent import protocol
-
-    return protocol.FrameBuffer()
 
 
 def _forked_sandbox(sock: socket.socket, cfg: dict, ready_w: int, host_root: int) -> None:
@@ -447,8 +497,8 @@ def _spawn_init(sock: socket.socket, cfg: dict, prepare, outer_exits: bool = Fal
 
     Exec'd directly, we stay and wait for it, so the host's child lives exactly as long as the
     sandbox, and pid 1 dies with us (parent-death signal). Forked from a zygote we exit at once
-    (one process fewer per sandbox); pid 1 moves to the zygote, a subreaper, and dies with it
-    through the zygote's lifeline pipe instead.
+    (one process fewer per sandbox); pid 1 moves to the zygote's keeper (a subreaper) and ends with
+    its owner: EOF on the channel only the owner holds.
     """
     from _agent import linux
 
@@ -484,10 +534,9 @@ def _init(sock: socket.socket, cfg: dict, prepare, parent_waits: bool) -> None:
             prepare()
         isolation.enter_sandbox_root(cfg)
         # pid 1 keeps its channel and nothing else it inherited: not the zygote's descriptor of the
-        # host's /proc, not the lifeline pipe every fork of the zygote shares (a sandbox ends when
-        # its channel closes, that is with its owner), not what the preload left open.
+        # host's /proc, not what the preload left open (a sandbox ends when its channel closes,
+        # that is with its owner).
         isolation.close_inherited([sock.fileno()])
-        cfg = {k: v for k, v in cfg.items() if not k.startswith("lifeline")}
         import _agent
 
         # Modules imported later (the matplotlib backend, say) must resolve inside the new root.

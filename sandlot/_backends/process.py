@@ -213,6 +213,28 @@ class ProcessSandbox(SandboxProcess):
 _CLEANUPS: set = set()
 
 
+async def _in_thread(func, *args, undo):
+    """``await asyncio.to_thread(func, *args)``, except that a caller cancelled meanwhile does not
+    abandon what the thread makes: ``undo`` gets it when it arrives (a thread cannot be stopped)."""
+    job = asyncio.ensure_future(asyncio.to_thread(func, *args))
+    try:
+        return await asyncio.shield(job)
+    except asyncio.CancelledError:
+        def settle(done: asyncio.Future) -> None:
+            if not done.cancelled() and done.exception() is None:
+                undo(done.result())
+
+        job.add_done_callback(settle)
+        raise
+
+
+def _fork_with(zygote: Zygote, config: dict, channel_end: socket.socket) -> tuple[int, int]:
+    try:
+        return zygote.fork(config, channel_end)
+    finally:
+        channel_end.close()
+
+
 async def finish_cleanups() -> None:
     """Wait until every killed sandbox of this event loop has released its cgroup and descriptors."""
     loop = asyncio.get_running_loop()
@@ -280,7 +302,6 @@ class ProcessBackend(Backend):
     name = "process"
     _zygotes: dict[str, Zygote] = {}  # one per template per host process, shared by every event loop
     _zygotes_lock = threading.Lock()
-    _retired: list[Zygote] = []
 
     _swept = False
 
@@ -298,9 +319,9 @@ class ProcessBackend(Backend):
         with self._zygotes_lock:
             zygote = self._zygotes.get(template.name)
             if zygote is not None and zygote.key != key:
-                # The template changed: new sandboxes come from a new zygote. The old one lives on
-                # for the sandboxes it already forked (they end with it), and ends with us.
-                self._retired.append(zygote)
+                # The template changed: new sandboxes come from a new zygote. The old one goes (its
+                # live sandboxes do not depend on it; its uid range stays held while we run, for them).
+                threading.Thread(target=zygote.stop, daemon=True).start()
                 zygote = None
             if zygote is None:
                 uid_map = (UidSlot().base, UID_SPAN) if os.geteuid() == 0 else None
@@ -311,7 +332,7 @@ class ProcessBackend(Backend):
     async def start(self, template: Template, limits: Limits, env: dict[str, str], *,
                     awaited: bool = False) -> ProcessSandbox:
         sandbox_id = "sb-" + secrets.token_hex(6)
-        cgroup = await asyncio.to_thread(cgroups.Cgroup, sandbox_id, limits)
+        cgroup = await _in_thread(cgroups.Cgroup, sandbox_id, limits, undo=lambda made: made.remove())
         host_end, child_end = socket.socketpair()
         sandbox_env = _sandbox_env(template, env)
         try:
@@ -320,7 +341,11 @@ class ProcessBackend(Backend):
             if self.use_zygote and template.zygote and template.preload and not template.rootfs:
                 zygote = self.zygote_for(template)
                 await asyncio.to_thread(zygote.ensure_started)
-                pid, slot = await asyncio.to_thread(zygote.fork, _sandbox_config(limits, sandbox_env), child_end)
+                # The thread gets its own copy of the channel's far end: a cancelled create closes ours at
+                # once, while the fork may still be sending it. A slot taken by a fork nobody waits for
+                # any more goes back (that child sees its channel closed and exits).
+                pid, slot = await _in_thread(_fork_with, zygote, _sandbox_config(limits, sandbox_env),
+                                             child_end.dup(), undo=lambda done: zygote.release_slot(done[1]))
                 maps = "zygote"  # the zygote wrote the nested maps itself
                 popen, release = None, (lambda: zygote.release_slot(slot))
             elif template.uid_base is not None and os.geteuid() == 0:

@@ -3,11 +3,18 @@
 The zygote is a fresh interpreter (exec'd, never forked from the host) inside the template's user
 and mount namespace, with the template's root built and its preload list imported. Talking to it
 is a few bytes on a blocking socket under a lock, so it works from any thread or event loop.
+
+What we start is the zygote's *keeper* (boot.py ``_keeper``): it forks the zygote and reaps the
+sandboxes' pid 1s. Live sandboxes depend on neither: each ends with its owner (this process, which
+alone holds its channel). A zygote that dies (killed, OOM, a bad stream, the template changed) is
+replaced; its keeper stays until its last sandbox has ended.
 """
 
 from __future__ import annotations
 
 import os
+import select
+import signal
 import socket
 import subprocess
 import threading
@@ -16,7 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 from .._agent import protocol
-from .._exceptions import HostUnsupported, SandboxCrashed
+from .._exceptions import HostUnsupported, InvalidRequest, SandboxCrashed
 
 START_TIMEOUT = 120.0  # importing pandas, scipy and sklearn cold can take a while on a busy host
 NESTED_SLOTS = 32000  # sandboxes per zygote: each takes two uids of the zygote's 65536
@@ -31,15 +38,23 @@ class Zygote:
         self._uid_map = uid_map
         self._lock = threading.Lock()
         self._free_slots = list(range(NESTED_SLOTS - 1, -1, -1))
-        self._proc: Optional[subprocess.Popen] = None
+        self._keeper: Optional[subprocess.Popen] = None
+        self._old_keepers: list[subprocess.Popen] = []  # still reaping the sandboxes of a zygote gone
+        self._pidfd: Optional[int] = None  # the zygote process itself (the keeper's child)
+        self.pid: Optional[int] = None
         self._sock: Optional[socket.socket] = None
         self._buffer = protocol.FrameBuffer()
         self.preload_failed: dict = {}
         self.started_at = 0.0
+        self._out_of_step: Optional[int] = None  # the slot of a request that left us out of step
 
     # -- lifecycle -------------------------------------------------------------------------
     def alive(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        """The zygote process runs (a pidfd turns readable when its process exits)."""
+        return self._pidfd is not None and not select.select([self._pidfd], [], [], 0)[0]
+
+    def _exited_within(self, seconds: float) -> bool:
+        return self._pidfd is not None and bool(select.select([self._pidfd], [], [], seconds)[0])
 
     def ensure_started(self) -> None:
         with self._lock:
@@ -52,10 +67,11 @@ class Zygote:
         log = os.environ.get("SANDLOT_BOOT_LOG")
         stderr = open(log, "ab") if log else subprocess.DEVNULL
         try:
-            self._proc = subprocess.Popen(
+            self._keeper = subprocess.Popen(
                 self._argv + [str(child_end.fileno()), "zygote"], pass_fds=[child_end.fileno()],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
-                env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, cwd="/")
+                env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, cwd="/",
+                start_new_session=True)  # a Ctrl-C meant for the owner's terminal is not for them
         finally:
             child_end.close()
             if log:
@@ -66,7 +82,9 @@ class Zygote:
         try:
             self._send({"t": "config", "config": self.config})
             msg = self._recv("unshared")
-            write_id_maps(int(msg["pid"]), self._uid_map and [(0, self._uid_map[0], self._uid_map[1])])
+            self.pid = int(msg["pid"])
+            self._pidfd = os.pidfd_open(self.pid)
+            write_id_maps(self.pid, self._uid_map and [(0, self._uid_map[0], self._uid_map[1])])
             self._send({"t": "go"})
             ready = self._recv("ready")
         except BaseException:
@@ -80,11 +98,17 @@ class Zygote:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-        if self._proc is not None:
-            if self._proc.poll() is None:
-                self._proc.kill()
-            self._proc.wait()
-            self._proc = None
+        if self._pidfd is not None:
+            try:
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            os.close(self._pidfd)
+            self._pidfd = self.pid = None
+        if self._keeper is not None:  # it exits by itself once its last sandbox has ended
+            self._old_keepers.append(self._keeper)
+            self._keeper = None
+        self._old_keepers = [k for k in self._old_keepers if k.poll() is None]  # poll() reaps
 
     def stop(self) -> None:
         with self._lock:
@@ -92,27 +116,55 @@ class Zygote:
 
     # -- forks -----------------------------------------------------------------------------
     def fork(self, sandbox_config: dict, channel_end: socket.socket) -> tuple[int, int]:
-        """Fork a sandbox that will speak on ``channel_end``. Returns (host pid, nested uid slot)."""
+        """Fork a sandbox that will speak on ``channel_end``. Returns (host pid, nested uid slot).
+
+        A request that fails fails alone: the zygote is restarted only when its stream can no longer
+        be trusted (no answer, a broken frame, its exit). Its live sandboxes never depend on it.
+        """
         with self._lock:
-            if not self.alive():
-                self._start()  # a dead zygote is restarted on demand
-            if not self._free_slots:
-                raise HostUnsupported(f"zygote {self.key} has {NESTED_SLOTS} live sandboxes already")
-            slot = self._free_slots.pop()
-            try:
-                frame = protocol.encode({"t": "fork", "config": sandbox_config, "slot": slot})
-                socket.send_fds(self._sock, [frame], [channel_end.fileno()])
-                msg = self._recv("forked")
-            except BaseException:
-                self._free_slots.append(slot)
-                self._close()
-                raise
-            return int(msg["pid"]), slot
+            for attempt in (1, 2):
+                self._out_of_step = None
+                try:
+                    return self._fork(sandbox_config, channel_end)
+                except BaseException as exc:
+                    if self._out_of_step is None:
+                        raise
+                    exited = self._exited_within(1.0)  # its socket closes just before it is seen to exit
+                    self._close()  # a fresh zygote for the next fork; live sandboxes do not notice
+                    # A child forked for this request dies with the zygote (parent-death signal, set
+                    # before it unshares) and never got "go": its uid slot is free again.
+                    self._free_slots.append(self._out_of_step)
+                    if attempt == 2 or not exited or not isinstance(exc, (SandboxCrashed, OSError)):
+                        raise
+                    # It had died (kill -9, OOM) before it could answer: once more, on a new one.
+            raise AssertionError("unreachable")
+
+    def _fork(self, sandbox_config: dict, channel_end: socket.socket) -> tuple[int, int]:
+        if not self.alive():
+            self._start()  # a dead zygote is restarted on demand
+        if not self._free_slots:
+            raise HostUnsupported(f"zygote {self.key} has {NESTED_SLOTS} live sandboxes already")
+        slot = self._free_slots.pop()
+        try:
+            frame = protocol.encode({"t": "fork", "config": sandbox_config, "slot": slot})
+        except protocol.ProtocolError as exc:  # nothing was sent: the zygote never saw it
+            self._free_slots.append(slot)
+            raise InvalidRequest(f"sandbox plan too large for the zygote: {exc}") from None
+        try:
+            socket.send_fds(self._sock, [frame], [channel_end.fileno()])
+            msg = self._recv("forked")
+        except _Refused as exc:  # answered in step: the zygote carries on, nothing was forked
+            self._free_slots.append(slot)
+            raise SandboxCrashed(f"zygote {self.key} could not fork a sandbox: {exc}") from None
+        except BaseException:
+            self._out_of_step = slot  # no answer, a broken frame, the zygote gone: it is restarted
+            raise
+        return int(msg["pid"]), slot
 
     def release_slot(self, slot: int) -> None:
         with self._lock:
             self._free_slots.append(slot)
-
+            self._old_keepers = [k for k in self._old_keepers if k.poll() is None]
 
     # -- framing -----------------------------------------------------------------------------
     def _send(self, header: dict) -> None:
@@ -128,14 +180,23 @@ class Zygote:
                 raise SandboxCrashed(f"zygote {self.key} did not answer ({kind})") from None
             if not data:
                 raise SandboxCrashed(f"zygote {self.key} exited while starting or forking")
-            frames = self._buffer.feed(data)
+            try:
+                frames = self._buffer.feed(data)
+            except protocol.ProtocolError as exc:
+                raise SandboxCrashed(f"zygote {self.key} broke the protocol ({kind}): {exc}") from None
             if frames:
                 header = frames[0][0]
+                if header.get("t") == "error" and kind == "forked":
+                    raise _Refused(str(header.get("error")))
                 if header.get("t") in ("boot_error", "error"):
                     raise HostUnsupported(f"zygote {self.key} failed to start: {header.get('error')}")
                 if header.get("t") != kind:
                     raise SandboxCrashed(f"zygote {self.key} sent {header.get('t')!r}, expected {kind!r}")
                 return header
+
+
+class _Refused(Exception):
+    """The zygote answered a fork request with an error (and stays in step)."""
 
 
 def write_id_maps(pid: int, maps: Optional[list[tuple[int, int, int]]]) -> None:

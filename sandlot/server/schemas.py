@@ -11,8 +11,9 @@ import re
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator, model_validator
 
+from .._limits import check_create_input
 from .settings import MAX_LIFETIME
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,255}")
@@ -78,6 +79,11 @@ class CreateSandbox(_Body):
     _env = field_validator("env")(_check_env)
     _metadata = field_validator("metadata")(_check_metadata)
 
+    @model_validator(mode="after")
+    def _create_input(self):
+        check_create_input(self.env, self.metadata)  # the SDK's bound: env and metadata together
+        return self
+
     @field_validator("limits")
     @classmethod
     def _few_limits(cls, value):
@@ -115,6 +121,11 @@ class RunOnce(_Body):
     stream: bool = False
 
     _env = field_validator("env")(_check_env)
+
+    @model_validator(mode="after")
+    def _create_input(self):
+        check_create_input(self.env)
+        return self
 
 
 class SetTimeout(_Body):

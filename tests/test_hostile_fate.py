@@ -1,0 +1,374 @@
+"""Fate isolation: a failing create fails alone, and a sandbox ends with its owner, never with a zygote.
+
+Issue #8, holes 1 and 2. A bystander sandbox keeps a variable while another request fails (too big an
+input, a zygote killed under it, a create cancelled half-way); it must keep answering with that
+variable, and whatever the failing request took (a warm sandbox, a uid slot, processes) must be gone.
+The host side only kills processes this test process started (its own zygote), by pid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+import sandlot
+from sandlot import InvalidRequest, Sandbox
+from sandlot._limits import MAX_CREATE_INPUT
+
+from .conftest import needs_sandbox, processes_in_sandbox, sandbox_processes
+
+pytestmark = [needs_sandbox]
+
+OVERSIZE = {"X": "a" * 300_000}  # a few hundred KB: bigger than one protocol frame
+
+
+def _wait_gone(sandbox_id: str, timeout: float = 10.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while processes_in_sandbox(sandbox_id) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return processes_in_sandbox(sandbox_id)
+
+
+def _zombies(pids) -> list:
+    found = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+                if fields[0] == "Z":
+                    found.append((pid, "parent", int(fields[1])))
+        except OSError:
+            pass
+    return found
+
+
+# -- hole 1: a failing create fails alone --------------------------------------------------------------
+@pytest.mark.parametrize("limits", [None, {"disk": "64M"}], ids=["pooled", "forked"])
+def test_oversize_create_fails_alone(tier, limits):
+    """Too big an environment is refused (InvalidRequest) before anything reaches a zygote or a warm
+    sandbox; a bystander keeps its variables and new sandboxes still start."""
+    with Sandbox() as bystander:
+        assert bystander.run_code("secret = 42").error is None
+        with pytest.raises(InvalidRequest, match="create input"):
+            Sandbox(env=OVERSIZE, limits=limits)
+        assert bystander.run_code("secret").text == "42"
+        with Sandbox(limits=limits) as after:
+            assert after.run_code("1 + 1").text == "2"
+        assert bystander.run_code("secret").text == "42"
+
+
+@pytest.mark.tiers("process")
+@pytest.mark.parametrize("limits", [None, {"disk": "64M"}], ids=["pooled", "forked"])
+def test_create_input_just_under_the_limit_works(tier, limits):
+    """A big but allowed environment (more than one read of the zygote's socket) reaches the sandbox."""
+    value = "b" * (MAX_CREATE_INPUT - 1024)
+    with Sandbox() as bystander:
+        bystander.run_code("secret = 42")
+        with Sandbox(env={"BIG": value}, limits=limits) as sb:
+            assert sb.run_code("import os; len(os.environ['BIG'])").text == str(len(value))
+        assert bystander.run_code("secret").text == "42"
+
+
+def _zygote_pid() -> int:
+    from sandlot._backends.process import ProcessBackend
+
+    zygote = ProcessBackend._zygotes["python"]
+    assert zygote.alive()
+    return zygote.pid
+
+
+@pytest.mark.tiers("process")
+def test_zygote_killed_bystanders_live_on(tier):
+    """kill -9 of the zygote (ours: this process started it) leaves its live forks running."""
+    from sandlot._backends.process import ProcessBackend
+
+    with Sandbox() as pooled, Sandbox(limits={"disk": "64M"}) as forked:
+        for sb in (pooled, forked):
+            assert sb.run_code("secret = 42").error is None
+        keeper = ProcessBackend._zygotes["python"]._keeper.pid  # reaps the pid 1s of that zygote's forks
+        os.kill(_zygote_pid(), signal.SIGKILL)
+        time.sleep(0.5)
+        for sb in (pooled, forked):
+            assert sb.run_code("secret").text == "42"
+            assert sb.commands.run("echo alive").stdout == "alive\n"
+        with Sandbox(limits={"disk": "64M"}) as new:  # the zygote is restarted on demand
+            assert new.run_code("import pandas; 1 + 1").text == "2"
+        new_zygote = _zygote_pid()
+        assert pooled.run_code("secret").text == "42"
+        ids = [pooled.sandbox_id, forked.sandbox_id]
+        pids = {pid for sid in ids for pid in processes_in_sandbox(sid)}
+    for sid in ids:
+        assert _wait_gone(sid) == {}
+    deadline = time.monotonic() + 5  # reaped by the old zygote's keeper, promptly
+    while _zombies(pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _zombies(pids) == [], "orphaned sandboxes were not reaped"
+    with Sandbox(limits={"disk": "64M"}) as sb:  # the restarted zygote is still the one in use
+        assert sb.run_code("2 + 2").text == "4"
+    assert _zygote_pid() == new_zygote
+    # The old keeper stays only while it has sandboxes to reap (warm ones forked before the kill, say),
+    # and is reaped once it exits.
+    deadline = time.monotonic() + 5
+    while not _keeper_settled(keeper) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _keeper_settled(keeper)
+
+
+def _keeper_settled(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = f.read().split()
+    except OSError:
+        return True  # exited and reaped
+    return state != "Z" and bool(children)
+
+
+@pytest.mark.tiers("process")
+def test_zygote_restarts_do_not_leak_slots(tier):
+    """Each sandbox forked from a zygote takes a nested uid slot; restarts of the zygote give them back."""
+    from sandlot._backends.process import ProcessBackend
+
+    with Sandbox(limits={"disk": "64M"}):
+        pass
+    time.sleep(0.5)  # releases happen when each sandbox's cleanup finishes
+    zygote = ProcessBackend._zygotes["python"]
+    free = len(zygote._free_slots)
+    for _ in range(2):
+        with Sandbox(limits={"disk": "64M"}) as sb:
+            os.kill(_zygote_pid(), signal.SIGKILL)
+            assert sb.run_code("1").text == "1"
+        with Sandbox(limits={"disk": "64M"}):
+            pass
+    time.sleep(0.5)  # releases happen when each sandbox's cleanup finishes
+    assert len(zygote._free_slots) == free
+
+
+@pytest.mark.tiers("process")
+@pytest.mark.parametrize("config", ["not a plan", {"env": ["not", "a", "mapping"]}])
+def test_zygote_answers_a_bad_request_and_carries_on(tier, config):
+    """A request whose content the zygote cannot use gets an error answer; the zygote stays (same
+    process) and so do the sandboxes forked from it."""
+    import socket
+
+    from sandlot._backends.process import ProcessBackend
+
+    with Sandbox(limits={"disk": "64M"}) as bystander:
+        bystander.run_code("secret = 42")
+        zygote = ProcessBackend._zygotes["python"]
+        pid = zygote.pid
+        near, far = socket.socketpair()
+        try:
+            with pytest.raises(sandlot.SandboxCrashed, match="could not fork"):
+                zygote.fork(config, far)
+        finally:
+            near.close()
+            far.close()
+        assert zygote.pid == pid and zygote.alive()
+        assert bystander.run_code("secret").text == "42"
+        with Sandbox(limits={"disk": "64M"}) as after:
+            assert after.run_code("1 + 1").text == "2"
+        assert zygote.pid == pid
+
+
+OWNER = """
+import os, signal, sys, threading, time, sandlot
+from sandlot._backends.process import ProcessBackend
+idle = sandlot.Sandbox()
+busy = sandlot.Sandbox(limits={"disk": "64M"})
+threading.Thread(target=busy.run_code, args=("while True: pass",), daemon=True).start()
+if sys.argv[1] == "zygote-gone":  # its zygote died (and was not replaced) before the owner did
+    zygote = ProcessBackend._zygotes["python"]
+    os.kill(zygote.pid, signal.SIGKILL)
+    while zygote.alive():
+        time.sleep(0.01)
+time.sleep(1)
+print(idle.sandbox_id, busy.sandbox_id, flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.tiers("process")
+@pytest.mark.parametrize("case", ["zygote-alive", "zygote-gone"])
+def test_sandboxes_end_with_their_owner(tier, case, tmp_path):
+    """Owner SIGKILLed: its sandboxes end, idle or busy running code, whether their zygote lives or not."""
+    script = tmp_path / "owner.py"
+    script.write_text(OWNER)
+    repo = os.path.dirname(os.path.dirname(sandlot.__file__))  # this checkout's sandlot, not an installed one
+    owner = subprocess.Popen([sys.executable, str(script), case], stdout=subprocess.PIPE, text=True,
+                             env=dict(os.environ, PYTHONPATH=repo))
+    try:
+        ids = owner.stdout.readline().split()
+        assert len(ids) == 2 and all(processes_in_sandbox(i) for i in ids), ids
+        before = _cpu_ticks(processes_in_sandbox(ids[1]))
+        time.sleep(0.5)
+        assert _cpu_ticks(processes_in_sandbox(ids[1])) > before  # the busy loop really runs
+    finally:
+        owner.kill()
+        owner.wait()
+    for sid in ids:
+        assert _wait_gone(sid) == {}, f"{sid} outlived its owner ({case})"
+
+
+def _cpu_ticks(pids) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime + stime
+        except OSError:
+            pass
+    return total
+
+
+# -- the server path ------------------------------------------------------------------------------------
+@pytest.mark.tiers("process")
+def test_oversize_create_through_the_server_fails_alone(tier, tmp_path):
+    from .serverproc import ServerProcess
+
+    server = ServerProcess(tmp_path / "sandlot.db").start()
+    try:
+        remote = {"api_url": server.url, "api_key": server.key("alice")}
+        with Sandbox(**remote) as bystander:
+            bystander.run_code("secret = 42")
+            mallory = dict(remote, api_key=server.key("mallory"))
+            env = {f"V{i}": "c" * 30_000 for i in range(10)}  # each variable within the schema's own bounds
+            answers = [httpx.post(server.url + "/v1/sandboxes", json={"env": env, "limits": limits},
+                                  headers={"Authorization": f"Bearer {mallory['api_key']}"}, timeout=60)
+                       for limits in (None, {"disk": "64M"})]  # a client that does not check
+            assert bystander.run_code("secret").text == "42"
+            for r in answers:
+                assert r.status_code == 422 and "create input" in r.text, r.text[:300]
+            for limits in (None, {"disk": "64M"}):
+                with pytest.raises(InvalidRequest, match="create input"):  # the remote SDK checks first
+                    Sandbox(env=env, limits=limits, **mallory)
+            with Sandbox(limits={"disk": "64M"}, **mallory) as after:
+                assert after.run_code("1 + 1").text == "2"
+            assert bystander.run_code("secret").text == "42"
+    finally:
+        server.stop()
+
+
+# -- hole 2: a sandbox taken from the pool is handed to its owner or killed ------------------------------
+async def _warm_pool(limits=None):
+    from sandlot._backends.base import get_backend
+    from sandlot._limits import Limits
+    from sandlot._pool import pool_for
+    from sandlot._templates import get_template
+
+    sandlot.configure_pool("python", min_ready=2)
+    backend = get_backend(os.environ["SANDLOT_ISOLATION"])
+    pool = pool_for(backend, get_template("python"), Limits.build(limits))
+    assert pool is not None
+    pool.refill()
+    deadline = time.monotonic() + 120
+    while len(pool.ready) < 2 and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert len(pool.ready) >= 2
+    return pool
+
+
+def _taken(before: list, pool) -> list:
+    return [p for p in before if p not in pool.ready]
+
+
+def _sandbox_of(pid: int):
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            text = f.read()
+    except OSError:
+        return None
+    marks = [part for part in text.split("/") if part.startswith("sb-")]
+    return marks[0].split()[0] if marks else None
+
+
+def _orphans(owned=()) -> dict:
+    """Sandbox processes on the host that this test process started (its descendants: other helpers'
+    sandboxes do not count) and that belong to no warm pool and no owner. Waits for the dying."""
+    from sandlot._pool import _POOLS
+
+    from .serverproc import descendants
+
+    deadline = time.monotonic() + 10
+    while True:
+        known = {p.id for pool in list(_POOLS.values()) for p in pool.ready} | {sb.sandbox_id for sb in owned}
+        mine = descendants(os.getpid())
+        found = {}
+        for pid in set(sandbox_processes()) & mine:
+            sid = _sandbox_of(pid)
+            if sid is not None and sid not in known:
+                found[pid] = sid
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)
+
+
+@pytest.mark.usefixtures("tier")
+async def test_oversize_env_claims_no_warm_sandbox():
+    """Refused before the pool is touched: no warm sandbox is claimed for a request that cannot succeed."""
+    pool = await _warm_pool()
+    before = list(pool.ready)
+    with pytest.raises(InvalidRequest):
+        await sandlot.AsyncSandbox.create(env=OVERSIZE)
+    for proc in _taken(before, pool):  # none, or each killed
+        assert proc.killed_reason is not None
+        assert await asyncio.to_thread(_wait_gone, proc.id) == {}
+    assert await asyncio.to_thread(_orphans) == {}
+
+
+@pytest.mark.usefixtures("tier")
+async def test_create_cancelled_while_configuring_leaks_nothing():
+    """A client that gives up while its warm sandbox is being configured: that sandbox is killed."""
+    pool = await _warm_pool()
+    before = list(pool.ready)
+    task = asyncio.ensure_future(sandlot.AsyncSandbox.create(env={"OWNER": "gone"}, limits={"memory": "300M"}))
+    await asyncio.sleep(0)  # the create has claimed its warm sandbox and is applying its limits
+    taken = _taken(before, pool)
+    assert len(taken) == 1, "the create did not take a warm sandbox"
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    proc = taken[0]
+    assert proc not in pool.ready
+    assert proc.killed_reason is not None, "the claimed sandbox was left running, owned by nobody"
+    assert await asyncio.to_thread(_wait_gone, proc.id) == {}
+    assert await asyncio.to_thread(_orphans) == {}
+    async with sandlot.AsyncSandbox() as sb:  # the pool still serves
+        assert (await sb.run_code("1 + 1")).text == "2"
+
+
+@pytest.mark.usefixtures("tier")
+@pytest.mark.parametrize("memory", ["2G", "16M"])
+async def test_claimed_sandbox_is_owned_or_killed(memory):
+    """Other memory than the pool's: the warm sandbox taken for it either serves its owner or is
+    killed (when it cannot take the limits, a fresh sandbox boots with them), never left running."""
+    pool = await _warm_pool()
+    before = list(pool.ready)
+    try:
+        sb = await sandlot.AsyncSandbox.create(limits={"memory": memory})
+    except sandlot.SandlotError:
+        sb = None  # failing is allowed; leaking is not
+    try:
+        taken = _taken(before, pool)
+        assert taken, "the create did not take a warm sandbox"
+        for proc in taken:
+            if sb is not None and proc is sb._proc:
+                assert (await sb.run_code("1 + 1")).text == "2"
+                continue
+            assert proc.killed_reason is not None, "a claimed sandbox was left running, owned by nobody"
+            assert await asyncio.to_thread(_wait_gone, proc.id) == {}
+        if sb is not None:
+            assert (await sb.run_code("6 * 7")).text == "42"
+        assert await asyncio.to_thread(_orphans, [sb] if sb is not None else []) == {}
+    finally:
+        if sb is not None:
+            await sb.kill()
