@@ -218,6 +218,49 @@ def test_sandboxes_end_with_their_owner(tier, case, tmp_path):
         assert _wait_gone(sid) == {}, f"{sid} outlived its owner ({case})"
 
 
+
+SIGNALLED_OWNER = """
+import signal, sys
+import sandlot
+# The owner shrugs off the Ctrl-C with a handler (not SIG_IGN, which its children would inherit across exec).
+signal.signal(signal.SIGINT, lambda *_: None)
+signal.signal(signal.SIGQUIT, lambda *_: None)
+direct = sandlot.Sandbox(limits={"disk": "64M"})  # forked or booted for us, never pooled
+pooled = sandlot.Sandbox()
+for sb in (direct, pooled):
+    sb.run_code("kept = 7")
+print("ready", flush=True)
+sys.stdin.readline()
+print(" ".join(str(sb.run_code("kept * 6").text) for sb in (direct, pooled)), flush=True)
+"""
+
+
+@pytest.mark.parametrize("zygote", ["1", "0"], ids=["zygote", "exec"])
+def test_a_ctrl_c_at_the_owners_terminal_is_not_for_its_sandboxes(tier, zygote, tmp_path):
+    """A terminal's Ctrl-C (SIGINT, SIGQUIT) goes to the owner's whole process group: a sandbox's host
+    processes (a direct boot's parent, gVisor's runsc and its shell, a zygote's keeper) are not in it."""
+    if tier == "gvisor" and zygote == "0":
+        pytest.skip("the gVisor tier has no zygote: one case is enough")
+    script = tmp_path / "owner.py"
+    script.write_text(SIGNALLED_OWNER)
+    repo = os.path.dirname(os.path.dirname(sandlot.__file__))
+    owner = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True, start_new_session=True,  # its own group: we signal only that
+                             env=dict(os.environ, PYTHONPATH=repo, SANDLOT_ZYGOTE=zygote))
+    try:
+        assert owner.stdout.readline().strip() == "ready"
+        assert os.getpgid(owner.pid) == owner.pid != os.getpgid(0)  # never our own group
+        for sig in (signal.SIGINT, signal.SIGQUIT):
+            os.killpg(owner.pid, sig)
+        time.sleep(1)
+        owner.stdin.write("go\n")
+        owner.stdin.flush()
+        assert owner.stdout.readline().split() == ["42", "42"]
+    finally:
+        owner.kill()
+        owner.wait()
+
+
 def _cpu_ticks(pids) -> int:
     total = 0
     for pid in pids:

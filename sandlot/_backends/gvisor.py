@@ -277,7 +277,8 @@ class GVisorSandbox(SandboxProcess):
         try:
             self._proc = subprocess.Popen(["/bin/sh", "-c", outer], stdin=subprocess.PIPE,
                                           stdout=subprocess.PIPE, stderr=stderr, cwd="/",
-                                          env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+                                          env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+                                          start_new_session=True)  # the owner's terminal signals are not for it
         finally:
             if log:
                 stderr.close()

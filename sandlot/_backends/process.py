@@ -393,7 +393,8 @@ class ProcessBackend(Backend):
             return subprocess.Popen(
                 [interpreter, "-I", "-S", "-B", str(AGENT_DIR / "boot.py"), str(child_end.fileno())],
                 pass_fds=[child_end.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=stderr, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, cwd="/")
+                stderr=stderr, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, cwd="/",
+                start_new_session=True)  # a Ctrl-C at the owner's terminal is for the owner, not for it
         finally:
             if log:
                 stderr.close()
