@@ -297,11 +297,14 @@ SIZES = ["2G", "256M", "3G", "512M", "2G", "1G"]
 
 
 def _ready_ids(backend: str) -> set[str]:
-    """Ids of the warm sandboxes this process's pools hold for ``backend`` (read, never taken)."""
+    """Ids of the warm sandboxes the sync API's pool holds for ``backend`` (read, never taken). Only
+    that event loop's pool: pools of loops earlier tests ran keep their sandboxes until they close."""
     from sandlot import _pool
+    from sandlot._sync import _LoopThread
 
-    return {p.id for (_, name, template), pool in list(_pool._POOLS.items())
-            if name == backend and template == "python" for p in list(pool.ready)}
+    loop_id = id(_LoopThread.loop())
+    return {p.id for (loop, name, template), pool in list(_pool._POOLS.items())
+            if loop == loop_id and name == backend and template == "python" for p in list(pool.ready)}
 
 
 def _wait_for_warm(backend: str, timeout: float = 120) -> set[str]:
