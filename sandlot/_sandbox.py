@@ -112,13 +112,13 @@ class AsyncSandbox:
         """Reattach to a live sandbox on a server, or (``isolation="gvisor"``, no server) resume a
         sandbox that an earlier process of this host paused."""
         if isolation is not None and not _wants_server(api_url):
-            return await cls._adopt(sandbox_id, isolation)
+            return await cls._take_back(sandbox_id, isolation)
         from ._remote import AsyncRemoteSandbox
 
         return await AsyncRemoteSandbox.connect(sandbox_id, api_url=api_url, api_key=api_key)
 
     @classmethod
-    async def _adopt(cls, sandbox_id: str, isolation: str) -> "AsyncSandbox":
+    async def _take_back(cls, sandbox_id: str, isolation: str) -> "AsyncSandbox":
         """Take over a sandbox an earlier process of this host left (paused), where its tier can."""
         proc = await get_backend(isolation).adopt({"tier": isolation, "id": sandbox_id})
         sandbox = cls(proc.template, limits=proc.limits, isolation=isolation, api_url="")
@@ -174,7 +174,7 @@ class AsyncSandbox:
         proc = pool.take() if pool is not None else None
         if proc is not None:
             try:
-                await self._configure_claimed(proc, pool.limits)
+                await self._configure_claimed(proc)
             except BaseException as exc:
                 # Out of the pool and not handed to an owner: nobody else would ever kill it.
                 with contextlib.suppress(Exception):
@@ -190,7 +190,7 @@ class AsyncSandbox:
         self._watchdog = asyncio.get_running_loop().create_task(self._watch())
         return self
 
-    async def _configure_claimed(self, proc: SandboxProcess, pool_limits: Limits) -> None:
+    async def _configure_claimed(self, proc: SandboxProcess) -> None:
         """A sandbox taken from the warm pool: this owner's limits and environment apply from now on."""
         await proc.apply_limits(self.limits)  # cpu and memory; the rest were fixed at boot and agree
         if self.env:
