@@ -110,7 +110,7 @@ class AsyncSandbox:
     async def connect(cls, sandbox_id: str, *, api_url: Optional[str] = None,
                       api_key: Optional[str] = None, isolation: Optional[str] = None) -> "AsyncSandbox":
         """Reattach to a live sandbox on a server, or (``isolation="gvisor"``, no server) resume a
-        sandbox that an earlier process of this host paused."""
+        sandbox that an earlier process of this host paused (a tier that cannot take one back says so)."""
         if isolation is not None and not _wants_server(api_url):
             return await cls._take_back(sandbox_id, isolation)
         from ._remote import AsyncRemoteSandbox

@@ -168,3 +168,21 @@ async def test_adopt_takes_back_what_the_tier_can(live):
     finally:
         await adopted.kill("test over")
         await adopted.wait()
+
+
+# -- the SDK asks the declared capabilities ---------------------------------------------------------------
+async def test_the_sdk_refuses_what_a_tier_does_not_declare():
+    from sandlot import AsyncSandbox
+
+    with pytest.raises(InvalidRequest, match="'pause' with isolation='gvisor'"):
+        AsyncSandbox(isolation="process", on_idle="pause")
+    async with AsyncSandbox(isolation="process", api_url="") as sb:
+        with pytest.raises(InvalidRequest, match="pause\\(\\) needs isolation='gvisor': the process tier cannot"):
+            await sb.pause()
+        assert not sb.is_paused
+        assert (await sb.resume()).seconds == 0.0  # a running sandbox: nothing to resume
+        assert (await sb.metrics()).processes >= 1
+        # Its sandboxes end with their owner: nothing on this host to take back (no server asked).
+        with pytest.raises(InvalidRequest, match="the process tier cannot take a sandbox back"):
+            await AsyncSandbox.connect(sb.sandbox_id, isolation="process", api_url="")
+        assert (await sb.run_code("6 * 7")).text == "42"
