@@ -25,7 +25,7 @@ import httpx
 
 from ._exceptions import (AuthError, FileError, HostUnsupported, InvalidRequest, QuotaExceeded, SandboxCrashed,
                           SandboxNotFound, SandlotError, TimeoutError)
-from ._backends.base import default_isolation
+from ._backends.registry import default_isolation
 from ._limits import Limits, check_create_input, check_env
 from ._models import (CommandResult, EntryInfo, Execution, ExecutionError, PauseInfo, Result, SandboxInfo,
                       SandboxMetrics, Usage)

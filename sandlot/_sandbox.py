@@ -12,7 +12,8 @@ import os
 import time
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Optional, Union
 
-from ._backends.base import SandboxProcess, default_isolation, get_backend
+from ._backends.base import Counters, SandboxProcess
+from ._backends.registry import default_isolation, get_backend, supports, tiers_with
 from ._exceptions import FileError, InvalidRequest, SandboxCrashed, SandboxNotFound
 from ._host.channel import CLOSED
 from ._limits import Limits, check_create_input, check_env
@@ -33,6 +34,11 @@ def _human(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
+
+
+def _tiers_that(capability: str) -> str:
+    """``isolation='gvisor'``: the tiers that declare ``capability``, as an owner would ask for them."""
+    return " or ".join(f"isolation={name!r}" for name in tiers_with(capability))
 
 
 def _wants_server(api_url: Optional[str]) -> bool:
@@ -67,8 +73,8 @@ class AsyncSandbox:
                  metadata: Optional[Mapping[str, str]] = None, isolation: Optional[str] = None,
                  api_url: Optional[str] = None, api_key: Optional[str] = None, on_idle: str = "kill") -> None:
         isolation = default_isolation(isolation)
-        if on_idle not in ("kill", "pause") or (on_idle == "pause" and isolation != "gvisor"):
-            raise InvalidRequest("on_idle is 'kill', or 'pause' with isolation='gvisor' (checkpoint to disk)")
+        if on_idle not in ("kill", "pause") or (on_idle == "pause" and not supports(isolation, "pause")):
+            raise InvalidRequest(f"on_idle is 'kill', or 'pause' with {_tiers_that('pause')} (checkpoint to disk)")
         self.on_idle = on_idle
         self.template = get_template(template)
         # An image template may carry default limits (sandbox.yaml); the owner's override them.
@@ -104,19 +110,18 @@ class AsyncSandbox:
     async def connect(cls, sandbox_id: str, *, api_url: Optional[str] = None,
                       api_key: Optional[str] = None, isolation: Optional[str] = None) -> "AsyncSandbox":
         """Reattach to a live sandbox on a server, or (``isolation="gvisor"``, no server) resume a
-        sandbox that an earlier process of this host paused."""
-        if isolation == "gvisor" and not _wants_server(api_url):
-            return await cls._resume_paused(sandbox_id)
+        sandbox that an earlier process of this host paused (a tier that cannot take one back says so)."""
+        if isolation is not None and not _wants_server(api_url):
+            return await cls._take_back(sandbox_id, isolation)
         from ._remote import AsyncRemoteSandbox
 
         return await AsyncRemoteSandbox.connect(sandbox_id, api_url=api_url, api_key=api_key)
 
     @classmethod
-    async def _resume_paused(cls, sandbox_id: str) -> "AsyncSandbox":
-        from ._backends.gvisor import GVisorBackend
-
-        proc = await GVisorBackend().adopt_paused(sandbox_id)
-        sandbox = cls(proc.template_name, limits=proc.limits, isolation="gvisor", api_url="")
+    async def _take_back(cls, sandbox_id: str, isolation: str) -> "AsyncSandbox":
+        """Take over a sandbox an earlier process of this host left (paused), where its tier can."""
+        proc = await get_backend(isolation).adopt({"tier": isolation, "id": sandbox_id})
+        sandbox = cls(proc.template, limits=proc.limits, isolation=isolation, api_url="")
         sandbox._proc = proc
         await sandbox.resume()
         return sandbox
@@ -126,8 +131,8 @@ class AsyncSandbox:
         it with its variables, open files and working directory; so does ``connect(id)`` from a later process."""
         async with self._exec_lock:
             proc = self._alive()
-            if not hasattr(proc, "pause"):
-                raise InvalidRequest("pause() needs isolation='gvisor': the process tier cannot checkpoint")
+            if not self._backend.capabilities.pause:
+                raise InvalidRequest(f"pause() needs {_tiers_that('pause')}: the {self.isolation} tier cannot checkpoint")
             if self._watchdog is not None and self._watchdog is not asyncio.current_task():
                 self._watchdog.cancel()
             figures = await proc.pause()
@@ -136,7 +141,7 @@ class AsyncSandbox:
     async def resume(self) -> PauseInfo:
         """Bring a paused sandbox back (a no-op for a running one)."""
         proc = self._proc
-        if proc is None or not getattr(proc, "paused", False):
+        if proc is None or not proc.paused:
             self._alive()
             return PauseInfo(seconds=0.0, checkpoint_bytes=0)
         if self._dead is not None:
@@ -169,7 +174,7 @@ class AsyncSandbox:
         proc = pool.take() if pool is not None else None
         if proc is not None:
             try:
-                await self._configure_claimed(proc, pool.limits)
+                await self._configure_claimed(proc)
             except BaseException as exc:
                 # Out of the pool and not handed to an owner: nobody else would ever kill it.
                 with contextlib.suppress(Exception):
@@ -185,13 +190,9 @@ class AsyncSandbox:
         self._watchdog = asyncio.get_running_loop().create_task(self._watch())
         return self
 
-    async def _configure_claimed(self, proc: SandboxProcess, pool_limits: Limits) -> None:
+    async def _configure_claimed(self, proc: SandboxProcess) -> None:
         """A sandbox taken from the warm pool: this owner's limits and environment apply from now on."""
-        proc.limits = self.limits
-        if (self.limits.cpu, self.limits.memory) != (pool_limits.cpu, pool_limits.memory):
-            # (Through the backend: the gVisor tier keeps room for runsc's own threads in pids.max.)
-            cgroup_limits = getattr(proc, "cgroup_limits", lambda limits: limits)(self.limits)
-            await asyncio.to_thread(proc.cgroup.apply, cgroup_limits)
+        await proc.apply_limits(self.limits)  # cpu and memory; the rest were fixed at boot and agree
         if self.env:
             await proc.channel.send({"t": "configure", "id": 0, "env": self.env})
 
@@ -208,7 +209,7 @@ class AsyncSandbox:
     @property
     def is_paused(self) -> bool:
         """Checkpointed to disk by ``pause()`` (gVisor tier), waiting for ``resume()``."""
-        return self._proc is not None and self._dead is None and bool(getattr(self._proc, "paused", False))
+        return self._proc is not None and self._dead is None and self._proc.paused
 
     @property
     def end_reason(self) -> Optional[str]:
@@ -245,13 +246,9 @@ class AsyncSandbox:
     async def metrics(self) -> SandboxMetrics:
         """Memory, CPU and process count of the sandbox right now, from its cgroup."""
         proc = self._alive()
-        cg = proc.cgroup
-
-        def read() -> SandboxMetrics:
-            return SandboxMetrics(memory=cg.memory_current(), memory_peak=cg.memory_peak(),
-                                  cpu_seconds=cg.cpu_seconds(), processes=len(cg.pids()))
-
-        return await asyncio.to_thread(read)
+        now = await asyncio.to_thread(proc.usage, processes=True)
+        return SandboxMetrics(memory=now.memory, memory_peak=now.memory_peak, cpu_seconds=now.cpu_seconds,
+                              processes=now.processes or 0)
 
     async def set_timeout(self, seconds: float) -> None:
         """Let the sandbox live ``seconds`` from now (capped by 14 days), like E2B's set_timeout."""
@@ -272,7 +269,7 @@ class AsyncSandbox:
                 await self._die(f"its lifetime ended ({self.limits.lifetime:.0f} s)", "lifetime")
                 return
             if now >= idle_end and not self._exec_lock.locked():
-                if self.on_idle == "pause" and hasattr(self._proc, "pause"):
+                if self.on_idle == "pause" and self._backend.capabilities.pause:
                     await self.pause()  # checkpointed to disk; resume() or connect() brings it back
                     return
                 await self._die(f"it was idle for {self.limits.idle_timeout:.0f} s", "idle_timeout")
@@ -286,7 +283,7 @@ class AsyncSandbox:
             if self._dead_limit in ("memory", "pids", "protocol"):
                 raise SandboxCrashed(f"sandbox {self._proc.id} is dead: {self._dead}", limit=self._dead_limit)
             raise SandboxNotFound(f"sandbox {self._proc.id} is gone: {self._dead}")
-        if getattr(self._proc, "paused", False):
+        if self._proc.paused:
             raise InvalidRequest(f"sandbox {self._proc.id} is paused: call resume() first")
         if not self._proc.channel.is_open:
             raise SandboxCrashed(f"sandbox {self._proc.id} lost its agent: {self._proc.channel.closed_reason}",
@@ -426,35 +423,24 @@ class AsyncSandbox:
             execution.error.limit = "pids"
             execution.error.value += f" (the sandbox reached its process limit of {self.limits.pids})"
 
-    # -- usage from the cgroup's own counters -----------------------------------------------
-    def _usage_start(self, proc) -> dict:
-        cg = getattr(proc, "cgroup", None)
-        if cg is None:
-            return {}
-        cg.reset_peak()
-        return {"cpu": cg.cpu_seconds(), "oom": cg.oom_kills(), "pids": cg.pids_limit_hits(),
-                "mem_hits": cg.memory_limit_hits()}
+    # -- usage from the kernel's own counters (the backend's probe) ----------------------------
+    def _usage_start(self, proc: SandboxProcess) -> Counters:
+        return proc.usage(reset_peak=True)
 
-    def _usage_end(self, proc, start: dict, started: float) -> Usage:
-        cg = getattr(proc, "cgroup", None)
-        usage = Usage(wall_seconds=time.monotonic() - started)
-        if cg is not None and start:
-            usage.cpu_seconds = max(0.0, cg.cpu_seconds() - start["cpu"])
-            usage.peak_memory = cg.memory_peak()
-        return usage
+    def _usage_end(self, proc: SandboxProcess, start: Counters, started: float) -> Usage:
+        now = proc.usage()
+        return Usage(wall_seconds=time.monotonic() - started, cpu_seconds=max(0.0, now.cpu_seconds - start.cpu_seconds),
+                     peak_memory=now.memory_peak)
 
-    def _oom_since(self, proc, start: dict) -> bool:
-        cg = getattr(proc, "cgroup", None)
-        if cg is None or not start:
-            return False
+    def _oom_since(self, proc: SandboxProcess, start: Counters) -> bool:
+        now = proc.usage()
         # An OOM kill, or (gVisor's sentry may exit on a failed allocation, with no OOM kill counted)
         # the cgroup ran into its limit during the call.
-        return (cg.oom_kills() > start["oom"] or cg.memory_limit_hits() > start.get("mem_hits", 0)
-                or cg.memory_peak() >= 0.95 * self.limits.memory)
+        return (now.oom_kills > start.oom_kills or now.memory_limit_hits > start.memory_limit_hits
+                or now.memory_peak >= 0.95 * self.limits.memory)
 
-    def _pids_hit_since(self, proc, start: dict) -> bool:
-        cg = getattr(proc, "cgroup", None)
-        return bool(cg is not None and start and cg.pids_limit_hits() > start["pids"])
+    def _pids_hit_since(self, proc: SandboxProcess, start: Counters) -> bool:
+        return proc.usage().pids_limit_hits > start.pids_limit_hits
 
     # -- plumbing shared by commands and files -------------------------------------------------
     async def _request(self, header: dict, payload: bytes = b"", timeout: float = 60.0) -> dict:

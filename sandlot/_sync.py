@@ -23,7 +23,7 @@ def _shutdown() -> None:
         return
 
     async def finish() -> None:
-        from ._backends.process import finish_cleanups
+        from ._backends.registry import finish_cleanups
         from ._pool import close_pools
 
         await close_pools()

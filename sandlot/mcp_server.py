@@ -90,7 +90,7 @@ class LocalSandboxes:
     async def aclose(self) -> None:
         if self.api_url:
             return
-        from ._backends.process import finish_cleanups
+        from ._backends.registry import finish_cleanups
         from ._pool import close_pools
 
         await close_pools()

@@ -303,7 +303,7 @@ def test_oversize_create_through_the_server_fails_alone(tier, tmp_path):
 
 # -- hole 2: a sandbox taken from the pool is handed to its owner or killed ------------------------------
 async def _warm_pool(limits=None):
-    from sandlot._backends.base import get_backend
+    from sandlot._backends.registry import get_backend
     from sandlot._limits import Limits
     from sandlot._pool import pool_for
     from sandlot._templates import get_template

@@ -1,24 +1,61 @@
 """The backend interface: small and Popen-like, in the spirit of jupyter_client's provisioners.
 
 A backend starts a sandbox running the agent and hands back a ``SandboxProcess``: a channel that
-speaks the wire protocol, plus process control. Everything above (sessions, commands, files,
-limits reporting) is written once against this interface, so a gVisor backend only has to start
-the same agent differently.
+speaks the wire protocol, plus process control, limits and the kernel's counters. Everything above
+(sessions, commands, files, limits reporting, pools, the server) is written once against this
+interface and asks a tier's declared ``Capabilities``, never the handle's attributes, what it can do.
+
+``describe()`` and ``Backend.adopt()`` are jupyter_client's ``get_provisioner_info`` /
+``load_provisioner_info``: plain JSON data about a sandbox that a later owner (a restarted server, a
+new process) hands back to take the sandbox over, where the tier can.
+
+This module knows no tier: the registry (registry.py) maps names to tiers; code both tiers share is
+in _common.py.
 """
 
 from __future__ import annotations
 
 import abc
-import os
-from typing import Optional
+import dataclasses
+from typing import Any, ClassVar, Mapping, Optional
 
+from .._exceptions import InvalidRequest
 from .._host.channel import Channel
 from .._limits import Limits
 from .._templates import Template
 
 
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+    """What a tier can do beyond start, exec and kill. Declared, so callers ask instead of probing."""
+
+    pause: bool = False  # pause()/resume(): stop a live sandbox and bring it back, variables intact
+    checkpoint: bool = False  # a paused sandbox is on disk: adopt() takes it back in a later process
+    fork: bool = False  # sandboxes fork from a warm per-template parent (prepare() starts it)
+    network: bool = False  # a network policy beyond "no network" (none yet)
+    mounts: bool = False  # host directories or volumes granted at create (none yet)
+
+    def to_dict(self) -> dict[str, bool]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Counters:
+    """A sandbox's usage at one moment, from the kernel's own counters (never reported by the sandbox)."""
+
+    cpu_seconds: float
+    memory: int  # bytes in use now
+    memory_peak: int  # bytes, since the last reset_peak (or the sandbox's birth)
+    oom_kills: int
+    memory_limit_hits: int  # how often usage ran into the memory limit, even without an OOM kill
+    pids_limit_hits: int  # how often a fork failed at the process limit
+    processes: Optional[int] = None  # counted only when asked: it lists the sandbox's tasks
+
+
 class SandboxProcess(abc.ABC):
     id: str
+    tier: ClassVar[str] = "?"  # the name of the backend that made it
+    template: str
     limits: Limits
     channel: Channel
     killed_reason: Optional[str]
@@ -37,9 +74,47 @@ class SandboxProcess(abc.ABC):
     @abc.abstractmethod
     async def kill(self, reason: str = "killed") -> None: ...
 
+    # -- limits and usage --------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def apply_limits(self, limits: Limits) -> None:
+        """These limits from now on (a warm sandbox takes its owner's). Those fixed at boot (disk,
+        inodes, open files, pids) must be unchanged; cpu and memory change in the kernel. Raises
+        InvalidRequest when the kernel refuses to lower one below current use (then nothing changed
+        that matters: the caller drops the sandbox)."""
+
+    @abc.abstractmethod
+    def usage(self, *, reset_peak: bool = False, processes: bool = False) -> Counters:
+        """The kernel's counters now (cheap: read around every call). ``reset_peak`` first starts the
+        memory peak over; ``processes`` also counts the sandbox's tasks."""
+
+    # -- pause (where the tier declares it) ----------------------------------------------------------
+    @property
+    def paused(self) -> bool:
+        """Stopped by ``pause()`` and waiting for ``resume()``."""
+        return False
+
+    async def pause(self) -> dict[str, float]:
+        """Stop the live sandbox, keeping its state; returns figures ({"seconds", "bytes"})."""
+        raise self._unsupported("pause")
+
+    async def resume(self) -> dict[str, float]:
+        """Bring a paused sandbox back; returns figures ({"seconds"})."""
+        raise self._unsupported("pause")
+
+    def _unsupported(self, capability: str) -> InvalidRequest:
+        able = " or ".join(f"isolation={name!r}" for name in _tiers_with(capability)) or "a tier that can"
+        return InvalidRequest(f"the {self.tier} tier cannot {capability}: use {able}")
+
+    # -- taking a sandbox back -----------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        """Plain JSON data enough to find this sandbox again (``Backend.adopt`` takes it back)."""
+        return {"tier": self.tier, "id": self.id, "template": self.template, "limits": self.limits.to_dict(),
+                "paused": self.paused}
+
 
 class Backend(abc.ABC):
-    name: str
+    name: ClassVar[str]
+    capabilities: ClassVar[Capabilities] = Capabilities()
 
     @abc.abstractmethod
     async def start(self, template: Template, limits: Limits, env: dict[str, str], *,
@@ -47,25 +122,23 @@ class Backend(abc.ABC):
         """A new sandbox running the agent. ``awaited``: a caller is waiting for this one (not a warm
         pool filling up), so it should be ready as soon as possible rather than fully warmed."""
 
+    async def prepare(self, template: Template) -> None:
+        """Make the next start of ``template`` fast (a tier that forks starts its parent now)."""
 
-ISOLATIONS = ("process", "gvisor")
+    async def adopt(self, record: Mapping[str, Any]) -> SandboxProcess:
+        """The sandbox ``record`` (from ``describe()``, maybe of an earlier process) describes, taken over
+        by this process: SandboxNotFound when it is gone, InvalidRequest when this tier cannot."""
+        raise InvalidRequest(f"the {self.name} tier cannot take a sandbox back: its sandboxes end with "
+                             "their owner")
 
 
-def default_isolation(isolation: Optional[str] = None) -> str:
-    """The tier a sandbox asked for, else ``$SANDLOT_ISOLATION`` (a host that wants gVisor for
-    everything sets it once), else the process tier."""
-    return isolation or os.environ.get("SANDLOT_ISOLATION") or "process"
-
-
-def get_backend(isolation: str) -> Backend:
-    from .._exceptions import InvalidRequest
-
-    if isolation == "process":
-        from .process import ProcessBackend
-
-        return ProcessBackend()
-    if isolation == "gvisor":
-        from .gvisor import GVisorBackend
-
-        return GVisorBackend()
-    raise InvalidRequest(f"unknown isolation {isolation!r}; available: {list(ISOLATIONS)}")
+def _tiers_with(capability: str) -> list[str]:
+    """The tiers loaded in this process that declare ``capability`` (without importing any: the
+    registry loads every tier before it hands out a backend, so this is all of them by then)."""
+    found, todo = [], list(Backend.__subclasses__())
+    while todo:
+        cls = todo.pop(0)
+        todo += cls.__subclasses__()
+        if getattr(cls.capabilities, capability) and getattr(cls, "name", None) not in found:
+            found.append(cls.name)
+    return found

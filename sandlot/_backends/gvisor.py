@@ -40,7 +40,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 from .._exceptions import HostUnsupported, InvalidRequest, SandboxCrashed, SandboxNotFound, TimeoutError
 from .._host import cgroups
@@ -49,8 +49,9 @@ from .._limits import Limits
 from .._agent import linux
 from .._agent.isolation import USER_UID
 from .._templates import Template, data_root
-from . import process as _process
-from .base import Backend, SandboxProcess
+from ._common import (AGENT_DIR, CgroupSandbox, boot_message, image_config, is_sandbox_id, new_sandbox_id,
+                      sandbox_config, sandbox_env, template_config, track_cleanup)
+from .base import Backend, Capabilities
 
 BOOT_TIMEOUT = 60.0  # runsc start plus importing the preload list under ptrace
 RUNSC_PIDS_ROOM = 1024  # threads of the sentry and the gofer, on top of the app's own limit
@@ -140,8 +141,8 @@ def _spec(template: Template, limits: Limits, env: dict[str, str], rootfs: Path,
         # An image template: the image's root is the container's root (prepared on the host when it
         # was unpacked: real mount points, generated /etc files); the agent, and the host's
         # interpreter only for an image without Python, are bound on top.
-        launch = _process.image_config(template)
-        mounts.append(bind(str(_process.AGENT_DIR), "/opt/sandlot/_agent"))
+        launch = image_config(template)
+        mounts.append(bind(str(AGENT_DIR), "/opt/sandlot/_agent"))
         mounts += [bind(host, inside) for host, inside in launch["binds"]]
         argv = list(launch["exec"])
     else:
@@ -151,7 +152,7 @@ def _spec(template: Template, limits: Limits, env: dict[str, str], rootfs: Path,
                 mounts.append(bind(str(host)))
         mounts += [bind(f"/etc/{n}") for n in _etc_binds()]
         mounts += [bind(p) for p in template.prefixes]
-        mounts.append(bind(str(_process.AGENT_DIR), "/opt/sandlot/_agent"))
+        mounts.append(bind(str(AGENT_DIR), "/opt/sandlot/_agent"))
         argv = [template.python, "-I", "-S", "-B"]
     rlimits = [("RLIMIT_NOFILE", limits.open_files), ("RLIMIT_NPROC", limits.pids), ("RLIMIT_CORE", 0),
                ("RLIMIT_FSIZE", limits.disk)]
@@ -230,26 +231,32 @@ def sweep_stale(min_age: float = 60.0) -> int:
     return removed
 
 
-class GVisorSandbox(SandboxProcess):
-    def __init__(self, sandbox_id: str, limits: Limits, cgroup: cgroups.Cgroup, home: Path) -> None:
+class GVisorSandbox(CgroupSandbox):
+    tier = "gvisor"
+
+    def __init__(self, sandbox_id: str, limits: Limits, cgroup: cgroups.Cgroup, home: Path,
+                 template: str = "python") -> None:
         self.id = sandbox_id
+        self.template = template
         self.limits = limits
         self.cgroup = cgroup
         self.home = home  # bundle/, image/ and meta.json of this sandbox
         self.channel: Channel = Channel((None, None))
         self.killed_reason: Optional[str] = None
-        self.paused = False
-        self.template_name = "python"
+        self._paused = False
         self._proc: Optional[subprocess.Popen] = None
         self._exited: Optional[asyncio.Future] = None
         self._pidfd: Optional[int] = None
         self._cleaned = False
         self._lock_fd: Optional[int] = None
 
-    @staticmethod
-    def cgroup_limits(limits: Limits) -> Limits:
+    def cgroup_limits(self, limits: Limits) -> Limits:
         """What the cgroup gets for these limits: pids.max leaves room for runsc's own threads."""
         return _room_for_runsc(limits)
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
 
     @property
     def pid(self) -> int:
@@ -305,15 +312,17 @@ class GVisorSandbox(SandboxProcess):
     # -- pause / resume -------------------------------------------------------------------------
     async def pause(self) -> dict:
         """Checkpoint the live session to disk (memory, open files, cwd) and stop it. Returns figures."""
+        # The record a later owner adopts: the limits of now (a warm sandbox took its owner's at claim).
+        self._write_meta()
         image = self.home / "image"
         shutil.rmtree(image, ignore_errors=True)
         image.mkdir()
-        self.paused = True
+        self._paused = True
         loop = asyncio.get_running_loop()
         started = loop.time()
         out = await self._run_runsc("checkpoint", f"--image-path={image}", self.id, timeout=300)
         if out.returncode != 0:
-            self.paused = False
+            self._paused = False
             shutil.rmtree(image, ignore_errors=True)
             raise SandboxCrashed(f"runsc checkpoint failed: {out.stderr.strip()[-500:]}")
         try:
@@ -336,7 +345,7 @@ class GVisorSandbox(SandboxProcess):
         started = loop.time()
         await self._launch("restore", f"--image-path={self.home / 'image'}", f"--bundle={self.home / 'bundle'}",
                            self.id)
-        self.paused = False
+        self._paused = False
         # The agent does not know it slept; a ping proves the channel works end to end.
         rid, queue = self.channel.new_request()
         try:
@@ -352,6 +361,13 @@ class GVisorSandbox(SandboxProcess):
         shutil.rmtree(self.home / "image", ignore_errors=True)
         return {"seconds": loop.time() - started}
 
+    def _write_meta(self, env: Optional[Mapping[str, str]] = None) -> None:
+        """meta.json: what ``GVisorBackend.adopt`` rebuilds this handle from (its describe(), kept on disk)."""
+        path = self.home / "meta.json"
+        meta = json.loads(path.read_text()) if env is None and path.exists() else {"env": dict(env or {})}
+        meta.update(id=self.id, template=self.template, limits=self.limits.to_dict())
+        path.write_text(json.dumps(meta))
+
     # -- kill -----------------------------------------------------------------------------------
     async def kill(self, reason: str = "killed") -> None:
         if self.killed_reason is None:
@@ -362,9 +378,7 @@ class GVisorSandbox(SandboxProcess):
         self.cgroup.signal_all(signal.SIGKILL)  # runsc, the sentry, the gofer: all in the cgroup
         if self._proc is not None and self._proc.poll() is None:
             self._proc.kill()
-        task = asyncio.get_running_loop().create_task(self._cleanup())
-        _process._CLEANUPS.add(task)
-        task.add_done_callback(_process._CLEANUPS.discard)
+        track_cleanup(asyncio.get_running_loop().create_task(self._cleanup()))
 
     async def _cleanup(self) -> None:
         if self._exited is not None:
@@ -374,10 +388,7 @@ class GVisorSandbox(SandboxProcess):
                 pass
         await self.channel.aclose()
         await self._run_runsc("delete", "-force", self.id)
-        for _ in range(500):
-            if self.cgroup.try_remove():
-                break
-            await asyncio.sleep(0.01)
+        await self.remove_cgroup()
         await _off_loop(_remove_home, self.home)
         self._release()
 
@@ -389,6 +400,8 @@ class GVisorSandbox(SandboxProcess):
 
 class GVisorBackend(Backend):
     name = "gvisor"
+    # Pause is a checkpoint to disk: a later process takes a paused sandbox back (adopt).
+    capabilities = Capabilities(pause=True, checkpoint=True)
     _swept = False
 
     async def start(self, template: Template, limits: Limits, env: dict[str, str], *,
@@ -397,25 +410,24 @@ class GVisorBackend(Backend):
         if not GVisorBackend._swept:
             GVisorBackend._swept = True
             await asyncio.to_thread(sweep_stale)
-        sandbox_id = "sb-" + secrets.token_hex(6)
+        sandbox_id = new_sandbox_id()
         cgroup = await asyncio.to_thread(cgroups.Cgroup, sandbox_id, _room_for_runsc(limits), host_sockets=False)
         home = data_dir() / "sandboxes" / sandbox_id
         (home / "bundle").mkdir(parents=True)
-        sandbox = GVisorSandbox(sandbox_id, limits, cgroup, home)
-        sandbox.template_name = template.name
+        sandbox = GVisorSandbox(sandbox_id, limits, cgroup, home, template.name)
         sandbox._lock_fd = _hold(home)
         try:
             writable = await asyncio.to_thread(_mount_writable, home, limits)
         except BaseException:
             await sandbox.kill("boot failed")
             raise
-        sandbox_env = _process._sandbox_env(template, env)
+        env_inside = sandbox_env(template, env)
         rootfs = Path(template.rootfs) if template.rootfs else await asyncio.to_thread(_template_rootfs, template)
-        spec = _spec(template, limits, sandbox_env, rootfs, writable)
+        spec = _spec(template, limits, env_inside, rootfs, writable)
         (home / "bundle" / "config.json").write_text(json.dumps(spec))
         try:
             await sandbox._launch("run", f"--bundle={home / 'bundle'}", sandbox_id)
-            config = dict(_process._template_config(template, env), **_process._sandbox_config(limits, sandbox_env))
+            config = dict(template_config(template, env), **sandbox_config(limits, env_inside))
             config["limits"]["nproc_exact"] = True  # the cgroup has room for runsc; this is the app's limit
             if awaited:
                 # No zygote to share imports with here: importing the preload list under ptrace takes
@@ -430,25 +442,20 @@ class GVisorBackend(Backend):
         except BaseException:
             await sandbox.kill("boot failed")
             raise
-        (home / "meta.json").write_text(json.dumps({
-            "id": sandbox_id, "template": template.name, "limits": limits.to_dict(), "env": env}))
+        sandbox._write_meta(env)
         return sandbox
 
     @staticmethod
     async def _expect_ready(sandbox: GVisorSandbox) -> None:
-        seen = set()
-        while "ready" not in seen:
-            item = await sandbox.channel.control.get()
-            if item is CLOSED:
-                raise SandboxCrashed("gVisor sandbox died while booting: " + str(sandbox.channel.closed_reason))
-            header, _ = item
-            if header.get("t") == "boot_error":
-                raise HostUnsupported(f"gVisor sandbox setup failed: {header.get('error')}")
-            seen.add(header.get("t"))
+        while (await boot_message(sandbox.channel, "gVisor sandbox")).get("t") != "ready":
+            pass
 
-    async def adopt_paused(self, sandbox_id: str) -> GVisorSandbox:
-        """A sandbox paused by an earlier process: rebuild its handle (resume() brings it back)."""
-        if not isinstance(sandbox_id, str) or not sandbox_id.startswith("sb-") or "/" in sandbox_id:
+    async def adopt(self, record: Mapping[str, Any]) -> GVisorSandbox:
+        """A sandbox paused by an earlier process (or handle): its handle, rebuilt from the checkpoint's
+        own record on disk (resume() brings it back). Only the id of ``record`` is used; a live sandbox
+        cannot be taken over (runsc ends with the process that started it)."""
+        sandbox_id = record.get("id") if isinstance(record, Mapping) else None
+        if not is_sandbox_id(sandbox_id):
             raise InvalidRequest(f"not a sandbox id: {sandbox_id!r}")
         home = data_dir() / "sandboxes" / sandbox_id
         if not (home / "image").is_dir() or not (home / "meta.json").exists():
@@ -456,9 +463,8 @@ class GVisorBackend(Backend):
         meta = json.loads((home / "meta.json").read_text())
         limits = Limits.build(meta["limits"])
         cgroup = await asyncio.to_thread(cgroups.Cgroup, sandbox_id, _room_for_runsc(limits), host_sockets=False)
-        sandbox = GVisorSandbox(sandbox_id, limits, cgroup, home)
-        sandbox.template_name = meta["template"]
-        sandbox.paused = True
+        sandbox = GVisorSandbox(sandbox_id, limits, cgroup, home, meta["template"])
+        sandbox._paused = True
         return sandbox
 
 

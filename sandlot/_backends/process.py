@@ -1,7 +1,8 @@
 """The process tier: namespaces + seccomp + Landlock + cgroups + rlimits, one exec'd interpreter per sandbox.
 
 ``ProcessBackend.start()`` returns a ``ProcessSandbox``, a Popen-like handle: a channel to the agent,
-``kill()``, ``wait()``, ``returncode``, and the cgroup's counters.
+``kill()``, ``wait()``, ``returncode``, limits and the cgroup's counters (the interface in base.py).
+Its sandboxes end with their owner: it declares no pause and cannot adopt one (issue #12).
 """
 
 from __future__ import annotations
@@ -18,36 +19,24 @@ import subprocess
 import sys
 import threading
 import time
-
-from pathlib import Path
 from typing import Optional
 
 from .._exceptions import HostUnsupported, SandboxCrashed, TimeoutError
-from .._host import cgroups, seccomp
-from .._host.channel import CLOSED, Channel
+from .._host import cgroups
+from .._host.channel import Channel
 from .._host.zygote import Zygote, write_id_maps
 from .._limits import Limits
 from .._templates import Template
-from .base import Backend, SandboxProcess
+from ._common import (AGENT_DIR, CgroupSandbox, boot_message, new_sandbox_id, sandbox_config, sandbox_env,
+                      state_dir, template_config, track_cleanup)
+from .base import Backend, Capabilities
 
-AGENT_DIR = Path(__file__).resolve().parent.parent / "_agent"
+__all__ = ["ProcessBackend", "ProcessSandbox", "UidSlot", "UID_BASE", "UID_SPAN", "state_dir"]
+
 BOOT_TIMEOUT = 20.0
 UID_BASE = 0x10000000  # host uids for sandboxes start at 268435456: far above any real account
 UID_SPAN = 65536
 UID_SLOTS = 8192
-
-
-def state_dir() -> Path:
-    """Where the host keeps its runtime state. Never visible inside a sandbox."""
-    if os.environ.get("SANDLOT_STATE_DIR"):
-        base = Path(os.environ["SANDLOT_STATE_DIR"])
-    elif os.geteuid() == 0:
-        base = Path("/run/sandlot")
-    else:
-        base = Path(os.environ.get("XDG_RUNTIME_DIR") or "/tmp") / ("sandlot-%d" % os.getuid())
-    base.mkdir(mode=0o711, parents=True, exist_ok=True)
-    base.chmod(0o711)  # sandboxes must traverse it to reach their mountpoint; listing stays private
-    return base
 
 
 class UidSlot:
@@ -75,20 +64,16 @@ class UidSlot:
             self.fd = -1
 
 
-def _mountpoint() -> str:
-    """An empty directory each sandbox mounts its new root on, inside its own mount namespace."""
-    path = state_dir() / "rootfs-mnt"
-    path.mkdir(mode=0o755, exist_ok=True)
-    return str(path)
-
-
-class ProcessSandbox(SandboxProcess):
+class ProcessSandbox(CgroupSandbox):
     """A live sandbox. ``pid`` is its outermost process on the host (the boot process, or the
     zygote's child); pid 1 of the sandbox is held by pidfd and killing it ends everything."""
 
+    tier = "process"
+
     def __init__(self, sandbox_id: str, limits: Limits, pid: int, channel: Channel, cgroup: cgroups.Cgroup,
-                 popen: Optional[subprocess.Popen] = None, release=None) -> None:
+                 popen: Optional[subprocess.Popen] = None, release=None, template: str = "python") -> None:
         self.id = sandbox_id
+        self.template = template
         self.limits = limits
         self.channel = channel
         self.cgroup = cgroup
@@ -165,9 +150,7 @@ class ProcessSandbox(SandboxProcess):
             except ProcessLookupError:
                 pass
         self.cgroup.signal_all(signal.SIGKILL)
-        task = asyncio.get_running_loop().create_task(self._reap_and_cleanup())
-        _CLEANUPS.add(task)
-        task.add_done_callback(_CLEANUPS.discard)
+        track_cleanup(asyncio.get_running_loop().create_task(self._reap_and_cleanup()))
 
     async def _reap_and_cleanup(self) -> None:
         try:
@@ -192,10 +175,7 @@ class ProcessSandbox(SandboxProcess):
 
     async def _cleanup(self) -> None:
         await self.channel.aclose()
-        for _ in range(500):  # rmdir succeeds once the kernel has detached the last exited task
-            if self.cgroup.try_remove():
-                break
-            await asyncio.sleep(0.01)
+        await self.remove_cgroup()
         try:
             asyncio.get_running_loop().remove_reader(self._pidfd)
         except Exception:
@@ -208,9 +188,6 @@ class ProcessSandbox(SandboxProcess):
             self._popen.poll()  # it has exited (the pidfd said so): this reaps it
         if self._release is not None:
             self._release()
-
-
-_CLEANUPS: set = set()
 
 
 async def _in_thread(func, *args, undo):
@@ -235,71 +212,12 @@ def _fork_with(zygote: Zygote, config: dict, channel_end: socket.socket) -> tupl
         channel_end.close()
 
 
-async def finish_cleanups() -> None:
-    """Wait until every killed sandbox of this event loop has released its cgroup and descriptors."""
-    loop = asyncio.get_running_loop()
-    pending = [t for t in _CLEANUPS if t.get_loop() is loop]
-    if pending:
-        await asyncio.gather(*pending, return_exceptions=True)
-
-
-def _sandbox_env(template: Template, env: dict[str, str]) -> dict[str, str]:
-    # An image's python is a path inside the image (its PATH usually comes with its env); an image
-    # without one has "" (and an empty PATH entry would mean the cwd).
-    python_dir = os.path.dirname(template.python) if template.python else "/usr/sbin:/sbin"
-    base = {"PATH": "/usr/local/bin:/usr/bin:/bin:" + python_dir,
-            "HOME": "/home/user", "USER": "user", "LANG": "C.UTF-8", "TERM": "dumb",
-            "MPLBACKEND": "module://_agent.mpl_backend", "MPLCONFIGDIR": "/home/user/.config/matplotlib",
-            "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"}
-    base.update(dict(template.env))
-    base.update(env)
-    return base
-
-
-def _template_config(template: Template, env: dict[str, str]) -> dict:
-    config = {
-        "mountpoint": _mountpoint(),
-        "prefixes": list(template.prefixes),
-        "agent_dir": str(AGENT_DIR),
-        "setup_uid": 0 if os.geteuid() == 0 else 1000,
-        "seccomp": seccomp.compiled_filter().hex(),
-        "preload": list(template.preload),
-        "env": _sandbox_env(template, env),
-        "template": template.name,
-    }
-    if template.rootfs:
-        config.update(image_config(template))
-    return config
-
-
-def image_config(template: Template) -> dict:
-    """What an image template adds to the plan (both tiers): its root, the interpreter the agent runs
-    under inside (the image's Python, or the host's lent under /opt/sandlot/host when it has none),
-    and the build-step switches."""
-    from .._images import agent_launch
-
-    launch = agent_launch(template)
-    return {
-        "rootfs": template.rootfs, "exec": launch["argv"], "python": template.has_python,
-        "binds": [list(b) for b in launch["binds"]] + [list(b) for b in template.binds],
-        "workdir": template.workdir, "writable": template.writable, "egress": template.egress,
-        "build_root": template.writable and os.geteuid() == 0,  # root of its own user namespace
-    }
-
-
-def _sandbox_config(limits: Limits, env: dict) -> dict:
-    return {"env": env, "limits": {
-        "disk": limits.disk, "inodes": limits.inodes, "open_files": limits.open_files, "pids": limits.pids,
-        # RLIMIT_CPU is a per-process backstop only (the wall timeouts and lifetime are the host's):
-        # fixed at the longest lifetime allowed, so it never depends on the owner's settings.
-        "cpu_seconds": int(14 * 86400 * max(1.0, limits.cpu)) + 1}}
-
-
 class ProcessBackend(Backend):
     """Sandboxes are forks of a per-template zygote (the fast path) or, with ``zygote=False`` (here, in
     the template, or ``SANDLOT_ZYGOTE=0``) or for a template without a preload list, exec'd one by one."""
 
     name = "process"
+    capabilities = Capabilities(fork=True)
     _zygotes: dict[str, Zygote] = {}  # one per template per host process, shared by every event loop
     _zygotes_lock = threading.Lock()
 
@@ -314,7 +232,7 @@ class ProcessBackend(Backend):
         self.use_zygote = zygote
 
     def zygote_for(self, template: Template) -> Zygote:
-        config = _template_config(template, {})
+        config = template_config(template, {})
         key = hashlib.sha256(json.dumps([template.python, config], sort_keys=True).encode()).hexdigest()[:16]
         with self._zygotes_lock:
             zygote = self._zygotes.get(template.name)
@@ -329,12 +247,17 @@ class ProcessBackend(Backend):
                 zygote = self._zygotes[template.name] = Zygote(argv, config, uid_map, key)
         return zygote
 
+    async def prepare(self, template: Template) -> None:
+        """Start the template's zygote now (the first sandbox then forks at once)."""
+        if self.use_zygote and template.zygote and template.preload and not template.rootfs:
+            await asyncio.to_thread(self.zygote_for(template).ensure_started)
+
     async def start(self, template: Template, limits: Limits, env: dict[str, str], *,
                     awaited: bool = False) -> ProcessSandbox:
-        sandbox_id = "sb-" + secrets.token_hex(6)
+        sandbox_id = new_sandbox_id()
         cgroup = await _in_thread(cgroups.Cgroup, sandbox_id, limits, undo=lambda made: made.remove())
         host_end, child_end = socket.socketpair()
-        sandbox_env = _sandbox_env(template, env)
+        env_inside = sandbox_env(template, env)
         try:
             # Image templates start directly (the warm pool still applies): their agent ends up
             # as the image's own interpreter, which a zygote of the host's could not fork into.
@@ -344,7 +267,7 @@ class ProcessBackend(Backend):
                 # The thread gets its own copy of the channel's far end: a cancelled create closes ours at
                 # once, while the fork may still be sending it. A slot taken by a fork nobody waits for
                 # any more goes back (that child sees its channel closed and exits).
-                pid, slot = await _in_thread(_fork_with, zygote, _sandbox_config(limits, sandbox_env),
+                pid, slot = await _in_thread(_fork_with, zygote, sandbox_config(limits, env_inside),
                                              child_end.dup(), undo=lambda done: zygote.release_slot(done[1]))
                 maps = "zygote"  # the zygote wrote the nested maps itself
                 popen, release = None, (lambda: zygote.release_slot(slot))
@@ -367,10 +290,10 @@ class ProcessBackend(Backend):
             child_end.close()
         channel = Channel(host_end)
         await channel.open()
-        sandbox = ProcessSandbox(sandbox_id, limits, pid, channel, cgroup, popen, release)
+        sandbox = ProcessSandbox(sandbox_id, limits, pid, channel, cgroup, popen, release, template.name)
         try:
             if popen is not None:
-                config = dict(_template_config(template, env), **_sandbox_config(limits, sandbox_env))
+                config = dict(template_config(template, env), **sandbox_config(limits, env_inside))
                 await channel.send({"t": "config", "config": config})
             await asyncio.wait_for(self._boot(sandbox, maps), BOOT_TIMEOUT)
         except asyncio.TimeoutError:
@@ -415,12 +338,7 @@ class ProcessBackend(Backend):
 
     @staticmethod
     async def _expect(sandbox: ProcessSandbox, kind) -> dict:
-        item = await sandbox.channel.control.get()
-        if item is CLOSED:
-            raise SandboxCrashed("sandbox died while booting: " + str(sandbox.channel.closed_reason))
-        header, _ = item
-        if header.get("t") == "boot_error":
-            raise HostUnsupported("sandbox setup failed: %s" % header.get("error"))
+        header = await boot_message(sandbox.channel)
         if header.get("t") not in ((kind,) if isinstance(kind, str) else kind):
             raise SandboxCrashed("unexpected boot message %r" % header.get("t"))
         return header

@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .. import _doctor
-from .._backends.base import ISOLATIONS
+from .._backends.registry import ISOLATIONS
 from ._common import EXIT_FAILED, EXIT_OK, json_option, out, print_json
 
 

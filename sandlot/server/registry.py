@@ -23,7 +23,7 @@ from typing import Any, Iterator, Mapping, Optional
 from .. import _sandbox
 from .._exceptions import InvalidRequest, QuotaExceeded, SandboxNotFound
 from .._host import cgroups
-from .._backends.base import get_backend
+from .._backends.registry import get_backend
 from .._limits import Limits
 from .._models import PauseInfo
 from .._pool import pool_for
@@ -284,8 +284,8 @@ class Registry:
             pool = pool_for(backend, template, Limits())
             if pool is not None:
                 pool.refill()
-            elif getattr(backend, "use_zygote", False) and template.zygote and template.preload:
-                await asyncio.to_thread(backend.zygote_for(template).ensure_started)
+            else:
+                await backend.prepare(template)  # the process tier starts the template's zygote
         except Exception as exc:  # noqa: BLE001 - a host problem shows on the first create, with its reason
             log.warning("warm-up failed: %s", exc)
 
@@ -320,7 +320,7 @@ class Registry:
             self._finish(session, LOST_ON_SHUTDOWN, status="lost", cause="shutdown")
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        from .._backends.process import finish_cleanups
+        from .._backends.registry import finish_cleanups
         from .._pool import close_pools
 
         await close_pools()

@@ -1,0 +1,59 @@
+"""The backend registry: isolation tier names -> backends, kept apart from the interface (base.py).
+
+A factory over the tiers, as jupyter_client keeps its provisioner factory apart from the
+provisioner interface: the interface imports no tier, the tiers import the interface and the shared
+code (_common.py), and only this module imports the tiers (when a backend is first asked for, so
+``import sandlot`` stays cheap).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from .._exceptions import InvalidRequest
+from ._common import finish_cleanups
+from .base import Backend
+
+__all__ = ["ISOLATIONS", "backend_class", "default_isolation", "finish_cleanups", "get_backend", "supports",
+           "tiers_with"]
+
+ISOLATIONS = ("process", "gvisor")
+
+
+def default_isolation(isolation: Optional[str] = None) -> str:
+    """The tier a sandbox asked for, else ``$SANDLOT_ISOLATION`` (a host that wants gVisor for
+    everything sets it once), else the process tier."""
+    return isolation or os.environ.get("SANDLOT_ISOLATION") or "process"
+
+
+def _classes() -> dict[str, type[Backend]]:
+    from .gvisor import GVisorBackend
+    from .process import ProcessBackend
+
+    return {"process": ProcessBackend, "gvisor": GVisorBackend}
+
+
+def backend_class(isolation: str) -> type[Backend]:
+    """The backend of a tier, unmade (its capabilities are class data: asking makes no sandbox)."""
+    cls = _classes().get(isolation) if isinstance(isolation, str) else None
+    if cls is None:
+        raise InvalidRequest(f"unknown isolation {isolation!r}; available: {list(ISOLATIONS)}")
+    return cls
+
+
+def get_backend(isolation: str) -> Backend:
+    return backend_class(isolation)()
+
+
+def tiers_with(capability: str) -> list[str]:
+    """The tiers that declare ``capability`` (a field of ``Capabilities``), in registry order."""
+    return [name for name in ISOLATIONS if getattr(backend_class(name).capabilities, capability)]
+
+
+def supports(isolation: str, capability: str) -> bool:
+    """Whether the tier ``isolation`` declares ``capability``; False for an unknown tier."""
+    try:
+        return bool(getattr(backend_class(isolation).capabilities, capability))
+    except InvalidRequest:
+        return False
