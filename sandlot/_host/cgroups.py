@@ -278,15 +278,26 @@ class Cgroup:
         return [int(p) for p in _read(d / "cgroup.procs").split()]
 
     def signal_all(self, sig: int) -> None:
-        """One pass of ``sig`` to every listed process (v2: cgroup.kill for SIGKILL). Never waits."""
+        """``sig`` to every process in the cgroup (v2: cgroup.kill for SIGKILL). Never waits.
+
+        Without cgroup.kill the list is read, then signalled: a process forked in between (gVisor's
+        sentry makes a stub process per new address space) would be missed. So the list is read again
+        until it names no process not signalled yet; a process with SIGKILL pending cannot fork, so
+        this ends after a pass or two."""
         if sig == 9 and self.version == 2 and (self.dirs[""] / "cgroup.kill").exists():
             _write(self.dirs[""] / "cgroup.kill", "1")
             return
-        for pid in self.pids():
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
+        signalled: set[int] = set()
+        for _ in range(16):
+            new = [pid for pid in self.pids() if pid not in signalled]
+            if not new:
+                return
+            for pid in new:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+                signalled.add(pid)
 
     def kill_all(self) -> None:
         """SIGKILL every process in the cgroup, and wait until it is empty."""
