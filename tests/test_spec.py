@@ -193,3 +193,21 @@ def test_a_real_server_gives_the_sdks_messages(server):
                  api_url=server.url, api_key=server.api_key) as sb:
         assert sb.run_code("import os; os.environ['A-B.c']").text == "'ok'"
         assert sb.metadata == {"via": "spec"} and sb.limits.memory == 256 * 1024**2 and sb.limits.lifetime == 120
+
+
+# -- the CLI and MCP create through the spec ------------------------------------------------------------
+@pytest.mark.parametrize("flags, bad", [(("--limit", "memory=512"), {"limits": {"memory": 512}}),
+                                        (("--limit", "bogus=1"), {"limits": {"bogus": 1}})])
+def test_the_cli_refuses_a_bad_create_with_the_spec_message(flags, bad):
+    from .test_cli import sandlot
+
+    r = sandlot("run", *flags, "print(1)")
+    assert r.returncode == 2, r.stderr
+    assert _message(lambda: SandboxSpec.build(**bad)) in r.stderr
+
+
+def test_mcp_provider_holds_a_validated_spec():
+    from sandlot.mcp_server import LocalSandboxes
+
+    assert LocalSandboxes("python").spec == SandboxSpec.build("python")
+    assert "template" in _message(lambda: LocalSandboxes(""))
