@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from typing import Any, Mapping
 
@@ -92,32 +91,3 @@ class Limits:
 # JSON (as they travel and are stored). Well inside one protocol frame (protocol.MAX_HEADER, 256 KiB,
 # which also carries the template's part of the plan), so no create can be too big for its frame.
 MAX_CREATE_INPUT = 128 * 1024
-
-
-def check_env(env: "Mapping[str, str] | None") -> dict:
-    """Validate an environment for a sandbox: names and values that a process environment can hold."""
-    if env is None:
-        return {}
-    if not isinstance(env, Mapping):
-        raise InvalidRequest("env must map strings to strings")
-    for key, value in env.items():
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise InvalidRequest("env must map strings to strings")
-        if not key or "=" in key or "\0" in key or "\0" in value:
-            raise InvalidRequest(f"env name {key!r} is not valid (empty, or has '=' or NUL), or its value has NUL")
-        for text in (key, value):
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError:
-                raise InvalidRequest(f"env {key!r}: not valid UTF-8 (lone surrogates cannot enter a process)") from None
-    return dict(env)
-
-
-def check_create_input(env: "Mapping[str, str] | None", metadata: "Mapping[str, Any] | None" = None) -> None:
-    """Refuse a create whose environment and metadata together exceed MAX_CREATE_INPUT. The SDKs (local
-    and remote) and the server's schema all check it, before anything is sent or claimed."""
-    size = len(json.dumps({"env": dict(env or {}), "metadata": dict(metadata or {})}, separators=(",", ":"),
-                          default=str))
-    if size > MAX_CREATE_INPUT:
-        raise InvalidRequest(f"create input too large: env and metadata take {size} bytes as JSON, "
-                             f"at most {MAX_CREATE_INPUT}")

@@ -26,9 +26,10 @@ import httpx
 from ._exceptions import (AuthError, FileError, HostUnsupported, InvalidRequest, QuotaExceeded, SandboxCrashed,
                           SandboxNotFound, SandlotError, TimeoutError)
 from ._backends.registry import default_isolation
-from ._limits import Limits, check_create_input, check_env
+from ._limits import Limits
 from ._models import (CommandResult, EntryInfo, Execution, ExecutionError, PauseInfo, Result, SandboxInfo,
                       SandboxMetrics, Usage)
+from ._spec import SandboxSpec, check_env
 from ._output import OutputHandler, TextLog, call as _call
 from ._sandbox import (AsyncCommandHandle, AsyncFiles, AsyncSandbox, ResultHandler, _check_format,
                        _chunks, read_as)
@@ -174,12 +175,6 @@ def _info(raw: Mapping[str, Any]) -> SandboxInfo:
                        ended_at=_when(raw.get("ended_at")), end_reason=raw.get("end_reason"))
 
 
-def _limits_body(limits: Union[Limits, Mapping[str, Any], None]) -> Optional[dict]:
-    if limits is None:
-        return None
-    return limits.to_dict() if isinstance(limits, Limits) else dict(limits)
-
-
 def _stdin_body(data: Union[str, bytes]) -> dict:
     if isinstance(data, str):
         return {"data": data, "base64": False}
@@ -218,10 +213,6 @@ async def _execute(server: _Server, path: str, body: dict, on_stdout: Optional[O
     return execution
 
 
-def _check_env(env: Optional[Mapping[str, str]]) -> None:
-    check_env(env)  # the same rules and messages as a local sandbox, before any request
-
-
 def _check_call_timeout(timeout: Optional[float]) -> None:
     if timeout is not None:
         Limits.build({"timeout": timeout})  # the same message as a local sandbox, before any request
@@ -239,21 +230,16 @@ class AsyncRemoteSandbox(AsyncSandbox):
         isolation = default_isolation(isolation)
         if on_idle != "kill":
             raise InvalidRequest("on_idle='pause' is not offered through the server yet")
-        if not isinstance(template, str):
-            raise InvalidRequest("template must be a string")
-        built = Limits.build(limits)  # bad limits fail here, as they would locally
-        if timeout is not None:
-            built = Limits.build({"lifetime": timeout}, base=built)
-        _check_env(env)
-        check_create_input(env, metadata)  # the server's own bound, before any request
+        # The same validation and messages as a local sandbox, before any request; the body is the spec.
+        self._spec = SandboxSpec.build(template, isolation=isolation, limits=limits, env=env, metadata=metadata,
+                                      timeout=timeout)
         self._bind(_Server(api_url, api_key))
         self.template = template
-        self.limits = built
-        self.env = dict(env or {})
-        self.metadata = dict(metadata or {})
+        self.limits = self._spec.limits
+        self.env = dict(self._spec.env)
+        self.metadata = dict(self._spec.metadata)
         self.isolation = isolation
-        self._create_body = {"template": template, "timeout": timeout, "limits": _limits_body(limits),
-                             "env": self.env or None, "metadata": self.metadata or None, "isolation": isolation}
+        self._create_body = self._spec.to_json()
 
     def _bind(self, server: _Server) -> None:
         self._server = server
@@ -393,11 +379,8 @@ async def run_once(code: str, *, template: str = "python", timeout: Optional[flo
     if not isinstance(code, str):
         raise InvalidRequest("code must be a string")
     _check_call_timeout(timeout)
-    _check_env(env)
-    check_create_input(env)
-    Limits.build(limits)
-    body = {"code": code, "template": template, "timeout": timeout, "limits": _limits_body(limits),
-            "env": dict(env) if env else None, "isolation": default_isolation(isolation)}
+    spec = SandboxSpec.build(template, isolation=default_isolation(isolation), limits=limits, env=env)
+    body = dict(spec.to_json(), code=code, timeout=timeout)  # here the timeout is the call's
     return await _execute(_Server(api_url, api_key), "/v1/run", body, on_stdout, on_stderr, on_result)
 
 
@@ -454,7 +437,7 @@ class AsyncRemoteCommands:
                   background: bool = False) -> Union[CommandResult, AsyncRemoteCommandHandle]:
         if not isinstance(cmd, str) or not cmd.strip():
             raise InvalidRequest("cmd must be a non-empty string")
-        _check_env(env)
+        check_env(env)  # the same rules and messages as a local sandbox, before any request
         _check_call_timeout(timeout)
         body: dict[str, Any] = {"cmd": cmd, "timeout": timeout, "env": dict(env) if env else None, "cwd": cwd}
         if stdin is not None:

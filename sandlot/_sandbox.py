@@ -16,9 +16,10 @@ from ._backends.base import Counters, SandboxProcess
 from ._backends.registry import default_isolation, get_backend, supports, tiers_with
 from ._exceptions import FileError, InvalidRequest, SandboxCrashed, SandboxNotFound
 from ._host.channel import CLOSED
-from ._limits import Limits, check_create_input, check_env
+from ._limits import Limits
 from ._output import CallOutput, OutputHandler, call as _call
 from ._pool import pool_for
+from ._spec import SandboxSpec, check_env
 from ._models import (CommandResult, EntryInfo, Execution, ExecutionError, PauseInfo, Result, SandboxInfo,
                       SandboxMetrics, Usage)
 from ._templates import get_template
@@ -75,17 +76,17 @@ class AsyncSandbox:
         isolation = default_isolation(isolation)
         if on_idle not in ("kill", "pause") or (on_idle == "pause" and not supports(isolation, "pause")):
             raise InvalidRequest(f"on_idle is 'kill', or 'pause' with {_tiers_that('pause')} (checkpoint to disk)")
-        self.on_idle = on_idle
         self.template = get_template(template)
         # An image template may carry default limits (sandbox.yaml); the owner's override them.
         defaults = getattr(self.template, "default_limits", None)
-        limits = Limits.build(limits, base=Limits.build(defaults()) if callable(defaults) else None)
-        if timeout is not None:
-            limits = Limits.build({"lifetime": timeout}, base=limits)
-        self.limits = limits
-        self.env = check_env(env)
-        self.metadata = dict(metadata or {})
-        check_create_input(self.env, self.metadata)  # before a warm sandbox is claimed or a zygote asked
+        # Validated once, before a warm sandbox is claimed or a zygote asked.
+        self._spec = SandboxSpec.build(template, isolation=isolation, limits=limits, env=env, metadata=metadata,
+                                      timeout=timeout, on_idle=on_idle,
+                                      base=Limits.build(defaults()) if callable(defaults) else None)
+        self.on_idle = on_idle
+        self.limits = self._spec.limits
+        self.env = dict(self._spec.env)
+        self.metadata = dict(self._spec.metadata)
         self.isolation = isolation
         self._backend = get_backend(isolation)
         self._proc: Optional[SandboxProcess] = None

@@ -60,6 +60,7 @@ from ._exceptions import InvalidRequest, SandlotError
 from ._host.egress import EgressProxy, apt_source_hosts
 from ._images import ImageError, Progress, _emit
 from ._limits import Limits
+from ._spec import check_env
 from ._templates import Template, read_record, register_transient, unregister_transient
 
 STEP_TIMEOUT = 1800.0  # seconds for one apt or pip step
@@ -67,7 +68,6 @@ BUILD_LIMITS = {"memory": "4G", "cpu": 2, "pids": 1024, "disk": "4G", "inodes": 
                 "timeout": STEP_TIMEOUT, "lifetime": 4 * 3600, "idle_timeout": 4 * 3600, "output": 64 * 1024**2}
 _APT_RE = re.compile(r"[a-z0-9][a-z0-9+.-]*(?::[a-z0-9-]+)?(?:=[A-Za-z0-9.+~:-]+)?")
 _MODULE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
-_ENV_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 # -- the file --------------------------------------------------------------------------------------
@@ -131,10 +131,7 @@ class SandboxFile(BaseModel):
     @field_validator("env")
     @classmethod
     def _env(cls, v: dict[str, str]) -> dict[str, str]:
-        for key in v:
-            if not _ENV_RE.fullmatch(key):
-                raise ValueError(f"{key!r} is not an environment variable name")
-        return {k: str(val) for k, val in v.items()}
+        return check_env({k: str(val) for k, val in v.items()})  # the SDK's one validator (a ValueError)
 
     @field_validator("workdir")
     @classmethod

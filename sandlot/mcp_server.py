@@ -28,6 +28,7 @@ from mcp.types import CallToolResult, ImageContent, TextContent
 from typing_extensions import TypedDict  # pydantic needs this one on Python < 3.12
 
 from ._exceptions import SandboxNotFound, SandlotError
+from ._spec import SandboxSpec
 
 Content = Union[TextContent, ImageContent]
 MAX_FILE_BYTES = 8 * 1024 * 1024  # read_file answers travel inside one JSON-RPC message
@@ -78,6 +79,7 @@ class LocalSandboxes:
 
     def __init__(self, template: str = "python", *, api_url: Optional[str] = None,
                  api_key: Optional[str] = None) -> None:
+        self.spec = SandboxSpec.build(template)  # validated once, when the MCP server starts
         self.template = template
         self.api_url = api_url or ""  # "": local, whatever SANDLOT_API_URL says
         self.api_key = api_key
@@ -85,7 +87,7 @@ class LocalSandboxes:
     async def create(self, caller: Any, *, one_shot: bool) -> Any:
         from ._sandbox import AsyncSandbox
 
-        return await AsyncSandbox.create(self.template, api_url=self.api_url, api_key=self.api_key)
+        return await AsyncSandbox.create(**self.spec.to_json(), api_url=self.api_url, api_key=self.api_key)
 
     async def aclose(self) -> None:
         if self.api_url:

@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional, TypeVar
 
 import click
 
+from .._spec import SandboxSpec
 from .._sync import Sandbox
 from ._common import fail_usage, spinner
 
@@ -66,14 +67,14 @@ def _tune_for_one_sandbox(template: str) -> None:
 
 def create_sandbox(target: Target, template: str = "python", *, limits: Any = None, env: Any = None,
                    metadata: Any = None, timeout: Optional[float] = None, quiet: bool = False) -> Sandbox:
-    """A new sandbox, local or on the server; a spinner shows while it starts."""
-    kwargs: dict[str, Any] = {"limits": limits, "env": env, "metadata": metadata, "timeout": timeout}
-    kwargs.update(target.credentials())
+    """A new sandbox, local or on the server; a spinner shows while it starts. --limit / --env / --metadata
+    are validated once, into a SandboxSpec, before anything starts (a bad one is a usage error)."""
+    spec = SandboxSpec.build(template, limits=limits, env=env, metadata=metadata, timeout=timeout)
     if not target.remote:
         _tune_for_one_sandbox(template)
     where = f" on {target.api_url}" if target.remote else ""
     with spinner(f"Starting a {template} sandbox{where}…", enabled=not quiet):
-        return Sandbox(template, **kwargs)
+        return Sandbox(**spec.to_json(), **target.credentials())  # the spec's JSON names the SDK's arguments
 
 
 def connect_sandbox(target: Target, sandbox_id: str, command: str, *, quiet: bool = False) -> Sandbox:

@@ -7,17 +7,13 @@ store or run it) and every collection is bounded, so a malformed or giant reques
 from __future__ import annotations
 
 import dataclasses
-import re
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator, model_validator
 
-from .._limits import check_create_input
+from .._spec import SandboxSpec, check_env
 from .settings import MAX_LIFETIME
-
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,255}")
-
 
 def _no_surrogates(value: str) -> str:
     try:
@@ -32,32 +28,17 @@ Seconds = Annotated[float, Field(gt=0, le=MAX_LIFETIME, allow_inf_nan=False)]
 LimitValue = Union[StrictInt, StrictFloat, Annotated[Text, Field(max_length=32)]]
 
 
+def _spec_of(body: "CreateSandbox | RunOnce", **fields: Any) -> None:
+    """Validate a create as the SDK does: by building the one SandboxSpec (its env, metadata and size rules),
+    so the server's rules and the SDK's cannot drift. A failure is a 422 like the other schema checks. The
+    limits and timeout are built by the registry with the same ``Limits.build`` and the server's ceilings
+    (a 400, which names the limit or the ceiling)."""
+    SandboxSpec.build(body.template, isolation=body.isolation, env=body.env, **fields)
+
+
 def _check_env(env: Optional[dict[str, str]]) -> Optional[dict[str, str]]:
-    if env is None:
-        return env
-    if len(env) > 256:
-        raise ValueError("at most 256 environment variables")
-    for key, value in env.items():
-        if not _ENV_NAME.fullmatch(key):
-            raise ValueError(f"environment variable name {key[:64]!r} is not a valid name ([A-Za-z_][A-Za-z0-9_]*)")
-        if "\0" in value or len(value) > 32768:
-            raise ValueError(f"environment variable {key}: value must be at most 32768 characters, without NUL")
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError(f"environment variable {key}: value is not valid UTF-8 (lone surrogates)") from None
+    check_env(env)  # the SDK's own validator (an InvalidRequest is a ValueError: pydantic answers 422)
     return env
-
-
-def _check_metadata(metadata: Optional[dict[str, str]]) -> Optional[dict[str, str]]:
-    if metadata is None:
-        return metadata
-    if len(metadata) > 64:
-        raise ValueError("at most 64 metadata entries")
-    for key, value in metadata.items():
-        if not 0 < len(key) <= 128 or len(value) > 1024 or "\0" in key + value:
-            raise ValueError("metadata keys are 1-128 characters, values at most 1024, without NUL")
-    return metadata
 
 
 class _Body(BaseModel):
@@ -76,12 +57,9 @@ class CreateSandbox(_Body):
     isolation: Text = Field("process", max_length=32,
                             description='"process", or "gvisor" where the server enables it (GET /v1/info lists them)')
 
-    _env = field_validator("env")(_check_env)
-    _metadata = field_validator("metadata")(_check_metadata)
-
     @model_validator(mode="after")
-    def _create_input(self):
-        check_create_input(self.env, self.metadata)  # the SDK's bound: env and metadata together
+    def _spec(self):
+        _spec_of(self, metadata=self.metadata)
         return self
 
     @field_validator("limits")
@@ -120,11 +98,9 @@ class RunOnce(_Body):
     isolation: Text = Field("process", max_length=32, description='"process", or "gvisor" where the server enables it')
     stream: bool = False
 
-    _env = field_validator("env")(_check_env)
-
     @model_validator(mode="after")
-    def _create_input(self):
-        check_create_input(self.env)
+    def _spec(self):
+        _spec_of(self)
         return self
 
 
