@@ -178,8 +178,6 @@ def test_a_file_streams_at_the_pace_of_its_reader(capped):
 # -- through a real server: the host is the server, shared by every tenant -------------------------
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tier):
-    if tier != "process":
-        pytest.skip("the server path is the same on every tier; the process tier is enough")
     proc = ServerProcess(tmp_path_factory.mktemp("retention") / "sandlot.db").start()
     proc.api_key = proc.key("mallory")
     proc.wait_warm(proc.api_key)
@@ -194,6 +192,7 @@ def remote(server):
         yield sb
 
 
+@pytest.mark.tiers("process")  # the server path is the same on every tier
 @pytest.mark.parametrize("kind", ["json", "tiny"])
 def test_server_keeps_at_most_the_cap_of_a_result_flood(server, remote, kind):
     rss = PeakRSS(server.pid)
@@ -205,6 +204,7 @@ def test_server_keeps_at_most_the_cap_of_a_result_flood(server, remote, kind):
     assert remote.run_code("kept").text == "'yes'"
 
 
+@pytest.mark.tiers("process")  # the server path is the same on every tier
 def test_server_keeps_at_most_the_cap_of_background_output(server, remote):
     rss = PeakRSS(server.pid)
     rss.reset()
@@ -219,6 +219,7 @@ def test_server_keeps_at_most_the_cap_of_background_output(server, remote):
     assert rss.growth() < 8 * CAP + 64 * MiB
 
 
+@pytest.mark.tiers("process")  # the server path is the same on every tier
 def test_server_streams_a_file_at_the_pace_of_a_slow_reader(server, remote):
     """A client that reads a big file slowly must not make the server hold the file in memory."""
     size = 192 * MiB
@@ -248,6 +249,7 @@ def test_server_streams_a_file_at_the_pace_of_a_slow_reader(server, remote):
     remote.commands.run("rm -f /tmp/big")
 
 
+@pytest.mark.tiers("process")  # the server path is the same on every tier
 def test_server_keeps_at_most_the_cap_of_finished_background_commands(server, remote):
     """Finished commands of one sandbox together keep at most its cap: the oldest are forgotten first."""
     handles = []
