@@ -584,7 +584,7 @@ try:
     out['dns'] = 'RESOLVED'
 except socket.gaierror as e:
     out['dns'] = 'gaierror'
-for name, addr, kind in (('tcp', ('1.1.1.1', 443), socket.SOCK_STREAM), ('udp', ('8.8.8.8', 53), socket.SOCK_DGRAM)):
+for name, addr, kind in (('tcp', ('203.0.113.10', 443), socket.SOCK_STREAM), ('udp', ('198.51.100.53', 53), socket.SOCK_DGRAM)):
     s = socket.socket(socket.AF_INET, kind)
     s.settimeout(3)
     try:
