@@ -13,28 +13,35 @@ from typing import Any
 from ._exceptions import (AuthError, FileError, HostUnsupported, ImageError, InvalidRequest, QuotaExceeded, SandboxCrashed,
                           SandboxNotFound, SandlotError, TimeoutError)
 from ._limits import Limits
-from ._pool import configure_pool
 from ._models import (CommandResult, EntryInfo, Execution, ExecutionError, Logs, Result, SandboxInfo, SandboxMetrics,
                       Usage)
 from ._sandbox import AsyncCommandHandle, AsyncSandbox
 from ._sync import CommandHandle, Sandbox, run_sync
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402 - re-exported
 
 
 async def async_run_code(code: str, *, template: str = "python", timeout: float | None = None,
                          limits: Any = None, env: Any = None, isolation: str | None = None,
-                         api_url: str | None = None, api_key: str | None = None, **callbacks: Any) -> Execution:
+                         api_url: str | None = None, api_key: str | None = None,
+                         on_stdout: Any = None, on_stderr: Any = None, on_result: Any = None) -> Execution:
     """Stateless: a fresh sandbox runs ``code`` and is gone afterwards (on a server: in one request)."""
-    from ._sandbox import _wants_server
+    from . import _calls
+    from ._sandbox import transport_for
+    from ._spec import SandboxSpec
 
-    if _wants_server(api_url):
-        from ._remote import run_once
+    _calls.check_code(code)
+    _calls.check_timeout(timeout)
+    spec = SandboxSpec.build(template, isolation=isolation, limits=limits, env=env)
+    return await transport_for(api_url, api_key).run_once(
+        spec, code, timeout=timeout, on_stdout=on_stdout, on_stderr=on_stderr, on_result=on_result)
 
-        return await run_once(code, template=template, timeout=timeout, limits=limits, env=env, isolation=isolation,
-                              api_url=api_url, api_key=api_key, **callbacks)
-    async with AsyncSandbox(template, limits=limits, env=env, isolation=isolation, api_url="") as sandbox:
-        return await sandbox.run_code(code, timeout=timeout, **callbacks)
+
+def configure_pool(template: str = "python", *, min_ready: int, max_ready: int | None = None) -> None:
+    """Keep ``min_ready`` sandboxes of ``template`` waiting in this process (at most ``max_ready``)."""
+    from ._engine import default_engine
+
+    default_engine().pools.configure(template, min_ready=min_ready, max_ready=max_ready)
 
 
 def run_code(code: str, **kwargs: Any) -> Execution:

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 from typing import Optional
 
+from . import _config
 from ._host import cgroups
 
 # Runs inside the sandbox (stdlib only) and prints one JSON object of raw facts.
@@ -105,7 +106,7 @@ def _kvm_check() -> Check:
     """/dev/kvm may answer without carrying runsc's KVM platform (PVM, no VT-x/AMD-V): say which, and why."""
     from ._host import kvm
 
-    platform = os.environ.get("SANDLOT_GVISOR_PLATFORM", "ptrace")
+    platform = _config.gvisor_platform()
     why = kvm.why_not_for_gvisor()
     if why is not None:
         return Check("/dev/kvm", False, f"not usable: {why}; gVisor uses {platform}", False)

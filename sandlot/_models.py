@@ -90,9 +90,10 @@ class CommandResult:
     exit_code: Optional[int]
     stdout: str = ""
     stderr: str = ""
-    error: Optional[str] = None  # set when a limit ended the command (timeout, output)
+    error: Optional[str] = None  # set when a limit ended the command (timeout, output) or it could not start
     usage: Usage = dataclasses.field(default_factory=Usage)
     truncated: bool = False
+    limit: Optional[str] = None  # the limit that ended it, as data: "timeout", "output", "pids"
 
 
 @dataclasses.dataclass
@@ -133,6 +134,7 @@ class SandboxInfo:
     expires_at: Optional[datetime] = None  # the end of its lifetime (set_timeout moves it)
     ended_at: Optional[datetime] = None
     end_reason: Optional[str] = None
+    isolation: str = "process"  # the tier it runs on
 
 
 @dataclasses.dataclass

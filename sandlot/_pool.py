@@ -7,7 +7,8 @@ run in the background, one sandbox at a time, and never delay a claim; an empty 
 fork from the zygote.
 
 Configure with ``sandlot.configure_pool("python", min_ready=4, max_ready=16)`` or the environment
-variables ``SANDLOT_POOL_MIN`` / ``SANDLOT_POOL_MAX`` (0 turns pooling off).
+variables ``SANDLOT_POOL_MIN`` / ``SANDLOT_POOL_MAX`` (0 turns pooling off). The pools belong to an
+Engine (_engine.py), which owns everything local sandboxes share.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import dataclasses
 import os
 from typing import Optional
 
+from . import _config
 from ._backends.base import Backend, SandboxProcess
 from ._exceptions import InvalidRequest
 from ._limits import Limits
@@ -25,39 +27,20 @@ from ._templates import Template
 
 @dataclasses.dataclass
 class PoolConfig:
-    min_ready: int = int(os.environ.get("SANDLOT_POOL_MIN", "2"))
-    max_ready: int = int(os.environ.get("SANDLOT_POOL_MAX", "64"))
+    min_ready: int
+    max_ready: int
 
-
-_CONFIG: dict[str, PoolConfig] = {}
-
-
-def configure_pool(template: str = "python", *, min_ready: int, max_ready: Optional[int] = None) -> None:
-    """Keep ``min_ready`` sandboxes of ``template`` waiting (at most ``max_ready``)."""
-    max_ready = max(min_ready, max_ready if max_ready is not None else PoolConfig().max_ready)
-    if not 0 <= min_ready <= max_ready <= 4096:
-        raise InvalidRequest("need 0 <= min_ready <= max_ready <= 4096")
-    _CONFIG[template] = PoolConfig(min_ready, max_ready)
-    for pool in list(_POOLS.values()):  # running pools adopt it at their next refill
-        if pool.template.name == template:
-            pool.config = _CONFIG[template]
-
-
-def pool_config(template: str, pool_size: Optional[int] = None) -> PoolConfig:
-    """configure_pool() first, then SANDLOT_POOL_MIN, then the template's own pool size (sandbox.yaml)."""
-    if template in _CONFIG:
-        return _CONFIG[template]
-    if pool_size is not None and "SANDLOT_POOL_MIN" not in os.environ:
-        return PoolConfig(min_ready=pool_size, max_ready=max(pool_size, PoolConfig().max_ready))
-    return PoolConfig()
+    @classmethod
+    def from_environment(cls) -> "PoolConfig":
+        return cls(_config.pool_min(), _config.pool_max())
 
 
 class WarmPool:
-    def __init__(self, backend: Backend, template: Template, limits: Limits) -> None:
+    def __init__(self, backend: Backend, template: Template, limits: Limits, config: PoolConfig) -> None:
         self.backend = backend
         self.template = template
         self.limits = limits
-        self.config = pool_config(template.name, template.pool_size)
+        self.config = config
         self.ready: list[SandboxProcess] = []
         self._refilling: Optional[asyncio.Task] = None
         self.failures = 0
@@ -122,8 +105,6 @@ class WarmPool:
         await asyncio.gather(*(s.kill("pool closed") for s in sandboxes), return_exceptions=True)
 
 
-_POOLS: dict[tuple, WarmPool] = {}
-_CLOSING: set = set()
 # Fixed when a sandbox boots (tmpfs size, rlimits): a pooled sandbox serves only owners who agree.
 # cpu and memory are cgroup settings, applied again when a sandbox is claimed.
 BOOT_LIMITS = ("disk", "inodes", "open_files", "pids")
@@ -134,37 +115,74 @@ def poolable(limits: Limits, default: Optional[Limits] = None) -> bool:
     return all(getattr(limits, name) == getattr(default, name) for name in BOOT_LIMITS)
 
 
-def pool_for(backend: Backend, template: Template, limits: Limits) -> Optional[WarmPool]:
-    """The pool of this event loop for (template, limits), or None when pooling does not apply."""
-    # An image template's pool boots with the template's default limits (sandbox.yaml `limits:`).
-    base = Limits.build(template.default_limits()) if template.limits else Limits()
-    if pool_config(template.name, template.pool_size).min_ready <= 0 or not poolable(limits, base):
-        return None
-    loop = asyncio.get_running_loop()
-    key = (id(loop), backend.name, template.name)
-    pool = _POOLS.get(key)
-    if pool is not None and pool.template != template:
-        # The template was rebuilt or pulled again under the same name: a new pool for the new root.
-        _POOLS.pop(key)
-        task = loop.create_task(pool.close())
-        _CLOSING.add(task)
-        task.add_done_callback(_CLOSING.discard)
-        pool = None
-    if pool is None:
-        pool = _POOLS[key] = WarmPool(backend, template, base)
-    return pool
+class Pools:
+    """The warm pools of one engine: one per (event loop, tier, template), and their sizes."""
 
+    def __init__(self) -> None:
+        self._pools: dict[tuple, WarmPool] = {}
+        self._configured: dict[str, PoolConfig] = {}
+        self._closing: set = set()
 
-async def close_pools() -> None:
-    """Kill every waiting sandbox of this event loop's pools."""
-    loop_id = id(asyncio.get_running_loop())
-    for key in [k for k in _POOLS if k[0] == loop_id]:
-        await _POOLS.pop(key).close()
+    def configure(self, template: str, *, min_ready: int, max_ready: Optional[int] = None) -> None:
+        """Keep ``min_ready`` sandboxes of ``template`` waiting (at most ``max_ready``)."""
+        max_ready = max(min_ready, max_ready if max_ready is not None else _config.pool_max())
+        if not 0 <= min_ready <= max_ready <= 4096:
+            raise InvalidRequest("need 0 <= min_ready <= max_ready <= 4096")
+        self._configured[template] = PoolConfig(min_ready, max_ready)
+        for pool in list(self._pools.values()):  # running pools adopt it at their next refill
+            if pool.template.name == template:
+                pool.config = self._configured[template]
 
+    def forget_configuration(self, template: str) -> None:
+        """Back to the environment's and the template's own sizes."""
+        self._configured.pop(template, None)
 
-def pool_stats() -> dict[str, int]:
-    """Ready sandboxes per template, over every pool of this process (for metrics)."""
-    counts: dict[str, int] = {}
-    for (_, _, template), pool in list(_POOLS.items()):
-        counts[template] = counts.get(template, 0) + len(pool.ready)
-    return counts
+    def config_for(self, template: str, pool_size: Optional[int] = None) -> PoolConfig:
+        """configure() first, then SANDLOT_POOL_MIN, then the template's own pool size (sandbox.yaml)."""
+        if template in self._configured:
+            return self._configured[template]
+        default = PoolConfig.from_environment()
+        if pool_size is not None and not _config.is_set("SANDLOT_POOL_MIN"):
+            return PoolConfig(min_ready=pool_size, max_ready=max(pool_size, default.max_ready))
+        return default
+
+    def pool_for(self, backend: Backend, template: Template, limits: Limits) -> Optional[WarmPool]:
+        """The pool of this event loop for (template, limits), or None when pooling does not apply."""
+        # An image template's pool boots with the template's default limits (sandbox.yaml `limits:`).
+        base = Limits.build(template.default_limits()) if template.limits else Limits()
+        config = self.config_for(template.name, template.pool_size)
+        if config.min_ready <= 0 or not poolable(limits, base):
+            return None
+        loop = asyncio.get_running_loop()
+        key = (id(loop), backend.name, template.name)
+        pool = self._pools.get(key)
+        if pool is not None and pool.template != template:
+            # The template was rebuilt or pulled again under the same name: a new pool for the new root.
+            self._pools.pop(key)
+            task = loop.create_task(pool.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+            pool = None
+        if pool is None:
+            pool = self._pools[key] = WarmPool(backend, template, base, config)
+        return pool
+
+    def ready(self, *, loop: Optional[asyncio.AbstractEventLoop] = None, tier: Optional[str] = None,
+              template: Optional[str] = None) -> list[SandboxProcess]:
+        """The sandboxes waiting in this engine's pools (of one event loop, tier or template if given)."""
+        return [sandbox for (loop_id, name, of), pool in list(self._pools.items())
+                if (loop is None or loop_id == id(loop)) and tier in (None, name) and template in (None, of)
+                for sandbox in list(pool.ready)]
+
+    def stats(self) -> dict[str, int]:
+        """Ready sandboxes per template, over every pool (for metrics)."""
+        counts: dict[str, int] = {}
+        for (_, _, template), pool in list(self._pools.items()):
+            counts[template] = counts.get(template, 0) + len(pool.ready)
+        return counts
+
+    async def close(self) -> None:
+        """Kill every waiting sandbox of this event loop's pools."""
+        loop_id = id(asyncio.get_running_loop())
+        for key in [k for k in self._pools if k[0] == loop_id]:
+            await self._pools.pop(key).close()

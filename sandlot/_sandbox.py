@@ -1,51 +1,42 @@
-"""AsyncSandbox: the one implementation of the SDK. ``Sandbox`` (in _sync) is a thin synchronous facade.
+"""AsyncSandbox: the one SDK class, over a transport. ``Sandbox`` (in _sync) is its synchronous face.
 
-Every limit is enforced by the kernel (cgroups, rlimits, tmpfs caps) or by this host-side code
-(wall timeouts, output caps); nothing here inspects the user's code.
+A sandbox is described once (a ``SandboxSpec``, validated here), and each call's arguments are checked
+once (_calls.py) before a transport sees them: the local transport (an Engine in this process) or the
+HTTP transport (a Sandlot server). Both give back a handle with the same interface (_transport.py);
+everything here is written once for both.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import os
-import time
-from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Optional, Union
+from typing import Any, AsyncIterator, Mapping, Optional, Union
 
-from ._backends.base import Counters, SandboxProcess
-from ._backends.registry import default_isolation, get_backend, supports, tiers_with
-from ._exceptions import FileError, InvalidRequest, SandboxCrashed, SandboxNotFound
-from ._host.channel import CLOSED
+from . import _calls
+from ._config import api_url as _env_api_url
+from ._exceptions import SandboxNotFound
 from ._limits import Limits
-from ._output import CallOutput, OutputHandler, call as _call
-from ._pool import pool_for
-from ._spec import SandboxSpec, check_env
-from ._models import (CommandResult, EntryInfo, Execution, ExecutionError, PauseInfo, Result, SandboxInfo,
-                      SandboxMetrics, Usage)
-from ._templates import get_template
-from ._agent import protocol
+from ._models import CommandResult, EntryInfo, Execution, PauseInfo, SandboxInfo, SandboxMetrics
+from ._output import OutputHandler
+from ._spec import SandboxSpec
+from ._transport import AsyncCommandHandle, ResultHandler, SandboxHandle, Transport
 
-ResultHandler = Callable[[Result], Union[None, Awaitable[None]]]
-INTERRUPT_GRACE = 2.0  # seconds code gets to honour KeyboardInterrupt before its sandbox is killed
+__all__ = ["AsyncSandbox", "AsyncCommands", "AsyncFiles", "AsyncCommandHandle", "transport_for"]
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def _tiers_that(capability: str) -> str:
-    """``isolation='gvisor'``: the tiers that declare ``capability``, as an owner would ask for them."""
-    return " or ".join(f"isolation={name!r}" for name in tiers_with(capability))
-
-
-def _wants_server(api_url: Optional[str]) -> bool:
+def wants_server(api_url: Optional[str]) -> bool:
     """A server is used when ``api_url`` is given, or when it is None and SANDLOT_API_URL is set.
-    ``api_url=""`` means local, whatever the environment says (the server itself runs its sandboxes so)."""
-    return bool(api_url) if api_url is not None else bool(os.environ.get("SANDLOT_API_URL"))
+    ``api_url=""`` means local, whatever the environment says."""
+    return bool(api_url) if api_url is not None else bool(_env_api_url())
+
+
+def transport_for(api_url: Optional[str] = None, api_key: Optional[str] = None) -> Transport:
+    """The HTTP transport when a server is meant (see ``wants_server``), else this process's engine."""
+    if wants_server(api_url):
+        from ._http import HTTPTransport  # httpx is imported only by programs that use a server
+
+        return HTTPTransport(api_url, api_key)
+    from ._engine import LocalTransport
+
+    return LocalTransport()
 
 
 class AsyncSandbox:
@@ -56,175 +47,41 @@ class AsyncSandbox:
     :class:`Limits`; ``env`` is visible to code and commands; ``metadata`` is yours to tag it with.
 
     With ``api_url=`` (or SANDLOT_API_URL) and ``api_key=`` (or SANDLOT_API_KEY) the sandbox lives on a
-    Sandlot server instead, with this very API (the object is then the remote flavour, from _remote).
-    A local sandbox ends with this process; a remote one lives on until it is killed or times out.
+    Sandlot server instead, with this very API. A local sandbox ends with this process; a remote one
+    lives on until it is killed or times out.
     """
-
-    _dies_with_owner = True
-
-    def __new__(cls, *args: Any, api_url: Optional[str] = None, **kwargs: Any) -> "AsyncSandbox":
-        if cls is AsyncSandbox and _wants_server(api_url):
-            from ._remote import AsyncRemoteSandbox
-
-            cls = AsyncRemoteSandbox  # Python then runs AsyncRemoteSandbox.__init__ with the same arguments
-        return super().__new__(cls)
 
     def __init__(self, template: str = "python", *, timeout: Optional[float] = None,
                  limits: Union[Limits, Mapping[str, Any], None] = None, env: Optional[Mapping[str, str]] = None,
                  metadata: Optional[Mapping[str, str]] = None, isolation: Optional[str] = None,
                  api_url: Optional[str] = None, api_key: Optional[str] = None, on_idle: str = "kill") -> None:
-        isolation = default_isolation(isolation)
-        if on_idle not in ("kill", "pause") or (on_idle == "pause" and not supports(isolation, "pause")):
-            raise InvalidRequest(f"on_idle is 'kill', or 'pause' with {_tiers_that('pause')} (checkpoint to disk)")
-        self.template = get_template(template)
-        # An image template may carry default limits (sandbox.yaml); the owner's override them.
-        defaults = getattr(self.template, "default_limits", None)
-        # Validated once, before a warm sandbox is claimed or a zygote asked.
+        # Validated once, before anything is claimed, forked or sent.
         self._spec = SandboxSpec.build(template, isolation=isolation, limits=limits, env=env, metadata=metadata,
-                                      timeout=timeout, on_idle=on_idle,
-                                      base=Limits.build(defaults()) if callable(defaults) else None)
-        self.on_idle = on_idle
-        self.limits = self._spec.limits
-        self.env = dict(self._spec.env)
-        self.metadata = dict(self._spec.metadata)
-        self.isolation = isolation
-        self._backend = get_backend(isolation)
-        self._proc: Optional[SandboxProcess] = None
-        self._exec_lock = asyncio.Lock()
-        self._dead: Optional[str] = None
-        self._dead_limit: Optional[str] = None
-        self._started_at = 0.0
-        self._deadline = 0.0
-        self._last_activity = 0.0
-        self._watchdog: Optional[asyncio.Task] = None
+                                      timeout=timeout, on_idle=on_idle)
+        self._transport = transport_for(api_url, api_key)
+        self._transport.check(self._spec)
+        self._handle: Optional[SandboxHandle] = None
         self.commands = AsyncCommands(self)
         self.files = AsyncFiles(self)
 
-    # -- lifecycle ---------------------------------------------------------------------------
+    @classmethod
+    def _of(cls, handle: SandboxHandle, spec: SandboxSpec, transport: Transport) -> "AsyncSandbox":
+        sandbox = cls.__new__(cls)
+        sandbox._spec, sandbox._transport, sandbox._handle = spec, transport, handle
+        sandbox.commands, sandbox.files = AsyncCommands(sandbox), AsyncFiles(sandbox)
+        return sandbox
+
+    # -- lifecycle ---------------------------------------------------------------------------------
     @classmethod
     async def create(cls, template: str = "python", **kwargs: Any) -> "AsyncSandbox":
         sandbox = cls(template, **kwargs)
         await sandbox.start()
         return sandbox
 
-    @classmethod
-    async def connect(cls, sandbox_id: str, *, api_url: Optional[str] = None,
-                      api_key: Optional[str] = None, isolation: Optional[str] = None) -> "AsyncSandbox":
-        """Reattach to a live sandbox on a server, or (``isolation="gvisor"``, no server) resume a
-        sandbox that an earlier process of this host paused (a tier that cannot take one back says so)."""
-        if isolation is not None and not _wants_server(api_url):
-            return await cls._take_back(sandbox_id, isolation)
-        from ._remote import AsyncRemoteSandbox
-
-        return await AsyncRemoteSandbox.connect(sandbox_id, api_url=api_url, api_key=api_key)
-
-    @classmethod
-    async def _take_back(cls, sandbox_id: str, isolation: str) -> "AsyncSandbox":
-        """Take over a sandbox an earlier process of this host left (paused), where its tier can."""
-        proc = await get_backend(isolation).adopt({"tier": isolation, "id": sandbox_id})
-        sandbox = cls(proc.template, limits=proc.limits, isolation=isolation, api_url="")
-        sandbox._proc = proc
-        await sandbox.resume()
-        return sandbox
-
-    async def pause(self) -> PauseInfo:
-        """Checkpoint the live session to disk and free its memory (gVisor tier). ``resume()`` restores
-        it with its variables, open files and working directory; so does ``connect(id)`` from a later process."""
-        async with self._exec_lock:
-            proc = self._alive()
-            if not self._backend.capabilities.pause:
-                raise InvalidRequest(f"pause() needs {_tiers_that('pause')}: the {self.isolation} tier cannot checkpoint")
-            if self._watchdog is not None and self._watchdog is not asyncio.current_task():
-                self._watchdog.cancel()
-            figures = await proc.pause()
-            return PauseInfo(seconds=figures["seconds"], checkpoint_bytes=figures["bytes"])
-
-    async def resume(self) -> PauseInfo:
-        """Bring a paused sandbox back (a no-op for a running one)."""
-        proc = self._proc
-        if proc is None or not proc.paused:
-            self._alive()
-            return PauseInfo(seconds=0.0, checkpoint_bytes=0)
-        if self._dead is not None:
-            raise SandboxNotFound(f"sandbox {proc.id} is gone: {self._dead}")
-        figures = await proc.resume()
-        self._started_at = self._last_activity = time.monotonic()
-        self._deadline = self._started_at + self.limits.lifetime
-        self._watchdog = asyncio.get_running_loop().create_task(self._watch())
-        return PauseInfo(seconds=figures["seconds"], checkpoint_bytes=0)
-
-    async def interrupt(self) -> None:
-        """Send KeyboardInterrupt to the code running now (like Ctrl-C in a notebook). Its run_code
-        call then returns with that error; the session keeps its variables."""
-        proc = self._alive()
-        await proc.channel.send({"t": "interrupt", "id": 0})
-
-    @classmethod
-    async def list(cls, metadata: Optional[Mapping[str, str]] = None, *, status: str = "running",
-                   api_url: Optional[str] = None, api_key: Optional[str] = None) -> "list[SandboxInfo]":
-        """Your sandboxes on a server, newest first, having every ``metadata`` pair given.
-        ``status``: "running" (default), "ended", "lost" or "all"."""
-        from ._remote import AsyncRemoteSandbox
-
-        return await AsyncRemoteSandbox.list(metadata, status=status, api_url=api_url, api_key=api_key)
-
     async def start(self) -> "AsyncSandbox":
-        if self._proc is not None:
-            return self
-        pool = pool_for(self._backend, self.template, self.limits)
-        proc = pool.take() if pool is not None else None
-        if proc is not None:
-            try:
-                await self._configure_claimed(proc)
-            except BaseException as exc:
-                # Out of the pool and not handed to an owner: nobody else would ever kill it.
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(proc.kill("its create failed while configuring it"))
-                if not isinstance(exc, OSError):
-                    raise
-                proc = None  # limits this warm sandbox cannot take: a fresh one boots with them
-        if proc is None:
-            proc = await self._backend.start(self.template, self.limits, self.env, awaited=True)
-        self._proc = proc
-        self._started_at = self._last_activity = time.monotonic()
-        self._deadline = self._started_at + self.limits.lifetime
-        self._watchdog = asyncio.get_running_loop().create_task(self._watch())
+        if self._handle is None:
+            self._handle = await self._transport.create(self._spec)
         return self
-
-    async def _configure_claimed(self, proc: SandboxProcess) -> None:
-        """A sandbox taken from the warm pool: this owner's limits and environment apply from now on."""
-        await proc.apply_limits(self.limits)  # cpu and memory; the rest were fixed at boot and agree
-        if self.env:
-            await proc.channel.send({"t": "configure", "id": 0, "env": self.env})
-
-    @property
-    def sandbox_id(self) -> str:
-        if self._proc is None:
-            raise SandboxNotFound("the sandbox has not been started")
-        return self._proc.id
-
-    @property
-    def is_running(self) -> bool:
-        return self._proc is not None and self._dead is None and self._proc.channel.is_open
-
-    @property
-    def is_paused(self) -> bool:
-        """Checkpointed to disk by ``pause()`` (gVisor tier), waiting for ``resume()``."""
-        return self._proc is not None and self._dead is None and self._proc.paused
-
-    @property
-    def end_reason(self) -> Optional[str]:
-        """Why the sandbox ended (None while it runs)."""
-        if self._dead is None and self._proc is not None and not self._proc.channel.is_open:
-            return f"its agent went away ({self._proc.channel.closed_reason})"
-        return self._dead
-
-    @property
-    def end_limit(self) -> Optional[str]:
-        """The limit that ended the sandbox, if one did ("lifetime", "idle_timeout", "memory", "timeout"...)."""
-        if self._dead is None and self._proc is not None and not self._proc.channel.is_open:
-            return "protocol"
-        return self._dead_limit
 
     async def __aenter__(self) -> "AsyncSandbox":
         return await self.start()
@@ -232,67 +89,130 @@ class AsyncSandbox:
     async def __aexit__(self, *exc: Any) -> None:
         await self.kill()
 
+    @classmethod
+    async def connect(cls, sandbox_id: str, *, api_url: Optional[str] = None, api_key: Optional[str] = None,
+                      isolation: Optional[str] = None) -> "AsyncSandbox":
+        """Reattach to a live sandbox on a server, or (``isolation="gvisor"``, no server) resume a
+        sandbox that an earlier process of this host paused (a tier that cannot take one back says so)."""
+        if isolation is None or wants_server(api_url):
+            from ._http import HTTPTransport
+
+            transport: Transport = HTTPTransport(api_url, api_key)
+        else:
+            transport = transport_for("")
+        handle = await transport.connect(sandbox_id, isolation=isolation)
+        spec = SandboxSpec.build(handle.template, isolation=handle.isolation, limits=handle.limits,
+                                 metadata=handle.metadata)
+        return cls._of(handle, spec, transport)
+
+    @classmethod
+    async def list(cls, metadata: Optional[Mapping[str, str]] = None, *, status: str = "running",
+                   api_url: Optional[str] = None, api_key: Optional[str] = None) -> "list[SandboxInfo]":
+        """Your sandboxes on a server, newest first, having every ``metadata`` pair given.
+        ``status``: "running" (default), "ended", "lost" or "all"."""
+        from ._http import HTTPTransport  # local sandboxes belong to their process: there is nothing to list
+
+        return await HTTPTransport(api_url, api_key).list(dict(metadata or {}), status)
+
+    def _live(self) -> SandboxHandle:
+        if self._handle is None:
+            raise SandboxNotFound("the sandbox has not been started (use `with Sandbox()` or `.create()`)")
+        return self._handle
+
     async def kill(self) -> None:
         """End the sandbox and everything in it. Safe to call twice."""
-        await self._die("killed by its owner")
+        if self._handle is not None:
+            await self._handle.kill()
 
-    async def _die(self, reason: str, limit: Optional[str] = None) -> None:
-        if self._dead is None:
-            self._dead, self._dead_limit = reason, limit
-        if self._watchdog is not None and self._watchdog is not asyncio.current_task():
-            self._watchdog.cancel()
-        if self._proc is not None:
-            await self._proc.kill(reason)
+    async def pause(self) -> PauseInfo:
+        """Checkpoint the live session to disk and free its memory (gVisor tier). ``resume()`` restores
+        it with its variables, open files and working directory; so does ``connect(id)`` from a later process."""
+        return await self._live().pause()
+
+    async def resume(self) -> PauseInfo:
+        """Bring a paused sandbox back (a no-op for a running one)."""
+        return await self._live().resume()
+
+    async def interrupt(self) -> None:
+        """Send KeyboardInterrupt to the code running now (like Ctrl-C in a notebook). Its run_code
+        call then returns with that error; the session keeps its variables."""
+        await self._live().interrupt()
 
     async def metrics(self) -> SandboxMetrics:
         """Memory, CPU and process count of the sandbox right now, from its cgroup."""
-        proc = self._alive()
-        now = await asyncio.to_thread(proc.usage, processes=True)
-        return SandboxMetrics(memory=now.memory, memory_peak=now.memory_peak, cpu_seconds=now.cpu_seconds,
-                              processes=now.processes or 0)
+        return await self._live().metrics()
 
     async def set_timeout(self, seconds: float) -> None:
         """Let the sandbox live ``seconds`` from now (capped by 14 days), like E2B's set_timeout."""
         Limits.build({"lifetime": seconds})
-        self._alive()
-        self._deadline = time.monotonic() + seconds
+        await self._live().set_timeout(seconds)
 
     async def keep_alive(self) -> None:
         """Count as activity now: the idle timeout starts over."""
-        self._alive()
+        await self._live().keep_alive()
 
-    async def _watch(self) -> None:
-        """End the sandbox at its lifetime or after idle_timeout without a call."""
-        while self._dead is None:
-            now = time.monotonic()
-            idle_end = self._last_activity + self.limits.idle_timeout
-            if now >= self._deadline:
-                await self._die(f"its lifetime ended ({self.limits.lifetime:.0f} s)", "lifetime")
-                return
-            if now >= idle_end and not self._exec_lock.locked():
-                if self.on_idle == "pause" and self._backend.capabilities.pause:
-                    await self.pause()  # checkpointed to disk; resume() or connect() brings it back
-                    return
-                await self._die(f"it was idle for {self.limits.idle_timeout:.0f} s", "idle_timeout")
-                return
-            await asyncio.sleep(max(0.05, min(self._deadline, idle_end) - now))
+    # -- what it is ----------------------------------------------------------------------------------
+    @property
+    def sandbox_id(self) -> str:
+        return self._live().sandbox_id
 
-    def _alive(self) -> SandboxProcess:
-        if self._proc is None:
-            raise SandboxNotFound("the sandbox has not been started (use `with Sandbox()` or `.create()`)")
-        if self._dead is not None:
-            if self._dead_limit in ("memory", "pids", "protocol"):
-                raise SandboxCrashed(f"sandbox {self._proc.id} is dead: {self._dead}", limit=self._dead_limit)
-            raise SandboxNotFound(f"sandbox {self._proc.id} is gone: {self._dead}")
-        if self._proc.paused:
-            raise InvalidRequest(f"sandbox {self._proc.id} is paused: call resume() first")
-        if not self._proc.channel.is_open:
-            raise SandboxCrashed(f"sandbox {self._proc.id} lost its agent: {self._proc.channel.closed_reason}",
-                                 limit="protocol")
-        self._last_activity = time.monotonic()
-        return self._proc
+    @property
+    def template(self) -> str:
+        return self._handle.template if self._handle is not None else self._spec.template
 
-    # -- code --------------------------------------------------------------------------------
+    @property
+    def isolation(self) -> str:
+        """The tier it runs on: "process" or "gvisor"."""
+        if self._handle is not None:
+            return self._handle.isolation
+        from ._backends.registry import default_isolation
+
+        return default_isolation(self._spec.isolation)
+
+    @property
+    def limits(self) -> Limits:
+        """Its limits: as asked before it starts, as applied (a server's ceilings included) once it runs."""
+        return self._handle.limits if self._handle is not None else self._spec.limits
+
+    @property
+    def metadata(self) -> dict:
+        return dict(self._handle.metadata) if self._handle is not None else dict(self._spec.metadata)
+
+    @property
+    def env(self) -> dict:
+        """The environment variables this sandbox was created with (beyond the template's)."""
+        return dict(self._spec.env)
+
+    @property
+    def on_idle(self) -> str:
+        """What happens after the idle timeout: "kill", or "pause" (checkpoint to disk; gVisor tier)."""
+        return self._spec.on_idle
+
+    @property
+    def is_running(self) -> bool:
+        return self._handle is not None and self._handle.is_running
+
+    @property
+    def is_paused(self) -> bool:
+        """Checkpointed to disk by ``pause()`` (gVisor tier), waiting for ``resume()``."""
+        return self._handle is not None and self._handle.is_paused
+
+    @property
+    def end_reason(self) -> Optional[str]:
+        """Why the sandbox ended (None while it runs)."""
+        return self._handle.end_reason if self._handle is not None else None
+
+    @property
+    def end_limit(self) -> Optional[str]:
+        """The limit that ended the sandbox, if one did ("lifetime", "idle_timeout", "memory", "timeout"...)."""
+        return self._handle.end_limit if self._handle is not None else None
+
+    @property
+    def dies_with_owner(self) -> bool:
+        """True for a local sandbox (it ends with this process); a server's lives on."""
+        return self._handle.dies_with_owner if self._handle is not None else True
+
+    # -- code --------------------------------------------------------------------------------------
     async def run_code(self, code: str, *, timeout: Optional[float] = None,
                        on_stdout: Optional[OutputHandler] = None, on_stderr: Optional[OutputHandler] = None,
                        on_result: Optional[ResultHandler] = None) -> Execution:
@@ -301,263 +221,10 @@ class AsyncSandbox:
         The user's exceptions and limits that stop the code come back in ``Execution.error``;
         only failures of the sandbox itself raise.
         """
-        if not isinstance(code, str):
-            raise InvalidRequest("code must be a string")
-        timeout = self._call_timeout(timeout)
-        async with self._exec_lock:
-            proc = self._alive()
-            rid, queue = proc.channel.new_request()
-            usage_start = self._usage_start(proc)
-            output = CallOutput(self.limits.output, on_stdout, on_stderr)
-            execution = Execution()
-            started = time.monotonic()
-            try:
-                await proc.channel.send({"t": "exec", "id": rid, "code": code})
-                done = await self._pump(proc, rid, queue, timeout, output, execution, on_result)
-            finally:
-                proc.channel.forget(rid)
-                self._last_activity = time.monotonic()
-            execution.logs.stdout = output.chunks("stdout")
-            execution.logs.stderr = output.chunks("stderr")
-            execution.truncated = output.truncated
-            execution.usage = self._usage_end(proc, usage_start, started)
-            await self._finish_execution(proc, execution, done, timeout, output, usage_start)
-            return execution
-
-    def _call_timeout(self, timeout: Optional[float]) -> float:
-        if timeout is None:
-            return self.limits.timeout
-        return Limits.build({"timeout": timeout}).timeout
-
-    async def _pump(self, proc, rid, queue, timeout, output, execution, on_result) -> dict:
-        """Collect frames of one execution until it is done, interrupting it at the timeout or output cap."""
-        deadline = time.monotonic() + timeout
-        interrupted_for: Optional[str] = None
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                if interrupted_for is None:
-                    interrupted_for = "timeout"
-                    await proc.channel.send({"t": "interrupt", "id": rid})
-                    deadline = time.monotonic() + INTERRUPT_GRACE
-                    continue
-                after = "the timeout" if interrupted_for == "timeout" else "the output cap"
-                await self._die(f"its code ignored the interrupt after {after}", interrupted_for)
-                return {"t": "killed", "why": interrupted_for}
-            try:
-                # Frames already here are taken without a timer each: after an interrupt the backlog
-                # (thousands of tiny results) must drain well within the grace the code gets.
-                item = queue.get_nowait()
-            except asyncio.QueueEmpty:
-                try:
-                    item = await asyncio.wait_for(queue.get(), remaining)
-                except asyncio.TimeoutError:
-                    continue
-            if item is CLOSED:
-                return {"t": "closed", "why": interrupted_for}
-            header, payload = item
-            kind = header.get("t")
-            if kind in ("stdout", "stderr"):
-                await output.feed(kind, payload)
-                if output.over_cap and interrupted_for is None:
-                    interrupted_for = "output"
-                    await proc.channel.send({"t": "interrupt", "id": rid})
-                    deadline = time.monotonic() + INTERRUPT_GRACE
-            elif kind == "result" and isinstance(header.get("data"), dict):
-                # A rich result is charged its serialized size against the same cap as printed bytes:
-                # a display() loop must not pile up gigabytes in this process.
-                if not output.admit(header["data"]):
-                    if interrupted_for is None:
-                        interrupted_for = "output"
-                        await proc.channel.send({"t": "interrupt", "id": rid})
-                        deadline = time.monotonic() + INTERRUPT_GRACE
-                    continue
-                result = Result.from_mime(header["data"], bool(header.get("main")))
-                execution.results.append(result)
-                await _call(on_result, result)
-            elif kind == "done":
-                return dict(header, why=interrupted_for)
-            elif kind == "error":
-                return {"t": "done", "why": interrupted_for, "error": {
-                    "name": "InvalidRequest", "value": str(header.get("message")), "traceback": ""}}
-
-    async def _finish_execution(self, proc, execution, done, timeout, output, usage_start) -> None:
-        why = done.get("why")
-        count = done.get("execution_count")
-        execution.execution_count = count if isinstance(count, int) else None
-        raw = done.get("error")
-        if isinstance(raw, dict):
-            execution.error = ExecutionError(str(raw.get("name")), str(raw.get("value")), str(raw.get("traceback") or ""))
-        oom = self._oom_since(proc, usage_start)
-        cap = _human(self.limits.output)
-        if done["t"] == "killed" and why == "output":
-            execution.error = ExecutionError(
-                "OutputLimitExceeded", f"the code's output (printed text and results) passed {cap} and it ignored "
-                "the interrupt, so the sandbox was killed", limit="output")
-        elif done["t"] == "killed":
-            execution.error = ExecutionError(
-                "TimeoutError", f"the code ran past its {timeout:g} s timeout and ignored the interrupt, "
-                "so the sandbox was killed", limit="timeout")
-        elif done["t"] == "closed":
-            limit = "memory" if oom else "protocol"
-            msg = (f"the sandbox exceeded its memory limit ({_human(self.limits.memory)}) and was killed" if oom
-                   else f"the sandbox's agent stopped answering ({proc.channel.closed_reason}); the sandbox was killed")
-            execution.error = ExecutionError("OutOfMemory" if oom else "SandboxCrashed", msg, limit=limit)
-            await self._die(msg, limit)
-        elif done.get("died"):
-            if oom:
-                execution.error = ExecutionError(
-                    "OutOfMemory", f"the session used more than its memory limit ({_human(self.limits.memory)}) "
-                    "and was killed; its variables are lost, the sandbox still runs", limit="memory")
-            else:
-                execution.error.value += "; its variables are lost, the sandbox still runs"
-        elif why == "timeout":
-            execution.error = ExecutionError(
-                "TimeoutError", f"the code ran past its {timeout:g} s timeout and was interrupted "
-                "(KeyboardInterrupt); the session and its variables are intact",
-                execution.error.traceback if execution.error else "", limit="timeout")
-        elif why == "output":
-            execution.error = ExecutionError(
-                "OutputLimitExceeded", f"the code's output (printed text and results) passed {cap} and it was "
-                "interrupted; the output was truncated", execution.error.traceback if execution.error else "", limit="output")
-        if execution.error is not None and execution.error.limit is None and self._pids_hit_since(proc, usage_start):
-            execution.error.limit = "pids"
-            execution.error.value += f" (the sandbox reached its process limit of {self.limits.pids})"
-
-    # -- usage from the kernel's own counters (the backend's probe) ----------------------------
-    def _usage_start(self, proc: SandboxProcess) -> Counters:
-        return proc.usage(reset_peak=True)
-
-    def _usage_end(self, proc: SandboxProcess, start: Counters, started: float) -> Usage:
-        now = proc.usage()
-        return Usage(wall_seconds=time.monotonic() - started, cpu_seconds=max(0.0, now.cpu_seconds - start.cpu_seconds),
-                     peak_memory=now.memory_peak)
-
-    def _oom_since(self, proc: SandboxProcess, start: Counters) -> bool:
-        now = proc.usage()
-        # An OOM kill, or (gVisor's sentry may exit on a failed allocation, with no OOM kill counted)
-        # the cgroup ran into its limit during the call.
-        return (now.oom_kills > start.oom_kills or now.memory_limit_hits > start.memory_limit_hits
-                or now.memory_peak >= 0.95 * self.limits.memory)
-
-    def _pids_hit_since(self, proc: SandboxProcess, start: Counters) -> bool:
-        return proc.usage().pids_limit_hits > start.pids_limit_hits
-
-    # -- plumbing shared by commands and files -------------------------------------------------
-    async def _request(self, header: dict, payload: bytes = b"", timeout: float = 60.0) -> dict:
-        """One request, one reply (``ok`` or ``error``)."""
-        proc = self._alive()
-        rid, queue = proc.channel.new_request()
-        try:
-            await proc.channel.send(dict(header, id=rid), payload)
-            item = await self._next(proc, queue, timeout)
-            return self._reply(item, header)
-        finally:
-            proc.channel.forget(rid)
-
-    async def _next(self, proc, queue: asyncio.Queue, timeout: float):
-        try:
-            item = await asyncio.wait_for(queue.get(), timeout)
-        except asyncio.TimeoutError:
-            raise SandboxCrashed(f"the sandbox's agent did not answer within {timeout:g} s") from None
-        if item is CLOSED:
-            reason = proc.channel.closed_reason
-            await self._die(f"its agent went away ({reason})", "protocol")
-            raise SandboxCrashed(f"sandbox {proc.id} died: {reason}", limit="protocol")
-        return item
-
-    @staticmethod
-    def _reply(item, request: dict) -> dict:
-        header, _ = item
-        if header.get("t") == "error":
-            message = str(header.get("message"))
-            if header.get("etype") in ("InvalidRequest", "ValueError", "TypeError", "KeyError"):
-                raise InvalidRequest(message)
-            errno = header.get("errno") if isinstance(header.get("errno"), int) else None
-            raise FileError(f"{header.get('etype')}: {message}", errno=errno, path=request.get("path"))
-        return header
-
-
-class AsyncCommandHandle:
-    """A running command: ``await wait()``, ``kill()``, ``send_stdin()``; output so far in ``stdout``/``stderr``."""
-
-    def __init__(self, sandbox: AsyncSandbox, proc, rid: int, queue: asyncio.Queue, output: CallOutput,
-                 timeout: Optional[float]) -> None:
-        self._sandbox, self._proc, self._rid, self._queue = sandbox, proc, rid, queue
-        self._output = output
-        self._timeout = timeout
-        self._result: Optional[CommandResult] = None
-        self._started = time.monotonic()
-        self._task = asyncio.get_running_loop().create_task(self._collect())
-        self.pid: Optional[int] = None
-
-    @property
-    def stdout(self) -> str:
-        return self._output.text("stdout")
-
-    @property
-    def stderr(self) -> str:
-        return self._output.text("stderr")
-
-    async def _collect(self) -> CommandResult:
-        error = None
-        exit_code = None
-        deadline = self._started + self._timeout if self._timeout else None
-        try:
-            while True:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0 and error is None:
-                    error = f"the command ran past its {self._timeout:g} s timeout and was killed"
-                    await self.kill()
-                    deadline = time.monotonic() + 5
-                    continue
-                if remaining is not None and remaining <= 0:
-                    raise SandboxCrashed("the agent did not report the end of a killed command")
-                try:
-                    item = await asyncio.wait_for(self._queue.get(), remaining)
-                except asyncio.TimeoutError:
-                    continue
-                if item is CLOSED:
-                    error = error or f"the sandbox died while the command ran ({self._proc.channel.closed_reason})"
-                    break
-                header, payload = item
-                kind = header.get("t")
-                if kind in ("stdout", "stderr"):
-                    await self._output.feed(kind, payload)
-                    if self._output.over_cap and error is None:
-                        error = f"the command printed more than {_human(self._output.cap)} and was killed"
-                        await self.kill()
-                elif kind == "started":
-                    self.pid = header.get("pid") if isinstance(header.get("pid"), int) else None
-                elif kind == "exit":
-                    exit_code = header.get("exit_code") if isinstance(header.get("exit_code"), int) else None
-                    break
-                elif kind == "error":
-                    # The agent could not start it (EAGAIN at the process limit, a bad cwd...).
-                    error = f"the command could not start: {header.get('message')}"
-                    if header.get("errno") == 11:
-                        error += f" (the sandbox is at its process limit of {self._sandbox.limits.pids})"
-                    break
-        finally:
-            self._proc.channel.forget(self._rid)
-        self._result = CommandResult(exit_code=exit_code, stdout=self.stdout, stderr=self.stderr, error=error,
-                                     usage=Usage(wall_seconds=time.monotonic() - self._started),
-                                     truncated=self._output.truncated)
-        return self._result
-
-    async def wait(self) -> CommandResult:
-        return await asyncio.shield(self._task)
-
-    async def kill(self, signal: int = 9) -> None:
-        if self._proc.channel.is_open:
-            await self._proc.channel.send({"t": "signal", "id": 0, "target": self._rid, "signal": int(signal)})
-
-    async def send_stdin(self, data: Union[str, bytes], close: bool = False) -> None:
-        raw = data.encode() if isinstance(data, str) else bytes(data)
-        for i in range(0, max(len(raw), 1), protocol.CHUNK):
-            last = i + protocol.CHUNK >= len(raw)
-            await self._proc.channel.send({"t": "stdin", "id": 0, "target": self._rid, "close": close and last},
-                                          raw[i:i + protocol.CHUNK])
+        _calls.check_code(code)
+        _calls.check_timeout(timeout)
+        return await self._live().run_code(code, timeout=timeout, on_stdout=on_stdout, on_stderr=on_stderr,
+                                           on_result=on_result)
 
 
 class AsyncCommands:
@@ -571,151 +238,45 @@ class AsyncCommands:
                   on_stdout: Optional[OutputHandler] = None, on_stderr: Optional[OutputHandler] = None,
                   background: bool = False) -> Union[CommandResult, AsyncCommandHandle]:
         """Run ``cmd``; return its result, or with ``background=True`` a handle to wait on or kill."""
-        if not isinstance(cmd, str) or not cmd.strip():
-            raise InvalidRequest("cmd must be a non-empty string")
-        env = check_env(env)
-        sandbox = self._sandbox
-        timeout = None if background and timeout is None else sandbox._call_timeout(timeout)
-        proc = sandbox._alive()
-        rid, queue = proc.channel.new_request()
-        keep_stdin = background or stdin is not None
-        await proc.channel.send({"t": "cmd", "id": rid, "cmd": cmd, "env": dict(env or {}), "cwd": cwd,
-                                 "stdin": keep_stdin})
-        handle = AsyncCommandHandle(sandbox, proc, rid, queue, CallOutput(sandbox.limits.output, on_stdout, on_stderr),
-                                    timeout)
-        if stdin is not None:
-            await handle.send_stdin(stdin, close=True)
-        if background:
-            return handle
-        return await handle.wait()
+        _calls.check_cmd(cmd)
+        env = _calls.check_command_env(env)
+        _calls.check_timeout(timeout)
+        return await self._sandbox._live().commands.run(cmd, timeout=timeout, env=env, cwd=cwd, stdin=stdin,
+                                                        on_stdout=on_stdout, on_stderr=on_stderr,
+                                                        background=background)
 
 
 class AsyncFiles:
-    """Files inside the sandbox. Paths are resolved by the agent, inside the sandbox's own root:
-    a symlink or hardlink planted by sandbox code can never make the host read or write its files."""
+    """Files inside the sandbox. Paths are resolved inside the sandbox's own root: a symlink or hardlink
+    planted by sandbox code can never make the host read or write its files."""
 
     def __init__(self, sandbox: AsyncSandbox) -> None:
         self._sandbox = sandbox
 
-    @staticmethod
-    def _path(path: str) -> str:
-        if not isinstance(path, str) or not path or "\0" in path:
-            raise InvalidRequest("path must be a non-empty string without NUL bytes")
-        return path
-
     async def write(self, path: str, data: Union[str, bytes, Any], *, append: bool = False) -> EntryInfo:
         """Write text, bytes, a binary file object, or an (async) iterable of bytes, in chunks."""
-        path = self._path(path)
-        sandbox = self._sandbox
-        proc = sandbox._alive()
-        rid, queue = proc.channel.new_request()
-        try:
-            await proc.channel.send({"t": "fwrite", "id": rid, "path": path, "append": append})
-            async for chunk in _chunks(data):
-                await proc.channel.send({"t": "fdata", "id": rid}, chunk)
-                if not queue.empty():  # an early error (disk full, bad path) ends the upload
-                    break
-            await proc.channel.send({"t": "fend", "id": rid})
-            sandbox._reply(await sandbox._next(proc, queue, 120), {"path": path})
-        finally:
-            proc.channel.forget(rid)
-        return await self.stat(path)
+        _calls.check_path(path)
+        _calls.check_upload(data)
+        return await self._sandbox._live().files.write(path, data, append=append)
 
     async def read(self, path: str, *, format: str = "text") -> Union[str, bytes, AsyncIterator[bytes]]:
         """``format``: "text" (UTF-8), "bytes", or "stream" (an async iterator of byte chunks)."""
-        _check_format(format)
-        return await read_as(self._stream(self._path(path)), format)
+        _calls.check_format(format)
+        _calls.check_path(path)
+        return await _calls.read_as(self._sandbox._live().files.stream(path), format)
 
-    async def _stream(self, path: str) -> AsyncIterator[bytes]:
-        sandbox = self._sandbox
-        proc = sandbox._alive()
-        # Flow-controlled: the file comes at the reader's pace, never piling up in this process.
-        rid, queue = proc.channel.new_request(window=protocol.FREAD_WINDOW)
-        finished = False
-        try:
-            await proc.channel.send({"t": "fread", "id": rid, "path": path})
-            while True:
-                item = await sandbox._next(proc, queue, 120)
-                header, payload = item
-                if header.get("t") == "data":
-                    yield payload
-                    await proc.channel.ack(rid, len(payload))
-                    continue
-                finished = True
-                sandbox._reply(item, {"path": path})
-                return
-        finally:
-            proc.channel.forget(rid)
-            if not finished:
-                await proc.channel.send({"t": "fcancel", "id": 0, "target": rid})
-
-    async def list(self, path: str = "/home/user", *, depth: int = 1) -> list[EntryInfo]:
-        reply = await self._sandbox._request({"t": "flist", "path": self._path(path), "depth": int(depth)})
-        return [_entry(e) for e in reply.get("entries", [])]
+    async def list(self, path: str = "/home/user", *, depth: int = 1) -> "list[EntryInfo]":
+        return await self._sandbox._live().files.list(_calls.check_path(path), depth=_calls.check_depth(depth))
 
     async def stat(self, path: str) -> EntryInfo:
-        reply = await self._sandbox._request({"t": "fstat", "path": self._path(path)})
-        return _entry(reply["entry"])
+        return await self._sandbox._live().files.stat(_calls.check_path(path))
 
     async def exists(self, path: str) -> bool:
-        reply = await self._sandbox._request({"t": "fexists", "path": self._path(path)})
-        return bool(reply.get("exists"))
+        return await self._sandbox._live().files.exists(_calls.check_path(path))
 
     async def remove(self, path: str) -> None:
-        await self._sandbox._request({"t": "fremove", "path": self._path(path)})
+        await self._sandbox._live().files.remove(_calls.check_path(path))
 
     async def mkdir(self, path: str) -> bool:
         """Create a directory and its parents; False if it already existed."""
-        reply = await self._sandbox._request({"t": "fmkdir", "path": self._path(path)})
-        return bool(reply.get("created"))
-
-
-def _check_format(format: str) -> None:
-    if format not in ("text", "bytes", "stream"):
-        raise InvalidRequest("format must be 'text', 'bytes' or 'stream'")
-
-
-async def read_as(stream: AsyncIterator[bytes], format: str) -> Union[str, bytes, AsyncIterator[bytes]]:
-    """A file's chunks as the caller asked: the stream itself, or gathered into bytes or UTF-8 text."""
-    if format == "stream":
-        return stream
-    data = bytearray()
-    async for chunk in stream:
-        data += chunk
-    return data.decode() if format == "text" else bytes(data)
-
-
-def _entry(raw: dict) -> EntryInfo:
-    try:
-        return EntryInfo(name=str(raw["name"]), path=str(raw["path"]), type=str(raw["type"]),
-                         size=int(raw["size"]), mode=int(raw["mode"]), mtime=float(raw["mtime"]))
-    except (KeyError, TypeError, ValueError):
-        raise SandboxCrashed("the agent sent a malformed file entry", limit="protocol") from None
-
-
-async def _chunks(data: Any) -> AsyncIterator[bytes]:
-    size = protocol.CHUNK
-    if isinstance(data, str):
-        data = data.encode()
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        view = memoryview(data)
-        for i in range(0, len(view), size):
-            yield bytes(view[i:i + size])
-        return
-    if hasattr(data, "read"):
-        while True:
-            chunk = await asyncio.to_thread(data.read, size)
-            if not chunk:
-                return
-            yield chunk.encode() if isinstance(chunk, str) else chunk
-    if hasattr(data, "__aiter__"):
-        async for chunk in data:
-            for i in range(0, len(chunk), size):
-                yield bytes(chunk[i:i + size])
-        return
-    if hasattr(data, "__iter__"):
-        for chunk in data:
-            for i in range(0, len(chunk), size):
-                yield bytes(chunk[i:i + size])
-        return
-    raise InvalidRequest("data must be str, bytes, a file object or an iterable of bytes")
+        return await self._sandbox._live().files.mkdir(_calls.check_path(path))

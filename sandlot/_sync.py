@@ -1,7 +1,8 @@
 """The synchronous face of the async SDK: one event loop in a daemon thread runs every coroutine.
 
 No second implementation: each sync method forwards to its async twin (Modal's ``synchronize_api``
-idea, in a few lines). Callbacks run on the loop thread.
+idea, in a few lines). Callbacks run on the loop thread. tests/test_faces.py checks that every public
+method and property of the async classes has its sync twin, with the same parameters.
 """
 
 from __future__ import annotations
@@ -17,22 +18,20 @@ from ._sandbox import AsyncCommandHandle, AsyncSandbox
 
 
 def _shutdown() -> None:
-    """At exit: kill pooled sandboxes and finish the cleanups of killed ones (no cgroup left behind)."""
+    """At exit: the engine's shutdown on the loop thread (pooled sandboxes killed, cleanups of killed
+    ones finished: no cgroup left behind), then its zygotes stopped."""
+    from . import _engine
+
+    engine = _engine._DEFAULT
     loop = _LoopThread._loop
-    if loop is None or loop.is_closed() or not loop.is_running():
+    if engine is None:
         return
-
-    async def finish() -> None:
-        from ._backends.registry import finish_cleanups
-        from ._pool import close_pools
-
-        await close_pools()
-        await finish_cleanups()
-
-    try:
-        asyncio.run_coroutine_threadsafe(finish(), loop).result(timeout=30)
-    except Exception:
-        pass
+    if loop is not None and not loop.is_closed() and loop.is_running():
+        try:
+            asyncio.run_coroutine_threadsafe(engine.shutdown(), loop).result(timeout=30)
+        except Exception:
+            pass
+    engine.close()
 
 
 atexit.register(_shutdown)
@@ -159,6 +158,11 @@ class Sandbox:
     def create(cls, template: str = "python", **kwargs: Any) -> "Sandbox":
         return cls(template, **kwargs)
 
+    def start(self) -> "Sandbox":
+        """Already done by the constructor (kept so both faces have the same methods)."""
+        run_sync(self._async.start())
+        return self
+
     @classmethod
     def connect(cls, sandbox_id: str, *, api_url: Optional[str] = None, api_key: Optional[str] = None,
                 isolation: Optional[str] = None) -> "Sandbox":
@@ -201,8 +205,36 @@ class Sandbox:
         return self._async.isolation
 
     @property
+    def template(self) -> str:
+        return self._async.template
+
+    @property
+    def env(self) -> dict:
+        return self._async.env
+
+    @property
+    def on_idle(self) -> str:
+        return self._async.on_idle
+
+    @property
     def is_running(self) -> bool:
         return self._async.is_running
+
+    @property
+    def is_paused(self) -> bool:
+        return self._async.is_paused
+
+    @property
+    def end_reason(self) -> Optional[str]:
+        return self._async.end_reason
+
+    @property
+    def end_limit(self) -> Optional[str]:
+        return self._async.end_limit
+
+    @property
+    def dies_with_owner(self) -> bool:
+        return self._async.dies_with_owner
 
     def run_code(self, code: str, **kwargs: Any) -> Execution:
         return run_sync(self._async.run_code(code, **kwargs))
@@ -228,7 +260,7 @@ class Sandbox:
     def __del__(self) -> None:  # a forgotten local sandbox must not outlive its owner (a remote one may)
         try:
             # kill() is idempotent and also cleans up a sandbox whose agent died (is_running is then False).
-            if self._async._dies_with_owner and _LoopThread._loop is not None and not _LoopThread._loop.is_closed():
+            if self._async.dies_with_owner and _LoopThread._loop is not None and not _LoopThread._loop.is_closed():
                 asyncio.run_coroutine_threadsafe(self._async.kill(), _LoopThread._loop)
         except Exception:
             pass

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from . import _config
 from ._exceptions import InvalidRequest
 
 _SYSTEM_DIRS = ("/usr", "/lib", "/lib64", "/lib32", "/libx32", "/bin", "/sbin")
@@ -87,12 +88,8 @@ _TRANSIENT: dict[str, Template] = {}  # build steps' templates, alive only while
 
 
 def data_root() -> Path:
-    """Sandlot's durable state: /var/lib/sandlot as root, else ~/.local/share/sandlot; SANDLOT_DATA_DIR overrides."""
-    if os.environ.get("SANDLOT_DATA_DIR"):
-        return Path(os.environ["SANDLOT_DATA_DIR"])
-    if os.geteuid() == 0:
-        return Path("/var/lib/sandlot")
-    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local/share") / "sandlot"
+    """Sandlot's durable state (see _config.data_dir)."""
+    return _config.data_dir()
 
 
 def records_dir() -> Path:

@@ -27,6 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .mcp_server import build_mcp_app
 from .server import Mount
+from .server.metrics import limit_label
 
 _STATE = "sandlot.state"  # where the outer app's server state is kept for the MCP handlers
 
@@ -91,7 +92,7 @@ class _HostedCommands:
         hosted._caller.state.registry.check_call_timeout(kwargs.get("timeout"))
         hosted._caller.audit("command", hosted._audit_id, cmd[:1000])
         result = await hosted._session.sandbox.commands.run(cmd, **kwargs)
-        limit = None if result.error is None else ("timeout" if "timeout" in result.error else "other")
+        limit = limit_label(result)
         hosted._caller.state.metrics.execution("command", result.usage.wall_seconds, limit,
                                                bool(result.exit_code) or bool(limit))
         return result

@@ -92,11 +92,9 @@ class LocalSandboxes:
     async def aclose(self) -> None:
         if self.api_url:
             return
-        from ._backends.registry import finish_cleanups
-        from ._pool import close_pools
+        from ._engine import default_engine
 
-        await close_pools()
-        await finish_cleanups()
+        await default_engine().shutdown()
 
 
 @dataclasses.dataclass

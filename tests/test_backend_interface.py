@@ -16,7 +16,8 @@ import pytest
 
 from sandlot import InvalidRequest, SandboxNotFound
 from sandlot._backends.base import Backend, Capabilities, Counters, SandboxProcess
-from sandlot._backends.registry import ISOLATIONS, backend_class, get_backend, tiers_with
+from sandlot._backends.registry import ISOLATIONS, backend_class, tiers_with
+from sandlot._engine import default_engine
 from sandlot._host import cgroups
 from sandlot._limits import Limits
 from sandlot._templates import get_template
@@ -63,7 +64,7 @@ def test_the_registry_lists_both_tiers_and_refuses_an_unknown_one():
         assert issubclass(cls, Backend) and cls.name == name
         assert isinstance(cls.capabilities, Capabilities)
     with pytest.raises(InvalidRequest, match="unknown isolation 'vmware'.*process.*gvisor"):
-        get_backend("vmware")
+        default_engine().backend("vmware")
     with pytest.raises(InvalidRequest, match="unknown isolation"):
         backend_class("vmware")
     # What each tier says it can do, as the README describes the tiers today.
@@ -85,7 +86,7 @@ def test_capabilities_are_frozen_data():
 # -- one live sandbox per tier ---------------------------------------------------------------------------
 @pytest.fixture(params=TIERS, scope="module")
 async def live(request):
-    backend = get_backend(request.param)
+    backend = default_engine().backend(request.param)
     limits = Limits.build({"memory": "256M", "cpu": 1})
     proc = await backend.start(get_template("python"), limits, {"GREETING": "hi"}, awaited=True)
     try:

@@ -76,10 +76,17 @@ def test_create_input_just_under_the_limit_works(tier, limits):
         assert bystander.run_code("secret").text == "42"
 
 
-def _zygote_pid() -> int:
-    from sandlot._backends.process import ProcessBackend
+def _zygote():
+    """The process tier's zygote of the default template, in this process's engine."""
+    from sandlot._engine import default_engine
 
-    zygote = ProcessBackend._zygotes["python"]
+    zygote = default_engine().backend("process").zygote("python")
+    assert zygote is not None
+    return zygote
+
+
+def _zygote_pid() -> int:
+    zygote = _zygote()
     assert zygote.alive()
     return zygote.pid
 
@@ -87,12 +94,10 @@ def _zygote_pid() -> int:
 @pytest.mark.tiers("process")
 def test_zygote_killed_bystanders_live_on(tier):
     """kill -9 of the zygote (ours: this process started it) leaves its live forks running."""
-    from sandlot._backends.process import ProcessBackend
-
     with Sandbox() as pooled, Sandbox(limits={"disk": "64M"}) as forked:
         for sb in (pooled, forked):
             assert sb.run_code("secret = 42").error is None
-        keeper = ProcessBackend._zygotes["python"]._keeper.pid  # reaps the pid 1s of that zygote's forks
+        keeper = _zygote()._keeper.pid  # reaps the pid 1s of that zygote's forks
         os.kill(_zygote_pid(), signal.SIGKILL)
         time.sleep(0.5)
         for sb in (pooled, forked):
@@ -135,12 +140,10 @@ def _keeper_settled(pid: int) -> bool:
 @pytest.mark.tiers("process")
 def test_zygote_restarts_do_not_leak_slots(tier):
     """Each sandbox forked from a zygote takes a nested uid slot; restarts of the zygote give them back."""
-    from sandlot._backends.process import ProcessBackend
-
     with Sandbox(limits={"disk": "64M"}):
         pass
     time.sleep(0.5)  # releases happen when each sandbox's cleanup finishes
-    zygote = ProcessBackend._zygotes["python"]
+    zygote = _zygote()
     free = len(zygote._free_slots)
     for _ in range(2):
         with Sandbox(limits={"disk": "64M"}) as sb:
@@ -159,11 +162,9 @@ def test_zygote_answers_a_bad_request_and_carries_on(tier, config):
     process) and so do the sandboxes forked from it."""
     import socket
 
-    from sandlot._backends.process import ProcessBackend
-
     with Sandbox(limits={"disk": "64M"}) as bystander:
         bystander.run_code("secret = 42")
-        zygote = ProcessBackend._zygotes["python"]
+        zygote = _zygote()
         pid = zygote.pid
         near, far = socket.socketpair()
         try:
@@ -181,12 +182,12 @@ def test_zygote_answers_a_bad_request_and_carries_on(tier, config):
 
 OWNER = """
 import os, signal, sys, threading, time, sandlot
-from sandlot._backends.process import ProcessBackend
+from sandlot._engine import default_engine
 idle = sandlot.Sandbox()
 busy = sandlot.Sandbox(limits={"disk": "64M"})
 threading.Thread(target=busy.run_code, args=("while True: pass",), daemon=True).start()
 if sys.argv[1] == "zygote-gone":  # its zygote died (and was not replaced) before the owner did
-    zygote = ProcessBackend._zygotes["python"]
+    zygote = default_engine().backend("process").zygote("python")
     os.kill(zygote.pid, signal.SIGKILL)
     while zygote.alive():
         time.sleep(0.01)
@@ -312,14 +313,14 @@ def test_oversize_create_through_the_server_fails_alone(tier, tmp_path):
 
 # -- hole 2: a sandbox taken from the pool is handed to its owner or killed ------------------------------
 async def _warm_pool(limits=None):
-    from sandlot._backends.registry import get_backend
+    from sandlot._engine import default_engine
     from sandlot._limits import Limits
-    from sandlot._pool import pool_for
     from sandlot._templates import get_template
 
     sandlot.configure_pool("python", min_ready=2)
-    backend = get_backend(os.environ["SANDLOT_ISOLATION"])
-    pool = pool_for(backend, get_template("python"), Limits.build(limits))
+    engine = default_engine()
+    backend = engine.backend(os.environ["SANDLOT_ISOLATION"])
+    pool = engine.pools.pool_for(backend, get_template("python"), Limits.build(limits))
     assert pool is not None
     pool.refill()
     deadline = time.monotonic() + 120
@@ -346,13 +347,13 @@ def _sandbox_of(pid: int):
 def _orphans(owned=()) -> dict:
     """Sandbox processes on the host that this test process started (its descendants: other helpers'
     sandboxes do not count) and that belong to no warm pool and no owner. Waits for the dying."""
-    from sandlot._pool import _POOLS
+    from sandlot._engine import default_engine
 
     from .serverproc import descendants
 
     deadline = time.monotonic() + 10
     while True:
-        known = {p.id for pool in list(_POOLS.values()) for p in pool.ready} | {sb.sandbox_id for sb in owned}
+        known = {p.id for p in default_engine().pools.ready()} | {sb.sandbox_id for sb in owned}
         mine = descendants(os.getpid())
         found = {}
         for pid in set(sandbox_processes()) & mine:
@@ -413,7 +414,7 @@ async def test_claimed_sandbox_is_owned_or_killed(memory):
         taken = _taken(before, pool)
         assert taken, "the create did not take a warm sandbox"
         for proc in taken:
-            if sb is not None and proc is sb._proc:
+            if sb is not None and proc is sb._handle.process:
                 assert (await sb.run_code("1 + 1")).text == "2"
                 continue
             assert proc.killed_reason is not None, "a claimed sandbox was left running, owned by nobody"

@@ -299,12 +299,10 @@ SIZES = ["2G", "256M", "3G", "512M", "2G", "1G"]
 def _ready_ids(backend: str) -> set[str]:
     """Ids of the warm sandboxes the sync API's pool holds for ``backend`` (read, never taken). Only
     that event loop's pool: pools of loops earlier tests ran keep their sandboxes until they close."""
-    from sandlot import _pool
+    from sandlot._engine import default_engine
     from sandlot._sync import _LoopThread
 
-    loop_id = id(_LoopThread.loop())
-    return {p.id for (loop, name, template), pool in list(_pool._POOLS.items())
-            if loop == loop_id and name == backend and template == "python" for p in list(pool.ready)}
+    return {p.id for p in default_engine().pools.ready(loop=_LoopThread.loop(), tier=backend, template="python")}
 
 
 def _wait_for_warm(backend: str, timeout: float = 120) -> set[str]:
@@ -372,7 +370,7 @@ def test_a_cgroup_write_the_kernel_refuses_is_a_sandlot_error():
     with sandlot.Sandbox(limits={"memory": "512M"}) as sb:
         touch = "blob = bytearray(200 * 1024 * 1024); blob[::4096] = b'x' * len(blob[::4096]); 1"
         assert sb.run_code(touch).text == "1"
-        cgroup = sb._async._proc.cgroup  # the one path that re-applies limits to a live cgroup: a pool claim
+        cgroup = sb._async._handle.process.cgroup  # the one path that re-applies limits to a live cgroup: a pool claim
         if cgroup.version == 2:
             pytest.skip("v2 reclaims or OOM-kills on memory.max instead of refusing the write")
         with pytest.raises(SandlotError) as info:

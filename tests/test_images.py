@@ -257,23 +257,24 @@ pool_size: 1
 
 
 def test_template_pool_size_fills_a_warm_pool(world):
-    from sandlot import _pool
+    from sandlot._engine import default_engine
 
     if "SANDLOT_POOL_MIN" in os.environ:
         pytest.skip("SANDLOT_POOL_MIN overrides the template's pool size")
     if sandlot._templates.read_record("img-built") is None:
         pytest.skip("needs test_build_from_sandbox_yaml")
-    _pool._CONFIG.pop("img-built", None)  # let the template's own pool_size (1) apply
+    pools = default_engine().pools
+    pools.forget_configuration("img-built")  # let the template's own pool_size (1) apply
     try:
         async def run():
             async with sandlot.AsyncSandbox("img-built") as sb:
                 for _ in range(200):
-                    if _pool.pool_stats().get("img-built"):
+                    if pools.stats().get("img-built"):
                         break
                     await asyncio.sleep(0.05)
-                ready = _pool.pool_stats().get("img-built")
+                ready = pools.stats().get("img-built")
                 await sb.commands.run("true")
-            await _pool.close_pools()
+            await pools.close()
             return ready
 
         import asyncio

@@ -44,7 +44,7 @@ def rsb(remote):
 
 
 def test_remote_user_story(rsb):
-    assert isinstance(rsb._async, sandlot.AsyncSandbox) and not rsb._async._dies_with_owner
+    assert isinstance(rsb._async, sandlot.AsyncSandbox) and not rsb.dies_with_owner
     rsb.run_code("import pandas as pd; df = pd.DataFrame({'a': [1, 2, 3]})")
     assert rsb.run_code("df.a.sum()").text == "6"
     ex = rsb.run_code("import matplotlib.pyplot as plt; plt.plot([1, 2]); plt.show()")
@@ -217,13 +217,13 @@ def test_environment_variables_select_the_server(server, monkeypatch):
     monkeypatch.setenv("SANDLOT_API_URL", server.url)
     monkeypatch.setenv("SANDLOT_API_KEY", server.api_key)
     with Sandbox() as sb:
-        assert type(sb._async).__name__ == "AsyncRemoteSandbox"
+        assert not sb.dies_with_owner  # it lives on the server
         assert sb.run_code("2 + 2").text == "4"
     monkeypatch.setenv("SANDLOT_API_KEY", "sl_wrong")
     with pytest.raises(sandlot.AuthError):
         Sandbox()
     with Sandbox(api_url="") as local:  # "" forces a local sandbox whatever the environment says
-        assert local._async._dies_with_owner
+        assert local.dies_with_owner
 
 
 async def test_async_remote_api(remote):

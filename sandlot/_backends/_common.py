@@ -2,7 +2,7 @@
 
 Where the host keeps runtime state, the agent's directory, sandbox ids, the environment and boot
 configuration a sandbox's agent gets (the same agent runs under both tiers), the boot-message loop,
-the handle's cgroup side (limits, counters, removal) and the background cleanups of killed sandboxes.
+and the handle's cgroup side (limits, counters, removal).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import os
 import secrets
 from pathlib import Path
 
+from .. import _config
 from .._exceptions import HostUnsupported, SandboxCrashed
 from .._host import cgroups, seccomp
 from .._host.channel import CLOSED, Channel
@@ -24,12 +25,7 @@ AGENT_DIR = Path(__file__).resolve().parent.parent / "_agent"
 
 def state_dir() -> Path:
     """Where the host keeps its runtime state. Never visible inside a sandbox."""
-    if os.environ.get("SANDLOT_STATE_DIR"):
-        base = Path(os.environ["SANDLOT_STATE_DIR"])
-    elif os.geteuid() == 0:
-        base = Path("/run/sandlot")
-    else:
-        base = Path(os.environ.get("XDG_RUNTIME_DIR") or "/tmp") / ("sandlot-%d" % os.getuid())
+    base = _config.state_dir()
     base.mkdir(mode=0o711, parents=True, exist_ok=True)
     base.chmod(0o711)  # sandboxes must traverse it to reach their mountpoint; listing stays private
     return base
@@ -150,22 +146,3 @@ class CgroupSandbox(SandboxProcess):
             if self.cgroup.try_remove():
                 return
             await asyncio.sleep(0.01)
-
-
-# -- cleanups of killed sandboxes, finished in the background ----------------------------------------------
-_CLEANUPS: set = set()
-
-
-def track_cleanup(task: "asyncio.Task[None]") -> None:
-    """Keep a killed sandbox's cleanup alive until it is done (``finish_cleanups`` waits for it)."""
-    _CLEANUPS.add(task)
-    task.add_done_callback(_CLEANUPS.discard)
-
-
-async def finish_cleanups() -> None:
-    """Wait until every killed sandbox of this event loop has released its cgroup and descriptors."""
-    loop = asyncio.get_running_loop()
-    pending = [t for t in _CLEANUPS if t.get_loop() is loop]
-    if pending:
-        await asyncio.gather(*pending, return_exceptions=True)
-

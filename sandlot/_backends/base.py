@@ -16,8 +16,9 @@ in _common.py.
 from __future__ import annotations
 
 import abc
+import asyncio
 import dataclasses
-from typing import Any, ClassVar, Mapping, Optional
+from typing import Any, Callable, ClassVar, Mapping, Optional
 
 from .._exceptions import InvalidRequest
 from .._host.channel import Channel
@@ -59,6 +60,8 @@ class SandboxProcess(abc.ABC):
     limits: Limits
     channel: Channel
     killed_reason: Optional[str]
+    # The backend that made it keeps its background cleanup alive (set by the backend at creation).
+    on_cleanup: Callable[["asyncio.Task[None]"], None]
 
     @property
     @abc.abstractmethod
@@ -113,8 +116,30 @@ class SandboxProcess(abc.ABC):
 
 
 class Backend(abc.ABC):
+    """One tier. An Engine (_engine.py) makes one instance of each tier it uses and owns it: what the
+    instance holds (the process tier's zygotes, the cleanups of killed sandboxes) is the engine's."""
+
     name: ClassVar[str]
     capabilities: ClassVar[Capabilities] = Capabilities()
+
+    def __init__(self) -> None:
+        self._cleanups: set[asyncio.Task[None]] = set()
+
+    def track_cleanup(self, task: "asyncio.Task[None]") -> None:
+        """Keep a killed sandbox's cleanup alive until it is done (``finish_cleanups`` waits for it)."""
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+
+    async def finish_cleanups(self) -> None:
+        """Wait until every killed sandbox of this event loop has released its cgroup and descriptors."""
+        loop = asyncio.get_running_loop()
+        pending = [t for t in self._cleanups if t.get_loop() is loop]
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    def close(self) -> None:
+        """Stop what this backend runs besides its sandboxes (the process tier's zygotes). Live sandboxes
+        do not depend on it."""
 
     @abc.abstractmethod
     async def start(self, template: Template, limits: Limits, env: dict[str, str], *,

@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from .. import _config
 from .._exceptions import HostUnsupported, InvalidRequest, SandboxCrashed, SandboxNotFound, TimeoutError
 from .._host import cgroups
 from .._host.channel import CLOSED, Channel
@@ -50,7 +51,7 @@ from .._agent import linux
 from .._agent.isolation import USER_UID
 from .._templates import Template, data_root
 from ._common import (AGENT_DIR, CgroupSandbox, boot_message, image_config, is_sandbox_id, new_sandbox_id,
-                      sandbox_config, sandbox_env, template_config, track_cleanup)
+                      sandbox_config, sandbox_env, template_config)
 from .base import Backend, Capabilities
 
 BOOT_TIMEOUT = 60.0  # runsc start plus importing the preload list under ptrace
@@ -61,7 +62,7 @@ WRITABLE = {"home": ("/home/user", 0o700), "tmp": ("/tmp", 0o1777), "shm": ("/de
 
 
 def runsc_path() -> str:
-    path = os.environ.get("SANDLOT_RUNSC") or shutil.which("runsc") or "/usr/bin/runsc"
+    path = _config.runsc() or shutil.which("runsc") or "/usr/bin/runsc"
     if not os.access(path, os.X_OK):
         raise HostUnsupported("isolation='gvisor' needs runsc (Debian package `runsc`); not found")
     return path
@@ -75,7 +76,7 @@ def data_dir() -> Path:
 
 
 def _runsc_argv(*args: str) -> list[str]:
-    platform = os.environ.get("SANDLOT_GVISOR_PLATFORM", "ptrace")  # "kvm" where /dev/kvm really works
+    platform = _config.gvisor_platform()  # "kvm" where /dev/kvm really works
     if platform == "kvm":
         from .._host import kvm
 
@@ -279,7 +280,7 @@ class GVisorSandbox(CgroupSandbox):
         rw, image = shlex.quote(str(self.home / "rw")), shlex.quote(str(self.home / "image"))
         outer = (shlex.join(["/bin/sh", "-c", trampoline, "sh", *procs])
                  + f"; rc=$?; [ -d {image} ] || umount -l {rw} 2>/dev/null; exit $rc")
-        log = os.environ.get("SANDLOT_BOOT_LOG")
+        log = _config.boot_log()
         stderr = open(log, "ab") if log else subprocess.DEVNULL
         try:
             self._proc = subprocess.Popen(["/bin/sh", "-c", outer], stdin=subprocess.PIPE,
@@ -378,7 +379,7 @@ class GVisorSandbox(CgroupSandbox):
         self.cgroup.signal_all(signal.SIGKILL)  # runsc, the sentry, the gofer: all in the cgroup
         if self._proc is not None and self._proc.poll() is None:
             self._proc.kill()
-        track_cleanup(asyncio.get_running_loop().create_task(self._cleanup()))
+        self.on_cleanup(asyncio.get_running_loop().create_task(self._cleanup()))
 
     async def _cleanup(self) -> None:
         if self._exited is not None:
@@ -415,6 +416,7 @@ class GVisorBackend(Backend):
         home = data_dir() / "sandboxes" / sandbox_id
         (home / "bundle").mkdir(parents=True)
         sandbox = GVisorSandbox(sandbox_id, limits, cgroup, home, template.name)
+        sandbox.on_cleanup = self.track_cleanup
         sandbox._lock_fd = _hold(home)
         try:
             writable = await asyncio.to_thread(_mount_writable, home, limits)
@@ -464,6 +466,7 @@ class GVisorBackend(Backend):
         limits = Limits.build(meta["limits"])
         cgroup = await asyncio.to_thread(cgroups.Cgroup, sandbox_id, _room_for_runsc(limits), host_sockets=False)
         sandbox = GVisorSandbox(sandbox_id, limits, cgroup, home, meta["template"])
+        sandbox.on_cleanup = self.track_cleanup
         sandbox._paused = True
         return sandbox
 

@@ -21,6 +21,7 @@ import threading
 import time
 from typing import Optional
 
+from .. import _config
 from .._exceptions import HostUnsupported, SandboxCrashed, TimeoutError
 from .._host import cgroups
 from .._host.channel import Channel
@@ -28,7 +29,7 @@ from .._host.zygote import Zygote, write_id_maps
 from .._limits import Limits
 from .._templates import Template
 from ._common import (AGENT_DIR, CgroupSandbox, boot_message, new_sandbox_id, sandbox_config, sandbox_env,
-                      state_dir, template_config, track_cleanup)
+                      state_dir, template_config)
 from .base import Backend, Capabilities
 
 __all__ = ["ProcessBackend", "ProcessSandbox", "UidSlot", "UID_BASE", "UID_SPAN", "state_dir"]
@@ -150,7 +151,7 @@ class ProcessSandbox(CgroupSandbox):
             except ProcessLookupError:
                 pass
         self.cgroup.signal_all(signal.SIGKILL)
-        track_cleanup(asyncio.get_running_loop().create_task(self._reap_and_cleanup()))
+        self.on_cleanup(asyncio.get_running_loop().create_task(self._reap_and_cleanup()))
 
     async def _reap_and_cleanup(self) -> None:
         try:
@@ -218,17 +219,18 @@ class ProcessBackend(Backend):
 
     name = "process"
     capabilities = Capabilities(fork=True)
-    _zygotes: dict[str, Zygote] = {}  # one per template per host process, shared by every event loop
-    _zygotes_lock = threading.Lock()
-
     _swept = False
 
     def __init__(self, zygote: Optional[bool] = None) -> None:
+        super().__init__()
+        # One zygote per template, shared by every event loop of the engine that owns this backend.
+        self._zygotes: dict[str, Zygote] = {}
+        self._zygotes_lock = threading.Lock()
         if not ProcessBackend._swept:
             ProcessBackend._swept = True
             cgroups.sweep_stale()
         if zygote is None:
-            zygote = os.environ.get("SANDLOT_ZYGOTE", "1") != "0"
+            zygote = _config.use_zygote()
         self.use_zygote = zygote
 
     def zygote_for(self, template: Template) -> Zygote:
@@ -246,6 +248,18 @@ class ProcessBackend(Backend):
                 argv = [template.python, "-I", "-S", "-B", str(AGENT_DIR / "boot.py")]
                 zygote = self._zygotes[template.name] = Zygote(argv, config, uid_map, key)
         return zygote
+
+    def zygote(self, template: str) -> Optional[Zygote]:
+        """The zygote this backend runs for ``template`` (None before its first fork)."""
+        with self._zygotes_lock:
+            return self._zygotes.get(template)
+
+    def close(self) -> None:
+        """Stop the zygotes (their sandboxes live on: each ends with its owner; the keepers reap them)."""
+        with self._zygotes_lock:
+            zygotes, self._zygotes = list(self._zygotes.values()), {}
+        for zygote in zygotes:
+            zygote.stop()
 
     async def prepare(self, template: Template) -> None:
         """Start the template's zygote now (the first sandbox then forks at once)."""
@@ -291,6 +305,7 @@ class ProcessBackend(Backend):
         channel = Channel(host_end)
         await channel.open()
         sandbox = ProcessSandbox(sandbox_id, limits, pid, channel, cgroup, popen, release, template.name)
+        sandbox.on_cleanup = self.track_cleanup
         try:
             if popen is not None:
                 config = dict(template_config(template, env), **sandbox_config(limits, env_inside))
@@ -307,7 +322,7 @@ class ProcessBackend(Backend):
     @staticmethod
     def _exec_boot(template: Template, child_end: socket.socket) -> subprocess.Popen:
         # Boot/agent crashes print to stderr; keep them only when asked (debugging a host).
-        log = os.environ.get("SANDLOT_BOOT_LOG")
+        log = _config.boot_log()
         stderr = open(log, "ab") if log else subprocess.DEVNULL
         # An image's python is a path inside the image: the host's own interpreter builds the
         # sandbox, then execs the image's (boot.py _exec_agent).

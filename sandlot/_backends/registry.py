@@ -8,15 +8,13 @@ code (_common.py), and only this module imports the tiers (when a backend is fir
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
+from .. import _config
 from .._exceptions import InvalidRequest
-from ._common import finish_cleanups
 from .base import Backend
 
-__all__ = ["ISOLATIONS", "backend_class", "default_isolation", "finish_cleanups", "get_backend", "supports",
-           "tiers_with"]
+__all__ = ["ISOLATIONS", "backend_class", "default_isolation", "supports", "tiers_with"]
 
 ISOLATIONS = ("process", "gvisor")
 
@@ -24,7 +22,7 @@ ISOLATIONS = ("process", "gvisor")
 def default_isolation(isolation: Optional[str] = None) -> str:
     """The tier a sandbox asked for, else ``$SANDLOT_ISOLATION`` (a host that wants gVisor for
     everything sets it once), else the process tier."""
-    return isolation or os.environ.get("SANDLOT_ISOLATION") or "process"
+    return isolation or _config.isolation() or "process"
 
 
 def _classes() -> dict[str, type[Backend]]:
@@ -40,10 +38,6 @@ def backend_class(isolation: str) -> type[Backend]:
     if cls is None:
         raise InvalidRequest(f"unknown isolation {isolation!r}; available: {list(ISOLATIONS)}")
     return cls
-
-
-def get_backend(isolation: str) -> Backend:
-    return backend_class(isolation)()
 
 
 def tiers_with(capability: str) -> list[str]:

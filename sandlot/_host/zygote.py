@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from .. import _config
 from .._agent import protocol
 from .._exceptions import HostUnsupported, InvalidRequest, SandboxCrashed
 
@@ -64,7 +65,7 @@ class Zygote:
     def _start(self) -> None:
         self._close()
         host_end, child_end = socket.socketpair()
-        log = os.environ.get("SANDLOT_BOOT_LOG")
+        log = _config.boot_log()
         stderr = open(log, "ab") if log else subprocess.DEVNULL
         try:
             self._keeper = subprocess.Popen(

@@ -7,7 +7,6 @@ a ``Sandbox``; this module is the one place that knows which kind it asked for.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Callable, Optional, TypeVar
 
 import click
@@ -58,11 +57,14 @@ def _tune_for_one_sandbox(template: str) -> None:
     a pool boots spare sandboxes nobody will claim; a direct exec starts in about 0.3 s and imports
     only what the code uses. Explicit settings in the environment still win.
     """
-    os.environ.setdefault("SANDLOT_ZYGOTE", "0")
-    if "SANDLOT_POOL_MIN" not in os.environ:
-        from .._pool import configure_pool
+    from .. import _config
+    from .._engine import default_engine
 
-        configure_pool(template, min_ready=0)
+    engine = default_engine()
+    if not _config.is_set("SANDLOT_ZYGOTE"):
+        engine.set_zygote(False)
+    if not _config.is_set("SANDLOT_POOL_MIN"):
+        engine.pools.configure(template, min_ready=0)
 
 
 def create_sandbox(target: Target, template: str = "python", *, limits: Any = None, env: Any = None,

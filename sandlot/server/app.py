@@ -16,6 +16,7 @@ from . import errors
 from .auth import RequireKey
 from .bodylimit import BodyLimit
 from .deps import ServerState
+from .._engine import default_engine
 from .metrics import Metrics, RequestTimer
 from .quotas import RateLimiter
 from .registry import Registry
@@ -51,8 +52,9 @@ Calls that run code or commands can stream NDJSON events with `"stream": true`.
 def create_app(settings: Optional[Settings] = None, *, mounts: Sequence[Mount] = ()) -> FastAPI:
     settings = settings or Settings()
     store = Store(settings.db_path)
-    metrics = Metrics(lambda: registry.live_count())  # bound late: registry is defined on the next line
-    registry = Registry(store, settings, metrics)
+    engine = default_engine()  # this process's backends, zygotes and warm pools
+    metrics = Metrics(lambda: registry.live_count(), engine.pools.stats)  # registry: bound on the next line
+    registry = Registry(store, settings, metrics, engine)
     state = ServerState(settings=settings, store=store, rate=RateLimiter(), registry=registry, metrics=metrics)
 
     @contextlib.asynccontextmanager
@@ -72,7 +74,7 @@ def create_app(settings: Optional[Settings] = None, *, mounts: Sequence[Mount] =
             os.close(state.lock_fd)
 
     docs = settings.public_docs
-    from .. import __version__
+    from .._version import __version__
 
     app = FastAPI(title="Sandlot", version=__version__, description=_DESCRIPTION, lifespan=lifespan,
                   docs_url="/docs" if docs else None, redoc_url=None, openapi_url="/openapi.json" if docs else None)

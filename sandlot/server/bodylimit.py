@@ -11,6 +11,8 @@ from .._exceptions import InvalidRequest
 class BodyTooLarge(InvalidRequest):
     """The request body is larger than this server accepts (413)."""
 
+    http_status = 413
+
 
 class BodyLimit:
     def __init__(self, app: ASGIApp, json_limit: int, upload_limit: int) -> None:

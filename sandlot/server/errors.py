@@ -1,14 +1,10 @@
-"""One mapping between the SDK's exception tree and HTTP: status codes out here, exceptions back in _remote.
-
-Every error body is ``{"error": {"type": <exception name>, "message": ..., ...}}``; the remote SDK raises
-the exception named by ``type``, so clients see exactly what a local sandbox would have raised.
+"""The server's error responses, from the one exception <-> wire table (sandlot/_wire.py), which the
+HTTP transport reads back: every error body is ``{"error": {"type": <exception name>, "message": ...}}``.
 """
 
 from __future__ import annotations
 
-import errno as errnos
 import logging
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -16,9 +12,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .._agent.protocol import ProtocolError
-from .._exceptions import (AuthError, FileError, HostUnsupported, InvalidRequest, QuotaExceeded, SandboxCrashed,
-                           SandboxNotFound, SandlotError, TimeoutError)
-from .bodylimit import BodyTooLarge
+from .._exceptions import AuthError, QuotaExceeded, SandlotError
+from .._wire import status_for, to_wire
 
 log = logging.getLogger("sandlot.server")
 
@@ -26,49 +21,12 @@ log = logging.getLogger("sandlot.server")
 class Forbidden(AuthError):
     """A valid key whose role may not do this (a tenant's key on /metrics, an operator's on a sandbox): 403."""
 
-_STATUS: list[tuple[type, int]] = [  # most specific first
-    (BodyTooLarge, 413),
-    (SandboxNotFound, 404),
-    (Forbidden, 403),
-    (AuthError, 401),
-    (QuotaExceeded, 429),
-    (InvalidRequest, 400),
-    (SandboxCrashed, 410),  # the sandbox is dead (a limit killed it, or its agent broke)
-    (TimeoutError, 504),
-    (HostUnsupported, 503),
-    (FileError, 400),
-    (SandlotError, 500),
-]
+    http_status = 403
+
+
 _HTTP_TYPES = {400: "InvalidRequest", 401: "AuthError", 403: "AuthError", 404: "NotFound", 405: "InvalidRequest",
                413: "InvalidRequest", 415: "InvalidRequest", 422: "InvalidRequest", 429: "QuotaExceeded"}
-
-
-def status_for(exc: SandlotError) -> int:
-    if isinstance(exc, FileError):
-        return 404 if exc.errno == errnos.ENOENT else 400
-    return next(code for cls, code in _STATUS if isinstance(exc, cls))
-
-
-def _public_name(exc: BaseException) -> str:
-    """The nearest exception class the SDK exports: what the remote client will raise."""
-    import sandlot
-
-    for cls in type(exc).__mro__:
-        if cls.__name__ in sandlot.__all__:
-            return cls.__name__
-    return "SandlotError"
-
-
-def error_detail(exc: BaseException) -> dict[str, Any]:
-    detail: dict[str, Any] = {"type": _public_name(exc), "message": str(exc)}
-    if isinstance(exc, SandboxCrashed) and exc.limit:
-        detail["limit"] = exc.limit
-    if isinstance(exc, FileError):
-        detail["errno"] = exc.errno
-        detail["path"] = exc.filename
-    if isinstance(exc, QuotaExceeded) and exc.retry_after is not None:
-        detail["retry_after"] = round(exc.retry_after, 3)
-    return detail
+error_detail = to_wire  # the NDJSON streams' "exception" events carry the same object
 
 
 def error_response(exc: SandlotError) -> JSONResponse:
@@ -80,7 +38,7 @@ def error_response(exc: SandlotError) -> JSONResponse:
         headers["Retry-After"] = str(max(1, round(exc.retry_after or 1)))
     if status >= 500:
         log.error("request failed: %s", exc)
-    return JSONResponse({"error": error_detail(exc)}, status_code=status, headers=headers)
+    return JSONResponse({"error": to_wire(exc)}, status_code=status, headers=headers)
 
 
 def _validation_message(exc: RequestValidationError) -> str:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Any, Callable, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .._pool import pool_stats
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
@@ -17,20 +16,31 @@ _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300
 class _PoolCollector:
     """Warm-pool sizes, read when scraped."""
 
+    def __init__(self, pool_stats: Callable[[], dict[str, int]]) -> None:
+        self.pool_stats = pool_stats
+
     def collect(self):
         ready = GaugeMetricFamily("sandlot_pool_ready", "Sandboxes booted and waiting in a warm pool",
                                   labels=["template"])
-        for template, count in sorted(pool_stats().items()):
+        for template, count in sorted(self.pool_stats().items()):
             ready.add_metric([template], count)
         yield ready
 
 
+def limit_label(result: Any) -> Optional[str]:
+    """The metrics label of a command's outcome: the limit that ended it (``CommandResult.limit``, data, never
+    words of its message), "other" for a command that could not run, None for one that ran to its exit."""
+    if result.error is None:
+        return None
+    return result.limit or "other"
+
+
 class Metrics:
-    def __init__(self, live: Callable[[], int]) -> None:
+    def __init__(self, live: Callable[[], int], pool_stats: Callable[[], dict[str, int]]) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         Gauge("sandlot_sandboxes_live", "Sandboxes alive on this server", registry=r).set_function(live)
-        r.register(_PoolCollector())
+        r.register(_PoolCollector(pool_stats))
         self.created = Counter("sandlot_sandboxes_created", "Sandboxes created", ["template"], registry=r)
         self.ended = Counter("sandlot_sandboxes_ended", "Sandboxes ended, by cause", ["cause"], registry=r)
         self.executions = Counter("sandlot_executions", "Code runs and commands, by outcome",

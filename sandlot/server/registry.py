@@ -1,7 +1,8 @@
 """The live sandboxes of this server: who owns which, ceilings and quotas at creation, and the reaper.
 
-Each live sandbox is an ``AsyncSandbox`` on the server's event loop; its own watchdog ends it at its
-idle timeout or lifetime. The reaper notices sandboxes that ended on their own (or crashed), records
+Sandboxes are made by the Engine (the one that owns this process's backends, zygotes and pools) from a
+``SandboxSpec``; each live one is held as an ``AsyncSandbox`` over the engine's handle (so routes use the
+SDK's validated calls) on the server's event loop; its own watchdog ends it at its idle timeout or lifetime. The reaper notices sandboxes that ended on their own (or crashed), records
 why, and frees their quota; it also prunes old rows and the audit log. A tenant only ever reaches its own
 sandboxes: anything else is "not found", worded the same whether the id belongs to another tenant or to nobody.
 
@@ -20,14 +21,13 @@ import logging
 import time
 from typing import Any, Iterator, Mapping, Optional
 
-from .. import _sandbox
+from .._engine import Engine, LocalTransport, default_engine
 from .._exceptions import InvalidRequest, QuotaExceeded, SandboxNotFound
 from .._host import cgroups
-from .._backends.registry import get_backend
 from .._limits import Limits
 from .._models import PauseInfo
-from .._pool import pool_for
-from .._templates import get_template
+from .._sandbox import AsyncSandbox
+from .._spec import SandboxSpec
 from .background import CommandTable
 from .metrics import Metrics
 from .quotas import Usage, check_lifetime, check_live, check_totals
@@ -55,7 +55,7 @@ def _reserved(table: dict[int, list[Limits]], tenant_id: int, limits: Limits) ->
 
 @dataclasses.dataclass
 class Session:
-    sandbox: Any  # a local AsyncSandbox
+    sandbox: AsyncSandbox  # over the engine's LocalSandbox
     tenant: Tenant
     template: str
     created_at: float  # wall clock
@@ -69,7 +69,9 @@ class Session:
 
 
 class Registry:
-    def __init__(self, store: Store, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, store: Store, settings: Settings, metrics: Metrics, engine: Optional[Engine] = None) -> None:
+        self.engine = engine or default_engine()
+        self.transport = LocalTransport(self.engine)
         self.store = store
         self.settings = settings
         self.metrics = metrics
@@ -126,13 +128,11 @@ class Registry:
         if self.live_count() >= self.settings.max_live_total:
             raise QuotaExceeded(f"this server is at capacity ({self.settings.max_live_total} live sandboxes); "
                                 "retry later", retry_after=5.0)
-        # api_url="": always a local sandbox, even if SANDLOT_API_URL is set in the server's environment.
-        sandbox = _sandbox.AsyncSandbox(template, limits=built, env=env, metadata=metadata, isolation=isolation,
-                                        api_url="")
+        spec = SandboxSpec.build(template, isolation=isolation, limits=built, env=env, metadata=metadata)
         started = time.monotonic()
         # Reserved before the first await: concurrent creations see each other in the checks above.
         with _reserved(self._creating, tenant.id, built):
-            await sandbox.start()
+            sandbox = AsyncSandbox._of(await self.engine.create(spec), spec, self.transport)
         self.metrics.create_seconds.observe(time.monotonic() - started)
         self.metrics.created.labels(template).inc()
         now = time.time()
@@ -141,7 +141,7 @@ class Registry:
         self.live[session.id] = session
         if not one_shot:
             self.store.add_sandbox(session.id, tenant, template, dict(metadata or {}), built.to_dict(), now,
-                                   now + built.lifetime)
+                                   now + built.lifetime, sandbox.isolation)
             self.store.audit(tenant.name, "create", session.id,
                              json.dumps({"template": template, "metadata": dict(metadata or {})}), tenant.key_id)
         return session
@@ -190,7 +190,9 @@ class Registry:
             check_totals(tenant.name, self.usage(tenant), limits, quotas)
             started = time.monotonic()
             with _reserved(self._resuming, tenant.id, limits):
-                sandbox = await _sandbox.AsyncSandbox.connect(sandbox_id, isolation="gvisor", api_url="")  # resumes
+                handle = await self.engine.take_back(sandbox_id, row.isolation)  # resumes it
+            spec = SandboxSpec.build(row.template, isolation=row.isolation, limits=limits, metadata=row.metadata)
+            sandbox = AsyncSandbox._of(handle, spec, self.transport)
             session = Session(sandbox, tenant, row.template, row.created_at,
                               CommandTable(self.settings.max_background_commands), limits)
             self.live[sandbox_id] = session
@@ -279,13 +281,7 @@ class Registry:
         """Start the default template's zygote and warm pool now, so the first client does not wait for
         the preload (numpy, pandas... several seconds) and gets a sandbox in milliseconds."""
         try:
-            template = get_template("python")
-            backend = get_backend("process")
-            pool = pool_for(backend, template, Limits())
-            if pool is not None:
-                pool.refill()
-            else:
-                await backend.prepare(template)  # the process tier starts the template's zygote
+            await self.engine.warm_up("python", "process")
         except Exception as exc:  # noqa: BLE001 - a host problem shows on the first create, with its reason
             log.warning("warm-up failed: %s", exc)
 
@@ -320,8 +316,4 @@ class Registry:
             self._finish(session, LOST_ON_SHUTDOWN, status="lost", cause="shutdown")
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        from .._backends.registry import finish_cleanups
-        from .._pool import close_pools
-
-        await close_pools()
-        await finish_cleanups()
+        await self.engine.shutdown()

@@ -187,6 +187,7 @@ class CommandResultOut(BaseModel):
     error: Optional[str] = None
     usage: UsageOut = UsageOut()
     truncated: bool = False
+    limit: Optional[str] = Field(None, description="the limit that ended the command: timeout, output or pids")
 
 
 class BackgroundCommandOut(BaseModel):
@@ -225,6 +226,7 @@ class MetricsOut(BaseModel):
 class SandboxOut(BaseModel):
     sandbox_id: str
     template: str
+    isolation: str = Field("process", description="the isolation tier it runs on: process or gvisor")
     status: Literal["running", "paused", "ended", "lost"] = Field(
         ..., description="paused: checkpointed to disk (POST .../resume); "
                          "lost: the server stopped (restart or crash) while it ran")

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
+from .. import _config
 from .._exceptions import InvalidRequest, SandlotError
 from .._limits import parse_size
 
@@ -85,7 +86,8 @@ CREATE INDEX IF NOT EXISTS audit_by_tenant ON audit(tenant, at);
 """
 # Added after a database may have been created: columns (table, column, declaration), then indexes.
 _ADDED_COLUMNS = [("tenants", "total_memory", "INTEGER"), ("tenants", "total_pids", "INTEGER"),
-                  ("api_keys", "role", "TEXT NOT NULL DEFAULT 'tenant'")]
+                  ("api_keys", "role", "TEXT NOT NULL DEFAULT 'tenant'"),
+                  ("sandboxes", "isolation", "TEXT NOT NULL DEFAULT 'process'")]
 _ADDED_INDEXES = "CREATE INDEX IF NOT EXISTS audit_by_time ON audit(at);"
 # Operator keys hang off this tenant. Its name cannot be a tenant's (they start with a letter or digit), and
 # an operator key is refused wherever a tenant acts (sandboxes, /mcp): it holds nothing and runs nothing.
@@ -93,13 +95,8 @@ OPERATOR_TENANT = "@operator"
 
 
 def default_db_path() -> Path:
-    """``$SANDLOT_DB``, else /var/lib/sandlot/sandlot.db for root, else ~/.local/share/sandlot/sandlot.db."""
-    if os.environ.get("SANDLOT_DB"):
-        return Path(os.environ["SANDLOT_DB"])
-    if os.geteuid() == 0:
-        return Path("/var/lib/sandlot/sandlot.db")
-    data = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
-    return Path(data) / "sandlot" / "sandlot.db"
+    """``$SANDLOT_DB``, else sandlot.db in the data directory (``$SANDLOT_DATA_DIR``, /var/lib/sandlot as root)."""
+    return _config.db_path()
 
 
 def hash_key(key: str) -> str:
@@ -142,6 +139,7 @@ class SandboxRow:
     expires_at: Optional[float]
     ended_at: Optional[float]
     end_reason: Optional[str]
+    isolation: str = "process"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,12 +290,13 @@ class Store:
 
     # -- sandboxes -------------------------------------------------------------------------------
     def add_sandbox(self, sandbox_id: str, tenant: Tenant, template: str, metadata: Mapping[str, str],
-                    limits: Mapping[str, Any], created_at: float, expires_at: Optional[float]) -> None:
+                    limits: Mapping[str, Any], created_at: float, expires_at: Optional[float],
+                    isolation: str = "process") -> None:
         with self._tx() as db:
             db.execute("INSERT INTO sandboxes (id, tenant_id, template, status, metadata, limits,"
-                       " created_at, expires_at) VALUES (?, ?, ?, 'running', ?, ?, ?, ?)",
+                       " created_at, expires_at, isolation) VALUES (?, ?, ?, 'running', ?, ?, ?, ?, ?)",
                        (sandbox_id, tenant.id, template, json.dumps(dict(metadata)), json.dumps(dict(limits)),
-                        created_at, expires_at))
+                        created_at, expires_at, isolation))
             db.executemany("INSERT INTO sandbox_metadata (sandbox_id, key, value) VALUES (?, ?, ?)",
                            [(sandbox_id, k, v) for k, v in metadata.items()])
 
@@ -393,7 +392,7 @@ def _tenant(row: sqlite3.Row) -> Tenant:
 def _sandbox(row: sqlite3.Row) -> SandboxRow:
     return SandboxRow(row["id"], row["tenant"], row["template"], row["status"], json.loads(row["metadata"]),
                       json.loads(row["limits"]), row["created_at"], row["expires_at"], row["ended_at"],
-                      row["end_reason"])
+                      row["end_reason"], row["isolation"])
 
 
 class DatabaseInUse(SandlotError):

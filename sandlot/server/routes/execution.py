@@ -20,6 +20,7 @@ from ..._models import CommandResult, Execution
 from .. import ndjson
 from ..background import BackgroundCommand
 from ..deps import Owner, ServerState, State
+from ..metrics import limit_label
 from ..registry import Session
 from ..schemas import (NDJSON, STREAM_DOC, BackgroundCommandOut, CommandInput, CommandResultOut, CommandSignal,
                        ErrorBody, ExecutionOut, RunCode, RunCommand, RunOnce, execution_out)
@@ -103,14 +104,8 @@ async def run_once(body: RunOnce, tenant: Owner, state: State) -> Any:
 
 
 # -- commands ----------------------------------------------------------------------------------------
-def _limit_of(result: CommandResult) -> Optional[str]:
-    if result.error is None:
-        return None
-    return "timeout" if "timeout" in result.error else "output" if "printed more" in result.error else "other"
-
-
 def _command_end(result: CommandResult) -> dict:
-    return {"type": "end", "exit_code": result.exit_code, "error": result.error,
+    return {"type": "end", "exit_code": result.exit_code, "error": result.error, "limit": result.limit,
             "usage": dataclasses.asdict(result.usage), "truncated": result.truncated}
 
 
@@ -151,7 +146,7 @@ async def run_command(sandbox_id: str, body: RunCommand, tenant: Owner, state: S
 
     async def run(emit: Optional[ndjson.Emit] = None) -> CommandResult:
         result = await session.sandbox.commands.run(body.cmd, **options, **_emitters(emit))
-        limit = _limit_of(result)
+        limit = limit_label(result)
         state.metrics.execution("command", result.usage.wall_seconds, limit, bool(result.exit_code) or bool(limit))
         return result
 

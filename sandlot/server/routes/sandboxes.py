@@ -16,7 +16,8 @@ router = APIRouter(prefix="/v1/sandboxes", tags=["sandboxes"],
 
 
 def sandbox_out(row: SandboxRow) -> SandboxOut:
-    return SandboxOut(sandbox_id=row.id, template=row.template, status=row.status, metadata=row.metadata,
+    return SandboxOut(sandbox_id=row.id, template=row.template, isolation=row.isolation, status=row.status,
+                      metadata=row.metadata,
                       limits=row.limits, created_at=when(row.created_at), expires_at=when(row.expires_at),
                       ended_at=when(row.ended_at), end_reason=row.end_reason)
 

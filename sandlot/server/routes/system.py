@@ -26,7 +26,7 @@ async def healthz() -> HealthOut:
 @router.get("/v1/info", response_model=InfoOut, responses={401: {"model": ErrorBody}, 403: {"model": ErrorBody}},
             summary="What you may ask for: templates, tiers, default limits, ceilings, your quotas and usage")
 async def info(tenant: Owner, state: State) -> InfoOut:
-    from ... import __version__
+    from ..._version import __version__
 
     ceilings = state.settings.ceilings
     usage = state.registry.usage(tenant)

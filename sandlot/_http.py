@@ -1,8 +1,9 @@
-"""The remote flavour of the SDK: the same API as a local sandbox, over HTTP to a Sandlot server (httpx).
+"""The HTTP transport: sandboxes on a Sandlot server, over REST and NDJSON streams (httpx).
 
-``AsyncSandbox(api_url=..., api_key=...)`` (or SANDLOT_API_URL / SANDLOT_API_KEY) builds an
-:class:`AsyncRemoteSandbox`; the sync ``Sandbox`` wraps it like any other. Output callbacks fire as the
-server streams NDJSON events; the server's errors come back as the same exceptions a local sandbox raises.
+``AsyncSandbox(api_url=..., api_key=...)`` (or SANDLOT_API_URL / SANDLOT_API_KEY) puts an
+:class:`HTTPTransport` under the sandbox; its handles are :class:`RemoteSandbox`. Output callbacks fire as
+the server streams NDJSON events; the server's errors come back, through the one table in _wire.py, as
+the exceptions a local sandbox raises.
 
 A remote sandbox is not tied to this process: it lives on the server until it is killed (``with`` blocks
 kill on exit) or times out, and ``Sandbox.connect(sandbox_id)`` reattaches to it from anywhere.
@@ -15,7 +16,6 @@ import base64
 import contextlib
 import dataclasses
 import json
-import os
 import weakref
 from datetime import datetime
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Optional, Union
@@ -23,43 +23,20 @@ from urllib.parse import quote
 
 import httpx
 
-from ._exceptions import (AuthError, FileError, HostUnsupported, InvalidRequest, QuotaExceeded, SandboxCrashed,
-                          SandboxNotFound, SandlotError, TimeoutError)
-from ._backends.registry import default_isolation
+from . import _config
+from ._calls import chunks as _chunks
+from ._exceptions import InvalidRequest, SandboxCrashed, SandboxNotFound, SandlotError, TimeoutError
 from ._limits import Limits
 from ._models import (CommandResult, EntryInfo, Execution, ExecutionError, PauseInfo, Result, SandboxInfo,
                       SandboxMetrics, Usage)
-from ._spec import SandboxSpec, check_env
 from ._output import OutputHandler, TextLog, call as _call
-from ._sandbox import (AsyncCommandHandle, AsyncFiles, AsyncSandbox, ResultHandler, _check_format,
-                       _chunks, read_as)
-
-ENV_URL = "SANDLOT_API_URL"
-ENV_KEY = "SANDLOT_API_KEY"
+from ._spec import SandboxSpec
+from ._transport import (AsyncCommandHandle, CommandsHandle, FilesHandle, ResultHandler, SandboxHandle,
+                         Transport)
+from ._wire import from_wire
 # Streams carry a ping at least every 15 s (the server's heartbeat), so a silent minute means a dead peer.
 _TIMEOUT = httpx.Timeout(60.0, connect=10.0)
 _UPLOAD_TIMEOUT = httpx.Timeout(60.0, connect=10.0, write=None)
-
-_BY_NAME = {cls.__name__: cls for cls in (SandlotError, InvalidRequest, SandboxNotFound, TimeoutError, SandboxCrashed,
-                                          AuthError, QuotaExceeded, HostUnsupported, FileError)}
-_BY_STATUS = {400: InvalidRequest, 401: AuthError, 403: AuthError, 404: SandboxNotFound, 408: TimeoutError,
-              409: InvalidRequest, 410: SandboxCrashed, 413: InvalidRequest, 415: InvalidRequest,
-              422: InvalidRequest, 429: QuotaExceeded}
-
-
-def _exception(status: int, detail: Mapping[str, Any]) -> SandlotError:
-    """The server's error as the exception a local sandbox would have raised."""
-    message = str(detail.get("message") or f"the server answered HTTP {status}")
-    cls = _BY_NAME.get(str(detail.get("type"))) or _BY_STATUS.get(status) or SandlotError
-    if cls is FileError:
-        errno = detail.get("errno")
-        return FileError(message, errno=errno if isinstance(errno, int) else None, path=detail.get("path"))
-    if cls is SandboxCrashed:
-        return SandboxCrashed(message, limit=detail.get("limit"))
-    if cls is QuotaExceeded:
-        return QuotaExceeded(message, retry_after=detail.get("retry_after"))
-    return cls(message)
-
 
 def _error_of(response: httpx.Response) -> SandlotError:
     try:
@@ -68,7 +45,7 @@ def _error_of(response: httpx.Response) -> SandlotError:
         detail = None
     if not isinstance(detail, dict):
         detail = {"message": f"HTTP {response.status_code}: {response.text[:300]}"}
-    return _exception(response.status_code, detail)
+    return from_wire(response.status_code, detail)
 
 
 class _Server:
@@ -77,19 +54,19 @@ class _Server:
     _clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict]" = weakref.WeakKeyDictionary()
 
     def __init__(self, api_url: Optional[str], api_key: Optional[str]) -> None:
-        url = api_url or os.environ.get(ENV_URL)
+        url = api_url or _config.api_url()
         if not url:
-            raise InvalidRequest(f"no Sandlot server given: pass api_url= or set {ENV_URL}")
+            raise InvalidRequest("no Sandlot server given: pass api_url= or set SANDLOT_API_URL")
         if not url.startswith(("http://", "https://")):
             raise InvalidRequest(f"api_url must start with http:// or https://, got {url!r}")
         self.url = url.rstrip("/")
-        self.key = api_key if api_key is not None else os.environ.get(ENV_KEY)
+        self.key = api_key if api_key is not None else _config.api_key()
 
     def client(self) -> httpx.AsyncClient:
         clients = self._clients.setdefault(asyncio.get_running_loop(), {})
         client = clients.get((self.url, self.key))
         if client is None or client.is_closed:
-            from . import __version__
+            from ._version import __version__
 
             headers = {"User-Agent": f"sandlot-python/{__version__}"}
             if self.key:
@@ -139,7 +116,7 @@ class _Server:
                 if kind == "end":
                     return event
                 if kind == "exception":
-                    raise _exception(200, event.get("error") or {})
+                    raise from_wire(200, event.get("error") or {})
                 handler = handlers.get(kind)
                 if handler is not None:
                     await handler(event)
@@ -170,6 +147,7 @@ def _when(raw: Optional[str]) -> Optional[datetime]:
 
 def _info(raw: Mapping[str, Any]) -> SandboxInfo:
     return SandboxInfo(sandbox_id=raw["sandbox_id"], template=raw["template"], status=raw["status"],
+                       isolation=str(raw.get("isolation") or "process"),
                        metadata=dict(raw.get("metadata") or {}), limits=dict(raw.get("limits") or {}),
                        created_at=_when(raw["created_at"]), expires_at=_when(raw.get("expires_at")),
                        ended_at=_when(raw.get("ended_at")), end_reason=raw.get("end_reason"))
@@ -213,47 +191,22 @@ async def _execute(server: _Server, path: str, body: dict, on_stdout: Optional[O
     return execution
 
 
-def _check_call_timeout(timeout: Optional[float]) -> None:
-    if timeout is not None:
-        Limits.build({"timeout": timeout})  # the same message as a local sandbox, before any request
+class RemoteSandbox(SandboxHandle):
+    """A sandbox on a Sandlot server, as the server describes it (its limits after the server's ceilings)."""
 
+    dies_with_owner = False
 
-class AsyncRemoteSandbox(AsyncSandbox):
-    """A sandbox on a Sandlot server. Same methods as the local :class:`AsyncSandbox`."""
-
-    _dies_with_owner = False
-
-    def __init__(self, template: str = "python", *, timeout: Optional[float] = None,
-                 limits: Union[Limits, Mapping[str, Any], None] = None, env: Optional[Mapping[str, str]] = None,
-                 metadata: Optional[Mapping[str, str]] = None, isolation: Optional[str] = None,
-                 api_url: Optional[str] = None, api_key: Optional[str] = None, on_idle: str = "kill") -> None:
-        isolation = default_isolation(isolation)
-        if on_idle != "kill":
-            raise InvalidRequest("on_idle='pause' is not offered through the server yet")
-        # The same validation and messages as a local sandbox, before any request; the body is the spec.
-        self._spec = SandboxSpec.build(template, isolation=isolation, limits=limits, env=env, metadata=metadata,
-                                      timeout=timeout)
-        self._bind(_Server(api_url, api_key))
-        self.template = template
-        self.limits = self._spec.limits
-        self.env = dict(self._spec.env)
-        self.metadata = dict(self._spec.metadata)
-        self.isolation = isolation
-        self._create_body = self._spec.to_json()
-
-    def _bind(self, server: _Server) -> None:
+    def __init__(self, server: _Server, raw: Mapping[str, Any]) -> None:
         self._server = server
-        self._id: Optional[str] = None
         self._ended: Optional[str] = None
-        self.commands = AsyncRemoteCommands(self)
-        self.files = AsyncRemoteFiles(self)
-
-    def _adopt(self, raw: Mapping[str, Any]) -> None:
         info = _info(raw)
-        self._id = info.sandbox_id
+        self.sandbox_id = info.sandbox_id
         self.template = info.template
+        self.isolation = info.isolation
         self.metadata = info.metadata
         self.limits = Limits(**_fields(Limits, info.limits))
+        self.commands = RemoteCommands(self)
+        self.files = RemoteFiles(self)
 
     async def pause(self) -> PauseInfo:
         """Checkpoint it to disk on the server and free its memory (gVisor tier); ``resume()``, or
@@ -269,49 +222,15 @@ class AsyncRemoteSandbox(AsyncSandbox):
         """KeyboardInterrupt to the code running now in this sandbox (its run_code call returns with it)."""
         await self._http("POST", "/interrupt")
 
-    # -- lifecycle ---------------------------------------------------------------------------------
-    async def start(self) -> "AsyncRemoteSandbox":
-        if self._id is None:
-            self._adopt((await self._server.request("POST", "/v1/sandboxes", json=self._create_body)).json())
-        return self
-
-    @classmethod
-    async def connect(cls, sandbox_id: str, *, api_url: Optional[str] = None,
-                      api_key: Optional[str] = None) -> "AsyncRemoteSandbox":
-        server = _Server(api_url, api_key)
-        if not isinstance(sandbox_id, str) or not sandbox_id:
-            raise InvalidRequest("sandbox_id must be a non-empty string")
-        path = f"/v1/sandboxes/{quote(sandbox_id, safe='')}"
-        raw = (await server.request("GET", path)).json()
-        if raw["status"] == "paused":  # connecting to a paused sandbox brings it back
-            await server.request("POST", path + "/resume")
-            raw = (await server.request("GET", path)).json()
-        if raw["status"] != "running":
-            raise SandboxNotFound(f"sandbox {sandbox_id} is {raw['status']}: {raw.get('end_reason')}")
-        sandbox = cls.__new__(cls)
-        sandbox._bind(server)
-        sandbox.env, sandbox.isolation, sandbox._create_body = {}, "process", {}
-        sandbox._adopt(raw)
-        return sandbox
-
-    @classmethod
-    async def list(cls, metadata: Optional[Mapping[str, str]] = None, *, status: str = "running",
-                   api_url: Optional[str] = None, api_key: Optional[str] = None) -> "list[SandboxInfo]":
-        server = _Server(api_url, api_key)
-        params = [("metadata", f"{k}={v}") for k, v in (metadata or {}).items()]
-        params += [("status", status), ("limit", "1000")]
-        return [_info(raw) for raw in (await server.request("GET", "/v1/sandboxes", params=params)).json()]
-
-    @property
-    def sandbox_id(self) -> str:
-        if self._id is None:
-            raise SandboxNotFound("the sandbox has not been started (use `with Sandbox()` or `.create()`)")
-        return self._id
-
     @property
     def is_running(self) -> bool:
-        """As far as this client knows (no request is made): started, not killed, not found gone."""
-        return self._id is not None and self._ended is None
+        """As far as this client knows (no request is made): not killed, not found gone."""
+        return self._ended is None
+
+    @property
+    def is_paused(self) -> bool:
+        """Not known without a request: pause() and connect() say what they did."""
+        return False
 
     @property
     def end_reason(self) -> Optional[str]:
@@ -323,7 +242,7 @@ class AsyncRemoteSandbox(AsyncSandbox):
 
     async def kill(self) -> None:
         """End the sandbox on the server. Safe to call twice."""
-        if self._id is not None and self._ended is None:
+        if self._ended is None:
             try:
                 await self._server.request("DELETE", self._path(""))
             except SandboxNotFound:
@@ -354,8 +273,6 @@ class AsyncRemoteSandbox(AsyncSandbox):
             raise
 
     async def _http(self, method: str, suffix: str, **kwargs: Any) -> httpx.Response:
-        if self._id is None:
-            raise SandboxNotFound("the sandbox has not been started (use `with Sandbox()` or `.create()`)")
         with self._tracking():
             return await self._server.request(method, self._path(suffix), **kwargs)
 
@@ -363,32 +280,16 @@ class AsyncRemoteSandbox(AsyncSandbox):
     async def run_code(self, code: str, *, timeout: Optional[float] = None,
                        on_stdout: Optional[OutputHandler] = None, on_stderr: Optional[OutputHandler] = None,
                        on_result: Optional[ResultHandler] = None) -> Execution:
-        if not isinstance(code, str):
-            raise InvalidRequest("code must be a string")
-        _check_call_timeout(timeout)
         with self._tracking():
             return await _execute(self._server, self._path("/code"), {"code": code, "timeout": timeout},
                                   on_stdout, on_stderr, on_result)
 
 
-async def run_once(code: str, *, template: str = "python", timeout: Optional[float] = None, limits: Any = None,
-                   env: Optional[Mapping[str, str]] = None, isolation: Optional[str] = None,
-                   api_url: Optional[str] = None, api_key: Optional[str] = None, on_stdout: Optional[OutputHandler] = None,
-                   on_stderr: Optional[OutputHandler] = None, on_result: Optional[ResultHandler] = None) -> Execution:
-    """Stateless, on a server: one request, a fresh sandbox that is gone afterwards."""
-    if not isinstance(code, str):
-        raise InvalidRequest("code must be a string")
-    _check_call_timeout(timeout)
-    spec = SandboxSpec.build(template, isolation=default_isolation(isolation), limits=limits, env=env)
-    body = dict(spec.to_json(), code=code, timeout=timeout)  # here the timeout is the call's
-    return await _execute(_Server(api_url, api_key), "/v1/run", body, on_stdout, on_stderr, on_result)
-
-
-class AsyncRemoteCommandHandle(AsyncCommandHandle):
+class RemoteCommandHandle(AsyncCommandHandle):
     """A background command on the server; its output streams in from the start, so ``stdout`` and
     ``stderr`` grow as it runs and callbacks fire, as with a local handle."""
 
-    def __init__(self, sandbox: AsyncRemoteSandbox, raw: Mapping[str, Any], on_stdout: Optional[OutputHandler],
+    def __init__(self, sandbox: RemoteSandbox, raw: Mapping[str, Any], on_stdout: Optional[OutputHandler],
                  on_stderr: Optional[OutputHandler]) -> None:
         self._sandbox = sandbox
         self.command_id: str = raw["command_id"]
@@ -414,8 +315,7 @@ class AsyncRemoteCommandHandle(AsyncCommandHandle):
             await _call(self._handlers[event["type"]], event["text"])
 
         end = await self._sandbox._server.events("GET", self._url("/stream"), {"stdout": output, "stderr": output})
-        return CommandResult(exit_code=end.get("exit_code"), stdout=self.stdout, stderr=self.stderr,
-                             error=end.get("error"), usage=_usage(end.get("usage")), truncated=bool(end.get("truncated")))
+        return _command_result(end, self.stdout, self.stderr)
 
     async def wait(self) -> CommandResult:
         return await asyncio.shield(self._task)
@@ -427,18 +327,14 @@ class AsyncRemoteCommandHandle(AsyncCommandHandle):
         await self._sandbox._server.request("POST", self._url("/stdin"), json=dict(_stdin_body(data), close=close))
 
 
-class AsyncRemoteCommands:
-    def __init__(self, sandbox: AsyncRemoteSandbox) -> None:
+class RemoteCommands(CommandsHandle):
+    def __init__(self, sandbox: RemoteSandbox) -> None:
         self._sandbox = sandbox
 
     async def run(self, cmd: str, *, timeout: Optional[float] = None, env: Optional[Mapping[str, str]] = None,
                   cwd: Optional[str] = None, stdin: Union[str, bytes, None] = None,
                   on_stdout: Optional[OutputHandler] = None, on_stderr: Optional[OutputHandler] = None,
-                  background: bool = False) -> Union[CommandResult, AsyncRemoteCommandHandle]:
-        if not isinstance(cmd, str) or not cmd.strip():
-            raise InvalidRequest("cmd must be a non-empty string")
-        check_env(env)  # the same rules and messages as a local sandbox, before any request
-        _check_call_timeout(timeout)
+                  background: bool = False) -> Union[CommandResult, RemoteCommandHandle]:
         body: dict[str, Any] = {"cmd": cmd, "timeout": timeout, "env": dict(env) if env else None, "cwd": cwd}
         if stdin is not None:
             encoded = _stdin_body(stdin)
@@ -446,7 +342,7 @@ class AsyncRemoteCommands:
         sandbox = self._sandbox
         if background:
             raw = (await sandbox._http("POST", "/commands", json=dict(body, background=True))).json()
-            return AsyncRemoteCommandHandle(sandbox, raw, on_stdout, on_stderr)
+            return RemoteCommandHandle(sandbox, raw, on_stdout, on_stderr)
         chunks = {"stdout": TextLog(), "stderr": TextLog()}
         handlers = {"stdout": on_stdout, "stderr": on_stderr}
 
@@ -457,36 +353,27 @@ class AsyncRemoteCommands:
         with sandbox._tracking():
             end = await sandbox._server.events("POST", sandbox._path("/commands"), {"stdout": output, "stderr": output},
                                                json=dict(body, stream=True))
-        return CommandResult(exit_code=end.get("exit_code"), stdout=chunks["stdout"].text(),
-                             stderr=chunks["stderr"].text(), error=end.get("error"), usage=_usage(end.get("usage")),
-                             truncated=bool(end.get("truncated")))
+        return _command_result(end, chunks["stdout"].text(), chunks["stderr"].text())
 
 
-class AsyncRemoteFiles:
+class RemoteFiles(FilesHandle):
     """Files inside the remote sandbox; uploads and downloads stream, whatever their size."""
 
-    def __init__(self, sandbox: AsyncRemoteSandbox) -> None:
+    def __init__(self, sandbox: RemoteSandbox) -> None:
         self._sandbox = sandbox
 
     async def write(self, path: str, data: Union[str, bytes, Any], *, append: bool = False) -> EntryInfo:
-        path = AsyncFiles._path(path)
         if isinstance(data, str):
             content: Any = data.encode()
         elif isinstance(data, (bytes, bytearray, memoryview)):
             content = bytes(data)
-        elif hasattr(data, "read") or hasattr(data, "__aiter__") or hasattr(data, "__iter__"):
-            content = _chunks(data)  # streamed with chunked transfer encoding
         else:
-            raise InvalidRequest("data must be str, bytes, a file object or an iterable of bytes")
+            content = _chunks(data)  # streamed with chunked transfer encoding
         response = await self._sandbox._http("PUT", "/files", params={"path": path, "append": str(append).lower()},
                                                 content=content, timeout=_UPLOAD_TIMEOUT)
         return _entry(response.json())
 
-    async def read(self, path: str, *, format: str = "text") -> Union[str, bytes, AsyncIterator[bytes]]:
-        _check_format(format)
-        return await read_as(self._stream(AsyncFiles._path(path)), format)
-
-    async def _stream(self, path: str) -> AsyncIterator[bytes]:
+    async def stream(self, path: str) -> AsyncIterator[bytes]:
         sandbox = self._sandbox
         with sandbox._tracking():
             async with sandbox._server.stream("GET", sandbox._path("/files"), params={"path": path}) as response:
@@ -495,19 +382,66 @@ class AsyncRemoteFiles:
 
     async def list(self, path: str = "/home/user", *, depth: int = 1) -> "list[EntryInfo]":
         response = await self._sandbox._http("GET", "/files/list",
-                                                params={"path": AsyncFiles._path(path), "depth": max(1, min(int(depth), 32))})
+                                                params={"path": path, "depth": depth})
         return [_entry(raw) for raw in response.json()]
 
     async def stat(self, path: str) -> EntryInfo:
-        return _entry((await self._sandbox._http("GET", "/files/stat", params={"path": AsyncFiles._path(path)})).json())
+        return _entry((await self._sandbox._http("GET", "/files/stat", params={"path": path})).json())
 
     async def exists(self, path: str) -> bool:
-        response = await self._sandbox._http("GET", "/files/exists", params={"path": AsyncFiles._path(path)})
+        response = await self._sandbox._http("GET", "/files/exists", params={"path": path})
         return bool(response.json()["exists"])
 
     async def remove(self, path: str) -> None:
-        await self._sandbox._http("DELETE", "/files", params={"path": AsyncFiles._path(path)})
+        await self._sandbox._http("DELETE", "/files", params={"path": path})
 
     async def mkdir(self, path: str) -> bool:
-        response = await self._sandbox._http("POST", "/files/mkdir", json={"path": AsyncFiles._path(path)})
+        response = await self._sandbox._http("POST", "/files/mkdir", json={"path": path})
         return bool(response.json()["created"])
+
+
+def _command_result(end: Mapping[str, Any], stdout: str, stderr: str) -> CommandResult:
+    limit = end.get("limit")
+    return CommandResult(exit_code=end.get("exit_code"), stdout=stdout, stderr=stderr, error=end.get("error"),
+                         usage=_usage(end.get("usage")), truncated=bool(end.get("truncated")),
+                         limit=limit if isinstance(limit, str) else None)
+
+
+class HTTPTransport(Transport):
+    """Sandboxes on the Sandlot server at ``api_url`` (or $SANDLOT_API_URL), with ``api_key``."""
+
+    def __init__(self, api_url: Optional[str] = None, api_key: Optional[str] = None) -> None:
+        self.server = _Server(api_url, api_key)
+
+    def check(self, spec: SandboxSpec) -> None:
+        if spec.on_idle != "kill":
+            raise InvalidRequest("on_idle='pause' is not offered through the server yet")
+
+    async def create(self, spec: SandboxSpec) -> RemoteSandbox:
+        self.check(spec)
+        raw = (await self.server.request("POST", "/v1/sandboxes", json=spec.to_json())).json()
+        return RemoteSandbox(self.server, raw)
+
+    async def connect(self, sandbox_id: str, *, isolation: Optional[str] = None) -> RemoteSandbox:
+        if not isinstance(sandbox_id, str) or not sandbox_id:
+            raise InvalidRequest("sandbox_id must be a non-empty string")
+        path = f"/v1/sandboxes/{quote(sandbox_id, safe='')}"
+        raw = (await self.server.request("GET", path)).json()
+        if raw["status"] == "paused":  # connecting to a paused sandbox brings it back
+            await self.server.request("POST", path + "/resume")
+            raw = (await self.server.request("GET", path)).json()
+        if raw["status"] != "running":
+            raise SandboxNotFound(f"sandbox {sandbox_id} is {raw['status']}: {raw.get('end_reason')}")
+        return RemoteSandbox(self.server, raw)
+
+    async def list(self, metadata: Mapping[str, str], status: str) -> "list[SandboxInfo]":
+        params = [("metadata", f"{k}={v}") for k, v in (metadata or {}).items()]
+        params += [("status", status), ("limit", "1000")]
+        return [_info(raw) for raw in (await self.server.request("GET", "/v1/sandboxes", params=params)).json()]
+
+    async def run_once(self, spec: SandboxSpec, code: str, *, timeout: Optional[float],
+                       on_stdout: Optional[OutputHandler], on_stderr: Optional[OutputHandler],
+                       on_result: Optional[ResultHandler]) -> Execution:
+        """Stateless, on a server: one request, a fresh sandbox that is gone afterwards."""
+        body = dict(spec.to_json(), code=code, timeout=timeout)  # here the timeout is the call's
+        return await _execute(self.server, "/v1/run", body, on_stdout, on_stderr, on_result)

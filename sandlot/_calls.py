@@ -1,0 +1,107 @@
+"""The arguments of a call, checked once (by ``AsyncSandbox``, before any transport sees them), and the
+data helpers both transports share (upload chunks, a download gathered as the caller asked).
+
+The same rules and messages whether the sandbox is local or on a server: a bad argument is an
+``InvalidRequest`` before anything is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, AsyncIterator, Mapping, Optional, Union
+
+from ._agent import protocol
+from ._exceptions import InvalidRequest
+from ._limits import Limits
+from ._spec import check_env
+
+FORMATS = ("text", "bytes", "stream")
+
+
+def check_code(code: object) -> str:
+    if not isinstance(code, str):
+        raise InvalidRequest("code must be a string")
+    return code
+
+
+def check_timeout(timeout: Optional[float]) -> Optional[float]:
+    """A call's own timeout: the same bounds (and message) as the ``timeout`` limit."""
+    if timeout is not None:
+        Limits.build({"timeout": timeout})
+    return timeout
+
+
+def check_cmd(cmd: object) -> str:
+    if not isinstance(cmd, str) or not cmd.strip():
+        raise InvalidRequest("cmd must be a non-empty string")
+    return cmd
+
+
+def check_command_env(env: Optional[Mapping[str, str]]) -> Optional[dict[str, str]]:
+    return dict(check_env(env)) if env else None
+
+
+def check_path(path: object) -> str:
+    if not isinstance(path, str) or not path or "\0" in path:
+        raise InvalidRequest("path must be a non-empty string without NUL bytes")
+    return path
+
+
+def check_format(format: str) -> str:
+    if format not in FORMATS:
+        raise InvalidRequest("format must be 'text', 'bytes' or 'stream'")
+    return format
+
+
+def check_depth(depth: object) -> int:
+    try:
+        value = int(depth)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        raise InvalidRequest(f"depth must be a whole number, got {depth!r}") from None
+    return max(1, min(value, 32))
+
+
+def check_upload(data: Any) -> Any:
+    if isinstance(data, (str, bytes, bytearray, memoryview)) or hasattr(data, "read") \
+            or hasattr(data, "__aiter__") or hasattr(data, "__iter__"):
+        return data
+    raise InvalidRequest("data must be str, bytes, a file object or an iterable of bytes")
+
+
+async def read_as(stream: AsyncIterator[bytes], format: str) -> Union[str, bytes, AsyncIterator[bytes]]:
+    """A file's chunks as the caller asked: the stream itself, or gathered into bytes or UTF-8 text."""
+    if format == "stream":
+        return stream
+    data = bytearray()
+    async for chunk in stream:
+        data += chunk
+    return data.decode() if format == "text" else bytes(data)
+
+
+async def chunks(data: Any) -> AsyncIterator[bytes]:
+    """Upload data as byte chunks of the protocol's size: text, bytes, a file object, (async) iterables."""
+    size = protocol.CHUNK
+    if isinstance(data, str):
+        data = data.encode()
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        view = memoryview(data)
+        for i in range(0, len(view), size):
+            yield bytes(view[i:i + size])
+        return
+    if hasattr(data, "read"):
+        while True:
+            chunk = await asyncio.to_thread(data.read, size)
+            if not chunk:
+                return
+            yield chunk.encode() if isinstance(chunk, str) else chunk
+    if hasattr(data, "__aiter__"):
+        async for chunk in data:
+            for i in range(0, len(chunk), size):
+                yield bytes(chunk[i:i + size])
+        return
+    if hasattr(data, "__iter__"):
+        for chunk in data:
+            for i in range(0, len(chunk), size):
+                yield bytes(chunk[i:i + size])
+        return
+    raise InvalidRequest("data must be str, bytes, a file object or an iterable of bytes")

@@ -1,0 +1,150 @@
+"""Configuration from the environment: every ``SANDLOT_*`` variable, listed and read in this one place.
+
+Read when asked, never cached at import: a test (or an embedding program) that sets a variable sees it
+take effect at the next sandbox. The README's "Configuration" table lists the same variables; a test
+keeps the two in step and checks that no other module reads ``SANDLOT_*`` from the environment itself.
+Command-line options that fall back to a variable (``sandlot serve --ceiling`` and friends) name it here too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Optional
+
+
+@dataclasses.dataclass(frozen=True)
+class Variable:
+    name: str
+    meaning: str
+    default: str
+
+
+VARIABLES: tuple[Variable, ...] = (
+    # -- where sandboxes come from ---------------------------------------------------------------------
+    Variable("SANDLOT_API_URL", "use the Sandlot server at this URL instead of local sandboxes", "unset: local"),
+    Variable("SANDLOT_API_KEY", "the API key sent to that server", "unset"),
+    Variable("SANDLOT_ISOLATION", "the isolation tier of sandboxes that do not name one: process or gvisor",
+             "process"),
+    # -- the fast path -----------------------------------------------------------------------------------
+    Variable("SANDLOT_POOL_MIN", "warm sandboxes kept ready per template (0 turns pooling off)", "2"),
+    Variable("SANDLOT_POOL_MAX", "the most warm sandboxes kept per template", "64"),
+    Variable("SANDLOT_ZYGOTE", "0 boots every sandbox by exec instead of forking a preloaded zygote", "1"),
+    # -- where state lives -------------------------------------------------------------------------------
+    Variable("SANDLOT_DATA_DIR", "durable state: templates, images, the server's database, checkpoints",
+             "/var/lib/sandlot as root, else ~/.local/share/sandlot"),
+    Variable("SANDLOT_STATE_DIR", "runtime state (mountpoints, sockets); never visible inside a sandbox",
+             "/run/sandlot as root, else $XDG_RUNTIME_DIR/sandlot-UID"),
+    Variable("SANDLOT_DB", "the server's SQLite database", "$SANDLOT_DATA_DIR/sandlot.db"),
+    # -- the gVisor tier ---------------------------------------------------------------------------------
+    Variable("SANDLOT_RUNSC", "the runsc binary", "runsc on PATH, else /usr/bin/runsc"),
+    Variable("SANDLOT_GVISOR_PLATFORM", "runsc's platform: ptrace, systrap or kvm (where /dev/kvm really works)",
+             "ptrace"),
+    # -- the network -------------------------------------------------------------------------------------
+    Variable("SANDLOT_UPSTREAM_DNS", "the resolver (IP[:port]) sandboxes' allowed names are resolved with",
+             "the first nameserver of /etc/resolv.conf"),
+    # -- the server (options of `sandlot serve` that fall back to these) ---------------------------------
+    Variable("SANDLOT_CEILINGS", "`serve --ceiling`: the most any tenant may ask for, e.g. 'memory=4G cpu=2'",
+             "none"),
+    Variable("SANDLOT_TOTAL_MEMORY", "`serve --total-memory`: the memory limits one tenant may hold in all",
+             "this host's RAM"),
+    Variable("SANDLOT_TOTAL_PIDS", "`serve --total-pids`: the process limits one tenant may hold in all",
+             "pid_max/2"),
+    Variable("SANDLOT_AUDIT_RETENTION", "`serve --audit-retention`: how long audit rows are kept", "90d"),
+    Variable("SANDLOT_AUDIT_MAX_ROWS", "`serve --audit-max-rows`: the most audit rows kept", "1000000"),
+    # -- debugging ---------------------------------------------------------------------------------------
+    Variable("SANDLOT_BOOT_LOG", "append the boot and agent errors of sandboxes to this file", "unset: dropped"),
+    Variable("SANDLOT_REQUIRE_SANDBOX", "tests only: fail instead of skipping when this host cannot run sandboxes",
+             "unset"),
+)
+NAMES = frozenset(v.name for v in VARIABLES)
+
+
+def get(name: str) -> Optional[str]:
+    """The variable's value, or None when unset or empty. Only listed variables may be read."""
+    if name not in NAMES:
+        raise KeyError(f"{name} is not a listed Sandlot variable (add it to _config.VARIABLES and the README)")
+    return os.environ.get(name) or None
+
+
+def is_set(name: str) -> bool:
+    return get(name) is not None
+
+
+def isolation() -> Optional[str]:
+    return get("SANDLOT_ISOLATION")
+
+
+def api_url() -> Optional[str]:
+    return get("SANDLOT_API_URL")
+
+
+def api_key() -> Optional[str]:
+    return get("SANDLOT_API_KEY")
+
+
+def _count(name: str, default: int) -> int:
+    raw = get(name)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        from ._exceptions import InvalidRequest
+
+        raise InvalidRequest(f"{name} must be a whole number, got {raw!r}") from None
+
+
+def pool_min() -> int:
+    return _count("SANDLOT_POOL_MIN", 2)
+
+
+def pool_max() -> int:
+    return _count("SANDLOT_POOL_MAX", 64)
+
+
+def use_zygote() -> bool:
+    return get("SANDLOT_ZYGOTE") != "0"
+
+
+def boot_log() -> Optional[str]:
+    return get("SANDLOT_BOOT_LOG")
+
+
+def runsc() -> Optional[str]:
+    return get("SANDLOT_RUNSC")
+
+
+def gvisor_platform() -> str:
+    return get("SANDLOT_GVISOR_PLATFORM") or "ptrace"
+
+
+def upstream_dns() -> Optional[str]:
+    return get("SANDLOT_UPSTREAM_DNS")
+
+
+def data_dir() -> Path:
+    """Durable state: $SANDLOT_DATA_DIR, else /var/lib/sandlot as root, else ~/.local/share/sandlot."""
+    explicit = get("SANDLOT_DATA_DIR")
+    if explicit:
+        return Path(explicit)
+    if os.geteuid() == 0:
+        return Path("/var/lib/sandlot")
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local/share") / "sandlot"
+
+
+def state_dir() -> Path:
+    """Runtime state (not created here): $SANDLOT_STATE_DIR, /run/sandlot as root, else per user."""
+    explicit = get("SANDLOT_STATE_DIR")
+    if explicit:
+        return Path(explicit)
+    if os.geteuid() == 0:
+        return Path("/run/sandlot")
+    return Path(os.environ.get("XDG_RUNTIME_DIR") or "/tmp") / ("sandlot-%d" % os.getuid())
+
+
+def db_path() -> Path:
+    """The server's database: $SANDLOT_DB, else sandlot.db in the data directory."""
+    explicit = get("SANDLOT_DB")
+    return Path(explicit) if explicit else data_dir() / "sandlot.db"

@@ -1,0 +1,186 @@
+"""The Engine: everything local sandboxes share in one process, owned in one place, with one shutdown.
+
+It holds one backend per tier (and with the process tier its zygotes), the warm pools (per event loop:
+a pooled sandbox's channel belongs to a loop), and the cleanups of killed sandboxes. It makes
+``LocalSandbox`` handles from a ``SandboxSpec``: claim a warm sandbox or boot one, configure it, hand it
+over. ``LocalTransport`` puts an Engine under ``AsyncSandbox``; the server's registry and the MCP server
+use the engine directly.
+
+One process normally has one engine (``default_engine()``); ``shutdown()`` is the one sequence that
+ends what an event loop leaves (its pools' waiting sandboxes, the cleanups still running), and
+``close()`` stops the zygotes at exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import threading
+from typing import Mapping, Optional
+
+from ._backends.base import Backend, SandboxProcess
+from ._backends.registry import ISOLATIONS, backend_class, default_isolation, supports, tiers_with
+from ._exceptions import InvalidRequest
+from ._limits import Limits
+from ._local import LocalSandbox
+from ._models import Execution, SandboxInfo
+from ._output import OutputHandler
+from ._pool import Pools
+from ._spec import SandboxSpec
+from ._templates import Template, get_template
+from ._transport import ResultHandler, SandboxHandle, Transport
+
+
+class Engine:
+    def __init__(self, *, zygote: Optional[bool] = None) -> None:
+        """``zygote=False`` boots every process-tier sandbox by exec (a one-shot CLI run: nothing to gain
+        from preloading); None follows SANDLOT_ZYGOTE."""
+        self._zygote = zygote
+        self._backends: dict[str, Backend] = {}
+        self._lock = threading.Lock()
+        self.pools = Pools()
+
+    def set_zygote(self, enabled: bool) -> None:
+        """Fork process-tier sandboxes from a preloaded zygote (True) or exec each one (False)."""
+        with self._lock:
+            self._zygote = enabled
+            backend = self._backends.get("process")
+        if backend is not None:
+            backend.use_zygote = enabled  # type: ignore[attr-defined]
+
+    # -- tiers -----------------------------------------------------------------------------------------
+    def backend(self, isolation: str) -> Backend:
+        """This engine's backend of a tier (made once; InvalidRequest for an unknown tier)."""
+        cls = backend_class(isolation)
+        with self._lock:
+            backend = self._backends.get(isolation)
+            if backend is None:
+                backend = cls(zygote=self._zygote) if isolation == "process" else cls()
+                self._backends[isolation] = backend
+            return backend
+
+    # -- making sandboxes ------------------------------------------------------------------------------
+    def resolve(self, spec: SandboxSpec) -> tuple[SandboxSpec, Template]:
+        """The spec as this host will run it: its tier chosen, an image template's default limits under
+        the owner's, and what the tier cannot do refused (InvalidRequest) before anything starts."""
+        isolation = default_isolation(spec.isolation)
+        backend_class(isolation)  # an unknown tier says so first
+        if spec.on_idle == "pause" and not supports(isolation, "pause"):
+            tiers = " or ".join(f"isolation={name!r}" for name in tiers_with("pause"))
+            raise InvalidRequest(f"on_idle is 'kill', or 'pause' with {tiers} (checkpoint to disk)")
+        template = get_template(spec.template)
+        limits = spec.limits
+        if template.limits and spec.asked != frozenset(f.name for f in dataclasses.fields(Limits)):
+            asked = {name: getattr(spec.limits, name) for name in spec.asked}
+            limits = Limits.build(asked, base=Limits.build(template.default_limits()))
+        return dataclasses.replace(spec, isolation=isolation, limits=limits), template
+
+    async def create(self, spec: SandboxSpec) -> LocalSandbox:
+        """A started sandbox for ``spec``: a warm one claimed and configured, or a fresh boot."""
+        spec, template = self.resolve(spec)
+        backend = self.backend(spec.isolation or "process")
+        proc = await self._claim(backend, template, spec)
+        if proc is None:
+            proc = await backend.start(template, spec.limits, dict(spec.env), awaited=True)
+        return LocalSandbox(spec, backend, proc)
+
+    async def _claim(self, backend: Backend, template: Template, spec: SandboxSpec) -> Optional[SandboxProcess]:
+        """A warm sandbox taken over for this spec, or None (no pool, an empty one, or limits it cannot take)."""
+        pool = self.pools.pool_for(backend, template, spec.limits)
+        proc = pool.take() if pool is not None else None
+        if proc is None:
+            return None
+        try:
+            await proc.apply_limits(spec.limits)  # cpu and memory; the rest were fixed at boot and agree
+            if spec.env:
+                await proc.channel.send({"t": "configure", "id": 0, "env": dict(spec.env)})
+        except BaseException as exc:
+            # Out of the pool and not handed to an owner: nobody else would ever kill it.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(proc.kill("its create failed while configuring it"))
+            if not isinstance(exc, OSError):
+                raise
+            return None  # limits this warm sandbox cannot take: a fresh one boots with them
+        return proc
+
+    async def take_back(self, sandbox_id: str, isolation: str) -> LocalSandbox:
+        """A sandbox an earlier process of this host left paused, resumed under this engine (where its
+        tier can: SandboxNotFound when it is gone, InvalidRequest when the tier cannot)."""
+        backend = self.backend(isolation)
+        proc = await backend.adopt({"tier": isolation, "id": sandbox_id})
+        spec = SandboxSpec.build(proc.template, isolation=isolation, limits=proc.limits)
+        sandbox = LocalSandbox(spec, backend, proc)
+        await sandbox.resume()
+        return sandbox
+
+    async def warm_up(self, template: str = "python", isolation: str = "process") -> None:
+        """Start a template's warm pool (or its zygote) now, so the first create does not wait for the preload."""
+        backend = self.backend(isolation)
+        resolved = get_template(template)
+        pool = self.pools.pool_for(backend, resolved, Limits())
+        if pool is not None:
+            pool.refill()
+        else:
+            await backend.prepare(resolved)
+
+    # -- ending --------------------------------------------------------------------------------------
+    async def shutdown(self) -> None:
+        """What this event loop leaves, ended: its pools' waiting sandboxes killed, and every cleanup of a
+        killed sandbox finished (no cgroup or mount left behind). Owned sandboxes are their owners' to end."""
+        await self.pools.close()
+        for backend in list(self._backends.values()):
+            await backend.finish_cleanups()
+
+    def close(self) -> None:
+        """Stop the zygotes (at exit; live sandboxes end with their owners, not with this)."""
+        for backend in list(self._backends.values()):
+            backend.close()
+
+
+_DEFAULT: Optional[Engine] = None
+_DEFAULT_LOCK = threading.Lock()
+
+
+def default_engine() -> Engine:
+    """This process's engine, made when first asked for."""
+    global _DEFAULT
+    with _DEFAULT_LOCK:
+        if _DEFAULT is None:
+            _DEFAULT = Engine()
+        return _DEFAULT
+
+
+class LocalTransport(Transport):
+    """Sandboxes of this process, made by an Engine."""
+
+    def __init__(self, engine: Optional[Engine] = None) -> None:
+        self.engine = engine or default_engine()
+
+    def check(self, spec: SandboxSpec) -> None:
+        self.engine.resolve(spec)  # an unknown template or tier, or what the tier cannot do
+
+    async def create(self, spec: SandboxSpec) -> SandboxHandle:
+        return await self.engine.create(spec)
+
+    async def connect(self, sandbox_id: str, *, isolation: Optional[str] = None) -> SandboxHandle:
+        if isolation is None:
+            raise InvalidRequest("connect() to a local sandbox needs its isolation (a paused gVisor sandbox: "
+                                 "isolation='gvisor'); live sandboxes of a server need api_url=")
+        if isolation not in ISOLATIONS:
+            backend_class(isolation)
+        return await self.engine.take_back(sandbox_id, isolation)
+
+    async def list(self, metadata: Mapping[str, str], status: str) -> "list[SandboxInfo]":
+        raise InvalidRequest("list() needs a Sandlot server (api_url= or SANDLOT_API_URL): local sandboxes "
+                             "belong to the process that made them")
+
+    async def run_once(self, spec: SandboxSpec, code: str, *, timeout: Optional[float],
+                       on_stdout: Optional[OutputHandler], on_stderr: Optional[OutputHandler],
+                       on_result: Optional[ResultHandler]) -> Execution:
+        sandbox = await self.engine.create(spec)
+        try:
+            return await sandbox.run_code(code, timeout=timeout, on_stdout=on_stdout, on_stderr=on_stderr,
+                                          on_result=on_result)
+        finally:
+            await sandbox.kill()

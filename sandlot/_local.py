@@ -1,0 +1,559 @@
+"""LocalSandbox: a sandbox of this process, reached over its agent's channel (the local transport's handle).
+
+Every limit is enforced by the kernel (cgroups, rlimits, tmpfs caps) or by this host-side code
+(wall timeouts, output caps); nothing here inspects the user's code. An Engine (_engine.py) makes these;
+``AsyncSandbox`` and the server's registry use them. Arguments arrive validated (the facade's
+_calls.py, or the server's schemas).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, AsyncIterator, Mapping, Optional, Union
+
+from ._backends.base import Backend, Counters, SandboxProcess
+from ._backends.registry import tiers_with
+from ._exceptions import FileError, InvalidRequest, SandboxCrashed, SandboxNotFound
+from ._host.channel import CLOSED
+from ._limits import Limits
+from ._output import CallOutput, OutputHandler, call as _call
+from ._spec import SandboxSpec
+from ._models import (CommandResult, EntryInfo, Execution, ExecutionError, PauseInfo, Result, SandboxMetrics, Usage)
+from ._transport import AsyncCommandHandle, CommandsHandle, FilesHandle, ResultHandler, SandboxHandle
+from ._agent import protocol
+from ._calls import chunks as _chunks
+
+INTERRUPT_GRACE = 2.0  # seconds code gets to honour KeyboardInterrupt before its sandbox is killed
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+_human = human_size
+
+
+def _tiers_that(capability: str) -> str:
+    """``isolation='gvisor'``: the tiers that declare ``capability``, as an owner would ask for them."""
+    return " or ".join(f"isolation={name!r}" for name in tiers_with(capability))
+
+
+class LocalSandbox(SandboxHandle):
+    """A live local sandbox: a stateful Python session, shell commands and files."""
+
+    dies_with_owner = True
+
+    def __init__(self, spec: SandboxSpec, backend: Backend, proc: SandboxProcess) -> None:
+        self.spec = spec
+        self.template = proc.template
+        self.isolation = backend.name
+        self.limits = spec.limits
+        self.env = dict(spec.env)
+        self.metadata = dict(spec.metadata)
+        self.on_idle = spec.on_idle
+        self._backend = backend
+        self._proc = proc
+        self.sandbox_id = proc.id
+        self._exec_lock = asyncio.Lock()
+        self._dead: Optional[str] = None
+        self._dead_limit: Optional[str] = None
+        self._started_at = self._last_activity = time.monotonic()
+        self._deadline = self._started_at + self.limits.lifetime
+        self._watchdog: Optional[asyncio.Task] = None
+        if not proc.paused:
+            self._watchdog = asyncio.get_running_loop().create_task(self._watch())
+        self.commands = LocalCommands(self)
+        self.files = LocalFiles(self)
+
+    @property
+    def process(self) -> SandboxProcess:
+        """The backend's handle (its pid, cgroup and counters): for the engine, the server and tests."""
+        return self._proc
+
+    async def pause(self) -> PauseInfo:
+        """Checkpoint the live session to disk and free its memory (gVisor tier). ``resume()`` restores
+        it with its variables, open files and working directory; so does ``connect(id)`` from a later process."""
+        async with self._exec_lock:
+            proc = self._alive()
+            if not self._backend.capabilities.pause:
+                raise InvalidRequest(f"pause() needs {_tiers_that('pause')}: the {self.isolation} tier cannot checkpoint")
+            if self._watchdog is not None and self._watchdog is not asyncio.current_task():
+                self._watchdog.cancel()
+            figures = await proc.pause()
+            return PauseInfo(seconds=figures["seconds"], checkpoint_bytes=figures["bytes"])
+
+    async def resume(self) -> PauseInfo:
+        """Bring a paused sandbox back (a no-op for a running one)."""
+        proc = self._proc
+        if not proc.paused:
+            self._alive()
+            return PauseInfo(seconds=0.0, checkpoint_bytes=0)
+        if self._dead is not None:
+            raise SandboxNotFound(f"sandbox {proc.id} is gone: {self._dead}")
+        figures = await proc.resume()
+        self._started_at = self._last_activity = time.monotonic()
+        self._deadline = self._started_at + self.limits.lifetime
+        self._watchdog = asyncio.get_running_loop().create_task(self._watch())
+        return PauseInfo(seconds=figures["seconds"], checkpoint_bytes=0)
+
+    async def interrupt(self) -> None:
+        """Send KeyboardInterrupt to the code running now (like Ctrl-C in a notebook). Its run_code
+        call then returns with that error; the session keeps its variables."""
+        proc = self._alive()
+        await proc.channel.send({"t": "interrupt", "id": 0})
+
+    @property
+    def is_running(self) -> bool:
+        return self._dead is None and self._proc.channel.is_open
+
+    @property
+    def is_paused(self) -> bool:
+        """Checkpointed to disk by ``pause()`` (gVisor tier), waiting for ``resume()``."""
+        return self._dead is None and self._proc.paused
+
+    @property
+    def end_reason(self) -> Optional[str]:
+        """Why the sandbox ended (None while it runs)."""
+        if self._dead is None and not self._proc.channel.is_open:
+            return f"its agent went away ({self._proc.channel.closed_reason})"
+        return self._dead
+
+    @property
+    def end_limit(self) -> Optional[str]:
+        """The limit that ended the sandbox, if one did ("lifetime", "idle_timeout", "memory", "timeout"...)."""
+        if self._dead is None and not self._proc.channel.is_open:
+            return "protocol"
+        return self._dead_limit
+
+    async def kill(self) -> None:
+        """End the sandbox and everything in it. Safe to call twice."""
+        await self._die("killed by its owner")
+
+    async def _die(self, reason: str, limit: Optional[str] = None) -> None:
+        if self._dead is None:
+            self._dead, self._dead_limit = reason, limit
+        if self._watchdog is not None and self._watchdog is not asyncio.current_task():
+            self._watchdog.cancel()
+        await self._proc.kill(reason)
+
+    async def metrics(self) -> SandboxMetrics:
+        """Memory, CPU and process count of the sandbox right now, from its cgroup."""
+        proc = self._alive()
+        now = await asyncio.to_thread(proc.usage, processes=True)
+        return SandboxMetrics(memory=now.memory, memory_peak=now.memory_peak, cpu_seconds=now.cpu_seconds,
+                              processes=now.processes or 0)
+
+    async def set_timeout(self, seconds: float) -> None:
+        """Let the sandbox live ``seconds`` from now (capped by 14 days), like E2B's set_timeout."""
+        Limits.build({"lifetime": seconds})
+        self._alive()
+        self._deadline = time.monotonic() + seconds
+
+    async def keep_alive(self) -> None:
+        """Count as activity now: the idle timeout starts over."""
+        self._alive()
+
+    async def _watch(self) -> None:
+        """End the sandbox at its lifetime or after idle_timeout without a call."""
+        while self._dead is None:
+            now = time.monotonic()
+            idle_end = self._last_activity + self.limits.idle_timeout
+            if now >= self._deadline:
+                await self._die(f"its lifetime ended ({self.limits.lifetime:.0f} s)", "lifetime")
+                return
+            if now >= idle_end and not self._exec_lock.locked():
+                if self.on_idle == "pause" and self._backend.capabilities.pause:
+                    await self.pause()  # checkpointed to disk; resume() or connect() brings it back
+                    return
+                await self._die(f"it was idle for {self.limits.idle_timeout:.0f} s", "idle_timeout")
+                return
+            await asyncio.sleep(max(0.05, min(self._deadline, idle_end) - now))
+
+    def _alive(self) -> SandboxProcess:
+        if self._dead is not None:
+            if self._dead_limit in ("memory", "pids", "protocol"):
+                raise SandboxCrashed(f"sandbox {self._proc.id} is dead: {self._dead}", limit=self._dead_limit)
+            raise SandboxNotFound(f"sandbox {self._proc.id} is gone: {self._dead}")
+        if self._proc.paused:
+            raise InvalidRequest(f"sandbox {self._proc.id} is paused: call resume() first")
+        if not self._proc.channel.is_open:
+            raise SandboxCrashed(f"sandbox {self._proc.id} lost its agent: {self._proc.channel.closed_reason}",
+                                 limit="protocol")
+        self._last_activity = time.monotonic()
+        return self._proc
+
+    # -- code --------------------------------------------------------------------------------
+    async def run_code(self, code: str, *, timeout: Optional[float] = None,
+                       on_stdout: Optional[OutputHandler] = None, on_stderr: Optional[OutputHandler] = None,
+                       on_result: Optional[ResultHandler] = None) -> Execution:
+        """Run Python in the sandbox's session. Variables persist between calls.
+
+        The user's exceptions and limits that stop the code come back in ``Execution.error``;
+        only failures of the sandbox itself raise.
+        """
+        timeout = self._call_timeout(timeout)
+        async with self._exec_lock:
+            proc = self._alive()
+            rid, queue = proc.channel.new_request()
+            usage_start = self._usage_start(proc)
+            output = CallOutput(self.limits.output, on_stdout, on_stderr)
+            execution = Execution()
+            started = time.monotonic()
+            try:
+                await proc.channel.send({"t": "exec", "id": rid, "code": code})
+                done = await self._pump(proc, rid, queue, timeout, output, execution, on_result)
+            finally:
+                proc.channel.forget(rid)
+                self._last_activity = time.monotonic()
+            execution.logs.stdout = output.chunks("stdout")
+            execution.logs.stderr = output.chunks("stderr")
+            execution.truncated = output.truncated
+            execution.usage = self._usage_end(proc, usage_start, started)
+            await self._finish_execution(proc, execution, done, timeout, output, usage_start)
+            return execution
+
+    def _call_timeout(self, timeout: Optional[float]) -> float:
+        if timeout is None:
+            return self.limits.timeout
+        return Limits.build({"timeout": timeout}).timeout
+
+    async def _pump(self, proc, rid, queue, timeout, output, execution, on_result) -> dict:
+        """Collect frames of one execution until it is done, interrupting it at the timeout or output cap."""
+        deadline = time.monotonic() + timeout
+        interrupted_for: Optional[str] = None
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                if interrupted_for is None:
+                    interrupted_for = "timeout"
+                    await proc.channel.send({"t": "interrupt", "id": rid})
+                    deadline = time.monotonic() + INTERRUPT_GRACE
+                    continue
+                after = "the timeout" if interrupted_for == "timeout" else "the output cap"
+                await self._die(f"its code ignored the interrupt after {after}", interrupted_for)
+                return {"t": "killed", "why": interrupted_for}
+            try:
+                # Frames already here are taken without a timer each: after an interrupt the backlog
+                # (thousands of tiny results) must drain well within the grace the code gets.
+                item = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                try:
+                    item = await asyncio.wait_for(queue.get(), remaining)
+                except asyncio.TimeoutError:
+                    continue
+            if item is CLOSED:
+                return {"t": "closed", "why": interrupted_for}
+            header, payload = item
+            kind = header.get("t")
+            if kind in ("stdout", "stderr"):
+                await output.feed(kind, payload)
+                if output.over_cap and interrupted_for is None:
+                    interrupted_for = "output"
+                    await proc.channel.send({"t": "interrupt", "id": rid})
+                    deadline = time.monotonic() + INTERRUPT_GRACE
+            elif kind == "result" and isinstance(header.get("data"), dict):
+                # A rich result is charged its serialized size against the same cap as printed bytes:
+                # a display() loop must not pile up gigabytes in this process.
+                if not output.admit(header["data"]):
+                    if interrupted_for is None:
+                        interrupted_for = "output"
+                        await proc.channel.send({"t": "interrupt", "id": rid})
+                        deadline = time.monotonic() + INTERRUPT_GRACE
+                    continue
+                result = Result.from_mime(header["data"], bool(header.get("main")))
+                execution.results.append(result)
+                await _call(on_result, result)
+            elif kind == "done":
+                return dict(header, why=interrupted_for)
+            elif kind == "error":
+                return {"t": "done", "why": interrupted_for, "error": {
+                    "name": "InvalidRequest", "value": str(header.get("message")), "traceback": ""}}
+
+    async def _finish_execution(self, proc, execution, done, timeout, output, usage_start) -> None:
+        why = done.get("why")
+        count = done.get("execution_count")
+        execution.execution_count = count if isinstance(count, int) else None
+        raw = done.get("error")
+        if isinstance(raw, dict):
+            execution.error = ExecutionError(str(raw.get("name")), str(raw.get("value")), str(raw.get("traceback") or ""))
+        oom = self._oom_since(proc, usage_start)
+        cap = _human(self.limits.output)
+        if done["t"] == "killed" and why == "output":
+            execution.error = ExecutionError(
+                "OutputLimitExceeded", f"the code's output (printed text and results) passed {cap} and it ignored "
+                "the interrupt, so the sandbox was killed", limit="output")
+        elif done["t"] == "killed":
+            execution.error = ExecutionError(
+                "TimeoutError", f"the code ran past its {timeout:g} s timeout and ignored the interrupt, "
+                "so the sandbox was killed", limit="timeout")
+        elif done["t"] == "closed":
+            limit = "memory" if oom else "protocol"
+            msg = (f"the sandbox exceeded its memory limit ({_human(self.limits.memory)}) and was killed" if oom
+                   else f"the sandbox's agent stopped answering ({proc.channel.closed_reason}); the sandbox was killed")
+            execution.error = ExecutionError("OutOfMemory" if oom else "SandboxCrashed", msg, limit=limit)
+            await self._die(msg, limit)
+        elif done.get("died"):
+            if oom:
+                execution.error = ExecutionError(
+                    "OutOfMemory", f"the session used more than its memory limit ({_human(self.limits.memory)}) "
+                    "and was killed; its variables are lost, the sandbox still runs", limit="memory")
+            else:
+                execution.error.value += "; its variables are lost, the sandbox still runs"
+        elif why == "timeout":
+            execution.error = ExecutionError(
+                "TimeoutError", f"the code ran past its {timeout:g} s timeout and was interrupted "
+                "(KeyboardInterrupt); the session and its variables are intact",
+                execution.error.traceback if execution.error else "", limit="timeout")
+        elif why == "output":
+            execution.error = ExecutionError(
+                "OutputLimitExceeded", f"the code's output (printed text and results) passed {cap} and it was "
+                "interrupted; the output was truncated", execution.error.traceback if execution.error else "", limit="output")
+        if execution.error is not None and execution.error.limit is None and self._pids_hit_since(proc, usage_start):
+            execution.error.limit = "pids"
+            execution.error.value += f" (the sandbox reached its process limit of {self.limits.pids})"
+
+    # -- usage from the kernel's own counters (the backend's probe) ----------------------------
+    def _usage_start(self, proc: SandboxProcess) -> Counters:
+        return proc.usage(reset_peak=True)
+
+    def _usage_end(self, proc: SandboxProcess, start: Counters, started: float) -> Usage:
+        now = proc.usage()
+        return Usage(wall_seconds=time.monotonic() - started, cpu_seconds=max(0.0, now.cpu_seconds - start.cpu_seconds),
+                     peak_memory=now.memory_peak)
+
+    def _oom_since(self, proc: SandboxProcess, start: Counters) -> bool:
+        now = proc.usage()
+        # An OOM kill, or (gVisor's sentry may exit on a failed allocation, with no OOM kill counted)
+        # the cgroup ran into its limit during the call.
+        return (now.oom_kills > start.oom_kills or now.memory_limit_hits > start.memory_limit_hits
+                or now.memory_peak >= 0.95 * self.limits.memory)
+
+    def _pids_hit_since(self, proc: SandboxProcess, start: Counters) -> bool:
+        return proc.usage().pids_limit_hits > start.pids_limit_hits
+
+    # -- plumbing shared by commands and files -------------------------------------------------
+    async def _request(self, header: dict, payload: bytes = b"", timeout: float = 60.0) -> dict:
+        """One request, one reply (``ok`` or ``error``)."""
+        proc = self._alive()
+        rid, queue = proc.channel.new_request()
+        try:
+            await proc.channel.send(dict(header, id=rid), payload)
+            item = await self._next(proc, queue, timeout)
+            return self._reply(item, header)
+        finally:
+            proc.channel.forget(rid)
+
+    async def _next(self, proc, queue: asyncio.Queue, timeout: float):
+        try:
+            item = await asyncio.wait_for(queue.get(), timeout)
+        except asyncio.TimeoutError:
+            raise SandboxCrashed(f"the sandbox's agent did not answer within {timeout:g} s") from None
+        if item is CLOSED:
+            reason = proc.channel.closed_reason
+            await self._die(f"its agent went away ({reason})", "protocol")
+            raise SandboxCrashed(f"sandbox {proc.id} died: {reason}", limit="protocol")
+        return item
+
+    @staticmethod
+    def _reply(item, request: dict) -> dict:
+        header, _ = item
+        if header.get("t") == "error":
+            message = str(header.get("message"))
+            if header.get("etype") in ("InvalidRequest", "ValueError", "TypeError", "KeyError"):
+                raise InvalidRequest(message)
+            errno = header.get("errno") if isinstance(header.get("errno"), int) else None
+            raise FileError(f"{header.get('etype')}: {message}", errno=errno, path=request.get("path"))
+        return header
+
+
+class LocalCommandHandle(AsyncCommandHandle):
+    """A command running in a local sandbox."""
+
+    def __init__(self, sandbox: LocalSandbox, proc, rid: int, queue: asyncio.Queue, output: CallOutput,
+                 timeout: Optional[float]) -> None:
+        self._sandbox, self._proc, self._rid, self._queue = sandbox, proc, rid, queue
+        self._output = output
+        self._timeout = timeout
+        self._result: Optional[CommandResult] = None
+        self._started = time.monotonic()
+        self._task = asyncio.get_running_loop().create_task(self._collect())
+        self.pid: Optional[int] = None
+
+    @property
+    def stdout(self) -> str:
+        return self._output.text("stdout")
+
+    @property
+    def stderr(self) -> str:
+        return self._output.text("stderr")
+
+    async def _collect(self) -> CommandResult:
+        error = None
+        limit: Optional[str] = None
+        exit_code = None
+        deadline = self._started + self._timeout if self._timeout else None
+        try:
+            while True:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0 and error is None:
+                    error, limit = f"the command ran past its {self._timeout:g} s timeout and was killed", "timeout"
+                    await self.kill()
+                    deadline = time.monotonic() + 5
+                    continue
+                if remaining is not None and remaining <= 0:
+                    raise SandboxCrashed("the agent did not report the end of a killed command")
+                try:
+                    item = await asyncio.wait_for(self._queue.get(), remaining)
+                except asyncio.TimeoutError:
+                    continue
+                if item is CLOSED:
+                    error = error or f"the sandbox died while the command ran ({self._proc.channel.closed_reason})"
+                    break
+                header, payload = item
+                kind = header.get("t")
+                if kind in ("stdout", "stderr"):
+                    await self._output.feed(kind, payload)
+                    if self._output.over_cap and error is None:
+                        error = f"the command printed more than {_human(self._output.cap)} and was killed"
+                        limit = "output"
+                        await self.kill()
+                elif kind == "started":
+                    self.pid = header.get("pid") if isinstance(header.get("pid"), int) else None
+                elif kind == "exit":
+                    exit_code = header.get("exit_code") if isinstance(header.get("exit_code"), int) else None
+                    break
+                elif kind == "error":
+                    # The agent could not start it (EAGAIN at the process limit, a bad cwd...).
+                    error = f"the command could not start: {header.get('message')}"
+                    if header.get("errno") == 11:
+                        error += f" (the sandbox is at its process limit of {self._sandbox.limits.pids})"
+                        limit = "pids"
+                    break
+        finally:
+            self._proc.channel.forget(self._rid)
+        self._result = CommandResult(exit_code=exit_code, stdout=self.stdout, stderr=self.stderr, error=error,
+                                     usage=Usage(wall_seconds=time.monotonic() - self._started),
+                                     truncated=self._output.truncated, limit=limit)
+        return self._result
+
+    async def wait(self) -> CommandResult:
+        return await asyncio.shield(self._task)
+
+    async def kill(self, signal: int = 9) -> None:
+        if self._proc.channel.is_open:
+            await self._proc.channel.send({"t": "signal", "id": 0, "target": self._rid, "signal": int(signal)})
+
+    async def send_stdin(self, data: Union[str, bytes], close: bool = False) -> None:
+        raw = data.encode() if isinstance(data, str) else bytes(data)
+        for i in range(0, max(len(raw), 1), protocol.CHUNK):
+            last = i + protocol.CHUNK >= len(raw)
+            await self._proc.channel.send({"t": "stdin", "id": 0, "target": self._rid, "close": close and last},
+                                          raw[i:i + protocol.CHUNK])
+
+
+class LocalCommands(CommandsHandle):
+    """Shell commands in the sandbox (same filesystem as the session), via /bin/sh -c."""
+
+    def __init__(self, sandbox: LocalSandbox) -> None:
+        self._sandbox = sandbox
+
+    async def run(self, cmd: str, *, timeout: Optional[float] = None, env: Optional[Mapping[str, str]] = None,
+                  cwd: Optional[str] = None, stdin: Union[str, bytes, None] = None,
+                  on_stdout: Optional[OutputHandler] = None, on_stderr: Optional[OutputHandler] = None,
+                  background: bool = False) -> Union[CommandResult, AsyncCommandHandle]:
+        """Run ``cmd``; return its result, or with ``background=True`` a handle to wait on or kill."""
+        sandbox = self._sandbox
+        timeout = None if background and timeout is None else sandbox._call_timeout(timeout)
+        proc = sandbox._alive()
+        rid, queue = proc.channel.new_request()
+        keep_stdin = background or stdin is not None
+        await proc.channel.send({"t": "cmd", "id": rid, "cmd": cmd, "env": dict(env or {}), "cwd": cwd,
+                                 "stdin": keep_stdin})
+        handle = LocalCommandHandle(sandbox, proc, rid, queue, CallOutput(sandbox.limits.output, on_stdout, on_stderr),
+                                    timeout)
+        if stdin is not None:
+            await handle.send_stdin(stdin, close=True)
+        if background:
+            return handle
+        return await handle.wait()
+
+
+class LocalFiles(FilesHandle):
+    """Files inside the sandbox. Paths are resolved by the agent, inside the sandbox's own root:
+    a symlink or hardlink planted by sandbox code can never make the host read or write its files."""
+
+    def __init__(self, sandbox: LocalSandbox) -> None:
+        self._sandbox = sandbox
+
+    async def write(self, path: str, data: Union[str, bytes, Any], *, append: bool = False) -> EntryInfo:
+        """Write text, bytes, a binary file object, or an (async) iterable of bytes, in chunks."""
+        sandbox = self._sandbox
+        proc = sandbox._alive()
+        rid, queue = proc.channel.new_request()
+        try:
+            await proc.channel.send({"t": "fwrite", "id": rid, "path": path, "append": append})
+            async for chunk in _chunks(data):
+                await proc.channel.send({"t": "fdata", "id": rid}, chunk)
+                if not queue.empty():  # an early error (disk full, bad path) ends the upload
+                    break
+            await proc.channel.send({"t": "fend", "id": rid})
+            sandbox._reply(await sandbox._next(proc, queue, 120), {"path": path})
+        finally:
+            proc.channel.forget(rid)
+        return await self.stat(path)
+
+    async def stream(self, path: str) -> AsyncIterator[bytes]:
+        sandbox = self._sandbox
+        proc = sandbox._alive()
+        # Flow-controlled: the file comes at the reader's pace, never piling up in this process.
+        rid, queue = proc.channel.new_request(window=protocol.FREAD_WINDOW)
+        finished = False
+        try:
+            await proc.channel.send({"t": "fread", "id": rid, "path": path})
+            while True:
+                item = await sandbox._next(proc, queue, 120)
+                header, payload = item
+                if header.get("t") == "data":
+                    yield payload
+                    await proc.channel.ack(rid, len(payload))
+                    continue
+                finished = True
+                sandbox._reply(item, {"path": path})
+                return
+        finally:
+            proc.channel.forget(rid)
+            if not finished:
+                await proc.channel.send({"t": "fcancel", "id": 0, "target": rid})
+
+    async def list(self, path: str = "/home/user", *, depth: int = 1) -> list[EntryInfo]:
+        reply = await self._sandbox._request({"t": "flist", "path": path, "depth": int(depth)})
+        return [_entry(e) for e in reply.get("entries", [])]
+
+    async def stat(self, path: str) -> EntryInfo:
+        reply = await self._sandbox._request({"t": "fstat", "path": path})
+        return _entry(reply["entry"])
+
+    async def exists(self, path: str) -> bool:
+        reply = await self._sandbox._request({"t": "fexists", "path": path})
+        return bool(reply.get("exists"))
+
+    async def remove(self, path: str) -> None:
+        await self._sandbox._request({"t": "fremove", "path": path})
+
+    async def mkdir(self, path: str) -> bool:
+        """Create a directory and its parents; False if it already existed."""
+        reply = await self._sandbox._request({"t": "fmkdir", "path": path})
+        return bool(reply.get("created"))
+
+
+def _entry(raw: dict) -> EntryInfo:
+    try:
+        return EntryInfo(name=str(raw["name"]), path=str(raw["path"]), type=str(raw["type"]),
+                         size=int(raw["size"]), mode=int(raw["mode"]), mtime=float(raw["mtime"]))
+    except (KeyError, TypeError, ValueError):
+        raise SandboxCrashed("the agent sent a malformed file entry", limit="protocol") from None
