@@ -16,6 +16,7 @@ import base64
 import contextlib
 import dataclasses
 import json
+import time
 import weakref
 from datetime import datetime
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Optional, Union
@@ -160,8 +161,9 @@ def _stdin_body(data: Union[str, bytes]) -> dict:
 
 
 async def _execute(server: _Server, path: str, body: dict, on_stdout: Optional[OutputHandler],
-                   on_stderr: Optional[OutputHandler], on_result: Optional[ResultHandler]) -> Execution:
-    """Run code through a streaming endpoint, firing the callbacks as events arrive."""
+                   on_stderr: Optional[OutputHandler], on_result: Optional[ResultHandler]) -> tuple[Execution, dict]:
+    """Run code through a streaming endpoint, firing the callbacks as events arrive; the execution and the
+    stream's end event."""
     execution = Execution()
     logs = {"stdout": TextLog(), "stderr": TextLog()}  # small chunks merged, as the local SDK stores them
 
@@ -188,7 +190,7 @@ async def _execute(server: _Server, path: str, body: dict, on_stdout: Optional[O
     execution.execution_count = count if isinstance(count, int) else None
     execution.usage = _usage(end.get("usage"))
     execution.truncated = bool(end.get("truncated"))
-    return execution
+    return execution, end
 
 
 class RemoteSandbox(SandboxHandle):
@@ -199,7 +201,12 @@ class RemoteSandbox(SandboxHandle):
     def __init__(self, server: _Server, raw: Mapping[str, Any]) -> None:
         self._server = server
         self._ended: Optional[str] = None
+        self._end_limit: Optional[str] = None
+        self._last_call = time.monotonic()
         info = _info(raw)
+        # The server ends it at its lifetime and after its idle timeout: this client counts the same clocks
+        # (its own calls as the activity; another client's calls it does not see).
+        self._expires = info.expires_at.timestamp() if info.expires_at else float("inf")
         self.sandbox_id = info.sandbox_id
         self.template = info.template
         self.isolation = info.isolation
@@ -222,10 +229,18 @@ class RemoteSandbox(SandboxHandle):
         """KeyboardInterrupt to the code running now in this sandbox (its run_code call returns with it)."""
         await self._http("POST", "/interrupt")
 
+    def _ended_by_clock(self) -> Optional[tuple[str, str]]:
+        if time.time() >= self._expires:
+            return f"its lifetime ended ({self.limits.lifetime:.0f} s)", "lifetime"
+        if time.monotonic() >= self._last_call + self.limits.idle_timeout:
+            return f"it was idle for {self.limits.idle_timeout:.0f} s", "idle_timeout"
+        return None
+
     @property
     def is_running(self) -> bool:
-        """As far as this client knows (no request is made): not killed, not found gone."""
-        return self._ended is None
+        """As far as this client knows (no request is made): not killed, not found gone, and within its
+        lifetime and idle timeout by this client's clock and calls."""
+        return self._ended is None and self._ended_by_clock() is None
 
     @property
     def is_paused(self) -> bool:
@@ -234,11 +249,15 @@ class RemoteSandbox(SandboxHandle):
 
     @property
     def end_reason(self) -> Optional[str]:
+        if self._ended is None and self._ended_by_clock() is not None:
+            return self._ended_by_clock()[0]  # type: ignore[index]
         return self._ended
 
     @property
     def end_limit(self) -> Optional[str]:
-        return None
+        if self._ended is None and self._ended_by_clock() is not None:
+            return self._ended_by_clock()[1]  # type: ignore[index]
+        return self._end_limit
 
     async def kill(self) -> None:
         """End the sandbox on the server. Safe to call twice."""
@@ -250,8 +269,8 @@ class RemoteSandbox(SandboxHandle):
         self._ended = self._ended or "killed by its owner"
 
     async def set_timeout(self, seconds: float) -> None:
-        Limits.build({"lifetime": seconds})
         await self._http("POST", "/timeout", json={"timeout": seconds})
+        self._expires = time.time() + seconds
 
     async def keep_alive(self) -> None:
         await self._http("POST", "/keepalive")
@@ -271,6 +290,8 @@ class RemoteSandbox(SandboxHandle):
         except (SandboxNotFound, SandboxCrashed) as exc:
             self._ended = self._ended or str(exc)
             raise
+        finally:
+            self._last_call = time.monotonic()
 
     async def _http(self, method: str, suffix: str, **kwargs: Any) -> httpx.Response:
         with self._tracking():
@@ -281,8 +302,14 @@ class RemoteSandbox(SandboxHandle):
                        on_stdout: Optional[OutputHandler] = None, on_stderr: Optional[OutputHandler] = None,
                        on_result: Optional[ResultHandler] = None) -> Execution:
         with self._tracking():
-            return await _execute(self._server, self._path("/code"), {"code": code, "timeout": timeout},
-                                  on_stdout, on_stderr, on_result)
+            execution, end = await _execute(self._server, self._path("/code"), {"code": code, "timeout": timeout},
+                                            on_stdout, on_stderr, on_result)
+        ended = end.get("sandbox_ended")
+        if isinstance(ended, dict):  # the call ended the sandbox (a limit), as a local sandbox would say
+            self._ended = self._ended or str(ended.get("reason") or "it ended")
+            limit = ended.get("limit")
+            self._end_limit = limit if isinstance(limit, str) else None
+        return execution
 
 
 class RemoteCommandHandle(AsyncCommandHandle):
@@ -444,4 +471,5 @@ class HTTPTransport(Transport):
                        on_result: Optional[ResultHandler]) -> Execution:
         """Stateless, on a server: one request, a fresh sandbox that is gone afterwards."""
         body = dict(spec.to_json(), code=code, timeout=timeout)  # here the timeout is the call's
-        return await _execute(self.server, "/v1/run", body, on_stdout, on_stderr, on_result)
+        execution, _ = await _execute(self.server, "/v1/run", body, on_stdout, on_stderr, on_result)
+        return execution

@@ -57,11 +57,15 @@ async def _run_code(state: ServerState, session: Session, tenant: Tenant, code: 
     return execution
 
 
-def _code_end(execution: Execution, emit: ndjson.Emit) -> dict:
+def _code_end(execution: Execution, emit: ndjson.Emit, session: Session) -> dict:
     if execution.error is not None:
         emit({"type": "error", "error": dataclasses.asdict(execution.error)})
-    return {"type": "end", "execution_count": execution.execution_count,
-            "usage": dataclasses.asdict(execution.usage), "truncated": execution.truncated}
+    end = {"type": "end", "execution_count": execution.execution_count,
+           "usage": dataclasses.asdict(execution.usage), "truncated": execution.truncated}
+    sandbox = session.sandbox
+    if not sandbox.is_running and not sandbox.is_paused:  # the call ended it (a limit): the client knows at once
+        end["sandbox_ended"] = {"reason": sandbox.end_reason, "limit": sandbox.end_limit}
+    return end
 
 
 @router.post("/v1/sandboxes/{sandbox_id}/code", response_model=ExecutionOut, responses=_STREAMS,
@@ -75,7 +79,7 @@ async def run_code(sandbox_id: str, body: RunCode, tenant: Owner, state: State) 
         return ndjson.finite(execution_out(await _run_code(state, session, tenant, body.code, body.timeout)))
 
     async def work(emit: ndjson.Emit) -> dict:
-        return _code_end(await _run_code(state, session, tenant, body.code, body.timeout, emit), emit)
+        return _code_end(await _run_code(state, session, tenant, body.code, body.timeout, emit), emit, session)
 
     return ndjson.response(work, state.settings.heartbeat)
 
@@ -96,7 +100,7 @@ async def run_once(body: RunOnce, tenant: Owner, state: State) -> Any:
 
     async def work(emit: ndjson.Emit) -> dict:
         try:
-            return _code_end(await _run_code(state, session, tenant, body.code, body.timeout, emit), emit)
+            return _code_end(await _run_code(state, session, tenant, body.code, body.timeout, emit), emit, session)
         finally:
             await state.registry.end_one_shot(session)
 
