@@ -19,8 +19,8 @@ import dataclasses
 import threading
 from typing import Mapping, Optional
 
-from ._backends.base import Backend, SandboxProcess
-from ._backends.registry import ISOLATIONS, backend_class, default_isolation, supports, tiers_with
+from ._backends.base import Backend, BackendSandbox
+from ._backends.registry import ISOLATIONS, backend_class, default_isolation, supports, isolations_with
 from ._exceptions import InvalidRequest
 from ._limits import Limits
 from ._local import LocalSandbox
@@ -67,7 +67,7 @@ class Engine:
         isolation = default_isolation(spec.isolation)
         backend_class(isolation)  # an unknown tier says so first
         if spec.on_idle == "pause" and not supports(isolation, "pause"):
-            tiers = " or ".join(f"isolation={name!r}" for name in tiers_with("pause"))
+            tiers = " or ".join(f"isolation={name!r}" for name in isolations_with("pause"))
             raise InvalidRequest(f"on_idle is 'kill', or 'pause' with {tiers} (checkpoint to disk)")
         template = get_template(spec.template)
         limits = spec.limits
@@ -85,7 +85,7 @@ class Engine:
             proc = await backend.start(template, spec.limits, dict(spec.env), awaited=True)
         return LocalSandbox(spec, backend, proc)
 
-    async def _claim(self, backend: Backend, template: Template, spec: SandboxSpec) -> Optional[SandboxProcess]:
+    async def _claim(self, backend: Backend, template: Template, spec: SandboxSpec) -> Optional[BackendSandbox]:
         """A warm sandbox taken over for this spec, or None (no pool, an empty one, or limits it cannot take)."""
         pool = self.pools.pool_for(backend, template, spec.limits)
         proc = pool.take() if pool is not None else None
@@ -108,7 +108,7 @@ class Engine:
         """A sandbox an earlier process of this host left paused, resumed under this engine (where its
         tier can: SandboxNotFound when it is gone, InvalidRequest when the tier cannot)."""
         backend = self.backend(isolation)
-        proc = await backend.adopt({"tier": isolation, "id": sandbox_id})
+        proc = await backend.adopt({"isolation": isolation, "id": sandbox_id})
         spec = SandboxSpec.build(proc.template, isolation=isolation, limits=proc.limits)
         sandbox = LocalSandbox(spec, backend, proc)
         await sandbox.resume()

@@ -12,8 +12,8 @@ import asyncio
 import time
 from typing import Any, AsyncIterator, Mapping, Optional, Union
 
-from ._backends.base import Backend, Counters, SandboxProcess
-from ._backends.registry import tiers_with
+from ._backends.base import Backend, Counters, BackendSandbox
+from ._backends.registry import isolations_with
 from ._exceptions import FileError, InvalidRequest, SandboxCrashed, SandboxNotFound
 from ._host.channel import CLOSED
 from ._limits import Limits
@@ -38,9 +38,9 @@ def human_size(n: float) -> str:
 _human = human_size
 
 
-def _tiers_that(capability: str) -> str:
+def _isolations_that(capability: str) -> str:
     """``isolation='gvisor'``: the tiers that declare ``capability``, as an owner would ask for them."""
-    return " or ".join(f"isolation={name!r}" for name in tiers_with(capability))
+    return " or ".join(f"isolation={name!r}" for name in isolations_with(capability))
 
 
 class LocalSandbox(SandboxHandle):
@@ -48,7 +48,7 @@ class LocalSandbox(SandboxHandle):
 
     dies_with_owner = True
 
-    def __init__(self, spec: SandboxSpec, backend: Backend, proc: SandboxProcess) -> None:
+    def __init__(self, spec: SandboxSpec, backend: Backend, proc: BackendSandbox) -> None:
         self.spec = spec
         self.template = proc.template
         self.isolation = backend.name
@@ -71,7 +71,7 @@ class LocalSandbox(SandboxHandle):
         self.files = LocalFiles(self)
 
     @property
-    def process(self) -> SandboxProcess:
+    def backend_sandbox(self) -> BackendSandbox:
         """The backend's handle (its pid, cgroup and counters): for the engine, the server and tests."""
         return self._proc
 
@@ -81,7 +81,7 @@ class LocalSandbox(SandboxHandle):
         async with self._exec_lock:
             proc = self._alive()
             if not self._backend.capabilities.pause:
-                raise InvalidRequest(f"pause() needs {_tiers_that('pause')}: the {self.isolation} tier cannot checkpoint")
+                raise InvalidRequest(f"pause() needs {_isolations_that('pause')}: the {self.isolation} tier cannot checkpoint")
             if self._watchdog is not None and self._watchdog is not asyncio.current_task():
                 self._watchdog.cancel()
             figures = await proc.pause()
@@ -174,7 +174,7 @@ class LocalSandbox(SandboxHandle):
                 return
             await asyncio.sleep(max(0.05, min(self._deadline, idle_end) - now))
 
-    def _alive(self) -> SandboxProcess:
+    def _alive(self) -> BackendSandbox:
         if self._dead is not None:
             if self._dead_limit in ("memory", "pids", "protocol"):
                 raise SandboxCrashed(f"sandbox {self._proc.id} is dead: {self._dead}", limit=self._dead_limit)
@@ -318,22 +318,22 @@ class LocalSandbox(SandboxHandle):
             execution.error.value += f" (the sandbox reached its process limit of {self.limits.pids})"
 
     # -- usage from the kernel's own counters (the backend's probe) ----------------------------
-    def _usage_start(self, proc: SandboxProcess) -> Counters:
+    def _usage_start(self, proc: BackendSandbox) -> Counters:
         return proc.usage(reset_peak=True)
 
-    def _usage_end(self, proc: SandboxProcess, start: Counters, started: float) -> Usage:
+    def _usage_end(self, proc: BackendSandbox, start: Counters, started: float) -> Usage:
         now = proc.usage()
         return Usage(wall_seconds=time.monotonic() - started, cpu_seconds=max(0.0, now.cpu_seconds - start.cpu_seconds),
                      peak_memory=now.memory_peak)
 
-    def _oom_since(self, proc: SandboxProcess, start: Counters) -> bool:
+    def _oom_since(self, proc: BackendSandbox, start: Counters) -> bool:
         now = proc.usage()
         # An OOM kill, or (gVisor's sentry may exit on a failed allocation, with no OOM kill counted)
         # the cgroup ran into its limit during the call.
         return (now.oom_kills > start.oom_kills or now.memory_limit_hits > start.memory_limit_hits
                 or now.memory_peak >= 0.95 * self.limits.memory)
 
-    def _pids_hit_since(self, proc: SandboxProcess, start: Counters) -> bool:
+    def _pids_hit_since(self, proc: BackendSandbox, start: Counters) -> bool:
         return proc.usage().pids_limit_hits > start.pids_limit_hits
 
     # -- plumbing shared by commands and files -------------------------------------------------

@@ -19,7 +19,7 @@ import os
 from typing import Optional
 
 from . import _config
-from ._backends.base import Backend, SandboxProcess
+from ._backends.base import Backend, BackendSandbox
 from ._exceptions import InvalidRequest
 from ._limits import Limits
 from ._templates import Template
@@ -41,12 +41,12 @@ class WarmPool:
         self.template = template
         self.limits = limits
         self.config = config
-        self.ready: list[SandboxProcess] = []
+        self.ready: list[BackendSandbox] = []
         self._refilling: Optional[asyncio.Task] = None
         self.failures = 0
         self.closed = False
 
-    def take(self) -> Optional[SandboxProcess]:
+    def take(self) -> Optional[BackendSandbox]:
         """A ready sandbox, or None. Never waits."""
         while self.ready:
             sandbox = self.ready.pop()
@@ -167,11 +167,11 @@ class Pools:
             pool = self._pools[key] = WarmPool(backend, template, base, config)
         return pool
 
-    def ready(self, *, loop: Optional[asyncio.AbstractEventLoop] = None, tier: Optional[str] = None,
-              template: Optional[str] = None) -> list[SandboxProcess]:
-        """The sandboxes waiting in this engine's pools (of one event loop, tier or template if given)."""
+    def ready(self, *, loop: Optional[asyncio.AbstractEventLoop] = None, isolation: Optional[str] = None,
+              template: Optional[str] = None) -> list[BackendSandbox]:
+        """The sandboxes waiting in this engine's pools (of one event loop, isolation or template if given)."""
         return [sandbox for (loop_id, name, of), pool in list(self._pools.items())
-                if (loop is None or loop_id == id(loop)) and tier in (None, name) and template in (None, of)
+                if (loop is None or loop_id == id(loop)) and isolation in (None, name) and template in (None, of)
                 for sandbox in list(pool.ready)]
 
     def stats(self) -> dict[str, int]:

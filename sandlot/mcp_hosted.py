@@ -8,7 +8,7 @@ A transport session (the ``mcp-session-id`` of streamable HTTP) belongs to the t
 each request carries its tenant to the MCP SDK as the authenticated principal (``scope["user"]``), and
 the SDK's session manager answers a request whose principal is not the session's creator exactly as it
 answers an unknown session (404), so another tenant can neither use, follow, nor end it. Each tenant may
-hold a bounded number of transport sessions (:class:`TransportSessions`), so no tenant can take all of
+hold a bounded number of transport sessions (:class:`McpConnections`), so no tenant can take all of
 the SDK's (a server-wide pool) from the others.
 
 The dependency points one way: this client-layer module uses the server package, never the reverse.
@@ -48,39 +48,39 @@ class ServerCaller:
 
 
 class _HostedSandbox:
-    """A registry session's sandbox, used as the REST routes use it: work is audited and measured, and
+    """A registry's live sandbox, used as the REST routes use it: work is audited and measured, and
     ending or extending it goes through the registry (the tenant's quota is freed, the audit log says who)."""
 
-    def __init__(self, session: Any, caller: ServerCaller) -> None:
-        self._session = session
+    def __init__(self, live: Any, caller: ServerCaller) -> None:
+        self._live = live
         self._caller = caller
         self.commands = _HostedCommands(self)
         self.files = _HostedFiles(self)
 
     def __getattr__(self, name: str) -> Any:  # sandbox_id, is_running, end_reason...
-        return getattr(self._session.sandbox, name)
+        return getattr(self._live.sandbox, name)
 
     @property
     def _audit_id(self) -> Optional[str]:
-        return None if self._session.one_shot else self._session.id
+        return None if self._live.one_shot else self._live.id
 
     async def run_code(self, code: str, **kwargs: Any) -> Any:
         self._caller.state.registry.check_call_timeout(kwargs.get("timeout"))
-        self._caller.audit("run_once" if self._session.one_shot else "run_code", self._audit_id, code[:1000])
-        execution = await self._session.sandbox.run_code(code, **kwargs)
+        self._caller.audit("run_once" if self._live.one_shot else "run_code", self._audit_id, code[:1000])
+        execution = await self._live.sandbox.run_code(code, **kwargs)
         error = execution.error
         self._caller.state.metrics.execution("code", execution.usage.wall_seconds, error.limit if error else None,
                                              error is not None)
         return execution
 
     async def kill(self) -> None:
-        if self._session.one_shot:
-            await self._caller.state.registry.end_one_shot(self._session)
+        if self._live.one_shot:
+            await self._caller.state.registry.end_one_shot(self._live)
         else:
-            await self._caller.state.registry.kill(self._caller.tenant, self._session.id)
+            await self._caller.state.registry.kill(self._caller.tenant, self._live.id)
 
     async def set_timeout(self, seconds: float) -> None:
-        await self._caller.state.registry.set_timeout(self._caller.tenant, self._session.id, seconds)
+        await self._caller.state.registry.set_timeout(self._caller.tenant, self._live.id, seconds)
 
 
 class _HostedCommands:
@@ -91,7 +91,7 @@ class _HostedCommands:
         hosted = self._hosted
         hosted._caller.state.registry.check_call_timeout(kwargs.get("timeout"))
         hosted._caller.audit("command", hosted._audit_id, cmd[:1000])
-        result = await hosted._session.sandbox.commands.run(cmd, **kwargs)
+        result = await hosted._live.sandbox.commands.run(cmd, **kwargs)
         limit = limit_label(result)
         hosted._caller.state.metrics.execution("command", result.usage.wall_seconds, limit,
                                                bool(result.exit_code) or bool(limit))
@@ -103,15 +103,15 @@ class _HostedFiles:
         self._hosted = hosted
 
     def __getattr__(self, name: str) -> Any:  # read, list, stat: not audited, as over REST
-        return getattr(self._hosted._session.sandbox.files, name)
+        return getattr(self._hosted._live.sandbox.files, name)
 
     async def write(self, path: str, data: Any, **kwargs: Any) -> Any:
         self._hosted._caller.audit("file_write", self._hosted._audit_id, path)
-        return await self._hosted._session.sandbox.files.write(path, data, **kwargs)
+        return await self._hosted._live.sandbox.files.write(path, data, **kwargs)
 
     async def mkdir(self, path: str) -> bool:
         self._hosted._caller.audit("mkdir", self._hosted._audit_id, path)
-        return await self._hosted._session.sandbox.files.mkdir(path)
+        return await self._hosted._live.sandbox.files.mkdir(path)
 
 
 class RegistrySandboxes:
@@ -121,8 +121,8 @@ class RegistrySandboxes:
         if caller is None:  # the mount is authenticated; this would be a wiring bug, not a user error
             raise RuntimeError("an MCP request reached the server's registry without a tenant")
         metadata = None if one_shot else {"via": "mcp"}
-        session = await caller.state.registry.create(caller.tenant, one_shot=one_shot, metadata=metadata)
-        return _HostedSandbox(session, caller)
+        live = await caller.state.registry.create(caller.tenant, one_shot=one_shot, metadata=metadata)
+        return _HostedSandbox(live, caller)
 
     async def aclose(self) -> None:
         """Nothing to do: the registry ends its sandboxes when the server stops."""
@@ -150,8 +150,9 @@ class _Transport:
     last_seen: float = dataclasses.field(default_factory=time.monotonic)
 
 
-class TransportSessions:
-    """Counts each tenant's MCP transport sessions, and refuses (429) one more than ``per_tenant``.
+class McpConnections:
+    """Counts each tenant's MCP connections (what the MCP protocol calls a transport session, by its
+    ``mcp-session-id``), and refuses (429) one more than ``per_tenant``.
 
     It follows the SDK from the outside, by the ``mcp-session-id`` header: a session is born with the answer
     that carries a new id, ends with a DELETE that succeeds or any 404 for its id (the SDK no longer knows it),
@@ -161,7 +162,7 @@ class TransportSessions:
     def __init__(self, per_tenant: int = 32, idle_timeout: float = DEFAULT_SESSION_IDLE_TIMEOUT) -> None:
         self.per_tenant = per_tenant
         self.idle_timeout = idle_timeout
-        self._sessions: dict[str, _Transport] = {}
+        self._lives: dict[str, _Transport] = {}
         self._opening: dict[int, int] = {}  # tenant id -> opening requests in flight
 
     def _alive(self, transport: _Transport, now: float) -> bool:
@@ -169,9 +170,9 @@ class TransportSessions:
 
     def count(self, tenant_id: int) -> int:
         now = time.monotonic()
-        for sid in [sid for sid, t in self._sessions.items() if not self._alive(t, now)]:
-            del self._sessions[sid]
-        return sum(1 for t in self._sessions.values() if t.tenant_id == tenant_id) + self._opening.get(tenant_id, 0)
+        for sid in [sid for sid, t in self._lives.items() if not self._alive(t, now)]:
+            del self._lives[sid]
+        return sum(1 for t in self._lives.values() if t.tenant_id == tenant_id) + self._opening.get(tenant_id, 0)
 
     async def __call__(self, app: ASGIApp, tenant: Any, scope: Scope, receive: Receive, send: Send) -> None:
         headers = dict(scope.get("headers") or [])
@@ -179,7 +180,7 @@ class TransportSessions:
         if session_id is None:
             await self._open(app, tenant, scope, receive, send)
             return
-        transport = self._sessions.get(session_id)
+        transport = self._lives.get(session_id)
         mine = transport is not None and transport.tenant_id == tenant.id
         status: list[int] = []
 
@@ -198,7 +199,7 @@ class TransportSessions:
                 transport.last_seen = time.monotonic()
                 ended = status[:1] == [404] or (scope.get("method") == "DELETE" and status[:1] == [200])
                 if ended:
-                    self._sessions.pop(session_id, None)
+                    self._lives.pop(session_id, None)
 
     async def _open(self, app: ASGIApp, tenant: Any, scope: Scope, receive: Receive, send: Send) -> None:
         if scope.get("method") == "POST" and self.count(tenant.id) >= self.per_tenant:
@@ -224,7 +225,7 @@ class TransportSessions:
             if message["type"] == "http.response.start":
                 for name, value in message.get("headers") or []:
                     if name.lower() == b"mcp-session-id":
-                        self._sessions[value.decode("latin-1")] = _Transport(tenant.id)
+                        self._lives[value.decode("latin-1")] = _Transport(tenant.id)
                         opened()  # the same moment: never counted twice, nor zero times
             await send(message)
 
@@ -240,7 +241,7 @@ class _KeepServerState:
     itself, and the MCP handlers still need the server's registry), and names the tenant as the scope's
     authenticated user, which binds each MCP transport session to the tenant that opened it."""
 
-    def __init__(self, app: ASGIApp, transports: TransportSessions) -> None:
+    def __init__(self, app: ASGIApp, transports: McpConnections) -> None:
         self.app = app
         self.transports = transports
 
@@ -262,5 +263,5 @@ def server_mount(path: str = "/mcp", *, host: str = "127.0.0.1", max_sessions: i
     """The authenticated ``/mcp`` mount for ``sandlot.server.serve(mounts=[...])``: ``max_sessions`` sandbox
     sessions and ``transports_per_tenant`` MCP transport sessions per tenant."""
     app = build_mcp_app(RegistrySandboxes(), caller_of=_caller, host=host, max_sessions=max_sessions)
-    return Mount(path, _KeepServerState(app, TransportSessions(transports_per_tenant)), authenticated=True,
+    return Mount(path, _KeepServerState(app, McpConnections(transports_per_tenant)), authenticated=True,
                  lifespan=lambda: app.router.lifespan_context(app))

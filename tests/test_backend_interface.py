@@ -15,8 +15,8 @@ import json
 import pytest
 
 from sandlot import InvalidRequest, SandboxNotFound
-from sandlot._backends.base import Backend, Capabilities, Counters, SandboxProcess
-from sandlot._backends.registry import ISOLATIONS, backend_class, tiers_with
+from sandlot._backends.base import Backend, Capabilities, Counters, BackendSandbox
+from sandlot._backends.registry import ISOLATIONS, backend_class, isolations_with
 from sandlot._engine import default_engine
 from sandlot._host import cgroups
 from sandlot._limits import Limits
@@ -43,7 +43,7 @@ def _cgroup_value(sandbox_id: str, v2: str, v1: str) -> str:
     return (found[0] / name).read_text().strip()
 
 
-async def _answers(proc: SandboxProcess) -> bool:
+async def _answers(proc: BackendSandbox) -> bool:
     """The agent replies on the handle's channel (a ping, as the SDK sends after a resume)."""
     import asyncio
 
@@ -68,11 +68,11 @@ def test_the_registry_lists_both_tiers_and_refuses_an_unknown_one():
     with pytest.raises(InvalidRequest, match="unknown isolation"):
         backend_class("vmware")
     # What each tier says it can do, as the README describes the tiers today.
-    assert tiers_with("pause") == ["gvisor"] and tiers_with("checkpoint") == ["gvisor"]
-    assert tiers_with("fork") == ["process"]  # sandboxes forked from a per-template zygote
-    assert tiers_with("network") == [] and tiers_with("mounts") == []  # no tier grants these yet
+    assert isolations_with("pause") == ["gvisor"] and isolations_with("checkpoint") == ["gvisor"]
+    assert isolations_with("fork") == ["process"]  # sandboxes forked from a per-template zygote
+    assert isolations_with("network") == [] and isolations_with("mounts") == []  # no tier grants these yet
     with pytest.raises(AttributeError):
-        tiers_with("teleport")
+        isolations_with("teleport")
 
 
 def test_capabilities_are_frozen_data():
@@ -100,7 +100,7 @@ async def test_describe_is_plain_json_that_finds_the_sandbox_again(live):
     backend, proc = live
     record = proc.describe()
     assert json.loads(json.dumps(record)) == record
-    assert record["tier"] == backend.name and record["id"] == proc.id
+    assert record["isolation"] == backend.name and record["id"] == proc.id
     assert record["template"] == "python" and record["paused"] is False
     assert Limits.build(record["limits"]) == proc.limits
 
@@ -156,7 +156,7 @@ async def test_adopt_takes_back_what_the_tier_can(live):
             await backend.adopt(json.loads(json.dumps(proc.describe())))
         return
     with pytest.raises(InvalidRequest, match="not a sandbox id"):
-        await backend.adopt({"tier": backend.name, "id": "../../etc"})
+        await backend.adopt({"isolation": backend.name, "id": "../../etc"})
     with pytest.raises(SandboxNotFound):  # a live sandbox has no checkpoint to take back
         await backend.adopt(proc.describe())
     await proc.pause()

@@ -414,7 +414,7 @@ async def test_claimed_sandbox_is_owned_or_killed(memory):
         taken = _taken(before, pool)
         assert taken, "the create did not take a warm sandbox"
         for proc in taken:
-            if sb is not None and proc is sb._handle.process:
+            if sb is not None and proc is sb._handle.backend_sandbox:
                 assert (await sb.run_code("1 + 1")).text == "2"
                 continue
             assert proc.killed_reason is not None, "a claimed sandbox was left running, owned by nobody"

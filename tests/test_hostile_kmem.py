@@ -302,7 +302,7 @@ def _ready_ids(backend: str) -> set[str]:
     from sandlot._engine import default_engine
     from sandlot._sync import _LoopThread
 
-    return {p.id for p in default_engine().pools.ready(loop=_LoopThread.loop(), tier=backend, template="python")}
+    return {p.id for p in default_engine().pools.ready(loop=_LoopThread.loop(), isolation=backend, template="python")}
 
 
 def _wait_for_warm(backend: str, timeout: float = 120) -> set[str]:
@@ -370,7 +370,7 @@ def test_a_cgroup_write_the_kernel_refuses_is_a_sandlot_error():
     with sandlot.Sandbox(limits={"memory": "512M"}) as sb:
         touch = "blob = bytearray(200 * 1024 * 1024); blob[::4096] = b'x' * len(blob[::4096]); 1"
         assert sb.run_code(touch).text == "1"
-        cgroup = sb._async._handle.process.cgroup  # the one path that re-applies limits to a live cgroup: a pool claim
+        cgroup = sb._async._handle.backend_sandbox.cgroup  # the one path that re-applies limits to a live cgroup: a pool claim
         if cgroup.version == 2:
             pytest.skip("v2 reclaims or OOM-kills on memory.max instead of refusing the write")
         with pytest.raises(SandlotError) as info:

@@ -18,7 +18,7 @@ from .._host import cgroups, seccomp
 from .._host.channel import CLOSED, Channel
 from .._limits import Limits
 from .._templates import Template
-from .base import Counters, SandboxProcess
+from .base import Counters, BackendSandbox
 
 AGENT_DIR = Path(__file__).resolve().parent.parent / "_agent"
 
@@ -117,7 +117,7 @@ async def boot_message(channel: Channel, who: str = "sandbox") -> dict:
 
 
 # -- the handle's cgroup side --------------------------------------------------------------------------
-class CgroupSandbox(SandboxProcess):
+class CgroupSandbox(BackendSandbox):
     """A handle whose sandbox lives in one cgroup (both tiers): limits and counters are the kernel's."""
 
     cgroup: cgroups.Cgroup

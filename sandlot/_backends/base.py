@@ -1,6 +1,6 @@
 """The backend interface: small and Popen-like, in the spirit of jupyter_client's provisioners.
 
-A backend starts a sandbox running the agent and hands back a ``SandboxProcess``: a channel that
+A backend starts a sandbox running the agent and hands back a ``BackendSandbox``: a channel that
 speaks the wire protocol, plus process control, limits and the kernel's counters. Everything above
 (sessions, commands, files, limits reporting, pools, the server) is written once against this
 interface and asks a tier's declared ``Capabilities``, never the handle's attributes, what it can do.
@@ -53,9 +53,9 @@ class Counters:
     processes: Optional[int] = None  # counted only when asked: it lists the sandbox's tasks
 
 
-class SandboxProcess(abc.ABC):
+class BackendSandbox(abc.ABC):
     id: str
-    tier: ClassVar[str] = "?"  # the name of the backend that made it
+    isolation: ClassVar[str] = "?"  # the name of the backend (tier) that made it
     template: str
     limits: Limits
     channel: Channel
@@ -105,13 +105,13 @@ class SandboxProcess(abc.ABC):
         raise self._unsupported("pause")
 
     def _unsupported(self, capability: str) -> InvalidRequest:
-        able = " or ".join(f"isolation={name!r}" for name in _tiers_with(capability)) or "a tier that can"
-        return InvalidRequest(f"the {self.tier} tier cannot {capability}: use {able}")
+        able = " or ".join(f"isolation={name!r}" for name in _isolations_with(capability)) or "a tier that can"
+        return InvalidRequest(f"the {self.isolation} tier cannot {capability}: use {able}")
 
     # -- taking a sandbox back -----------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
         """Plain JSON data enough to find this sandbox again (``Backend.adopt`` takes it back)."""
-        return {"tier": self.tier, "id": self.id, "template": self.template, "limits": self.limits.to_dict(),
+        return {"isolation": self.isolation, "id": self.id, "template": self.template, "limits": self.limits.to_dict(),
                 "paused": self.paused}
 
 
@@ -143,21 +143,21 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     async def start(self, template: Template, limits: Limits, env: dict[str, str], *,
-                    awaited: bool = False) -> SandboxProcess:
+                    awaited: bool = False) -> BackendSandbox:
         """A new sandbox running the agent. ``awaited``: a caller is waiting for this one (not a warm
         pool filling up), so it should be ready as soon as possible rather than fully warmed."""
 
     async def prepare(self, template: Template) -> None:
         """Make the next start of ``template`` fast (a tier that forks starts its parent now)."""
 
-    async def adopt(self, record: Mapping[str, Any]) -> SandboxProcess:
+    async def adopt(self, record: Mapping[str, Any]) -> BackendSandbox:
         """The sandbox ``record`` (from ``describe()``, maybe of an earlier process) describes, taken over
         by this process: SandboxNotFound when it is gone, InvalidRequest when this tier cannot."""
         raise InvalidRequest(f"the {self.name} tier cannot take a sandbox back: its sandboxes end with "
                              "their owner")
 
 
-def _tiers_with(capability: str) -> list[str]:
+def _isolations_with(capability: str) -> list[str]:
     """The tiers loaded in this process that declare ``capability`` (without importing any: the
     registry loads every tier before it hands out a backend, so this is all of them by then)."""
     found, todo = [], list(Backend.__subclasses__())

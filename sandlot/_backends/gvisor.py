@@ -233,7 +233,7 @@ def sweep_stale(min_age: float = 60.0) -> int:
 
 
 class GVisorSandbox(CgroupSandbox):
-    tier = "gvisor"
+    isolation = "gvisor"
 
     def __init__(self, sandbox_id: str, limits: Limits, cgroup: cgroups.Cgroup, home: Path,
                  template: str = "python") -> None:

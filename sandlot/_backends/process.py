@@ -69,7 +69,7 @@ class ProcessSandbox(CgroupSandbox):
     """A live sandbox. ``pid`` is its outermost process on the host (the boot process, or the
     zygote's child); pid 1 of the sandbox is held by pidfd and killing it ends everything."""
 
-    tier = "process"
+    isolation = "process"
 
     def __init__(self, sandbox_id: str, limits: Limits, pid: int, channel: Channel, cgroup: cgroups.Cgroup,
                  popen: Optional[subprocess.Popen] = None, release=None, template: str = "python") -> None:
@@ -229,9 +229,15 @@ class ProcessBackend(Backend):
         if not ProcessBackend._swept:
             ProcessBackend._swept = True
             cgroups.sweep_stale()
-        if zygote is None:
-            zygote = _config.use_zygote()
-        self.use_zygote = zygote
+        self._zygote_choice = zygote  # None: follow SANDLOT_ZYGOTE, read at each start
+
+    @property
+    def use_zygote(self) -> bool:
+        return _config.use_zygote() if self._zygote_choice is None else self._zygote_choice
+
+    @use_zygote.setter
+    def use_zygote(self, enabled: Optional[bool]) -> None:
+        self._zygote_choice = enabled
 
     def zygote_for(self, template: Template) -> Zygote:
         config = template_config(template, {})

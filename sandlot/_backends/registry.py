@@ -14,7 +14,7 @@ from .. import _config
 from .._exceptions import InvalidRequest
 from .base import Backend
 
-__all__ = ["ISOLATIONS", "backend_class", "default_isolation", "supports", "tiers_with"]
+__all__ = ["ISOLATIONS", "backend_class", "default_isolation", "supports", "isolations_with"]
 
 ISOLATIONS = ("process", "gvisor")
 
@@ -40,7 +40,7 @@ def backend_class(isolation: str) -> type[Backend]:
     return cls
 
 
-def tiers_with(capability: str) -> list[str]:
+def isolations_with(capability: str) -> list[str]:
     """The tiers that declare ``capability`` (a field of ``Capabilities``), in registry order."""
     return [name for name in ISOLATIONS if getattr(backend_class(name).capabilities, capability)]
 

@@ -54,7 +54,7 @@ def _reserved(table: dict[int, list[Limits]], tenant_id: int, limits: Limits) ->
 
 
 @dataclasses.dataclass
-class Session:
+class LiveSandbox:
     sandbox: AsyncSandbox  # over the engine's LocalSandbox
     tenant: Tenant
     template: str
@@ -75,7 +75,7 @@ class Registry:
         self.store = store
         self.settings = settings
         self.metrics = metrics
-        self.live: dict[str, Session] = {}
+        self.live: dict[str, LiveSandbox] = {}
         self._creating: dict[int, list[Limits]] = {}  # tenant id -> creations in flight (they count against quotas)
         self._resuming: dict[int, list[Limits]] = {}  # tenant id -> resumes in flight (they count against totals)
         self._tasks: set[asyncio.Task] = set()
@@ -117,7 +117,7 @@ class Registry:
     async def create(self, tenant: Tenant, *, template: str = "python", timeout: Optional[float] = None,
                      limits: Optional[Mapping[str, Any]] = None, env: Optional[Mapping[str, str]] = None,
                      metadata: Optional[Mapping[str, str]] = None, isolation: str = "process",
-                     one_shot: bool = False) -> Session:
+                     one_shot: bool = False) -> LiveSandbox:
         if isolation not in self.settings.isolations:
             raise InvalidRequest(f"isolation {isolation[:32]!r} is not enabled on this server; "
                                  f"enabled: {list(self.settings.isolations)}")
@@ -136,24 +136,24 @@ class Registry:
         self.metrics.create_seconds.observe(time.monotonic() - started)
         self.metrics.created.labels(template).inc()
         now = time.time()
-        session = Session(sandbox, tenant, template, now, CommandTable(self.settings.max_background_commands),
+        live = LiveSandbox(sandbox, tenant, template, now, CommandTable(self.settings.max_background_commands),
                           built, one_shot)
-        self.live[session.id] = session
+        self.live[live.id] = live
         if not one_shot:
-            self.store.add_sandbox(session.id, tenant, template, dict(metadata or {}), built.to_dict(), now,
+            self.store.add_sandbox(live.id, tenant, template, dict(metadata or {}), built.to_dict(), now,
                                    now + built.lifetime, sandbox.isolation)
-            self.store.audit(tenant.name, "create", session.id,
+            self.store.audit(tenant.name, "create", live.id,
                              json.dumps({"template": template, "metadata": dict(metadata or {})}), tenant.key_id)
-        return session
+        return live
 
     # -- lookup --------------------------------------------------------------------------------------
-    def get(self, tenant: Tenant, sandbox_id: str) -> Session:
+    def get(self, tenant: Tenant, sandbox_id: str) -> LiveSandbox:
         """The tenant's live sandbox, or SandboxNotFound saying what became of it."""
-        session = self.live.get(sandbox_id)
-        if session is not None and session.tenant.id == tenant.id and not session.one_shot:
-            if session.sandbox.is_running or session.sandbox.is_paused:  # a paused one says so when used
-                return session
-            self._finish(session)
+        live = self.live.get(sandbox_id)
+        if live is not None and live.tenant.id == tenant.id and not live.one_shot:
+            if live.sandbox.is_running or live.sandbox.is_paused:  # a paused one says so when used
+                return live
+            self._finish(live)
         row = self.store.sandbox(tenant, sandbox_id)
         if row is None:
             raise SandboxNotFound(f"no sandbox {sandbox_id[:80]!r}")
@@ -170,15 +170,15 @@ class Registry:
 
     # -- pause and resume (gVisor tier) ------------------------------------------------------------
     async def pause(self, tenant: Tenant, sandbox_id: str) -> PauseInfo:
-        session = self.get(tenant, sandbox_id)
-        info = await session.sandbox.pause()
+        live = self.get(tenant, sandbox_id)
+        info = await live.sandbox.pause()
         self.store.set_paused(sandbox_id, True)
         self.store.audit(tenant.name, "pause", sandbox_id, f"{info.checkpoint_bytes} bytes", tenant.key_id)
         return info
 
     async def resume(self, tenant: Tenant, sandbox_id: str) -> PauseInfo:
-        session = self.live.get(sandbox_id)
-        if session is None or session.tenant.id != tenant.id or session.one_shot:
+        live = self.live.get(sandbox_id)
+        if live is None or live.tenant.id != tenant.id or live.one_shot:
             # Paused by an earlier server process: its checkpoint waits on disk.
             row = self.store.sandbox(tenant, sandbox_id)
             if row is None or row.status != "paused":
@@ -193,17 +193,17 @@ class Registry:
                 handle = await self.engine.take_back(sandbox_id, row.isolation)  # resumes it
             spec = SandboxSpec.build(row.template, isolation=row.isolation, limits=limits, metadata=row.metadata)
             sandbox = AsyncSandbox._of(handle, spec, self.transport)
-            session = Session(sandbox, tenant, row.template, row.created_at,
+            live = LiveSandbox(sandbox, tenant, row.template, row.created_at,
                               CommandTable(self.settings.max_background_commands), limits)
-            self.live[sandbox_id] = session
+            self.live[sandbox_id] = live
             info = PauseInfo(seconds=time.monotonic() - started, checkpoint_bytes=0)
         else:
-            if not session.sandbox.is_paused:
-                info = await session.sandbox.resume()  # says it is not paused
+            if not live.sandbox.is_paused:
+                info = await live.sandbox.resume()  # says it is not paused
             else:  # it holds memory and pids again once resumed
-                check_totals(tenant.name, self.usage(tenant), session.limits, quotas_for(self.settings, tenant))
-                with _reserved(self._resuming, tenant.id, session.limits):
-                    info = await session.sandbox.resume()
+                check_totals(tenant.name, self.usage(tenant), live.limits, quotas_for(self.settings, tenant))
+                with _reserved(self._resuming, tenant.id, live.limits):
+                    info = await live.sandbox.resume()
         self.store.set_paused(sandbox_id, False)
         self.store.audit(tenant.name, "resume", sandbox_id, None, tenant.key_id)
         return info
@@ -211,36 +211,36 @@ class Registry:
     # -- ending ----------------------------------------------------------------------------------
     async def kill(self, tenant: Tenant, sandbox_id: str) -> SandboxRow:
         """End the tenant's sandbox. Killing one that already ended is not an error (like the SDK's kill)."""
-        session = self.live.get(sandbox_id)
-        if session is not None and session.tenant.id == tenant.id and not session.one_shot:
-            await session.sandbox.kill()
-            self._finish(session, "killed by its owner", cause="owner")
+        live = self.live.get(sandbox_id)
+        if live is not None and live.tenant.id == tenant.id and not live.one_shot:
+            await live.sandbox.kill()
+            self._finish(live, "killed by its owner", cause="owner")
             self.store.audit(tenant.name, "kill", sandbox_id, None, tenant.key_id)
         return self.row(tenant, sandbox_id)
 
-    def _finish(self, session: Session, reason: Optional[str] = None, status: str = "ended",
+    def _finish(self, live: LiveSandbox, reason: Optional[str] = None, status: str = "ended",
                 cause: Optional[str] = None) -> None:
         """Record that a sandbox ended and free its place. Idempotent.
 
         ``cause`` labels the metric: "owner", "one_shot", "shutdown", or (ended on its own) the limit
         that ended it ("lifetime", "idle_timeout", "timeout", "memory"...) or "crash"."""
-        if self.live.pop(session.id, None) is None:
+        if self.live.pop(live.id, None) is None:
             return
-        sandbox = session.sandbox
+        sandbox = live.sandbox
         reason = reason or sandbox.end_reason or "it ended"
         limit = sandbox.end_limit
-        if not session.one_shot:
-            self.store.end_sandbox(session.id, status, reason)
+        if not live.one_shot:
+            self.store.end_sandbox(live.id, status, reason)
             if cause is None:  # it ended on its own, not by a request: the audit log says so too
-                self.store.audit(session.tenant.name, "end", session.id, reason)
+                self.store.audit(live.tenant.name, "end", live.id, reason)
         self.metrics.ended.labels(cause or limit or "crash").inc()
         if cause is None and limit in ("lifetime", "idle_timeout"):
             self.metrics.limit_kills.labels(limit).inc()
         self._spawn(sandbox.kill())  # idempotent; makes sure a crashed sandbox is cleaned up too
 
-    async def end_one_shot(self, session: Session) -> None:
-        await session.sandbox.kill()
-        self._finish(session, "one-shot run finished", cause="one_shot")
+    async def end_one_shot(self, live: LiveSandbox) -> None:
+        await live.sandbox.kill()
+        self._finish(live, "one-shot run finished", cause="one_shot")
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -249,16 +249,16 @@ class Registry:
 
     def collect(self) -> None:
         """Record every sandbox that ended on its own since last time."""
-        for session in list(self.live.values()):
-            if not session.sandbox.is_running and not session.sandbox.is_paused:
-                self._finish(session)
+        for live in list(self.live.values()):
+            if not live.sandbox.is_running and not live.sandbox.is_paused:
+                self._finish(live)
 
     async def set_timeout(self, tenant: Tenant, sandbox_id: str, seconds: float) -> SandboxRow:
-        session = self.get(tenant, sandbox_id)
+        live = self.get(tenant, sandbox_id)
         now = time.time()
-        self.settings.ceilings.check_lifetime(now - session.created_at + seconds)
-        check_lifetime(tenant.name, now - session.created_at + seconds, quotas_for(self.settings, tenant))
-        await session.sandbox.set_timeout(seconds)
+        self.settings.ceilings.check_lifetime(now - live.created_at + seconds)
+        check_lifetime(tenant.name, now - live.created_at + seconds, quotas_for(self.settings, tenant))
+        await live.sandbox.set_timeout(seconds)
         self.store.set_expiry(sandbox_id, now + seconds)
         self.store.audit(tenant.name, "set_timeout", sandbox_id, f"{seconds:g}", tenant.key_id)
         return self.row(tenant, sandbox_id)
@@ -310,10 +310,10 @@ class Registry:
         if self._reaper is not None:
             self._reaper.cancel()
         # Paused sandboxes stay on disk (and "paused" in the database): a later server resumes them.
-        sessions = [s for s in self.live.values() if not s.sandbox.is_paused]
-        await asyncio.gather(*(s.sandbox.kill() for s in sessions), return_exceptions=True)
-        for session in sessions:
-            self._finish(session, LOST_ON_SHUTDOWN, status="lost", cause="shutdown")
+        held = [s for s in self.live.values() if not s.sandbox.is_paused]
+        await asyncio.gather(*(s.sandbox.kill() for s in held), return_exceptions=True)
+        for live in held:
+            self._finish(live, LOST_ON_SHUTDOWN, status="lost", cause="shutdown")
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.engine.shutdown()

@@ -1,4 +1,4 @@
-"""Running things: code in a sandbox's session, shell commands (foreground or background), one-shot code.
+"""Running things: code in a sandbox's live, shell commands (foreground or background), one-shot code.
 
 Each has a JSON answer and, with ``stream: true``, an NDJSON one whose events arrive while the work runs.
 """
@@ -21,7 +21,7 @@ from .. import ndjson
 from ..background import BackgroundCommand
 from ..deps import Owner, ServerState, State
 from ..metrics import limit_label
-from ..registry import Session
+from ..registry import LiveSandbox
 from ..schemas import (NDJSON, STREAM_DOC, BackgroundCommandOut, CommandInput, CommandResultOut, CommandSignal,
                        ErrorBody, ExecutionOut, RunCode, RunCommand, RunOnce, execution_out)
 from ..store import Tenant
@@ -46,40 +46,40 @@ def _emitters(emit: Optional[ndjson.Emit]) -> dict:
 
 
 # -- code -------------------------------------------------------------------------------------------
-async def _run_code(state: ServerState, session: Session, tenant: Tenant, code: str, timeout: Optional[float],
+async def _run_code(state: ServerState, live: LiveSandbox, tenant: Tenant, code: str, timeout: Optional[float],
                     emit: Optional[ndjson.Emit] = None) -> Execution:
     callbacks = _emitters(emit)
     if emit is not None:
         callbacks["on_result"] = lambda r: emit({"type": "result", "result": dataclasses.asdict(r)})
-    execution = await session.sandbox.run_code(code, timeout=timeout, **callbacks)
+    execution = await live.sandbox.run_code(code, timeout=timeout, **callbacks)
     error = execution.error
     state.metrics.execution("code", execution.usage.wall_seconds, error.limit if error else None, error is not None)
     return execution
 
 
-def _code_end(execution: Execution, emit: ndjson.Emit, session: Session) -> dict:
+def _code_end(execution: Execution, emit: ndjson.Emit, live: LiveSandbox) -> dict:
     if execution.error is not None:
         emit({"type": "error", "error": dataclasses.asdict(execution.error)})
     end = {"type": "end", "execution_count": execution.execution_count,
            "usage": dataclasses.asdict(execution.usage), "truncated": execution.truncated}
-    sandbox = session.sandbox
+    sandbox = live.sandbox
     if not sandbox.is_running and not sandbox.is_paused:  # the call ended it (a limit): the client knows at once
         end["sandbox_ended"] = {"reason": sandbox.end_reason, "limit": sandbox.end_limit}
     return end
 
 
 @router.post("/v1/sandboxes/{sandbox_id}/code", response_model=ExecutionOut, responses=_STREAMS,
-             summary="Run Python in the sandbox's session (state persists between calls)")
+             summary="Run Python in the sandbox's live (state persists between calls)")
 async def run_code(sandbox_id: str, body: RunCode, tenant: Owner, state: State) -> Any:
-    session = state.registry.get(tenant, sandbox_id)
+    live = state.registry.get(tenant, sandbox_id)
     state.registry.check_call_timeout(body.timeout)
     _fits_one_frame({"t": "exec", "id": 1, "code": body.code})
     state.store.audit(tenant.name, "run_code", sandbox_id, body.code[:1000], tenant.key_id)
     if not body.stream:
-        return ndjson.finite(execution_out(await _run_code(state, session, tenant, body.code, body.timeout)))
+        return ndjson.finite(execution_out(await _run_code(state, live, tenant, body.code, body.timeout)))
 
     async def work(emit: ndjson.Emit) -> dict:
-        return _code_end(await _run_code(state, session, tenant, body.code, body.timeout, emit), emit, session)
+        return _code_end(await _run_code(state, live, tenant, body.code, body.timeout, emit), emit, live)
 
     return ndjson.response(work, state.settings.heartbeat)
 
@@ -89,20 +89,20 @@ async def run_code(sandbox_id: str, body: RunCode, tenant: Owner, state: State) 
 async def run_once(body: RunOnce, tenant: Owner, state: State) -> Any:
     _fits_one_frame({"t": "exec", "id": 1, "code": body.code})
     state.registry.check_call_timeout(body.timeout)
-    session = await state.registry.create(tenant, template=body.template, limits=body.limits, env=body.env,
+    live = await state.registry.create(tenant, template=body.template, limits=body.limits, env=body.env,
                                           isolation=body.isolation, one_shot=True)
     state.store.audit(tenant.name, "run_once", None, body.code[:1000], tenant.key_id)
     if not body.stream:
         try:
-            return ndjson.finite(execution_out(await _run_code(state, session, tenant, body.code, body.timeout)))
+            return ndjson.finite(execution_out(await _run_code(state, live, tenant, body.code, body.timeout)))
         finally:
-            await state.registry.end_one_shot(session)
+            await state.registry.end_one_shot(live)
 
     async def work(emit: ndjson.Emit) -> dict:
         try:
-            return _code_end(await _run_code(state, session, tenant, body.code, body.timeout, emit), emit, session)
+            return _code_end(await _run_code(state, live, tenant, body.code, body.timeout, emit), emit, live)
         finally:
-            await state.registry.end_one_shot(session)
+            await state.registry.end_one_shot(live)
 
     return ndjson.response(work, state.settings.heartbeat)
 
@@ -124,7 +124,7 @@ def _background_out(command: BackgroundCommand) -> BackgroundCommandOut:
 @router.post("/v1/sandboxes/{sandbox_id}/commands", response_model=Union[CommandResultOut, BackgroundCommandOut],
              responses=_STREAMS, summary="Run a shell command (/bin/sh -c) in the sandbox")
 async def run_command(sandbox_id: str, body: RunCommand, tenant: Owner, state: State) -> Any:
-    session = state.registry.get(tenant, sandbox_id)
+    live = state.registry.get(tenant, sandbox_id)
     state.registry.check_call_timeout(body.timeout)
     stdin: Union[str, bytes, None] = body.stdin
     if body.stdin is not None and body.stdin_base64:
@@ -136,11 +136,11 @@ async def run_command(sandbox_id: str, body: RunCommand, tenant: Owner, state: S
     _fits_one_frame({"t": "cmd", "id": 1, "cmd": body.cmd, "env": body.env or {}, "cwd": body.cwd, "stdin": True})
     state.store.audit(tenant.name, "command", sandbox_id, body.cmd[:1000], tenant.key_id)
     if body.background:
-        command = session.commands.add()
+        command = live.commands.add()
         try:
-            await command.start(session.sandbox, body.cmd, **options)
+            await command.start(live.sandbox, body.cmd, **options)
         except BaseException:
-            session.commands.discard(command)
+            live.commands.discard(command)
             raise
         for _ in range(50):  # its pid arrives with the agent's first word about it, within milliseconds
             if command.handle.pid is not None or not command.running:
@@ -149,7 +149,7 @@ async def run_command(sandbox_id: str, body: RunCommand, tenant: Owner, state: S
         return _background_out(command)
 
     async def run(emit: Optional[ndjson.Emit] = None) -> CommandResult:
-        result = await session.sandbox.commands.run(body.cmd, **options, **_emitters(emit))
+        result = await live.sandbox.commands.run(body.cmd, **options, **_emitters(emit))
         limit = limit_label(result)
         state.metrics.execution("command", result.usage.wall_seconds, limit, bool(result.exit_code) or bool(limit))
         return result

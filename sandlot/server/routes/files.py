@@ -30,16 +30,16 @@ def _entry(info) -> EntryOut:
 @router.put("", response_model=EntryOut, openapi_extra=_UPLOAD, summary="Upload (streamed) a file")
 async def upload(sandbox_id: str, path: Path, request: Request, tenant: Owner, state: State,
                  append: bool = False) -> EntryOut:
-    session = state.registry.get(tenant, sandbox_id)
+    live = state.registry.get(tenant, sandbox_id)
     state.store.audit(tenant.name, "file_write", sandbox_id, path, tenant.key_id)
-    return _entry(await session.sandbox.files.write(path, request.stream(), append=append))
+    return _entry(await live.sandbox.files.write(path, request.stream(), append=append))
 
 
 @router.get("", response_class=StreamingResponse, summary="Download (streamed) a file",
             responses={200: {"content": {"application/octet-stream": {}}, "description": "The file's bytes"}})
 async def download(sandbox_id: str, path: Path, tenant: Owner, state: State) -> Any:
-    session = state.registry.get(tenant, sandbox_id)
-    stream = await session.sandbox.files.read(path, format="stream")
+    live = state.registry.get(tenant, sandbox_id)
+    stream = await live.sandbox.files.read(path, format="stream")
     # Pull the first chunk before answering, so a missing file is a 404 and not a broken 200.
     try:
         first = await stream.__anext__()
@@ -59,17 +59,17 @@ async def download(sandbox_id: str, path: Path, tenant: Owner, state: State) -> 
 
 @router.delete("", status_code=204, summary="Remove a file or a directory tree")
 async def remove(sandbox_id: str, path: Path, tenant: Owner, state: State) -> Response:
-    session = state.registry.get(tenant, sandbox_id)
+    live = state.registry.get(tenant, sandbox_id)
     state.store.audit(tenant.name, "file_remove", sandbox_id, path, tenant.key_id)
-    await session.sandbox.files.remove(path)
+    await live.sandbox.files.remove(path)
     return Response(status_code=204)
 
 
 @router.get("/list", response_model=list[EntryOut], summary="List a directory")
 async def list_dir(sandbox_id: str, tenant: Owner, state: State, path: Path = "/home/user",
                    depth: Annotated[int, Query(ge=1, le=32)] = 1) -> list[EntryOut]:
-    session = state.registry.get(tenant, sandbox_id)
-    return [_entry(e) for e in await session.sandbox.files.list(path, depth=depth)]
+    live = state.registry.get(tenant, sandbox_id)
+    return [_entry(e) for e in await live.sandbox.files.list(path, depth=depth)]
 
 
 @router.get("/stat", response_model=EntryOut, summary="Describe one path")
@@ -84,6 +84,6 @@ async def exists(sandbox_id: str, path: Path, tenant: Owner, state: State) -> Ex
 
 @router.post("/mkdir", response_model=MakeDirOut, summary="Make a directory and its parents")
 async def mkdir(sandbox_id: str, body: MakeDir, tenant: Owner, state: State) -> MakeDirOut:
-    session = state.registry.get(tenant, sandbox_id)
+    live = state.registry.get(tenant, sandbox_id)
     state.store.audit(tenant.name, "mkdir", sandbox_id, body.path, tenant.key_id)
-    return MakeDirOut(created=await session.sandbox.files.mkdir(body.path))
+    return MakeDirOut(created=await live.sandbox.files.mkdir(body.path))

@@ -24,9 +24,9 @@ def sandbox_out(row: SandboxRow) -> SandboxOut:
 
 @router.post("", status_code=201, response_model=SandboxOut, summary="Create a sandbox")
 async def create(body: CreateSandbox, tenant: Owner, state: State) -> SandboxOut:
-    session = await state.registry.create(tenant, template=body.template, timeout=body.timeout, limits=body.limits,
+    live = await state.registry.create(tenant, template=body.template, timeout=body.timeout, limits=body.limits,
                                           env=body.env, metadata=body.metadata, isolation=body.isolation)
-    return sandbox_out(state.registry.row(tenant, session.id))
+    return sandbox_out(state.registry.row(tenant, live.id))
 
 
 def _metadata_filter(pairs: list[str]) -> dict[str, str]:
@@ -88,7 +88,7 @@ async def resume(sandbox_id: str, tenant: Owner, state: State) -> PauseOut:
 
 
 @router.post("/{sandbox_id}/interrupt", response_model=SandboxOut,
-             summary="KeyboardInterrupt to the code running now (the session keeps its variables)")
+             summary="KeyboardInterrupt to the code running now (the live keeps its variables)")
 async def interrupt(sandbox_id: str, tenant: Owner, state: State) -> SandboxOut:
     await state.registry.get(tenant, sandbox_id).sandbox.interrupt()
     return sandbox_out(state.registry.row(tenant, sandbox_id))
