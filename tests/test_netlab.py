@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import pytest
 
@@ -215,3 +216,25 @@ def test_closing_the_lab_leaves_nothing_behind():
     for pid in pids:
         assert not os.path.exists(f"/proc/{pid}"), f"process {pid} outlived the lab"
     assert not directory.exists()
+
+
+def test_pip_installs_the_wheel_from_the_lab_index(lab, tmp_path):
+    target = tmp_path / "site"
+    lab.run([sys.executable, "-m", "pip", "install", "--isolated",
+             "--cert", str(lab.ca_path), "--index-url", "https://pypi.org/simple/", "--target", str(target),
+             "--no-cache-dir", "--disable-pip-version-check", netlab.WHEEL_PROJECT], resolv=True, timeout=180)
+    value = lab.python(f"import {netlab.WHEEL_MODULE} as m; print(m.VALUE)",
+                       env={"PYTHONPATH": str(target)}).stdout.strip()
+    assert value == netlab.WHEEL_VALUE
+    fetched = [(r["host"], r["path"]) for r in lab.requests()]
+    assert ("pypi.org", f"/simple/{netlab.WHEEL_PROJECT}/") in fetched
+    assert ("files.pythonhosted.org", f"/packages/{lab.wheel_path.name}") in fetched
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_git_clones_the_lab_repository(lab, tmp_path, scheme):
+    clone = tmp_path / "clone"
+    lab.run(["git", "clone", "-q", f"{scheme}://git.example.com{netlab.GIT_REPO_PATH}", str(clone)], resolv=True,
+            env={"GIT_CONFIG_GLOBAL": "/dev/null", "GIT_CONFIG_NOSYSTEM": "1"})
+    assert (clone / netlab.GIT_FILE).read_text() == netlab.GIT_CONTENT
+    assert lab.requests(host="git.example.com", scheme=scheme)
