@@ -418,7 +418,8 @@ class _Dns:
             reply.add_answer(RR(name, QTYPE.CNAME, rdata=CNAME(target), ttl=ttl))
             with self.lab._lock:
                 entry, name = _normalize(self.lab.records.get(target.rstrip(".").lower(), [])), target
-        makers = {"A": A, "AAAA": AAAA, "TXT": TXT, "CNAME": CNAME, "MX": MX}
+        makers = {"A": A, "AAAA": lambda v: AAAA(list(ipaddress.IPv6Address(v).packed)),  # any spelling
+                  "TXT": TXT, "CNAME": CNAME, "MX": MX}
         if qtype in makers:
             values = entry.get(qtype, [])
             for value in ([values] if isinstance(values, str) else values):

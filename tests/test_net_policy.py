@@ -277,3 +277,13 @@ def test_decision_log_is_a_bounded_ring_with_counters():
     assert log.counters["dns_revoked"] == 1 and log.counters["bytes_out"] == 100
     with pytest.raises(ValueError):
         log.add({"kind": "udp", "verdict": "allow"})
+
+
+def test_refuses_special_is_the_rebinding_check():
+    policy = build(["*", "rebind.example.com", "10.0.0.0/24:80"])
+    assert policy.refuses_special("203.0.113.10") is None
+    assert "loopback" in policy.refuses_special("127.0.0.1")
+    assert "metadata" in policy.refuses_special("::ffff:169.254.169.254")
+    assert policy.refuses_special("10.0.0.5") is None  # a net rule names it (on some port)
+    assert "private" in policy.refuses_special("10.0.1.5")
+    assert "this host" in policy.refuses_special("203.0.113.1", {ipaddress.ip_address("203.0.113.1")})

@@ -146,6 +146,23 @@ class NetworkPolicy:
                 return Verdict(True, rule.text, "allowed by rule")
         return Verdict(False, None, "no rule allows it")
 
+    def refuses_special(self, ip: Any, host_addresses: Iterable[Any] = frozenset()) -> Optional[str]:
+        """Why an address a name resolved to must not be handed out (DNS rebinding): its special reason,
+        unless some "net" allow rule inside its special block covers it (on any port). None: acceptable."""
+        try:
+            address = parse_address(ip)
+        except ValueError:
+            return "not an IP address"
+        special = _special(address, host_addresses)
+        if special is None:
+            return None
+        reason, block = special
+        for rule in self.allow:
+            if (rule.kind == "net" and rule.covers(address) and rule.value.version == block.version
+                    and rule.value.subnet_of(block)):
+                return None
+        return reason
+
     def check_address(self, ip: Any, port: Optional[int], *, name: Optional[str] = None,
                       host_addresses: Iterable[Any] = frozenset()) -> Verdict:
         """May the sandbox connect to ip:port? With name: the address is what that (resolved) name dials,
@@ -153,7 +170,7 @@ class NetworkPolicy:
         Special addresses (special_reason, or one of host_addresses) need a "net" allow rule inside
         their special block whatever else allows them."""
         try:
-            address = _address(ip)
+            address = parse_address(ip)
         except ValueError:
             return Verdict(False, None, "not an IP address")
         normal_name = _normal_name(name) if name is not None else None
@@ -220,13 +237,13 @@ _TEREDO = ipaddress.ip_network("2001::/32")
 
 def special_reason(ip: Any, host_addresses: Iterable[Any] = frozenset()) -> Optional[str]:
     """Why an address is special (refused unless a net rule names it), or None for a public address."""
-    found = _special(_address(ip), host_addresses)
+    found = _special(parse_address(ip), host_addresses)
     return found[0] if found else None
 
 
 def _special(address: IPAddress, host_addresses: Iterable[Any]) -> Optional[tuple[str, IPNetwork]]:
     """(reason, the special block a net rule must lie inside to open it), or None."""
-    hosts = {_address(h) for h in host_addresses}
+    hosts = {parse_address(h) for h in host_addresses}
     if address in hosts:
         return "an address of this host", ipaddress.ip_network(address)
     if address.version == 4:
@@ -391,7 +408,7 @@ def _normal_name(name: str) -> Optional[str]:
     return name
 
 
-def _address(ip: Any) -> IPAddress:
+def parse_address(ip: Any) -> IPAddress:
     """An address as checked: IPv4-mapped IPv6 is the IPv4 it is; zone ids and brackets dropped."""
     if isinstance(ip, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
         address = ip
