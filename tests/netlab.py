@@ -27,6 +27,7 @@ from __future__ import annotations
 import base64
 import ctypes
 import datetime
+import errno
 import hashlib
 import http.server
 import io
@@ -473,16 +474,32 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
     return b"".join(chunks)
 
 
+def _bind_settled(sock: socket.socket, address: tuple[str, int]) -> None:
+    """bind(), allowing an address just added a moment to become usable (seen once under load:
+    EADDRNOTAVAIL right after `ip addr add`)."""
+    deadline = time.monotonic() + 3
+    while True:
+        try:
+            sock.bind(address)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EADDRNOTAVAIL or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def _server(base: type, address: str, port: int, handler: type, **attrs: Any) -> socketserver.BaseServer:
     """A threading server bound to (address, port); '::' takes IPv6 only (IPv4 gets its own socket)."""
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    plain_bind = socketserver.UDPServer.server_bind if issubclass(base, socketserver.UDPServer) \
-        else socketserver.TCPServer.server_bind
 
     def server_bind(self: Any) -> None:
         if family == socket.AF_INET6:
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        plain_bind(self)  # not HTTPServer's, which looks up the host's FQDN (no resolver in here)
+        if self.allow_reuse_address:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # not HTTPServer.server_bind, which looks up the host's FQDN (there is no resolver in here)
+        _bind_settled(self.socket, self.server_address)
+        self.server_address = self.socket.getsockname()
         self.server_name, self.server_port = address, port
 
     cls = type("LabServer", (base,), {"address_family": family, "allow_reuse_address": True,
@@ -650,7 +667,7 @@ class _UdpEcho:
         for address in INTERNET_HOSTS:
             for port in self.PORTS:
                 sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_DGRAM)
-                sock.bind((address, port))
+                _bind_settled(sock, (address, port))
                 sock.setblocking(False)
                 self.selector.register(sock, 1)
                 self.sockets.append(sock)
@@ -740,7 +757,7 @@ class Lab:
             v6 = ":" in host
             gateway, bits = (GATEWAY_V6, 128) if v6 else (GATEWAY_V4, 32)
             lab.append(f"route add {host}/{bits} via {gateway} dev {_LAB_TAP}")
-            internet.append(f"addr add {host}/{bits} dev lo")
+            internet.append(f"addr add {host}/{bits} dev lo" + (" nodad" if v6 else ""))
         self.lab.ip_batch(lab)
         self.internet.ip_batch(internet)
 
