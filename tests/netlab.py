@@ -70,11 +70,14 @@ ECHO_V6 = "2001:db8::7"
 PYPI_V4 = "203.0.113.40"    # pypi.org: the simple index
 FILES_V4 = "203.0.113.41"   # files.pythonhosted.org: the wheel
 GIT_V4 = "203.0.113.50"     # git.example.com: a repository over dumb HTTP(S)
+UNTRUSTED_V4 = "203.0.113.66"  # untrusted.example.com: HTTPS with a certificate from another CA
+WRONG_CERT_NAME = "wrongcert.example.net"  # resolves to WEB_V4, whose certificate does not name it
 PRIVATE_V4 = "10.0.0.5"     # a private host the lab CAN reach (so a test proves a policy refuses it)
 PRIVATE_V6 = "fd00:5::5"
 METADATA_V4 = "169.254.169.254"  # a cloud metadata endpoint the lab can reach (same reason)
 
 ECHO_PORT = 7
+ALT_HTTP_PORT = 8080  # plain HTTP again on every host (a second port for port rules)
 BANNER_PORT = 22  # a server-speaks-first service: sends BANNER on accept, then echoes
 BANNER = b"SSH-2.0-netlab\r\n"
 HTTP_PORT = 80
@@ -83,7 +86,7 @@ DNS_PORT = 53
 
 # Every address the internet answers on; the lab routes exactly these through the cable.
 INTERNET_HOSTS = (DNS, DNS2, WEB_V4, WEB_V6, API_V4, API_V6, OTHER_V4, V6ONLY, ECHO_V4, ECHO_V6,
-                  PYPI_V4, FILES_V4, GIT_V4, PRIVATE_V4, PRIVATE_V6, METADATA_V4)
+                  PYPI_V4, FILES_V4, GIT_V4, UNTRUSTED_V4, PRIVATE_V4, PRIVATE_V6, METADATA_V4)
 RESOLVERS = (DNS, DNS2)
 NOT_IN_LAB_V4 = "192.0.2.99"    # TEST-NET addresses with no route in the lab (for "nothing else is reachable")
 NOT_IN_LAB_V6 = "2001:db8::99"
@@ -101,6 +104,8 @@ DEFAULT_RECORDS: dict[str, Any] = {
     "pypi.org": [PYPI_V4],
     "files.pythonhosted.org": [FILES_V4],
     "git.example.com": [GIT_V4],
+    "untrusted.example.com": [UNTRUSTED_V4],
+    WRONG_CERT_NAME: [WEB_V4],
     "txt.example.com": {"A": [WEB_V4], "TXT": ["v=netlab"]},
     "alias.example.com": {"CNAME": "www.example.com"},
     "truncated.example.com": {"A": [WEB_V4], "AAAA": [WEB_V6], "truncate_udp": True},
@@ -145,6 +150,22 @@ def skip_reason() -> str | None:
         if shutil.which(tool) is None:
             return f"{tool} is not installed"
     return None
+
+
+def lab_fixture(scope: str = "module", records: dict[str, Any] | None = None) -> Any:
+    """A pytest fixture giving a Lab (skipped, saying why, where the machine cannot build one):
+    `lab = netlab.lab_fixture()` at a test module's top level."""
+    import pytest
+
+    @pytest.fixture(scope=scope)
+    def lab() -> Any:
+        problem = skip_reason()
+        if problem:
+            pytest.skip(problem)
+        with Lab(records=records) as built:
+            yield built
+
+    return lab
 
 
 # -- namespaces ------------------------------------------------------------------------------------------
@@ -566,6 +587,8 @@ class _HttpHandler(http.server.BaseHTTPRequestHandler):
             return self._bytes(n)
         if path == "/stream":
             return self._stream()
+        if path.startswith("/delay/"):  # answer after that many seconds (for timeouts)
+            time.sleep(float(path.rsplit("/", 1)[1]))
         headers = {"X-Lab-Server": local}
         return self._send(200, f"hello from {local} ({self.headers.get('Host')})\n".encode(), extra=headers)
 
@@ -624,11 +647,13 @@ class _TlsMixin:
     """Wrap each accepted connection in TLS in its own thread (a silent client blocks only itself)."""
 
     tls: ssl.SSLContext
+    untrusted_tls: ssl.SSLContext
 
     def finish_request(self, request: socket.socket, client_address: Any) -> None:
         request.settimeout(10)
+        context = self.untrusted_tls if _plain(request.getsockname()[0]) == UNTRUSTED_V4 else self.tls
         try:
-            tls = self.tls.wrap_socket(request, server_side=True)
+            tls = context.wrap_socket(request, server_side=True)
         except (OSError, ssl.SSLError):
             return
         tls.settimeout(None)
@@ -700,7 +725,8 @@ class Lab:
     """The lab and its internet. Use as a context manager; everything is torn down on exit."""
 
     def __init__(self, records: dict[str, Any] | None = None) -> None:
-        self.records: dict[str, Any] = {**DEFAULT_RECORDS, **(records or {})}
+        self.records: dict[str, Any] = {name.lower().rstrip("."): value
+                                        for name, value in {**DEFAULT_RECORDS, **(records or {})}.items()}
         self._lock = threading.Lock()
         self._logs: dict[str, list[dict[str, Any]]] = {"queries": [], "requests": [], "udp": []}
         self._servers: list[socketserver.BaseServer] = []
@@ -727,8 +753,12 @@ class Lab:
         problem = skip_reason()
         if problem:
             raise LabError(problem)
-        names = [n for n in self.records] + ["*.example.com"]
-        self.ca_path, self._leaf, self._key = _make_ca(self.dir, names, INTERNET_HOSTS + (GATEWAY_V4, GATEWAY_V6))
+        names = [n for n in self.records if n != WRONG_CERT_NAME] + ["*.example.com"]
+        addresses = [a for a in INTERNET_HOSTS if a != UNTRUSTED_V4] + [GATEWAY_V4, GATEWAY_V6]
+        self.ca_path, self._leaf, self._key = _make_ca(self.dir, names, addresses)
+        untrusted = self.dir / "untrusted"
+        untrusted.mkdir()
+        _, self._untrusted_leaf, self._untrusted_key = _make_ca(untrusted, ["untrusted.example.com"], [UNTRUSTED_V4])
         self.wheel_path = build_wheel(self.dir)
         self.git_repo = build_git_repo(self.dir)
         self.resolv_conf = self.dir / "resolv.conf"
@@ -771,6 +801,10 @@ class Lab:
             sock.netlab_sni = name
 
         tls.sni_callback = remember_sni
+        untrusted_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        untrusted_tls.load_cert_chain(self._untrusted_leaf, self._untrusted_key)
+        untrusted_tls.set_alpn_protocols(["http/1.1"])
+        untrusted_tls.sni_callback = remember_sni
         lab = self
 
         def make() -> list[socketserver.BaseServer]:
@@ -780,7 +814,9 @@ class Lab:
                 https_h = type("Https", (_HttpHandler,), {"lab": lab, "scheme": "https"})
                 base_http = http.server.ThreadingHTTPServer
                 made.append(_server(base_http, wildcard, HTTP_PORT, http_h))
-                made.append(_server(type("Tls", (_TlsMixin, base_http), {}), wildcard, HTTPS_PORT, https_h, tls=tls))
+                made.append(_server(base_http, wildcard, ALT_HTTP_PORT, http_h))
+                made.append(_server(type("Tls", (_TlsMixin, base_http), {}), wildcard, HTTPS_PORT, https_h,
+                                    tls=tls, untrusted_tls=untrusted_tls))
                 made.append(_server(socketserver.ThreadingTCPServer, wildcard, ECHO_PORT, _EchoTcp))
                 made.append(_server(socketserver.ThreadingTCPServer, wildcard, BANNER_PORT,
                                     type("Banner", (_EchoTcp,), {"banner": BANNER})))

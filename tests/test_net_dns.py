@@ -79,12 +79,7 @@ asyncio.run(main())
 '''
 
 
-@pytest.fixture(scope="module")
-def lab():
-    if LAB_PROBLEM:
-        pytest.skip(LAB_PROBLEM)
-    with Lab() as built:
-        yield built
+lab = netlab.lab_fixture()
 
 
 def respond(lab: Lab, policy, scenario: str) -> dict:

@@ -18,10 +18,7 @@ LAB_PROBLEM = netlab.skip_reason()
 pytestmark = [needs_sandbox, pytest.mark.skipif(LAB_PROBLEM is not None, reason=str(LAB_PROBLEM))]
 
 
-@pytest.fixture(scope="module")
-def lab():
-    with Lab(records={"added.example.com": [netlab.OTHER_V4]}) as built:
-        yield built
+lab = netlab.lab_fixture(records={"added.example.com": [netlab.OTHER_V4]})
 
 
 @pytest.fixture(autouse=True)
@@ -238,3 +235,33 @@ def test_git_clones_the_lab_repository(lab, tmp_path, scheme):
             env={"GIT_CONFIG_GLOBAL": "/dev/null", "GIT_CONFIG_NOSYSTEM": "1"})
     assert (clone / netlab.GIT_FILE).read_text() == netlab.GIT_CONTENT
     assert lab.requests(host="git.example.com", scheme=scheme)
+
+
+def test_tls_verification_failures_are_available(lab):
+    """Hosts whose certificates a verifying client must refuse: another CA, and a name the cert lacks."""
+    out = _driver_json(lab, f"""
+import json, ssl, urllib.request
+ctx = ssl.create_default_context(cafile={str(lab.ca_path)!r})
+def get(url):
+    try:
+        return urllib.request.urlopen(url, timeout=10, context=ctx).read().decode()
+    except Exception as exc:
+        return "refused: " + str(exc)
+print(json.dumps([get("https://untrusted.example.com/"), get("https://{netlab.WRONG_CERT_NAME}/"),
+                  get("https://www.example.com/")]))
+""", resolv=True)
+    assert out[0].startswith("refused") and "CERTIFICATE_VERIFY_FAILED" in out[0]
+    assert out[1].startswith("refused") and "match" in out[1]  # hostname mismatch
+    assert out[2].startswith("hello from")
+
+
+def test_second_http_port_and_a_delayed_answer(lab):
+    out = _driver_json(lab, f"""
+import json, time, urllib.request
+t = time.time()
+body = urllib.request.urlopen("http://{netlab.WEB_V4}:{netlab.ALT_HTTP_PORT}/delay/0.5", timeout=10).read().decode()
+print(json.dumps([body, time.time() - t]))
+""")
+    assert out[0].startswith(f"hello from {netlab.WEB_V4}") and out[1] >= 0.5
+    [request] = lab.requests(path="/delay/0.5")
+    assert request["port"] == netlab.ALT_HTTP_PORT
