@@ -4,9 +4,20 @@ HTTPS servers (a test CA), a private host, a metadata address, UDP/TCP echo, a P
 wheel and a git repository over HTTP. Everything the internet sees is recorded, so a test can assert what
 did NOT arrive.
 
-    with Lab(records={"evil.example.com": ["203.0.113.66"]}) as lab:
+    lab = netlab.lab_fixture()                       # in a test module (skips, saying why, without root)
+    with Lab(records={"evil.example.com": [netlab.OTHER_V4]}) as lab:      # or directly
         out = lab.python("import urllib.request; print(urllib.request.urlopen('http://203.0.113.10/').read())")
-        assert lab.requests(host="203.0.113.10")
+        assert lab.requests(server=netlab.WEB_V4, path="/")
+        assert not lab.queries(name="evil.example.com")
+
+The API: Lab(records=None) (merged over DEFAULT_RECORDS); .python(code, *, env, timeout, check, resolv)
+and .run(argv, ...) → CompletedProcess (text); .popen(argv, *, env, resolv, **popen_kwargs); .command(argv,
+resolv=False) → argv wrapped for the lab; .env(extra) → the drivers' environment (SANDLOT_UPSTREAM_DNS=
+192.0.2.53, the test CA as SSL_CERT_FILE and the bundle variables, the worktree on PYTHONPATH);
+.queries(name=, server=, qtype=), .requests(server=, host=, path=, scheme=), .udp_packets(server=, port=),
+.clear_logs(); .set_record(name, value|None) (live); .ns_path / .internet_ns_path; .ca_path, .wheel_path,
+.git_repo, .resolv_conf, .dir. resolv=True runs the command in a private mount namespace whose
+/etc/resolv.conf names 192.0.2.53 (so curl, pip and git resolve names in the lab).
 
 Why it is built this way (this kernel has no veth/dummy interfaces):
 - each namespace is held by a holder process (`unshare --net python -c <wait for stdin EOF>`), referenced
@@ -760,7 +771,8 @@ class Lab:
         untrusted.mkdir()
         _, self._untrusted_leaf, self._untrusted_key = _make_ca(untrusted, ["untrusted.example.com"], [UNTRUSTED_V4])
         self.wheel_path = build_wheel(self.dir)
-        self.git_repo = build_git_repo(self.dir)
+        # the git repository needs the git CLI; without it the repository's paths answer 404
+        self.git_repo = build_git_repo(self.dir) if shutil.which("git") else self.dir / "no-git"
         self.resolv_conf = self.dir / "resolv.conf"
         self.resolv_conf.write_text(f"nameserver {DNS}\noptions timeout:2 attempts:2\n")
         self.lab = _Namespace("lab")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 
 import pytest
@@ -141,6 +142,7 @@ else:
     assert out.stdout.startswith("refused") and "CERTIFICATE_VERIFY_FAILED" in out.stdout
 
 
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_curl_in_the_lab_trusts_the_test_ca(lab):
     done = lab.run(["curl", "-sS", "--max-time", "10", "https://api.example.com/curl"], resolv=True)
     assert done.stdout.split()[2] in (netlab.API_V4, netlab.API_V6) and "(api.example.com)" in done.stdout
@@ -228,6 +230,7 @@ def test_pip_installs_the_wheel_from_the_lab_index(lab, tmp_path):
     assert ("files.pythonhosted.org", f"/packages/{lab.wheel_path.name}") in fetched
 
 
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
 @pytest.mark.parametrize("scheme", ["http", "https"])
 def test_git_clones_the_lab_repository(lab, tmp_path, scheme):
     clone = tmp_path / "clone"
