@@ -879,11 +879,12 @@ class Lab:
     # records and logs
     def set_record(self, name: str, value: Any | None) -> None:
         """Add, change or (value None) remove a DNS record, live."""
+        name = name.lower().rstrip(".")
         with self._lock:
             if value is None:
-                self.records.pop(name.lower(), None)
+                self.records.pop(name, None)
             else:
-                self.records[name.lower()] = value
+                self.records[name] = value
 
     def _record(self, log: str, **entry: Any) -> None:
         entry["time"] = time.time()
