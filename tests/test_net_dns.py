@@ -40,7 +40,7 @@ def client(port):
         reply = DNSRecord.parse(q.send("127.0.0.1", port, tcp=tcp, timeout=10))
         return {"rcode": RCODE.get(reply.header.rcode), "tc": reply.header.tc, "id_ok": reply.header.id == q.header.id,
                 "answers": [[QTYPE.get(rr.rtype), str(rr.rdata), rr.ttl] for rr in reply.rr]}
-    def raw_udp(data, wait=1.0):
+    def raw_udp(data, wait=0.5):
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(wait)
         s.sendto(data, ("127.0.0.1", port))
         try:
