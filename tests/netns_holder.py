@@ -1,0 +1,59 @@
+"""A throwaway network namespace made the way a sandbox's is: a process in a new user + net namespace.
+
+``with NetnsHolder() as pid:`` gives the pid whose /proc/<pid>/ns/net is a fresh, empty namespace (only a
+down lo) owned by a new user namespace; when the block ends the holder exits and the namespace is gone.
+Nothing is bind-mounted, nothing persists.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+
+def netns_problem() -> str | None:
+    """Why this machine cannot run the netns tests, or None."""
+    for tool in ("unshare", "nsenter", "ip", "nft"):
+        if shutil.which(tool, path="/usr/sbin:/sbin:/usr/bin:/bin") is None:
+            return f"`{tool}` is not installed"
+    if os.geteuid() != 0:
+        return "entering another process's network namespace needs root here"
+    return None
+
+
+class NetnsHolder:
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> int:
+        # unshare execs python (no --fork): the Popen pid is the holder itself, inside the namespaces.
+        self.proc = subprocess.Popen(
+            ["unshare", "--user", "--map-root-user", "--net", sys.executable, "-I", "-c",
+             "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+        mine = os.stat("/proc/self/ns/net").st_ino
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if os.stat(f"/proc/{self.proc.pid}/ns/net").st_ino != mine:
+                    return self.proc.pid
+            except FileNotFoundError:
+                pass
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.01)
+        self.__exit__()
+        raise RuntimeError("the namespace holder did not start")
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is None:
+            return
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
