@@ -1,0 +1,393 @@
+"""The per-sandbox broker (host side, asyncio): every TCP connection and DNS query a sandbox makes.
+
+The sandbox's namespace (netns.configure) redirects all TCP to the broker's listener and all DNS to the
+DNS responder, both on sockets the host opened in that namespace (netns.open_listeners). For each TCP
+connection the broker:
+
+1. asks the kernel where the client was going (SO_ORIGINAL_DST);
+2. a synthetic address (handed out by our DNS for an allowed name) maps back to its NAME: the policy
+   decides on (name, port), and the client's first bytes must ask for that same name (TLS SNI, or the
+   HTTP/1 Host / absolute URL) - otherwise an allowed name's servers (a shared CDN address) would carry
+   requests for any other site. The connection then goes to one of the name's REAL addresses, each
+   checked again against the special ranges right before it is dialled (what is dialled is what was
+   checked);
+   any other address is an IP literal: only IP/CIDR rules (or "*" for public addresses) apply;
+3. refused -> reset at once (RST: SO_LINGER 0), never "connected, then silence"; allowed -> bytes are
+   spliced both ways and counted;
+4. every decision goes to the DecisionLog; ``update(policy)`` re-checks open connections and cuts those
+   no longer allowed ("revoked").
+
+Secrets (``interceptor``) take over connections to their hosts after the checks above; see secrets.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import itertools
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Optional, Protocol
+
+from . import peek
+from .netns import Listeners, original_destination
+
+PEEK_WAIT = 0.5          # how long the broker waits for a client's first bytes (server-speaks-first gets none)
+CONNECT_TIMEOUT = 10.0   # per real address dialled
+CHUNK = 256 * 1024
+
+
+class Interceptor(Protocol):
+    """Takes over connections to some names (secret substitution terminates TLS for its hosts)."""
+
+    def wants(self, name: str, port: int) -> bool: ...
+
+    async def handle(self, client: tuple[asyncio.StreamReader, asyncio.StreamWriter], first: bytes,
+                     name: str, port: int, addresses: list[str], broker: "Broker") -> None: ...
+
+
+@dataclass
+class _Connection:
+    """An open, allowed connection (for update() and stats())."""
+
+    id: int
+    name: Optional[str]
+    address: str            # the real address dialled
+    dialled: str            # what the client dialled (synthetic or the literal)
+    port: int
+    rule: Optional[str]
+    writers: list[asyncio.StreamWriter] = field(default_factory=list)
+    tasks: list[asyncio.Task] = field(default_factory=list)
+    bytes_out: int = 0      # client -> upstream
+    bytes_in: int = 0       # upstream -> client
+    revoked: bool = False
+
+
+class Refused(Exception):
+    """A connection the broker will not carry; ``reason`` says why, ``rule`` which rule decided."""
+
+    def __init__(self, reason: str, rule: Optional[str] = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.rule = rule
+
+
+def _plain_ip(text: str) -> str:
+    """IPv4-mapped IPv6 (a v6 socket dialling a v4 address) is the v4 address it maps."""
+    ip = ipaddress.ip_address(text.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Close with RST: the client learns at once (ECONNRESET), instead of waiting on a silent socket."""
+    sock = writer.get_extra_info("socket")
+    try:
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    writer.transport.abort()
+
+
+class Broker:
+    """One sandbox's broker. ``await start(listeners)``; ``update(policy)``; ``stats()``; ``await close()``.
+
+    ``policy``: a policy.NetworkPolicy (or None: nothing allowed). ``log``: a log.DecisionLog.
+    ``upstream``: a dns.Upstream for the DNS responder. ``synthetic``: the dns.SyntheticAddresses shared
+    with that responder (made here if not given). ``host_addresses``: this host's own addresses
+    (policy.host_addresses() of the namespace the broker dials from, if not given).
+    ``interceptor``: see Interceptor.
+    """
+
+    def __init__(self, policy: Any, log: Any, upstream: Any = None, *, synthetic: Any = None,
+                 host_addresses: Optional[frozenset] = None, interceptor: Optional[Interceptor] = None,
+                 peek_wait: float = PEEK_WAIT, connect_timeout: float = CONNECT_TIMEOUT) -> None:
+        from . import dns, policy as policy_module
+
+        self.policy = policy
+        self.log = log
+        self.upstream = upstream
+        self.synthetic = synthetic if synthetic is not None else dns.SyntheticAddresses()
+        self.host_addresses = host_addresses if host_addresses is not None else policy_module.host_addresses()
+        self.interceptor = interceptor
+        self.peek_wait = peek_wait
+        self.connect_timeout = connect_timeout
+        self._servers: list[asyncio.AbstractServer] = []
+        self._dns_tasks: list[asyncio.Task] = []
+        self._handlers: set[asyncio.Task] = set()
+        self._open: dict[int, _Connection] = {}
+        self._ids = itertools.count(1)
+        self._counts = {"connections": 0, "allowed": 0, "denied": 0, "revoked": 0, "failed": 0,
+                        "bytes_out": 0, "bytes_in": 0}
+        self._closed = False
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------
+
+    async def start(self, listeners: Listeners) -> None:
+        """Serve TCP on ``listeners.tcp`` and DNS on ``listeners.dns_udp`` / ``dns_tcp``."""
+        for sock in listeners.tcp:
+            self._servers.append(await asyncio.start_server(self._accepted, sock=sock, limit=CHUNK))
+        if listeners.dns_udp or listeners.dns_tcp:
+            from .dns import DnsResponder
+
+            responder = DnsResponder(lambda: self.policy, self.upstream, self.synthetic, self.log)
+            for sock in listeners.dns_udp:
+                self._dns_tasks.append(asyncio.ensure_future(responder.serve_udp(sock)))
+            for sock in listeners.dns_tcp:
+                self._dns_tasks.append(asyncio.ensure_future(responder.serve_tcp(sock)))
+
+    async def close(self) -> None:
+        """Stop serving; cut every open connection (both sides)."""
+        self._closed = True
+        for server in self._servers:
+            server.close()
+        for task in self._dns_tasks:
+            task.cancel()
+        for conn in list(self._open.values()):
+            self._cut(conn)
+        for task in list(self._handlers):
+            task.cancel()
+        await asyncio.gather(*self._dns_tasks, *self._handlers, return_exceptions=True)
+        for server in self._servers:
+            await server.wait_closed()
+
+    # -- policy ------------------------------------------------------------------------------------------------
+
+    def update(self, policy: Any) -> list[dict]:
+        """Apply a new policy now: later connections and DNS see it; open ones no longer allowed are cut.
+
+        Returns the log entries of the connections cut.
+        """
+        self.policy = policy
+        cut = []
+        for conn in list(self._open.values()):
+            try:
+                rule = self._recheck(conn)
+            except Refused as refusal:
+                self._cut(conn)
+                conn.revoked = True
+                self._counts["revoked"] += 1
+                cut.append(self._record("revoked", conn.name, conn.address, conn.port, refusal.rule, refusal.reason))
+            else:
+                conn.rule = rule
+        return cut
+
+    def _recheck(self, conn: _Connection) -> Optional[str]:
+        if conn.name is not None:
+            self._verdict(self._check_name(conn.name, conn.port))
+        return self._verdict(self._check_address(conn.address, conn.port, conn.name))
+
+    def _check_name(self, name: str, port: int) -> Any:
+        return self.policy.check_name(name, port) if self.policy is not None else None
+
+    def _check_address(self, address: str, port: int, name: Optional[str]) -> Any:
+        if self.policy is None:
+            return None
+        return self.policy.check_address(address, port, name=name, host_addresses=self.host_addresses)
+
+    @staticmethod
+    def _verdict(verdict: Any) -> Optional[str]:
+        """The deciding rule of an allowing verdict; raises Refused for a refusing one (or no policy)."""
+        if verdict is None:
+            raise Refused("no network policy")
+        if not verdict.allowed:
+            raise Refused(verdict.reason, verdict.rule)
+        return verdict.rule
+
+    # -- observations ----------------------------------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        """Counters: connections (accepted), allowed, denied, revoked, failed (allowed, upstream
+        unreachable), open, bytes_out (sandbox -> internet), bytes_in; per open connection too."""
+        counts = dict(self._counts)
+        counts["bytes_out"] += sum(c.bytes_out for c in self._open.values())
+        counts["bytes_in"] += sum(c.bytes_in for c in self._open.values())
+        counts["open"] = len(self._open)
+        counts["open_connections"] = [
+            {"id": c.id, "name": c.name, "address": c.address, "port": c.port, "rule": c.rule,
+             "bytes_out": c.bytes_out, "bytes_in": c.bytes_in} for c in self._open.values()]
+        return counts
+
+    def _record(self, verdict: str, name: Optional[str], address: Optional[str], port: Optional[int],
+                rule: Optional[str], reason: str) -> dict:
+        entry = {"time": time.time(), "kind": "tcp", "name": name, "address": address, "port": port,
+                 "verdict": verdict, "rule": rule, "reason": reason}
+        if self.log is not None:
+            self.log.add(entry)
+        return entry
+
+    # -- one connection -------------------------------------------------------------------------------------------
+
+    async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._handlers.add(task)
+        self._counts["connections"] += 1
+        try:
+            await self._serve(reader, writer)
+        except asyncio.CancelledError:
+            _reset(writer)
+            raise
+        finally:
+            self._handlers.discard(task)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        name: Optional[str] = None
+        dialled, port = "?", 0
+        try:
+            try:
+                dialled, port = original_destination(writer.get_extra_info("socket"))
+                dialled = _plain_ip(dialled)
+            except (OSError, ValueError):
+                raise Refused("no original destination") from None
+            name, reals = self._name_of(dialled)
+            first = b""
+            if name is not None:
+                self._verdict(self._check_name(name, port))
+                first = await self._first_bytes(reader, name)
+                candidates = reals
+            else:
+                candidates = [dialled]
+            rule, address = self._first_allowed(candidates, port, name)
+        except Refused as refusal:
+            self._counts["denied"] += 1
+            self._record("deny", name, dialled, port, refusal.rule, refusal.reason)
+            _reset(writer)
+            return
+
+        if self.interceptor is not None and name is not None and self.interceptor.wants(name, port):
+            self._counts["allowed"] += 1
+            self._record("allow", name, address, port, rule, "intercepted")
+            await self.interceptor.handle((reader, writer), first, name, port, candidates, self)
+            return
+
+        upstream = await self._dial(candidates, address, port, name)
+        if upstream is None:
+            self._counts["failed"] += 1
+            self._record("deny", name, address, port, rule, "upstream unreachable")
+            _reset(writer)
+            return
+        up_reader, up_writer, address = upstream
+        conn = _Connection(next(self._ids), name, address, dialled, port, rule, writers=[writer, up_writer])
+        try:
+            conn.rule = self._recheck(conn)  # the policy may have changed while we peeked and dialled
+        except Refused as refusal:
+            self._counts["denied"] += 1
+            self._record("deny", name, address, port, refusal.rule, refusal.reason)
+            _reset(writer)
+            _reset(up_writer)
+            return
+        self._counts["allowed"] += 1
+        self._record("allow", name, address, port, conn.rule, "allowed")
+        self._open[conn.id] = conn
+        try:
+            if first:
+                up_writer.write(first)
+                conn.bytes_out += len(first)
+            conn.tasks = [asyncio.ensure_future(self._pump(reader, up_writer, conn, "bytes_out")),
+                          asyncio.ensure_future(self._pump(up_reader, writer, conn, "bytes_in"))]
+            await asyncio.gather(*conn.tasks, return_exceptions=True)
+        finally:
+            self._open.pop(conn.id, None)
+            self._counts["bytes_out"] += conn.bytes_out
+            self._counts["bytes_in"] += conn.bytes_in
+            for w in (writer, up_writer):
+                if conn.revoked:
+                    _reset(w)
+                else:
+                    w.close()
+
+    def _name_of(self, address: str) -> tuple[Optional[str], list[str]]:
+        """(name, real addresses) for a synthetic address; (None, []) for anything else (a literal)."""
+        found = self.synthetic.lookup(address)
+        if found is None:
+            if self.synthetic.is_synthetic(address):
+                raise Refused("unknown synthetic address (not handed out by this sandbox's DNS)")
+            return None, []
+        name, reals = found
+        return name, list(reals)
+
+    def _first_allowed(self, candidates: list[str], port: int, name: Optional[str]) -> tuple[Optional[str], str]:
+        """The deciding rule and the first candidate address the policy allows (Refused if none)."""
+        refusal = Refused("the name has no address")
+        for address in candidates:
+            try:
+                return self._verdict(self._check_address(address, port, name)), address
+            except Refused as r:
+                refusal = r
+        raise refusal
+
+    async def _first_bytes(self, reader: asyncio.StreamReader, name: str) -> bytes:
+        """Read (and keep) the client's first bytes; Refused unless they ask for ``name``."""
+        data = b""
+        deadline = asyncio.get_running_loop().time() + self.peek_wait
+        while True:
+            try:
+                seen = peek.classify(data)
+            except peek.NeedMore:
+                seen = None
+            if seen is not None:
+                break
+            if len(data) >= peek.MAX_PEEK:
+                raise Refused("first bytes too large to check")
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                if not data:
+                    return data  # a server-speaks-first protocol (SSH, SMTP): nothing to check
+                raise Refused("incomplete TLS ClientHello or HTTP request head")
+            try:
+                more = await asyncio.wait_for(reader.read(peek.MAX_PEEK - len(data)), remaining)
+            except asyncio.TimeoutError:
+                continue
+            if not more:
+                raise Refused("client closed before asking for anything")
+            data += more
+        if seen.problem:
+            raise Refused(f"{seen.protocol}: {seen.problem}")
+        if seen.protocol == "tls" and not peek.same_host(seen.host, name):
+            raise Refused(f"sni-mismatch: dialled {name}, TLS asks for {seen.host or 'no name'}")
+        if seen.protocol == "http" and not peek.same_host(seen.host, name):
+            raise Refused(f"host-mismatch: dialled {name}, HTTP asks for {seen.host or 'no host'}")
+        return data
+
+    async def _dial(self, candidates: list[str], first: str, port: int,
+                    name: Optional[str]) -> Optional[tuple[asyncio.StreamReader, asyncio.StreamWriter, str]]:
+        """Connect to ``first``, then to the other allowed candidates; each is checked right before."""
+        ordered = [first] + [a for a in candidates if a != first]
+        for address in ordered:
+            try:
+                self._verdict(self._check_address(address, port, name))
+            except Refused:
+                continue
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(address, port, limit=CHUNK), self.connect_timeout)
+                return reader, writer, address
+            except (OSError, asyncio.TimeoutError):
+                continue
+        return None
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    conn: _Connection, counter: str) -> None:
+        try:
+            while True:
+                data = await reader.read(CHUNK)
+                if not data:
+                    break
+                writer.write(data)
+                setattr(conn, counter, getattr(conn, counter) + len(data))
+                await writer.drain()
+            if writer.can_write_eof():
+                writer.write_eof()  # half-close: the other direction may still be talking
+        except (OSError, ConnectionError):
+            for w in conn.writers:  # a reset on one side resets the other
+                _reset(w)
+
+    def _cut(self, conn: _Connection) -> None:
+        for w in conn.writers:
+            _reset(w)
+        for task in conn.tasks:
+            task.cancel()
