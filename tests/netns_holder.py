@@ -57,3 +57,61 @@ class NetnsHolder:
             self.proc.kill()
             self.proc.wait()
         self.proc = None
+
+
+class LoopInNamespace:
+    """An asyncio loop on a thread that enters a network namespace (``ns_path``) for its whole life.
+
+    The broker stands for the host; in tests the "host" is the lab namespace (tests/netlab.py), so the
+    broker's upstream dials and DNS queries can reach only the fake internet. The thread is never
+    reused: it ends with the loop.
+    """
+
+    def __init__(self, ns_path: str) -> None:
+        import asyncio
+        import threading
+
+        from sandlot._net import netns
+
+        self.loop = asyncio.new_event_loop()
+        ready: dict = {}
+        started = threading.Event()
+
+        def main() -> None:
+            try:
+                fd = os.open(ns_path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    netns._setns(fd)
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                ready["error"] = e
+                started.set()
+                return
+            asyncio.set_event_loop(self.loop)
+            started.set()
+            self.loop.run_forever()
+            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            self.loop.close()
+
+        self.thread = threading.Thread(target=main, name="netns-loop", daemon=True)
+        self.thread.start()
+        started.wait()
+        if "error" in ready:
+            raise ready["error"]
+
+    def run(self, coro, timeout: float = 30):
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def call(self, fn, *args):
+        """fn(*args) on the loop's thread (in the namespace); its result."""
+        async def call():
+            return fn(*args)
+        return self.run(call())
+
+    def close(self) -> None:
+        if self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)

@@ -134,7 +134,8 @@ class Broker:
         if listeners.dns_udp or listeners.dns_tcp:
             from .dns import DnsResponder
 
-            responder = DnsResponder(lambda: self.policy, self.upstream, self.synthetic, self.log)
+            responder = DnsResponder(lambda: self.policy, self.upstream, self.synthetic, self.log,
+                                     host_addresses=self.host_addresses)
             for sock in listeners.dns_udp:
                 self._dns_tasks.append(asyncio.ensure_future(responder.serve_udp(sock)))
             for sock in listeners.dns_tcp:

@@ -1,0 +1,292 @@
+"""Issue #13: the broker carries exactly what the policy grants, refuses the rest at once, and logs it all.
+
+Setup per test: the fake internet (tests/netlab.py); a sandbox-like namespace (a user + net namespace
+holder, configured by sandlot._net.netns exactly as a sandbox's is); the broker on a thread that lives in
+the LAB namespace (the "host"), so its upstream dials and DNS queries can reach only the fake internet.
+Clients are real sockets (and curl) inside the sandbox-like namespace: they resolve through whatever
+resolver they like (port 53 is redirected to the broker's DNS) and dial the address they got.
+What must NOT happen is checked on the internet's own records (lab.requests / lab.queries).
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+import ssl
+import subprocess
+import time
+
+import dnslib
+import pytest
+
+from sandlot._net import netns
+from sandlot._net.broker import Broker
+
+from . import netlab
+from .conftest import needs_sandbox
+from .netns_holder import LoopInNamespace, NetnsHolder, netns_problem
+
+PROBLEM = netns_problem() or netlab.skip_reason()
+pytestmark = [needs_sandbox, pytest.mark.skipif(PROBLEM is not None, reason=str(PROBLEM))]
+
+SYNTHETIC_V4 = ipaddress.ip_network("198.18.0.0/15")
+SYNTHETIC_V6 = ipaddress.ip_network("100::/64")
+ANY_RESOLVER = "192.0.2.99"  # not a lab resolver, not routed anywhere: only the redirect can answer
+
+
+@pytest.fixture(scope="module")
+def lab():
+    with netlab.Lab() as lab:
+        yield lab
+
+
+class Net:
+    """One sandbox-like namespace served by a broker; helpers act as code inside would."""
+
+    def __init__(self, lab: netlab.Lab, pid: int, loop: LoopInNamespace, broker: Broker, log) -> None:
+        self.lab, self.pid, self.loop, self.broker, self.log = lab, pid, loop, broker, log
+
+    def update(self, allow=(), deny=()) -> list[dict]:
+        from sandlot._net.policy import NetworkPolicy
+
+        policy = NetworkPolicy.build({"allow": list(allow), "deny": list(deny)})
+        return self.loop.call(self.broker.update, policy)
+
+    def stats(self) -> dict:
+        return self.loop.call(self.broker.stats)
+
+    def entries(self) -> list[dict]:
+        return self.loop.call(lambda: list(self.log.entries()))
+
+    def tcp_entries(self) -> list[dict]:
+        return [e for e in self.entries() if e["kind"] == "tcp"]
+
+    def resolve(self, name: str, qtype: str = "A") -> list[str]:
+        with netns.socket_inside(self.pid, socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.settimeout(5)
+            udp.sendto(dnslib.DNSRecord.question(name, qtype).pack(), (ANY_RESOLVER, 53))
+            reply = dnslib.DNSRecord.parse(udp.recv(4096))
+        return [str(r.rdata) for r in reply.rr if r.rtype == getattr(dnslib.QTYPE, qtype)]
+
+    def connect(self, address: str, port: int) -> socket.socket:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        s = netns.socket_inside(self.pid, family)
+        s.settimeout(5)
+        s.connect((address, port))
+        return s
+
+    def http_get(self, address: str, port: int = 80, host: str = "", path: str = "/") -> bytes:
+        with self.connect(address, port) as s:
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            return _read_all(s)
+
+    def https_get(self, address: str, sni: str, host: str | None = None, path: str = "/") -> bytes:
+        context = ssl.create_default_context(cafile=str(self.lab.ca_path))
+        context.check_hostname = False  # what is checked here is the broker's refusal, not the name
+        with context.wrap_socket(self.connect(address, 443), server_hostname=sni) as s:
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: {host or sni}\r\nConnection: close\r\n\r\n".encode())
+            return _read_all(s)
+
+    def assert_reset(self, address: str, port: int, first: bytes = b"", sni: str | None = None) -> float:
+        """The connection is refused with a reset, at once (not after a timeout); seconds it took."""
+        started = time.monotonic()
+        with pytest.raises((ConnectionResetError, ssl.SSLError, ConnectionRefusedError, BrokenPipeError)) as refused:
+            s = self.connect(address, port)
+            with s:
+                if sni is not None:
+                    context = ssl.create_default_context(cafile=str(self.lab.ca_path))
+                    s = context.wrap_socket(s, server_hostname=sni)
+                elif first:
+                    s.sendall(first)
+                data = s.recv(100)
+                if data == b"":
+                    pytest.fail("closed without a reset")
+        took = time.monotonic() - started
+        if isinstance(refused.value, ssl.SSLError):
+            assert "EOF" in str(refused.value) or "reset" in str(refused.value).lower(), refused.value
+        assert took < 2.0, f"refusal took {took:.2f}s"
+        return took
+
+
+def _read_all(s: socket.socket) -> bytes:
+    data = b""
+    while True:
+        more = s.recv(65536)
+        if not more:
+            return data
+        data += more
+
+
+@pytest.fixture
+def net(lab):
+    """Net(...) with an empty policy; tests grant with net.update(allow=...)."""
+    from sandlot._net.dns import Upstream
+    from sandlot._net.log import DecisionLog
+    from sandlot._net.policy import NetworkPolicy
+
+    lab.clear_logs()
+    with NetnsHolder() as pid:
+        netns.configure(pid)
+        listeners = netns.open_listeners(pid)
+        loop = LoopInNamespace(lab.ns_path)
+        try:
+            log = DecisionLog()
+
+            async def start() -> Broker:
+                broker = Broker(NetworkPolicy.build({"allow": [], "deny": []}), log, Upstream([(netlab.DNS, 53)]))
+                await broker.start(listeners)
+                return broker
+
+            broker = loop.run(start())
+            try:
+                yield Net(lab, pid, loop, broker, log)
+            finally:
+                loop.run(broker.close())
+        finally:
+            loop.close()
+            listeners.close()
+
+
+# -- allowed ---------------------------------------------------------------------------------------------------
+
+def test_an_allowed_name_works_over_http_and_https_on_v4_and_v6(net, lab):
+    net.update(allow=["www.example.com"])
+    v4, = net.resolve("www.example.com", "A")
+    v6, = net.resolve("www.example.com", "AAAA")
+    assert ipaddress.ip_address(v4) in SYNTHETIC_V4 and ipaddress.ip_address(v6) in SYNTHETIC_V6
+
+    assert b"hello from 203.0.113.10 (www.example.com)" in net.http_get(v4, 80, "www.example.com")
+    assert b"hello from 203.0.113.10 (www.example.com)" in net.https_get(v4, "www.example.com")
+    assert b"hello from 2001:db8::10 (www.example.com)" in net.https_get(v6, "www.example.com")
+
+    seen = lab.requests(host="www.example.com")
+    assert [(r["scheme"], r["server"], r["sni"]) for r in seen] == [
+        ("http", netlab.WEB_V4, None), ("https", netlab.WEB_V4, "www.example.com"),
+        ("https", netlab.WEB_V6, "www.example.com")]
+    assert {r["client"] for r in seen} <= {netlab.LAB_V4, netlab.LAB_V6}  # dialled by the host side
+    allowed = [e for e in net.tcp_entries() if e["verdict"] == "allow"]
+    assert [(e["name"], e["address"], e["port"], e["rule"]) for e in allowed] == [
+        ("www.example.com", netlab.WEB_V4, 80, "www.example.com"),
+        ("www.example.com", netlab.WEB_V4, 443, "www.example.com"),
+        ("www.example.com", netlab.WEB_V6, 443, "www.example.com")]
+
+
+def test_curl_inside_reaches_an_allowed_name_transparently(net, lab):
+    """A real client that knows nothing of the broker: the host's resolv.conf, no proxy variables."""
+    net.update(allow=["api.example.com:443"])
+    done = subprocess.run(["nsenter", f"--net=/proc/{net.pid}/ns/net", "--", "curl", "-sS", "--max-time", "10",
+                           "--cacert", str(lab.ca_path), "https://api.example.com/curl"],
+                          capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    assert "hello from" in done.stdout and "(api.example.com)" in done.stdout
+    assert [r["path"] for r in lab.requests(host="api.example.com")] == ["/curl"]
+
+
+def test_a_server_that_speaks_first_gets_through_after_the_short_wait(net):
+    net.update(allow=[f"echo.example.com:{netlab.BANNER_PORT}"])
+    address, = net.resolve("echo.example.com")
+    with net.connect(address, netlab.BANNER_PORT) as s:
+        started = time.monotonic()
+        assert s.recv(100) == netlab.BANNER
+        assert time.monotonic() - started < 2.0
+        s.sendall(b"ping")
+        assert s.recv(100) == b"ping"
+
+
+# -- refused, at once -------------------------------------------------------------------------------------------
+
+def test_a_denied_name_is_not_resolved_and_its_address_is_reset(net, lab):
+    net.update(allow=["www.example.com"], deny=["api.example.com"])
+    assert net.resolve("api.example.com") == []
+    assert net.resolve("other.example.com") == []
+    assert not lab.queries(name="api.example.com") and not lab.queries(name="other.example.com")
+    # dialling the real address instead (an IP literal) is refused too: no IP rule grants it
+    net.assert_reset(netlab.API_V4, 80, b"GET / HTTP/1.1\r\nHost: api.example.com\r\n\r\n")
+    net.assert_reset(netlab.OTHER_V4, 443, sni="other.example.com")
+    assert not lab.requests(server=netlab.API_V4) and not lab.requests(server=netlab.OTHER_V4)
+    denied = [e for e in net.tcp_entries() if e["verdict"] == "deny"]
+    assert [(e["address"], e["port"]) for e in denied] == [(netlab.API_V4, 80), (netlab.OTHER_V4, 443)]
+
+
+def test_a_denied_port_of_an_allowed_name_is_reset(net, lab):
+    net.update(allow=["www.example.com:443"])
+    address, = net.resolve("www.example.com")
+    net.assert_reset(address, 80, b"GET / HTTP/1.1\r\nHost: www.example.com\r\n\r\n")
+    assert not lab.requests()
+    entry, = net.tcp_entries()
+    assert (entry["name"], entry["port"], entry["verdict"]) == ("www.example.com", 80, "deny")
+
+
+def test_sni_or_host_asking_for_another_name_is_reset(net, lab):
+    net.update(allow=["www.example.com", "other.example.com"])
+    address, = net.resolve("www.example.com")
+    net.assert_reset(address, 443, sni="other.example.com")
+    net.assert_reset(address, 80, b"GET / HTTP/1.1\r\nHost: other.example.com\r\n\r\n")
+    net.assert_reset(address, 80, b"GET http://other.example.com/ HTTP/1.1\r\nHost: www.example.com\r\n\r\n")
+    net.assert_reset(address, 443, sni=None, first=b"\x16\x03\x01\x00\x05hello")  # not a ClientHello
+    assert not lab.requests()
+    reasons = [e["reason"] for e in net.tcp_entries()]
+    assert reasons[0].startswith("sni-mismatch") and reasons[1].startswith("host-mismatch")
+    assert reasons[2].startswith("host-mismatch") and "malformed" in reasons[3] or "tls" in reasons[3]
+
+
+def test_ip_literals_to_private_metadata_and_the_host_are_reset_even_with_public(net, lab):
+    net.update(allow=["*"])
+    assert b"hello from 203.0.113.10" in net.http_get(netlab.WEB_V4, 80, netlab.WEB_V4)  # public: granted
+    for address in (netlab.PRIVATE_V4, netlab.METADATA_V4, netlab.LAB_V4, netlab.PRIVATE_V6, "127.0.0.1"):
+        net.assert_reset(address, 80, f"GET / HTTP/1.1\r\nHost: {address}\r\n\r\n".encode())
+    net.assert_reset("::ffff:169.254.169.254", 80, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert [r["server"] for r in lab.requests()] == [netlab.WEB_V4]
+    # only an explicit IP rule opens a private address
+    net.update(allow=[f"{netlab.PRIVATE_V4}:80"])
+    assert b"hello from 10.0.0.5" in net.http_get(netlab.PRIVATE_V4, 80, netlab.PRIVATE_V4)
+
+
+def test_the_broker_port_dialled_directly_is_refused(net):
+    net.update(allow=["*"])
+    net.assert_reset("127.0.0.1", netns.BROKER_PORT, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+
+
+# -- live changes, log, counters --------------------------------------------------------------------------------
+
+def test_update_revoking_a_name_cuts_its_open_stream_and_keeps_others(net, lab):
+    net.update(allow=[f"echo.example.com:{netlab.ECHO_PORT}", "www.example.com"])
+    echo, = net.resolve("echo.example.com")
+    web, = net.resolve("www.example.com")
+    cut = net.connect(echo, netlab.ECHO_PORT)
+    kept = net.connect(web, 80)
+    with cut, kept:
+        cut.sendall(b"before")
+        assert cut.recv(100) == b"before"
+        kept.sendall(b"GET / HTTP/1.1\r\nHost: www.example.com\r\n\r\n")
+        assert b"200 OK" in kept.recv(4096)
+
+        revoked = net.update(allow=["www.example.com"])
+        assert [(e["name"], e["port"], e["verdict"]) for e in revoked] == [
+            ("echo.example.com", netlab.ECHO_PORT, "revoked")]
+        started = time.monotonic()
+        with pytest.raises(ConnectionResetError):
+            cut.sendall(b"after")
+            cut.recv(100)
+        assert time.monotonic() - started < 1.0
+        kept.sendall(b"GET / HTTP/1.1\r\nHost: www.example.com\r\n\r\n")  # keep-alive: still open
+        assert b"200 OK" in kept.recv(4096)
+    assert net.resolve("echo.example.com") == []
+    assert [e["verdict"] for e in net.tcp_entries() if e["name"] == "echo.example.com"] == ["allow", "revoked"]
+
+
+def test_counters_follow_every_decision_and_byte(net):
+    net.update(allow=["www.example.com:80"])
+    web, = net.resolve("www.example.com")
+    body = net.http_get(web, 80, "www.example.com", "/bytes/100000")
+    net.assert_reset(web, 443, sni="www.example.com")
+    net.assert_reset(netlab.WEB_V4, 80, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    stats = net.stats()
+    assert (stats["connections"], stats["allowed"], stats["denied"], stats["open"]) == (3, 1, 2, 0)
+    assert stats["bytes_in"] == len(body) and len(body) > 100000
+    assert stats["bytes_out"] == len(b"GET /bytes/100000 HTTP/1.1\r\nHost: www.example.com\r\nConnection: close\r\n\r\n")
+    entries = net.tcp_entries()
+    assert [e["verdict"] for e in entries] == ["allow", "deny", "deny"]
+    for e in entries:
+        assert set(e) >= {"time", "kind", "name", "address", "port", "verdict", "rule", "reason"}
