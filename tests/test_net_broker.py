@@ -290,3 +290,71 @@ def test_counters_follow_every_decision_and_byte(net):
     assert [e["verdict"] for e in entries] == ["allow", "deny", "deny"]
     for e in entries:
         assert set(e) >= {"time", "kind", "name", "address", "port", "verdict", "rule", "reason"}
+
+
+# -- a real sandbox -----------------------------------------------------------------------------------------------
+
+SANDBOX_CLIENT = r"""
+import json, socket, ssl, subprocess, urllib.request
+out = {}
+context = ssl.create_default_context(cafile="/home/user/lab-ca.pem")
+out["urllib"] = urllib.request.urlopen("https://www.example.com/from-sandbox", context=context, timeout=10).read().decode()
+curl = subprocess.run(["curl", "-sS", "--max-time", "10", "--cacert", "/home/user/lab-ca.pem",
+                       "https://www.example.com/curl-in-sandbox"], capture_output=True, text=True)
+out["curl"] = [curl.returncode, curl.stdout, curl.stderr]
+try:
+    socket.getaddrinfo("api.example.com", 443)
+    out["denied_name"] = "resolved"
+except socket.gaierror as e:
+    out["denied_name"] = "gaierror"
+s = socket.create_connection(("10.0.0.5", 80), timeout=5)
+s.sendall(b"GET / HTTP/1.1\r\nHost: 10.0.0.5\r\n\r\n")
+try:
+    out["private"] = repr(s.recv(100))
+except ConnectionResetError:
+    out["private"] = "reset"
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.tiers("process")
+def test_code_in_a_real_sandbox_gets_exactly_the_granted_name(tier, sandbox, lab):
+    """The whole path as a user's code meets it: the sandbox's own (empty) resolv.conf, urllib, curl."""
+    import json
+
+    from sandlot._net.dns import Upstream
+    from sandlot._net.log import DecisionLog
+    from sandlot._net.policy import NetworkPolicy
+
+    from .test_net_netns import _host_pid1
+
+    lab.clear_logs()
+    pid1 = _host_pid1(sandbox.sandbox_id)
+    netns.configure(pid1)
+    listeners = netns.open_listeners(pid1)
+    loop = LoopInNamespace(lab.ns_path)
+    log = DecisionLog()
+    try:
+        async def start() -> Broker:
+            broker = Broker(NetworkPolicy.build({"allow": ["www.example.com:443"]}), log, Upstream([(netlab.DNS, 53)]))
+            await broker.start(listeners)
+            return broker
+
+        broker = loop.run(start())
+        try:
+            sandbox.files.write("/home/user/lab-ca.pem", lab.ca_path.read_bytes())
+            ex = sandbox.run_code(SANDBOX_CLIENT)
+            assert ex.error is None, ex.error
+            out = json.loads("".join(ex.logs.stdout))
+        finally:
+            loop.run(broker.close())
+    finally:
+        loop.close()
+        listeners.close()
+    assert "hello from 203.0.113.10 (www.example.com)" in out["urllib"]
+    assert out["curl"][0] == 0 and "(www.example.com)" in out["curl"][1], out["curl"]
+    assert out["denied_name"] == "gaierror" and out["private"] == "reset"
+    assert [r["path"] for r in lab.requests()] == ["/from-sandbox", "/curl-in-sandbox"]
+    assert not lab.queries(name="api.example.com")
+    verdicts = [(e["kind"], e["name"] or e["address"], e["verdict"]) for e in log.entries()]
+    assert ("dns", "api.example.com", "deny") in verdicts and ("tcp", "10.0.0.5", "deny") in verdicts
