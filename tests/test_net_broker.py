@@ -88,7 +88,8 @@ class Net:
             s.sendall(f"GET {path} HTTP/1.1\r\nHost: {host or sni}\r\nConnection: close\r\n\r\n".encode())
             return _read_all(s)
 
-    def assert_reset(self, address: str, port: int, first: bytes = b"", sni: str | None = None) -> float:
+    def assert_reset(self, address: str, port: int, first: bytes = b"", sni: str | None = None,
+                     within: float = 1.0) -> float:
         """The connection is refused with a reset, at once (not after a timeout); seconds it took."""
         started = time.monotonic()
         with pytest.raises((ConnectionResetError, ssl.SSLError, ConnectionRefusedError, BrokenPipeError)) as refused:
@@ -105,7 +106,7 @@ class Net:
         took = time.monotonic() - started
         if isinstance(refused.value, ssl.SSLError):
             assert "EOF" in str(refused.value) or "reset" in str(refused.value).lower(), refused.value
-        assert took < 2.0, f"refusal took {took:.2f}s"
+        assert took < within, f"refusal took {took:.2f}s"
         return took
 
 
@@ -146,7 +147,8 @@ def net(lab):
             log = DecisionLog()
 
             async def start() -> Broker:
-                broker = Broker(NetworkPolicy.build({"allow": [], "deny": []}), log, Upstream([(netlab.DNS, 53)]))
+                broker = Broker(NetworkPolicy.build({"allow": [], "deny": []}), log, Upstream([(netlab.DNS, 53)]),
+                                head_wait=1.0)
                 await broker.start(listeners)
                 return broker
 
@@ -237,12 +239,40 @@ def test_sni_or_host_asking_for_another_name_is_reset(net, lab):
     net.assert_reset(address, 80, b"GET / HTTP/1.1\r\nHost: other.example.com\r\n\r\n")
     net.assert_reset(address, 80, b"GET http://other.example.com/ HTTP/1.1\r\nHost: www.example.com\r\n\r\n")
     net.assert_reset(address, 443, first=b"\x16\x03\x01\x00\x04\x02\x00\x00\x00")  # a ServerHello
-    net.assert_reset(address, 443, first=b"\x16\x03\x01\x00\x05hello")  # never completes: refused after the wait
+    # a hello that never completes: refused after head_wait (1 s here), not kept open
+    assert net.assert_reset(address, 443, first=b"\x16\x03\x01\x00\x05hello", within=2.5) >= 1.0
     assert not lab.requests()
     reasons = [e["reason"] for e in net.tcp_entries()]
     assert reasons[0].startswith("sni-mismatch: dialled www.example.com, TLS asks for other.example.com")
     assert reasons[1].startswith("host-mismatch") and reasons[2].startswith("host-mismatch")
     assert "not a ClientHello" in reasons[3] and reasons[4].startswith("incomplete")
+
+
+def test_waiting_out_the_peek_or_reusing_the_connection_cannot_switch_hosts(net, lab):
+    net.update(allow=["www.example.com:80"])
+    web, = net.resolve("www.example.com")
+    # silent past the short wait (as server-speaks-first clients are), then a request for another host
+    with net.connect(web, 80) as s:
+        time.sleep(0.8)
+        s.sendall(b"GET /late HTTP/1.1\r\nHost: other.example.com\r\n\r\n")
+        with pytest.raises(ConnectionResetError):
+            s.recv(100)
+    # an honest late client is served
+    with net.connect(web, 80) as s:
+        time.sleep(0.8)
+        s.sendall(b"GET /late-ok HTTP/1.1\r\nHost: www.example.com\r\n\r\n")
+        assert b"(www.example.com)" in _read_response(s)
+    # keep-alive: the second request on the connection asks for another host; a body cannot hide one
+    body = b"GET /hidden HTTP/1.1\r\nHost: other.example.com\r\n\r\n"
+    with net.connect(web, 80) as s:
+        s.sendall(b"POST /first HTTP/1.1\r\nHost: www.example.com\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        assert _read_response(s).endswith(body)  # the lab echoes POST bodies
+        s.sendall(b"GET /second HTTP/1.1\r\nHost: other.example.com\r\n\r\n")
+        with pytest.raises(ConnectionResetError):
+            s.recv(100)
+    assert [r["path"] for r in lab.requests()] == ["/late-ok", "/first"]
+    reasons = [e["reason"] for e in net.tcp_entries() if e["verdict"] == "deny"]
+    assert len(reasons) == 2 and all(r.startswith("host-mismatch") for r in reasons), reasons
 
 
 def test_ip_literals_to_private_metadata_and_the_host_are_reset_even_with_public(net, lab):

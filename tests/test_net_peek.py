@@ -79,5 +79,29 @@ def test_ambiguous_http_heads_are_problems():
 
 def test_other_protocols_are_other():
     assert peek.classify(b"SSH-2.0-OpenSSH_9.2\r\n").protocol == "other"
+    assert peek.classify(b"EHLO client.example\r\n").protocol == "other"  # decided at the end of its line
+    with pytest.raises(peek.NeedMore):
+        peek.classify(b"EHLO client.example")
     assert peek.classify(b"*1\r\n$4\r\nPING\r\n").protocol == "other"
     assert peek.same_host("PyPI.org.", "pypi.org") and not peek.same_host(None, "pypi.org")
+
+
+def test_every_request_of_a_plaintext_connection_is_checked():
+    check = peek.HttpRequests("www.example.com")
+    hidden = b"GET / HTTP/1.1\r\nHost: evil.example\r\n\r\n"
+    assert check.feed(b"POST /a HTTP/1.1\r\nHost: www.example.com\r\nContent-Length: %d\r\n\r\n" % len(hidden)) is None
+    assert check.feed(hidden) is None  # a body is not a request
+    chunked = b"PUT /b HTTP/1.1\r\nHost: www.example.com\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    assert check.feed(chunked + b"GET /c HTTP/1.1\r\nHost: www.example.com\r\n\r\nGET /d HTT") is None
+    assert check.feed(b"P/1.1\r\nHost: evil.example\r\n\r\n").startswith("host-mismatch")
+    assert check.requests == 4
+
+
+def test_absolute_urls_missing_hosts_and_upgrades_in_later_requests():
+    check = peek.HttpRequests("www.example.com")
+    assert check.feed(b"GET / HTTP/1.1\r\nHost: www.example.com\r\n\r\n") is None
+    assert "evil.example" in check.feed(b"GET http://evil.example/ HTTP/1.1\r\nHost: www.example.com\r\n\r\n")
+    assert "malformed" in peek.HttpRequests("a.example").feed(b"GET / HTTP/1.1\r\n\r\n")
+    ws = peek.HttpRequests("www.example.com")
+    assert ws.feed(b"GET /ws HTTP/1.1\r\nHost: www.example.com\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n") is None
+    assert ws.feed(b"\x81\x05hello any websocket bytes") is None  # after an upgrade: another protocol

@@ -35,6 +35,7 @@ from . import peek
 from .netns import Listeners, original_destination
 
 PEEK_WAIT = 0.5          # how long the broker waits for a client's first bytes (server-speaks-first gets none)
+HEAD_WAIT = 10.0         # how long a started but incomplete ClientHello / request head may take
 CONNECT_TIMEOUT = 10.0   # per real address dialled
 CHUNK = 256 * 1024
 
@@ -105,7 +106,8 @@ class Broker:
 
     def __init__(self, policy: Any, log: Any, upstream: Any = None, *, synthetic: Any = None,
                  host_addresses: Optional[frozenset] = None, interceptor: Optional[Interceptor] = None,
-                 peek_wait: float = PEEK_WAIT, connect_timeout: float = CONNECT_TIMEOUT) -> None:
+                 peek_wait: float = PEEK_WAIT, head_wait: float = HEAD_WAIT,
+                 connect_timeout: float = CONNECT_TIMEOUT) -> None:
         from . import dns, policy as policy_module
 
         self.policy = policy
@@ -115,6 +117,7 @@ class Broker:
         self.host_addresses = host_addresses if host_addresses is not None else policy_module.host_addresses()
         self.interceptor = interceptor
         self.peek_wait = peek_wait
+        self.head_wait = head_wait
         self.connect_timeout = connect_timeout
         self._servers: list[asyncio.AbstractServer] = []
         self._dns_tasks: list[asyncio.Task] = []
@@ -245,10 +248,11 @@ class Broker:
             except (OSError, ValueError):
                 raise Refused("no original destination") from None
             name, reals = self._name_of(dialled)
-            first = b""
+            first, check = b"", None
             if name is not None:
                 self._verdict(self._check_name(name, port))
-                first = await self._first_bytes(reader, name)
+                first, seen = await self._first_bytes(reader)
+                check = _ClientCheck(name, first, seen)
                 candidates = reals
             else:
                 candidates = [dialled]
@@ -285,10 +289,10 @@ class Broker:
         self._record("allow", name, address, port, conn.rule, "allowed")
         self._open[conn.id] = conn
         try:
-            if first:
+            if first:  # checked already (a silent client has none: its first bytes are checked as they come)
                 up_writer.write(first)
                 conn.bytes_out += len(first)
-            conn.tasks = [asyncio.ensure_future(self._pump(reader, up_writer, conn, "bytes_out")),
+            conn.tasks = [asyncio.ensure_future(self._pump(reader, up_writer, conn, "bytes_out", check)),
                           asyncio.ensure_future(self._pump(up_reader, writer, conn, "bytes_in"))]
             await asyncio.gather(*conn.tasks, return_exceptions=True)
         finally:
@@ -321,23 +325,24 @@ class Broker:
                 refusal = r
         raise refusal
 
-    async def _first_bytes(self, reader: asyncio.StreamReader, name: str) -> bytes:
-        """Read (and keep) the client's first bytes; Refused unless they ask for ``name``."""
+    async def _first_bytes(self, reader: asyncio.StreamReader) -> tuple[bytes, Optional[peek.FirstBytes]]:
+        """Read (and keep) the client's first bytes: (data, what they ask for), or (data, None) for a
+        client still silent after the short wait (a server-speaks-first protocol): its first bytes are
+        then checked when they come, before any is forwarded (_ClientCheck)."""
         data = b""
-        deadline = asyncio.get_running_loop().time() + self.peek_wait
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         while True:
             try:
-                seen = peek.classify(data)
+                return data, peek.classify(data)
             except peek.NeedMore:
-                seen = None
-            if seen is not None:
-                break
+                pass
             if len(data) >= peek.MAX_PEEK:
                 raise Refused("first bytes too large to check")
-            remaining = deadline - asyncio.get_running_loop().time()
+            remaining = started + (self.head_wait if data else self.peek_wait) - loop.time()
             if remaining <= 0:
                 if not data:
-                    return data  # a server-speaks-first protocol (SSH, SMTP): nothing to check
+                    return data, None
                 raise Refused("incomplete TLS ClientHello or HTTP request head")
             try:
                 more = await asyncio.wait_for(reader.read(peek.MAX_PEEK - len(data)), remaining)
@@ -346,13 +351,6 @@ class Broker:
             if not more:
                 raise Refused("client closed before asking for anything")
             data += more
-        if seen.problem:
-            raise Refused(f"{seen.protocol}: {seen.problem}")
-        if seen.protocol == "tls" and not peek.same_host(seen.host, name):
-            raise Refused(f"sni-mismatch: dialled {name}, TLS asks for {seen.host or 'no name'}")
-        if seen.protocol == "http" and not peek.same_host(seen.host, name):
-            raise Refused(f"host-mismatch: dialled {name}, HTTP asks for {seen.host or 'no host'}")
-        return data
 
     async def _dial(self, candidates: list[str], first: str, port: int,
                     name: Optional[str]) -> Optional[tuple[asyncio.StreamReader, asyncio.StreamWriter, str]]:
@@ -372,12 +370,21 @@ class Broker:
         return None
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    conn: _Connection, counter: str) -> None:
+                    conn: _Connection, counter: str, check: Optional["_ClientCheck"] = None) -> None:
         try:
             while True:
                 data = await reader.read(CHUNK)
                 if not data:
                     break
+                if check is not None and not check.done:
+                    try:
+                        data = check.feed(data)
+                    except Refused as refusal:
+                        self._counts["denied"] += 1
+                        self._record("deny", conn.name, conn.address, conn.port, refusal.rule, refusal.reason)
+                        conn.revoked = True  # closes both sides with a reset
+                        self._cut(conn)
+                        return
                 writer.write(data)
                 setattr(conn, counter, getattr(conn, counter) + len(data))
                 await writer.drain()
@@ -392,3 +399,59 @@ class Broker:
             _reset(w)
         for task in conn.tasks:
             task.cancel()
+
+
+def _check_seen(seen: peek.FirstBytes, name: str) -> None:
+    """Refused unless the client's first bytes ask for ``name`` (or are of a protocol that names none)."""
+    if seen.problem:
+        raise Refused(f"{seen.protocol}: {seen.problem}")
+    if seen.protocol == "tls" and not peek.same_host(seen.host, name):
+        raise Refused(f"sni-mismatch: dialled {name}, TLS asks for {seen.host or 'no name'}")
+    if seen.protocol == "http" and not peek.same_host(seen.host, name):
+        raise Refused(f"host-mismatch: dialled {name}, HTTP asks for {seen.host or 'no host'}")
+
+
+class _ClientCheck:
+    """What a named connection's client sends must keep asking for that name.
+
+    - first bytes seen in time: checked before dialling (Refused there);
+    - a client silent through the short wait (server-speaks-first): its first bytes are held back and
+      checked when complete, so waiting cannot smuggle a TLS hello or a request for another host;
+    - plaintext HTTP/1: every later request on the connection is checked too (keep-alive, pipelining).
+    TLS after the hello is opaque (nothing more can be checked without terminating it).
+    """
+
+    def __init__(self, name: str, first: bytes, seen: Optional[peek.FirstBytes]) -> None:
+        self.name = name
+        self.seen = seen
+        self.pending = b""
+        self.http: Optional[peek.HttpRequests] = None
+        if seen is not None:
+            _check_seen(seen, name)
+            if seen.protocol == "http":
+                self.http = peek.HttpRequests(name)
+                problem = self.http.feed(first)
+                if problem:
+                    raise Refused(problem)
+        self.done = seen is not None and self.http is None
+
+    def feed(self, data: bytes) -> bytes:
+        """The bytes to forward now (b"" while the first bytes are incomplete); Refused to cut."""
+        if self.seen is None:
+            self.pending += data
+            try:
+                self.seen = peek.classify(self.pending)
+            except peek.NeedMore:
+                if len(self.pending) >= peek.MAX_PEEK:
+                    raise Refused("first bytes too large to check") from None
+                return b""
+            data, self.pending = self.pending, b""
+            _check_seen(self.seen, self.name)
+            if self.seen.protocol != "http":
+                self.done = True
+                return data
+            self.http = peek.HttpRequests(self.name)
+        problem = self.http.feed(data)
+        if problem:
+            raise Refused(problem)
+        return data

@@ -123,7 +123,28 @@ _ABSOLUTE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://([^/?#]*)")
 
 
 def looks_like_http(data: bytes) -> bool:
-    return bool(_REQUEST_START.match(data[:17]))
+    """True for an HTTP/1 request line; raises NeedMore while the first line may still become one.
+
+    Decided on the complete first line, so that a line-based protocol whose first word is upper case
+    (SMTP's "EHLO x", a Redis "PING") is "other" as soon as its line ends, not a request waiting for
+    headers that never come.
+    """
+    end = data.find(b"\r\n")
+    if end < 0:
+        if _REQUEST_START.match(data[:17]) and len(data) < 8192:
+            raise NeedMore
+        return False
+    return bool(_REQUEST_LINE.match(data[:end]))
+
+
+def request_host(method: bytes, target: str, host_header: Optional[str]) -> Optional[str]:
+    """The host a request is for, as a server reads it: an absolute URL's, CONNECT's, else the Host header."""
+    absolute = _ABSOLUTE.match(target)
+    if absolute:
+        return _strip_authority(absolute.group(1))
+    if method == b"CONNECT":
+        return _strip_authority(target)
+    return _strip_authority(host_header) if host_header is not None else None
 
 
 def http_request_host(data: bytes) -> FirstBytes:
@@ -144,13 +165,8 @@ def http_request_host(data: bytes) -> FirstBytes:
             hosts.append(value.strip().decode("latin-1"))
     if len(hosts) > 1:
         return FirstBytes("http", problem="two Host headers")
-    method, target = line.group(1), line.group(2).decode("latin-1")
-    absolute = _ABSOLUTE.match(target)
-    if absolute:
-        return FirstBytes("http", host=_strip_authority(absolute.group(1)))
-    if method == b"CONNECT":
-        return FirstBytes("http", host=_strip_authority(target))
-    return FirstBytes("http", host=_strip_authority(hosts[0]) if hosts else None)
+    host = request_host(line.group(1), line.group(2).decode("latin-1"), hosts[0] if hosts else None)
+    return FirstBytes("http", host=host)
 
 
 def _strip_authority(authority: str) -> str:
@@ -168,6 +184,8 @@ def classify(data: bytes) -> FirstBytes:
         raise NeedMore
     if data[0] == 22:
         return client_hello_sni(data)
+    if data.startswith(b"PRI * HTTP/2.0"):
+        return FirstBytes("http", problem="HTTP/2 without TLS (h2c) cannot be checked")
     if looks_like_http(data):
         return http_request_host(data)
     return FirstBytes("other")
@@ -177,3 +195,56 @@ def same_host(asked: Optional[str], name: str) -> bool:
     if asked is None:
         return False
     return asked.lower().rstrip(".") == name.lower().rstrip(".")
+
+
+# -- every request of a plaintext HTTP/1 connection ------------------------------------------------------------
+
+class HttpRequests:
+    """Checks EVERY request a client sends on a plaintext HTTP/1 connection (keep-alive, pipelining), not
+    just the first: each must be for ``name``. h11 parses the client's side (bodies, chunking); a new h11
+    connection per request, fed what followed the previous one, since no response passes through h11.
+
+    ``feed(data)`` returns None while all is well, or why the stream must be cut. After a CONNECT or an
+    Upgrade request the stream is another protocol: later bytes pass unchecked.
+    """
+
+    def __init__(self, name: str) -> None:
+        import h11
+
+        self._h11 = h11
+        self.name = name
+        self.requests = 0
+        self._conn = h11.Connection(h11.SERVER)
+        self._opaque = False
+
+    def feed(self, data: bytes) -> Optional[str]:
+        h11 = self._h11
+        if self._opaque:
+            return None
+        self._conn.receive_data(data)
+        while True:
+            try:
+                event = self._conn.next_event()
+            except h11.RemoteProtocolError as e:
+                return f"malformed HTTP request ({e})"
+            if event is h11.NEED_DATA:
+                return None
+            if event is h11.PAUSED:
+                if self._conn.their_state is h11.MIGHT_SWITCH_PROTOCOL:
+                    self._opaque = True  # CONNECT / Upgrade: the rest is not HTTP/1
+                    return None
+                trailing, closed = self._conn.trailing_data
+                self._conn = h11.Connection(h11.SERVER)
+                if trailing:
+                    self._conn.receive_data(trailing)
+                if closed:
+                    self._conn.receive_data(b"")
+                continue
+            if isinstance(event, h11.Request):
+                self.requests += 1
+                hosts = [v.decode("latin-1") for k, v in event.headers if k == b"host"]
+                asked = request_host(event.method, event.target.decode("latin-1"), hosts[0] if hosts else None)
+                if not same_host(asked, self.name):
+                    return f"host-mismatch: dialled {self.name}, HTTP asks for {asked or 'no host'}"
+            if isinstance(event, h11.ConnectionClosed):
+                return None
