@@ -29,10 +29,10 @@ class NetnsHolder:
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> int:
-        # unshare execs python (no --fork): the Popen pid is the holder itself, inside the namespaces.
-        self.proc = subprocess.Popen(
-            ["unshare", "--user", "--map-root-user", "--net", sys.executable, "-I", "-c",
-             "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+        # unshare execs cat (no --fork): the Popen pid is the holder itself, inside the namespaces; it
+        # ends at EOF on stdin, i.e. when we close it or when this process dies.
+        self.proc = subprocess.Popen(["unshare", "--user", "--map-root-user", "--net", "cat"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
         mine = os.stat("/proc/self/ns/net").st_ino
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:

@@ -402,3 +402,19 @@ def test_code_in_a_real_sandbox_gets_exactly_the_granted_name(tier, sandbox, lab
     assert not lab.queries(name="api.example.com")
     verdicts = [(e["kind"], e["name"] or e["address"], e["verdict"]) for e in log.entries()]
     assert ("dns", "api.example.com", "deny") in verdicts and ("tcp", "10.0.0.5", "deny") in verdicts
+
+
+def test_a_sandbox_cannot_hold_more_connections_than_its_limit(net, lab):
+    net.update(allow=[f"echo.example.com:{netlab.ECHO_PORT}"])
+    net.loop.call(setattr, net.broker, "max_connections", 2)
+    echo, = net.resolve("echo.example.com")
+    held = [net.connect(echo, netlab.ECHO_PORT) for _ in range(2)]
+    try:
+        for s in held:
+            s.sendall(b"x")
+            assert s.recv(1) == b"x"
+        net.assert_reset(echo, netlab.ECHO_PORT, b"y")
+        assert net.tcp_entries()[-1]["reason"].startswith("too many connections")
+    finally:
+        for s in held:
+            s.close()

@@ -257,3 +257,53 @@ def test_code_in_a_real_sandbox_is_redirected_and_cannot_undo_it(tier, sandbox):
     finally:
         listeners.close()
         thread.join(5)
+
+
+ROOTLESS_DRIVER = r"""
+import json, os, socket
+from sandlot._net import netns
+from tests.netns_holder import NetnsHolder
+out = {"uid": os.geteuid()}
+with NetnsHolder() as pid:
+    out["configure_ms"] = 1000 * netns.configure(pid)
+    listeners = netns.open_listeners(pid)
+    with netns.socket_inside(pid) as client:
+        client.settimeout(5)
+        client.connect(("203.0.113.7", 443))
+        listeners.tcp[0].setblocking(True)
+        conn, _ = listeners.tcp[0].accept()
+        out["original"] = list(netns.original_destination(conn))
+        conn.close()
+    with netns.socket_inside(pid, socket.AF_INET6, socket.SOCK_DGRAM) as udp:
+        udp.sendto(b"q", ("2001:db8::99", 53))
+        listeners.dns_udp[1].setblocking(True)
+        out["dns"] = listeners.dns_udp[1].recv(10).decode()
+    try:
+        netns.run_inside(pid, lambda: None)
+        out["thread_setns"] = "worked"
+    except netns.NetnsError as e:
+        out["thread_setns"] = str(e)
+    out["rules"] = "redirect to :1001" in netns.ruleset(pid)
+    listeners.close()
+print(json.dumps(out))
+"""
+
+
+def test_rootless_a_non_root_owner_configures_and_serves_its_sandboxs_namespace(tmp_path):
+    """The host side need not be root: the owner of the sandbox's user namespace enters it with nsenter
+    --user --net (a helper hands the sockets back), since it may not setns() one of its threads."""
+    import json
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
+                           sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {root!r})\n" + ROOTLESS_DRIVER],
+                          capture_output=True, text=True, timeout=120, cwd=str(tmp_path),
+                          env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": str(tmp_path)})
+    if "Operation not permitted" in done.stderr and "unshare" in done.stderr:
+        pytest.skip("unprivileged user namespaces are disabled on this host")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["uid"] == 65534
+    assert out["original"] == ["203.0.113.7", 443] and out["dns"] == "q" and out["rules"]
+    assert "cannot enter" in out["thread_setns"] and "Operation not permitted" in out["thread_setns"]

@@ -38,6 +38,7 @@ PEEK_WAIT = 0.5          # how long the broker waits for a client's first bytes 
 HEAD_WAIT = 10.0         # how long a started but incomplete ClientHello / request head may take
 CONNECT_TIMEOUT = 10.0   # per real address dialled
 CHUNK = 256 * 1024
+MAX_CONNECTIONS = 1024   # open connections per sandbox: more are refused (each costs the host two fds)
 
 
 class Interceptor(Protocol):
@@ -107,7 +108,7 @@ class Broker:
     def __init__(self, policy: Any, log: Any, upstream: Any = None, *, synthetic: Any = None,
                  host_addresses: Optional[frozenset] = None, interceptor: Optional[Interceptor] = None,
                  peek_wait: float = PEEK_WAIT, head_wait: float = HEAD_WAIT,
-                 connect_timeout: float = CONNECT_TIMEOUT) -> None:
+                 connect_timeout: float = CONNECT_TIMEOUT, max_connections: int = MAX_CONNECTIONS) -> None:
         from . import dns, policy as policy_module
 
         self.policy = policy
@@ -119,6 +120,7 @@ class Broker:
         self.peek_wait = peek_wait
         self.head_wait = head_wait
         self.connect_timeout = connect_timeout
+        self.max_connections = max_connections
         self._servers: list[asyncio.AbstractServer] = []
         self._dns_tasks: list[asyncio.Task] = []
         self._handlers: set[asyncio.Task] = set()
@@ -247,6 +249,8 @@ class Broker:
                 dialled = _plain_ip(dialled)
             except (OSError, ValueError):
                 raise Refused("no original destination") from None
+            if len(self._handlers) > self.max_connections:
+                raise Refused(f"too many connections (at most {self.max_connections} at once)")
             name, reals = self._name_of(dialled)
             first, check = b"", None
             if name is not None:

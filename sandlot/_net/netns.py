@@ -17,13 +17,22 @@ and only that descriptor is used afterwards (a pid that dies and is reused canno
 another namespace, least of all the host's). Sockets are made on a dedicated short-lived thread that
 setns()es into the namespace and back; setns on a thread moves only that thread, and the thread is
 never reused: if it cannot get back, it ends there without running anything else.
+
+Rootless (this process is not root but owns the sandbox's user namespace): setns() of a thread needs
+CAP_SYS_ADMIN in this process's own namespace, so instead a single-threaded helper enters the owning
+user namespace and the network namespace (``nsenter --user --net``): it runs ip/nft there, or makes the
+sockets and passes them back over a Unix socket (SCM_RIGHTS).
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
+import fcntl
+import json
 import os
+import sys
 import shutil
 import socket
 import subprocess
@@ -33,8 +42,10 @@ from dataclasses import dataclass, field
 from typing import Callable, TypeVar
 
 from .._exceptions import SandlotError
+from ._sockmaker import make_sockets
 
 CLONE_NEWNET = 0x40000000
+NS_GET_USERNS = 0xB701  # linux/nsfs.h: _IO(0xb7, 0x1), the user namespace owning a namespace
 BROKER_PORT = 1001
 DNS_PORT = 53
 
@@ -98,6 +109,39 @@ def _tool(name: str) -> str:
 
 # -- configure ---------------------------------------------------------------------------------------------
 
+def _rootless() -> bool:
+    return os.geteuid() != 0
+
+
+class _Entered:
+    """``with _Entered(pid) as (argv_prefix, fds):`` nsenter argv entering pid's namespace(s) by fd."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.fds: list[int] = []
+
+    def __enter__(self) -> tuple[list[str], tuple[int, ...]]:
+        net = _open_netns(self.pid)
+        self.fds.append(net)
+        argv = [_tool("nsenter")]
+        if _rootless():
+            try:
+                owner = fcntl.ioctl(net, NS_GET_USERNS)
+            except OSError as e:
+                self.__exit__()
+                raise NetnsError(f"cannot find the user namespace owning pid {self.pid}'s network: {e.strerror}") from e
+            self.fds.append(owner)
+            # keep our ids: setgroups is denied in user namespaces made rootless; our uid is their root
+            argv += [f"--user=/proc/self/fd/{owner}", "--preserve-credentials"]
+        argv += [f"--net=/proc/self/fd/{net}", "--"]
+        return argv, tuple(self.fds)
+
+    def __exit__(self, *exc: object) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+
 def configure(pid: int) -> float:
     """Route and filter ``pid``'s network namespace so all its traffic reaches the broker; seconds taken.
 
@@ -105,16 +149,12 @@ def configure(pid: int) -> float:
     and the routes, then execs ``nft -f -`` for the ruleset (atomic; re-running replaces it).
     """
     started = time.monotonic()
-    fd = _open_netns(pid)
-    try:
-        ip, nft, nsenter = _tool("ip"), _tool("nft"), _tool("nsenter")
-        script = f'{ip} -batch - <<"EOF"\n{ROUTES}EOF\nexec {nft} -f /dev/fd/3 3<<"EOF"\n{RULESET}EOF\n'
+    ip, nft = _tool("ip"), _tool("nft")
+    script = f'{ip} -batch - <<"EOF"\n{ROUTES}EOF\nexec {nft} -f /dev/fd/3 3<<"EOF"\n{RULESET}EOF\n'
+    with _Entered(pid) as (enter, fds):
         done = subprocess.run(
-            [nsenter, f"--net=/proc/self/fd/{fd}", "--", "/bin/sh", "-ec", script],
-            pass_fds=(fd,), stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30,
-            env={"PATH": "/usr/sbin:/sbin:/usr/bin:/bin", "LC_ALL": "C"})
-    finally:
-        os.close(fd)
+            enter + ["/bin/sh", "-ec", script], pass_fds=fds, stdin=subprocess.DEVNULL, capture_output=True,
+            text=True, timeout=30, env={"PATH": "/usr/sbin:/sbin:/usr/bin:/bin", "LC_ALL": "C"})
     if done.returncode != 0:
         raise NetnsError(f"configuring the network of pid {pid} failed: {(done.stderr or done.stdout).strip()}")
     return time.monotonic() - started
@@ -122,12 +162,9 @@ def configure(pid: int) -> float:
 
 def ruleset(pid: int) -> str:
     """The nftables ruleset of ``pid``'s namespace, as ``nft list ruleset`` prints it (read only)."""
-    fd = _open_netns(pid)
-    try:
-        done = subprocess.run([_tool("nsenter"), f"--net=/proc/self/fd/{fd}", "--", _tool("nft"), "list", "ruleset"],
-                              pass_fds=(fd,), stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
-    finally:
-        os.close(fd)
+    with _Entered(pid) as (enter, fds):
+        done = subprocess.run(enter + [_tool("nft"), "list", "ruleset"], pass_fds=fds, stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True, timeout=30)
     if done.returncode != 0:
         raise NetnsError(f"reading the ruleset of pid {pid} failed: {done.stderr.strip()}")
     return done.stdout
@@ -172,10 +209,9 @@ def run_inside(pid: int, job: Callable[[], T]) -> T:
                 _setns(home)
             except OSError as e:
                 value = outcome.pop("value", None)
-                if isinstance(value, socket.socket):
-                    value.close()
-                elif isinstance(value, Listeners):
-                    value.close()
+                for made in value if isinstance(value, list) else [value]:
+                    if isinstance(made, socket.socket):
+                        made.close()
                 outcome["error"] = NetnsError(f"a thread could not leave pid {pid}'s namespace: {e.strerror}")
 
     thread = threading.Thread(target=work, name=f"sandlot-netns-{pid}", daemon=True)
@@ -190,27 +226,65 @@ def run_inside(pid: int, job: Callable[[], T]) -> T:
     return outcome["value"]
 
 
+with open(os.path.join(os.path.dirname(__file__), "_sockmaker.py")) as _f:
+    _SOCKMAKER_SOURCE = _f.read()  # given with -c: inside the user namespace our files may not be readable
+
+
+def _helper_python() -> str:
+    """The helper is stdlib-only: the system's python3 works even where this venv's (under a private home)
+    cannot be executed from inside the sandbox's user namespace."""
+    return shutil.which("python3", path="/usr/bin:/bin") or sys.executable
+
+
+def sockets_inside(pid: int, specs: list) -> list[socket.socket]:
+    """Sockets made inside ``pid``'s namespace from specs ([family, type, host|None, port|None, listen]).
+
+    Root: on a setns thread (run_inside). Rootless: by a helper process that entered the namespace's
+    owning user namespace and the namespace, which passes the descriptors back.
+    """
+    if not _rootless():
+        return run_inside(pid, lambda: make_sockets(specs))
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with _Entered(pid) as (enter, fds):
+            helper = subprocess.Popen(
+                enter + [_helper_python(), "-I", "-S", "-c", _SOCKMAKER_SOURCE, json.dumps(specs), str(child.fileno())],
+                pass_fds=fds + (child.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE)
+        child.close()
+        parent.settimeout(30)
+        message, received, _, _ = socket.recv_fds(parent, 4096, len(specs))
+        _, stderr = helper.communicate(timeout=30)
+    finally:
+        parent.close()
+        child.close()
+    made = [socket.socket(fileno=fd) for fd in received]
+    if len(made) != len(specs):
+        for s in made:
+            s.close()
+        why = json.loads(message) if message.startswith(b"{") else {"error": stderr.decode(errors="replace").strip()}
+        if why.get("errno") in (errno.EACCES, errno.EADDRINUSE):
+            raise OSError(why["errno"], why["error"])
+        raise NetnsError(f"making sockets in pid {pid}'s namespace failed: {why.get('error') or 'helper died'}")
+    return made
+
+
 def socket_inside(pid: int, family: int = socket.AF_INET, type: int = socket.SOCK_STREAM) -> socket.socket:
     """A new socket living in ``pid``'s network namespace (usable from any thread of this process)."""
-    return run_inside(pid, lambda: socket.socket(family, type))
+    return sockets_inside(pid, [[family, type, None, None, False]])[0]
 
 
 def open_connection_inside(pid: int, port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> socket.socket:
     """A TCP connection to ``host:port`` as seen from inside ``pid``'s namespace (the sandbox's own servers)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-
-    def connect() -> socket.socket:
-        s = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            s.settimeout(timeout)
-            s.connect((host, port))
-            s.settimeout(None)
-            return s
-        except BaseException:
-            s.close()
-            raise
-
-    return run_inside(pid, connect)
+    s = socket_inside(pid, socket.AF_INET6 if ":" in host else socket.AF_INET)
+    try:
+        s.settimeout(timeout)
+        s.connect((host, port))  # a socket keeps the namespace it was made in: connecting from here is fine
+        s.settimeout(None)
+        return s
+    except BaseException:
+        s.close()
+        raise
 
 
 @dataclass
@@ -229,40 +303,23 @@ class Listeners:
             s.close()
 
 
-def _listen(family: int, type: int, host: str, port: int) -> socket.socket:
-    s = socket.socket(family, type)
-    try:
-        if family == socket.AF_INET6:
-            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind((host, port))
-        if type == socket.SOCK_STREAM:
-            s.listen(1024)
-        s.setblocking(False)
-        return s
-    except BaseException:
-        s.close()
-        raise
-
-
 def open_listeners(pid: int, *, broker_port: int = BROKER_PORT, dns_port: int = DNS_PORT) -> Listeners:
     """Create the broker's and the DNS responder's listening sockets inside ``pid``'s namespace.
 
     Call after ``configure(pid)`` (lo must be up for [::1]).
     """
-    def make() -> Listeners:
-        made = Listeners()
-        try:
-            for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
-                made.tcp.append(_listen(family, socket.SOCK_STREAM, host, broker_port))
-                made.dns_udp.append(_listen(family, socket.SOCK_DGRAM, host, dns_port))
-                made.dns_tcp.append(_listen(family, socket.SOCK_STREAM, host, dns_port))
-        except OSError as e:
-            made.close()
-            raise NetnsError(f"cannot open the broker's sockets in pid {pid}'s namespace: {e}") from e
-        return made
-
-    return run_inside(pid, make)
+    specs = []
+    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        specs += [[family, socket.SOCK_STREAM, host, broker_port, True],
+                  [family, socket.SOCK_DGRAM, host, dns_port, False],
+                  [family, socket.SOCK_STREAM, host, dns_port, True]]
+    try:
+        made = sockets_inside(pid, specs)
+    except OSError as e:
+        raise NetnsError(f"cannot open the broker's sockets in pid {pid}'s namespace: {e}") from e
+    for s in made:
+        s.setblocking(False)
+    return Listeners(tcp=made[0::3], dns_udp=made[1::3], dns_tcp=made[2::3])
 
 
 def original_destination(conn: socket.socket) -> tuple[str, int]:
