@@ -123,6 +123,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--connects", type=int, default=300)
     parser.add_argument("--megabytes", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=3, help="the paths take turns; medians are shown")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     from sandlot._net import netns
@@ -165,11 +166,14 @@ def main() -> None:
 
             in_lab = lab.command([], resolv=True)
             in_sandbox = ["nsenter", f"--net=/proc/{sandbox_pid}/ns/net", "--"]
-            results = {
-                "direct": run_client(in_lab, NAME, NAME),
-                "broker-ip": run_client(in_sandbox, netlab.LAB_V4, netlab.LAB_V4),
-                "broker-name": run_client(in_sandbox, NAME, NAME),
-            }
+            paths = {"direct": (in_lab, NAME), "broker-ip": (in_sandbox, netlab.LAB_V4),
+                     "broker-name": (in_sandbox, NAME)}
+            rounds: dict[str, list[dict]] = {path: [] for path in paths}
+            for _ in range(args.rounds):  # interleaved, so that a busy moment hits every path alike
+                for path, (prefix, target) in paths.items():
+                    rounds[path].append(run_client(prefix, target, target))
+            results = {path: {key: statistics.median(r[key] for r in runs) for key in runs[0] if key != "address"}
+                       for path, runs in rounds.items()}
             stats = loop.call(broker.stats)
             loop.run(broker.close())
         finally:
@@ -178,6 +182,8 @@ def main() -> None:
             server.kill()
             server.wait()
     base = results["direct"]
+    print(f"{args.rounds} rounds, {args.connects} connects and {args.megabytes} MB each way per path and round; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(f"netns configure (nsenter + ip -batch + nft -f, 5 runs): "
           f"median {1000 * statistics.median(configure_seconds):.1f} ms")
     print(f"{'path':<12} {'p50 ms':>8} {'p95 ms':>8} {'up MB/s':>9} {'down MB/s':>10}   "

@@ -17,14 +17,21 @@ connection the broker:
 4. every decision goes to the DecisionLog; ``update(policy)`` re-checks open connections and cuts those
    no longer allowed ("revoked").
 
+Data path: raw non-blocking sockets on the loop; once nothing more needs reading (TLS after its hello,
+IP literals, other protocols), bytes move with splice(2) through a pipe, never copied into Python;
+plaintext HTTP/1 is copied through the per-request Host check.
+
 Secrets (``interceptor``) take over connections to their hosts after the checks above; see secrets.py.
+Broker methods are not thread-safe: call them on the broker's loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import ipaddress
 import itertools
+import os
 import socket
 import struct
 import time
@@ -38,6 +45,8 @@ PEEK_WAIT = 0.5          # how long the broker waits for a client's first bytes 
 HEAD_WAIT = 10.0         # how long a started but incomplete ClientHello / request head may take
 CONNECT_TIMEOUT = 10.0   # per real address dialled
 CHUNK = 256 * 1024
+SPLICE_CHUNK = 1024 * 1024  # a pipe this large (pipe-max-size, 1 MiB by default) moves more per wakeup
+F_SETPIPE_SZ = 1031      # fcntl.F_SETPIPE_SZ (Python 3.10+ names it; kept literal for clarity)
 MAX_CONNECTIONS = 1024   # open connections per sandbox: more are refused (each costs the host two fds)
 
 
@@ -47,7 +56,8 @@ class Interceptor(Protocol):
     def wants(self, name: str, port: int) -> bool: ...
 
     async def handle(self, client: tuple[asyncio.StreamReader, asyncio.StreamWriter], first: bytes,
-                     name: str, port: int, addresses: list[str], broker: "Broker") -> None: ...
+                     name: str, port: int, addresses: list[str], broker: "Broker") -> None:
+        """Serve the client (streams on its socket; ``first``: the bytes already read from it)."""
 
 
 @dataclass
@@ -60,7 +70,7 @@ class _Connection:
     dialled: str            # what the client dialled (synthetic or the literal)
     port: int
     rule: Optional[str]
-    writers: list[asyncio.StreamWriter] = field(default_factory=list)
+    socks: list[socket.socket] = field(default_factory=list)  # client, upstream
     tasks: list[asyncio.Task] = field(default_factory=list)
     bytes_out: int = 0      # client -> upstream
     bytes_in: int = 0       # upstream -> client
@@ -84,15 +94,31 @@ def _plain_ip(text: str) -> str:
     return str(ip)
 
 
-def _reset(writer: asyncio.StreamWriter) -> None:
-    """Close with RST: the client learns at once (ECONNRESET), instead of waiting on a silent socket."""
-    sock = writer.get_extra_info("socket")
+def _linger0(sock: socket.socket) -> None:
+    """Make the coming close() send RST: the peer learns at once (ECONNRESET), never a silent socket."""
     try:
-        if sock is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     except OSError:
         pass
-    writer.transport.abort()
+
+
+def _reset(sock: socket.socket) -> None:
+    _linger0(sock)
+    sock.close()
+
+
+async def _ready(loop: asyncio.AbstractEventLoop, sock: socket.socket, write: bool) -> None:
+    """Wait until ``sock`` is readable (or writable); the registration never outlives the wait."""
+    fd = sock.fileno()
+    if fd < 0:
+        raise ConnectionAbortedError("socket closed")
+    waiter = loop.create_future()
+    add, remove = (loop.add_writer, loop.remove_writer) if write else (loop.add_reader, loop.remove_reader)
+    add(fd, lambda: waiter.done() or waiter.set_result(None))
+    try:
+        await waiter
+    finally:
+        remove(fd)
 
 
 class Broker:
@@ -121,8 +147,7 @@ class Broker:
         self.head_wait = head_wait
         self.connect_timeout = connect_timeout
         self.max_connections = max_connections
-        self._servers: list[asyncio.AbstractServer] = []
-        self._dns_tasks: list[asyncio.Task] = []
+        self._tasks: list[asyncio.Task] = []   # accept loops and DNS servers
         self._handlers: set[asyncio.Task] = set()
         self._open: dict[int, _Connection] = {}
         self._ids = itertools.count(1)
@@ -135,31 +160,28 @@ class Broker:
     async def start(self, listeners: Listeners) -> None:
         """Serve TCP on ``listeners.tcp`` and DNS on ``listeners.dns_udp`` / ``dns_tcp``."""
         for sock in listeners.tcp:
-            self._servers.append(await asyncio.start_server(self._accepted, sock=sock, limit=CHUNK))
+            sock.setblocking(False)
+            self._tasks.append(asyncio.ensure_future(self._accept_loop(sock)))
         if listeners.dns_udp or listeners.dns_tcp:
             from .dns import DnsResponder
 
             responder = DnsResponder(lambda: self.policy, self.upstream, self.synthetic, self.log,
                                      host_addresses=self.host_addresses)
             for sock in listeners.dns_udp:
-                self._dns_tasks.append(asyncio.ensure_future(responder.serve_udp(sock)))
+                self._tasks.append(asyncio.ensure_future(responder.serve_udp(sock)))
             for sock in listeners.dns_tcp:
-                self._dns_tasks.append(asyncio.ensure_future(responder.serve_tcp(sock)))
+                self._tasks.append(asyncio.ensure_future(responder.serve_tcp(sock)))
 
     async def close(self) -> None:
         """Stop serving; cut every open connection (both sides)."""
         self._closed = True
-        for server in self._servers:
-            server.close()
-        for task in self._dns_tasks:
+        for task in self._tasks:
             task.cancel()
         for conn in list(self._open.values()):
             self._cut(conn)
         for task in list(self._handlers):
             task.cancel()
-        await asyncio.gather(*self._dns_tasks, *self._handlers, return_exceptions=True)
-        for server in self._servers:
-            await server.wait_closed()
+        await asyncio.gather(*self._tasks, *self._handlers, return_exceptions=True)
 
     # -- policy ------------------------------------------------------------------------------------------------
 
@@ -175,7 +197,6 @@ class Broker:
                 rule = self._recheck(conn)
             except Refused as refusal:
                 self._cut(conn)
-                conn.revoked = True
                 self._counts["revoked"] += 1
                 cut.append(self._record("revoked", conn.name, conn.address, conn.port, refusal.rule, refusal.reason))
             else:
@@ -228,24 +249,39 @@ class Broker:
 
     # -- one connection -------------------------------------------------------------------------------------------
 
-    async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        self._handlers.add(task)
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                client, _ = await loop.sock_accept(listener)
+            except OSError:  # EMFILE and friends: back off instead of spinning
+                await asyncio.sleep(0.1)
+                continue
+            client.setblocking(False)
+            task = asyncio.ensure_future(self._handle(client))
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
+
+    async def _handle(self, client: socket.socket) -> None:
         self._counts["connections"] += 1
+        owned = [client]  # every socket of this connection: closed here, whatever happens
         try:
-            await self._serve(reader, writer)
+            await self._serve(client, owned)
         except asyncio.CancelledError:
-            _reset(writer)
+            for sock in owned:
+                _linger0(sock)
             raise
         finally:
-            self._handlers.discard(task)
+            for sock in owned:
+                sock.close()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve(self, client: socket.socket, owned: list[socket.socket]) -> None:
+        """Decide, dial, splice. Sockets it opens go to ``owned`` (the caller closes them)."""
         name: Optional[str] = None
         dialled, port = "?", 0
         try:
             try:
-                dialled, port = original_destination(writer.get_extra_info("socket"))
+                dialled, port = original_destination(client)
                 dialled = _plain_ip(dialled)
             except (OSError, ValueError):
                 raise Refused("no original destination") from None
@@ -255,7 +291,7 @@ class Broker:
             first, check = b"", None
             if name is not None:
                 self._verdict(self._check_name(name, port))
-                first, seen = await self._first_bytes(reader)
+                first, seen = await self._first_bytes(client)
                 check = _ClientCheck(name, first, seen)
                 candidates = reals
             else:
@@ -264,50 +300,58 @@ class Broker:
         except Refused as refusal:
             self._counts["denied"] += 1
             self._record("deny", name, dialled, port, refusal.rule, refusal.reason)
-            _reset(writer)
+            _linger0(client)
             return
 
         if self.interceptor is not None and name is not None and self.interceptor.wants(name, port):
             self._counts["allowed"] += 1
             self._record("allow", name, address, port, rule, "intercepted")
-            await self.interceptor.handle((reader, writer), first, name, port, candidates, self)
+            reader, writer = await asyncio.open_connection(sock=client.dup(), limit=CHUNK)
+            try:
+                await self.interceptor.handle((reader, writer), first, name, port, candidates, self)
+            finally:
+                writer.close()
             return
 
-        upstream = await self._dial(candidates, address, port, name)
-        if upstream is None:
+        dialled_up = await self._dial(candidates, address, port, name)
+        if dialled_up is None:
             self._counts["failed"] += 1
             self._record("deny", name, address, port, rule, "upstream unreachable")
-            _reset(writer)
+            _linger0(client)
             return
-        up_reader, up_writer, address = upstream
-        conn = _Connection(next(self._ids), name, address, dialled, port, rule, writers=[writer, up_writer])
+        upstream, address = dialled_up
+        owned.append(upstream)
+        conn = _Connection(next(self._ids), name, address, dialled, port, rule, socks=[client, upstream])
         try:
             conn.rule = self._recheck(conn)  # the policy may have changed while we peeked and dialled
         except Refused as refusal:
             self._counts["denied"] += 1
             self._record("deny", name, address, port, refusal.rule, refusal.reason)
-            _reset(writer)
-            _reset(up_writer)
+            _linger0(client)
+            _linger0(upstream)
             return
         self._counts["allowed"] += 1
         self._record("allow", name, address, port, conn.rule, "allowed")
         self._open[conn.id] = conn
+        for sock in (client, upstream):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # forward each write as it comes
         try:
+            loop = asyncio.get_running_loop()
             if first:  # checked already (a silent client has none: its first bytes are checked as they come)
-                up_writer.write(first)
+                await loop.sock_sendall(upstream, first)
                 conn.bytes_out += len(first)
-            conn.tasks = [asyncio.ensure_future(self._pump(reader, up_writer, conn, "bytes_out", check)),
-                          asyncio.ensure_future(self._pump(up_reader, writer, conn, "bytes_in"))]
+            conn.tasks = [asyncio.ensure_future(self._pump(client, upstream, conn, "bytes_out", check)),
+                          asyncio.ensure_future(self._pump(upstream, client, conn, "bytes_in"))]
             await asyncio.gather(*conn.tasks, return_exceptions=True)
+        except OSError:
+            conn.revoked = True
         finally:
             self._open.pop(conn.id, None)
             self._counts["bytes_out"] += conn.bytes_out
             self._counts["bytes_in"] += conn.bytes_in
-            for w in (writer, up_writer):
-                if conn.revoked:
-                    _reset(w)
-                else:
-                    w.close()
+            if conn.revoked:
+                _linger0(client)
+                _linger0(upstream)
 
     def _name_of(self, address: str) -> tuple[Optional[str], list[str]]:
         """(name, real addresses) for a synthetic address; (None, []) for anything else (a literal)."""
@@ -329,7 +373,7 @@ class Broker:
                 refusal = r
         raise refusal
 
-    async def _first_bytes(self, reader: asyncio.StreamReader) -> tuple[bytes, Optional[peek.FirstBytes]]:
+    async def _first_bytes(self, client: socket.socket) -> tuple[bytes, Optional[peek.FirstBytes]]:
         """Read (and keep) the client's first bytes: (data, what they ask for), or (data, None) for a
         client still silent after the short wait (a server-speaks-first protocol): its first bytes are
         then checked when they come, before any is forwarded (_ClientCheck)."""
@@ -349,60 +393,99 @@ class Broker:
                     return data, None
                 raise Refused("incomplete TLS ClientHello or HTTP request head")
             try:
-                more = await asyncio.wait_for(reader.read(peek.MAX_PEEK - len(data)), remaining)
+                more = await asyncio.wait_for(loop.sock_recv(client, peek.MAX_PEEK - len(data)), remaining)
             except asyncio.TimeoutError:
                 continue
+            except OSError:
+                raise Refused("client reset before asking for anything") from None
             if not more:
                 raise Refused("client closed before asking for anything")
             data += more
 
     async def _dial(self, candidates: list[str], first: str, port: int,
-                    name: Optional[str]) -> Optional[tuple[asyncio.StreamReader, asyncio.StreamWriter, str]]:
+                    name: Optional[str]) -> Optional[tuple[socket.socket, str]]:
         """Connect to ``first``, then to the other allowed candidates; each is checked right before."""
+        loop = asyncio.get_running_loop()
         ordered = [first] + [a for a in candidates if a != first]
         for address in ordered:
             try:
                 self._verdict(self._check_address(address, port, name))
             except Refused:
                 continue
+            sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
             try:
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(address, port, limit=CHUNK), self.connect_timeout)
-                return reader, writer, address
+                await asyncio.wait_for(loop.sock_connect(sock, (address, port)), self.connect_timeout)
+                return sock, address
             except (OSError, asyncio.TimeoutError):
-                continue
+                sock.close()
+            except BaseException:
+                sock.close()
+                raise
         return None
 
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                    conn: _Connection, counter: str, check: Optional["_ClientCheck"] = None) -> None:
+    async def _pump(self, src: socket.socket, dst: socket.socket, conn: _Connection, counter: str,
+                    check: Optional["_ClientCheck"] = None) -> None:
+        """Move bytes src -> dst until EOF (then half-close dst); a reset on either side resets both."""
+        loop = asyncio.get_running_loop()
         try:
-            while True:
-                data = await reader.read(CHUNK)
+            while check is not None and not check.done:  # copied through the check
+                data = await loop.sock_recv(src, CHUNK)
                 if not data:
                     break
-                if check is not None and not check.done:
-                    try:
-                        data = check.feed(data)
-                    except Refused as refusal:
-                        self._counts["denied"] += 1
-                        self._record("deny", conn.name, conn.address, conn.port, refusal.rule, refusal.reason)
-                        conn.revoked = True  # closes both sides with a reset
-                        self._cut(conn)
-                        return
-                writer.write(data)
+                try:
+                    data = check.feed(data)
+                except Refused as refusal:
+                    self._counts["denied"] += 1
+                    self._record("deny", conn.name, conn.address, conn.port, refusal.rule, refusal.reason)
+                    self._cut(conn)
+                    return
+                await loop.sock_sendall(dst, data)
                 setattr(conn, counter, getattr(conn, counter) + len(data))
-                await writer.drain()
-            if writer.can_write_eof():
-                writer.write_eof()  # half-close: the other direction may still be talking
-        except (OSError, ConnectionError):
-            for w in conn.writers:  # a reset on one side resets the other
-                _reset(w)
+            else:
+                await self._splice(src, dst, conn, counter)
+            dst.shutdown(socket.SHUT_WR)  # half-close: the other direction may still be talking
+        except OSError:
+            self._cut(conn)
+
+    async def _splice(self, src: socket.socket, dst: socket.socket, conn: _Connection, counter: str) -> None:
+        """src -> pipe -> dst with splice(2): the bytes never enter Python."""
+        loop = asyncio.get_running_loop()
+        pipe_out, pipe_in = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+        try:
+            try:
+                fcntl.fcntl(pipe_in, F_SETPIPE_SZ, SPLICE_CHUNK)
+            except OSError:
+                pass  # the default pipe size (64 KiB) works, in smaller steps
+            while True:
+                try:
+                    n = os.splice(src.fileno(), pipe_in, SPLICE_CHUNK, flags=flags)
+                except BlockingIOError:
+                    await _ready(loop, src, write=False)
+                    continue
+                if n == 0:
+                    return
+                while n:
+                    try:
+                        moved = os.splice(pipe_out, dst.fileno(), n, flags=flags)
+                    except BlockingIOError:
+                        await _ready(loop, dst, write=True)
+                        continue
+                    n -= moved
+                    setattr(conn, counter, getattr(conn, counter) + moved)
+        finally:
+            os.close(pipe_out)
+            os.close(pipe_in)
 
     def _cut(self, conn: _Connection) -> None:
-        for w in conn.writers:
-            _reset(w)
+        """Reset both sides: the pumps stop (cancelled), then the handler closes both sockets with RST."""
+        conn.revoked = True
+        for sock in conn.socks:
+            _linger0(sock)
         for task in conn.tasks:
-            task.cancel()
+            if task is not asyncio.current_task():
+                task.cancel()
 
 
 def _check_seen(seen: peek.FirstBytes, name: str) -> None:
