@@ -10,7 +10,6 @@ What must NOT happen is checked on the internet's own records (lab.requests / la
 
 from __future__ import annotations
 
-import errno
 import ipaddress
 import socket
 import ssl
@@ -26,6 +25,7 @@ from sandlot._net.broker import Broker
 from . import netlab
 from .conftest import needs_sandbox
 from .netns_holder import LoopInNamespace, NetnsHolder, netns_problem
+from .test_net_netns import host_network_untouched  # noqa: F401 - autouse: the host's network is never changed
 
 PROBLEM = netns_problem() or netlab.skip_reason()
 pytestmark = [needs_sandbox, pytest.mark.skipif(PROBLEM is not None, reason=str(PROBLEM))]

@@ -36,7 +36,7 @@ import socket
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Optional, Protocol
+from typing import Any, Optional, Protocol
 
 from . import peek
 from .netns import Listeners, original_destination
@@ -46,7 +46,7 @@ HEAD_WAIT = 10.0         # how long a started but incomplete ClientHello / reque
 CONNECT_TIMEOUT = 10.0   # per real address dialled
 CHUNK = 256 * 1024
 SPLICE_CHUNK = 1024 * 1024  # a pipe this large (pipe-max-size, 1 MiB by default) moves more per wakeup
-F_SETPIPE_SZ = 1031      # fcntl.F_SETPIPE_SZ (Python 3.10+ names it; kept literal for clarity)
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 MAX_CONNECTIONS = 1024   # open connections per sandbox: more are refused (each costs the host two fds)
 
 
@@ -102,11 +102,6 @@ def _linger0(sock: socket.socket) -> None:
         pass
 
 
-def _reset(sock: socket.socket) -> None:
-    _linger0(sock)
-    sock.close()
-
-
 async def _ready(loop: asyncio.AbstractEventLoop, sock: socket.socket, write: bool) -> None:
     """Wait until ``sock`` is readable (or writable); the registration never outlives the wait."""
     fd = sock.fileno()
@@ -153,7 +148,6 @@ class Broker:
         self._ids = itertools.count(1)
         self._counts = {"connections": 0, "allowed": 0, "denied": 0, "revoked": 0, "failed": 0,
                         "bytes_out": 0, "bytes_in": 0}
-        self._closed = False
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
 
@@ -173,8 +167,7 @@ class Broker:
                 self._tasks.append(asyncio.ensure_future(responder.serve_tcp(sock)))
 
     async def close(self) -> None:
-        """Stop serving; cut every open connection (both sides)."""
-        self._closed = True
+        """Stop serving; cut every open connection (both sides). The listening sockets stay the caller's."""
         for task in self._tasks:
             task.cancel()
         for conn in list(self._open.values()):
