@@ -186,6 +186,22 @@ def test_an_allowed_name_works_over_http_and_https_on_v4_and_v6(net, lab):
         ("www.example.com", netlab.WEB_V6, 443, "www.example.com")]
 
 
+def test_an_ipv6_only_name_and_dns_over_tcp(net, lab):
+    net.update(allow=["v6only.example.com:443"])
+    assert net.resolve("v6only.example.com", "A") == []  # mirrors upstream: no A records, no synthetic A
+    with netns.socket_inside(net.pid) as tcp:  # DNS over TCP to any resolver lands on the broker's DNS too
+        tcp.settimeout(5)
+        tcp.connect((ANY_RESOLVER, 53))
+        query = dnslib.DNSRecord.question("v6only.example.com", "AAAA").pack()
+        tcp.sendall(len(query).to_bytes(2, "big") + query)
+        length = int.from_bytes(tcp.recv(2), "big")
+        reply = dnslib.DNSRecord.parse(tcp.recv(length))
+    v6, = [str(r.rdata) for r in reply.rr]
+    assert ipaddress.ip_address(v6) in SYNTHETIC_V6
+    assert b"hello from 2001:db8::30 (v6only.example.com)" in net.https_get(v6, "v6only.example.com")
+    assert [r["server"] for r in lab.requests()] == [netlab.V6ONLY]
+
+
 def test_curl_inside_reaches_an_allowed_name_transparently(net, lab):
     """A real client that knows nothing of the broker: the host's resolv.conf, no proxy variables."""
     net.update(allow=["api.example.com:443"])
@@ -320,6 +336,15 @@ def test_update_revoking_a_name_cuts_its_open_stream_and_keeps_others(net, lab):
     assert [e["verdict"] for e in net.tcp_entries() if e["name"] == "echo.example.com"] == ["allow", "revoked"]
 
 
+def test_bytes_spliced_over_tls_are_counted(net):
+    net.update(allow=["www.example.com:443"])
+    web, = net.resolve("www.example.com")
+    body = net.https_get(web, "www.example.com", path="/bytes/3000000")
+    assert len(body) > 3000000
+    stats = net.stats()
+    assert stats["allowed"] == 1 and stats["bytes_in"] > 3000000 and stats["bytes_out"] > 300  # hello + request
+
+
 def test_counters_follow_every_decision_and_byte(net):
     net.update(allow=["www.example.com:80"])
     web, = net.resolve("www.example.com")
@@ -351,9 +376,9 @@ try:
     out["denied_name"] = "resolved"
 except socket.gaierror as e:
     out["denied_name"] = "gaierror"
-s = socket.create_connection(("10.0.0.5", 80), timeout=5)
-s.sendall(b"GET / HTTP/1.1\r\nHost: 10.0.0.5\r\n\r\n")
-try:
+try:  # the reset may already be there when connect() returns, or come at the first read
+    s = socket.create_connection(("10.0.0.5", 80), timeout=5)
+    s.sendall(b"GET / HTTP/1.1\r\nHost: 10.0.0.5\r\n\r\n")
     out["private"] = repr(s.recv(100))
 except ConnectionResetError:
     out["private"] = "reset"
@@ -361,11 +386,9 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.tiers("process")
-def test_code_in_a_real_sandbox_gets_exactly_the_granted_name(tier, sandbox, lab):
-    """The whole path as a user's code meets it: the sandbox's own (empty) resolv.conf, urllib, curl."""
-    import json
-
+@pytest.fixture
+def sandbox_net(tier, sandbox, lab):
+    """A real sandbox (process tier) whose namespace is configured and served by a broker in the lab."""
     from sandlot._net.dns import Upstream
     from sandlot._net.log import DecisionLog
     from sandlot._net.policy import NetworkPolicy
@@ -380,28 +403,78 @@ def test_code_in_a_real_sandbox_gets_exactly_the_granted_name(tier, sandbox, lab
     log = DecisionLog()
     try:
         async def start() -> Broker:
-            broker = Broker(NetworkPolicy.build({"allow": ["www.example.com:443"]}), log, Upstream([(netlab.DNS, 53)]))
+            broker = Broker(NetworkPolicy.build(None), log, Upstream([(netlab.DNS, 53)]))
             await broker.start(listeners)
             return broker
 
         broker = loop.run(start())
         try:
             sandbox.files.write("/home/user/lab-ca.pem", lab.ca_path.read_bytes())
-            ex = sandbox.run_code(SANDBOX_CLIENT)
-            assert ex.error is None, ex.error
-            out = json.loads("".join(ex.logs.stdout))
+            yield Net(lab, pid1, loop, broker, log)
         finally:
             loop.run(broker.close())
     finally:
         loop.close()
         listeners.close()
+
+
+def _run_json(sandbox, code: str) -> dict:
+    import json
+
+    ex = sandbox.run_code(code)
+    assert ex.error is None, ex.error
+    return json.loads("".join(ex.logs.stdout))
+
+
+@pytest.mark.tiers("process")
+def test_code_in_a_real_sandbox_gets_exactly_the_granted_name(sandbox_net, sandbox, lab):
+    """The whole path as a user's code meets it: the sandbox's own (empty) resolv.conf, urllib, curl."""
+    net = sandbox_net
+    net.update(allow=["www.example.com:443"])
+    out = _run_json(sandbox, SANDBOX_CLIENT)
     assert "hello from 203.0.113.10 (www.example.com)" in out["urllib"]
     assert out["curl"][0] == 0 and "(www.example.com)" in out["curl"][1], out["curl"]
     assert out["denied_name"] == "gaierror" and out["private"] == "reset"
     assert [r["path"] for r in lab.requests()] == ["/from-sandbox", "/curl-in-sandbox"]
     assert not lab.queries(name="api.example.com")
-    verdicts = [(e["kind"], e["name"] or e["address"], e["verdict"]) for e in log.entries()]
+    verdicts = [(e["kind"], e["name"] or e["address"], e["verdict"]) for e in net.entries()]
     assert ("dns", "api.example.com", "deny") in verdicts and ("tcp", "10.0.0.5", "deny") in verdicts
+
+
+PIP_AND_GIT = r"""
+import json, os, subprocess, sys
+env = dict(os.environ, GIT_SSL_CAINFO="/home/user/lab-ca.pem",
+           GIT_CONFIG_NOSYSTEM="1", GIT_CONFIG_GLOBAL="/dev/null")
+pip = subprocess.run([sys.executable, "-m", "pip", "install", "--isolated", "--no-cache-dir",
+                      "--cert", "/home/user/lab-ca.pem",
+                      "--disable-pip-version-check", "--index-url", "https://pypi.org/simple/",
+                      "--target", "/home/user/site", "--retries", "0", "--timeout", "10", "PKG"],
+                     capture_output=True, text=True, env=env)
+value = subprocess.run([sys.executable, "-c", "import MODULE; print(MODULE.VALUE)"], capture_output=True,
+                       text=True, env=dict(env, PYTHONPATH="/home/user/site"))
+git = subprocess.run(["git", "clone", "-q", "https://git.example.com/git/project.git", "/home/user/clone"],
+                     capture_output=True, text=True, env=env, timeout=60)
+print(json.dumps({"pip": [pip.returncode, pip.stderr[-800:] + pip.stdout[-1500:]], "value": value.stdout.strip(),
+                  "git": [git.returncode, git.stderr[-300:]]}))
+"""
+
+
+@pytest.mark.tiers("process")
+def test_pip_install_in_a_real_sandbox_with_exactly_pypi_granted(sandbox_net, sandbox, lab):
+    """Issue #13's "done when": pypi.org + files.pythonhosted.org granted, pip install works, the rest
+    (here a git clone) is refused and logged."""
+    net = sandbox_net
+    net.update(allow=["pypi.org", "files.pythonhosted.org"])
+    code = PIP_AND_GIT.replace("PKG", netlab.WHEEL_PROJECT).replace("MODULE", netlab.WHEEL_MODULE)
+    out = _run_json(sandbox, code)
+    assert out["pip"][0] == 0, out["pip"][1]
+    assert out["value"] == netlab.WHEEL_VALUE
+    assert out["git"][0] != 0 and "git.example.com" in out["git"][1], out["git"]
+    assert {r["host"] for r in lab.requests()} == {"pypi.org", "files.pythonhosted.org"}
+    assert not lab.queries(name="git.example.com")
+    tcp = [(e["name"], e["verdict"]) for e in net.tcp_entries()]
+    assert ("pypi.org", "allow") in tcp and ("files.pythonhosted.org", "allow") in tcp
+    assert ("git.example.com", "deny") in [(e["name"], e["verdict"]) for e in net.entries() if e["kind"] == "dns"]
 
 
 def test_a_sandbox_cannot_hold_more_connections_than_its_limit(net, lab):
