@@ -1,0 +1,1 @@
+"""Sandlot networking: per-sandbox egress policy, DNS, broker, and secrets substitution (issue #13)."""
