@@ -56,6 +56,8 @@ MAX_HEAD = 64 * 1024          # request line + headers from the sandbox
 HANDSHAKE_TIMEOUT = 10.0
 IDLE_TIMEOUT = 120.0          # between two requests of a keep-alive connection
 DIAL_TIMEOUT = 30.0           # TCP connect + upstream TLS handshake
+LINGER_SECONDS = 2.0          # after a refusal: drain the sandbox's unsent body this long...
+LINGER_BYTES = 8 * 1024 * 1024  # ...or this much, so that it reads the 403 instead of a reset
 
 
 @dataclass
@@ -253,7 +255,12 @@ class _Session:
                 "Connection: close\r\n\r\n").encode()
         with contextlib.suppress(ssl.SSLError, OSError, ConnectionError):
             await self.client.send(head + body)
-            await self.client.close()
+        await self.client.close_notify()
+        # Closing with unread bytes (the rest of a refused body) makes the kernel send RST, and a client
+        # still writing would lose the 403 it has not read yet: drain for a moment first (a "lingering
+        # close", as HTTP servers do).
+        await self.client.drain_raw(LINGER_SECONDS, LINGER_BYTES)
+        self.client.abort_quietly(graceful=True)
 
     # -- one request ------------------------------------------------------------------------------------
 
@@ -296,7 +303,7 @@ class _Session:
                         held = []
             elif isinstance(event, h11.EndOfMessage):
                 if event.headers and self.secrets.contains_placeholder(
-                        b"".join(n + b":" + v for n, v in event.headers)):
+                        b"".join(n + b":" + v for n, v in event.headers), ignore_case=True):
                     if sent_head:
                         self._drop_upstream(graceful=False)
                     raise _Refused(403, "placeholder-in-body",
@@ -353,7 +360,7 @@ class _Session:
         out: list[tuple[bytes, bytes]] = []
         chunked = any(n == b"transfer-encoding" for n in names)
         for name, value in request.headers:
-            if self.secrets.contains_placeholder(name):
+            if self.secrets.contains_placeholder(name, ignore_case=True):
                 raise _Refused(403, "placeholder-in-header-name", "a secret placeholder is in a header name")
             if name == b"expect":
                 continue  # answered here (see _handle)

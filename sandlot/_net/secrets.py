@@ -61,6 +61,9 @@ def _parse_host(secret: str, raw: object) -> str:
     except ValueError:
         is_ip = False
     labels = domain.split(".")
+    if wildcard and len(labels) < 2 and _LABEL.fullmatch(domain):
+        raise InvalidRequest(f"secret {secret!r}: host {text!r} would send the secret to a whole top-level "
+                             "domain; name the domain (\"*.example.com\")")
     if (is_ip or host == "*" or ":" in domain or "/" in domain or "*" in domain or len(domain) > 253
             or not all(_LABEL.fullmatch(label) for label in labels) or (wildcard and len(labels) < 2)):
         raise InvalidRequest(f"secret {secret!r}: host {text!r} is not accepted; {HOST_FORMS}")
@@ -99,6 +102,8 @@ class SecretSet:
         object.__setattr__(self, "_by_placeholder", by_placeholder)
         # One regex finds every placeholder of this set in a header, URL or body chunk.
         object.__setattr__(self, "_pattern", re.compile(b"|".join(re.escape(p) for p in by_placeholder)))
+        # Header names arrive lower-cased (h11 normalizes them): they are searched without case.
+        object.__setattr__(self, "_pattern_nocase", re.compile(self._pattern.pattern, re.IGNORECASE))
 
     @classmethod
     def build(cls, value: object) -> SecretSet | None:
@@ -192,8 +197,9 @@ class SecretSet:
             found.setdefault(secret.name, secret)
         return list(found.values())
 
-    def contains_placeholder(self, data: bytes) -> bool:
-        return self._pattern.search(data) is not None  # type: ignore[attr-defined]
+    def contains_placeholder(self, data: bytes, *, ignore_case: bool = False) -> bool:
+        pattern = self._pattern_nocase if ignore_case else self._pattern  # type: ignore[attr-defined]
+        return pattern.search(data) is not None
 
     def substitute(self, data: bytes, allowed: tuple[Secret, ...]) -> bytes:
         """`data` with the placeholders of `allowed` secrets replaced by their values."""

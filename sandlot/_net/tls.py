@@ -22,6 +22,7 @@ import contextlib
 import datetime
 import ipaddress
 import os
+import re
 import ssl
 import tempfile
 import threading
@@ -83,22 +84,29 @@ def host_trust_store_pem() -> bytes:
 
 
 def _pem_from_directory(directory: Path) -> bytes:
-    """The certificates of an OpenSSL hashed directory (each once: the directory holds symlinks)."""
+    """The certificates of an OpenSSL hashed directory, each once (the directory holds symlinks).
+
+    Blocks are copied, not parsed: trust stores carry old roots that strict parsers reject (negative
+    serial numbers), and OpenSSL, the reader of the bundle, accepts them.
+    """
     seen: set[bytes] = set()
     out: list[bytes] = []
     for entry in sorted(directory.iterdir()):
         if not entry.is_file():
             continue
         try:
-            certs = x509.load_pem_x509_certificates(entry.read_bytes())
-        except (ValueError, OSError):
+            text = entry.read_bytes()
+        except OSError:
             continue
-        for cert in certs:
-            der = cert.public_bytes(serialization.Encoding.DER)
-            if der not in seen:
-                seen.add(der)
-                out.append(cert.public_bytes(serialization.Encoding.PEM))
+        for block in _PEM_BLOCK.findall(text):
+            key = b"".join(block.split())
+            if key not in seen:
+                seen.add(key)
+                out.append(block + b"\n")
     return b"".join(out)
+
+
+_PEM_BLOCK = re.compile(rb"-----BEGIN CERTIFICATE-----\s+[A-Za-z0-9+/=\s]+?-----END CERTIFICATE-----")
 
 
 _upstream_lock = threading.Lock()

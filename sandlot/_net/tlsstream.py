@@ -93,13 +93,35 @@ class TlsStream:
             view = view[written:]
             await self._flush()
 
-    async def close(self) -> None:
-        """Send close_notify (best effort) and close the TCP stream."""
+    async def close_notify(self) -> None:
+        """Say "no more data" in TLS (close_notify) and in TCP (FIN); reading stays possible."""
         with contextlib.suppress(ssl.SSLError, OSError, ConnectionError):
             self._ssl.unwrap()
         with contextlib.suppress(ssl.SSLError, OSError, ConnectionError):
             await self._flush()
+        with contextlib.suppress(OSError, ConnectionError, RuntimeError):
+            if self._writer.can_write_eof():
+                self._writer.write_eof()
+
+    async def close(self) -> None:
+        """Send close_notify (best effort) and close the TCP stream."""
+        await self.close_notify()
         self.abort_quietly(graceful=True)
+
+    async def drain_raw(self, seconds: float, limit: int) -> None:
+        """Read and drop raw bytes for up to `seconds` / `limit` bytes, or until the peer closes."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        drained = 0
+        with contextlib.suppress(OSError, ConnectionError, asyncio.TimeoutError):
+            while drained < limit:
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                data = await asyncio.wait_for(self._reader.read(READ_SIZE), left)
+                if not data:
+                    break
+                drained += len(data)
 
     def abort_quietly(self, *, graceful: bool = False) -> None:
         """Close the TCP stream now (graceful: FIN after what is queued; else RST, nothing more sent)."""
