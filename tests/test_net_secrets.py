@@ -90,6 +90,7 @@ class Upstream(ThreadingHTTPServer):
         self.failed_handshakes = 0
         self.gate = threading.Event()
         self.lock = threading.Lock()
+        self.broken_writes = 0
 
     @property
     def port(self) -> int:
@@ -112,7 +113,7 @@ class Upstream(ThreadingHTTPServer):
     def reset(self) -> None:
         with self.lock:
             self.requests.clear()
-            self.handshakes = self.failed_handshakes = 0
+            self.handshakes = self.failed_handshakes = self.broken_writes = 0
         self.gate.clear()
 
 
@@ -183,14 +184,24 @@ class _UpstreamHandler(BaseHTTPRequestHandler):
             self.end_headers()
             data = _pattern(BIG)
             step = 256 * 1024
-            for i in range(0, len(data), step):
-                if path == "/gated" and i == 1024 * 1024:
-                    # The rest only comes once the CLIENT has seen the first MiB: proves streaming.
-                    if not self.server.gate.wait(20):
-                        return
-                chunk = data[i:i + step]
-                self.wfile.write(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
-            self.wfile.write(b"0\r\n\r\n")
+            try:
+                for i in range(0, len(data), step):
+                    if path == "/gated" and i == 1024 * 1024:
+                        # The rest only comes once the CLIENT has seen the first MiB: proves streaming.
+                        if not self.server.gate.wait(20):
+                            return
+                    chunk = data[i:i + step]
+                    self.wfile.write(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+                    self.wfile.flush()
+                self.wfile.write(b"0\r\n\r\n")
+            except (OSError, ssl.SSLError):
+                with self.server.lock:
+                    self.server.broken_writes += 1
+                self.close_connection = True
+        elif path == "/close-after":
+            # Keep-alive as far as the headers say, then the server closes the idle connection anyway.
+            self._send(200, b"closing\n")
+            self.close_connection = True
         else:
             self._send(200, f"ok {self.command} {self.path}\n".encode(), {"Content-Type": "text/plain"})
 
@@ -214,6 +225,7 @@ class Interceptor:
         self.dials = 0
         self.entries: list[dict] = []
         self.stats: list = []
+        self.tasks: list[asyncio.Task] = []
         self.server = asyncio.run_coroutine_threadsafe(
             asyncio.start_server(self._handle, "127.0.0.1", 0), loop).result(10)
         self.port = self.server.sockets[0].getsockname()[1]
@@ -225,6 +237,7 @@ class Interceptor:
         return await asyncio.open_connection("127.0.0.1", self.upstream_port)
 
     async def _handle(self, reader, writer):
+        self.tasks.append(asyncio.current_task())
         stats = await intercept(reader, writer, sni=self.sni, secrets=self.secrets, ca=self.ca, dial=self._dial,
                                 log=self.entries.append, port=self.port_seen_as, upstream_ssl=self.upstream_ssl,
                                 body_buffer=self.body_buffer)
@@ -785,3 +798,43 @@ def test_client_without_the_bundle_fails_and_is_logged(world, icpt):
     assert out.returncode == 60, out  # curl: peer certificate cannot be authenticated
     _assert_nothing_upstream(world, it)
     assert it.wait_entries(1)[0]["reason"].startswith("client-tls")
+
+
+def test_upstream_closing_an_idle_keep_alive_connection_is_redialled(world, icpt):
+    it = icpt()
+    conn = _http(world, it)
+    try:
+        conn.request("GET", "/close-after")
+        assert conn.getresponse().read() == b"closing\n"
+        time.sleep(0.3)  # the upstream's FIN reaches the interceptor while the sandbox's connection idles
+        conn.request("GET", "/again")
+        assert conn.getresponse().read() == b"ok GET /again\n"
+    finally:
+        conn.close()
+    assert it.dials == 2
+    assert len({r["conn"] for r in world["upstream"].requests}) == 2
+
+
+def test_cancelling_the_interceptor_cuts_both_sides(world, icpt):
+    """The broker revokes a connection by cancelling its task: the sandbox's stream stops short (never a
+    truncated body that looks complete) and the upstream connection is closed."""
+    it = icpt()
+    conn = _http(world, it)
+    try:
+        conn.request("GET", "/gated")
+        response = conn.getresponse()
+        assert len(response.read(1024 * 1024)) == 1024 * 1024
+        (task,) = it.tasks
+        world["loop"].call_soon_threadsafe(task.cancel)
+        deadline = time.monotonic() + 10
+        while not task.done() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        world["upstream"].gate.set()
+        with pytest.raises((http.client.IncompleteRead, ConnectionError, ssl.SSLError)):
+            response.read()
+    finally:
+        conn.close()
+    deadline = time.monotonic() + 10
+    while world["upstream"].broken_writes == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert world["upstream"].broken_writes == 1

@@ -223,7 +223,10 @@ class _Session:
             self.srv.receive_data(data)
 
     async def _to_client(self, event) -> None:
-        data = self.srv.send(event)
+        try:
+            data = self.srv.send(event)
+        except h11.LocalProtocolError as e:  # an upstream response h11 will not re-send: cut, do not guess
+            raise _ClientGone() from e
         if data:
             try:
                 await self.client.send(data)
@@ -407,7 +410,9 @@ class _Session:
 
     async def _open_upstream(self, request: h11.Request) -> None:
         if self.upstream is not None:
-            return
+            if not self.upstream.peer_went_away():
+                return
+            self._drop_upstream(graceful=False)  # the server closed the idle connection: dial again
         try:
             reader, writer = await asyncio.wait_for(self.dial(), DIAL_TIMEOUT)
         except (OSError, ConnectionError, asyncio.TimeoutError) as e:
@@ -438,9 +443,11 @@ class _Session:
         assert self.up is not None and self.upstream is not None
         try:
             data = self.up.send(event)
-        except h11.LocalProtocolError as e:
+        except h11.LocalProtocolError:
+            # Never quote h11's message: it may contain a header value, i.e. a substituted secret.
             self._drop_upstream(graceful=False)
-            raise _Refused(400, "bad-request", f"the request cannot be forwarded: {e}") from None
+            raise _Refused(400, "bad-request", "the request cannot be forwarded as HTTP/1.1 (invalid "
+                                               "header or framing after substitution)") from None
         if data:
             try:
                 await self.upstream.send(data)

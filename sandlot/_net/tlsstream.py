@@ -63,6 +63,16 @@ class TlsStream:
             await self._flush()
             return
 
+    def peer_went_away(self) -> bool:
+        """Between two exchanges: has the peer closed (FIN) or sent anything (a close_notify) unasked?
+
+        An idle keep-alive connection that the server closed must not be reused for the next request.
+        """
+        if self._incoming.pending:
+            return True
+        reader = self._reader
+        return reader.at_eof() or bool(getattr(reader, "_buffer", b""))
+
     @property
     def alpn(self) -> str | None:
         return self._ssl.selected_alpn_protocol()
