@@ -124,6 +124,7 @@ def _pattern(n: int) -> bytes:
 
 class _UpstreamHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body are separate writes: no 40 ms delayed-ACK stall
 
     def log_message(self, *args):
         pass
@@ -214,7 +215,7 @@ class Interceptor:
     """An asyncio server whose connections go to intercept() for one SNI; dials the upstream on loopback."""
 
     def __init__(self, loop, *, sni, secrets, ca, upstream_port, upstream_ssl, body_buffer=1024 * 1024,
-                 port_seen_as=None):
+                 port_seen_as=None, start=True):
         self.loop = loop
         self.sni = sni
         self.secrets = secrets
@@ -226,8 +227,10 @@ class Interceptor:
         self.entries: list[dict] = []
         self.stats: list = []
         self.tasks: list[asyncio.Task] = []
-        self.server = asyncio.run_coroutine_threadsafe(
-            asyncio.start_server(self._handle, "127.0.0.1", 0), loop).result(10)
+        serving = asyncio.start_server(self._handle, "127.0.0.1", 0)
+        # start=False: `loop` is not running yet (a process of its own, bench/net_secrets.py).
+        self.server = (asyncio.run_coroutine_threadsafe(serving, loop).result(10) if start
+                       else loop.run_until_complete(serving))
         self.port = self.server.sockets[0].getsockname()[1]
         # The port the "sandbox" dialled, which a Host header's :port must match (here: the real one).
         self.port_seen_as = port_seen_as or self.port

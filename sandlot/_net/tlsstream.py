@@ -78,7 +78,11 @@ class TlsStream:
         return self._ssl.selected_alpn_protocol()
 
     async def recv(self, size: int = READ_SIZE) -> bytes:
-        """Up to `size` decrypted bytes; b"" at the end (close_notify or a TCP close without it)."""
+        """Up to `size` decrypted bytes; b"" at the end (close_notify or a TCP close without it).
+
+        Every TLS record already received is decrypted in one call (SSLObject.read stops at a record,
+        16 KiB at most): fewer, larger chunks for the HTTP layer above.
+        """
         while True:
             try:
                 data = self._ssl.read(size)
@@ -88,7 +92,21 @@ class TlsStream:
                 continue
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 return b""
-            await self._flush()
+            if data and len(data) < size and self._incoming.pending:
+                parts = [data]
+                got = len(data)
+                while got < size and self._incoming.pending:
+                    try:
+                        more = self._ssl.read(size - got)
+                    except ssl.SSLError:  # WantRead (a partial record) or the end: next call sees it
+                        break
+                    if not more:
+                        break
+                    parts.append(more)
+                    got += len(more)
+                data = b"".join(parts)
+            if self._outgoing.pending:
+                await self._flush()
             return data
 
     async def send(self, data: bytes) -> None:
