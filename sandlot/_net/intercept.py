@@ -293,17 +293,15 @@ class _Session:
                 if sent_head:
                     if released:
                         await self._to_upstream(h11.Data(data=released))
-                else:
-                    held.append(released)
-                    held_size += len(released)
-                    if held_size > self.body_buffer:
-                        await self._open_upstream(request)
-                        await self._to_upstream(outgoing)
-                        sent_head = True
-                        for chunk in held:
-                            if chunk:
-                                await self._to_upstream(h11.Data(data=chunk))
-                        held = []
+                    continue
+                held.append(released)
+                held_size += len(released)
+                if held_size > self.body_buffer:
+                    # Too large to hold: what was checked goes now, the rest streams (still guarded).
+                    await self._open_upstream(request)
+                    await self._to_upstream(outgoing, h11.Data(data=b"".join(held)))
+                    sent_head = True
+                    held = []
             elif isinstance(event, h11.EndOfMessage):
                 if event.headers and self.secrets.contains_placeholder(
                         b"".join(n + b":" + v for n, v in event.headers), ignore_case=True):
@@ -311,17 +309,14 @@ class _Session:
                         self._drop_upstream(graceful=False)
                     raise _Refused(403, "placeholder-in-body",
                                    "a secret placeholder is in the request trailers")
-                rest = guard.finish()
+                events = [] if sent_head else [outgoing]
+                body = b"".join(held) + guard.finish()
+                if body:
+                    events.append(h11.Data(data=body))
+                events.append(h11.EndOfMessage(headers=list(event.headers)))
                 if not sent_head:
                     await self._open_upstream(request)
-                    await self._to_upstream(outgoing)
-                    sent_head = True
-                    for chunk in held:
-                        if chunk:
-                            await self._to_upstream(h11.Data(data=chunk))
-                if rest:
-                    await self._to_upstream(h11.Data(data=rest))
-                await self._to_upstream(h11.EndOfMessage(headers=list(event.headers)))
+                await self._to_upstream(*events)  # a small request leaves in one TLS write
                 break
             elif isinstance(event, h11.ConnectionClosed):
                 raise _ClientGone()
@@ -330,9 +325,7 @@ class _Session:
 
         self.stats.requests += 1
         self.stats.secrets_used.update(used)
-        status = await self._relay_response()
-        self.log("allow", ("secrets substituted: " + ", ".join(used)) if used else "no secret in the request",
-                 method=request.method, target=request.target, used=used, status=status)
+        await self._relay_response(request, used)
         return self._next_cycle()
 
     def _checked_headers(self, request: h11.Request) -> tuple[list[tuple[bytes, bytes]], list[str]]:
@@ -439,10 +432,10 @@ class _Session:
         self.upstream_writer = None
         self.up = None
 
-    async def _to_upstream(self, event) -> None:
+    async def _to_upstream(self, *events) -> None:
         assert self.up is not None and self.upstream is not None
         try:
-            data = self.up.send(event)
+            data = b"".join(self.up.send(event) or b"" for event in events)
         except h11.LocalProtocolError:
             # Never quote h11's message: it may contain a header value, i.e. a substituted secret.
             self._drop_upstream(graceful=False)
@@ -471,8 +464,8 @@ class _Session:
                 return e
             self.up.receive_data(data)
 
-    async def _relay_response(self) -> int | None:
-        """Stream the upstream's response to the sandbox. Returns the final status."""
+    async def _relay_response(self, request: h11.Request, used: list[str]) -> None:
+        """Stream the upstream's response to the sandbox; the request is logged when its status is known."""
         status = None
         while True:
             event = await self._upstream_event()
@@ -487,13 +480,16 @@ class _Session:
                 headers = self._redacted(event.headers)
                 if any(name == b"transfer-encoding" for name, _ in headers):
                     headers = [(n, v) for n, v in headers if n != b"content-length"]  # never both framings
+                self.log("allow", ("secrets substituted: " + ", ".join(used)) if used
+                         else "no secret in the request", method=request.method, target=request.target,
+                         used=used, status=status)
                 await self._to_client(h11.Response(status_code=event.status_code, headers=headers,
                                                    reason=self.secrets.redact(bytes(event.reason))))
             elif isinstance(event, h11.Data):
                 await self._to_client(h11.Data(data=bytes(event.data)))
             elif isinstance(event, h11.EndOfMessage):
                 await self._to_client(h11.EndOfMessage(headers=self._redacted(event.headers)))
-                return status
+                return
             else:
                 break  # ConnectionClosed or an error before the response ended
         # The upstream broke off. Before a response: a 502 made here. During one: the only honest signal
