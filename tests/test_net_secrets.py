@@ -528,7 +528,7 @@ _NODE_CLIENT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("client", ["urllib", "requests", "httpx", "curl", "node"])
+@pytest.mark.parametrize("client", ["urllib", "requests", "httpx", "curl", "node", "git"])
 def test_clients_trust_the_minted_cert_through_ca_env_and_the_value_stays_outside(world, icpt, client):
     """The user's story: code with API_KEY=<placeholder> in its env calls the API with the usual client;
     only the ca_env variables make it trust the interceptor. The upstream gets the real value; the client
@@ -543,13 +543,23 @@ def test_clients_trust_the_minted_cert_through_ca_env_and_the_value_stays_outsid
                "-o", "/dev/null", "-H", "Authorization: Bearer " + env["API_KEY"], url]
     elif client == "node":
         cmd = ["node", "-e", _NODE_CLIENT, url]
+    elif client == "git":  # libcurl-gnutls: another TLS stack that must accept the name-constrained CA
+        env["HOME"] = str(world["tmp"])
+        cmd = ["git", "-c", f"http.curloptResolve={API}:{it.port}:127.0.0.1", "-c",
+               f"http.extraHeader=Authorization: Bearer {env['API_KEY']}", "ls-remote", url]
     else:
         cmd = [sys.executable, "-c", _PY_CLIENT, client, url]
         env["PYTHONPATH"] = str(ROOT)
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
-    assert out.returncode == 0, out.stderr + out.stdout
     assert API_KEY not in out.stdout + out.stderr, "the secret's value reached the client"
-    if client == "curl":
+    if client == "git":
+        # TLS and HTTP worked; the test upstream is no git server, which git says after the request.
+        assert "is this a git repository?" in out.stderr, out.stderr
+    else:
+        assert out.returncode == 0, out.stderr + out.stdout
+    if client == "git":
+        pass
+    elif client == "curl":
         assert out.stdout.startswith("HTTP/1.1 200")
         assert f"Bearer {_placeholder(world)}".lower() in out.stdout.lower()
     else:
@@ -841,3 +851,16 @@ def test_cancelling_the_interceptor_cuts_both_sides(world, icpt):
     while world["upstream"].broken_writes == 0 and time.monotonic() < deadline:
         time.sleep(0.02)
     assert world["upstream"].broken_writes == 1
+
+
+def test_ssl_cert_file_on_the_host_sets_upstream_trust_and_the_bundle(world, icpt, monkeypatch, tmp_path):
+    """An air-gapped site points SSL_CERT_FILE at its own roots: upstream verification uses them (no 502
+    for the test upstream) and the sandbox's bundle carries them (plus the sandbox CA), not the system's."""
+    monkeypatch.setenv("SSL_CERT_FILE", str(world["upstream_ca"]))
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    it = icpt(upstream_ssl=make_upstream_context())  # cafile=None: the host store, as in production
+    raw = _raw(world, it, f"GET /x HTTP/1.1\r\nHost: {API}\r\nConnection: close\r\n\r\n".encode())
+    assert _status(raw) == 200
+    bundle = world["ca"].bundle(tmp_path / "b.pem").read_bytes()
+    assert bundle == world["upstream_ca"].read_bytes() + b"# Sandlot per-sandbox CA (secrets)\n" + \
+        world["ca"].cert_pem
