@@ -38,15 +38,11 @@ import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
 import h11
 
+from sandlot._net.secrets import PLACEHOLDER_LENGTH, Secret, SecretSet
 from sandlot._net.tls import SandboxCA, upstream_context
 from sandlot._net.tlsstream import TlsStream
-
-if TYPE_CHECKING:
-    from sandlot._net.secrets import Secret, SecretSet
 
 Dial = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
 Log = Callable[[dict], None]
@@ -523,8 +519,6 @@ class _BodyGuard:
     """
 
     def __init__(self, secrets: SecretSet) -> None:
-        from sandlot._net.secrets import PLACEHOLDER_LENGTH  # noqa: PLC0415 - avoid a cycle at import
-
         self._secrets = secrets
         self._keep = PLACEHOLDER_LENGTH - 1
         self._tail = b""

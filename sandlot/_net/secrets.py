@@ -3,8 +3,8 @@
 `Sandbox(secrets={"OPENAI_API_KEY": {"value": "sk-...", "hosts": ["api.openai.com"]}})`: the sandbox's
 environment gets `OPENAI_API_KEY=SANDLOT_SECRET_<32 random hex>` (the placeholder, random per sandbox);
 the host replaces the placeholder with the value in the HEADERS of HTTPS requests to the secret's hosts
-(the interceptor, `sandlot._net.intercept.intercept`, re-exported here). Anything that cannot be
-substituted safely is refused there, never forwarded.
+(the interceptor: `sandlot._net.intercept.intercept`). Anything that cannot be substituted safely is
+refused there, never forwarded.
 
 This module is the validated description of a sandbox's secrets. Every message it produces names the
 secret and the problem, never the value.
@@ -215,11 +215,3 @@ class SecretSet:
                 data = data.replace(value, secret.placeholder.encode())
         return data
 
-
-def __getattr__(name: str):
-    # The interceptor lives in its own module (it needs TLS and h11); importing it lazily keeps this module
-    # light for the SDK, which only validates secrets and builds the environment.
-    if name == "intercept":
-        from sandlot._net.intercept import intercept  # noqa: PLC0415
-        return intercept
-    raise AttributeError(name)

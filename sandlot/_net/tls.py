@@ -11,9 +11,11 @@ that permit only the DNS names of the sandbox's secrets, so even a leaked key or
 name yields certificates that Python, curl and OpenSSL reject. The leaf certificates are short-lived and
 cached per name.
 
-Cost (measured on the 2-core test machine, see the report of session 4): an EC P-256 key is ~0.06 ms, the
-CA certificate ~0.3 ms, a leaf plus its server SSLContext ~1 ms; writing the bundle (the host trust store,
-~220 KB, plus the CA) ~1 ms. A CA is made lazily, only for a sandbox that has secrets.
+Cost (bench/net_secrets.py on the 2-core test machine, loaded): the CA (EC P-256 key + certificate)
+~0.3 ms; a leaf ~0.3 ms, with its server SSLContext 2-7 ms (once per name per sandbox, then cached: ~2 us);
+writing the bundle (the host trust store, ~220 KB, plus the CA) ~0.9 ms. The upstream verifying context
+(~40-90 ms: it loads the host store) is made once per process. A CA is made only for a sandbox that has
+secrets.
 """
 
 from __future__ import annotations
