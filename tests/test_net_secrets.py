@@ -669,7 +669,7 @@ def test_sni_other_than_the_intercepted_name_fails_the_handshake(world, icpt):
         _raw(world, it, f"GET / HTTP/1.1\r\nHost: {OTHER}\r\n\r\n".encode(), sni=OTHER)
     _assert_nothing_upstream(world, it)
     (entry,) = it.wait_entries(1)
-    assert entry["verdict"] == "deny" and entry["reason"].startswith("client-tls")
+    assert entry["verdict"] == "deny" and entry["reason"].startswith("https: client-tls")
 
 
 def test_secret_of_another_host_is_refused(world, icpt):
@@ -718,7 +718,7 @@ def test_untrusted_upstream_certificate_gives_502_and_nothing_is_sent(world, icp
     while world["upstream"].failed_handshakes == 0 and time.monotonic() < deadline:
         time.sleep(0.02)
     assert world["upstream"].handshakes == 0
-    assert it.wait_entries(1)[0]["reason"].startswith("upstream-tls")
+    assert it.wait_entries(1)[0]["reason"].startswith("https: upstream-tls")
 
 
 def test_keep_alive_carries_three_requests_on_one_connection_each_side(world, icpt):
@@ -810,7 +810,7 @@ def test_client_without_the_bundle_fails_and_is_logged(world, icpt):
                          env={"PATH": os.environ["PATH"], "CURL_CA_BUNDLE": str(world["upstream_ca"])})
     assert out.returncode == 60, out  # curl: peer certificate cannot be authenticated
     _assert_nothing_upstream(world, it)
-    assert it.wait_entries(1)[0]["reason"].startswith("client-tls")
+    assert it.wait_entries(1)[0]["reason"].startswith("https: client-tls")
 
 
 def test_upstream_closing_an_idle_keep_alive_connection_is_redialled(world, icpt):

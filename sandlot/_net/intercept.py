@@ -87,7 +87,8 @@ async def intercept(client_reader: asyncio.StreamReader, client_writer: asyncio.
                     sni: str, secrets: SecretSet, ca: SandboxCA, dial: Dial, log: Log, port: int = 443,
                     initial: bytes = b"", upstream_ssl: ssl.SSLContext | None = None,
                     body_buffer: int = BODY_BUFFER, idle_timeout: float = IDLE_TIMEOUT,
-                    handshake_timeout: float = HANDSHAKE_TIMEOUT) -> InterceptStats:
+                    handshake_timeout: float = HANDSHAKE_TIMEOUT,
+                    recheck: Callable[[], str | None] | None = None) -> InterceptStats:
     """Serve one connection from the sandbox to `sni` (see the module docstring); close it when done.
 
     client_reader/client_writer: the accepted connection (the broker may have peeked at it; bytes it
@@ -96,8 +97,11 @@ async def intercept(client_reader: asyncio.StreamReader, client_writer: asyncio.
       the handshake). port: the port it dialled (a Host header "name:port" must carry this one).
     dial(): opens the plain TCP connection to the real upstream address (the broker chooses and checks
       it); called lazily, again after an upstream closes a keep-alive connection.
-    log(entry): one dict per decision: {"time", "kind": "http", "name", "address": None, "port",
-      "verdict": "allow"|"deny", "rule": None, "reason", "method", "path", "secrets", "status"}.
+    log(entry): one dict per decision, in DecisionLog's form ({"time", "kind": "tcp", "name",
+      "address": None, "port", "verdict": "allow"|"deny"|"revoked", "rule": None, "reason"}; the reason
+      reads "https: <decision>; GET /path -> 200") plus "method", "path", "secrets" (names), "status".
+    recheck(): called before each request is forwarded; a string (the reason) means the policy no longer
+      allows this connection: that request gets a 403 and the connection ends (logged "revoked").
     upstream_ssl: verifies upstream (default: the host trust store, $SSL_CERT_FILE honoured).
     Cancelling the task (the broker revoking the connection) closes both sides.
     """
@@ -105,11 +109,12 @@ async def intercept(client_reader: asyncio.StreamReader, client_writer: asyncio.
         session = _Session(client_reader, client_writer, sni=sni, secrets=secrets, ca=ca, dial=dial,
                            log=log, port=port, initial=initial,
                            upstream_ssl=upstream_ssl or upstream_context(), body_buffer=body_buffer,
-                           idle_timeout=idle_timeout, handshake_timeout=handshake_timeout)
+                           idle_timeout=idle_timeout, handshake_timeout=handshake_timeout,
+                           recheck=recheck)
     except Exception as e:  # the CA may not mint for this name: a broker bug, refused all the same
         client_writer.transport.abort()
-        log({"time": time.time(), "kind": "http", "name": sni, "address": None, "port": port,
-             "verdict": "deny", "rule": None, "reason": f"client-tls: {_short(e)}", "method": None,
+        log({"time": time.time(), "kind": "tcp", "name": sni, "address": None, "port": port,
+             "verdict": "deny", "rule": None, "reason": f"https: client-tls: {_short(e)}", "method": None,
              "path": None, "secrets": [], "status": None})
         return InterceptStats()
     try:
@@ -119,9 +124,69 @@ async def intercept(client_reader: asyncio.StreamReader, client_writer: asyncio.
     return session.stats
 
 
+class SecretsInterceptor:
+    """The broker's `interceptor` (broker.py's Interceptor protocol) for one sandbox's secrets.
+
+    `Broker(..., interceptor=SecretsInterceptor(secrets, ca))`. The broker has already decided the
+    connection is allowed and that its TLS SNI is the dialled name; this takes it over from there.
+    Only TLS connections on `ports` (default 443) to a secret's host are intercepted: other ports (git over
+    SSH to the same host, say) stay plain spliced connections of the broker. A non-TLS stream on such a
+    port is refused (logged): a placeholder can only be substituted inside HTTPS.
+    """
+
+    def __init__(self, secrets: SecretSet, ca: SandboxCA, *, ports: tuple[int, ...] = (443,),
+                 upstream_ssl: ssl.SSLContext | None = None, **options) -> None:
+        self.secrets = secrets
+        self.ca = ca
+        self.ports = tuple(ports)
+        self.upstream_ssl = upstream_ssl
+        self.options = options  # body_buffer, idle_timeout, handshake_timeout (intercept's keywords)
+        self.totals = InterceptStats()
+
+    def wants(self, name: str, port: int) -> bool:
+        return port in self.ports and self.secrets.covers(name)
+
+    async def handle(self, client: tuple[asyncio.StreamReader, asyncio.StreamWriter], first: bytes,
+                     name: str, port: int, addresses: list[str], broker) -> None:
+        reader, writer = client
+        log = broker.log.add if getattr(broker, "log", None) is not None else (lambda entry: None)
+        if not first.startswith(b"\x16"):  # a TLS record of type handshake (the ClientHello)
+            log({"time": time.time(), "kind": "tcp", "name": name, "address": None, "port": port,
+                 "verdict": "deny", "rule": None,
+                 "reason": "https: not-tls: a secret's host is only reachable over TLS on this port"})
+            writer.transport.abort()
+            return
+
+        async def dial():
+            # The broker's own dial: each candidate address is checked against the policy right before.
+            got = await broker._dial(addresses, addresses[0], port, name)  # noqa: SLF001 - its contract
+            if got is None:
+                raise ConnectionError("no allowed address of the name answered")
+            return got[0], got[1]
+
+        def recheck() -> str | None:
+            policy = broker.policy
+            if policy is None:
+                return "no network policy"
+            verdict = policy.check_name(name, port)
+            return None if verdict.allowed else verdict.reason
+
+        stats = await intercept(reader, writer, sni=name, secrets=self.secrets, ca=self.ca, dial=dial,
+                                log=log, port=port, initial=first, upstream_ssl=self.upstream_ssl,
+                                recheck=recheck, **self.options)
+        total = self.totals
+        total.requests += stats.requests
+        total.refused += stats.refused
+        total.bytes_from_sandbox += stats.bytes_from_sandbox
+        total.bytes_to_sandbox += stats.bytes_to_sandbox
+        total.bytes_to_upstream += stats.bytes_to_upstream
+        total.bytes_from_upstream += stats.bytes_from_upstream
+        total.secrets_used |= stats.secrets_used
+
+
 class _Session:
     def __init__(self, client_reader, client_writer, *, sni, secrets, ca, dial, log, port, initial,
-                 upstream_ssl, body_buffer, idle_timeout, handshake_timeout) -> None:
+                 upstream_ssl, body_buffer, idle_timeout, handshake_timeout, recheck) -> None:
         self.sni = sni.rstrip(".").lower()
         self.secrets: SecretSet = secrets
         self.allowed: tuple[Secret, ...] = secrets.for_host(self.sni)
@@ -133,6 +198,7 @@ class _Session:
         self.body_buffer = max(body_buffer, 0)
         self.idle_timeout = idle_timeout
         self.handshake_timeout = handshake_timeout
+        self.recheck = recheck
         self.client_writer = client_writer
         self.client = TlsStream(client_reader, client_writer, ca.server_context(self.sni), server_side=True,
                                 initial=initial)
@@ -150,11 +216,14 @@ class _Session:
         if target is not None:
             # The path only: a query string may hold data that is none of the log's business.
             path = target.split(b"?", 1)[0].decode("latin-1")[:512]
+        method_text = method.decode("latin-1")[:32] if method is not None else None
+        text = f"https: {reason}"
+        if method_text is not None:
+            text += f"; {method_text} {path}" + (f" -> {status}" if status is not None else "")
         self.log_sink({
-            "time": time.time(), "kind": "http", "name": self.sni, "address": None, "port": self.port,
-            "verdict": verdict, "rule": None, "reason": reason,
-            "method": method.decode("latin-1") if method is not None else None, "path": path,
-            "secrets": used or [], "status": status,
+            "time": time.time(), "kind": "tcp", "name": self.sni, "address": None, "port": self.port,
+            "verdict": verdict, "rule": None, "reason": text,
+            "method": method_text, "path": path, "secrets": used or [], "status": status,
         })
 
     # -- the connection's life --------------------------------------------------------------------------
@@ -242,7 +311,7 @@ class _Session:
         self.stats.refused += 1
         method = request.method if request is not None else None
         target = request.target if request is not None else None
-        verdict = "deny"
+        verdict = "revoked" if refusal.code == "revoked" else "deny"
         self.log(verdict, f"{refusal.code}: {refusal.message}", method=method, target=target,
                  status=refusal.status)
         body = (f"Sandlot refused this request ({refusal.code}): {refusal.message}\n").encode()
@@ -266,6 +335,10 @@ class _Session:
     async def _handle(self, request: h11.Request) -> bool:
         """Check, forward and answer one request. True: the connection may carry another one."""
         headers, used = self._checked_headers(request)
+        if self.recheck is not None:
+            reason = self.recheck()
+            if reason is not None:
+                raise _Refused(403, "revoked", f"the network policy no longer allows {self.sni}: {reason}")
         if self.srv.they_are_waiting_for_100_continue:
             # The body is checked here before it goes anywhere, so "Expect" is answered here, not upstream.
             await self._to_client(h11.InformationalResponse(status_code=100, headers=[]))
