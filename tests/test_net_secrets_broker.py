@@ -178,3 +178,16 @@ def test_other_ports_and_hosts_are_not_intercepted(world):
             data += more
     assert data.startswith(b"HTTP/1.0 200") or data.startswith(b"HTTP/1.1 200")
     assert world["lab"].requests(host="www.example.com")
+
+
+def test_plain_http_on_the_secret_port_is_refused(world):
+    """Port 443 of a secret's host is intercepted: a plain-HTTP request there is reset and logged."""
+    sock = netns.socket_inside(world["pid"], socket.AF_INET)
+    sock.settimeout(10)
+    sock.connect((_resolve(world, API), 443))
+    with sock, pytest.raises(ConnectionResetError):
+        sock.sendall(f"GET / HTTP/1.1\r\nHost: {API}\r\n\r\n".encode())
+        if sock.recv(100) == b"":
+            pytest.fail("closed without a reset")
+    assert world["lab"].requests(host=API) == []
+    assert any(e["reason"].startswith("https: not-tls") for e in world["log"].entries())

@@ -33,7 +33,9 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import socket
 import ssl
+import struct
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -112,7 +114,7 @@ async def intercept(client_reader: asyncio.StreamReader, client_writer: asyncio.
                            idle_timeout=idle_timeout, handshake_timeout=handshake_timeout,
                            recheck=recheck)
     except Exception as e:  # the CA may not mint for this name: a broker bug, refused all the same
-        client_writer.transport.abort()
+        _reset(client_writer)
         log({"time": time.time(), "kind": "tcp", "name": sni, "address": None, "port": port,
              "verdict": "deny", "rule": None, "reason": f"https: client-tls: {_short(e)}", "method": None,
              "path": None, "secrets": [], "status": None})
@@ -154,7 +156,7 @@ class SecretsInterceptor:
             log({"time": time.time(), "kind": "tcp", "name": name, "address": None, "port": port,
                  "verdict": "deny", "rule": None,
                  "reason": "https: not-tls: a secret's host is only reachable over TLS on this port"})
-            writer.transport.abort()
+            _reset(writer)
             return
 
         async def dial():
@@ -607,6 +609,15 @@ class _BodyGuard:
     def finish(self) -> bytes:
         rest, self._tail = self._tail, b""
         return rest
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Close with RST (SO_LINGER 0), as the broker refuses: the client learns at once, never a quiet FIN."""
+    sock = writer.get_extra_info("socket")
+    with contextlib.suppress(OSError):
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
 
 
 def _short(error: BaseException) -> str:
