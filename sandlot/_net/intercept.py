@@ -1,7 +1,9 @@
 """The secrets interceptor: HTTPS to a secret's host, read in clear on the host, secrets put in headers.
 
-The broker calls `intercept(...)` for a TCP connection whose name (from the synthetic address, checked
-against the SNI) is a host of some secret. From there, per connection:
+The broker hands over a TCP connection whose name (from the synthetic address, checked against the SNI)
+is a host of some secret: `Broker(..., interceptor=SecretsInterceptor(secrets, ca))` (the broker's
+Interceptor protocol: `wants(name, port)`, `handle(...)`), which calls `intercept(...)` with the broker's
+own checked dial. From there, per connection:
 
 1. TLS from the sandbox is terminated with a leaf for the SNI from the sandbox's CA (ALPN: http/1.1 only,
    so clients do not try HTTP/2 on it).
@@ -20,6 +22,8 @@ against the SNI) is a host of some secret. From there, per connection:
    not scanned (they stream, and may be compressed): a host in a secret's list is trusted not to echo
    the credential in a body. Keep-alive: requests follow one another on the same connections.
 5. Every request decision is logged (method, path without query, secrets used, status), never a value.
+6. Before each request the policy is asked again (`recheck`): once the name is revoked, the next request
+   on a kept-alive connection gets a 403 ("revoked"); cancelling the task cuts both sides at once.
 
 Bodies up to `body_buffer` bytes are held until complete, so a placeholder anywhere in them stops the
 request before a byte leaves. A longer body streams after that much was checked, always holding back the
@@ -40,6 +44,7 @@ import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+
 import h11
 
 from sandlot._net.secrets import PLACEHOLDER_LENGTH, Secret, SecretSet
