@@ -215,7 +215,7 @@ class Interceptor:
     """An asyncio server whose connections go to intercept() for one SNI; dials the upstream on loopback."""
 
     def __init__(self, loop, *, sni, secrets, ca, upstream_port, upstream_ssl, body_buffer=1024 * 1024,
-                 port_seen_as=None, start=True):
+                 port_seen_as=None, start=True, recheck=None):
         self.loop = loop
         self.sni = sni
         self.secrets = secrets
@@ -223,6 +223,7 @@ class Interceptor:
         self.upstream_port = upstream_port
         self.upstream_ssl = upstream_ssl
         self.body_buffer = body_buffer
+        self.recheck = recheck
         self.dials = 0
         self.entries: list[dict] = []
         self.stats: list = []
@@ -243,7 +244,7 @@ class Interceptor:
         self.tasks.append(asyncio.current_task())
         stats = await intercept(reader, writer, sni=self.sni, secrets=self.secrets, ca=self.ca, dial=self._dial,
                                 log=self.entries.append, port=self.port_seen_as, upstream_ssl=self.upstream_ssl,
-                                body_buffer=self.body_buffer)
+                                body_buffer=self.body_buffer, recheck=self.recheck)
         self.stats.append(stats)
 
     def close(self):
@@ -864,3 +865,21 @@ def test_ssl_cert_file_on_the_host_sets_upstream_trust_and_the_bundle(world, icp
     bundle = world["ca"].bundle(tmp_path / "b.pem").read_bytes()
     assert bundle == world["upstream_ca"].read_bytes() + b"# Sandlot per-sandbox CA (secrets)\n" + \
         world["ca"].cert_pem
+
+
+def test_a_revoked_name_refuses_the_next_request_of_an_open_connection(world, icpt):
+    verdict = {"reason": None}
+    it = icpt(recheck=lambda: verdict["reason"])
+    conn = _http(world, it)
+    try:
+        conn.request("GET", "/before")
+        assert conn.getresponse().read() == b"ok GET /before\n"
+        verdict["reason"] = "denied by rule api.example.test"
+        conn.request("GET", "/after", headers={"Authorization": f"Bearer {_placeholder(world)}"})
+        response = conn.getresponse()
+        assert response.status == 403 and response.getheader("X-Sandlot-Refused") == "revoked"
+        response.read()
+    finally:
+        conn.close()
+    assert [r["path"] for r in world["upstream"].requests] == ["/before"]
+    assert it.wait_entries(2)[-1]["verdict"] == "revoked"
