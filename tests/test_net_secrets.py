@@ -883,3 +883,21 @@ def test_a_revoked_name_refuses_the_next_request_of_an_open_connection(world, ic
         conn.close()
     assert [r["path"] for r in world["upstream"].requests] == ["/before"]
     assert it.wait_entries(2)[-1]["verdict"] == "revoked"
+
+
+def test_pipelined_requests_head_and_double_framing(world, icpt):
+    """Two requests in one write are answered in order; HEAD gets no body; a request with both
+    Content-Length and chunked framing goes upstream with chunked framing only (no smuggling)."""
+    it = icpt()
+    ph = _placeholder(world)
+    raw = _raw(world, it, (
+        f"HEAD /h HTTP/1.1\r\nHost: {API}\r\nAuthorization: Bearer {ph}\r\n\r\n"
+        f"POST /p HTTP/1.1\r\nHost: {API}\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+        f"5\r\nhello\r\n0\r\n\r\n"
+        f"GET /g HTTP/1.1\r\nHost: {API}\r\nConnection: close\r\n\r\n").encode())
+    assert raw.count(b"HTTP/1.1 200") == 3
+    assert raw.index(b"ok POST /p") < raw.index(b"ok GET /g") and b"ok HEAD" not in raw
+    head, post, get = world["upstream"].requests
+    assert head["method"] == "HEAD" and dict(head["headers"])["authorization"] == f"Bearer {API_KEY}"
+    assert post["body"] == b"hello" and "content-length" not in dict(post["headers"])
+    assert get["path"] == "/g"
