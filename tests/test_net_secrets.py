@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from sandlot._exceptions import InvalidRequest
-from sandlot._net.intercept import intercept
+from sandlot._net.intercept import BODY_BUFFER, intercept
 from sandlot._net.secrets import PLACEHOLDER_PREFIX, SecretSet
 from sandlot._net.tls import CA_ENV_VARS, SandboxCA, ca_env, make_upstream_context
 
@@ -214,7 +214,7 @@ class _UpstreamHandler(BaseHTTPRequestHandler):
 class Interceptor:
     """An asyncio server whose connections go to intercept() for one SNI; dials the upstream on loopback."""
 
-    def __init__(self, loop, *, sni, secrets, ca, upstream_port, upstream_ssl, body_buffer=1024 * 1024,
+    def __init__(self, loop, *, sni, secrets, ca, upstream_port, upstream_ssl, body_buffer=BODY_BUFFER,
                  port_seen_as=None, start=True, recheck=None):
         self.loop = loop
         self.sni = sni

@@ -54,8 +54,11 @@ from sandlot._net.tlsstream import TlsStream
 Dial = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
 Log = Callable[[dict], None]
 
-BODY_BUFFER = 1024 * 1024
+# A request body up to this size is held (and checked) before anything goes upstream; beyond it, it
+# streams, still guarded. Per connection, so it bounds what a sandbox can make the host hold.
+BODY_BUFFER = 256 * 1024
 MAX_HEAD = 64 * 1024          # request line + headers from the sandbox
+MAX_UPSTREAM_HEAD = 256 * 1024  # response head from the upstream (large cookies and policies exist)
 HANDSHAKE_TIMEOUT = 10.0
 IDLE_TIMEOUT = 120.0          # between two requests of a keep-alive connection
 DIAL_TIMEOUT = 30.0           # TCP connect + upstream TLS handshake
@@ -497,7 +500,7 @@ class _Session:
             self.upstream_writer = None
             raise _Refused(502, "upstream-tls", f"TLS with {self.sni} failed: {_short(e)}") from None
         self.upstream = stream
-        self.up = h11.Connection(h11.CLIENT)
+        self.up = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_UPSTREAM_HEAD)
 
     def _drop_upstream(self, *, graceful: bool) -> None:
         if self.upstream is not None:
