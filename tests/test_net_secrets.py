@@ -400,6 +400,8 @@ def test_secretset_builds_placeholders_and_matches_hosts():
     ({"K": {"value": "V4LU3-secret", "hosts": ["*.test"]}}, "top-level domain"),
     ({"K": {"value": "V4LU3-secret", "hosts": ["*.a.test", "b.test"]}}, None),
     ({"K": {"value": "V4LU3-secret", "hosts": ["a b.test"]}}, "is not accepted"),
+    ({"K": {"value": "V4LU3-secret", "hosts": ["10.0.0.300"]}}, "is not accepted"),
+    ({"K": {"value": "V4LU3-secret", "hosts": ["-a.test"]}}, "is not accepted"),
     ({"K": {"value": "V4LU3-secret", "hosts": ["a.test"], "extra": 1}}, "unknown field"),
     ({"K": "V4LU3-secret"}, "must be a mapping"),
     (["V4LU3-secret"], "must be a mapping"),

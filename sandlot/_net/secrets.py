@@ -65,7 +65,8 @@ def _parse_host(secret: str, raw: object) -> str:
         raise InvalidRequest(f"secret {secret!r}: host {text!r} would send the secret to a whole top-level "
                              "domain; name the domain (\"*.example.com\")")
     if (is_ip or host == "*" or ":" in domain or "/" in domain or "*" in domain or len(domain) > 253
-            or not all(_LABEL.fullmatch(label) for label in labels) or (wildcard and len(labels) < 2)):
+            or not all(_LABEL.fullmatch(label) for label in labels) or labels[-1].isdigit()
+            or (wildcard and len(labels) < 2)):
         raise InvalidRequest(f"secret {secret!r}: host {text!r} is not accepted; {HOST_FORMS}")
     return host
 
