@@ -379,6 +379,7 @@ def test_secretset_builds_placeholders_and_matches_hosts():
     assert not a.for_host("openai.com") and not a.for_host("api.openai.com.evil.test")
     assert a.covers("API.OPENAI.COM.")
     assert SecretSet.build(None) is None and SecretSet.build({}) is None
+    assert SecretSet.build(a) is a
 
 
 @pytest.mark.parametrize("spec, fragment", [

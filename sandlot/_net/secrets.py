@@ -113,8 +113,8 @@ class SecretSet:
         Form: {"NAME": {"value": "...", "hosts": ["api.openai.com", "*.example.com"]}, ...}. A bad entry
         raises InvalidRequest naming the secret and the rule it breaks, never quoting the value.
         """
-        if value is None:
-            return None
+        if value is None or isinstance(value, SecretSet):
+            return value  # already built: the same placeholders (they are per sandbox, made once)
         if not isinstance(value, Mapping):
             raise InvalidRequest('secrets must be a mapping {"NAME": {"value": "...", "hosts": ["host", ...]}}')
         if not value:
