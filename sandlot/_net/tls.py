@@ -8,8 +8,8 @@ trusts (through the bundle file and the variables of `ca_env`).
 Why it is safe to trust: the CA's private key never leaves the host process (it is not even written to
 disk); the CA certificate carries `pathLenConstraint 0` (it cannot sign another CA) and name constraints
 that permit only the DNS names of the sandbox's secrets, so even a leaked key or a bug minting for another
-name yields certificates that Python, curl and OpenSSL reject. The leaf certificates are short-lived and
-cached per name.
+name yields certificates that Python, curl and OpenSSL reject (Node and git/GnuTLS accept the
+constrained CA too; tests/test_net_secrets.py). Leaf certificates are short-lived and cached per name.
 
 Cost (bench/net_secrets.py on the 2-core test machine, loaded): the CA (EC P-256 key + certificate)
 ~0.3 ms; a leaf ~0.3 ms, with its server SSLContext 2-7 ms (once per name per sandbox, then cached: ~2 us);
