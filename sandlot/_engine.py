@@ -24,6 +24,7 @@ from ._backends.registry import ISOLATIONS, backend_class, default_isolation, su
 from ._exceptions import InvalidRequest
 from ._limits import Limits
 from ._local import LocalSandbox
+from ._net.sandbox_network import CA_BUNDLE_PATH, SandboxNetwork
 from ._models import Execution, SandboxInfo
 from ._output import OutputHandler
 from ._pool import Pools
@@ -69,6 +70,9 @@ class Engine:
         if spec.on_idle == "pause" and not supports(isolation, "pause"):
             tiers = " or ".join(f"isolation={name!r}" for name in isolations_with("pause"))
             raise InvalidRequest(f"on_idle is 'kill', or 'pause' with {tiers} (checkpoint to disk)")
+        if (spec.network is not None or spec.secrets is not None) and not supports(isolation, "network"):
+            tiers = " or ".join(f"isolation={name!r}" for name in isolations_with("network"))
+            raise InvalidRequest(f"network= and secrets= need {tiers}: the {isolation} tier has no network yet")
         template = get_template(spec.template)
         limits = spec.limits
         if template.limits and spec.asked != frozenset(f.name for f in dataclasses.fields(Limits)):
@@ -77,15 +81,29 @@ class Engine:
         return dataclasses.replace(spec, isolation=isolation, limits=limits), template
 
     async def create(self, spec: SandboxSpec) -> LocalSandbox:
-        """A started sandbox for ``spec``: a warm one claimed and configured, or a fresh boot."""
+        """A started sandbox for ``spec``: a warm one claimed and configured, or a fresh boot; with a network
+        policy or secrets, its namespace configured and served before anyone's code runs in it."""
         spec, template = self.resolve(spec)
         backend = self.backend(spec.isolation or "process")
-        proc = await self._claim(backend, template, spec)
+        network = SandboxNetwork.plan(spec.network, spec.secrets)
+        env = dict(spec.env, **(network.env() if network else {}))
+        proc = await self._claim(backend, template, spec, env)
         if proc is None:
-            proc = await backend.start(template, spec.limits, dict(spec.env), awaited=True)
-        return LocalSandbox(spec, backend, proc)
+            proc = await backend.start(template, spec.limits, env, awaited=True)
+        sandbox = LocalSandbox(spec, backend, proc, network)
+        if network is not None:
+            try:
+                await network.attach(proc.netns_pid())
+                bundle = network.ca_bundle()
+                if bundle is not None:
+                    await sandbox.files.write(CA_BUNDLE_PATH, bundle)
+            except BaseException:
+                await asyncio.shield(sandbox.kill())
+                raise
+        return sandbox
 
-    async def _claim(self, backend: Backend, template: Template, spec: SandboxSpec) -> Optional[BackendSandbox]:
+    async def _claim(self, backend: Backend, template: Template, spec: SandboxSpec,
+                     env: dict[str, str]) -> Optional[BackendSandbox]:
         """A warm sandbox taken over for this spec, or None (no pool, an empty one, or limits it cannot take)."""
         pool = self.pools.pool_for(backend, template, spec.limits)
         proc = pool.take() if pool is not None else None
@@ -93,8 +111,8 @@ class Engine:
             return None
         try:
             await proc.apply_limits(spec.limits)  # cpu and memory; the rest were fixed at boot and agree
-            if spec.env:
-                await proc.channel.send({"t": "configure", "id": 0, "env": dict(spec.env)})
+            if env:
+                await proc.channel.send({"t": "configure", "id": 0, "env": env})
         except BaseException as exc:
             # Out of the pool and not handed to an owner: nobody else would ever kill it.
             with contextlib.suppress(Exception):

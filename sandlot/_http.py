@@ -275,6 +275,13 @@ class RemoteSandbox(SandboxHandle):
     async def keep_alive(self) -> None:
         await self._http("POST", "/keepalive")
 
+    async def update_network(self, allow: Optional[list], deny: Optional[list]) -> Any:
+        return (await self._http("PUT", "/network", json={"allow": allow, "deny": deny})).json()["network"]
+
+    async def network_log(self, since: Optional[float] = None) -> "list[dict]":
+        params = {} if since is None else {"since": since}
+        return list((await self._http("GET", "/network/log", params=params)).json())
+
     async def metrics(self) -> SandboxMetrics:
         return SandboxMetrics(**_fields(SandboxMetrics, (await self._http("GET", "/metrics")).json()))
 

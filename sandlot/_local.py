@@ -18,6 +18,8 @@ from ._exceptions import FileError, InvalidRequest, SandboxCrashed, SandboxNotFo
 from ._host.channel import CLOSED
 from ._limits import Limits
 from ._output import CallOutput, OutputHandler, call as _call
+from ._net.policy import NetworkPolicy
+from ._net.sandbox_network import SandboxNetwork
 from ._spec import SandboxSpec
 from ._models import (CommandResult, EntryInfo, Execution, ExecutionError, PauseInfo, Result, SandboxMetrics, Usage)
 from ._transport import AsyncCommandHandle, CommandsHandle, FilesHandle, ResultHandler, SandboxHandle
@@ -48,8 +50,10 @@ class LocalSandbox(SandboxHandle):
 
     dies_with_owner = True
 
-    def __init__(self, spec: SandboxSpec, backend: Backend, proc: BackendSandbox) -> None:
+    def __init__(self, spec: SandboxSpec, backend: Backend, proc: BackendSandbox,
+                 network: Optional[SandboxNetwork] = None) -> None:
         self.spec = spec
+        self.network = network  # None: no network at all
         self.template = proc.template
         self.isolation = backend.name
         self.limits = spec.limits
@@ -140,6 +144,8 @@ class LocalSandbox(SandboxHandle):
         if self._watchdog is not None and self._watchdog is not asyncio.current_task():
             self._watchdog.cancel()
         await self._proc.kill(reason)
+        if self.network is not None:
+            await self.network.close()
 
     async def metrics(self) -> SandboxMetrics:
         """Memory, CPU and process count of the sandbox right now, from its cgroup."""
@@ -157,6 +163,25 @@ class LocalSandbox(SandboxHandle):
     async def keep_alive(self) -> None:
         """Count as activity now: the idle timeout starts over."""
         self._alive()
+
+    # -- network ---------------------------------------------------------------------------------
+    async def update_network(self, allow: Optional[list], deny: Optional[list]) -> Any:
+        """New rules, live (connections they no longer allow are cut). A sandbox made without a network
+        gets one now: its namespace is configured and served from this call on."""
+        proc = self._alive()
+        if self.network is None:
+            if not self._backend.capabilities.network:
+                raise InvalidRequest(f"the {self.isolation} tier has no network yet: use "
+                                     f"{_isolations_that('network')}")
+            network = SandboxNetwork(NetworkPolicy.build({"allow": allow or [], "deny": deny or []}))
+            await network.attach(proc.netns_pid())
+            self.network = network
+            return network.policy_json()
+        return self.network.update(allow, deny)
+
+    async def network_log(self, since: Optional[float] = None) -> "list[dict]":
+        self._alive()
+        return self.network.log(since) if self.network is not None else []
 
     async def _watch(self) -> None:
         """End the sandbox at its lifetime or after idle_timeout without a call."""

@@ -19,7 +19,7 @@ from ._output import OutputHandler
 from ._spec import SandboxSpec
 from ._transport import AsyncCommandHandle, ResultHandler, SandboxHandle, Transport
 
-__all__ = ["AsyncSandbox", "AsyncCommands", "AsyncFiles", "AsyncCommandHandle", "transport_for"]
+__all__ = ["AsyncSandbox", "AsyncCommands", "AsyncFiles", "AsyncNetwork", "AsyncCommandHandle", "transport_for"]
 
 
 def wants_server(api_url: Optional[str]) -> bool:
@@ -46,6 +46,10 @@ class AsyncSandbox:
     sandbox's lifetime in seconds (extend it with ``set_timeout``); ``limits`` overrides any of
     :class:`Limits`; ``env`` is visible to code and commands; ``metadata`` is yours to tag it with.
 
+    ``network`` is None (no network, the default), "public", or ``{"allow": [rules], "deny": [rules]}``;
+    ``secrets`` maps names to ``{"value": ..., "hosts": [...]}``: the sandbox sees a placeholder, and the
+    host puts the value into HTTPS request headers to those hosts only.
+
     With ``api_url=`` (or SANDLOT_API_URL) and ``api_key=`` (or SANDLOT_API_KEY) the sandbox lives on a
     Sandlot server instead, with this very API. A local sandbox ends with this process; a remote one
     lives on until it is killed or times out.
@@ -54,21 +58,24 @@ class AsyncSandbox:
     def __init__(self, template: str = "python", *, timeout: Optional[float] = None,
                  limits: Union[Limits, Mapping[str, Any], None] = None, env: Optional[Mapping[str, str]] = None,
                  metadata: Optional[Mapping[str, str]] = None, isolation: Optional[str] = None,
-                 api_url: Optional[str] = None, api_key: Optional[str] = None, on_idle: str = "kill") -> None:
+                 api_url: Optional[str] = None, api_key: Optional[str] = None, on_idle: str = "kill",
+                 network: Any = None, secrets: Optional[Mapping[str, Any]] = None) -> None:
         # Validated once, before anything is claimed, forked or sent.
         self._spec = SandboxSpec.build(template, isolation=isolation, limits=limits, env=env, metadata=metadata,
-                                      timeout=timeout, on_idle=on_idle)
+                                      timeout=timeout, on_idle=on_idle, network=network, secrets=secrets)
         self._transport = transport_for(api_url, api_key)
         self._transport.check(self._spec)
         self._handle: Optional[SandboxHandle] = None
         self.commands = AsyncCommands(self)
         self.files = AsyncFiles(self)
+        self.network = AsyncNetwork(self)
 
     @classmethod
     def _of(cls, handle: SandboxHandle, spec: SandboxSpec, transport: Transport) -> "AsyncSandbox":
         sandbox = cls.__new__(cls)
         sandbox._spec, sandbox._transport, sandbox._handle = spec, transport, handle
         sandbox.commands, sandbox.files = AsyncCommands(sandbox), AsyncFiles(sandbox)
+        sandbox.network = AsyncNetwork(sandbox)
         return sandbox
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -280,3 +287,28 @@ class AsyncFiles:
     async def mkdir(self, path: str) -> bool:
         """Create a directory and its parents; False if it already existed."""
         return await self._sandbox._live().files.mkdir(_calls.check_path(path))
+
+
+class AsyncNetwork:
+    """The sandbox's network policy, live: ``update()`` its rules, read the ``log()`` of decisions."""
+
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._sandbox = sandbox
+
+    async def update(self, allow: Optional[list] = None, deny: Optional[list] = None) -> Any:
+        """Replace the allow rules, the deny rules, or both (a list given replaces that list; None keeps
+        it). Connections the new rules refuse are cut at once. Returns the policy now in force."""
+        if allow is None and deny is None:
+            from ._exceptions import InvalidRequest
+
+            raise InvalidRequest("network.update() needs allow=, deny= or both")
+        from ._net.policy import NetworkPolicy
+
+        NetworkPolicy.build({"allow": list(allow or []), "deny": list(deny or [])})  # the rules, checked here
+        return await self._sandbox._live().update_network(None if allow is None else list(allow),
+                                                          None if deny is None else list(deny))
+
+    async def log(self, since: Optional[float] = None) -> "list[dict]":
+        """Every decision, oldest first: time, kind (dns/tcp), name, address, port, verdict
+        (allow/deny/revoked), rule and reason."""
+        return await self._sandbox._live().network_log(since)

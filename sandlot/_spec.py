@@ -22,6 +22,8 @@ from typing import Any, Mapping, Optional, Union
 
 from ._exceptions import InvalidRequest
 from ._limits import MAX_CREATE_INPUT, Limits
+from ._net.policy import NetworkPolicy
+from ._net.secrets import SecretSet
 
 MAX_ENV_VARS = 256
 MAX_ENV_NAME = 256
@@ -100,7 +102,7 @@ def _name(value: Any, what: str, longest: int) -> str:
     return value
 
 
-_FIELDS = ("template", "isolation", "limits", "env", "metadata", "timeout", "on_idle")
+_FIELDS = ("template", "isolation", "limits", "env", "metadata", "timeout", "on_idle", "network", "secrets")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,12 +123,19 @@ class SandboxSpec:
     timeout: Optional[float] = None
     on_idle: str = "kill"
     asked: frozenset = frozenset()
+    network: Optional[NetworkPolicy] = None  # None: no network at all (the default)
+    secrets: Optional[SecretSet] = None  # values the host substitutes on the way out; never in the sandbox
+
+    def __repr__(self) -> str:  # the generated one would be long; secrets already hide their values
+        return (f"SandboxSpec(template={self.template!r}, isolation={self.isolation!r}, "
+                f"network={self.network.to_json() if self.network else None!r}, secrets={self.secrets!r})")
 
     @classmethod
     def build(cls, template: str = "python", *, isolation: Optional[str] = None,
               limits: Union[Limits, Mapping[str, Any], None] = None, env: Optional[Mapping[str, str]] = None,
               metadata: Optional[Mapping[str, str]] = None, timeout: Optional[float] = None,
-              on_idle: str = "kill", base: Optional[Limits] = None) -> "SandboxSpec":
+              on_idle: str = "kill", base: Optional[Limits] = None, network: Any = None,
+              secrets: Any = None) -> "SandboxSpec":
         """Validate everything once; InvalidRequest says what is wrong. ``base``: default limits (an image
         template's sandbox.yaml) that the owner's ``limits`` override."""
         template = _name(template, "template", MAX_TEMPLATE_NAME)
@@ -146,9 +155,15 @@ class SandboxSpec:
         env = check_env(env)
         metadata = check_metadata(metadata)
         check_create_input(env, metadata)
+        policy = network if isinstance(network, NetworkPolicy) else NetworkPolicy.build(network)
+        secret_set = SecretSet.build(secrets)
+        if secret_set is not None:
+            clash = sorted(set(secret_set.placeholders()) & set(env))
+            if clash:
+                raise InvalidRequest(f"{clash[0]} is both a secret and an env variable: give it once")
         return cls(template=template, isolation=isolation, limits=built, env=types.MappingProxyType(env),
                    metadata=types.MappingProxyType(metadata), timeout=timeout, on_idle=on_idle,
-                   asked=frozenset(asked))
+                   asked=frozenset(asked), network=policy, secrets=secret_set)
 
     def to_json(self) -> dict:
         """The spec as JSON-ready data (the remote SDK's create body): fields at their default are left
@@ -162,6 +177,10 @@ class SandboxSpec:
                 out[key] = value
         if self.on_idle != "kill":
             out["on_idle"] = self.on_idle
+        if self.network is not None:
+            out["network"] = self.network.to_json()
+        if self.secrets is not None:  # the values travel to the server that will substitute them
+            out["secrets"] = {s.name: {"value": s.value, "hosts": list(s.hosts)} for s in self.secrets.secrets}
         return out
 
     @classmethod
@@ -179,4 +198,5 @@ class SandboxSpec:
             raise InvalidRequest(f"unknown sandbox spec field(s) {sorted(unknown)}; known: {list(_FIELDS)}")
         return cls.build(data.get("template", "python"), isolation=data.get("isolation"),
                          limits=data.get("limits"), env=data.get("env"), metadata=data.get("metadata"),
-                         timeout=data.get("timeout"), on_idle=data.get("on_idle", "kill"), base=base)
+                         timeout=data.get("timeout"), on_idle=data.get("on_idle", "kill"), base=base,
+                         network=data.get("network"), secrets=data.get("secrets"))

@@ -126,6 +126,17 @@ class Files:
         return run_sync(self._async.mkdir(path))
 
 
+class Network:
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._async = sandbox.network
+
+    def update(self, allow: Optional[list] = None, deny: Optional[list] = None) -> Any:
+        return run_sync(self._async.update(allow, deny))
+
+    def log(self, since: Optional[float] = None) -> "list[dict]":
+        return run_sync(self._async.log(since))
+
+
 def _iterate(stream) -> Iterator[bytes]:
     while True:
         try:
@@ -144,15 +155,18 @@ class Sandbox:
     def __init__(self, template: str = "python", *, timeout: Optional[float] = None,
                  limits: Union[Limits, Mapping[str, Any], None] = None, env: Optional[Mapping[str, str]] = None,
                  metadata: Optional[Mapping[str, str]] = None, isolation: Optional[str] = None,
-                 api_url: Optional[str] = None, api_key: Optional[str] = None, on_idle: str = "kill") -> None:
+                 api_url: Optional[str] = None, api_key: Optional[str] = None, on_idle: str = "kill",
+                 network: Any = None, secrets: Optional[Mapping[str, Any]] = None) -> None:
         self._attach(AsyncSandbox(template, timeout=timeout, limits=limits, env=env, metadata=metadata,
-                                  isolation=isolation, api_url=api_url, api_key=api_key, on_idle=on_idle))
+                                  isolation=isolation, api_url=api_url, api_key=api_key, on_idle=on_idle,
+                                  network=network, secrets=secrets))
         run_sync(self._async.start())
 
     def _attach(self, sandbox: AsyncSandbox) -> None:
         self._async = sandbox
         self.commands = Commands(sandbox)
         self.files = Files(sandbox)
+        self.network = Network(sandbox)
 
     @classmethod
     def create(cls, template: str = "python", **kwargs: Any) -> "Sandbox":

@@ -135,6 +135,13 @@ class SandboxHandle(abc.ABC):
     @abc.abstractmethod
     async def keep_alive(self) -> None: ...
 
+    @abc.abstractmethod
+    async def update_network(self, allow: Optional[list], deny: Optional[list]) -> Any:
+        """Replace the allow and/or deny rules (validated), live; returns the policy as JSON."""
+
+    @abc.abstractmethod
+    async def network_log(self, since: Optional[float]) -> "list[dict]": ...
+
 
 class Transport(abc.ABC):
     """Where sandboxes are made and found."""

@@ -81,7 +81,8 @@ def test_spec_is_frozen():
 
 
 def test_from_json_refuses_what_it_does_not_know():
-    assert "unknown sandbox spec field" in _message(lambda: SandboxSpec.from_json({"network": "open"}))
+    assert "unknown sandbox spec field" in _message(lambda: SandboxSpec.from_json({"volumes": "all"}))
+    assert "network='open'" in _message(lambda: SandboxSpec.from_json({"network": "open"}))
     assert "JSON" in _message(lambda: SandboxSpec.from_json("{not json"))
     assert "JSON object" in _message(lambda: SandboxSpec.from_json("[1]"))
     assert "on_idle" in _message(lambda: SandboxSpec.from_json({"on_idle": "sleep"}))
@@ -89,7 +90,11 @@ def test_from_json_refuses_what_it_does_not_know():
 
 
 def test_spec_imports_nothing_above_it():
-    assert import_graph()["sandlot._spec"] <= {"sandlot._limits", "sandlot._exceptions"}
+    # The network policy and the secrets are pure data validators too (they import only _exceptions).
+    assert import_graph()["sandlot._spec"] <= {"sandlot._limits", "sandlot._exceptions", "sandlot._net.policy",
+                                               "sandlot._net.secrets"}
+    for module in ("sandlot._net.policy", "sandlot._net.secrets"):
+        assert import_graph()[module] <= {"sandlot._exceptions"}
 
 
 # -- one validator: the same error wherever a sandbox is created ---------------------------------------

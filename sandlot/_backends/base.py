@@ -33,7 +33,7 @@ class Capabilities:
     pause: bool = False  # pause()/resume(): stop a live sandbox and bring it back, variables intact
     checkpoint: bool = False  # a paused sandbox is on disk: adopt() takes it back in a later process
     fork: bool = False  # sandboxes fork from a warm per-template parent (prepare() starts it)
-    network: bool = False  # a network policy beyond "no network" (none yet)
+    network: bool = False  # a network policy (egress by rules, secrets) beyond "no network"
     mounts: bool = False  # host directories or volumes granted at create (none yet)
 
     def to_dict(self) -> dict[str, bool]:
@@ -107,6 +107,11 @@ class BackendSandbox(abc.ABC):
     def _unsupported(self, capability: str) -> InvalidRequest:
         able = " or ".join(f"isolation={name!r}" for name in _isolations_with(capability)) or "a tier that can"
         return InvalidRequest(f"the {self.isolation} tier cannot {capability}: use {able}")
+
+    # -- network (where the tier declares it) ---------------------------------------------------------
+    def netns_pid(self) -> int:
+        """A host pid whose network namespace is the sandbox's, for the host to configure and serve."""
+        raise self._unsupported("network")
 
     # -- taking a sandbox back -----------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:

@@ -88,10 +88,12 @@ class ProcessSandbox(CgroupSandbox):
         self.killed_reason: Optional[str] = None
         self._cleaned = False
         self._init_pidfd: Optional[int] = None
+        self.init_pid: Optional[int] = None  # pid 1 of the sandbox, as the host sees it
         self.created_at = time.monotonic()
 
     def adopt_init(self, pid: int) -> None:
         """Hold pid 1 of the sandbox by pidfd, so killing it can never hit a recycled pid."""
+        self.init_pid = pid
         self._init_pidfd = os.pidfd_open(pid)
         if self._popen is None:
             # Forked from a zygote, the outer process exits once pid 1 exists: from now on the
@@ -113,6 +115,12 @@ class ProcessSandbox(CgroupSandbox):
     @property
     def pid(self) -> int:
         return self._pid
+
+    def netns_pid(self) -> int:
+        """pid 1 of the sandbox: its network namespace is the sandbox's (the host configures it)."""
+        if self.init_pid is None:
+            raise SandboxCrashed(f"sandbox {self.id} has no pid 1 yet")
+        return self.init_pid
 
     @property
     def returncode(self) -> Optional[int]:
@@ -218,7 +226,7 @@ class ProcessBackend(Backend):
     the template, or ``SANDLOT_ZYGOTE=0``) or for a template without a preload list, exec'd one by one."""
 
     name = "process"
-    capabilities = Capabilities(fork=True)
+    capabilities = Capabilities(fork=True, network=True)
     _swept = False
 
     def __init__(self, zygote: Optional[bool] = None) -> None:

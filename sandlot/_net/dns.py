@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import os
 import random
 import socket
 import threading
@@ -232,8 +231,9 @@ def _addresses(reply: DNSRecord, name: str, qtype: str) -> list[str]:
 def upstream_from_env(environ: Optional[dict[str, str]] = None, resolv_conf: str = "/etc/resolv.conf") -> Upstream:
     """SANDLOT_UPSTREAM_DNS=IP[:port] (comma-separated for several; IPv6 as [addr]:port or bare), else
     the nameservers of /etc/resolv.conf."""
-    env = os.environ if environ is None else environ
-    value = env.get("SANDLOT_UPSTREAM_DNS", "").strip()
+    from .. import _config
+
+    value = ((_config.upstream_dns() if environ is None else environ.get("SANDLOT_UPSTREAM_DNS")) or "").strip()
     if value:
         return Upstream([_server(item.strip()) for item in value.split(",") if item.strip()])
     servers = []

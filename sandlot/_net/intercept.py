@@ -172,7 +172,8 @@ class SecretsInterceptor:
             got = await broker._dial(addresses, addresses[0], port, name)  # noqa: SLF001 - its contract
             if got is None:
                 raise ConnectionError("no allowed address of the name answered")
-            return got[0], got[1]
+            sock, _address = got  # a connected socket: streams over it for the TLS client side
+            return await asyncio.open_connection(sock=sock)
 
         def recheck() -> str | None:
             policy = broker.policy

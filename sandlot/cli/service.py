@@ -53,9 +53,12 @@ def _when(epoch: Optional[float]) -> str:
               help="Keep audit-log rows this long (90d, 12h, 30m, 45s); the reaper prunes older ones. [default: 90d]")
 @click.option("--audit-max-rows", type=click.IntRange(1), metavar="N", envvar="SANDLOT_AUDIT_MAX_ROWS",
               show_envvar=True, help="Keep at most the newest N audit-log rows. [default: 1000000]")
+@click.option("--allow-network", is_flag=True,
+              help="Let tenants give their sandboxes a network (egress by their own allow/deny rules, never the "
+                   "host or private ranges) and secrets. Off by default: sandboxes have no network.")
 def serve(host: str, port: int, db_path: Optional[str], log_level: str, no_mcp: bool, ceilings: tuple[str, ...],
           total_memory: Optional[str], total_pids: Optional[int], audit_retention: Optional[str],
-          audit_max_rows: Optional[int]) -> None:
+          audit_max_rows: Optional[int], allow_network: bool) -> None:
     """Run the Sandlot HTTP server: REST + streaming, MCP at /mcp, /metrics, OpenAPI at /docs.
 
     Every request needs an API key (`sandlot keys create --tenant NAME`); /metrics needs an operator
@@ -69,7 +72,7 @@ def serve(host: str, port: int, db_path: Optional[str], log_level: str, no_mcp: 
     try:
         settings = server.operator_settings(db_path, ceilings=ceilings, total_memory=total_memory,
                                             total_pids=total_pids, audit_retention=audit_retention,
-                                            audit_max_rows=audit_max_rows)
+                                            audit_max_rows=audit_max_rows, allow_network=allow_network)
     except InvalidRequest as exc:
         raise click.UsageError(str(exc)) from None
     mounts = []

@@ -117,7 +117,7 @@ class Registry:
     async def create(self, tenant: Tenant, *, template: str = "python", timeout: Optional[float] = None,
                      limits: Optional[Mapping[str, Any]] = None, env: Optional[Mapping[str, str]] = None,
                      metadata: Optional[Mapping[str, str]] = None, isolation: str = "process",
-                     one_shot: bool = False) -> LiveSandbox:
+                     one_shot: bool = False, network: Any = None, secrets: Any = None) -> LiveSandbox:
         if isolation not in self.settings.isolations:
             raise InvalidRequest(f"isolation {isolation[:32]!r} is not enabled on this server; "
                                  f"enabled: {list(self.settings.isolations)}")
@@ -128,7 +128,11 @@ class Registry:
         if self.live_count() >= self.settings.max_live_total:
             raise QuotaExceeded(f"this server is at capacity ({self.settings.max_live_total} live sandboxes); "
                                 "retry later", retry_after=5.0)
-        spec = SandboxSpec.build(template, isolation=isolation, limits=built, env=env, metadata=metadata)
+        if (network is not None or secrets) and not self.settings.allow_network:
+            raise InvalidRequest("this server gives sandboxes no network: its operator enables it with "
+                                 "`sandlot serve --allow-network`")
+        spec = SandboxSpec.build(template, isolation=isolation, limits=built, env=env, metadata=metadata,
+                                 network=network, secrets=secrets)
         started = time.monotonic()
         # Reserved before the first await: concurrent creations see each other in the checks above.
         with _reserved(self._creating, tenant.id, built):
@@ -142,8 +146,11 @@ class Registry:
         if not one_shot:
             self.store.add_sandbox(live.id, tenant, template, dict(metadata or {}), built.to_dict(), now,
                                    now + built.lifetime, sandbox.isolation)
-            self.store.audit(tenant.name, "create", live.id,
-                             json.dumps({"template": template, "metadata": dict(metadata or {})}), tenant.key_id)
+            detail = {"template": template, "metadata": dict(metadata or {})}
+            if spec.network is not None or spec.secrets is not None:  # secrets by name and host, never value
+                detail.update(network=spec.network.to_json() if spec.network else None,
+                              secrets=spec.secrets.to_json() if spec.secrets else None)
+            self.store.audit(tenant.name, "create", live.id, json.dumps(detail), tenant.key_id)
         return live
 
     # -- lookup --------------------------------------------------------------------------------------
@@ -207,6 +214,17 @@ class Registry:
         self.store.set_paused(sandbox_id, False)
         self.store.audit(tenant.name, "resume", sandbox_id, None, tenant.key_id)
         return info
+
+    # -- network ---------------------------------------------------------------------------------
+    async def update_network(self, tenant: Tenant, sandbox_id: str, allow: Optional[list],
+                             deny: Optional[list]) -> Any:
+        if not self.settings.allow_network:
+            raise InvalidRequest("this server gives sandboxes no network: its operator enables it with "
+                                 "`sandlot serve --allow-network`")
+        live = self.get(tenant, sandbox_id)
+        policy = await live.sandbox.network.update(allow=allow, deny=deny)
+        self.store.audit(tenant.name, "network", sandbox_id, json.dumps(policy), tenant.key_id)
+        return policy
 
     # -- ending ----------------------------------------------------------------------------------
     async def kill(self, tenant: Tenant, sandbox_id: str) -> SandboxRow:

@@ -56,10 +56,17 @@ class CreateSandbox(_Body):
     metadata: Optional[dict[Text, Text]] = Field(None, description="Your tags; filter GET /v1/sandboxes by them")
     isolation: Text = Field("process", max_length=32,
                             description='"process", or "gvisor" where the server enables it (GET /v1/info lists them)')
+    network: Optional[Union[Text, dict[Text, list[Text]]]] = Field(
+        None, description='No network (null, the default), "public", or {"allow": [rules], "deny": [rules]}: rules '
+                          'are names ("pypi.org", "*.pythonhosted.org"), IPs or CIDRs, each with an optional ":port" '
+                          'or ":lo-hi". Needs a server started with --allow-network.')
+    secrets: Optional[dict[Text, dict[Text, Any]]] = Field(
+        None, description='{"NAME": {"value": "...", "hosts": ["api.example.com"]}}: the sandbox sees a placeholder; '
+                          "the value goes only into HTTPS request headers to those hosts")
 
     @model_validator(mode="after")
     def _spec(self):
-        _spec_of(self, metadata=self.metadata)
+        _spec_of(self, metadata=self.metadata, network=self.network, secrets=self.secrets)
         return self
 
     @field_validator("limits")
@@ -68,6 +75,27 @@ class CreateSandbox(_Body):
         if value is not None and len(value) > 32:
             raise ValueError("too many limits")
         return value
+
+
+class UpdateNetwork(_Body):
+    allow: Optional[list[Text]] = Field(None, description="the new allow rules (null keeps them)")
+    deny: Optional[list[Text]] = Field(None, description="the new deny rules (null keeps them)")
+
+
+class NetworkOut(BaseModel):
+    sandbox_id: str
+    network: Any = Field(None, description="the policy in force (the secrets' hosts are granted on top)")
+
+
+class NetworkDecision(BaseModel):
+    time: float
+    kind: str
+    name: Optional[str] = None
+    address: Optional[str] = None
+    port: Optional[int] = None
+    verdict: str
+    rule: Optional[str] = None
+    reason: str = ""
 
 
 class RunCode(_Body):

@@ -55,6 +55,9 @@ class Settings:
     max_background_commands: int = 32  # tracked per sandbox (finished ones are dropped first)
     isolations: tuple[str, ...] = ("process",)  # tiers clients may ask for ("gvisor" needs runsc on the host)
     public_docs: bool = True  # /docs and /openapi.json without a key (they describe the API, hold no data)
+    # Whether tenants may give their sandboxes a network (egress by their rules) and secrets. Off unless the
+    # operator says so (`sandlot serve --allow-network`): egress is the operator's to grant.
+    allow_network: bool = False
 
     def with_db(self, db_path: "str | os.PathLike[str] | None") -> "Settings":
         return self if db_path is None else dataclasses.replace(self, db_path=Path(db_path))
@@ -112,7 +115,8 @@ def operator_settings(db_path: "str | os.PathLike[str] | None" = None, *, ceilin
                       total_memory: Optional[str] = None, total_pids: Optional[int] = None,
                       audit_retention: Optional[str] = None, audit_max_rows: Optional[int] = None,
                       max_live: Optional[int] = None, max_lifetime: Optional[float] = None,
-                      requests_per_minute: Optional[int] = None, isolations: Optional[Iterable[str]] = None) -> Settings:
+                      requests_per_minute: Optional[int] = None, isolations: Optional[Iterable[str]] = None,
+                      allow_network: bool = False) -> Settings:
     """Settings from the operator's flags; None keeps a default. Raises InvalidRequest on a bad value."""
     quotas = Quotas()
     changes: dict[str, Any] = {}
@@ -137,4 +141,6 @@ def operator_settings(db_path: "str | os.PathLike[str] | None" = None, *, ceilin
         more["audit_max_rows"] = int(audit_max_rows)
     if isolations is not None:
         more["isolations"] = tuple(isolations)
+    if allow_network:
+        more["allow_network"] = True
     return dataclasses.replace(settings, **more) if more else settings

@@ -1,14 +1,15 @@
-"""Sandboxes: create, list (with metadata filters), get, kill, extend, keep alive, metrics."""
+"""Sandboxes: create, list (with metadata filters), get, kill, extend, keep alive, metrics, network."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Optional
 
 from fastapi import APIRouter, Query
 
 from ..._exceptions import InvalidRequest
 from ..deps import Owner, State
-from ..schemas import CreateSandbox, ErrorBody, MetricsOut, PauseOut, SandboxOut, SetTimeout, when
+from ..schemas import (CreateSandbox, ErrorBody, MetricsOut, NetworkDecision, NetworkOut, PauseOut, SandboxOut,
+                       SetTimeout, UpdateNetwork, when)
 from ..store import SandboxRow
 
 router = APIRouter(prefix="/v1/sandboxes", tags=["sandboxes"],
@@ -25,7 +26,8 @@ def sandbox_out(row: SandboxRow) -> SandboxOut:
 @router.post("", status_code=201, response_model=SandboxOut, summary="Create a sandbox")
 async def create(body: CreateSandbox, tenant: Owner, state: State) -> SandboxOut:
     live = await state.registry.create(tenant, template=body.template, timeout=body.timeout, limits=body.limits,
-                                          env=body.env, metadata=body.metadata, isolation=body.isolation)
+                                       env=body.env, metadata=body.metadata, isolation=body.isolation,
+                                       network=body.network, secrets=body.secrets)
     return sandbox_out(state.registry.row(tenant, live.id))
 
 
@@ -98,3 +100,19 @@ async def interrupt(sandbox_id: str, tenant: Owner, state: State) -> SandboxOut:
 async def metrics(sandbox_id: str, tenant: Owner, state: State) -> MetricsOut:
     m = await state.registry.get(tenant, sandbox_id).sandbox.metrics()
     return MetricsOut(memory=m.memory, memory_peak=m.memory_peak, cpu_seconds=m.cpu_seconds, processes=m.processes)
+
+
+@router.put("/{sandbox_id}/network", response_model=NetworkOut,
+            summary="Replace its allow and/or deny rules, live (connections no longer allowed are cut)")
+async def update_network(sandbox_id: str, body: UpdateNetwork, tenant: Owner, state: State) -> NetworkOut:
+    policy = await state.registry.update_network(tenant, sandbox_id, body.allow, body.deny)
+    return NetworkOut(sandbox_id=sandbox_id, network=policy)
+
+
+@router.get("/{sandbox_id}/network/log", response_model=list[NetworkDecision],
+            summary="Its network decisions, oldest first (DNS answers and connections: allowed, denied, revoked)")
+async def network_log(sandbox_id: str, tenant: Owner, state: State,
+                      since: Annotated[Optional[float], Query(description="only decisions after this time")] = None
+                      ) -> list[NetworkDecision]:
+    entries = await state.registry.get(tenant, sandbox_id).sandbox.network.log(since)
+    return [NetworkDecision(**{k: v for k, v in e.items() if k in NetworkDecision.model_fields}) for e in entries]

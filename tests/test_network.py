@@ -1,0 +1,241 @@
+"""Network, as a user meets it: ``Sandbox(network=..., secrets=...)``, ``sb.network.update()`` and
+``sb.network.log()``, locally and through a server, against the fake internet of tests/netlab.py.
+
+Each test runs a driver script inside the lab's network namespace (the "host" of these tests: its
+brokers dial the lab's TEST-NET hosts, and nothing can leave the machine). The driver uses only the
+public SDK and prints JSON; the test checks it and what the lab's servers saw (and did not see).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+
+import pytest
+
+import sandlot
+
+from . import netlab
+from .conftest import needs_sandbox
+
+pytestmark = [needs_sandbox]
+lab = netlab.lab_fixture()
+
+# Drivers boot sandboxes by exec (no zygote, no pool): one sandbox each, started in about a second.
+DRIVER_ENV = {"SANDLOT_ZYGOTE": "0", "SANDLOT_POOL_MIN": "0", "SANDLOT_ISOLATION": "process"}
+PRELUDE = """
+import json, os, sys, time
+import sandlot
+out = {}
+CA = open(os.environ["SSL_CERT_FILE"], "rb").read()  # the lab's test CA: its HTTPS hosts' issuer
+def trust_lab(sb):
+    sb.files.write("/home/user/lab-ca.pem", CA)
+LAB_TLS = {"SSL_CERT_FILE": "/home/user/lab-ca.pem", "CURL_CA_BUNDLE": "/home/user/lab-ca.pem",
+           "PIP_CERT": "/home/user/lab-ca.pem", "GIT_SSL_CAINFO": "/home/user/lab-ca.pem",
+           "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": "/dev/null"}
+FETCH = '''
+import json, os, socket, urllib.request
+def fetch(url, headers=None):
+    try:
+        req = urllib.request.Request(url, headers=headers or {})
+        return urllib.request.urlopen(req, timeout=10).read().decode()
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+'''
+"""
+
+
+def drive(lab, body: str, *, env: dict | None = None, timeout: float = 180) -> dict:
+    code = PRELUDE + textwrap.dedent(body) + "\nprint('RESULT ' + json.dumps(out))\n"
+    done = lab.python(code, env=dict(DRIVER_ENV, **(env or {})), timeout=timeout)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, done.stdout + done.stderr
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def test_no_network_unless_granted(lab):
+    lab.clear_logs()
+    out = drive(lab, """
+        with sandlot.Sandbox() as sb:
+            sb.run_code(FETCH)
+            out["ip"] = sb.run_code("fetch('http://203.0.113.10/')").text
+            out["name"] = sb.run_code("fetch('http://www.example.com/')").text
+            out["log"] = sb.network.log()
+    """)
+    assert "unreachable" in out["ip"].lower() or "Errno 101" in out["ip"], out["ip"]
+    assert "URLError" in out["name"], out["name"]
+    assert out["log"] == [] and lab.requests() == [] and lab.queries() == []
+
+
+def test_pip_install_works_with_exactly_pypi_granted_and_the_rest_is_refused_and_logged(lab):
+    """The issue's first "done when": pypi.org + files.pythonhosted.org, pip install works; a git clone
+    and other hosts are refused, and every decision is in the log."""
+    lab.clear_logs()
+    out = drive(lab, f"""
+        with sandlot.Sandbox(network={{"allow": ["pypi.org", "files.pythonhosted.org"]}}, env=LAB_TLS) as sb:
+            trust_lab(sb)
+            pip = sb.commands.run("python3 -m pip install --isolated --no-cache-dir --disable-pip-version-check "
+                                  "--index-url https://pypi.org/simple/ --target /home/user/site --retries 0 "
+                                  "--timeout 10 {netlab.WHEEL_PROJECT}", timeout=120)
+            out["pip"] = [pip.exit_code, pip.stderr[-600:]]
+            out["value"] = sb.commands.run("PYTHONPATH=/home/user/site python3 -c "
+                                           "'import {netlab.WHEEL_MODULE} as m; print(m.VALUE)'").stdout.strip()
+            git = sb.commands.run("git clone -q https://git.example.com/git/project.git /home/user/clone",
+                                  timeout=60)
+            out["git"] = [git.exit_code, git.stderr[-300:]]
+            curl = sb.commands.run("curl -sS -m 10 http://203.0.113.10/")
+            out["curl_ip"] = curl.exit_code
+            out["log"] = sb.network.log()
+    """)
+    assert out["pip"][0] == 0, out["pip"][1]
+    assert out["value"] == netlab.WHEEL_VALUE
+    assert out["git"][0] != 0 and "git.example.com" in out["git"][1], out["git"]
+    assert out["curl_ip"] != 0
+    assert {r["host"] for r in lab.requests()} == {"pypi.org", "files.pythonhosted.org"}
+    assert not lab.queries(name="git.example.com")  # a name not granted is never asked upstream
+    seen = {(e["kind"], e["name"] or e["address"], e["verdict"]) for e in out["log"]}
+    assert ("tcp", "pypi.org", "allow") in seen and ("tcp", "files.pythonhosted.org", "allow") in seen
+    assert ("dns", "git.example.com", "deny") in seen and ("tcp", "203.0.113.10", "deny") in seen
+    for entry in out["log"]:
+        assert {"time", "kind", "name", "address", "port", "verdict", "rule"} <= set(entry)
+
+
+def test_public_reaches_public_hosts_but_never_private_metadata_or_rebinding(lab):
+    lab.clear_logs()
+    out = drive(lab, """
+        with sandlot.Sandbox(network="public") as sb:
+            sb.run_code(FETCH)
+            out["web"] = sb.run_code("fetch('http://www.example.com/')").text
+            out["private_ip"] = sb.run_code("fetch('http://10.0.0.5/')").text
+            out["metadata_ip"] = sb.run_code("fetch('http://169.254.169.254/latest/meta-data/')").text
+            out["metadata_v6"] = sb.run_code("fetch('http://[::ffff:169.254.169.254]/')").text
+            out["rebinding"] = sb.run_code("fetch('http://metadata.example.com/')").text
+            out["udp"] = sb.run_code(
+                "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2)\\n"
+                "s.sendto(b'quic?', ('203.0.113.10', 443))\\n"
+                "try:\\n    s.recv(10); r = 'answered'\\nexcept OSError as e:\\n    r = type(e).__name__\\nr").text
+    """)
+    assert "hello from 203.0.113.10 (www.example.com)" in out["web"]
+    for key in ("private_ip", "metadata_ip", "metadata_v6", "rebinding"):
+        assert "hello" not in out[key] and ("Error" in out[key] or "reset" in out[key].lower()), (key, out[key])
+    assert out["udp"] != "'answered'" and not lab.udp_packets()
+    hosts = {r["host"] for r in lab.requests()}
+    assert hosts == {"www.example.com"}, hosts  # nothing reached the private or metadata hosts
+
+
+def test_live_update_cuts_an_open_stream_and_refuses_new_connections(lab):
+    out = drive(lab, """
+        with sandlot.Sandbox(network={"allow": ["www.example.com"]}) as sb:
+            stream = sb.commands.run("curl -sS -N -m 30 http://www.example.com/stream", background=True)
+            deadline = time.time() + 15
+            while "line" not in stream.stdout and time.time() < deadline:
+                time.sleep(0.1)
+            out["before"] = stream.stdout.count("\\n")
+            started = time.time()
+            out["policy"] = sb.network.update(allow=[])
+            result = stream.wait()
+            out["cut_after"] = time.time() - started
+            out["curl_exit"] = result.exit_code
+            out["again"] = sb.commands.run("curl -sS -m 5 http://www.example.com/").exit_code
+            out["verdicts"] = [e["verdict"] for e in sb.network.log()]
+    """)
+    assert out["before"] >= 1
+    assert out["policy"] == {"allow": [], "deny": []}
+    assert out["cut_after"] < 5 and out["curl_exit"] != 0  # cut, not left to run its 60 s
+    assert out["again"] != 0 and "revoked" in out["verdicts"]
+
+
+def test_a_secret_reaches_only_its_host_and_never_the_sandbox(lab):
+    """The issue's second "done when": an API key the code can use and never read."""
+    lab.clear_logs()
+    out = drive(lab, """
+        secret = "sk-real-value-0123456789"
+        with sandlot.Sandbox(secrets={"API_KEY": {"value": secret, "hosts": ["api.example.com"]}},
+                             network={"allow": ["www.example.com"]}) as sb:
+            sb.run_code(FETCH)
+            out["env"] = sb.run_code("import os; os.environ['API_KEY']").text
+            out["api"] = sb.run_code(
+                "fetch('https://api.example.com/v1', {'Authorization': 'Bearer ' + os.environ['API_KEY']})").text
+            out["elsewhere"] = sb.run_code(
+                "fetch('https://www.example.com/', {'Authorization': 'Bearer ' + os.environ['API_KEY']})").text
+            out["in_url"] = sb.run_code("fetch('https://api.example.com/?k=' + os.environ['API_KEY'])").text
+            found = sb.commands.run("grep -rl " + secret + " /proc/self/environ /proc/1/environ /home /tmp /etc "
+                                    "2>/dev/null; cat /proc/*/environ 2>/dev/null | grep -c " + secret)
+            out["found"] = found.stdout
+            out["curl"] = sb.commands.run('curl -sS -m 10 -H "Authorization: Bearer $API_KEY" '
+                                          'https://api.example.com/curl').stdout
+    """, env={"SSL_CERT_FILE": str(lab.ca_path)})
+    assert out["env"].strip("'").startswith("SANDLOT_SECRET_")
+    assert "hello from" in out["api"] and "hello from" in out["curl"], out
+    api = [r for r in lab.requests() if r["host"] == "api.example.com"]
+    assert [r["headers"].get("authorization") for r in api] == ["Bearer sk-real-value-0123456789"] * 2
+    www = [r for r in lab.requests() if r["host"] == "www.example.com"]
+    assert www and all("sk-real" not in repr(r) for r in www)  # another host gets the placeholder, never the value
+    assert "403" in out["in_url"] and not [r for r in api if "?k=" in r["path"]]
+    assert out["found"].strip() in ("0", "")
+
+
+def test_network_is_refused_clearly_where_a_tier_has_none():
+    with pytest.raises(sandlot.InvalidRequest, match="isolation='process'"):
+        sandlot.Sandbox(isolation="gvisor", network="public", api_url="")
+    with pytest.raises(sandlot.InvalidRequest, match="network rule"):
+        sandlot.Sandbox(network={"allow": ["exa mple.com"]}, api_url="")
+
+
+SERVER_DRIVER = """
+import subprocess
+from sandlot.server.store import create_key
+db = os.environ["LAB_DB"]
+key = create_key("netlab", db)
+port = int(os.environ["LAB_PORT"])
+flags = os.environ.get("LAB_SERVER_FLAGS", "").split()
+server = subprocess.Popen([sys.executable, "-m", "sandlot.server", "--port", str(port), "--db", db,
+                           "--log-level", "warning"] + flags)
+import httpx
+url = f"http://127.0.0.1:{port}"
+for _ in range(600):
+    try:
+        if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+            break
+    except httpx.HTTPError:
+        time.sleep(0.05)
+try:
+"""
+
+
+def _server_drive(lab, tmp_path, body: str, flags: str) -> dict:
+    from .serverproc import free_port
+
+    indented = textwrap.indent(textwrap.dedent(body), "    ")
+    code = SERVER_DRIVER + indented + "\nfinally:\n    server.terminate(); server.wait(30)\n"
+    return drive(lab, code, env={"LAB_DB": str(tmp_path / "sandlot.db"), "LAB_PORT": str(free_port()),
+                                 "LAB_SERVER_FLAGS": flags})
+
+
+def test_through_a_server_the_same_api_and_the_operator_decides(lab, tmp_path):
+    lab.clear_logs()
+    out = _server_drive(lab, tmp_path, """
+        with sandlot.Sandbox(network={"allow": ["www.example.com"]}, api_url=url, api_key=key) as sb:
+            sb.run_code(FETCH)
+            out["web"] = sb.run_code("fetch('http://www.example.com/')").text
+            out["other"] = sb.run_code("fetch('http://api.example.com/')").text
+            out["policy"] = sb.network.update(allow=["www.example.com", "api.example.com"])
+            out["other_after"] = sb.run_code("fetch('http://api.example.com/')").text
+            out["log"] = sb.network.log()
+    """, "--allow-network")
+    assert "hello from" in out["web"] and "hello from" not in out["other"]
+    assert out["policy"]["allow"] == ["www.example.com", "api.example.com"]
+    assert "hello from" in out["other_after"]
+    assert ("dns", "api.example.com", "deny") in {(e["kind"], e["name"], e["verdict"]) for e in out["log"]}
+
+
+def test_a_server_without_allow_network_refuses_it(lab, tmp_path):
+    out = _server_drive(lab, tmp_path, """
+        try:
+            sandlot.Sandbox(network="public", api_url=url, api_key=key)
+            out["refused"] = None
+        except sandlot.InvalidRequest as exc:
+            out["refused"] = str(exc)
+    """, "")
+    assert out["refused"] and "--allow-network" in out["refused"]
