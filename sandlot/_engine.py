@@ -24,6 +24,7 @@ from ._backends.registry import ISOLATIONS, backend_class, default_isolation, su
 from ._exceptions import InvalidRequest
 from ._limits import Limits
 from ._local import LocalSandbox
+from ._net.policy import NetworkPolicy
 from ._net.sandbox_network import CA_BUNDLE_PATH, SandboxNetwork
 from ._models import Execution, SandboxInfo
 from ._output import OutputHandler
@@ -64,16 +65,19 @@ class Engine:
     # -- making sandboxes ------------------------------------------------------------------------------
     def resolve(self, spec: SandboxSpec) -> tuple[SandboxSpec, Template]:
         """The spec as this host will run it: its tier chosen, an image template's default limits under
-        the owner's, and what the tier cannot do refused (InvalidRequest) before anything starts."""
+        the owner's and its default network where the owner gave none, and what the tier cannot do
+        refused (InvalidRequest) before anything starts."""
         isolation = default_isolation(spec.isolation)
         backend_class(isolation)  # an unknown tier says so first
+        template = get_template(spec.template)
+        if spec.network is None and template.network is not None:  # the template's default (sandbox.yaml)
+            spec = dataclasses.replace(spec, network=NetworkPolicy.build(template.network))
         if spec.on_idle == "pause" and not supports(isolation, "pause"):
             tiers = " or ".join(f"isolation={name!r}" for name in isolations_with("pause"))
             raise InvalidRequest(f"on_idle is 'kill', or 'pause' with {tiers} (checkpoint to disk)")
         if (spec.network is not None or spec.secrets is not None) and not supports(isolation, "network"):
             tiers = " or ".join(f"isolation={name!r}" for name in isolations_with("network"))
             raise InvalidRequest(f"network= and secrets= need {tiers}: the {isolation} tier has no network yet")
-        template = get_template(spec.template)
         limits = spec.limits
         if template.limits and spec.asked != frozenset(f.name for f in dataclasses.fields(Limits)):
             asked = {name: getattr(spec.limits, name) for name in spec.asked}

@@ -49,7 +49,7 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -111,6 +111,17 @@ class SandboxFile(BaseModel):
     # secret, address-space layout and stack canary (README, "Security: what a sandbox can and cannot
     # observe of others"). Unset: the base template's choice (default true).
     zygote: Optional[bool] = None
+    # The network its sandboxes get when their owner gives none: "public" or {"allow": [...], "deny": [...]}
+    # (the same rules as Sandbox(network=...)); unset: none.
+    network: Optional[Union[str, dict[str, list[str]]]] = None
+
+    @field_validator("network")
+    @classmethod
+    def _network(cls, v: Any) -> Any:
+        from ._net.policy import NetworkPolicy
+
+        policy = NetworkPolicy.build(v)  # InvalidRequest is a ValueError: the file and field are named
+        return policy.to_json() if policy is not None else None
 
     @field_validator("apt")
     @classmethod
@@ -601,7 +612,7 @@ def _step_commit(state: dict, path: str, progress: Optional[Progress]) -> dict:
             "digest": build_digest, "rootfs": str(final), "python": python,
             "python_version": state.get("python_version") or version, "env": env,
             "workdir": spec.workdir or base.get("workdir"), "preload": list(spec.preload),
-            "limits": dict(spec.limits), "pool_size": spec.pool_size,
+            "limits": dict(spec.limits), "pool_size": spec.pool_size, "network": spec.network,
             "zygote": base.get("zygote", True) if spec.zygote is None else spec.zygote,
             "layers": list(base.get("layers") or []), "size": _du(final),
             "architecture": base.get("architecture"), "created": _images._now(),

@@ -45,6 +45,7 @@ class Template:
     limits: tuple[tuple[str, Any], ...] = ()  # default limits (owners' limits override them)
     pool_size: Optional[int] = None  # warm pool size when the owner did not configure one
     digest: Optional[str] = None  # the image's manifest digest (or the build's id)
+    network: Any = None  # the network policy (JSON) its sandboxes get when their owner gives none (sandbox.yaml)
     # -- build steps only (``sandlot template build``; never set in a template record) -------
     writable: bool = False  # the root (a private copy of the base) is bound read-write
     egress: str = ""  # the apt step: path inside of the socket of the host's allowlisting proxy (no other way out)
@@ -122,6 +123,7 @@ def from_record(record: dict) -> Template:
         limits=tuple(sorted((record.get("limits") or {}).items())),
         pool_size=record.get("pool_size"),
         digest=record.get("digest"),
+        network=record.get("network"),
     )
 
 

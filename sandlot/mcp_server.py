@@ -27,7 +27,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, ImageContent, TextContent
 from typing_extensions import TypedDict  # pydantic needs this one on Python < 3.12
 
-from ._exceptions import SandboxNotFound, SandlotError
+from ._exceptions import InvalidRequest, SandboxNotFound, SandlotError
 from ._spec import SandboxSpec
 
 Content = Union[TextContent, ImageContent]
@@ -57,7 +57,7 @@ class SandboxProvider(Protocol):
     ``aclose()`` runs when the MCP server stops.
     """
 
-    async def create(self, caller: Any, *, one_shot: bool) -> Any: ...
+    async def create(self, caller: Any, *, one_shot: bool, network: Any = None) -> Any: ...
 
     async def aclose(self) -> None: ...
 
@@ -78,16 +78,21 @@ class LocalSandboxes:
     """
 
     def __init__(self, template: str = "python", *, api_url: Optional[str] = None,
-                 api_key: Optional[str] = None) -> None:
+                 api_key: Optional[str] = None, allow_network: bool = False) -> None:
         self.spec = SandboxSpec.build(template)  # validated once, when the MCP server starts
         self.template = template
         self.api_url = api_url or ""  # "": local, whatever SANDLOT_API_URL says
         self.api_key = api_key
+        self.allow_network = allow_network  # whoever started this MCP server decides, not the agent
 
-    async def create(self, caller: Any, *, one_shot: bool) -> Any:
+    async def create(self, caller: Any, *, one_shot: bool, network: Any = None) -> Any:
         from ._sandbox import AsyncSandbox
 
-        return await AsyncSandbox.create(**self.spec.to_json(), api_url=self.api_url, api_key=self.api_key)
+        if network is not None and not self.allow_network:
+            raise InvalidRequest("this MCP server gives sandboxes no network: start it with "
+                                 "`sandlot mcp --allow-network`")
+        return await AsyncSandbox.create(**dict(self.spec.to_json(), network=network), api_url=self.api_url,
+                                         api_key=self.api_key)
 
     async def aclose(self) -> None:
         if self.api_url:
@@ -112,11 +117,11 @@ class Sessions:
         self.max_per_caller = max_per_caller
         self._sessions: dict[str, _Session] = {}
 
-    async def create(self, caller: Any) -> Any:
+    async def create(self, caller: Any, network: Any = None) -> Any:
         owner = caller_key(caller)
         if sum(1 for s in self._sessions.values() if s.owner == owner) >= self.max_per_caller:
             raise ToolError(f"too many open sessions (at most {self.max_per_caller}); close one with close_session")
-        sandbox = await self.provider.create(caller, one_shot=False)
+        sandbox = await self.provider.create(caller, one_shot=False, network=network)
         self._sessions[sandbox.sandbox_id] = _Session(sandbox, owner, time.time())
         return sandbox
 
@@ -273,14 +278,17 @@ def build_mcp_server(provider: Optional[SandboxProvider] = None, *, caller_of: O
             return execution_content(await sandbox.run_code(code, timeout=timeout))
 
     @server.tool()
-    async def create_session(ctx: Context, ttl_seconds: Optional[float] = None) -> SessionInfo:
+    async def create_session(ctx: Context, ttl_seconds: Optional[float] = None,
+                             network: Optional[Union[str, dict[str, list[str]]]] = None) -> SessionInfo:
         """Start a stateful sandbox session; pass its session_id to the other tools.
 
         The session keeps Python variables and files until close_session, 30 minutes without a call,
         or ttl_seconds (default 24 h, at most 14 days). Close sessions you no longer need.
+        network: none by default; "public", or {"allow": ["pypi.org", "*.pythonhosted.org"], "deny": [...]}
+        where the server allows it (hosts, IPs or CIDRs, optional :port; private ranges never).
         """
         try:
-            sandbox = await sessions.create(_caller(ctx, caller_of))
+            sandbox = await sessions.create(_caller(ctx, caller_of), network=network)
             if ttl_seconds is not None:
                 await sandbox.set_timeout(ttl_seconds)
         except SandlotError as exc:

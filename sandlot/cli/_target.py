@@ -46,6 +46,43 @@ def target_options(f: F) -> F:
     return f
 
 
+def network_options(f: F) -> F:
+    """--network / --allow / --deny / --secret of a new sandbox (none of them: no network, the default)."""
+    f = click.option("--secret", "secrets", multiple=True, metavar="NAME=VALUE@HOST[,HOST]",
+                     help="A secret for HTTPS requests to HOST: the sandbox's $NAME is a placeholder the host "
+                          "replaces with VALUE in request headers to HOST only (repeatable; grants HOST:443).")(f)
+    f = click.option("--deny", "deny", multiple=True, metavar="RULE", help="Refuse this host, IP or CIDR "
+                     "(optional :port); deny wins (repeatable).")(f)
+    f = click.option("--allow", "allow", multiple=True, metavar="RULE", help="Grant this host (pypi.org, "
+                     "*.pythonhosted.org), IP or CIDR, optionally :port or :lo-hi (repeatable).")(f)
+    f = click.option("--network", "network", type=click.Choice(["none", "public"]), default=None,
+                     help="none (the default: no network) or public (the internet, never private ranges or the "
+                          "host); --allow/--deny refine it.")(f)
+    return f
+
+
+def network_of(network: Optional[str], allow: tuple[str, ...], deny: tuple[str, ...]) -> Any:
+    """The SDK's ``network=`` for these flags (validated by the spec, like every other argument)."""
+    if network == "none" and (allow or deny):
+        fail_usage("--network none cannot be combined with --allow/--deny")
+    if network is None and not allow and not deny:
+        return None
+    rules = ["*"] if network == "public" else []
+    return {"allow": rules + list(allow), "deny": list(deny)} if (allow or deny or rules) else None
+
+
+def secrets_of(pairs: tuple[str, ...]) -> Optional[dict[str, Any]]:
+    """``NAME=VALUE@host1,host2`` -> the SDK's ``secrets=`` (the value may hold '='; the last '@' splits)."""
+    found: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, rest = pair.partition("=")
+        value, at, hosts = rest.rpartition("@")
+        if not sep or not name or not at or not value or not hosts:
+            fail_usage(f"--secret must look like NAME=VALUE@HOST[,HOST], got {name or pair[:20]!r}...")
+        found[name] = {"value": value, "hosts": [h for h in hosts.split(",") if h]}
+    return found or None
+
+
 def make_target(api_url: Optional[str], api_key: Optional[str]) -> Target:
     return Target(api_url or None, api_key or None)
 
@@ -68,10 +105,13 @@ def _tune_for_one_sandbox(template: str) -> None:
 
 
 def create_sandbox(target: Target, template: str = "python", *, limits: Any = None, env: Any = None,
-                   metadata: Any = None, timeout: Optional[float] = None, quiet: bool = False) -> Sandbox:
+                   metadata: Any = None, timeout: Optional[float] = None, quiet: bool = False,
+                   network: Any = None, secrets: Any = None) -> Sandbox:
     """A new sandbox, local or on the server; a spinner shows while it starts. --limit / --env / --metadata
-    are validated once, into a SandboxSpec, before anything starts (a bad one is a usage error)."""
-    spec = SandboxSpec.build(template, limits=limits, env=env, metadata=metadata, timeout=timeout)
+    (and the network flags) are validated once, into a SandboxSpec, before anything starts (a bad one is
+    a usage error)."""
+    spec = SandboxSpec.build(template, limits=limits, env=env, metadata=metadata, timeout=timeout,
+                             network=network, secrets=secrets)
     if not target.remote:
         _tune_for_one_sandbox(template)
     where = f" on {target.api_url}" if target.remote else ""

@@ -158,8 +158,10 @@ def keys_revoke(key_id: str, db_path: Optional[str]) -> None:
 
 @click.command(short_help="Serve MCP over stdio, for agents (Claude Desktop, IDEs).")
 @click.option("--template", default="python", show_default=True, help="Template of the sandboxes it creates.")
+@click.option("--allow-network", is_flag=True,
+              help="Let create_session(network=...) give sandboxes a network (off: the agent cannot grant itself one).")
 @target_options
-def mcp(template: str, api_url: Optional[str], api_key: Optional[str]) -> None:
+def mcp(template: str, allow_network: bool, api_url: Optional[str], api_key: Optional[str]) -> None:
     """Serve MCP over stdio, for an agent (Claude Desktop, an IDE...).
 
     Tools: run_code, create_session, close_session, run_command, write_file, read_file, list_files.
@@ -168,4 +170,4 @@ def mcp(template: str, api_url: Optional[str], api_key: Optional[str]) -> None:
     from .. import mcp_server
 
     target = make_target(api_url, api_key)
-    mcp_server.run_stdio(mcp_server.LocalSandboxes(template, **target.credentials()))
+    mcp_server.run_stdio(mcp_server.LocalSandboxes(template, allow_network=allow_network, **target.credentials()))
