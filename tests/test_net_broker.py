@@ -286,9 +286,16 @@ def test_waiting_out_the_peek_or_reusing_the_connection_cannot_switch_hosts(net,
         s.sendall(b"GET /second HTTP/1.1\r\nHost: other.example.com\r\n\r\n")
         with pytest.raises(ConnectionResetError):
             s.recv(100)
-    assert [r["path"] for r in lab.requests()] == ["/late-ok", "/first"]
+    # an Upgrade the server declines (the lab's server ignores it): the next request is checked again
+    with net.connect(web, 80) as s:
+        s.sendall(b"GET /upgrade HTTP/1.1\r\nHost: www.example.com\r\nConnection: Upgrade\r\n"
+                  b"Upgrade: websocket\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: other.example.com\r\n\r\n")
+        with pytest.raises(ConnectionResetError):
+            _read_response(s)
+            s.recv(100)
+    assert [r["path"] for r in lab.requests()] == ["/late-ok", "/first", "/upgrade"]
     reasons = [e["reason"] for e in net.tcp_entries() if e["verdict"] == "deny"]
-    assert len(reasons) == 2 and all(r.startswith("host-mismatch") for r in reasons), reasons
+    assert len(reasons) == 3 and all(r.startswith("host-mismatch") for r in reasons), reasons
 
 
 def test_ip_literals_to_private_metadata_and_the_host_are_reset_even_with_public(net, lab):

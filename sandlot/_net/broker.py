@@ -330,11 +330,13 @@ class Broker:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # forward each write as it comes
         try:
             loop = asyncio.get_running_loop()
+            if check is not None:
+                first = check.first
             if first:  # checked already (a silent client has none: its first bytes are checked as they come)
                 await loop.sock_sendall(upstream, first)
                 conn.bytes_out += len(first)
             conn.tasks = [asyncio.ensure_future(self._pump(client, upstream, conn, "bytes_out", check)),
-                          asyncio.ensure_future(self._pump(upstream, client, conn, "bytes_in"))]
+                          asyncio.ensure_future(self._pump(upstream, client, conn, "bytes_in", check, True))]
             await asyncio.gather(*conn.tasks, return_exceptions=True)
         except OSError:
             conn.revoked = True
@@ -418,23 +420,38 @@ class Broker:
         return None
 
     async def _pump(self, src: socket.socket, dst: socket.socket, conn: _Connection, counter: str,
-                    check: Optional["_ClientCheck"] = None) -> None:
-        """Move bytes src -> dst until EOF (then half-close dst); a reset on either side resets both."""
+                    check: Optional["_ClientCheck"] = None, upstream_side: bool = False) -> None:
+        """Move bytes src -> dst until EOF (then half-close dst); a reset on either side resets both.
+
+        While ``check`` has something to check the bytes are copied through it (the client's, or for
+        ``upstream_side`` the server's, which may release held client bytes); then they are spliced.
+        """
         loop = asyncio.get_running_loop()
         try:
-            while check is not None and not check.done:  # copied through the check
+            while check is not None and not check.done:
                 data = await loop.sock_recv(src, CHUNK)
                 if not data:
                     break
-                try:
-                    data = check.feed(data)
-                except Refused as refusal:
-                    self._counts["denied"] += 1
-                    self._record("deny", conn.name, conn.address, conn.port, refusal.rule, refusal.reason)
-                    self._cut(conn)
-                    return
-                await loop.sock_sendall(dst, data)
-                setattr(conn, counter, getattr(conn, counter) + len(data))
+                async with check.lock:
+                    try:
+                        if upstream_side:
+                            released = check.response(data)
+                        else:
+                            data = check.feed(data)
+                    except Refused as refusal:
+                        self._counts["denied"] += 1
+                        self._record("deny", conn.name, conn.address, conn.port, refusal.rule, refusal.reason)
+                        self._cut(conn)
+                        return
+                    if upstream_side and released:
+                        await loop.sock_sendall(src, released)  # to the server, in order (under the lock)
+                        conn.bytes_out += len(released)
+                    elif not upstream_side:
+                        await loop.sock_sendall(dst, data)
+                        setattr(conn, counter, getattr(conn, counter) + len(data))
+                if upstream_side:
+                    await loop.sock_sendall(dst, data)
+                    setattr(conn, counter, getattr(conn, counter) + len(data))
             else:
                 await self._splice(src, dst, conn, counter)
             dst.shutdown(socket.SHUT_WR)  # half-close: the other direction may still be talking
@@ -497,26 +514,29 @@ class _ClientCheck:
     - first bytes seen in time: checked before dialling (Refused there);
     - a client silent through the short wait (server-speaks-first): its first bytes are held back and
       checked when complete, so waiting cannot smuggle a TLS hello or a request for another host;
-    - plaintext HTTP/1: every later request on the connection is checked too (keep-alive, pipelining).
-    TLS after the hello is opaque (nothing more can be checked without terminating it).
+    - plaintext HTTP/1: every later request on the connection is checked too (keep-alive, pipelining,
+      declined upgrades: see peek.HttpRequests), which needs the server's answers to upgrades.
+    TLS after the hello is opaque (nothing more can be checked without terminating it). ``done``: nothing
+    more to check (the pumps then splice). ``lock``: held around checking + writing to the server, so
+    bytes released by ``response()`` cannot overtake or be overtaken by the client's next ones.
     """
 
     def __init__(self, name: str, first: bytes, seen: Optional[peek.FirstBytes]) -> None:
         self.name = name
         self.seen = seen
         self.pending = b""
+        self.lock = asyncio.Lock()
         self.http: Optional[peek.HttpRequests] = None
         if seen is not None:
             _check_seen(seen, name)
             if seen.protocol == "http":
                 self.http = peek.HttpRequests(name)
-                problem = self.http.feed(first)
-                if problem:
-                    raise Refused(problem)
+                first = self._settle(self.http.feed(first))  # an Upgrade's followers are held
+        self.first = first  # what of the first bytes goes to the server right away
         self.done = seen is not None and self.http is None
 
     def feed(self, data: bytes) -> bytes:
-        """The bytes to forward now (b"" while the first bytes are incomplete); Refused to cut."""
+        """The client's bytes to forward now (b"" while held); Refused to cut."""
         if self.seen is None:
             self.pending += data
             try:
@@ -531,7 +551,18 @@ class _ClientCheck:
                 self.done = True
                 return data
             self.http = peek.HttpRequests(self.name)
-        problem = self.http.feed(data)
+        return self._settle(self.http.feed(data))
+
+    def response(self, data: bytes) -> bytes:
+        """The server sent ``data``: client bytes released by it (to forward to the server); Refused to cut."""
+        if self.http is None:
+            return b""
+        return self._settle(self.http.response(data))
+
+    def _settle(self, outcome: tuple[bytes, Optional[str]]) -> bytes:
+        forward, problem = outcome
         if problem:
             raise Refused(problem)
-        return data
+        if self.http is not None and self.http.opaque:
+            self.done = True
+        return forward
