@@ -310,6 +310,18 @@ def test_ip_literals_to_private_metadata_and_the_host_are_reset_even_with_public
     assert b"hello from 10.0.0.5" in net.http_get(netlab.PRIVATE_V4, 80, netlab.PRIVATE_V4)
 
 
+def test_the_real_address_is_checked_again_when_dialled(net, lab):
+    """A name whose real address is private passes DNS only while an IP rule covers that address; when
+    the rule goes, dialling its synthetic address is refused even though the name rule stays."""
+    net.update(allow=["private.example.com", "10.0.0.0/8:80"])
+    address, = net.resolve("private.example.com")
+    net.update(allow=["private.example.com"])
+    net.assert_reset(address, 80, b"GET / HTTP/1.1\r\nHost: private.example.com\r\n\r\n")
+    entry = net.tcp_entries()[-1]
+    assert (entry["name"], entry["address"], entry["verdict"]) == ("private.example.com", netlab.PRIVATE_V4, "deny")
+    assert entry["reason"].startswith("special address") and not lab.requests()
+
+
 def test_the_broker_port_dialled_directly_is_refused(net):
     net.update(allow=["*"])
     net.assert_reset("127.0.0.1", netns.BROKER_PORT, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")

@@ -80,10 +80,11 @@ class _Connection:
 class Refused(Exception):
     """A connection the broker will not carry; ``reason`` says why, ``rule`` which rule decided."""
 
-    def __init__(self, reason: str, rule: Optional[str] = None) -> None:
+    def __init__(self, reason: str, rule: Optional[str] = None, address: Optional[str] = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.rule = rule
+        self.address = address  # the real address refused, when one was
 
 
 def _plain_ip(text: str) -> str:
@@ -271,7 +272,7 @@ class Broker:
     async def _serve(self, client: socket.socket, owned: list[socket.socket]) -> None:
         """Decide, dial, splice. Sockets it opens go to ``owned`` (the caller closes them)."""
         name: Optional[str] = None
-        dialled, port = "?", 0
+        dialled, port, reals = "?", 0, []
         try:
             try:
                 dialled, port = original_destination(client)
@@ -291,8 +292,10 @@ class Broker:
                 candidates = [dialled]
             rule, address = self._first_allowed(candidates, port, name)
         except Refused as refusal:
+            # logged with the real address (the synthetic one means nothing outside this broker)
+            address = refusal.address or (reals[0] if reals else dialled)
             self._counts["denied"] += 1
-            self._record("deny", name, dialled, port, refusal.rule, refusal.reason)
+            self._record("deny", name, address, port, refusal.rule, refusal.reason)
             _linger0(client)
             return
 
@@ -366,6 +369,7 @@ class Broker:
                 return self._verdict(self._check_address(address, port, name)), address
             except Refused as r:
                 refusal = r
+                refusal.address = address
         raise refusal
 
     async def _first_bytes(self, client: socket.socket) -> tuple[bytes, Optional[peek.FirstBytes]]:
