@@ -510,3 +510,56 @@ def test_a_sandbox_cannot_hold_more_connections_than_its_limit(net, lab):
     finally:
         for s in held:
             s.close()
+
+
+class _RelayInterceptor:
+    """A real (if simple) interceptor: takes over the connections of one name and relays them through
+    the broker's checked dial, as the secrets interceptor does for its hosts."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.seen: list[tuple[bytes, str, int, list]] = []
+
+    def wants(self, name: str, port: int) -> bool:
+        return name == self.name
+
+    async def handle(self, client, first, name, port, addresses, broker) -> None:
+        import asyncio
+
+        self.seen.append((first, name, port, addresses))
+        reader, writer = client
+        up_reader, up_writer, _ = await broker.open_upstream(addresses, port, name)
+        up_writer.write(first)
+
+        async def relay(src, dst):
+            while data := await src.read(65536):
+                dst.write(data)
+                await dst.drain()
+            dst.write_eof()
+
+        try:
+            await asyncio.gather(relay(reader, up_writer), relay(up_reader, writer))
+        finally:
+            up_writer.close()
+
+
+def test_an_interceptor_takes_over_its_names_and_is_cut_on_revoke(net, lab):
+    interceptor = _RelayInterceptor("www.example.com")
+    net.loop.call(setattr, net.broker, "interceptor", interceptor)
+    net.update(allow=["www.example.com:80", "api.example.com:80"])
+    web, = net.resolve("www.example.com")
+    api, = net.resolve("api.example.com")
+    assert b"(api.example.com)" in net.http_get(api, 80, "api.example.com")  # not its name: spliced as usual
+    with net.connect(web, 80) as s:
+        s.sendall(b"GET /via-interceptor HTTP/1.1\r\nHost: www.example.com\r\n\r\n")
+        assert b"(www.example.com)" in _read_response(s)
+        first, name, port, addresses = interceptor.seen[0]
+        assert first.startswith(b"GET /via-interceptor") and (name, port) == ("www.example.com", 80)
+        assert addresses == [netlab.WEB_V4]  # the real addresses (of the A answer), for its checked dial
+        assert [e["reason"] for e in net.tcp_entries() if e["name"] == "www.example.com"] == ["intercepted"]
+        revoked = net.update(allow=["api.example.com:80"])
+        assert [(e["name"], e["verdict"]) for e in revoked] == [("www.example.com", "revoked")]
+        with pytest.raises(ConnectionResetError):
+            s.sendall(b"GET /after HTTP/1.1\r\nHost: www.example.com\r\n\r\n")
+            s.recv(100)
+    assert [r["path"] for r in lab.requests()] == ["/", "/via-interceptor"]

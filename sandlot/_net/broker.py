@@ -124,7 +124,7 @@ class Broker:
     ``upstream``: a dns.Upstream for the DNS responder. ``synthetic``: the dns.SyntheticAddresses shared
     with that responder (made here if not given). ``host_addresses``: this host's own addresses
     (policy.host_addresses() of the namespace the broker dials from, if not given).
-    ``interceptor``: see Interceptor.
+    ``interceptor``: see Interceptor; it dials with ``open_upstream``.
     """
 
     def __init__(self, policy: Any, log: Any, upstream: Any = None, *, synthetic: Any = None,
@@ -302,14 +302,19 @@ class Broker:
         if self.interceptor is not None and name is not None and self.interceptor.wants(name, port):
             self._counts["allowed"] += 1
             self._record("allow", name, address, port, rule, "intercepted")
+            # registered like any open connection, so that update() cuts it (cancels this task) if revoked
+            conn = _Connection(next(self._ids), name, address, dialled, port, rule, socks=[client],
+                               tasks=[asyncio.current_task()])
+            self._open[conn.id] = conn
             reader, writer = await asyncio.open_connection(sock=client.dup(), limit=CHUNK)
             try:
                 await self.interceptor.handle((reader, writer), first, name, port, candidates, self)
             finally:
+                self._open.pop(conn.id, None)
                 writer.close()
             return
 
-        dialled_up = await self._dial(candidates, address, port, name)
+        dialled_up = await self._dial_socket(candidates, address, port, name)
         if dialled_up is None:
             self._counts["failed"] += 1
             self._record("deny", name, address, port, rule, "upstream unreachable")
@@ -401,8 +406,29 @@ class Broker:
                 raise Refused("client closed before asking for anything")
             data += more
 
-    async def _dial(self, candidates: list[str], first: str, port: int,
-                    name: Optional[str]) -> Optional[tuple[socket.socket, str]]:
+    async def open_upstream(self, addresses: list[str], port: int, name: Optional[str]
+                            ) -> Optional[tuple[asyncio.StreamReader, asyncio.StreamWriter, str]]:
+        """For interceptors: streams to the first of ``addresses`` the policy allows (each checked right
+        before it is dialled) that answers, and the address; None if none."""
+        got = await self._dial_socket(addresses, addresses[0], port, name) if addresses else None
+        if got is None:
+            return None
+        sock, address = got
+        try:
+            reader, writer = await asyncio.open_connection(sock=sock, limit=CHUNK)
+        except BaseException:
+            sock.close()
+            raise
+        return reader, writer, address
+
+    async def _dial(self, candidates: list[str], first: str, port: int, name: Optional[str]
+                    ) -> Optional[tuple[asyncio.StreamReader, asyncio.StreamWriter, str]]:
+        """The name the secrets interceptor (intercept.py) was written against: open_upstream, ``first``
+        tried first."""
+        return await self.open_upstream([first] + [a for a in candidates if a != first], port, name)
+
+    async def _dial_socket(self, candidates: list[str], first: str, port: int,
+                           name: Optional[str]) -> Optional[tuple[socket.socket, str]]:
         """Connect to ``first``, then to the other allowed candidates; each is checked right before."""
         loop = asyncio.get_running_loop()
         ordered = [first] + [a for a in candidates if a != first]
