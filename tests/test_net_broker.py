@@ -286,9 +286,16 @@ def test_waiting_out_the_peek_or_reusing_the_connection_cannot_switch_hosts(net,
         s.sendall(b"GET /second HTTP/1.1\r\nHost: other.example.com\r\n\r\n")
         with pytest.raises(ConnectionResetError):
             s.recv(100)
-    assert [r["path"] for r in lab.requests()] == ["/late-ok", "/first"]
+    # an Upgrade the server declines (the lab's server ignores it): the next request is checked again
+    with net.connect(web, 80) as s:
+        s.sendall(b"GET /upgrade HTTP/1.1\r\nHost: www.example.com\r\nConnection: Upgrade\r\n"
+                  b"Upgrade: websocket\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: other.example.com\r\n\r\n")
+        with pytest.raises(ConnectionResetError):
+            _read_response(s)
+            s.recv(100)
+    assert [r["path"] for r in lab.requests()] == ["/late-ok", "/first", "/upgrade"]
     reasons = [e["reason"] for e in net.tcp_entries() if e["verdict"] == "deny"]
-    assert len(reasons) == 2 and all(r.startswith("host-mismatch") for r in reasons), reasons
+    assert len(reasons) == 3 and all(r.startswith("host-mismatch") for r in reasons), reasons
 
 
 def test_ip_literals_to_private_metadata_and_the_host_are_reset_even_with_public(net, lab):
@@ -301,6 +308,18 @@ def test_ip_literals_to_private_metadata_and_the_host_are_reset_even_with_public
     # only an explicit IP rule opens a private address
     net.update(allow=[f"{netlab.PRIVATE_V4}:80"])
     assert b"hello from 10.0.0.5" in net.http_get(netlab.PRIVATE_V4, 80, netlab.PRIVATE_V4)
+
+
+def test_the_real_address_is_checked_again_when_dialled(net, lab):
+    """A name whose real address is private passes DNS only while an IP rule covers that address; when
+    the rule goes, dialling its synthetic address is refused even though the name rule stays."""
+    net.update(allow=["private.example.com", "10.0.0.0/8:80"])
+    address, = net.resolve("private.example.com")
+    net.update(allow=["private.example.com"])
+    net.assert_reset(address, 80, b"GET / HTTP/1.1\r\nHost: private.example.com\r\n\r\n")
+    entry = net.tcp_entries()[-1]
+    assert (entry["name"], entry["address"], entry["verdict"]) == ("private.example.com", netlab.PRIVATE_V4, "deny")
+    assert entry["reason"].startswith("special address") and not lab.requests()
 
 
 def test_the_broker_port_dialled_directly_is_refused(net):
@@ -491,3 +510,56 @@ def test_a_sandbox_cannot_hold_more_connections_than_its_limit(net, lab):
     finally:
         for s in held:
             s.close()
+
+
+class _RelayInterceptor:
+    """A real (if simple) interceptor: takes over the connections of one name and relays them through
+    the broker's checked dial, as the secrets interceptor does for its hosts."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.seen: list[tuple[bytes, str, int, list]] = []
+
+    def wants(self, name: str, port: int) -> bool:
+        return name == self.name
+
+    async def handle(self, client, first, name, port, addresses, broker) -> None:
+        import asyncio
+
+        self.seen.append((first, name, port, addresses))
+        reader, writer = client
+        up_reader, up_writer, _ = await broker.open_upstream(addresses, port, name)
+        up_writer.write(first)
+
+        async def relay(src, dst):
+            while data := await src.read(65536):
+                dst.write(data)
+                await dst.drain()
+            dst.write_eof()
+
+        try:
+            await asyncio.gather(relay(reader, up_writer), relay(up_reader, writer))
+        finally:
+            up_writer.close()
+
+
+def test_an_interceptor_takes_over_its_names_and_is_cut_on_revoke(net, lab):
+    interceptor = _RelayInterceptor("www.example.com")
+    net.loop.call(setattr, net.broker, "interceptor", interceptor)
+    net.update(allow=["www.example.com:80", "api.example.com:80"])
+    web, = net.resolve("www.example.com")
+    api, = net.resolve("api.example.com")
+    assert b"(api.example.com)" in net.http_get(api, 80, "api.example.com")  # not its name: spliced as usual
+    with net.connect(web, 80) as s:
+        s.sendall(b"GET /via-interceptor HTTP/1.1\r\nHost: www.example.com\r\n\r\n")
+        assert b"(www.example.com)" in _read_response(s)
+        first, name, port, addresses = interceptor.seen[0]
+        assert first.startswith(b"GET /via-interceptor") and (name, port) == ("www.example.com", 80)
+        assert addresses == [netlab.WEB_V4]  # the real addresses (of the A answer), for its checked dial
+        assert [e["reason"] for e in net.tcp_entries() if e["name"] == "www.example.com"] == ["intercepted"]
+        revoked = net.update(allow=["api.example.com:80"])
+        assert [(e["name"], e["verdict"]) for e in revoked] == [("www.example.com", "revoked")]
+        with pytest.raises(ConnectionResetError):
+            s.sendall(b"GET /after HTTP/1.1\r\nHost: www.example.com\r\n\r\n")
+            s.recv(100)
+    assert [r["path"] for r in lab.requests()] == ["/", "/via-interceptor"]

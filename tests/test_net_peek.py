@@ -86,22 +86,49 @@ def test_other_protocols_are_other():
     assert peek.same_host("PyPI.org.", "pypi.org") and not peek.same_host(None, "pypi.org")
 
 
+def _ok(outcome):
+    forward, problem = outcome
+    assert problem is None, problem
+    return forward
+
+
 def test_every_request_of_a_plaintext_connection_is_checked():
     check = peek.HttpRequests("www.example.com")
     hidden = b"GET / HTTP/1.1\r\nHost: evil.example\r\n\r\n"
-    assert check.feed(b"POST /a HTTP/1.1\r\nHost: www.example.com\r\nContent-Length: %d\r\n\r\n" % len(hidden)) is None
-    assert check.feed(hidden) is None  # a body is not a request
+    head = b"POST /a HTTP/1.1\r\nHost: www.example.com\r\nContent-Length: %d\r\n\r\n" % len(hidden)
+    assert _ok(check.feed(head)) == head
+    assert _ok(check.feed(hidden)) == hidden  # a body is not a request
     chunked = b"PUT /b HTTP/1.1\r\nHost: www.example.com\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
-    assert check.feed(chunked + b"GET /c HTTP/1.1\r\nHost: www.example.com\r\n\r\nGET /d HTT") is None
-    assert check.feed(b"P/1.1\r\nHost: evil.example\r\n\r\n").startswith("host-mismatch")
+    _ok(check.feed(chunked + b"GET /c HTTP/1.1\r\nHost: www.example.com\r\n\r\nGET /d HTT"))
+    assert check.feed(b"P/1.1\r\nHost: evil.example\r\n\r\n")[1].startswith("host-mismatch")
     assert check.requests == 4
 
 
-def test_absolute_urls_missing_hosts_and_upgrades_in_later_requests():
+def test_absolute_urls_and_missing_hosts_in_later_requests():
     check = peek.HttpRequests("www.example.com")
-    assert check.feed(b"GET / HTTP/1.1\r\nHost: www.example.com\r\n\r\n") is None
-    assert "evil.example" in check.feed(b"GET http://evil.example/ HTTP/1.1\r\nHost: www.example.com\r\n\r\n")
-    assert "malformed" in peek.HttpRequests("a.example").feed(b"GET / HTTP/1.1\r\n\r\n")
+    _ok(check.feed(b"GET / HTTP/1.1\r\nHost: www.example.com\r\n\r\n"))
+    assert "evil.example" in check.feed(b"GET http://evil.example/ HTTP/1.1\r\nHost: www.example.com\r\n\r\n")[1]
+    assert "malformed" in peek.HttpRequests("a.example").feed(b"GET / HTTP/1.1\r\n\r\n")[1]
+
+
+UPGRADE = b"GET /ws HTTP/1.1\r\nHost: www.example.com\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+
+
+def test_after_an_accepted_upgrade_the_stream_is_another_protocol():
     ws = peek.HttpRequests("www.example.com")
-    assert ws.feed(b"GET /ws HTTP/1.1\r\nHost: www.example.com\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n") is None
-    assert ws.feed(b"\x81\x05hello any websocket bytes") is None  # after an upgrade: another protocol
+    assert _ok(ws.feed(UPGRADE + b"\x81\x05early")) == UPGRADE  # what follows waits for the answer
+    assert _ok(ws.feed(b"\x81\x05later")) == b""
+    assert _ok(ws.response(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")) == b"\x81\x05early\x81\x05later"
+    assert ws.opaque and _ok(ws.feed(b"GET / HTTP/1.1\r\nHost: evil.example\r\n\r\n"))  # websocket bytes now
+
+
+def test_a_declined_upgrade_cannot_smuggle_a_request_for_another_host():
+    ws = peek.HttpRequests("www.example.com")
+    assert _ok(ws.feed(UPGRADE)) == UPGRADE
+    assert _ok(ws.feed(b"GET / HTTP/1.1\r\nHost: evil.example\r\n\r\n")) == b""  # held
+    forward, problem = ws.response(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert forward == b"" and problem.startswith("host-mismatch") and not ws.opaque
+    honest = peek.HttpRequests("www.example.com")
+    _ok(honest.feed(UPGRADE))
+    _ok(honest.feed(b"GET /next HTTP/1.1\r\nHost: www.example.com\r\n\r\n"))
+    assert b"/next" in _ok(honest.response(b"HTTP/1.1 400 Bad Request\r\n\r\n"))

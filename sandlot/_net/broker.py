@@ -80,10 +80,11 @@ class _Connection:
 class Refused(Exception):
     """A connection the broker will not carry; ``reason`` says why, ``rule`` which rule decided."""
 
-    def __init__(self, reason: str, rule: Optional[str] = None) -> None:
+    def __init__(self, reason: str, rule: Optional[str] = None, address: Optional[str] = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.rule = rule
+        self.address = address  # the real address refused, when one was
 
 
 def _plain_ip(text: str) -> str:
@@ -123,7 +124,7 @@ class Broker:
     ``upstream``: a dns.Upstream for the DNS responder. ``synthetic``: the dns.SyntheticAddresses shared
     with that responder (made here if not given). ``host_addresses``: this host's own addresses
     (policy.host_addresses() of the namespace the broker dials from, if not given).
-    ``interceptor``: see Interceptor.
+    ``interceptor``: see Interceptor; it dials with ``open_upstream``.
     """
 
     def __init__(self, policy: Any, log: Any, upstream: Any = None, *, synthetic: Any = None,
@@ -271,7 +272,7 @@ class Broker:
     async def _serve(self, client: socket.socket, owned: list[socket.socket]) -> None:
         """Decide, dial, splice. Sockets it opens go to ``owned`` (the caller closes them)."""
         name: Optional[str] = None
-        dialled, port = "?", 0
+        dialled, port, reals = "?", 0, []
         try:
             try:
                 dialled, port = original_destination(client)
@@ -291,22 +292,29 @@ class Broker:
                 candidates = [dialled]
             rule, address = self._first_allowed(candidates, port, name)
         except Refused as refusal:
+            # logged with the real address (the synthetic one means nothing outside this broker)
+            address = refusal.address or (reals[0] if reals else dialled)
             self._counts["denied"] += 1
-            self._record("deny", name, dialled, port, refusal.rule, refusal.reason)
+            self._record("deny", name, address, port, refusal.rule, refusal.reason)
             _linger0(client)
             return
 
         if self.interceptor is not None and name is not None and self.interceptor.wants(name, port):
             self._counts["allowed"] += 1
             self._record("allow", name, address, port, rule, "intercepted")
+            # registered like any open connection, so that update() cuts it (cancels this task) if revoked
+            conn = _Connection(next(self._ids), name, address, dialled, port, rule, socks=[client],
+                               tasks=[asyncio.current_task()])
+            self._open[conn.id] = conn
             reader, writer = await asyncio.open_connection(sock=client.dup(), limit=CHUNK)
             try:
                 await self.interceptor.handle((reader, writer), first, name, port, candidates, self)
             finally:
+                self._open.pop(conn.id, None)
                 writer.close()
             return
 
-        dialled_up = await self._dial(candidates, address, port, name)
+        dialled_up = await self._dial_socket(candidates, address, port, name)
         if dialled_up is None:
             self._counts["failed"] += 1
             self._record("deny", name, address, port, rule, "upstream unreachable")
@@ -330,11 +338,13 @@ class Broker:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # forward each write as it comes
         try:
             loop = asyncio.get_running_loop()
+            if check is not None:
+                first = check.first
             if first:  # checked already (a silent client has none: its first bytes are checked as they come)
                 await loop.sock_sendall(upstream, first)
                 conn.bytes_out += len(first)
             conn.tasks = [asyncio.ensure_future(self._pump(client, upstream, conn, "bytes_out", check)),
-                          asyncio.ensure_future(self._pump(upstream, client, conn, "bytes_in"))]
+                          asyncio.ensure_future(self._pump(upstream, client, conn, "bytes_in", check, True))]
             await asyncio.gather(*conn.tasks, return_exceptions=True)
         except OSError:
             conn.revoked = True
@@ -364,6 +374,7 @@ class Broker:
                 return self._verdict(self._check_address(address, port, name)), address
             except Refused as r:
                 refusal = r
+                refusal.address = address
         raise refusal
 
     async def _first_bytes(self, client: socket.socket) -> tuple[bytes, Optional[peek.FirstBytes]]:
@@ -395,8 +406,29 @@ class Broker:
                 raise Refused("client closed before asking for anything")
             data += more
 
-    async def _dial(self, candidates: list[str], first: str, port: int,
-                    name: Optional[str]) -> Optional[tuple[socket.socket, str]]:
+    async def open_upstream(self, addresses: list[str], port: int, name: Optional[str]
+                            ) -> Optional[tuple[asyncio.StreamReader, asyncio.StreamWriter, str]]:
+        """For interceptors: streams to the first of ``addresses`` the policy allows (each checked right
+        before it is dialled) that answers, and the address; None if none."""
+        got = await self._dial_socket(addresses, addresses[0], port, name) if addresses else None
+        if got is None:
+            return None
+        sock, address = got
+        try:
+            reader, writer = await asyncio.open_connection(sock=sock, limit=CHUNK)
+        except BaseException:
+            sock.close()
+            raise
+        return reader, writer, address
+
+    async def _dial(self, candidates: list[str], first: str, port: int, name: Optional[str]
+                    ) -> Optional[tuple[asyncio.StreamReader, asyncio.StreamWriter, str]]:
+        """The name the secrets interceptor (intercept.py) was written against: open_upstream, ``first``
+        tried first."""
+        return await self.open_upstream([first] + [a for a in candidates if a != first], port, name)
+
+    async def _dial_socket(self, candidates: list[str], first: str, port: int,
+                           name: Optional[str]) -> Optional[tuple[socket.socket, str]]:
         """Connect to ``first``, then to the other allowed candidates; each is checked right before."""
         loop = asyncio.get_running_loop()
         ordered = [first] + [a for a in candidates if a != first]
@@ -418,23 +450,38 @@ class Broker:
         return None
 
     async def _pump(self, src: socket.socket, dst: socket.socket, conn: _Connection, counter: str,
-                    check: Optional["_ClientCheck"] = None) -> None:
-        """Move bytes src -> dst until EOF (then half-close dst); a reset on either side resets both."""
+                    check: Optional["_ClientCheck"] = None, upstream_side: bool = False) -> None:
+        """Move bytes src -> dst until EOF (then half-close dst); a reset on either side resets both.
+
+        While ``check`` has something to check the bytes are copied through it (the client's, or for
+        ``upstream_side`` the server's, which may release held client bytes); then they are spliced.
+        """
         loop = asyncio.get_running_loop()
         try:
-            while check is not None and not check.done:  # copied through the check
+            while check is not None and not check.done:
                 data = await loop.sock_recv(src, CHUNK)
                 if not data:
                     break
-                try:
-                    data = check.feed(data)
-                except Refused as refusal:
-                    self._counts["denied"] += 1
-                    self._record("deny", conn.name, conn.address, conn.port, refusal.rule, refusal.reason)
-                    self._cut(conn)
-                    return
-                await loop.sock_sendall(dst, data)
-                setattr(conn, counter, getattr(conn, counter) + len(data))
+                async with check.lock:
+                    try:
+                        if upstream_side:
+                            released = check.response(data)
+                        else:
+                            data = check.feed(data)
+                    except Refused as refusal:
+                        self._counts["denied"] += 1
+                        self._record("deny", conn.name, conn.address, conn.port, refusal.rule, refusal.reason)
+                        self._cut(conn)
+                        return
+                    if upstream_side and released:
+                        await loop.sock_sendall(src, released)  # to the server, in order (under the lock)
+                        conn.bytes_out += len(released)
+                    elif not upstream_side:
+                        await loop.sock_sendall(dst, data)
+                        setattr(conn, counter, getattr(conn, counter) + len(data))
+                if upstream_side:
+                    await loop.sock_sendall(dst, data)
+                    setattr(conn, counter, getattr(conn, counter) + len(data))
             else:
                 await self._splice(src, dst, conn, counter)
             dst.shutdown(socket.SHUT_WR)  # half-close: the other direction may still be talking
@@ -497,26 +544,29 @@ class _ClientCheck:
     - first bytes seen in time: checked before dialling (Refused there);
     - a client silent through the short wait (server-speaks-first): its first bytes are held back and
       checked when complete, so waiting cannot smuggle a TLS hello or a request for another host;
-    - plaintext HTTP/1: every later request on the connection is checked too (keep-alive, pipelining).
-    TLS after the hello is opaque (nothing more can be checked without terminating it).
+    - plaintext HTTP/1: every later request on the connection is checked too (keep-alive, pipelining,
+      declined upgrades: see peek.HttpRequests), which needs the server's answers to upgrades.
+    TLS after the hello is opaque (nothing more can be checked without terminating it). ``done``: nothing
+    more to check (the pumps then splice). ``lock``: held around checking + writing to the server, so
+    bytes released by ``response()`` cannot overtake or be overtaken by the client's next ones.
     """
 
     def __init__(self, name: str, first: bytes, seen: Optional[peek.FirstBytes]) -> None:
         self.name = name
         self.seen = seen
         self.pending = b""
+        self.lock = asyncio.Lock()
         self.http: Optional[peek.HttpRequests] = None
         if seen is not None:
             _check_seen(seen, name)
             if seen.protocol == "http":
                 self.http = peek.HttpRequests(name)
-                problem = self.http.feed(first)
-                if problem:
-                    raise Refused(problem)
+                first = self._settle(self.http.feed(first))  # an Upgrade's followers are held
+        self.first = first  # what of the first bytes goes to the server right away
         self.done = seen is not None and self.http is None
 
     def feed(self, data: bytes) -> bytes:
-        """The bytes to forward now (b"" while the first bytes are incomplete); Refused to cut."""
+        """The client's bytes to forward now (b"" while held); Refused to cut."""
         if self.seen is None:
             self.pending += data
             try:
@@ -531,7 +581,18 @@ class _ClientCheck:
                 self.done = True
                 return data
             self.http = peek.HttpRequests(self.name)
-        problem = self.http.feed(data)
+        return self._settle(self.http.feed(data))
+
+    def response(self, data: bytes) -> bytes:
+        """The server sent ``data``: client bytes released by it (to forward to the server); Refused to cut."""
+        if self.http is None:
+            return b""
+        return self._settle(self.http.response(data))
+
+    def _settle(self, outcome: tuple[bytes, Optional[str]]) -> bytes:
+        forward, problem = outcome
         if problem:
             raise Refused(problem)
-        return data
+        if self.http is not None and self.http.opaque:
+            self.done = True
+        return forward

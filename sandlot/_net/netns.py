@@ -146,7 +146,8 @@ def configure(pid: int) -> float:
     """Route and filter ``pid``'s network namespace so all its traffic reaches the broker; seconds taken.
 
     One subprocess: nsenter (into the namespace via an fd we already checked) runs ``ip -batch`` for lo
-    and the routes, then execs ``nft -f -`` for the ruleset (atomic; re-running replaces it).
+    and the routes, then execs ``nft -f`` for the ruleset (atomic; re-running replaces it). About 20 ms,
+    most of it nft.
     """
     started = time.monotonic()
     ip, nft = _tool("ip"), _tool("nft")

@@ -204,8 +204,11 @@ class HttpRequests:
     just the first: each must be for ``name``. h11 parses the client's side (bodies, chunking); a new h11
     connection per request, fed what followed the previous one, since no response passes through h11.
 
-    ``feed(data)`` returns None while all is well, or why the stream must be cut. After a CONNECT or an
-    Upgrade request the stream is another protocol: later bytes pass unchecked.
+    ``feed(data)`` -> (bytes to forward now, None) or (b"", why the stream must be cut).
+    After an Upgrade or CONNECT request, what the client sends next is HELD until the server answers
+    (``response(data)`` sees the server's first bytes): a 101 (a 2xx for CONNECT) makes the rest another
+    protocol, passed unchecked; anything else means the server declined, and the held bytes are checked
+    as HTTP requests again (a declined upgrade cannot smuggle a request for another host).
     """
 
     def __init__(self, name: str) -> None:
@@ -214,26 +217,35 @@ class HttpRequests:
         self._h11 = h11
         self.name = name
         self.requests = 0
+        self.opaque = False
         self._conn = h11.Connection(h11.SERVER)
-        self._opaque = False
+        self._method = b""
+        self._switching: Optional[bytes] = None  # the method of the Upgrade/CONNECT request awaiting its answer
+        self._held = b""
+        self._answer = b""
 
-    def feed(self, data: bytes) -> Optional[str]:
+    def feed(self, data: bytes) -> tuple[bytes, Optional[str]]:
+        if self.opaque:
+            return data, None
+        if self._switching is not None:
+            self._held += data
+            return b"", None
         h11 = self._h11
-        if self._opaque:
-            return None
         self._conn.receive_data(data)
         while True:
             try:
                 event = self._conn.next_event()
             except h11.RemoteProtocolError as e:
-                return f"malformed HTTP request ({e})"
+                return b"", f"malformed HTTP request ({e})"
             if event is h11.NEED_DATA:
-                return None
+                return data, None
             if event is h11.PAUSED:
-                if self._conn.their_state is h11.MIGHT_SWITCH_PROTOCOL:
-                    self._opaque = True  # CONNECT / Upgrade: the rest is not HTTP/1
-                    return None
                 trailing, closed = self._conn.trailing_data
+                if self._conn.their_state is h11.MIGHT_SWITCH_PROTOCOL:
+                    # the request ended inside this chunk (pauses are seen as soon as they happen)
+                    self._switching = self._method
+                    self._held = trailing
+                    return data[:len(data) - len(trailing)], None
                 self._conn = h11.Connection(h11.SERVER)
                 if trailing:
                     self._conn.receive_data(trailing)
@@ -242,9 +254,26 @@ class HttpRequests:
                 continue
             if isinstance(event, h11.Request):
                 self.requests += 1
+                self._method = event.method
                 hosts = [v.decode("latin-1") for k, v in event.headers if k == b"host"]
                 asked = request_host(event.method, event.target.decode("latin-1"), hosts[0] if hosts else None)
                 if not same_host(asked, self.name):
-                    return f"host-mismatch: dialled {self.name}, HTTP asks for {asked or 'no host'}"
+                    return b"", f"host-mismatch: dialled {self.name}, HTTP asks for {asked or 'no host'}"
             if isinstance(event, h11.ConnectionClosed):
-                return None
+                return data, None
+
+    def response(self, data: bytes) -> tuple[bytes, Optional[str]]:
+        """The server's bytes: (held client bytes now to forward, None) or (b"", why to cut)."""
+        if self._switching is None:
+            return b"", None
+        self._answer += data
+        if len(self._answer) < 12 and b"\n" not in self._answer:
+            return b"", None
+        status = self._answer[9:12] if self._answer.startswith((b"HTTP/1.1 ", b"HTTP/1.0 ")) else b""
+        switched = status == b"101" or (self._switching == b"CONNECT" and status[:1] == b"2")
+        held, self._held, self._answer, self._switching = self._held, b"", b"", None
+        if switched:
+            self.opaque = True
+            return held, None
+        self._conn = self._h11.Connection(self._h11.SERVER)  # declined: HTTP goes on, checked as before
+        return self.feed(held) if held else (b"", None)
