@@ -156,8 +156,13 @@ def test_revoking_the_host_refuses_the_next_request_on_an_open_connection(world)
     with _tls(world) as tls:
         assert _exchange(tls, f"GET /1 HTTP/1.1\r\nHost: {API}\r\n\r\n".encode()).startswith(b"HTTP/1.1 200")
         world["loop"].call(world["broker"].update, NetworkPolicy.build({"allow": ["www.example.com"]}))
-        response = _exchange(tls, f"GET /2 HTTP/1.1\r\nHost: {API}\r\n\r\n".encode())
-        assert response.startswith(b"HTTP/1.1 403") and b"revoked" in response
+        # The broker cuts the open connection at once (revoked); were it still open, the interceptor's
+        # per-request re-check would answer 403. Either way the second request never leaves.
+        try:
+            response = _exchange(tls, f"GET /2 HTTP/1.1\r\nHost: {API}\r\n\r\n".encode())
+        except (ssl.SSLError, OSError):
+            response = b"cut"
+        assert response in (b"cut", b"") or (response.startswith(b"HTTP/1.1 403") and b"revoked" in response), response
     assert [r["path"] for r in world["lab"].requests(host=API)] == ["/1"]
     assert any(e["verdict"] == "revoked" for e in world["log"].entries())
 

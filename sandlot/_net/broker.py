@@ -421,12 +421,6 @@ class Broker:
             raise
         return reader, writer, address
 
-    async def _dial(self, candidates: list[str], first: str, port: int, name: Optional[str]
-                    ) -> Optional[tuple[asyncio.StreamReader, asyncio.StreamWriter, str]]:
-        """The name the secrets interceptor (intercept.py) was written against: open_upstream, ``first``
-        tried first."""
-        return await self.open_upstream([first] + [a for a in candidates if a != first], port, name)
-
     async def _dial_socket(self, candidates: list[str], first: str, port: int,
                            name: Optional[str]) -> Optional[tuple[socket.socket, str]]:
         """Connect to ``first``, then to the other allowed candidates; each is checked right before."""

@@ -169,11 +169,11 @@ class SecretsInterceptor:
 
         async def dial():
             # The broker's own dial: each candidate address is checked against the policy right before.
-            got = await broker._dial(addresses, addresses[0], port, name)  # noqa: SLF001 - its contract
+            got = await broker.open_upstream(addresses, port, name)  # each address checked before its dial
             if got is None:
                 raise ConnectionError("no allowed address of the name answered")
-            sock, _address = got  # a connected socket: streams over it for the TLS client side
-            return await asyncio.open_connection(sock=sock)
+            reader, writer, _address = got
+            return reader, writer
 
         def recheck() -> str | None:
             policy = broker.policy
