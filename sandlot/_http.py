@@ -275,6 +275,12 @@ class RemoteSandbox(SandboxHandle):
     async def keep_alive(self) -> None:
         await self._http("POST", "/keepalive")
 
+    async def get_url(self, port: int) -> str:
+        """The server's proxy to that port: same API key (Authorization: Bearer), HTTP only."""
+        if self._ended is not None:
+            raise SandboxNotFound(f"sandbox {self.sandbox_id} is gone: {self._ended}")
+        return f"{self._server.url}{self._path(f'/ports/{port}/')}"
+
     async def update_network(self, allow: Optional[list], deny: Optional[list]) -> Any:
         return (await self._http("PUT", "/network", json={"allow": allow, "deny": deny})).json()["network"]
 

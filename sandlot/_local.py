@@ -19,6 +19,7 @@ from ._host.channel import CLOSED
 from ._limits import Limits
 from ._output import CallOutput, OutputHandler, call as _call
 from ._net.policy import NetworkPolicy
+from ._net.ports import PortForwarder, proxy_request
 from ._net.sandbox_network import SandboxNetwork
 from ._spec import SandboxSpec
 from ._models import (CommandResult, EntryInfo, Execution, ExecutionError, PauseInfo, Result, SandboxMetrics, Usage)
@@ -71,6 +72,7 @@ class LocalSandbox(SandboxHandle):
         self._watchdog: Optional[asyncio.Task] = None
         if not proc.paused:
             self._watchdog = asyncio.get_running_loop().create_task(self._watch())
+        self._forwarders: dict[int, PortForwarder] = {}  # get_url's listeners, by the sandbox's port
         self.commands = LocalCommands(self)
         self.files = LocalFiles(self)
 
@@ -146,6 +148,9 @@ class LocalSandbox(SandboxHandle):
         await self._proc.kill(reason)
         if self.network is not None:
             await self.network.close()
+        forwarders, self._forwarders = list(self._forwarders.values()), {}
+        for forwarder in forwarders:
+            await forwarder.close()
 
     async def metrics(self) -> SandboxMetrics:
         """Memory, CPU and process count of the sandbox right now, from its cgroup."""
@@ -178,6 +183,22 @@ class LocalSandbox(SandboxHandle):
             self.network = network
             return network.policy_json()
         return self.network.update(allow, deny)
+
+    async def get_url(self, port: int) -> str:
+        """An http://127.0.0.1:P/ URL of this host that reaches ``port`` inside the sandbox (any TCP:
+        HTTP, WebSocket...), open while the sandbox lives."""
+        proc = self._alive()
+        forwarder = self._forwarders.get(port)
+        if forwarder is None:
+            forwarder = PortForwarder(proc.netns_pid(), port)
+            await forwarder.start()
+            self._forwarders[port] = forwarder
+        return forwarder.url
+
+    async def proxy(self, port: int, method: str, target: str, headers: list, body: Any) -> tuple:
+        """One HTTP request to the sandbox's server on ``port`` (the server's /ports/ route)."""
+        proc = self._alive()
+        return await proxy_request(proc.netns_pid(), port, method, target, headers, body)
 
     async def network_log(self, since: Optional[float] = None) -> "list[dict]":
         self._alive()

@@ -219,6 +219,14 @@ class AsyncSandbox:
         """True for a local sandbox (it ends with this process); a server's lives on."""
         return self._handle.dies_with_owner if self._handle is not None else True
 
+    async def get_url(self, port: int) -> str:
+        """A URL that reaches ``port`` inside the sandbox (a server the code started, on 127.0.0.1 or
+        0.0.0.0 there): locally http://127.0.0.1:P/ on this host (any TCP protocol), through a server a path
+        under it (``/v1/sandboxes/{id}/ports/{port}/``, same API key, HTTP)."""
+        from ._net.ports import check_port
+
+        return await self._live().get_url(check_port(port))
+
     # -- code --------------------------------------------------------------------------------------
     async def run_code(self, code: str, *, timeout: Optional[float] = None,
                        on_stdout: Optional[OutputHandler] = None, on_stderr: Optional[OutputHandler] = None,

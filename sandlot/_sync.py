@@ -262,6 +262,9 @@ class Sandbox:
     def keep_alive(self) -> None:
         run_sync(self._async.keep_alive())
 
+    def get_url(self, port: int) -> str:
+        return run_sync(self._async.get_url(port))
+
     def kill(self) -> None:
         run_sync(self._async.kill())
 

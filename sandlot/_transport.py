@@ -142,6 +142,10 @@ class SandboxHandle(abc.ABC):
     @abc.abstractmethod
     async def network_log(self, since: Optional[float]) -> "list[dict]": ...
 
+    @abc.abstractmethod
+    async def get_url(self, port: int) -> str:
+        """A URL of the host (or server) that reaches ``port`` inside the sandbox."""
+
 
 class Transport(abc.ABC):
     """Where sandboxes are made and found."""

@@ -239,3 +239,70 @@ def test_a_server_without_allow_network_refuses_it(lab, tmp_path):
             out["refused"] = str(exc)
     """, "")
     assert out["refused"] and "--allow-network" in out["refused"]
+
+
+# -- get_url: the owner reaches a server the code started --------------------------------------------
+SERVE = ("mkdir -p /tmp/site && echo hi-from-the-sandbox > /tmp/site/index.html && "
+         "cd /tmp/site && exec python3 -m http.server 8000 --bind 127.0.0.1")
+
+
+def _wait_for(url: str, headers: dict | None = None) -> bytes:
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            return urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=5).read()
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def test_get_url_reaches_a_server_the_code_started_and_nothing_else():
+    import urllib.error
+    import urllib.request
+
+    with sandlot.Sandbox(api_url="") as sb, sandlot.Sandbox(api_url="") as other:
+        sb.commands.run(SERVE, background=True)
+        url = sb.get_url(8000)
+        assert url.startswith("http://127.0.0.1:") and sb.get_url(8000) == url
+        assert _wait_for(url + "index.html") == b"hi-from-the-sandbox\n"
+        # Another sandbox's port 8000 is its own (nothing listens there): 502, never the first one's.
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(other.get_url(8000), timeout=5)
+        assert info.value.code == 502
+        # get_url is ingress for the owner only: the sandbox still has no egress.
+        assert "Errno" in sb.run_code(
+            "import socket\ntry:\n    socket.create_connection(('203.0.113.10', 80), 2); r = 'connected'\n"
+            "except OSError as e:\n    r = str(e)\nr").text
+        with pytest.raises(sandlot.InvalidRequest, match="port must be"):
+            sb.get_url(70000)
+    with pytest.raises(OSError):  # the listener ends with the sandbox
+        urllib.request.urlopen(url, timeout=5)
+
+
+def test_get_url_through_a_server_needs_the_tenants_key(lab, tmp_path):
+    out = _server_drive(lab, tmp_path, f"""
+        import urllib.request, urllib.error
+        with sandlot.Sandbox(api_url=url, api_key=key) as sb:
+            sb.commands.run({SERVE!r}, background=True)
+            port_url = sb.get_url(8000)
+            out["url"] = port_url
+            for _ in range(100):
+                try:
+                    req = urllib.request.Request(port_url + "index.html", headers={{"Authorization": "Bearer " + key}})
+                    out["body"] = urllib.request.urlopen(req, timeout=5).read().decode()
+                    break
+                except urllib.error.HTTPError as exc:
+                    out["body"] = exc.code
+                    time.sleep(0.2)
+            try:
+                urllib.request.urlopen(port_url + "index.html", timeout=5)
+                out["anonymous"] = "served"
+            except urllib.error.HTTPError as exc:
+                out["anonymous"] = exc.code
+    """, "")
+    assert "/ports/8000/" in out["url"] and out["body"] == "hi-from-the-sandbox\n", out
+    assert out["anonymous"] == 401

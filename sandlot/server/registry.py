@@ -22,6 +22,7 @@ import time
 from typing import Any, Iterator, Mapping, Optional
 
 from .._engine import Engine, LocalTransport, default_engine
+from .._local import LocalSandbox
 from .._exceptions import InvalidRequest, QuotaExceeded, SandboxNotFound
 from .._host import cgroups
 from .._limits import Limits
@@ -66,6 +67,11 @@ class LiveSandbox:
     @property
     def id(self) -> str:
         return self.sandbox.sandbox_id
+
+    @property
+    def local(self) -> LocalSandbox:
+        """The engine's handle under the facade (what only the host can do: reach the sandbox's ports)."""
+        return self.sandbox._live()  # type: ignore[return-value]
 
 
 class Registry:

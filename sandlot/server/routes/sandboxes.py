@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Optional
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import StreamingResponse
 
 from ..._exceptions import InvalidRequest
 from ..deps import Owner, State
@@ -116,3 +117,22 @@ async def network_log(sandbox_id: str, tenant: Owner, state: State,
                       ) -> list[NetworkDecision]:
     entries = await state.registry.get(tenant, sandbox_id).sandbox.network.log(since)
     return [NetworkDecision(**{k: v for k, v in e.items() if k in NetworkDecision.model_fields}) for e in entries]
+
+
+_PORT_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+
+
+@router.api_route("/{sandbox_id}/ports/{port}/{path:path}", methods=_PORT_METHODS, include_in_schema=True,
+                  summary="HTTP to a server the sandbox's code started on that port (sb.get_url(port))")
+async def port_proxy(sandbox_id: str, port: int, path: str, request: Request, tenant: Owner,
+                     state: State) -> StreamingResponse:
+    from ..._net.ports import check_port
+
+    live = state.registry.get(tenant, sandbox_id)
+    target = "/" + path + (f"?{request.url.query}" if request.url.query else "")
+    headers = [(k, v) for k, v in request.headers.items()]
+    status, out_headers, body = await live.local.proxy(check_port(port), request.method, target, headers,
+                                                       request.stream())
+    response = StreamingResponse(body, status_code=status)
+    response.raw_headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in out_headers]  # repeats kept
+    return response

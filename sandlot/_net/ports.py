@@ -1,0 +1,171 @@
+"""Reaching a sandbox's own servers from the host: ``sb.get_url(port)``.
+
+A server the code starts in the sandbox listens inside the sandbox's network namespace, which nothing
+outside can reach. The host makes its connection *inside* that namespace (netns.open_connection_inside:
+a socket created there, connected to 127.0.0.1:PORT) and carries bytes between it and:
+
+- locally, a listener on the host's 127.0.0.1 (``PortForwarder``): the URL is ``http://127.0.0.1:P/``; it
+  carries any TCP protocol (HTTP, WebSocket, a database) for as long as the sandbox lives;
+- on a server, one HTTP request at a time (``proxy_request``): ``/v1/sandboxes/{id}/ports/{port}/...``
+  behind the server's own API-key check; the request goes to the sandbox's server as HTTP/1.1 (h11)
+  and the answer streams back.
+
+Only the sandbox's loopback is reached: the sandbox's server must listen on 127.0.0.1 or 0.0.0.0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import AsyncIterator, Iterable, Optional
+
+import h11
+
+from .._exceptions import InvalidRequest, SandlotError
+
+CHUNK = 64 * 1024
+HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+              "transfer-encoding", "upgrade", "host", "content-length", "authorization"}
+
+
+class PortUnreachable(SandlotError):
+    """Nothing listens on that port inside the sandbox (yet)."""
+
+    http_status = 502
+
+
+def check_port(port: object) -> int:
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        raise InvalidRequest(f"port must be a whole number 1-65535, got {port!r}")
+    return port
+
+
+async def connect_inside(pid: int, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    from .netns import open_connection_inside
+
+    try:
+        sock = await asyncio.to_thread(open_connection_inside, pid, port)
+    except OSError as exc:
+        raise PortUnreachable(f"nothing answers on port {port} inside the sandbox ({exc.strerror or exc}); "
+                              "its server must listen on 127.0.0.1 or 0.0.0.0") from None
+    return await asyncio.open_connection(sock=sock, limit=CHUNK)
+
+
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(CHUNK):
+            writer.write(data)
+            await writer.drain()
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        with contextlib.suppress(Exception):
+            if writer.can_write_eof():
+                writer.write_eof()
+
+
+class PortForwarder:
+    """A listener on the host's 127.0.0.1 for one port of one sandbox, open until ``close()``."""
+
+    def __init__(self, pid: int, port: int) -> None:
+        self.pid, self.port = pid, port
+        self._server: Optional[asyncio.AbstractServer] = None
+        self._conns: set[asyncio.Task] = set()
+        self.url = ""
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        host_port = self._server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{host_port}/"
+        return self.url
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._conns.add(task)
+        try:
+            try:
+                inner_reader, inner_writer = await connect_inside(self.pid, self.port)
+            except SandlotError:
+                writer.write(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                return
+            try:
+                await asyncio.gather(_pump(reader, inner_writer), _pump(inner_reader, writer))
+            finally:
+                inner_writer.close()
+        finally:
+            writer.close()
+            if task is not None:
+                self._conns.discard(task)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._conns):
+            task.cancel()
+        await asyncio.gather(*self._conns, return_exceptions=True)
+
+
+async def proxy_request(pid: int, port: int, method: str, target: str, headers: Iterable[tuple[str, str]],
+                        body: AsyncIterator[bytes]) -> tuple[int, list[tuple[str, str]], AsyncIterator[bytes]]:
+    """One HTTP request to the sandbox's server; its status, headers and a stream of its body. The
+    caller's credentials (Authorization) and hop-by-hop headers are not passed on; the body keeps the
+    framing it came with (a length, chunks, or none)."""
+    headers = list(headers)
+    names = {k.lower(): v for k, v in headers}
+    if "content-length" in names:
+        framing = [("Content-Length", names["content-length"])]
+    elif "chunked" in names.get("transfer-encoding", "").lower():
+        framing = [("Transfer-Encoding", "chunked")]
+    else:
+        framing = []
+    reader, writer = await connect_inside(pid, port)
+    conn = h11.Connection(h11.CLIENT)
+    forwarded = [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP]
+    request = h11.Request(method=method, target=target or "/",
+                          headers=[("Host", f"127.0.0.1:{port}"), ("Connection", "close")] + framing + forwarded)
+    try:
+        writer.write(conn.send(request))
+        async for chunk in body:
+            if chunk:
+                writer.write(conn.send(h11.Data(data=chunk)))
+                await writer.drain()
+        writer.write(conn.send(h11.EndOfMessage()))
+        await writer.drain()
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                data = await reader.read(CHUNK)
+                conn.receive_data(data)
+                continue
+            if isinstance(event, h11.Response):
+                break
+            if isinstance(event, h11.ConnectionClosed):
+                raise PortUnreachable(f"the server on port {port} closed the connection without answering")
+    except h11.RemoteProtocolError as exc:
+        writer.close()
+        raise PortUnreachable(f"the server on port {port} did not answer in HTTP/1.1: {exc}") from None
+    except BaseException:
+        writer.close()
+        raise
+    response_headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers
+                        if k.decode("latin-1").lower() not in HOP_BY_HOP]
+
+    async def stream() -> AsyncIterator[bytes]:
+        try:
+            while True:
+                ev = conn.next_event()
+                if ev is h11.NEED_DATA:
+                    data = await reader.read(CHUNK)
+                    conn.receive_data(data)
+                    continue
+                if isinstance(ev, h11.Data):
+                    yield bytes(ev.data)
+                elif isinstance(ev, (h11.EndOfMessage, h11.ConnectionClosed)):
+                    return
+        except h11.RemoteProtocolError:
+            return
+        finally:
+            writer.close()
+
+    return event.status_code, response_headers, stream()
