@@ -287,9 +287,7 @@ def main(ctl_fd: int) -> None:
     sys.stderr = io.TextIOWrapper(io.BufferedWriter(io.FileIO(2, "w", closefd=False)), line_buffering=True)
     kernel = Kernel(socket.socket(fileno=ctl_fd))
     kernel.warm_up()
-    global CURRENT
-    CURRENT = kernel
+    from . import display
+
+    display.CURRENT = kernel
     kernel.serve()
-
-
-CURRENT = None

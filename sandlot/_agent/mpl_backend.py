@@ -25,10 +25,10 @@ def figure_png(figure) -> str:
 def show(*args, **kwargs) -> None:
     import matplotlib.pyplot as plt
 
-    from . import kernel
+    from . import display
 
     for num in plt.get_fignums():
         figure = plt.figure(num)
-        if kernel.CURRENT is not None:
-            kernel.CURRENT.display_data({"text/plain": repr(figure), "image/png": figure_png(figure)})
+        if display.CURRENT is not None:
+            display.CURRENT.display_data({"text/plain": repr(figure), "image/png": figure_png(figure)})
     plt.close("all")
