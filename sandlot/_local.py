@@ -156,8 +156,12 @@ class LocalSandbox(SandboxHandle):
         """Memory, CPU and process count of the sandbox right now, from its cgroup."""
         proc = self._alive()
         now = await asyncio.to_thread(proc.usage, processes=True)
+        net = self.network.stats() if self.network is not None else {}
         return SandboxMetrics(memory=now.memory, memory_peak=now.memory_peak, cpu_seconds=now.cpu_seconds,
-                              processes=now.processes or 0)
+                              processes=now.processes or 0, network_bytes_out=net.get("bytes_out", 0),
+                              network_bytes_in=net.get("bytes_in", 0), network_connections=net.get("connections", 0),
+                              network_allowed=net.get("allowed", 0), network_denied=net.get("denied", 0),
+                              network_open=net.get("open", 0))
 
     async def set_timeout(self, seconds: float) -> None:
         """Let the sandbox live ``seconds`` from now (capped by 14 days), like E2B's set_timeout."""

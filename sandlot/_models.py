@@ -119,6 +119,14 @@ class SandboxMetrics:
     memory_peak: int
     cpu_seconds: float
     processes: int
+    # Its network through the host's broker (all zero without one): bytes each way, connections accepted,
+    # allowed, refused, open now.
+    network_bytes_out: int = 0
+    network_bytes_in: int = 0
+    network_connections: int = 0
+    network_allowed: int = 0
+    network_denied: int = 0
+    network_open: int = 0
 
 
 @dataclasses.dataclass

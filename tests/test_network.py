@@ -223,11 +223,15 @@ def test_through_a_server_the_same_api_and_the_operator_decides(lab, tmp_path):
             out["policy"] = sb.network.update(allow=["www.example.com", "api.example.com"])
             out["other_after"] = sb.run_code("fetch('http://api.example.com/')").text
             out["log"] = sb.network.log()
+            m = sb.metrics()
+            out["metrics"] = [m.network_allowed, m.network_bytes_in, m.network_bytes_out]
     """, "--allow-network")
     assert "hello from" in out["web"] and "hello from" not in out["other"]
     assert out["policy"]["allow"] == ["www.example.com", "api.example.com"]
     assert "hello from" in out["other_after"]
     assert ("dns", "api.example.com", "deny") in {(e["kind"], e["name"], e["verdict"]) for e in out["log"]}
+    allowed, bytes_in, bytes_out = out["metrics"]  # per sandbox, from its broker's counters
+    assert allowed == 2 and bytes_in > 50 and bytes_out > 50
 
 
 def test_a_server_without_allow_network_refuses_it(lab, tmp_path):

@@ -53,7 +53,8 @@ def create_app(settings: Optional[Settings] = None, *, mounts: Sequence[Mount] =
     settings = settings or Settings()
     store = Store(settings.db_path)
     engine = default_engine()  # this process's backends, zygotes and warm pools
-    metrics = Metrics(lambda: registry.live_count(), engine.pools.stats)  # registry: bound on the next line
+    metrics = Metrics(lambda: registry.live_count(), engine.pools.stats,  # registry: bound on the next line
+                      lambda: registry.network_totals())
     registry = Registry(store, settings, metrics, engine)
     state = ServerState(settings=settings, store=store, rate=RateLimiter(), registry=registry, metrics=metrics)
 

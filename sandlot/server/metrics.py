@@ -35,12 +35,34 @@ def limit_label(result: Any) -> Optional[str]:
     return result.limit or "other"
 
 
+class _NetworkCollector:
+    """Network use of the live sandboxes (their brokers' counters), read when scraped."""
+
+    def __init__(self, totals: Callable[[], dict[str, int]]) -> None:
+        self.totals = totals
+
+    def collect(self):
+        totals = self.totals()
+        moved = GaugeMetricFamily("sandlot_network_bytes", "Bytes the live sandboxes moved through their brokers",
+                                  labels=["direction"])
+        moved.add_metric(["out"], totals.get("bytes_out", 0))
+        moved.add_metric(["in"], totals.get("bytes_in", 0))
+        yield moved
+        connections = GaugeMetricFamily("sandlot_network_connections", "Connections of the live sandboxes, by outcome",
+                                        labels=["outcome"])
+        for outcome in ("allowed", "denied", "revoked", "open"):
+            connections.add_metric([outcome], totals.get(outcome, 0))
+        yield connections
+
+
 class Metrics:
-    def __init__(self, live: Callable[[], int], pool_stats: Callable[[], dict[str, int]]) -> None:
+    def __init__(self, live: Callable[[], int], pool_stats: Callable[[], dict[str, int]],
+                 network_totals: Callable[[], dict[str, int]] = dict) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         Gauge("sandlot_sandboxes_live", "Sandboxes alive on this server", registry=r).set_function(live)
         r.register(_PoolCollector(pool_stats))
+        r.register(_NetworkCollector(network_totals))
         self.created = Counter("sandlot_sandboxes_created", "Sandboxes created", ["template"], registry=r)
         self.ended = Counter("sandlot_sandboxes_ended", "Sandboxes ended, by cause", ["cause"], registry=r)
         self.executions = Counter("sandlot_executions", "Code runs and commands, by outcome",

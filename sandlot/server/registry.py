@@ -222,6 +222,16 @@ class Registry:
         return info
 
     # -- network ---------------------------------------------------------------------------------
+    def network_totals(self) -> dict[str, int]:
+        """The live sandboxes' broker counters, summed (for /metrics)."""
+        totals: dict[str, int] = {}
+        for live in list(self.live.values()):
+            network = live.local.network
+            for key, value in (network.stats() if network is not None else {}).items():
+                if isinstance(value, int):
+                    totals[key] = totals.get(key, 0) + value
+        return totals
+
     async def update_network(self, tenant: Tenant, sandbox_id: str, allow: Optional[list],
                              deny: Optional[list]) -> Any:
         if not self.settings.allow_network:

@@ -249,6 +249,12 @@ class MetricsOut(BaseModel):
     memory_peak: int
     cpu_seconds: float
     processes: int
+    network_bytes_out: int = 0
+    network_bytes_in: int = 0
+    network_connections: int = 0
+    network_allowed: int = 0
+    network_denied: int = 0
+    network_open: int = 0
 
 
 class SandboxOut(BaseModel):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated, Literal, Optional
 
 from fastapi import APIRouter, Query, Request
@@ -100,7 +101,7 @@ async def interrupt(sandbox_id: str, tenant: Owner, state: State) -> SandboxOut:
 @router.get("/{sandbox_id}/metrics", response_model=MetricsOut, summary="Memory, CPU, processes (from its cgroup)")
 async def metrics(sandbox_id: str, tenant: Owner, state: State) -> MetricsOut:
     m = await state.registry.get(tenant, sandbox_id).sandbox.metrics()
-    return MetricsOut(memory=m.memory, memory_peak=m.memory_peak, cpu_seconds=m.cpu_seconds, processes=m.processes)
+    return MetricsOut(**dataclasses.asdict(m))
 
 
 @router.put("/{sandbox_id}/network", response_model=NetworkOut,
