@@ -310,3 +310,34 @@ def test_get_url_through_a_server_needs_the_tenants_key(lab, tmp_path):
     """, "")
     assert "/ports/8000/" in out["url"] and out["body"] == "hi-from-the-sandbox\n", out
     assert out["anonymous"] == 401
+
+
+def test_the_operator_bounds_the_rules_tenants_may_ask_for(lab, tmp_path):
+    out = _server_drive(lab, tmp_path, """
+        import httpx
+        info = httpx.get(url + "/v1/info", headers={"Authorization": "Bearer " + key}).json()
+        out["info"] = info["network"]
+        def refused(**kwargs):
+            try:
+                sandlot.Sandbox(api_url=url, api_key=key, **kwargs).kill()
+                return None
+            except sandlot.InvalidRequest as exc:
+                return str(exc)
+        out["wide"] = refused(network="public")
+        out["other"] = refused(network={"allow": ["api.example.com"]})
+        out["secret"] = refused(secrets={"K": {"value": "v", "hosts": ["api.example.com"]}})
+        with sandlot.Sandbox(network={"allow": ["www.example.com:443", "files.pythonhosted.org"]}, api_url=url,
+                             api_key=key) as sb:
+            try:
+                sb.network.update(allow=["api.example.com"])
+                out["update"] = None
+            except sandlot.InvalidRequest as exc:
+                out["update"] = str(exc)
+            out["kept"] = sb.network.update(deny=["files.pythonhosted.org"])
+    """, "--network-allow www.example.com --network-allow *.pythonhosted.org")
+    assert out["info"] == {"allowed": True, "within": ["www.example.com", "*.pythonhosted.org"]}
+    for key in ("wide", "other", "secret", "update"):
+        assert out[key] and "beyond what this server grants" in out[key], (key, out[key])
+    assert "'*'" in out["wide"] and "'api.example.com'" in out["other"] and "'api.example.com:443'" in out["secret"]
+    assert out["kept"] == {"allow": ["www.example.com:443", "files.pythonhosted.org"],
+                           "deny": ["files.pythonhosted.org"]}

@@ -85,6 +85,25 @@ class Rule:
             return name.endswith("." + self.value)
         return False
 
+    def within(self, bound: "Rule") -> bool:
+        """Whether everything this rule grants, ``bound`` grants too (an operator's ceiling on the rules a
+        tenant may ask for): its ports inside bound's, and its names or addresses inside bound's."""
+        if bound.ports is not None and (self.ports is None or not (bound.ports[0] <= self.ports[0]
+                                                                    and self.ports[1] <= bound.ports[1])):
+            return False
+        if bound.kind == "any":
+            return True
+        if self.kind == "any":
+            return False
+        if bound.kind == "net":
+            return self.kind == "net" and self.value.version == bound.value.version and self.value.subnet_of(bound.value)
+        if self.kind == "net":
+            return False
+        if bound.kind == "name":
+            return self.kind == "name" and self.value == bound.value
+        # bound is "*.suffix": names under it, and narrower suffixes
+        return self.value.endswith("." + bound.value)
+
     def covers(self, address: IPAddress) -> bool:
         """A net rule covers an address in its network; "*" covers every (public) address."""
         if self.kind == "any":

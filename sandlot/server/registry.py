@@ -139,6 +139,7 @@ class Registry:
                                  "`sandlot serve --allow-network`")
         spec = SandboxSpec.build(template, isolation=isolation, limits=built, env=env, metadata=metadata,
                                  network=network, secrets=secrets)
+        self._check_network_ceiling(spec.network, spec.secrets)
         started = time.monotonic()
         # Reserved before the first await: concurrent creations see each other in the checks above.
         with _reserved(self._creating, tenant.id, built):
@@ -222,6 +223,21 @@ class Registry:
         return info
 
     # -- network ---------------------------------------------------------------------------------
+    def _check_network_ceiling(self, policy: Any, secrets: Any = None) -> None:
+        """Each allow rule (and each secret's host, granted on :443) within the operator's ceiling, if any."""
+        ceiling = self.settings.network_ceiling
+        if not ceiling or (policy is None and not secrets):
+            return
+        from .._net.policy import Rule
+
+        bounds = [Rule.parse(text) for text in ceiling]
+        asked = [rule.text for rule in (policy.allow if policy is not None else ())]
+        asked += [f"{host}:443" for host in (secrets.hosts if secrets else ())]
+        for text in asked:
+            if not any(Rule.parse(text).within(bound) for bound in bounds):
+                raise InvalidRequest(f"network rule {text!r} is beyond what this server grants: its operator "
+                                     f"allows rules within {list(ceiling)}")
+
     def network_totals(self) -> dict[str, int]:
         """The live sandboxes' broker counters, summed (for /metrics)."""
         totals: dict[str, int] = {}
@@ -238,6 +254,10 @@ class Registry:
             raise InvalidRequest("this server gives sandboxes no network: its operator enables it with "
                                  "`sandlot serve --allow-network`")
         live = self.get(tenant, sandbox_id)
+        if allow is not None:
+            from .._net.policy import NetworkPolicy
+
+            self._check_network_ceiling(NetworkPolicy.build({"allow": allow}))
         policy = await live.sandbox.network.update(allow=allow, deny=deny)
         self.store.audit(tenant.name, "network", sandbox_id, json.dumps(policy), tenant.key_id)
         return policy

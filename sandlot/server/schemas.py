@@ -307,6 +307,8 @@ class InfoOut(BaseModel):
     ceilings: dict[str, float] = Field(..., description="the most you may ask for, per limit (over it: 400)")
     quotas: QuotasOut
     usage: UsageNowOut
+    network: dict[str, Any] = Field(default_factory=dict, description='{"allowed": whether sandboxes may have a '
+                                    'network here, "within": the rules yours must lie within ([]: any)}')
 
 
 def when(ts: Optional[float]) -> Optional[datetime]:

@@ -58,6 +58,9 @@ class Settings:
     # Whether tenants may give their sandboxes a network (egress by their rules) and secrets. Off unless the
     # operator says so (`sandlot serve --allow-network`): egress is the operator's to grant.
     allow_network: bool = False
+    # With allow_network: the rules a tenant's allow rules (and its secrets' hosts) must lie within, e.g.
+    # ("pypi.org", "*.pythonhosted.org", "*:443"); empty: any rule (private ranges and the host stay refused).
+    network_ceiling: tuple[str, ...] = ()
 
     def with_db(self, db_path: "str | os.PathLike[str] | None") -> "Settings":
         return self if db_path is None else dataclasses.replace(self, db_path=Path(db_path))
@@ -116,7 +119,7 @@ def operator_settings(db_path: "str | os.PathLike[str] | None" = None, *, ceilin
                       audit_retention: Optional[str] = None, audit_max_rows: Optional[int] = None,
                       max_live: Optional[int] = None, max_lifetime: Optional[float] = None,
                       requests_per_minute: Optional[int] = None, isolations: Optional[Iterable[str]] = None,
-                      allow_network: bool = False) -> Settings:
+                      allow_network: bool = False, network_ceiling: Iterable[str] = ()) -> Settings:
     """Settings from the operator's flags; None keeps a default. Raises InvalidRequest on a bad value."""
     quotas = Quotas()
     changes: dict[str, Any] = {}
@@ -141,6 +144,13 @@ def operator_settings(db_path: "str | os.PathLike[str] | None" = None, *, ceilin
         more["audit_max_rows"] = int(audit_max_rows)
     if isolations is not None:
         more["isolations"] = tuple(isolations)
-    if allow_network:
+    ceiling = tuple(network_ceiling)
+    if ceiling:
+        from .._net.policy import Rule
+
+        for rule in ceiling:
+            Rule.parse(rule)  # InvalidRequest names a bad one
+        more["network_ceiling"] = ceiling
+    if allow_network or ceiling:
         more["allow_network"] = True
     return dataclasses.replace(settings, **more) if more else settings

@@ -33,7 +33,8 @@ async def info(tenant: Owner, state: State) -> InfoOut:
     return InfoOut(version=__version__, templates=template_names(), isolations=list(state.settings.isolations),
                    defaults=ceilings.lower_defaults(Limits(), {}).to_dict(), ceilings=ceilings.to_dict(),
                    quotas=QuotasOut(**dataclasses.asdict(quotas_for(state.settings, tenant))),
-                   usage=UsageNowOut(live=usage.live, memory=usage.memory, pids=usage.pids))
+                   usage=UsageNowOut(live=usage.live, memory=usage.memory, pids=usage.pids),
+                   network={"allowed": state.settings.allow_network, "within": list(state.settings.network_ceiling)})
 
 
 @router.get("/metrics", summary="Prometheus metrics (an operator key: `sandlot keys create --operator`)",
