@@ -341,3 +341,38 @@ def test_the_operator_bounds_the_rules_tenants_may_ask_for(lab, tmp_path):
     assert "'*'" in out["wide"] and "'api.example.com'" in out["other"] and "'api.example.com:443'" in out["secret"]
     assert out["kept"] == {"allow": ["www.example.com:443", "files.pythonhosted.org"],
                            "deny": ["files.pythonhosted.org"]}
+
+
+def test_the_cli_grants_exactly_what_its_flags_say(lab):
+    import sys
+
+    lab.clear_logs()
+    code = ("import urllib.request as u\n"
+            "for url in ('http://www.example.com/', 'http://api.example.com/'):\n"
+            "    try:\n        print(url, u.urlopen(url, timeout=5).read().decode().strip())\n"
+            "    except Exception as e:\n        print(url, 'refused', type(e).__name__)\n")
+    done = lab.run([sys.executable, "-m", "sandlot.cli", "run", "--allow", "www.example.com", code],
+                   env=DRIVER_ENV, timeout=120)
+    assert "http://www.example.com/ hello from 203.0.113.10 (www.example.com)" in done.stdout, done.stdout
+    assert "http://api.example.com/ refused" in done.stdout
+    bad = lab.run([sys.executable, "-m", "sandlot.cli", "run", "--allow", "exa mple.com", "1"], env=DRIVER_ENV,
+                  check=False)
+    assert bad.returncode == 2 and "network rule 'exa mple.com'" in bad.stderr
+    secret = lab.run([sys.executable, "-m", "sandlot.cli", "run", "--secret", "K=v@api.example.com",
+                      "import os; print(os.environ['K'][:15])"], env=DRIVER_ENV, timeout=120)
+    assert "SANDLOT_SECRET_" in secret.stdout
+
+
+async def test_an_mcp_agent_cannot_grant_itself_a_network_unless_its_operator_allows():
+    from sandlot.mcp_server import LocalSandboxes
+
+    with pytest.raises(sandlot.InvalidRequest, match="sandlot mcp --allow-network"):
+        await LocalSandboxes(api_url="").create(None, one_shot=False, network="public")
+    allowed = LocalSandboxes(api_url="", allow_network=True)
+    sandbox = await allowed.create(None, one_shot=False, network={"allow": ["www.example.com"]})
+    try:
+        assert (await sandbox.network.log()) == [] and sandbox.is_running  # attached, nothing asked yet
+        # Nothing is resolved without the sandbox asking: no packet left this test's namespace.
+    finally:
+        await sandbox.kill()
+        await allowed.aclose()
