@@ -376,3 +376,34 @@ async def test_an_mcp_agent_cannot_grant_itself_a_network_unless_its_operator_al
     finally:
         await sandbox.kill()
         await allowed.aclose()
+
+
+def test_requests_httpx_and_a_coalesced_request_for_another_host_stay_on_the_granted_name(lab):
+    """Python's usual clients work as they are (no proxy settings). A request for another host sent inside
+    TLS to a granted name (as HTTP/2 connection coalescing would) can only reach the granted name's
+    address: the host dialled the name the SNI named, whatever the encrypted request says."""
+    lab.clear_logs()
+    out = drive(lab, """
+        with sandlot.Sandbox(network={"allow": ["www.example.com"]}, env=LAB_TLS) as sb:
+            trust_lab(sb)
+            out["requests"] = sb.run_code(
+                "import requests; requests.get('https://www.example.com/r', timeout=10).text").text
+            out["httpx"] = sb.run_code("import httpx; httpx.get('https://www.example.com/h', timeout=10).text").text
+            out["requests_denied"] = sb.run_code(
+                "try:\\n    requests.get('https://api.example.com/', timeout=5); r = 'reached'\\n"
+                "except Exception as e:\\n    r = type(e).__name__\\nr").text
+            out["coalesced"] = sb.run_code(
+                "import socket, ssl\\n"
+                "ctx = ssl.create_default_context(cafile='/home/user/lab-ca.pem')\\n"
+                "s = ctx.wrap_socket(socket.create_connection(('www.example.com', 443), 10),"
+                " server_hostname='www.example.com')\\n"
+                "s.sendall(b'GET /coalesced HTTP/1.1\\\\r\\\\nHost: api.example.com\\\\r\\\\nConnection: close\\\\r\\\\n\\\\r\\\\n')\\n"
+                "s.recv(200).decode(errors='replace')").text
+    """)
+    assert "hello from 203.0.113.10 (www.example.com)" in out["requests"]
+    assert "hello from 203.0.113.10 (www.example.com)" in out["httpx"]
+    assert out["requests_denied"] != "'reached'"
+    assert "HTTP/1." in out["coalesced"]
+    coalesced = lab.requests(path="/coalesced")
+    assert [r["server"] for r in coalesced] == [netlab.WEB_V4]  # www's address, never api's
+    assert not lab.requests(server=netlab.API_V4) and not lab.queries(name="api.example.com")
