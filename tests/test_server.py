@@ -261,6 +261,10 @@ def test_fuzz_the_api_from_its_openapi_spec(server):
             operation = result.ok()
             if time.monotonic() > budget:
                 break
+            if "/ports/" in operation.path:
+                # A gateway to the sandbox's own server: its answers (its 5xx included) are that server's,
+                # and 502 is the documented "nothing listens there" (tests/test_network.py covers it).
+                continue
             live["command_id"] = command()
             strategy = st.one_of(operation.as_strategy(GenerationMode.POSITIVE),
                                  operation.as_strategy(GenerationMode.NEGATIVE))

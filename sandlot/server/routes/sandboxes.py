@@ -124,7 +124,8 @@ _PORT_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 
 
 @router.api_route("/{sandbox_id}/ports/{port}/{path:path}", methods=_PORT_METHODS, include_in_schema=True,
-                  summary="HTTP to a server the sandbox's code started on that port (sb.get_url(port))")
+                  summary="HTTP to a server the sandbox's code started on that port (sb.get_url(port))",
+                  responses={502: {"model": ErrorBody, "description": "nothing listens on that port in the sandbox"}})
 async def port_proxy(sandbox_id: str, port: int, path: str, request: Request, tenant: Owner,
                      state: State) -> StreamingResponse:
     from ..._net.ports import check_port
