@@ -41,8 +41,6 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("SANDLOT_RUNSC", "the runsc binary", "runsc on PATH, else /usr/bin/runsc"),
     Variable("SANDLOT_GVISOR_PLATFORM", "runsc's platform: ptrace, systrap or kvm (where /dev/kvm really works)",
              "ptrace"),
-    Variable("SANDLOT_GVISOR_NETWORK", "1: gVisor sandboxes may have network= and secrets= (experimental: "
-             "with Debian's runsc 20221219 names do not resolve inside, addresses work)", "unset: refused"),
     # -- the network -------------------------------------------------------------------------------------
     Variable("SANDLOT_UPSTREAM_DNS", "the resolver (IP[:port]) sandboxes' allowed names are resolved with",
              "the first nameserver of /etc/resolv.conf"),
@@ -120,13 +118,6 @@ def runsc() -> Optional[str]:
 
 def gvisor_platform() -> str:
     return get("SANDLOT_GVISOR_PLATFORM") or "ptrace"
-
-
-def gvisor_network() -> bool:
-    """SANDLOT_GVISOR_NETWORK=1: let gVisor sandboxes have a network (experimental: Debian's runsc
-    20221219 loses UDP to the sandbox's host sockets and returns EOF from a blocking read() on them, so
-    glibc's name resolution fails inside; see sandlot/_backends/gvisor.py)."""
-    return get("SANDLOT_GVISOR_NETWORK") == "1"
 
 
 def upstream_dns() -> Optional[str]:

@@ -177,10 +177,7 @@ def test_a_secret_reaches_only_its_host_and_never_the_sandbox(lab):
     assert out["found"].strip() in ("0", "")
 
 
-def test_network_is_refused_clearly_where_a_tier_has_none():
-    # gVisor's network is experimental (SANDLOT_GVISOR_NETWORK=1, read when sandlot is imported): off here.
-    with pytest.raises(sandlot.InvalidRequest, match="isolation='process'"):
-        sandlot.Sandbox(isolation="gvisor", network="public", api_url="")
+def test_a_bad_network_rule_is_refused_clearly():
     with pytest.raises(sandlot.InvalidRequest, match="network rule"):
         sandlot.Sandbox(network={"allow": ["exa mple.com"]}, api_url="")
 
@@ -207,7 +204,6 @@ def runsc_facts(sb):
     facts["driver_netns"] = os.stat("/proc/self/ns/net").st_ino
     return facts
 '''
-GVISOR_NETWORK = {"SANDLOT_GVISOR_NETWORK": "1"}  # experimental: see sandlot/_backends/gvisor.py
 # A DNS query for git.example.com (A), sent straight to the internet's resolver by the code.
 GIT_QUERY = "abcd0100000100000000000003676974076578616d706c6503636f6d0000010001"
 
@@ -233,62 +229,6 @@ def test_gvisor_without_a_network_has_none_and_runs_with_network_none(lab):
 
 
 @needs_runsc
-def test_gvisor_network_by_address_sandbox_netns_broker_and_cut(lab):
-    """What works on this runsc today (SANDLOT_GVISOR_NETWORK=1): runsc --network=host in a namespace made
-    for the sandbox (never the host's), every TCP connection through the broker: a granted address works,
-    private and metadata addresses are refused and logged, ip/nft/raw sockets inside change nothing, and
-    a live update cuts an open stream."""
-    lab.clear_logs()
-    out = drive(lab, RUNSC_FACTS + textwrap.dedent("""
-        started = time.monotonic()
-        with sandlot.Sandbox(isolation="gvisor", network={"allow": ["203.0.113.10:80"]}) as sb:
-            out["boot"] = time.monotonic() - started
-            out["facts"] = runsc_facts(sb)
-            sb.run_code(FETCH)
-            out["web"] = sb.run_code("fetch('http://203.0.113.10/')").text
-            out["private"] = sb.run_code("fetch('http://10.0.0.5/')").text
-            out["metadata"] = sb.run_code("fetch('http://169.254.169.254/latest/meta-data/')").text
-            out["tamper"] = sb.commands.run(
-                "ip route add 10.0.0.0/8 dev lo 2>&1; echo ip=$?; nft flush ruleset 2>&1; echo nft=$?; "
-                "ip link set lo down 2>&1; echo down=$?; "
-                "python3 -c 'import socket; socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)' "
-                "2>&1 | tail -1", env={"PATH": "/usr/sbin:/sbin:/usr/bin:/bin"}).stdout
-            out["private_after"] = sb.run_code("fetch('http://10.0.0.5/')").text
-            out["web_after"] = sb.run_code("fetch('http://203.0.113.10/')").text
-            stream = sb.commands.run("curl -sS -N -m 30 http://203.0.113.10/stream", background=True)
-            deadline = time.time() + 20
-            while "tick" not in stream.stdout and time.time() < deadline:
-                time.sleep(0.1)
-            out["before"] = stream.stdout.count("tick")
-            cut = time.time()
-            sb.network.update(allow=[])
-            done = stream.wait()
-            out["cut_after"] = time.time() - cut
-            out["curl"] = [done.exit_code, done.stdout[-200:], done.stderr[-300:]]
-            out["log"] = sb.network.log()
-    """), env=GVISOR_NETWORK)
-    print("gVisor boot with network: %.2f s" % out["boot"])
-    facts = out["facts"]
-    assert facts["network_flag"] == ["--network=host"], facts
-    sentry = set(facts["sentry_netns"])
-    assert sentry and facts["driver_netns"] not in sentry and os.stat("/proc/self/ns/net").st_ino not in sentry, facts
-    assert "hello from 203.0.113.10" in out["web"], out["web"]
-    for key in ("private", "metadata", "private_after"):
-        assert "hello" not in out[key] and ("Error" in out[key] or "reset" in out[key].lower()), (key, out[key])
-    tamper = out["tamper"]
-    assert "ip=0" not in tamper and "nft=0" not in tamper and "down=0" not in tamper, tamper
-    assert tamper.rstrip().splitlines()[-1].startswith(("PermissionError", "OSError")), tamper  # no raw socket
-    assert "hello from 203.0.113.10" in out["web_after"]
-    assert out["before"] >= 1 and out["curl"][0] != 0 and out["cut_after"] < 5, (out["before"], out["curl"])
-    seen = {(e["kind"], e["address"], e["verdict"]) for e in out["log"]}
-    assert ("tcp", "203.0.113.10", "allow") in seen and ("tcp", "10.0.0.5", "deny") in seen, seen
-    assert ("tcp", "169.254.169.254", "deny") in seen and "revoked" in {e["verdict"] for e in out["log"]}
-    assert {r["server"] for r in lab.requests()} <= {"203.0.113.10"} and lab.requests()
-
-
-@needs_runsc
-@pytest.mark.xfail(strict=True, reason="runsc 20221219 (Debian): UDP to the sentry's host sockets is lost and a "
-                   "blocking read() on them returns EOF, so glibc cannot resolve names inside (see gvisor.py)")
 def test_gvisor_network_grants_exactly_the_policy_and_secrets_and_the_code_cannot_touch_it(lab):
     """One gVisor sandbox (each boot is seconds under ptrace): an allowed name works, a denied one is
     refused (never asked upstream, even sent to a resolver directly) and logged, private and metadata
@@ -331,7 +271,7 @@ def test_gvisor_network_grants_exactly_the_policy_and_secrets_and_the_code_canno
             out["curl_exit"] = stream.wait().exit_code
             out["cut_after"] = time.time() - cut
             out["log"] = sb.network.log()
-    """), env=dict(GVISOR_NETWORK, SSL_CERT_FILE=str(lab.ca_path)))
+    """), env={"SSL_CERT_FILE": str(lab.ca_path)})
     print("gVisor boot with network (and secrets): %.2f s" % out["boot"])
     facts = out["facts"]
     assert facts["network_flag"] == ["--network=host"], facts

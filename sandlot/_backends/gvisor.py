@@ -12,12 +12,9 @@ connect()). The code never holds a host socket: gVisor's own netlink gives it no
 rules, and raw sockets stay off (no ``--net-raw``). Sandboxes without a network keep ``--network=none``
 (gVisor's netstack with only a loopback; a smaller surface), so the warm pool never serves a network create.
 Such a sandbox cannot be paused: host sockets do not survive a checkpoint.
-
-EXPERIMENTAL, off unless SANDLOT_GVISOR_NETWORK=1: with Debian's runsc 20221219 (ptrace), TCP works
-(connect, recv, the broker's redirect and SO_ORIGINAL_DST), but datagrams sent TO the sentry's host UDP
-sockets are never received (even between two sockets of the same sandbox), and a blocking read() (not
-recv()) on a host TCP socket with no data yet returns 0 (EOF) instead of waiting. glibc's resolver meets
-both (UDP; read() with `options use-vc`), so names do not resolve inside; connections to IP literals do.
+Its cgroup then gives host socket buffers their share of the memory limit (cgroup v1), as the process
+tier's does: at zero (right for gVisor's own netstack) the kernel drops every datagram to the sentry's
+sockets and DNS never answers.
 
 Who is who inside: gVisor (Debian's 2022 runsc) does not shield pid 1 from its own container's
 signals as Linux shields an init, so code running as the agent's uid could SIGKILL or SIGSTOP it. The
@@ -439,7 +436,7 @@ class GVisorBackend(Backend):
     name = "gvisor"
     # Pause is a checkpoint to disk: a later process takes a paused sandbox back (adopt). A network is
     # given at boot (runsc --network=host in a namespace made for it), so a warm sandbox never has one.
-    capabilities = Capabilities(pause=True, checkpoint=True, network=_config.gvisor_network())
+    capabilities = Capabilities(pause=True, checkpoint=True, network=True)
     network_at_boot = True
     _swept = False
 
@@ -450,7 +447,9 @@ class GVisorBackend(Backend):
             GVisorBackend._swept = True
             await asyncio.to_thread(sweep_stale)
         sandbox_id = new_sandbox_id()
-        cgroup = await asyncio.to_thread(cgroups.Cgroup, sandbox_id, _room_for_runsc(limits), host_sockets=False)
+        # With a network the sentry's sockets are host sockets: on cgroup v1 they need their share of the
+        # limit for buffers (at zero, every datagram to them is dropped: UDP, hence DNS, never arrives).
+        cgroup = await asyncio.to_thread(cgroups.Cgroup, sandbox_id, _room_for_runsc(limits), host_sockets=network)
         home = data_dir() / "sandboxes" / sandbox_id
         (home / "bundle").mkdir(parents=True)
         sandbox = GVisorSandbox(sandbox_id, limits, cgroup, home, template.name)
