@@ -209,9 +209,13 @@ GIT_QUERY = "abcd0100000100000000000003676974076578616d706c6503636f6d0000010001"
 
 
 @needs_runsc
-def test_gvisor_without_a_network_has_none_and_runs_with_network_none(lab):
+def test_gvisor_without_a_network_has_none_and_a_network_create_never_takes_a_warm_one(lab):
+    """A gVisor sandbox without a network runs with --network=none (gVisor's own netstack: loopback only);
+    a warm one (pooled, network=none) is never handed to a create that asks for a network."""
     lab.clear_logs()
     out = drive(lab, RUNSC_FACTS + textwrap.dedent("""
+        from sandlot._engine import default_engine
+        sandlot.configure_pool("python", min_ready=1)
         started = time.monotonic()
         with sandlot.Sandbox(isolation="gvisor") as sb:
             out["boot"] = time.monotonic() - started
@@ -219,13 +223,23 @@ def test_gvisor_without_a_network_has_none_and_runs_with_network_none(lab):
             sb.run_code(FETCH)
             out["ip"] = sb.run_code("fetch('http://203.0.113.10/')").text
             out["name"] = sb.run_code("fetch('http://www.example.com/')").text
-    """))
+        deadline = time.time() + 120
+        while not default_engine().pools.ready(isolation="gvisor") and time.time() < deadline:
+            time.sleep(0.2)
+        out["warm"] = [s.id for s in default_engine().pools.ready(isolation="gvisor")]
+        with sandlot.Sandbox(isolation="gvisor", network={"allow": []}) as nsb:
+            out["net_id"] = nsb.sandbox_id
+            out["net_facts"] = runsc_facts(nsb)
+        out["warm_after"] = [s.id for s in default_engine().pools.ready(isolation="gvisor")]
+    """), env={"SANDLOT_POOL_MIN": "1"})
     print("gVisor boot without network: %.2f s" % out["boot"])
     facts = out["facts"]
     assert facts["network_flag"] == ["--network=none"], facts
     assert facts["sentry_netns"] and facts["driver_netns"] not in facts["sentry_netns"], facts
     assert "hello" not in out["ip"] and "URLError" in out["name"], out
     assert lab.requests() == [] and lab.queries() == []
+    assert len(out["warm"]) == 1 and out["warm_after"] == out["warm"] and out["net_id"] not in out["warm"], out
+    assert out["net_facts"]["network_flag"] == ["--network=host"], out["net_facts"]
 
 
 @needs_runsc
@@ -271,6 +285,15 @@ def test_gvisor_network_grants_exactly_the_policy_and_secrets_and_the_code_canno
             out["curl_exit"] = stream.wait().exit_code
             out["cut_after"] = time.time() - cut
             out["log"] = sb.network.log()
+        # Killed: nothing is left in its namespace (runsc, the sentry, the holder), so the namespace is gone.
+        netns = set(out["facts"]["sentry_netns"])
+        deadline = time.time() + 15
+        while time.time() < deadline:
+            out["left"] = [p for p in filter(str.isdigit, os.listdir("/proc"))
+                           if os.path.exists(f"/proc/{{p}}/ns/net") and os.stat(f"/proc/{{p}}/ns/net").st_ino in netns]
+            if not out["left"]:
+                break
+            time.sleep(0.2)
     """), env={"SSL_CERT_FILE": str(lab.ca_path)})
     print("gVisor boot with network (and secrets): %.2f s" % out["boot"])
     facts = out["facts"]
@@ -296,6 +319,7 @@ def test_gvisor_network_grants_exactly_the_policy_and_secrets_and_the_code_canno
     assert "revoked" in {e["verdict"] for e in out["log"]}
     assert not lab.queries(name="git.example.com")  # neither through our DNS nor sent to 192.0.2.53 directly
     assert {r["host"] for r in lab.requests()} == {"www.example.com", "api.example.com"}
+    assert out["left"] == [], out["left"]
 
 
 SERVER_DRIVER = """
