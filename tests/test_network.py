@@ -180,6 +180,9 @@ def test_a_secret_reaches_only_its_host_and_never_the_sandbox(lab):
 def test_a_bad_network_rule_is_refused_clearly():
     with pytest.raises(sandlot.InvalidRequest, match="network rule"):
         sandlot.Sandbox(network={"allow": ["exa mple.com"]}, api_url="")
+    # Host sockets and the broker do not survive a checkpoint: a sandbox with a network is never paused.
+    with pytest.raises(sandlot.InvalidRequest, match="on_idle='pause' cannot keep a network"):
+        sandlot.Sandbox(isolation="gvisor", network="public", on_idle="pause", api_url="")
 
 
 # -- the gVisor tier: runsc --network=host inside a namespace made for the sandbox ----------------------
@@ -275,6 +278,10 @@ def test_gvisor_network_grants_exactly_the_policy_and_secrets_and_the_code_canno
                 "2>&1 | tail -1", env={{"PATH": "/usr/sbin:/sbin:/usr/bin:/bin"}}).stdout
             out["private_after"] = sb.run_code("fetch('http://10.0.0.5/')").text
             out["web_after"] = sb.run_code("fetch('http://www.example.com/')").text
+            try:
+                out["pause"] = repr(sb.pause())
+            except sandlot.InvalidRequest as exc:
+                out["pause"] = str(exc)
             stream = sb.commands.run("curl -sS -N -m 30 http://www.example.com/stream", background=True)
             deadline = time.time() + 20
             while "tick" not in stream.stdout and time.time() < deadline:
@@ -312,6 +319,7 @@ def test_gvisor_network_grants_exactly_the_policy_and_secrets_and_the_code_canno
     assert "ip=0" not in tamper and "nft=0" not in tamper and "down=0" not in tamper, tamper
     assert tamper.rstrip().splitlines()[-1].startswith(("PermissionError", "OSError")), tamper  # no raw socket
     assert "hello from" in out["web_after"]
+    assert "cannot be paused" in out["pause"], out["pause"]
     assert out["before"] >= 1 and out["curl_exit"] != 0 and out["cut_after"] < 5, out
     seen = {(e["kind"], e["name"] or e["address"], e["verdict"]) for e in out["log"]}
     assert ("dns", "git.example.com", "deny") in seen and ("tcp", "www.example.com", "allow") in seen, seen
