@@ -226,6 +226,11 @@ def test_gvisor_without_a_network_has_none_and_a_network_create_never_takes_a_wa
             sb.run_code(FETCH)
             out["ip"] = sb.run_code("fetch('http://203.0.113.10/')").text
             out["name"] = sb.run_code("fetch('http://www.example.com/')").text
+            try:
+                out["late"] = sb.network.update(allow=["www.example.com"])
+            except sandlot.InvalidRequest as exc:
+                out["late"] = str(exc)
+            out["name_after"] = sb.run_code("fetch('http://www.example.com/')").text
         deadline = time.time() + 120
         while not default_engine().pools.ready(isolation="gvisor") and time.time() < deadline:
             time.sleep(0.2)
@@ -240,6 +245,8 @@ def test_gvisor_without_a_network_has_none_and_a_network_create_never_takes_a_wa
     assert facts["network_flag"] == ["--network=none"], facts
     assert facts["sentry_netns"] and facts["driver_netns"] not in facts["sentry_netns"], facts
     assert "hello" not in out["ip"] and "URLError" in out["name"], out
+    # runsc's network mode is fixed at boot: no network added later (the process tier can).
+    assert "only at create" in out["late"] and "URLError" in out["name_after"], out
     assert lab.requests() == [] and lab.queries() == []
     assert len(out["warm"]) == 1 and out["warm_after"] == out["warm"] and out["net_id"] not in out["warm"], out
     assert out["net_facts"]["network_flag"] == ["--network=host"], out["net_facts"]

@@ -290,7 +290,9 @@ class GVisorSandbox(CgroupSandbox):
     def netns_pid(self) -> int:
         """The holder of the namespace runsc's sentry lives in (made at boot for a sandbox with a network)."""
         if self._netns is None:
-            raise InvalidRequest(f"gVisor sandbox {self.id} was started without a network")
+            raise InvalidRequest(f"gVisor sandbox {self.id} was made without a network, and a gVisor sandbox gets "
+                                 "its network only at create (runsc's network mode is fixed at boot): "
+                                 "create it with network=...")
         return self._netns.pid
 
     async def wait(self) -> int:
