@@ -10,11 +10,11 @@ runs with ``--network=host`` and the spec's network namespace naming THAT namesp
 sockets are host sockets there and the same broker serves them (SO_ORIGINAL_DST sees the sentry's real
 connect()). The code never holds a host socket: gVisor's own netlink gives it no way to change routes or
 rules, and raw sockets stay off (no ``--net-raw``). Sandboxes without a network keep ``--network=none``
-(gVisor's netstack with only a loopback; a smaller surface), so the warm pool never serves a network create.
-Such a sandbox cannot be paused: host sockets do not survive a checkpoint.
-Its cgroup then gives host socket buffers their share of the memory limit (cgroup v1), as the process
-tier's does: at zero (right for gVisor's own netstack) the kernel drops every datagram to the sentry's
-sockets and DNS never answers.
+(gVisor's netstack with only a loopback; a smaller surface), so the warm pool never serves a network create,
+and a sandbox made without one cannot be given one later. The cgroup of a sandbox with a network gives host
+socket buffers their share of the memory limit (cgroup v1), as the process tier's does: at zero (right for
+gVisor's own netstack) the kernel drops every datagram to the sentry's sockets and DNS never answers. Such
+a sandbox cannot be paused: host sockets and the broker do not survive a checkpoint.
 
 Who is who inside: gVisor (Debian's 2022 runsc) does not shield pid 1 from its own container's
 signals as Linux shields an init, so code running as the agent's uid could SIGKILL or SIGSTOP it. The
