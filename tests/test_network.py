@@ -333,6 +333,8 @@ def test_gvisor_network_grants_exactly_the_policy_and_secrets_and_the_code_canno
     assert ("tcp", "10.0.0.5", "deny") in seen and ("tcp", "169.254.169.254", "deny") in seen, seen
     assert "revoked" in {e["verdict"] for e in out["log"]}
     assert not lab.queries(name="git.example.com")  # neither through our DNS nor sent to 192.0.2.53 directly
+    answer = bytes.fromhex(out["direct_dns"].strip("'"))  # the query sent to 192.0.2.53 met the broker instead
+    assert answer[:2] == bytes.fromhex("abcd") and answer[3] & 0xF == 3, out["direct_dns"]  # NXDOMAIN
     assert {r["host"] for r in lab.requests()} == {"www.example.com", "api.example.com"}
     assert out["left"] == [], out["left"]
 
