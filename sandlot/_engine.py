@@ -75,6 +75,9 @@ class Engine:
         if spec.on_idle == "pause" and not supports(isolation, "pause"):
             tiers = " or ".join(f"isolation={name!r}" for name in isolations_with("pause"))
             raise InvalidRequest(f"on_idle is 'kill', or 'pause' with {tiers} (checkpoint to disk)")
+        if spec.on_idle == "pause" and (spec.network is not None or spec.secrets is not None):
+            raise InvalidRequest("on_idle='pause' cannot keep a network: a sandbox with network= or secrets= "
+                                 "is killed when idle (its broker and host sockets do not survive a checkpoint)")
         if (spec.network is not None or spec.secrets is not None) and not supports(isolation, "network"):
             tiers = " or ".join(f"isolation={name!r}" for name in isolations_with("network"))
             raise InvalidRequest(f"network= and secrets= need {tiers}: the {isolation} tier has no network yet")
@@ -91,9 +94,10 @@ class Engine:
         backend = self.backend(spec.isolation or "process")
         network = SandboxNetwork.plan(spec.network, spec.secrets)
         env = dict(spec.env, **(network.env() if network else {}))
-        proc = await self._claim(backend, template, spec, env)
+        # A tier that gives a network only at boot (gVisor) never hands a warm, network-less one to it.
+        proc = None if network is not None and backend.network_at_boot else await self._claim(backend, template, spec, env)
         if proc is None:
-            proc = await backend.start(template, spec.limits, env, awaited=True)
+            proc = await backend.start(template, spec.limits, env, awaited=True, network=network is not None)
         sandbox = LocalSandbox(spec, backend, proc, network)
         if network is not None:
             try:

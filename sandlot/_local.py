@@ -88,6 +88,9 @@ class LocalSandbox(SandboxHandle):
             proc = self._alive()
             if not self._backend.capabilities.pause:
                 raise InvalidRequest(f"pause() needs {_isolations_that('pause')}: the {self.isolation} tier cannot checkpoint")
+            if self.network is not None:  # checked before the idle watchdog is touched: nothing changes
+                raise InvalidRequest("a sandbox with a network cannot be paused: its host sockets and its broker "
+                                     "do not survive a checkpoint")
             if self._watchdog is not None and self._watchdog is not asyncio.current_task():
                 self._watchdog.cancel()
             figures = await proc.pause()

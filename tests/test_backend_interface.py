@@ -70,7 +70,7 @@ def test_the_registry_lists_both_tiers_and_refuses_an_unknown_one():
     # What each tier says it can do, as the README describes the tiers today.
     assert isolations_with("pause") == ["gvisor"] and isolations_with("checkpoint") == ["gvisor"]
     assert isolations_with("fork") == ["process"]  # sandboxes forked from a per-template zygote
-    assert isolations_with("network") == ["process"]  # egress by policy: the process tier so far
+    assert isolations_with("network") == ["process", "gvisor"]  # egress by policy, both tiers
     assert isolations_with("mounts") == []  # no tier grants these yet
     with pytest.raises(AttributeError):
         isolations_with("teleport")

@@ -307,3 +307,21 @@ def test_rootless_a_non_root_owner_configures_and_serves_its_sandboxs_namespace(
     assert out["uid"] == 65534
     assert out["original"] == ["203.0.113.7", 443] and out["dns"] == "q" and out["rules"]
     assert "cannot enter" in out["thread_setns"] and "Operation not permitted" in out["thread_setns"]
+
+
+def test_a_held_namespace_for_a_runtime_is_new_configured_and_ends_with_its_holder():
+    """sandlot/_net/holder.py: what gVisor's runsc --network=host joins. Never this process's namespace;
+    configurable like a sandbox's; gone (no process left in it) once closed."""
+    from sandlot._net.holder import NetnsHolder as RuntimeNetns
+
+    own = os.stat("/proc/self/ns/net").st_ino
+    holder = RuntimeNetns().start()
+    try:
+        pid, inode = holder.pid, os.stat(holder.path).st_ino
+        assert inode != own and holder.path == f"/proc/{pid}/ns/net"
+        netns.configure(pid)
+        assert "redirect to :1001" in netns.ruleset(pid)
+    finally:
+        holder.close()
+    assert not os.path.exists(f"/proc/{pid}/ns/net") or os.stat(f"/proc/{pid}/ns/net").st_ino != inode
+    holder.close()  # twice is harmless

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import textwrap
 
 import pytest
@@ -176,11 +177,166 @@ def test_a_secret_reaches_only_its_host_and_never_the_sandbox(lab):
     assert out["found"].strip() in ("0", "")
 
 
-def test_network_is_refused_clearly_where_a_tier_has_none():
-    with pytest.raises(sandlot.InvalidRequest, match="isolation='process'"):
-        sandlot.Sandbox(isolation="gvisor", network="public", api_url="")
+def test_a_bad_network_rule_is_refused_clearly():
     with pytest.raises(sandlot.InvalidRequest, match="network rule"):
         sandlot.Sandbox(network={"allow": ["exa mple.com"]}, api_url="")
+    # Host sockets and the broker do not survive a checkpoint: a sandbox with a network is never paused.
+    with pytest.raises(sandlot.InvalidRequest, match="on_idle='pause' cannot keep a network"):
+        sandlot.Sandbox(isolation="gvisor", network="public", on_idle="pause", api_url="")
+
+
+# -- the gVisor tier: runsc --network=host inside a namespace made for the sandbox ----------------------
+needs_runsc = pytest.mark.skipif(shutil.which("runsc") is None, reason="runsc (Debian package `runsc`) is not installed")
+RUNSC_FACTS = '''
+def runsc_facts(sb):
+    """How runsc runs this sandbox, read from /proc: the `run` command's network flag, and the network
+    namespaces of its sentry (`boot`) next to this driver's (the lab: the "host" of these tests)."""
+    sid, facts = sb.sandbox_id, {"network_flag": [], "sentry_netns": []}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = [a.decode() for a in open(f"/proc/{pid}/cmdline", "rb").read().split(bytes(1)) if a]
+            netns = os.stat(f"/proc/{pid}/ns/net").st_ino
+        except OSError:
+            continue
+        if not argv or sid not in argv or "runsc" not in argv[0]:
+            continue
+        if "run" in argv:
+            facts["network_flag"] += [a for a in argv if a.startswith("--network")]
+        if "boot" in argv:
+            facts["sentry_netns"].append(netns)
+    facts["driver_netns"] = os.stat("/proc/self/ns/net").st_ino
+    return facts
+'''
+# A DNS query for git.example.com (A), sent straight to the internet's resolver by the code.
+GIT_QUERY = "abcd0100000100000000000003676974076578616d706c6503636f6d0000010001"
+
+
+@needs_runsc
+def test_gvisor_without_a_network_has_none_and_a_network_create_never_takes_a_warm_one(lab):
+    """A gVisor sandbox without a network runs with --network=none (gVisor's own netstack: loopback only);
+    a warm one (pooled, network=none) is never handed to a create that asks for a network."""
+    lab.clear_logs()
+    out = drive(lab, RUNSC_FACTS + textwrap.dedent("""
+        from sandlot._engine import default_engine
+        sandlot.configure_pool("python", min_ready=1)
+        started = time.monotonic()
+        with sandlot.Sandbox(isolation="gvisor") as sb:
+            out["boot"] = time.monotonic() - started
+            out["facts"] = runsc_facts(sb)
+            sb.run_code(FETCH)
+            out["ip"] = sb.run_code("fetch('http://203.0.113.10/')").text
+            out["name"] = sb.run_code("fetch('http://www.example.com/')").text
+            try:
+                out["late"] = sb.network.update(allow=["www.example.com"])
+            except sandlot.InvalidRequest as exc:
+                out["late"] = str(exc)
+            out["name_after"] = sb.run_code("fetch('http://www.example.com/')").text
+        deadline = time.time() + 120
+        while not default_engine().pools.ready(isolation="gvisor") and time.time() < deadline:
+            time.sleep(0.2)
+        out["warm"] = [s.id for s in default_engine().pools.ready(isolation="gvisor")]
+        with sandlot.Sandbox(isolation="gvisor", network={"allow": []}) as nsb:
+            out["net_id"] = nsb.sandbox_id
+            out["net_facts"] = runsc_facts(nsb)
+        out["warm_after"] = [s.id for s in default_engine().pools.ready(isolation="gvisor")]
+    """), env={"SANDLOT_POOL_MIN": "1"})
+    print("gVisor boot without network: %.2f s" % out["boot"])
+    facts = out["facts"]
+    assert facts["network_flag"] == ["--network=none"], facts
+    assert facts["sentry_netns"] and facts["driver_netns"] not in facts["sentry_netns"], facts
+    assert "hello" not in out["ip"] and "URLError" in out["name"], out
+    # runsc's network mode is fixed at boot: no network added later (the process tier can).
+    assert "only at create" in out["late"] and "URLError" in out["name_after"], out
+    assert lab.requests() == [] and lab.queries() == []
+    assert len(out["warm"]) == 1 and out["warm_after"] == out["warm"] and out["net_id"] not in out["warm"], out
+    assert out["net_facts"]["network_flag"] == ["--network=host"], out["net_facts"]
+
+
+@needs_runsc
+def test_gvisor_network_grants_exactly_the_policy_and_secrets_and_the_code_cannot_touch_it(lab):
+    """One gVisor sandbox (each boot is seconds under ptrace): an allowed name works, a denied one is
+    refused (never asked upstream, even sent to a resolver directly) and logged, private and metadata
+    addresses are refused, a secret is substituted for its host, ip/nft/raw sockets inside change
+    nothing, and a live update cuts an open stream."""
+    lab.clear_logs()
+    out = drive(lab, RUNSC_FACTS + textwrap.dedent(f"""
+        secret = "sk-real-value-0123456789"
+        started = time.monotonic()
+        with sandlot.Sandbox(isolation="gvisor", network={{"allow": ["www.example.com"]}},
+                             secrets={{"API_KEY": {{"value": secret, "hosts": ["api.example.com"]}}}}) as sb:
+            out["boot"] = time.monotonic() - started
+            out["facts"] = runsc_facts(sb)
+            sb.run_code(FETCH)
+            out["web"] = sb.run_code("fetch('http://www.example.com/')").text
+            out["denied"] = sb.run_code("fetch('http://git.example.com/')").text
+            out["private"] = sb.run_code("fetch('http://10.0.0.5/')").text
+            out["metadata"] = sb.run_code("fetch('http://169.254.169.254/latest/meta-data/')").text
+            out["direct_dns"] = sb.run_code(
+                "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)\\n"
+                "s.sendto(bytes.fromhex('{GIT_QUERY}'), ('192.0.2.53', 53))\\n"
+                "s.recv(512).hex()").text
+            out["env"] = sb.run_code("import os; os.environ['API_KEY']").text
+            out["api"] = sb.run_code(
+                "fetch('https://api.example.com/v1', {{'Authorization': 'Bearer ' + os.environ['API_KEY']}})").text
+            out["tamper"] = sb.commands.run(
+                "ip route add 10.0.0.0/8 dev lo 2>&1; echo ip=$?; nft flush ruleset 2>&1; echo nft=$?; "
+                "ip link set lo down 2>&1; echo down=$?; "
+                "python3 -c 'import socket; socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)' "
+                "2>&1 | tail -1", env={{"PATH": "/usr/sbin:/sbin:/usr/bin:/bin"}}).stdout
+            out["private_after"] = sb.run_code("fetch('http://10.0.0.5/')").text
+            out["web_after"] = sb.run_code("fetch('http://www.example.com/')").text
+            try:
+                out["pause"] = repr(sb.pause())
+            except sandlot.InvalidRequest as exc:
+                out["pause"] = str(exc)
+            stream = sb.commands.run("curl -sS -N -m 30 http://www.example.com/stream", background=True)
+            deadline = time.time() + 20
+            while "tick" not in stream.stdout and time.time() < deadline:
+                time.sleep(0.1)
+            out["before"] = stream.stdout.count("tick")
+            cut = time.time()
+            sb.network.update(allow=[])
+            out["curl_exit"] = stream.wait().exit_code
+            out["cut_after"] = time.time() - cut
+            out["log"] = sb.network.log()
+        # Killed: nothing is left in its namespace (runsc, the sentry, the holder), so the namespace is gone.
+        netns = set(out["facts"]["sentry_netns"])
+        deadline = time.time() + 15
+        while time.time() < deadline:
+            out["left"] = [p for p in filter(str.isdigit, os.listdir("/proc"))
+                           if os.path.exists(f"/proc/{{p}}/ns/net") and os.stat(f"/proc/{{p}}/ns/net").st_ino in netns]
+            if not out["left"]:
+                break
+            time.sleep(0.2)
+    """), env={"SSL_CERT_FILE": str(lab.ca_path)})
+    print("gVisor boot with network (and secrets): %.2f s" % out["boot"])
+    facts = out["facts"]
+    assert facts["network_flag"] == ["--network=host"], facts
+    sentry = set(facts["sentry_netns"])
+    assert sentry and facts["driver_netns"] not in sentry and os.stat("/proc/self/ns/net").st_ino not in sentry, facts
+    assert "hello from 203.0.113.10 (www.example.com)" in out["web"], out["web"]
+    assert "hello" not in out["denied"] and "Error" in out["denied"], out["denied"]
+    for key in ("private", "metadata", "private_after"):
+        assert "hello" not in out[key] and ("Error" in out[key] or "reset" in out[key].lower()), (key, out[key])
+    assert out["env"].strip("'").startswith("SANDLOT_SECRET_")
+    assert "hello from" in out["api"], out["api"]
+    api = [r for r in lab.requests() if r["host"] == "api.example.com"]
+    assert [r["headers"].get("authorization") for r in api] == ["Bearer sk-real-value-0123456789"]
+    tamper = out["tamper"]
+    assert "ip=0" not in tamper and "nft=0" not in tamper and "down=0" not in tamper, tamper
+    assert tamper.rstrip().splitlines()[-1].startswith(("PermissionError", "OSError")), tamper  # no raw socket
+    assert "hello from" in out["web_after"]
+    assert "cannot be paused" in out["pause"], out["pause"]
+    assert out["before"] >= 1 and out["curl_exit"] != 0 and out["cut_after"] < 5, out
+    seen = {(e["kind"], e["name"] or e["address"], e["verdict"]) for e in out["log"]}
+    assert ("dns", "git.example.com", "deny") in seen and ("tcp", "www.example.com", "allow") in seen, seen
+    assert ("tcp", "10.0.0.5", "deny") in seen and ("tcp", "169.254.169.254", "deny") in seen, seen
+    assert "revoked" in {e["verdict"] for e in out["log"]}
+    assert not lab.queries(name="git.example.com")  # neither through our DNS nor sent to 192.0.2.53 directly
+    answer = bytes.fromhex(out["direct_dns"].strip("'"))  # the query sent to 192.0.2.53 met the broker instead
+    assert answer[:2] == bytes.fromhex("abcd") and answer[3] & 0xF == 3, out["direct_dns"]  # NXDOMAIN
+    assert {r["host"] for r in lab.requests()} == {"www.example.com", "api.example.com"}
+    assert out["left"] == [], out["left"]
 
 
 SERVER_DRIVER = """

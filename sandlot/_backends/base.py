@@ -126,6 +126,8 @@ class Backend(abc.ABC):
 
     name: ClassVar[str]
     capabilities: ClassVar[Capabilities] = Capabilities()
+    # A sandbox with a network must be booted with it (start(network=True)): a warm one cannot be given one.
+    network_at_boot: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self._cleanups: set[asyncio.Task[None]] = set()
@@ -148,9 +150,11 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     async def start(self, template: Template, limits: Limits, env: dict[str, str], *,
-                    awaited: bool = False) -> BackendSandbox:
+                    awaited: bool = False, network: bool = False) -> BackendSandbox:
         """A new sandbox running the agent. ``awaited``: a caller is waiting for this one (not a warm
-        pool filling up), so it should be ready as soon as possible rather than fully warmed."""
+        pool filling up), so it should be ready as soon as possible rather than fully warmed.
+        ``network``: it will be given a network (``netns_pid()`` then names its namespace); a tier whose
+        sandboxes always have a namespace of their own ignores it."""
 
     async def prepare(self, template: Template) -> None:
         """Make the next start of ``template`` fast (a tier that forks starts its parent now)."""

@@ -3,6 +3,19 @@
 runsc gives the container its namespaces, a read-only root (host paths bound through its gofer) and no
 network (``--network=none``); the agent adds no_new_privs, rlimits and the seccomp allowlist inside.
 
+A sandbox with a network (``Sandbox(network=..., secrets=...)``) is booted differently: the host makes a
+network namespace for it first (a holder process, sandlot/_net/holder.py), configures it as the process
+tier's (lo, routes to lo, nftables redirecting DNS and TCP to the broker: sandlot/_net/netns.py), and runsc
+runs with ``--network=host`` and the spec's network namespace naming THAT namespace, so the sentry's
+sockets are host sockets there and the same broker serves them (SO_ORIGINAL_DST sees the sentry's real
+connect()). The code never holds a host socket: gVisor's own netlink gives it no way to change routes or
+rules, and raw sockets stay off (no ``--net-raw``). Sandboxes without a network keep ``--network=none``
+(gVisor's netstack with only a loopback; a smaller surface), so the warm pool never serves a network create,
+and a sandbox made without one cannot be given one later. The cgroup of a sandbox with a network gives host
+socket buffers their share of the memory limit (cgroup v1), as the process tier's does: at zero (right for
+gVisor's own netstack) the kernel drops every datagram to the sentry's sockets and DNS never answers. Such
+a sandbox cannot be paused: host sockets and the broker do not survive a checkpoint.
+
 Who is who inside: gVisor (Debian's 2022 runsc) does not shield pid 1 from its own container's
 signals as Linux shields an init, so code running as the agent's uid could SIGKILL or SIGSTOP it. The
 agent therefore starts as gVisor-internal root with only CAP_SETUID/SETGID/SETPCAP, empties the
@@ -47,6 +60,8 @@ from .._exceptions import HostUnsupported, InvalidRequest, SandboxCrashed, Sandb
 from .._host import cgroups
 from .._host.channel import CLOSED, Channel
 from .._limits import Limits
+from .._net import netns
+from .._net.holder import NetnsHolder
 from .._agent import linux
 from .._agent.isolation import USER_UID
 from .._templates import Template, data_root
@@ -75,7 +90,7 @@ def data_dir() -> Path:
     return path
 
 
-def _runsc_argv(*args: str) -> list[str]:
+def _runsc_argv(*args: str, network: str = "none") -> list[str]:
     platform = _config.gvisor_platform()  # "kvm" where /dev/kvm really works
     if platform == "kvm":
         from .._host import kvm
@@ -84,7 +99,7 @@ def _runsc_argv(*args: str) -> list[str]:
         if why is not None:  # runsc would hang rather than fail: say so instead
             raise HostUnsupported(f"SANDLOT_GVISOR_PLATFORM=kvm cannot work here: {why}. Use ptrace (the default).")
     # --ignore-cgroups: runsc would otherwise move itself into a cgroup of its own, outside our limits.
-    return [runsc_path(), "--root", str(data_dir() / "runsc"), "--network=none", "--ignore-cgroups",
+    return [runsc_path(), "--root", str(data_dir() / "runsc"), f"--network={network}", "--ignore-cgroups",
             f"--platform={platform}", *args]
 
 
@@ -128,7 +143,8 @@ def _etc_binds() -> list[str]:
             and not Path("/etc", n).is_symlink()]
 
 
-def _spec(template: Template, limits: Limits, env: dict[str, str], rootfs: Path, writable: Path) -> dict:
+def _spec(template: Template, limits: Limits, env: dict[str, str], rootfs: Path, writable: Path,
+          netns_path: Optional[str] = None) -> dict:
     def bind(src: str, dst: Optional[str] = None, mode: str = "ro") -> dict:
         return {"destination": dst or src, "type": "bind", "source": src, "options": ["rbind", mode, "nosuid", "nodev"]}
 
@@ -155,6 +171,9 @@ def _spec(template: Template, limits: Limits, env: dict[str, str], rootfs: Path,
         mounts += [bind(p) for p in template.prefixes]
         mounts.append(bind(str(AGENT_DIR), "/opt/sandlot/_agent"))
         argv = [template.python, "-I", "-S", "-B"]
+    namespaces: list[dict] = [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount")]
+    if netns_path is not None:  # runsc --network=host joins this one (never the host's: see holder.py)
+        namespaces[1]["path"] = netns_path
     rlimits = [("RLIMIT_NOFILE", limits.open_files), ("RLIMIT_NPROC", limits.pids), ("RLIMIT_CORE", 0),
                ("RLIMIT_FSIZE", limits.disk)]
     return {
@@ -170,7 +189,7 @@ def _spec(template: Template, limits: Limits, env: dict[str, str], rootfs: Path,
         "root": {"path": template.rootfs or str(rootfs), "readonly": True},
         "hostname": "sandbox",
         "mounts": mounts,
-        "linux": {"namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount")]},
+        "linux": {"namespaces": namespaces},
     }
 
 
@@ -250,6 +269,7 @@ class GVisorSandbox(CgroupSandbox):
         self._pidfd: Optional[int] = None
         self._cleaned = False
         self._lock_fd: Optional[int] = None
+        self._netns: Optional[NetnsHolder] = None  # the host-made namespace of a sandbox with a network
 
     def cgroup_limits(self, limits: Limits) -> Limits:
         """What the cgroup gets for these limits: pids.max leaves room for runsc's own threads."""
@@ -267,6 +287,14 @@ class GVisorSandbox(CgroupSandbox):
     def returncode(self) -> Optional[int]:
         return None if self._proc is None else self._proc.poll()
 
+    def netns_pid(self) -> int:
+        """The holder of the namespace runsc's sentry lives in (made at boot for a sandbox with a network)."""
+        if self._netns is None:
+            raise InvalidRequest(f"gVisor sandbox {self.id} was made without a network, and a gVisor sandbox gets "
+                                 "its network only at create (runsc's network mode is fixed at boot): "
+                                 "create it with network=...")
+        return self._netns.pid
+
     async def wait(self) -> int:
         assert self._exited is not None
         return await asyncio.shield(self._exited)
@@ -274,7 +302,9 @@ class GVisorSandbox(CgroupSandbox):
     async def _launch(self, *runsc_args: str) -> None:
         """Start runsc (run or restore) inside our cgroup, speaking on fresh pipes."""
         procs = [str(d / "cgroup.procs") for d in self.cgroup.dirs.values()]
-        trampoline = 'for f in "$@"; do printf %s $$ > "$f" || exit 97; done; exec ' + shlex.join(_runsc_argv(*runsc_args))
+        network = "host" if self._netns is not None else "none"  # host: the namespace _netns holds, see start()
+        trampoline = ('for f in "$@"; do printf %s $$ > "$f" || exit 97; done; exec '
+                      + shlex.join(_runsc_argv(*runsc_args, network=network)))
         # The outer shell stays outside the cgroup, waits for runsc, and unmounts the sandbox's tmpfs
         # when it ends for good (its owner died, say), unless it ended for a pause (image/ exists).
         rw, image = shlex.quote(str(self.home / "rw")), shlex.quote(str(self.home / "image"))
@@ -313,6 +343,9 @@ class GVisorSandbox(CgroupSandbox):
     # -- pause / resume -------------------------------------------------------------------------
     async def pause(self) -> dict:
         """Checkpoint the live session to disk (memory, open files, cwd) and stop it. Returns figures."""
+        if self._netns is not None:
+            raise InvalidRequest("a gVisor sandbox with a network cannot be paused: its host sockets and its "
+                                 "broker do not survive a checkpoint")
         # The record a later owner adopts: the limits of now (a warm sandbox took its owner's at claim).
         self._write_meta()
         image = self.home / "image"
@@ -392,6 +425,8 @@ class GVisorSandbox(CgroupSandbox):
         await self.remove_cgroup()
         await _off_loop(_remove_home, self.home)
         self._release()
+        if self._netns is not None:  # runsc is gone: the namespace ends with its holder
+            await _off_loop(self._netns.close)
 
     def _release(self) -> None:
         if self._lock_fd is not None:
@@ -401,18 +436,22 @@ class GVisorSandbox(CgroupSandbox):
 
 class GVisorBackend(Backend):
     name = "gvisor"
-    # Pause is a checkpoint to disk: a later process takes a paused sandbox back (adopt).
-    capabilities = Capabilities(pause=True, checkpoint=True)
+    # Pause is a checkpoint to disk: a later process takes a paused sandbox back (adopt). A network is
+    # given at boot (runsc --network=host in a namespace made for it), so a warm sandbox never has one.
+    capabilities = Capabilities(pause=True, checkpoint=True, network=True)
+    network_at_boot = True
     _swept = False
 
     async def start(self, template: Template, limits: Limits, env: dict[str, str], *,
-                    awaited: bool = False) -> GVisorSandbox:
+                    awaited: bool = False, network: bool = False) -> GVisorSandbox:
         runsc_path()
         if not GVisorBackend._swept:
             GVisorBackend._swept = True
             await asyncio.to_thread(sweep_stale)
         sandbox_id = new_sandbox_id()
-        cgroup = await asyncio.to_thread(cgroups.Cgroup, sandbox_id, _room_for_runsc(limits), host_sockets=False)
+        # With a network the sentry's sockets are host sockets: on cgroup v1 they need their share of the
+        # limit for buffers (at zero, every datagram to them is dropped: UDP, hence DNS, never arrives).
+        cgroup = await asyncio.to_thread(cgroups.Cgroup, sandbox_id, _room_for_runsc(limits), host_sockets=network)
         home = data_dir() / "sandboxes" / sandbox_id
         (home / "bundle").mkdir(parents=True)
         sandbox = GVisorSandbox(sandbox_id, limits, cgroup, home, template.name)
@@ -423,9 +462,16 @@ class GVisorBackend(Backend):
         except BaseException:
             await sandbox.kill("boot failed")
             raise
+        if network:
+            try:
+                sandbox._netns = await asyncio.to_thread(_network_namespace)
+            except BaseException:
+                await sandbox.kill("boot failed")
+                raise
         env_inside = sandbox_env(template, env)
         rootfs = Path(template.rootfs) if template.rootfs else await asyncio.to_thread(_template_rootfs, template)
-        spec = _spec(template, limits, env_inside, rootfs, writable)
+        spec = _spec(template, limits, env_inside, rootfs, writable,
+                     sandbox._netns.path if sandbox._netns is not None else None)
         (home / "bundle" / "config.json").write_text(json.dumps(spec))
         try:
             await sandbox._launch("run", f"--bundle={home / 'bundle'}", sandbox_id)
@@ -469,6 +515,18 @@ class GVisorBackend(Backend):
         sandbox.on_cleanup = self.track_cleanup
         sandbox._paused = True
         return sandbox
+
+
+def _network_namespace() -> NetnsHolder:
+    """A new network namespace for one sandbox, configured (routes to lo, the nftables redirect) before
+    runsc starts in it, so the sentry never sees it otherwise. Refuses this process's own namespace."""
+    holder = NetnsHolder().start()
+    try:
+        netns.configure(holder.pid)  # opens the namespace by fd and refuses ours (netns._open_netns)
+    except BaseException:
+        holder.close()
+        raise
+    return holder
 
 
 async def _off_loop(fn, *args, **kwargs):

@@ -281,7 +281,7 @@ class ProcessBackend(Backend):
             await asyncio.to_thread(self.zygote_for(template).ensure_started)
 
     async def start(self, template: Template, limits: Limits, env: dict[str, str], *,
-                    awaited: bool = False) -> ProcessSandbox:
+                    awaited: bool = False, network: bool = False) -> ProcessSandbox:
         sandbox_id = new_sandbox_id()
         cgroup = await _in_thread(cgroups.Cgroup, sandbox_id, limits, undo=lambda made: made.remove())
         host_end, child_end = socket.socketpair()
