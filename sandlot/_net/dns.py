@@ -31,6 +31,9 @@ SYNTHETIC_TTL = 30
 UPSTREAM_TIMEOUT = 2.0     # per server and attempt
 TCP_IDLE = 10.0            # a DNS-over-TCP client idle this long is closed
 MAX_IN_FLIGHT = 256        # UDP queries answered concurrently; more are dropped (a flood costs us nothing)
+# DNS-over-TCP clients served at once per sandbox; more are reset at once. Each costs the HOST process a
+# file descriptor (and a pending upstream query): unbounded, one sandbox could exhaust the server's fds.
+MAX_TCP_CLIENTS = 32
 ADDRESS_TYPES = ("A", "AAAA")
 
 
@@ -286,6 +289,7 @@ class DnsResponder:
         self.log = log
         self.host_addresses = frozenset(policy_module.host_addresses() if host_addresses is None else host_addresses)
         self._in_flight = 0
+        self._tcp_clients = 0
 
     async def handle(self, data: bytes) -> Optional[bytes]:
         """The answer to one query (wire format), or None when the packet deserves none (not a query)."""
@@ -385,6 +389,10 @@ class DnsResponder:
             server.close()
 
     async def _tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._tcp_clients >= MAX_TCP_CLIENTS:
+            writer.transport.abort()  # RST: the client learns at once (and may retry, or use UDP)
+            return
+        self._tcp_clients += 1
         try:
             while True:
                 head = await asyncio.wait_for(reader.readexactly(2), TCP_IDLE)
@@ -397,6 +405,7 @@ class DnsResponder:
         except Exception:  # noqa: BLE001 - short reads, timeouts, resets, a bug on one packet: close this one
             pass
         finally:
+            self._tcp_clients -= 1
             writer.close()
 
 
