@@ -149,6 +149,7 @@ def test_the_synthetic_table_has_a_bound_in_both_families():
     for i in range(1, bound + 10):
         table.assign(f"n{i}.example.com", ["2001:db8::10"])
     assert len(table.names()) <= bound
+    assert len(table._reals) <= bound  # nothing of a forgotten name stays behind
     assert table.lookup(first) is None or table.lookup(first)[0] != "n0.example.com"
     latest = table.assign("latest.example.com", ["2001:db8::10"])
     assert table.lookup(latest)[0] == "latest.example.com"

@@ -35,6 +35,9 @@ MAX_IN_FLIGHT = 256        # UDP queries answered concurrently; more are dropped
 # file descriptor (and a pending upstream query): unbounded, one sandbox could exhaust the server's fds.
 MAX_TCP_CLIENTS = 32
 ADDRESS_TYPES = ("A", "AAAA")
+# Names remembered per family and sandbox: the v6 range (2^64) never runs out, and every name costs the
+# host memory; past this the least recently resolved name is forgotten, as when a range runs out.
+MAX_NAMES = 65536
 
 
 class UpstreamError(Exception):
@@ -47,8 +50,10 @@ class SyntheticAddresses:
     remembered) → the real addresses upstream last gave. The least recently resolved name is forgotten
     when a range runs out."""
 
-    def __init__(self, v4: ipaddress.IPv4Network = SYNTHETIC_V4, v6: ipaddress.IPv6Network = SYNTHETIC_V6) -> None:
+    def __init__(self, v4: ipaddress.IPv4Network = SYNTHETIC_V4, v6: ipaddress.IPv6Network = SYNTHETIC_V6,
+                 max_names: int = MAX_NAMES) -> None:
         self._nets = {4: v4, 6: v6}
+        self.max_names = max_names
         self._next = {4: 1, 6: 1}
         self._by_name: dict[int, OrderedDict[str, str]] = {4: OrderedDict(), 6: OrderedDict()}
         self._by_address: dict[str, str] = {}
@@ -75,10 +80,14 @@ class SyntheticAddresses:
 
     def _allocate(self, version: int) -> str:
         net, table = self._nets[version], self._by_name[version]
-        if self._next[version] >= net.num_addresses - 1:  # full: forget the least recently resolved name
+        if self._next[version] >= net.num_addresses - 1 or len(table) >= self.max_names:
+            # full: forget the least recently resolved name (all of it, when no family holds it any more)
             old_name, old_address = table.popitem(last=False)
             del self._by_address[old_address]
-            self._reals.get(old_name, {}).pop(version, None)
+            reals = self._reals.get(old_name, {})
+            reals.pop(version, None)
+            if not reals:
+                self._reals.pop(old_name, None)
             return old_address
         address = str(net.network_address + self._next[version])
         self._next[version] += 1
