@@ -154,3 +154,45 @@ def test_the_synthetic_table_has_a_bound_in_both_families():
     latest = table.assign("latest.example.com", ["2001:db8::10"])
     assert table.lookup(latest)[0] == "latest.example.com"
     assert json.dumps(table.names()["latest.example.com"])  # still a plain snapshot
+
+
+def _with_body(method: bytes) -> bytes:
+    inner = b"GET / HTTP/1.1\r\nHost: other.example.com\r\n\r\n"
+    return (method + b" / HTTP/1.1\r\nHost: www.example.com\r\nContent-Length: " + str(len(inner)).encode()
+            + b"\r\n\r\n" + inner)
+
+
+@needs_sandbox
+def test_a_request_body_cannot_smuggle_a_request_for_another_host(lab):
+    """Hole (desync): every plaintext request is checked by h11, whose framing is the standard's; a server
+    that does not read a request's body (Python's http.server on GET, or on a method it does not
+    implement: 501 and keep-alive) reads that body as the NEXT request, unchecked: here one for
+    other.example.com through www.example.com's server."""
+    lab.clear_logs()
+    out = drive(lab, f"""
+        with sandlot.Sandbox(network={{"allow": ["www.example.com"]}}) as sb:
+            sb.run_code({RAW!r})
+            for key, payload in {{"get": {_with_body(b"GET").hex()!r}, "patch": {_with_body(b"PATCH").hex()!r}}}.items():
+                out[key] = sb.run_code(f"raw(bytes.fromhex({{payload!r}}))").text
+    """)
+    assert lab.requests(host="other.example.com") == [], (out, lab.requests())
+
+
+def test_a_body_or_ambiguous_framing_is_refused_but_ordinary_bodies_pass():
+    """Unit level of the desync hole, and the ordinary bodies that must still pass (JSON, forms, text)."""
+    inner = b"GET / HTTP/1.1\r\nHost: other.example.com\r\n\r\n"
+    cl_te = (b"POST / HTTP/1.1\r\nHost: www.example.com\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+             + f"{len(inner):x}\r\n".encode() + inner + b"\r\n0\r\n\r\n")
+    for payload in (_with_body(b"GET"), _with_body(b"PATCH"), cl_te):
+        forward, problem = peek.HttpRequests("www.example.com").feed(payload)
+        assert problem and "desync" in problem and forward == b"", (payload[:30], problem)
+    # the smuggled request split across writes is cut before its line is complete
+    checker = peek.HttpRequests("www.example.com")
+    head, body = _with_body(b"GET").split(b"\r\n\r\n", 1)
+    assert checker.feed(head + b"\r\n\r\n" + body[:5]) [1] is None
+    assert checker.feed(body[5:])[1]
+    for body in (b'{"a": 1}', b"a=1&b=2", b"hello world\n", b"true", b"GET is a verb\n"):
+        request = (b"POST / HTTP/1.1\r\nHost: www.example.com\r\nContent-Length: " + str(len(body)).encode()
+                   + b"\r\n\r\n" + body)
+        forward, problem = peek.HttpRequests("www.example.com").feed(request)
+        assert problem is None and forward == request, (body, problem)

@@ -240,6 +240,7 @@ class HttpRequests:
         self._switching: Optional[bytes] = None  # the method of the Upgrade/CONNECT request awaiting its answer
         self._held = b""
         self._answer = b""
+        self._body: Optional[bytes] = None  # the current body's first bytes, while they may be a request
 
     def feed(self, data: bytes) -> tuple[bytes, Optional[str]]:
         if self.opaque:
@@ -276,6 +277,20 @@ class HttpRequests:
                 asked = request_host(event.method, event.target.decode("latin-1"), hosts[0] if hosts else None)
                 if not same_host(asked, self.name):
                     return b"", f"host-mismatch: dialled {self.name}, HTTP asks for {asked or 'no host'}"
+                framing = {k for k, _ in event.headers if k in (b"content-length", b"transfer-encoding")}
+                if len(framing) == 2:  # servers disagree on which wins: a body one reads as a request
+                    return b"", "desync: a request with both Content-Length and Transfer-Encoding"
+                self._body = b""
+            if isinstance(event, h11.Data) and self._body is not None:
+                # A server that does not read this body (many ignore a GET's, or a method they lack)
+                # reads it as the NEXT request, which h11 never sees: a body must not be one.
+                self._body += event.data
+                try:
+                    if looks_like_http(self._body[:_MAX_LINE]):
+                        return b"", "desync: a request body that is itself an HTTP request"
+                    self._body = None  # not a request: the rest of this body is data
+                except NeedMore:
+                    pass
             if isinstance(event, h11.ConnectionClosed):
                 return data, None
 
