@@ -118,7 +118,7 @@ def _server_name(extension: bytes) -> str:
 # -- HTTP/1 ------------------------------------------------------------------------------------------------------
 
 # Loose on purpose: what a lenient server (Python's http.server, nginx) could still read as a request.
-_REQUEST_START = re.compile(rb"^[A-Za-z]{1,16}(?:\s|$)")
+_REQUEST_START = re.compile(rb"^[A-Z]{1,16}(?:\s|$)")
 _REQUEST_LINE = re.compile(rb"^([A-Z]{1,16}) (\S+) HTTP/1\.[01]$")
 _ABSOLUTE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://([^/?#]*)")
 _MAX_LINE = 8192
