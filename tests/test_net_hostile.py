@@ -196,3 +196,37 @@ def test_a_body_or_ambiguous_framing_is_refused_but_ordinary_bodies_pass():
                    + b"\r\n\r\n" + body)
         forward, problem = peek.HttpRequests("www.example.com").feed(request)
         assert problem is None and forward == request, (body, problem)
+
+
+@needs_sandbox
+def test_a_tenant_cannot_grant_itself_the_servers_private_network_or_metadata(lab, tmp_path):
+    """Hole (server): special addresses (private, link-local, metadata, the host's own) open to an
+    explicit IP/CIDR rule - which on a server the TENANT writes. With --allow-network, any tenant could
+    reach the operator's private network and the cloud metadata endpoint (create body or PUT .../network).
+    Fix: a server refuses rules that open special addresses unless its operator also gives
+    --allow-private-network."""
+    from .test_network import _server_drive
+
+    lab.clear_logs()
+    out = _server_drive(lab, tmp_path, """
+        for rules in (["10.0.0.0/8"], ["169.254.169.254:80"], ["[::ffff:10.0.0.5]:80"], ["2002:a00:5::/48"]):
+            try:
+                with sandlot.Sandbox(network={"allow": rules}, api_url=url, api_key=key) as sb:
+                    sb.run_code(FETCH)
+                    out[rules[0]] = sb.run_code("fetch('http://10.0.0.5/') + fetch('http://169.254.169.254/')").text
+            except sandlot.InvalidRequest as exc:
+                out[rules[0]] = "refused: " + str(exc)
+        with sandlot.Sandbox(network={"allow": ["www.example.com"]}, api_url=url, api_key=key) as sb:
+            try:
+                sb.network.update(allow=["www.example.com", "10.0.0.5"])
+                sb.run_code(FETCH)
+                out["update"] = sb.run_code("fetch('http://10.0.0.5/')").text
+            except sandlot.InvalidRequest as exc:
+                out["update"] = "refused: " + str(exc)
+            out["policy"] = sb.network.update(allow=["www.example.com", "203.0.113.0/24:80"])
+    """, "--allow-network")
+    assert not lab.requests(server=netlab.PRIVATE_V4) and not lab.requests(server=netlab.METADATA_V4), out
+    for key, value in out.items():
+        if key != "policy":
+            assert value.startswith("refused: ") and "--allow-private-network" in value, (key, value)
+    assert out["policy"]["allow"] == ["www.example.com", "203.0.113.0/24:80"]  # public rules still fine
