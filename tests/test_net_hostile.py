@@ -230,3 +230,26 @@ def test_a_tenant_cannot_grant_itself_the_servers_private_network_or_metadata(la
         if key != "policy":
             assert value.startswith("refused: ") and "--allow-private-network" in value, (key, value)
     assert out["policy"]["allow"] == ["www.example.com", "203.0.113.0/24:80"]  # public rules still fine
+
+
+@needs_sandbox
+def test_an_operator_can_still_give_tenants_the_private_network(lab, tmp_path):
+    from .test_network import _server_drive
+
+    lab.clear_logs()
+    out = _server_drive(lab, tmp_path, """
+        with sandlot.Sandbox(network={"allow": ["10.0.0.5:80"]}, api_url=url, api_key=key) as sb:
+            sb.run_code(FETCH)
+            out["private"] = sb.run_code("fetch('http://10.0.0.5/')").text
+    """, "--allow-network --allow-private-network")
+    assert "hello from 10.0.0.5" in out["private"], out
+
+
+def test_which_rules_open_special_addresses():
+    from sandlot._net.policy import NetworkPolicy
+
+    policy = NetworkPolicy.build({"allow": ["*", "pypi.org", "0.0.0.0/0", "203.0.113.0/24", "10.0.0.0/8:443",
+                                            "169.254.169.254", "[fd00::1]:80", "::ffff:192.168.1.1",
+                                            "64:ff9b::a00:5", "203.0.113.1", "2001:db8::/32"]})
+    assert policy.special_rules(["203.0.113.1"]) == ["10.0.0.0/8:443", "169.254.169.254", "[fd00::1]:80",
+                                                     "192.168.1.1", "64:ff9b::a00:5", "203.0.113.1"]

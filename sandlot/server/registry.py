@@ -25,6 +25,7 @@ from .._engine import Engine, LocalTransport, default_engine
 from .._exceptions import InvalidRequest, QuotaExceeded, SandboxNotFound
 from .._host import cgroups
 from .._limits import Limits
+from .._net.policy import NetworkPolicy
 from .._models import PauseInfo
 from .._sandbox import AsyncSandbox
 from .._spec import SandboxSpec
@@ -131,6 +132,7 @@ class Registry:
         if (network is not None or secrets) and not self.settings.allow_network:
             raise InvalidRequest("this server gives sandboxes no network: its operator enables it with "
                                  "`sandlot serve --allow-network`")
+        self._check_special(NetworkPolicy.build(network))
         spec = SandboxSpec.build(template, isolation=isolation, limits=built, env=env, metadata=metadata,
                                  network=network, secrets=secrets)
         started = time.monotonic()
@@ -222,9 +224,23 @@ class Registry:
             raise InvalidRequest("this server gives sandboxes no network: its operator enables it with "
                                  "`sandlot serve --allow-network`")
         live = self.get(tenant, sandbox_id)
+        if allow is not None:  # (None keeps the rules in force, checked when they were given)
+            self._check_special(NetworkPolicy.build({"allow": allow}))
         policy = await live.sandbox.network.update(allow=allow, deny=deny)
         self.store.audit(tenant.name, "network", sandbox_id, json.dumps(policy), tenant.key_id)
         return policy
+
+    def _check_special(self, policy: Any) -> None:
+        """A tenant's rules may not open the operator's own network unless the operator said so."""
+        if policy is None or self.settings.allow_private_network:
+            return
+        from .._net.policy import host_addresses
+
+        opened = policy.special_rules(host_addresses())
+        if opened:
+            raise InvalidRequest(f"network rule(s) {opened} would open private, link-local, metadata, loopback "
+                                 "or this host's own addresses, which this server does not give: its operator "
+                                 "enables them with `sandlot serve --allow-private-network`")
 
     # -- ending ----------------------------------------------------------------------------------
     async def kill(self, tenant: Tenant, sandbox_id: str) -> SandboxRow:

@@ -48,13 +48,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--audit-max-rows", type=int, metavar="N", help="keep at most the newest N audit rows")
     parser.add_argument("--allow-network", action="store_true",
                         help="let tenants give sandboxes a network (egress by their rules) and secrets")
+    parser.add_argument("--allow-private-network", action="store_true",
+                        help="with --allow-network: let tenants' IP rules open private ranges, link-local and "
+                             "cloud metadata, loopback and this host's own addresses (refused otherwise)")
     args = parser.parse_args(argv)
     try:
         settings = operator_settings(
             args.db, ceilings=args.ceiling, total_memory=args.total_memory, total_pids=args.total_pids,
             audit_retention=args.audit_retention, audit_max_rows=args.audit_max_rows, max_live=args.max_live,
             max_lifetime=args.max_lifetime, requests_per_minute=args.rate,
-            isolations=[i.strip() for i in args.isolations.split(",") if i.strip()], allow_network=args.allow_network)
+            isolations=[i.strip() for i in args.isolations.split(",") if i.strip()], allow_network=args.allow_network,
+            allow_private_network=args.allow_private_network)
     except InvalidRequest as exc:
         parser.error(str(exc))
     try:

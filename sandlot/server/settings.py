@@ -58,6 +58,9 @@ class Settings:
     # Whether tenants may give their sandboxes a network (egress by their rules) and secrets. Off unless the
     # operator says so (`sandlot serve --allow-network`): egress is the operator's to grant.
     allow_network: bool = False
+    # Whether tenants' rules may open special addresses (private ranges, link-local and cloud metadata,
+    # loopback, this host's own): a tenant writes its rules, and these are the operator's network.
+    allow_private_network: bool = False
 
     def with_db(self, db_path: "str | os.PathLike[str] | None") -> "Settings":
         return self if db_path is None else dataclasses.replace(self, db_path=Path(db_path))
@@ -116,7 +119,7 @@ def operator_settings(db_path: "str | os.PathLike[str] | None" = None, *, ceilin
                       audit_retention: Optional[str] = None, audit_max_rows: Optional[int] = None,
                       max_live: Optional[int] = None, max_lifetime: Optional[float] = None,
                       requests_per_minute: Optional[int] = None, isolations: Optional[Iterable[str]] = None,
-                      allow_network: bool = False) -> Settings:
+                      allow_network: bool = False, allow_private_network: bool = False) -> Settings:
     """Settings from the operator's flags; None keeps a default. Raises InvalidRequest on a bad value."""
     quotas = Quotas()
     changes: dict[str, Any] = {}
@@ -143,4 +146,6 @@ def operator_settings(db_path: "str | os.PathLike[str] | None" = None, *, ceilin
         more["isolations"] = tuple(isolations)
     if allow_network:
         more["allow_network"] = True
+    if allow_private_network:
+        more["allow_private_network"] = True
     return dataclasses.replace(settings, **more) if more else settings
