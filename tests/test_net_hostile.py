@@ -253,3 +253,29 @@ def test_which_rules_open_special_addresses():
                                             "64:ff9b::a00:5", "203.0.113.1", "2001:db8::/32"]})
     assert policy.special_rules(["203.0.113.1"]) == ["10.0.0.0/8:443", "169.254.169.254", "[fd00::1]:80",
                                                      "192.168.1.1", "64:ff9b::a00:5", "203.0.113.1"]
+
+
+def test_an_ipv4_translated_spelling_of_loopback_is_special():
+    """Hole (small): ::ffff:0:a.b.c.d (IPv4-translated, RFC 2765 SIIT) was the one IPv4-embedding spelling
+    not recognised, so an AAAA answer ::ffff:0:7f00:1 passed the rebinding check and "*" allowed it as a
+    literal. A SIIT translator on the host's path would turn it into 127.0.0.1 or 10.x."""
+    from sandlot._net.policy import NetworkPolicy, special_reason
+
+    for text in ("::ffff:0:7f00:1", "::ffff:0:a00:5", "::ffff:0:a9fe:a9fe"):
+        assert special_reason(text), text
+        assert not NetworkPolicy.build("public").check_address(text, 80).allowed, text
+
+
+def test_one_name_cannot_make_the_host_remember_thousands_of_addresses():
+    """Hole (memory): the synthetic table kept EVERY address an upstream answer gave (a TCP answer can
+    carry ~4,000 A records), times MAX_NAMES names: gigabytes of host memory for a sandbox allowed "*"
+    resolving names of a zone its author controls. Fix: at most dns.MAX_REALS addresses per name and
+    family (the broker dials the first that answers anyway)."""
+    from sandlot._net import dns
+
+    table = SyntheticAddresses()
+    reals = [f"203.0.{i // 256}.{i % 256}" for i in range(4000)]
+    synthetic = table.assign("many.example.com", reals)
+    name, remembered = table.lookup(synthetic)
+    assert name == "many.example.com" and 1 <= len(remembered) <= getattr(dns, "MAX_REALS", 64)
+    assert remembered[0] == reals[0]
