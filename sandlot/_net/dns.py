@@ -38,6 +38,9 @@ ADDRESS_TYPES = ("A", "AAAA")
 # Names remembered per family and sandbox: the v6 range (2^64) never runs out, and every name costs the
 # host memory; past this the least recently resolved name is forgotten, as when a range runs out.
 MAX_NAMES = 65536
+# Real addresses remembered per name and family (an upstream answer may carry thousands; the broker dials
+# the first that answers): bounds what one name costs the host. All of them are checked before any is kept.
+MAX_REALS = 16
 
 
 class UpstreamError(Exception):
@@ -62,7 +65,7 @@ class SyntheticAddresses:
 
     def assign(self, name: str, reals: Iterable[Any]) -> str:
         """The synthetic address for name in the family of reals (all one family), remembering reals."""
-        real = tuple(str(ipaddress.ip_address(str(r))) for r in reals)  # as upstream spelled them
+        real = tuple(str(ipaddress.ip_address(str(r))) for r in reals)[:MAX_REALS]  # as upstream spelled them
         if not real:
             raise ValueError("assign() needs at least one real address")
         version = 6 if ":" in real[0] else 4  # AAAA answers (::ffff:a.b.c.d too) get an IPv6 synthetic

@@ -232,6 +232,7 @@ _SPECIAL_V6 = _nets(
     ("::/128", "unspecified"),
     ("::1/128", "loopback"),
     ("64:ff9b:1::/48", "local-use NAT64"),
+    ("::ffff:0:0:0/96", "IPv4-translated (SIIT, deprecated)"),  # ::ffff:0:a.b.c.d: refused whatever it embeds
     ("100::/64", "discard-only (sandboxes' synthetic addresses)"),
     ("fc00::/7", "unique local (ULA)"),
     ("fe80::/10", "link-local"),
