@@ -34,10 +34,10 @@ SMUGGLED = {
 CONTROL = b"GET / HTTP/1.1\r\nHost: www.example.com\r\nConnection: close\r\n\r\n"
 RAW = """
 import socket
-def raw(payload):
+def raw(payload, host="www.example.com"):
     data = b""
     try:
-        s = socket.create_connection(("www.example.com", 80), timeout=10)
+        s = socket.create_connection((host, 80), timeout=10)
         s.sendall(payload)
         while b"hello from" not in data:
             chunk = s.recv(65536)
@@ -279,3 +279,33 @@ def test_one_name_cannot_make_the_host_remember_thousands_of_addresses():
     name, remembered = table.lookup(synthetic)
     assert name == "many.example.com" and 1 <= len(remembered) <= getattr(dns, "MAX_REALS", 64)
     assert remembered[0] == reals[0]
+
+
+OTHER_REQUEST = b"GET / HTTP/1.1\r\nHost: other.example.com\r\nConnection: close\r\n\r\n"
+
+
+@needs_sandbox
+def test_a_denied_name_is_not_reached_by_its_ip_literal_under_a_wide_grant(lab):
+    """Hole: with {"allow": ["*"], "deny": ["other.example.com"]} the name got NXDOMAIN, but its address
+    dialled as a literal (known in advance, or from DoH to any allowed resolver) was "a public address",
+    and a request naming other.example.com (Host, or TLS SNI as curl --resolve sends) went through.
+    Fix (best effort, it cannot stop a client that names nothing): while a name deny rule exists, the
+    first bytes of an IP-literal connection are read too, and a Host/SNI naming a denied name is refused."""
+    lab.clear_logs()
+    out = drive(lab, f"""
+        with sandlot.Sandbox(network={{"allow": ["*"], "deny": ["other.example.com"]}}, env=LAB_TLS) as sb:
+            trust_lab(sb)
+            sb.run_code({RAW!r})
+            out["name"] = sb.commands.run("curl -sS -m 5 http://other.example.com/").exit_code
+            out["literal_http"] = sb.run_code(
+                "raw(bytes.fromhex({OTHER_REQUEST.hex()!r}), {netlab.OTHER_V4!r})").text
+            out["literal_tls"] = sb.commands.run(
+                "curl -sS -m 5 --resolve other.example.com:443:{netlab.OTHER_V4} https://other.example.com/").stdout
+            out["control"] = sb.commands.run("curl -sS -m 5 http://{netlab.WEB_V4}/").stdout
+            out["log"] = [e["reason"] for e in sb.network.log() if e["kind"] == "tcp" and e["verdict"] == "deny"]
+    """)
+    assert out["name"] != 0
+    assert "hello from" in out["control"], out
+    assert "hello from" not in out["literal_tls"], out
+    assert "hello from" not in out["literal_http"], out
+    assert lab.requests(host="other.example.com") == [], out
