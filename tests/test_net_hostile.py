@@ -309,3 +309,49 @@ def test_a_denied_name_is_not_reached_by_its_ip_literal_under_a_wide_grant(lab):
     assert "hello from" not in out["literal_tls"], out
     assert "hello from" not in out["literal_http"], out
     assert lab.requests(host="other.example.com") == [], out
+
+
+TEMPLATE_SERVER = """
+import subprocess
+from sandlot.server.store import create_key
+db = os.environ["LAB_DB"]
+key = create_key("netlab", db)
+port = int(os.environ["LAB_PORT"])
+launcher = ("import dataclasses, sys\\n"
+            "from sandlot._templates import get_template, register_transient\\n"
+            "register_transient(dataclasses.replace(get_template('python'), name='netdefault', network='public'))\\n"
+            "from sandlot.server.runner import main\\n"
+            "sys.exit(main(sys.argv[1:]))\\n")
+server = subprocess.Popen([sys.executable, "-c", launcher, "--port", str(port), "--db", db, "--log-level", "warning"])
+import httpx
+url = f"http://127.0.0.1:{port}"
+for _ in range(600):
+    try:
+        if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+            break
+    except httpx.HTTPError:
+        time.sleep(0.05)
+try:
+    try:
+        with sandlot.Sandbox(template="netdefault", api_url=url, api_key=key) as sb:
+            sb.run_code(FETCH)
+            out["web"] = sb.run_code("fetch('http://www.example.com/')").text
+    except sandlot.InvalidRequest as exc:
+        out["web"] = "refused: " + str(exc)
+finally:
+    server.terminate(); server.wait(30)
+"""
+
+
+@needs_sandbox
+def test_a_templates_default_network_is_not_a_way_around_a_server_without_network(lab, tmp_path):
+    """Hole (server): the operator did not give --allow-network, yet a sandbox of a template whose
+    sandbox.yaml says `network: public` got the public internet (the engine applies the template's
+    default after the server's check, which only looks at the body's `network`). Fix: the registry
+    refuses such a template on a server without --allow-network, saying why."""
+    from .serverproc import free_port
+
+    lab.clear_logs()
+    out = drive(lab, TEMPLATE_SERVER, env={"LAB_DB": str(tmp_path / "sandlot.db"), "LAB_PORT": str(free_port())})
+    assert "hello from" not in out["web"] and not lab.requests(), out
+    assert "--allow-network" in out["web"], out
