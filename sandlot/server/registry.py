@@ -29,6 +29,7 @@ from .._net.policy import NetworkPolicy
 from .._models import PauseInfo
 from .._sandbox import AsyncSandbox
 from .._spec import SandboxSpec
+from .._templates import get_template
 from .background import CommandTable
 from .metrics import Metrics
 from .quotas import Usage, check_lifetime, check_live, check_totals
@@ -132,6 +133,10 @@ class Registry:
         if (network is not None or secrets) and not self.settings.allow_network:
             raise InvalidRequest("this server gives sandboxes no network: its operator enables it with "
                                  "`sandlot serve --allow-network`")
+        if network is None and not self.settings.allow_network and get_template(template).network is not None:
+            # the engine would apply the template's default (sandbox.yaml `network:`) past the check above
+            raise InvalidRequest(f"template {template!r} gives its sandboxes a network, and this server gives "
+                                 "sandboxes none: its operator enables it with `sandlot serve --allow-network`")
         self._check_special(NetworkPolicy.build(network))
         spec = SandboxSpec.build(template, isolation=isolation, limits=built, env=env, metadata=metadata,
                                  network=network, secrets=secrets)
