@@ -355,3 +355,23 @@ def test_a_templates_default_network_is_not_a_way_around_a_server_without_networ
     out = drive(lab, TEMPLATE_SERVER, env={"LAB_DB": str(tmp_path / "sandlot.db"), "LAB_PORT": str(free_port())})
     assert "hello from" not in out["web"] and not lab.requests(), out
     assert "--allow-network" in out["web"], out
+
+
+@needs_sandbox
+def test_a_tenant_cannot_read_or_change_another_tenants_network(lab, tmp_path):
+    """Checked, no hole: PUT .../network and GET .../network/log of another tenant's sandbox are 404s."""
+    from .test_network import _server_drive
+
+    out = _server_drive(lab, tmp_path, """
+        other = create_key("intruder", db)
+        with sandlot.Sandbox(network={"allow": ["www.example.com"]}, api_url=url, api_key=key) as sb:
+            sb.run_code(FETCH)
+            sb.run_code("fetch('http://www.example.com/')")
+            headers = {"Authorization": f"Bearer {other}"}
+            base = f"{url}/v1/sandboxes/{sb.sandbox_id}/network"
+            out["put"] = httpx.put(base, json={"allow": ["*"]}, headers=headers).status_code
+            out["log"] = httpx.get(base + "/log", headers=headers).status_code
+            out["after"] = sb.run_code("fetch('http://api.example.com/')").text  # still not granted
+    """, "--allow-network")
+    assert out["put"] == 404 and out["log"] == 404, out
+    assert "hello from" not in out["after"], out
