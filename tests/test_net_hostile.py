@@ -375,3 +375,17 @@ def test_a_tenant_cannot_read_or_change_another_tenants_network(lab, tmp_path):
     """, "--allow-network")
     assert out["put"] == 404 and out["log"] == 404, out
     assert "hello from" not in out["after"], out
+
+
+def test_an_upgrade_to_h2c_is_refused_like_h2c_prior_knowledge():
+    """Hole (small): "PRI * HTTP/2.0" (h2c with prior knowledge) was refused as uncheckable, but the same
+    protocol reached by "Upgrade: h2c" became opaque after the server's 101, and HTTP/2 streams may name
+    any :authority (a server with several virtual hosts serves them all). Fix: an h2c upgrade is refused."""
+    for upgrade in (b"h2c", b"H2C", b"websocket, h2c"):
+        request = (b"GET / HTTP/1.1\r\nHost: www.example.com\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+                   b"Upgrade: " + upgrade + b"\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n")
+        forward, problem = peek.HttpRequests("www.example.com").feed(request)
+        assert problem and "h2c" in problem and forward == b"", (upgrade, problem)
+    websocket = (b"GET /ws HTTP/1.1\r\nHost: www.example.com\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                 b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    assert peek.HttpRequests("www.example.com").feed(websocket) == (websocket, None)
