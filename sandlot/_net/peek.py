@@ -277,6 +277,10 @@ class HttpRequests:
                 asked = request_host(event.method, event.target.decode("latin-1"), hosts[0] if hosts else None)
                 if not same_host(asked, self.name):
                     return b"", f"host-mismatch: dialled {self.name}, HTTP asks for {asked or 'no host'}"
+                upgrades = b",".join(v for k, v in event.headers if k == b"upgrade").lower()
+                if b"h2c" in [token.strip() for token in upgrades.split(b",")]:
+                    # HTTP/2 after the 101 may name any :authority (as "PRI * HTTP/2.0" could)
+                    return b"", "HTTP/2 without TLS (an h2c upgrade) cannot be checked"
                 framing = {k for k, _ in event.headers if k in (b"content-length", b"transfer-encoding")}
                 if len(framing) == 2:  # servers disagree on which wins: a body one reads as a request
                     return b"", "desync: a request with both Content-Length and Transfer-Encoding"
