@@ -389,3 +389,20 @@ def test_an_upgrade_to_h2c_is_refused_like_h2c_prior_knowledge():
     websocket = (b"GET /ws HTTP/1.1\r\nHost: www.example.com\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
                  b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
     assert peek.HttpRequests("www.example.com").feed(websocket) == (websocket, None)
+
+
+def test_every_spelling_of_a_special_address_is_refused_under_public():
+    """Checked, no hole: the IPv6 spellings of loopback, private and metadata addresses (mapped, compat,
+    NAT64, 6to4, Teredo), link-local, site-local, ULA, the synthetic ranges and the host's own address."""
+    from sandlot._net.policy import NetworkPolicy
+
+    public = NetworkPolicy.build("public")
+    for text in ("127.0.0.1", "0.0.0.0", "::", "::1", "::ffff:127.0.0.1", "::127.0.0.1", "64:ff9b::7f00:1",
+                 "2002:7f00:1::1", "2001:0:4136:e378:8000:63bf:f5ff:fffe", "::ffff:169.254.169.254",
+                 "64:ff9b::a9fe:a9fe", "fd00:ec2::254", "100.100.100.200", "fe80::1%lo", "fec0::1", "fd00:5::5",
+                 "64:ff9b:1::1", "198.18.0.1", "198.19.255.254", "100::1", "10.0.0.5", "100.64.0.1",
+                 "224.0.0.1", "ff02::1", "255.255.255.255", "240.0.0.1", "203.0.113.1", "2001:db8:1::1",
+                 "2002:cb00:7101::1"):
+        verdict = public.check_address(text, 80, host_addresses=["203.0.113.1", "2001:db8:1::1"])
+        assert not verdict.allowed, (text, verdict)
+    assert public.check_address("203.0.113.10", 80).allowed
