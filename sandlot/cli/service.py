@@ -56,9 +56,12 @@ def _when(epoch: Optional[float]) -> str:
 @click.option("--allow-network", is_flag=True,
               help="Let tenants give their sandboxes a network (egress by their own allow/deny rules, never the "
                    "host or private ranges) and secrets. Off by default: sandboxes have no network.")
+@click.option("--allow-private-network", is_flag=True,
+              help="With --allow-network: let tenants' IP/CIDR rules open private ranges, link-local and cloud "
+                   "metadata, loopback and this host's own addresses (refused otherwise).")
 def serve(host: str, port: int, db_path: Optional[str], log_level: str, no_mcp: bool, ceilings: tuple[str, ...],
           total_memory: Optional[str], total_pids: Optional[int], audit_retention: Optional[str],
-          audit_max_rows: Optional[int], allow_network: bool) -> None:
+          audit_max_rows: Optional[int], allow_network: bool, allow_private_network: bool) -> None:
     """Run the Sandlot HTTP server: REST + streaming, MCP at /mcp, /metrics, OpenAPI at /docs.
 
     Every request needs an API key (`sandlot keys create --tenant NAME`); /metrics needs an operator
@@ -72,7 +75,8 @@ def serve(host: str, port: int, db_path: Optional[str], log_level: str, no_mcp: 
     try:
         settings = server.operator_settings(db_path, ceilings=ceilings, total_memory=total_memory,
                                             total_pids=total_pids, audit_retention=audit_retention,
-                                            audit_max_rows=audit_max_rows, allow_network=allow_network)
+                                            audit_max_rows=audit_max_rows, allow_network=allow_network,
+                                            allow_private_network=allow_private_network)
     except InvalidRequest as exc:
         raise click.UsageError(str(exc)) from None
     mounts = []
