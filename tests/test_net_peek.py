@@ -94,10 +94,11 @@ def _ok(outcome):
 
 def test_every_request_of_a_plaintext_connection_is_checked():
     check = peek.HttpRequests("www.example.com")
-    hidden = b"GET / HTTP/1.1\r\nHost: evil.example\r\n\r\n"
+    # a body is data (one that IS a request is refused: test_net_hostile, desync)
+    hidden = b'{"log": "GET / HTTP/1.1\\r\\nHost: evil.example"}'
     head = b"POST /a HTTP/1.1\r\nHost: www.example.com\r\nContent-Length: %d\r\n\r\n" % len(hidden)
     assert _ok(check.feed(head)) == head
-    assert _ok(check.feed(hidden)) == hidden  # a body is not a request
+    assert _ok(check.feed(hidden)) == hidden
     chunked = b"PUT /b HTTP/1.1\r\nHost: www.example.com\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
     _ok(check.feed(chunked + b"GET /c HTTP/1.1\r\nHost: www.example.com\r\n\r\nGET /d HTT"))
     assert check.feed(b"P/1.1\r\nHost: evil.example\r\n\r\n")[1].startswith("host-mismatch")

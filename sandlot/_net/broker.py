@@ -202,6 +202,9 @@ class Broker:
             self._verdict(self._check_name(conn.name, conn.port))
         return self._verdict(self._check_address(conn.address, conn.port, conn.name))
 
+    def _denies_names(self) -> bool:
+        return self.policy is not None and any(rule.kind != "net" for rule in self.policy.deny)
+
     def _check_name(self, name: str, port: int) -> Any:
         return self.policy.check_name(name, port) if self.policy is not None else None
 
@@ -290,6 +293,16 @@ class Broker:
                 candidates = reals
             else:
                 candidates = [dialled]
+                if self._denies_names():
+                    # An IP literal may still NAME a denied site (Host, SNI: curl --resolve, an address
+                    # from DoH): refuse that. Best effort - a client naming nothing is not caught - and
+                    # only while a name deny rule exists (a silent client then waits the short peek).
+                    self._verdict(self._check_address(dialled, port, None))  # refused anyway: at once
+                    first, seen = await self._first_bytes(client)
+                    asked = self._check_name(seen.host, port) if seen is not None and seen.host else None
+                    if asked is not None and not asked.allowed and asked.rule is not None:
+                        raise Refused(f"denied name by its address: {seen.protocol} asks for {seen.host}",
+                                      asked.rule)
             rule, address = self._first_allowed(candidates, port, name)
         except Refused as refusal:
             # logged with the real address (the synthetic one means nothing outside this broker)

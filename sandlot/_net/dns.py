@@ -31,7 +31,16 @@ SYNTHETIC_TTL = 30
 UPSTREAM_TIMEOUT = 2.0     # per server and attempt
 TCP_IDLE = 10.0            # a DNS-over-TCP client idle this long is closed
 MAX_IN_FLIGHT = 256        # UDP queries answered concurrently; more are dropped (a flood costs us nothing)
+# DNS-over-TCP clients served at once per sandbox; more are reset at once. Each costs the HOST process a
+# file descriptor (and a pending upstream query): unbounded, one sandbox could exhaust the server's fds.
+MAX_TCP_CLIENTS = 32
 ADDRESS_TYPES = ("A", "AAAA")
+# Names remembered per family and sandbox: the v6 range (2^64) never runs out, and every name costs the
+# host memory; past this the least recently resolved name is forgotten, as when a range runs out.
+MAX_NAMES = 65536
+# Real addresses remembered per name and family (an upstream answer may carry thousands; the broker dials
+# the first that answers): bounds what one name costs the host. All of them are checked before any is kept.
+MAX_REALS = 16
 
 
 class UpstreamError(Exception):
@@ -44,8 +53,10 @@ class SyntheticAddresses:
     remembered) → the real addresses upstream last gave. The least recently resolved name is forgotten
     when a range runs out."""
 
-    def __init__(self, v4: ipaddress.IPv4Network = SYNTHETIC_V4, v6: ipaddress.IPv6Network = SYNTHETIC_V6) -> None:
+    def __init__(self, v4: ipaddress.IPv4Network = SYNTHETIC_V4, v6: ipaddress.IPv6Network = SYNTHETIC_V6,
+                 max_names: int = MAX_NAMES) -> None:
         self._nets = {4: v4, 6: v6}
+        self.max_names = max_names
         self._next = {4: 1, 6: 1}
         self._by_name: dict[int, OrderedDict[str, str]] = {4: OrderedDict(), 6: OrderedDict()}
         self._by_address: dict[str, str] = {}
@@ -54,7 +65,7 @@ class SyntheticAddresses:
 
     def assign(self, name: str, reals: Iterable[Any]) -> str:
         """The synthetic address for name in the family of reals (all one family), remembering reals."""
-        real = tuple(str(ipaddress.ip_address(str(r))) for r in reals)  # as upstream spelled them
+        real = tuple(str(ipaddress.ip_address(str(r))) for r in reals)[:MAX_REALS]  # as upstream spelled them
         if not real:
             raise ValueError("assign() needs at least one real address")
         version = 6 if ":" in real[0] else 4  # AAAA answers (::ffff:a.b.c.d too) get an IPv6 synthetic
@@ -72,10 +83,14 @@ class SyntheticAddresses:
 
     def _allocate(self, version: int) -> str:
         net, table = self._nets[version], self._by_name[version]
-        if self._next[version] >= net.num_addresses - 1:  # full: forget the least recently resolved name
+        if self._next[version] >= net.num_addresses - 1 or len(table) >= self.max_names:
+            # full: forget the least recently resolved name (all of it, when no family holds it any more)
             old_name, old_address = table.popitem(last=False)
             del self._by_address[old_address]
-            self._reals.get(old_name, {}).pop(version, None)
+            reals = self._reals.get(old_name, {})
+            reals.pop(version, None)
+            if not reals:
+                self._reals.pop(old_name, None)
             return old_address
         address = str(net.network_address + self._next[version])
         self._next[version] += 1
@@ -286,6 +301,7 @@ class DnsResponder:
         self.log = log
         self.host_addresses = frozenset(policy_module.host_addresses() if host_addresses is None else host_addresses)
         self._in_flight = 0
+        self._tcp_clients = 0
 
     async def handle(self, data: bytes) -> Optional[bytes]:
         """The answer to one query (wire format), or None when the packet deserves none (not a query)."""
@@ -385,6 +401,10 @@ class DnsResponder:
             server.close()
 
     async def _tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._tcp_clients >= MAX_TCP_CLIENTS:
+            writer.transport.abort()  # RST: the client learns at once (and may retry, or use UDP)
+            return
+        self._tcp_clients += 1
         try:
             while True:
                 head = await asyncio.wait_for(reader.readexactly(2), TCP_IDLE)
@@ -397,6 +417,7 @@ class DnsResponder:
         except Exception:  # noqa: BLE001 - short reads, timeouts, resets, a bug on one packet: close this one
             pass
         finally:
+            self._tcp_clients -= 1
             writer.close()
 
 

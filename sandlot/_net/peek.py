@@ -117,24 +117,37 @@ def _server_name(extension: bytes) -> str:
 
 # -- HTTP/1 ------------------------------------------------------------------------------------------------------
 
-_REQUEST_START = re.compile(rb"^[A-Z]{1,16}(?: |$)")
+# Loose on purpose: what a lenient server (Python's http.server, nginx) could still read as a request.
+_REQUEST_START = re.compile(rb"^[A-Z]{1,16}(?:\s|$)")
 _REQUEST_LINE = re.compile(rb"^([A-Z]{1,16}) (\S+) HTTP/1\.[01]$")
 _ABSOLUTE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://([^/?#]*)")
+_MAX_LINE = 8192
 
 
 def looks_like_http(data: bytes) -> bool:
-    """True for an HTTP/1 request line; raises NeedMore while the first line may still become one.
+    """True when a server could read ``data`` as an HTTP/1 request; raises NeedMore while it may become one.
 
     Decided on the complete first line, so that a line-based protocol whose first word is upper case
     (SMTP's "EHLO x", a Redis "PING") is "other" as soon as its line ends, not a request waiting for
-    headers that never come.
+    headers that never come. Decided LOOSELY: servers accept more than the canonical request line
+    (empty lines before it, several spaces or tabs, HTTP/1.2, a bare LF, a very long line), and whatever
+    they accept must be checked (http_request_host refuses what it cannot check), never spliced as
+    "other" - that would carry a request for any host through an allowed name's server.
     """
-    end = data.find(b"\r\n")
-    if end < 0:
-        if _REQUEST_START.match(data[:17]) and len(data) < 8192:
+    body = data.lstrip(b" \t\r\n\v\f")  # servers skip empty lines before a request line
+    if not body:
+        if len(data) < _MAX_LINE:
             raise NeedMore
         return False
-    return bool(_REQUEST_LINE.match(data[:end]))
+    end = body.find(b"\n")
+    if end < 0:
+        if _REQUEST_START.match(body[:17]):
+            if len(data) < _MAX_LINE:
+                raise NeedMore
+            return True  # a request line this long is no request the broker can check: refused as HTTP
+        return False
+    words = body[:end].split()
+    return len(words) >= 2 and words[-1][:5].upper() == b"HTTP/"
 
 
 def request_host(method: bytes, target: str, host_header: Optional[str]) -> Optional[str]:
@@ -149,6 +162,10 @@ def request_host(method: bytes, target: str, host_header: Optional[str]) -> Opti
 
 def http_request_host(data: bytes) -> FirstBytes:
     """The host an HTTP/1 request head names (absolute-form URL wins, as servers do). Raises NeedMore."""
+    first = data.find(b"\n")
+    if first < 1 or data[first - 1:first] != b"\r" or not _REQUEST_LINE.match(data[:first - 1]):
+        # anything but the canonical "METHOD target HTTP/1.x" CRLF, first thing sent
+        return FirstBytes("http", problem="not an HTTP/1 request line the broker can check")
     end = data.find(b"\r\n\r\n")
     if end < 0:
         raise NeedMore
@@ -159,7 +176,7 @@ def http_request_host(data: bytes) -> FirstBytes:
     hosts = []
     for header in lines[1:]:
         key, sep, value = header.partition(b":")
-        if not sep or key != key.strip() or not key:
+        if not sep or key != key.strip() or not key or b"\n" in header or b"\r" in header:
             return FirstBytes("http", problem="malformed header")
         if key.lower() == b"host":
             hosts.append(value.strip().decode("latin-1"))
@@ -223,6 +240,7 @@ class HttpRequests:
         self._switching: Optional[bytes] = None  # the method of the Upgrade/CONNECT request awaiting its answer
         self._held = b""
         self._answer = b""
+        self._body: Optional[bytes] = None  # the current body's first bytes, while they may be a request
 
     def feed(self, data: bytes) -> tuple[bytes, Optional[str]]:
         if self.opaque:
@@ -259,6 +277,24 @@ class HttpRequests:
                 asked = request_host(event.method, event.target.decode("latin-1"), hosts[0] if hosts else None)
                 if not same_host(asked, self.name):
                     return b"", f"host-mismatch: dialled {self.name}, HTTP asks for {asked or 'no host'}"
+                upgrades = b",".join(v for k, v in event.headers if k == b"upgrade").lower()
+                if b"h2c" in [token.strip() for token in upgrades.split(b",")]:
+                    # HTTP/2 after the 101 may name any :authority (as "PRI * HTTP/2.0" could)
+                    return b"", "HTTP/2 without TLS (an h2c upgrade) cannot be checked"
+                framing = {k for k, _ in event.headers if k in (b"content-length", b"transfer-encoding")}
+                if len(framing) == 2:  # servers disagree on which wins: a body one reads as a request
+                    return b"", "desync: a request with both Content-Length and Transfer-Encoding"
+                self._body = b""
+            if isinstance(event, h11.Data) and self._body is not None:
+                # A server that does not read this body (many ignore a GET's, or a method they lack)
+                # reads it as the NEXT request, which h11 never sees: a body must not be one.
+                self._body += event.data
+                try:
+                    if looks_like_http(self._body[:_MAX_LINE]):
+                        return b"", "desync: a request body that is itself an HTTP request"
+                    self._body = None  # not a request: the rest of this body is data
+                except NeedMore:
+                    pass
             if isinstance(event, h11.ConnectionClosed):
                 return data, None
 

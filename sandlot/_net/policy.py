@@ -182,6 +182,17 @@ class NetworkPolicy:
                 return None
         return reason
 
+    def special_rules(self, host_addresses: Iterable[Any] = frozenset()) -> list[str]:
+        """The allow rules that open some special address (private, link-local, metadata, loopback, the
+        host's own, or an IPv6 spelling of one): what a server's operator must grant beyond the public
+        internet (a tenant writes these rules). Conservative: a rule inside an embedding prefix (6to4,
+        NAT64, Teredo, IPv4-compatible) counts whatever it embeds. A rule wider than a special block
+        ("0.0.0.0/0") never opens it (see check_address), so it is not listed."""
+        blocks = [net for net, _ in _SPECIAL_V4 + _SPECIAL_V6] + [_COMPAT, _NAT64, _6TO4, _TEREDO]
+        blocks += [ipaddress.ip_network(parse_address(h)) for h in host_addresses]
+        return [rule.text for rule in self.allow if rule.kind == "net" and any(
+            rule.value.version == block.version and rule.value.subnet_of(block) for block in blocks)]
+
     def check_address(self, ip: Any, port: Optional[int], *, name: Optional[str] = None,
                       host_addresses: Iterable[Any] = frozenset()) -> Verdict:
         """May the sandbox connect to ip:port? With name: the address is what that (resolved) name dials,
@@ -240,6 +251,7 @@ _SPECIAL_V6 = _nets(
     ("::/128", "unspecified"),
     ("::1/128", "loopback"),
     ("64:ff9b:1::/48", "local-use NAT64"),
+    ("::ffff:0:0:0/96", "IPv4-translated (SIIT, deprecated)"),  # ::ffff:0:a.b.c.d: refused whatever it embeds
     ("100::/64", "discard-only (sandboxes' synthetic addresses)"),
     ("fc00::/7", "unique local (ULA)"),
     ("fe80::/10", "link-local"),

@@ -60,9 +60,13 @@ def _when(epoch: Optional[float]) -> str:
               help="With --allow-network: the rules tenants' allow rules must lie within, e.g. --network-allow "
                    "pypi.org --network-allow '*.pythonhosted.org' --network-allow '*:443' (repeatable; implies "
                    "--allow-network). Default: any rule.")
+@click.option("--allow-private-network", is_flag=True,
+              help="With --allow-network: let tenants' IP/CIDR rules open private ranges, link-local and cloud "
+                   "metadata, loopback and this host's own addresses (refused otherwise).")
 def serve(host: str, port: int, db_path: Optional[str], log_level: str, no_mcp: bool, ceilings: tuple[str, ...],
           total_memory: Optional[str], total_pids: Optional[int], audit_retention: Optional[str],
-          audit_max_rows: Optional[int], allow_network: bool, network_ceiling: tuple[str, ...]) -> None:
+          audit_max_rows: Optional[int], allow_network: bool, network_ceiling: tuple[str, ...],
+          allow_private_network: bool) -> None:
     """Run the Sandlot HTTP server: REST + streaming, MCP at /mcp, /metrics, OpenAPI at /docs.
 
     Every request needs an API key (`sandlot keys create --tenant NAME`); /metrics needs an operator
@@ -77,7 +81,8 @@ def serve(host: str, port: int, db_path: Optional[str], log_level: str, no_mcp: 
         settings = server.operator_settings(db_path, ceilings=ceilings, total_memory=total_memory,
                                             total_pids=total_pids, audit_retention=audit_retention,
                                             audit_max_rows=audit_max_rows, allow_network=allow_network,
-                                            network_ceiling=network_ceiling)
+                                            network_ceiling=network_ceiling,
+                                            allow_private_network=allow_private_network)
     except InvalidRequest as exc:
         raise click.UsageError(str(exc)) from None
     mounts = []

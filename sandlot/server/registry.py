@@ -26,9 +26,11 @@ from .._local import LocalSandbox
 from .._exceptions import InvalidRequest, QuotaExceeded, SandboxNotFound
 from .._host import cgroups
 from .._limits import Limits
+from .._net.policy import NetworkPolicy
 from .._models import PauseInfo
 from .._sandbox import AsyncSandbox
 from .._spec import SandboxSpec
+from .._templates import get_template
 from .background import CommandTable
 from .metrics import Metrics
 from .quotas import Usage, check_lifetime, check_live, check_totals
@@ -137,6 +139,11 @@ class Registry:
         if (network is not None or secrets) and not self.settings.allow_network:
             raise InvalidRequest("this server gives sandboxes no network: its operator enables it with "
                                  "`sandlot serve --allow-network`")
+        if network is None and not self.settings.allow_network and get_template(template).network is not None:
+            # the engine would apply the template's default (sandbox.yaml `network:`) past the check above
+            raise InvalidRequest(f"template {template!r} gives its sandboxes a network, and this server gives "
+                                 "sandboxes none: its operator enables it with `sandlot serve --allow-network`")
+        self._check_special(NetworkPolicy.build(network))
         spec = SandboxSpec.build(template, isolation=isolation, limits=built, env=env, metadata=metadata,
                                  network=network, secrets=secrets)
         self._check_network_ceiling(spec.network, spec.secrets)
@@ -254,13 +261,24 @@ class Registry:
             raise InvalidRequest("this server gives sandboxes no network: its operator enables it with "
                                  "`sandlot serve --allow-network`")
         live = self.get(tenant, sandbox_id)
-        if allow is not None:
-            from .._net.policy import NetworkPolicy
-
+        if allow is not None:  # (None keeps the rules in force, checked when they were given)
+            self._check_special(NetworkPolicy.build({"allow": allow}))
             self._check_network_ceiling(NetworkPolicy.build({"allow": allow}))
         policy = await live.sandbox.network.update(allow=allow, deny=deny)
         self.store.audit(tenant.name, "network", sandbox_id, json.dumps(policy), tenant.key_id)
         return policy
+
+    def _check_special(self, policy: Any) -> None:
+        """A tenant's rules may not open the operator's own network unless the operator said so."""
+        if policy is None or self.settings.allow_private_network:
+            return
+        from .._net.policy import host_addresses
+
+        opened = policy.special_rules(host_addresses())
+        if opened:
+            raise InvalidRequest(f"network rule(s) {opened} would open private, link-local, metadata, loopback "
+                                 "or this host's own addresses, which this server does not give: its operator "
+                                 "enables them with `sandlot serve --allow-private-network`")
 
     # -- ending ----------------------------------------------------------------------------------
     async def kill(self, tenant: Tenant, sandbox_id: str) -> SandboxRow:

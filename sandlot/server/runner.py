@@ -50,6 +50,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="let tenants give sandboxes a network (egress by their rules) and secrets")
     parser.add_argument("--network-allow", action="append", default=[], metavar="RULE",
                         help="the rules tenants' allow rules must lie within (repeat; implies --allow-network)")
+    parser.add_argument("--allow-private-network", action="store_true",
+                        help="with --allow-network: let tenants' IP rules open private ranges, link-local and "
+                             "cloud metadata, loopback and this host's own addresses (refused otherwise)")
     args = parser.parse_args(argv)
     try:
         settings = operator_settings(
@@ -57,7 +60,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             audit_retention=args.audit_retention, audit_max_rows=args.audit_max_rows, max_live=args.max_live,
             max_lifetime=args.max_lifetime, requests_per_minute=args.rate,
             isolations=[i.strip() for i in args.isolations.split(",") if i.strip()], allow_network=args.allow_network,
-            network_ceiling=args.network_allow)
+            network_ceiling=args.network_allow,
+            allow_private_network=args.allow_private_network)
     except InvalidRequest as exc:
         parser.error(str(exc))
     try:

@@ -61,6 +61,9 @@ class Settings:
     # With allow_network: the rules a tenant's allow rules (and its secrets' hosts) must lie within, e.g.
     # ("pypi.org", "*.pythonhosted.org", "*:443"); empty: any rule (private ranges and the host stay refused).
     network_ceiling: tuple[str, ...] = ()
+    # Whether tenants' rules may open special addresses (private ranges, link-local and cloud metadata,
+    # loopback, this host's own): a tenant writes its rules, and these are the operator's network.
+    allow_private_network: bool = False
 
     def with_db(self, db_path: "str | os.PathLike[str] | None") -> "Settings":
         return self if db_path is None else dataclasses.replace(self, db_path=Path(db_path))
@@ -119,7 +122,8 @@ def operator_settings(db_path: "str | os.PathLike[str] | None" = None, *, ceilin
                       audit_retention: Optional[str] = None, audit_max_rows: Optional[int] = None,
                       max_live: Optional[int] = None, max_lifetime: Optional[float] = None,
                       requests_per_minute: Optional[int] = None, isolations: Optional[Iterable[str]] = None,
-                      allow_network: bool = False, network_ceiling: Iterable[str] = ()) -> Settings:
+                      allow_network: bool = False, network_ceiling: Iterable[str] = (),
+                      allow_private_network: bool = False) -> Settings:
     """Settings from the operator's flags; None keeps a default. Raises InvalidRequest on a bad value."""
     quotas = Quotas()
     changes: dict[str, Any] = {}
@@ -153,4 +157,6 @@ def operator_settings(db_path: "str | os.PathLike[str] | None" = None, *, ceilin
         more["network_ceiling"] = ceiling
     if allow_network or ceiling:
         more["allow_network"] = True
+    if allow_private_network:
+        more["allow_private_network"] = True
     return dataclasses.replace(settings, **more) if more else settings
