@@ -415,18 +415,26 @@ class GVisorSandbox(CgroupSandbox):
         self.on_cleanup(asyncio.get_running_loop().create_task(self._cleanup()))
 
     async def _cleanup(self) -> None:
-        if self._exited is not None:
-            try:
-                await asyncio.wait_for(self.wait(), 10)
-            except asyncio.TimeoutError:
-                pass
-        await self.channel.aclose()
-        await self._run_runsc("delete", "-force", self.id)
-        await self.remove_cgroup()
-        await _off_loop(_remove_home, self.home)
-        self._release()
-        if self._netns is not None:  # runsc is gone: the namespace ends with its holder
-            await _off_loop(self._netns.close)
+        try:
+            if self._exited is not None:
+                try:
+                    await asyncio.wait_for(self.wait(), 10)
+                except asyncio.TimeoutError:
+                    pass
+            await self.channel.aclose()
+            await self._run_runsc("delete", "-force", self.id)
+            await self.remove_cgroup()
+            await _off_loop(_remove_home, self.home)
+            self._release()
+            if self._netns is not None:  # runsc is gone: the namespace ends with its holder
+                await _off_loop(self._netns.close)
+        except asyncio.CancelledError:
+            # The owner's event loop is closing (asyncio.run returning, a test session ending) before the
+            # cleanup could finish: the killed sandbox's tmpfs is detached now, not left for the next sweep
+            # (lazily: runsc, already killed, keeps its reference only until it exits).
+            _remove_home(self.home)
+            self._release()
+            raise
 
     def _release(self) -> None:
         if self._lock_fd is not None:
