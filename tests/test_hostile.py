@@ -229,8 +229,10 @@ def test_shell_fork_bomb_is_capped_and_killed_whole(bystander):
                                            timeout=5), 15)
         assert r.exit_code is not None or r.error  # (sh exits 2 when its own fork fails: fine)
         peak = 0
-        deadline = time.monotonic() + 1.5
-        while time.monotonic() < deadline:
+        started = time.monotonic()
+        # At least 1.5 s, and on a loaded host until the bomb has pressed on the limit (up to 15 s): it
+        # grows as fast as the host schedules it, and the cap must hold the whole time.
+        while time.monotonic() - started < 1.5 or (peak < 32 and time.monotonic() - started < 15):
             peak = max(peak, sum(1 for pid in _cgroup_pids(fp) if _uids(pid) & fp.uids))
             time.sleep(0.02)
         # It really pressed on the limit (the pids cgroup or RLIMIT_NPROC, whichever fires first),
