@@ -1,5 +1,7 @@
 """The network policy (sandlot/_net/policy.py): what a rule means, what is refused whatever the rules say,
-and what a user gets told when a rule is wrong. Pure: no namespaces needed."""
+and what a user gets told when a rule is wrong. Pure: no namespaces needed.
+Pure classification: no test here sends a packet, so special and public addresses appear only as data.
+"""
 
 from __future__ import annotations
 

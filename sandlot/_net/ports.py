@@ -106,6 +106,15 @@ class PortForwarder:
         await asyncio.gather(*self._conns, return_exceptions=True)
 
 
+async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader) -> object:
+    """The next h11 event of the sandbox server's answer, reading more bytes as h11 asks."""
+    while True:
+        event = conn.next_event()
+        if event is not h11.NEED_DATA:
+            return event
+        conn.receive_data(await reader.read(CHUNK))
+
+
 async def proxy_request(pid: int, port: int, method: str, target: str, headers: Iterable[tuple[str, str]],
                         body: AsyncIterator[bytes]) -> tuple[int, list[tuple[str, str]], AsyncIterator[bytes]]:
     """One HTTP request to the sandbox's server; its status, headers and a stream of its body. The
@@ -133,11 +142,7 @@ async def proxy_request(pid: int, port: int, method: str, target: str, headers: 
         writer.write(conn.send(h11.EndOfMessage()))
         await writer.drain()
         while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                data = await reader.read(CHUNK)
-                conn.receive_data(data)
-                continue
+            event = await _next_event(conn, reader)
             if isinstance(event, h11.Response):
                 break
             if isinstance(event, h11.ConnectionClosed):
@@ -154,11 +159,7 @@ async def proxy_request(pid: int, port: int, method: str, target: str, headers: 
     async def stream() -> AsyncIterator[bytes]:
         try:
             while True:
-                ev = conn.next_event()
-                if ev is h11.NEED_DATA:
-                    data = await reader.read(CHUNK)
-                    conn.receive_data(data)
-                    continue
+                ev = await _next_event(conn, reader)
                 if isinstance(ev, h11.Data):
                     yield bytes(ev.data)
                 elif isinstance(ev, (h11.EndOfMessage, h11.ConnectionClosed)):

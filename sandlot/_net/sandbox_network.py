@@ -38,10 +38,14 @@ class SandboxNetwork:
         return cls(policy, secrets)
 
     # -- what the sandbox is told ----------------------------------------------------------------------
+    def _base(self) -> NetworkPolicy:
+        """The owner's policy, or one that allows nothing (a sandbox given only secrets)."""
+        return self.asked if self.asked is not None else NetworkPolicy()
+
     def effective_policy(self) -> NetworkPolicy:
-        base = self.asked or NetworkPolicy.build({"allow": []})
+        base = self._base()
         if not self.secrets:
-            return base  # type: ignore[return-value]
+            return base
         extra = [f"{host}:443" for host in self.secrets.hosts]
         return base.updated(allow=[rule.text for rule in base.allow] + extra)
 
@@ -58,13 +62,14 @@ class SandboxNetwork:
         """The PEM the sandbox must trust (host roots + this sandbox's CA), when there are secrets."""
         if not self.secrets:
             return None
-        from .tls import SandboxCA, host_trust_store_pem
+        return self._sandbox_ca().bundle_pem()
+
+    def _sandbox_ca(self) -> Any:
+        """This sandbox's CA, made once (only a sandbox with secrets has one)."""
+        from .tls import SandboxCA
 
         self._ca = self._ca or SandboxCA.create(self.secrets.hosts)
-        store = host_trust_store_pem()
-        if store and not store.endswith(b"\n"):
-            store += b"\n"
-        return store + b"# Sandlot per-sandbox CA (secrets)\n" + self._ca.cert_pem
+        return self._ca
 
     # -- serving it --------------------------------------------------------------------------------------
     async def attach(self, pid: int) -> None:
@@ -81,10 +86,8 @@ class SandboxNetwork:
         interceptor = None
         if self.secrets:
             from .intercept import SecretsInterceptor
-            from .tls import SandboxCA
 
-            self._ca = self._ca or SandboxCA.create(self.secrets.hosts)
-            interceptor = SecretsInterceptor(self.secrets, self._ca)
+            interceptor = SecretsInterceptor(self.secrets, self._sandbox_ca())
         self.broker = Broker(self.effective_policy(), DecisionLog(), upstream, interceptor=interceptor)
         await self.broker.start(self._listeners)
         self.attached_in = time.monotonic() - started
@@ -94,9 +97,7 @@ class SandboxNetwork:
         owner's policy as JSON (the secrets' hosts stay granted on top)."""
         if allow is None and deny is None:
             raise InvalidRequest("network.update() needs allow=, deny= or both")
-        base = self.asked or NetworkPolicy.build({"allow": []})
-        updated = base.updated(allow=allow, deny=deny)  # type: ignore[union-attr]
-        self.asked = updated
+        self.asked = self._base().updated(allow=allow, deny=deny)
         if self.broker is not None:
             self.broker.update(self.effective_policy())
         return self.policy_json()

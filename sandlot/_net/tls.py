@@ -275,17 +275,19 @@ class SandboxCA:
             self._contexts[name] = (self._leaves[name][0], context)
         return context
 
-    def bundle(self, path: str | os.PathLike, *, host_pem: bytes | None = None) -> Path:
-        """Write the host trust store followed by this CA, as one PEM file (atomically, mode 0644).
-
-        The sandbox needs both: the CA for the intercepted secret hosts, the public roots for every other
-        HTTPS connection, which the broker passes through untouched.
-        """
-        path = Path(path)
+    def bundle_pem(self, *, host_pem: bytes | None = None) -> bytes:
+        """The host trust store followed by this CA, as one PEM. The sandbox needs both: the CA for the
+        intercepted secret hosts, the public roots for every other HTTPS connection, which the broker
+        passes through untouched."""
         store = host_trust_store_pem() if host_pem is None else host_pem
         if store and not store.endswith(b"\n"):
             store += b"\n"
-        content = store + b"# Sandlot per-sandbox CA (secrets)\n" + self.cert_pem
+        return store + b"# Sandlot per-sandbox CA (secrets)\n" + self.cert_pem
+
+    def bundle(self, path: str | os.PathLike, *, host_pem: bytes | None = None) -> Path:
+        """Write ``bundle_pem()`` as one file (atomically, mode 0644)."""
+        path = Path(path)
+        content = self.bundle_pem(host_pem=host_pem)
         fd, tmp = tempfile.mkstemp(prefix=".bundle-", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as f:

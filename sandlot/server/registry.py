@@ -143,9 +143,9 @@ class Registry:
             # the engine would apply the template's default (sandbox.yaml `network:`) past the check above
             raise InvalidRequest(f"template {template!r} gives its sandboxes a network, and this server gives "
                                  "sandboxes none: its operator enables it with `sandlot serve --allow-network`")
-        self._check_special(NetworkPolicy.build(network))
         spec = SandboxSpec.build(template, isolation=isolation, limits=built, env=env, metadata=metadata,
                                  network=network, secrets=secrets)
+        self._check_special(spec.network)
         self._check_network_ceiling(spec.network, spec.secrets)
         started = time.monotonic()
         # Reserved before the first await: concurrent creations see each other in the checks above.
@@ -262,8 +262,9 @@ class Registry:
                                  "`sandlot serve --allow-network`")
         live = self.get(tenant, sandbox_id)
         if allow is not None:  # (None keeps the rules in force, checked when they were given)
-            self._check_special(NetworkPolicy.build({"allow": allow}))
-            self._check_network_ceiling(NetworkPolicy.build({"allow": allow}))
+            asked = NetworkPolicy.build({"allow": allow})
+            self._check_special(asked)
+            self._check_network_ceiling(asked)
         policy = await live.sandbox.network.update(allow=allow, deny=deny)
         self.store.audit(tenant.name, "network", sandbox_id, json.dumps(policy), tenant.key_id)
         return policy
