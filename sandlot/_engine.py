@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import dataclasses
 import threading
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 from ._backends.base import Backend, BackendSandbox
 from ._backends.registry import ISOLATIONS, backend_class, default_isolation, supports, isolations_with
@@ -30,15 +30,19 @@ from ._models import Execution, SandboxInfo
 from ._output import OutputHandler
 from ._pool import Pools
 from ._spec import SandboxSpec
+from ._storage import grants
+from ._storage.volumes import LOCAL_SCOPE, VolumeStore
 from ._templates import Template, get_template
 from ._transport import ResultHandler, SandboxHandle, Transport
 
 
 class Engine:
-    def __init__(self, *, zygote: Optional[bool] = None) -> None:
+    def __init__(self, *, zygote: Optional[bool] = None, host_dir_roots: Optional[Sequence[str]] = None) -> None:
         """``zygote=False`` boots every process-tier sandbox by exec (a one-shot CLI run: nothing to gain
-        from preloading); None follows SANDLOT_ZYGOTE."""
+        from preloading); None follows SANDLOT_ZYGOTE. ``host_dir_roots``: the directories inside which
+        host directories may be granted (None: any that is not sensitive, for a local owner; empty: none)."""
         self._zygote = zygote
+        self.host_dir_roots = None if host_dir_roots is None else tuple(host_dir_roots)
         self._backends: dict[str, Backend] = {}
         self._lock = threading.Lock()
         self.pools = Pools()
@@ -75,6 +79,14 @@ class Engine:
         if spec.on_idle == "pause" and not supports(isolation, "pause"):
             tiers = " or ".join(f"isolation={name!r}" for name in isolations_with("pause"))
             raise InvalidRequest(f"on_idle is 'kill', or 'pause' with {tiers} (checkpoint to disk)")
+        for mount in spec.mounts:
+            for prefix in template.prefixes:  # the interpreter's own tree, bound into every sandbox
+                if prefix == mount.target or prefix.startswith(mount.target + "/") or mount.target.startswith(prefix + "/"):
+                    raise InvalidRequest(f"mount target {mount.target!r} would cover or enter the sandbox's Python at "
+                                         f"{prefix}: choose another path (such as /data or /home/user/project)")
+        if spec.on_idle == "pause" and spec.mounts:
+            raise InvalidRequest("on_idle='pause' cannot keep mounts: a sandbox with mounts= is killed when idle "
+                                 "(its host directories and volumes are held for it only while it runs)")
         if spec.on_idle == "pause" and (spec.network is not None or spec.secrets is not None):
             raise InvalidRequest("on_idle='pause' cannot keep a network: a sandbox with network= or secrets= "
                                  "is killed when idle (its broker and host sockets do not survive a checkpoint)")
@@ -87,17 +99,31 @@ class Engine:
             limits = Limits.build(asked, base=Limits.build(template.default_limits()))
         return dataclasses.replace(spec, isolation=isolation, limits=limits), template
 
-    async def create(self, spec: SandboxSpec) -> LocalSandbox:
+    def volumes(self, scope: str = LOCAL_SCOPE) -> VolumeStore:
+        """The named volumes of ``scope`` ("local" for this host's SDK; a server uses one per tenant)."""
+        return VolumeStore(scope)
+
+    async def create(self, spec: SandboxSpec, *, scope: str = LOCAL_SCOPE) -> LocalSandbox:
         """A started sandbox for ``spec``: a warm one claimed and configured, or a fresh boot; with a network
-        policy or secrets, its namespace configured and served before anyone's code runs in it."""
+        policy or secrets, its namespace configured and served before anyone's code runs in it; with
+        mounts, its host directories (within ``host_dir_roots``) and ``scope``'s volumes attached before
+        any code runs (such a sandbox boots fresh: a warm one has pivoted into its root already)."""
         spec, template = self.resolve(spec)
         backend = self.backend(spec.isolation or "process")
         network = SandboxNetwork.plan(spec.network, spec.secrets)
         env = dict(spec.env, **(network.env() if network else {}))
+        mounts = await asyncio.to_thread(grants.prepare, spec.mounts, self.volumes(scope), self.host_dir_roots)
         # A tier that gives a network only at boot (gVisor) never hands a warm, network-less one to it.
-        proc = None if network is not None and backend.network_at_boot else await self._claim(backend, template, spec, env)
+        fresh = mounts is not None or (network is not None and backend.network_at_boot)
+        proc = None if fresh else await self._claim(backend, template, spec, env)
         if proc is None:
-            proc = await backend.start(template, spec.limits, env, awaited=True, network=network is not None)
+            try:
+                proc = await backend.start(template, spec.limits, env, awaited=True, network=network is not None,
+                                           mounts=mounts)
+            except BaseException:
+                if mounts is not None:  # the sandbox never took them (or its cleanup released them already)
+                    mounts.release()
+                raise
         sandbox = LocalSandbox(spec, backend, proc, network)
         if network is not None:
             try:

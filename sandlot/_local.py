@@ -91,6 +91,9 @@ class LocalSandbox(SandboxHandle):
             if self.network is not None:  # checked before the idle watchdog is touched: nothing changes
                 raise InvalidRequest("a sandbox with a network cannot be paused: its host sockets and its broker "
                                      "do not survive a checkpoint")
+            if self.spec.mounts:
+                raise InvalidRequest("a sandbox with mounts cannot be paused: its host directories and volumes "
+                                     "are held for it only while it runs")
             if self._watchdog is not None and self._watchdog is not asyncio.current_task():
                 self._watchdog.cancel()
             figures = await proc.pause()

@@ -50,6 +50,11 @@ class AsyncSandbox:
     ``secrets`` maps names to ``{"value": ..., "hosts": [...]}``: the sandbox sees a placeholder, and the
     host puts the value into HTTPS request headers to those hosts only.
 
+    ``mounts`` grants host storage, nothing else of the host being visible: ``{"/data": "/srv/datasets"}``
+    (a host directory, read-only), ``{"/work": "/home/me/project:rw"}`` (writable: what the sandbox makes
+    there belongs to the directory's owner), ``{"/cache": "vol:pipcache"}`` (a named volume, writable
+    unless ``:ro``; see ``sandlot.volumes``).
+
     With ``api_url=`` (or SANDLOT_API_URL) and ``api_key=`` (or SANDLOT_API_KEY) the sandbox lives on a
     Sandlot server instead, with this very API. A local sandbox ends with this process; a remote one
     lives on until it is killed or times out.
@@ -59,10 +64,12 @@ class AsyncSandbox:
                  limits: Union[Limits, Mapping[str, Any], None] = None, env: Optional[Mapping[str, str]] = None,
                  metadata: Optional[Mapping[str, str]] = None, isolation: Optional[str] = None,
                  api_url: Optional[str] = None, api_key: Optional[str] = None, on_idle: str = "kill",
-                 network: Any = None, secrets: Optional[Mapping[str, Any]] = None) -> None:
+                 network: Any = None, secrets: Optional[Mapping[str, Any]] = None,
+                 mounts: Optional[Mapping[str, str]] = None) -> None:
         # Validated once, before anything is claimed, forked or sent.
         self._spec = SandboxSpec.build(template, isolation=isolation, limits=limits, env=env, metadata=metadata,
-                                      timeout=timeout, on_idle=on_idle, network=network, secrets=secrets)
+                                      timeout=timeout, on_idle=on_idle, network=network, secrets=secrets,
+                                      mounts=mounts)
         self._transport = transport_for(api_url, api_key)
         self._transport.check(self._spec)
         self._handle: Optional[SandboxHandle] = None

@@ -8,9 +8,8 @@ one the size of a create (:func:`check_create_input`): the rules cannot drift be
 It imports nothing of Sandlot above it (only ``_limits`` and ``_exceptions``): whether a tier exists or
 can pause, and which templates there are, is for the layers that know the backends to check.
 
-Fields the next issues add (a network policy, host-dir mounts and volumes, exposed ports) go here as
-frozen fields of their own, each with its validator, rendered by ``to_json`` -- not yet: they come with
-their issues.
+Each capability a sandbox can be granted is a frozen field with its own validator, rendered by
+``to_json``: a network policy and secrets (``_net``), host directories and volumes (``_storage.mounts``).
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ from ._exceptions import InvalidRequest
 from ._limits import MAX_CREATE_INPUT, Limits
 from ._net.policy import NetworkPolicy
 from ._net.secrets import SecretSet
+from ._storage.mounts import mounts_to_json, parse_mounts
 
 MAX_ENV_VARS = 256
 MAX_ENV_NAME = 256
@@ -102,7 +102,7 @@ def _name(value: Any, what: str, longest: int) -> str:
     return value
 
 
-_FIELDS = ("template", "isolation", "limits", "env", "metadata", "timeout", "on_idle", "network", "secrets")
+_FIELDS = ("template", "isolation", "limits", "env", "metadata", "timeout", "on_idle", "network", "secrets", "mounts")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,17 +125,19 @@ class SandboxSpec:
     asked: frozenset = frozenset()
     network: Optional[NetworkPolicy] = None  # None: no network at all (the default)
     secrets: Optional[SecretSet] = None  # values the host substitutes on the way out; never in the sandbox
+    mounts: tuple = ()  # _storage.mounts.Mount grants, sorted by target; none by default
 
     def __repr__(self) -> str:  # the generated one would be long; secrets already hide their values
         return (f"SandboxSpec(template={self.template!r}, isolation={self.isolation!r}, "
-                f"network={self.network.to_json() if self.network else None!r}, secrets={self.secrets!r})")
+                f"network={self.network.to_json() if self.network else None!r}, secrets={self.secrets!r}, "
+                f"mounts={mounts_to_json(self.mounts)!r})")
 
     @classmethod
     def build(cls, template: str = "python", *, isolation: Optional[str] = None,
               limits: Union[Limits, Mapping[str, Any], None] = None, env: Optional[Mapping[str, str]] = None,
               metadata: Optional[Mapping[str, str]] = None, timeout: Optional[float] = None,
               on_idle: str = "kill", base: Optional[Limits] = None, network: Any = None,
-              secrets: Any = None) -> "SandboxSpec":
+              secrets: Any = None, mounts: Any = None) -> "SandboxSpec":
         """Validate everything once; InvalidRequest says what is wrong. ``base``: default limits (an image
         template's sandbox.yaml) that the owner's ``limits`` override."""
         template = _name(template, "template", MAX_TEMPLATE_NAME)
@@ -161,9 +163,10 @@ class SandboxSpec:
             clash = sorted(set(secret_set.placeholders()) & set(env))
             if clash:
                 raise InvalidRequest(f"{clash[0]} is both a secret and an env variable: give it once")
+        granted = mounts if isinstance(mounts, tuple) else parse_mounts(mounts)
         return cls(template=template, isolation=isolation, limits=built, env=types.MappingProxyType(env),
                    metadata=types.MappingProxyType(metadata), timeout=timeout, on_idle=on_idle,
-                   asked=frozenset(asked), network=policy, secrets=secret_set)
+                   asked=frozenset(asked), network=policy, secrets=secret_set, mounts=granted)
 
     def to_json(self) -> dict:
         """The spec as JSON-ready data (the remote SDK's create body): fields at their default are left
@@ -181,6 +184,8 @@ class SandboxSpec:
             out["network"] = self.network.to_json()
         if self.secrets is not None:  # the values travel to the server that will substitute them
             out["secrets"] = {s.name: {"value": s.value, "hosts": list(s.hosts)} for s in self.secrets.secrets}
+        if self.mounts:
+            out["mounts"] = mounts_to_json(self.mounts)
         return out
 
     @classmethod
@@ -199,4 +204,4 @@ class SandboxSpec:
         return cls.build(data.get("template", "python"), isolation=data.get("isolation"),
                          limits=data.get("limits"), env=data.get("env"), metadata=data.get("metadata"),
                          timeout=data.get("timeout"), on_idle=data.get("on_idle", "kill"), base=base,
-                         network=data.get("network"), secrets=data.get("secrets"))
+                         network=data.get("network"), secrets=data.get("secrets"), mounts=data.get("mounts"))

@@ -156,10 +156,11 @@ class Sandbox:
                  limits: Union[Limits, Mapping[str, Any], None] = None, env: Optional[Mapping[str, str]] = None,
                  metadata: Optional[Mapping[str, str]] = None, isolation: Optional[str] = None,
                  api_url: Optional[str] = None, api_key: Optional[str] = None, on_idle: str = "kill",
-                 network: Any = None, secrets: Optional[Mapping[str, Any]] = None) -> None:
+                 network: Any = None, secrets: Optional[Mapping[str, Any]] = None,
+                 mounts: Optional[Mapping[str, str]] = None) -> None:
         self._attach(AsyncSandbox(template, timeout=timeout, limits=limits, env=env, metadata=metadata,
                                   isolation=isolation, api_url=api_url, api_key=api_key, on_idle=on_idle,
-                                  network=network, secrets=secrets))
+                                  network=network, secrets=secrets, mounts=mounts))
         run_sync(self._async.start())
 
     def _attach(self, sandbox: AsyncSandbox) -> None:

@@ -38,6 +38,9 @@ def _recv_frame(sock: socket.socket) -> dict:
     return header
 
 
+MAX_MOUNTS = 16  # as sandlot/_storage/mounts.py: a fork request's channel plus one descriptor per mount
+
+
 def _send(sock: socket.socket, header: dict) -> None:
     from _agent import protocol
 
@@ -92,7 +95,8 @@ def _gvisor() -> None:
             pass  # already a session leader
         linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
         isolation.become_user_effectively(session_dumpable=True)
-        isolation.landlock.restrict(read_paths=["/"], write_paths=[isolation.HOME, "/tmp", "/dev/shm"],
+        granted = [m["target"] for m in cfg.get("mounts") or [] if not m["ro"]]
+        isolation.landlock.restrict(read_paths=["/"], write_paths=[isolation.HOME, "/tmp", "/dev/shm"] + granted,
                                     device_paths=["/dev/" + d for d in isolation.DEVICES])
         linux.install_seccomp(bytes.fromhex(cfg["seccomp"]))
         _chdir_workdir(cfg)
@@ -377,7 +381,7 @@ def _serve_forks(ctl: socket.socket, cfg: dict, host_root: int, host_proc: int) 
     pending = []  # descriptors received for the request being read (a big frame spans many reads)
     while True:
         try:
-            data, fds, _, _ = socket.recv_fds(ctl, 1 << 16, 1)
+            data, fds, _, _ = socket.recv_fds(ctl, 1 << 16, 1 + MAX_MOUNTS)
         except InterruptedError:
             continue
         pending.extend(fds)
@@ -399,7 +403,7 @@ def _answer_fork(ctl: socket.socket, header: dict, fds: list, cfg: dict, host_ro
             _send(ctl, {"t": "error", "error": problem})
             return
         try:
-            pid = _fork_sandbox(ctl, fds[0], cfg, header, host_root, host_proc)
+            pid = _fork_sandbox(ctl, fds[0], fds[1:], cfg, header, host_root, host_proc)
         except Exception as exc:
             _send(ctl, {"t": "error", "error": "fork failed: %s: %s" % (type(exc).__name__, exc)})
             return
@@ -411,17 +415,20 @@ def _answer_fork(ctl: socket.socket, header: dict, fds: list, cfg: dict, host_ro
 
 def _fork_request_problem(header: dict, fds: list):
     """Why a request cannot be a fork (None when it can): checked before anything is done for it."""
-    if header.get("t") != "fork" or len(fds) != 1:
-        return "bad zygote request: a fork with one channel is the only request"
     config, slot = header.get("config"), header.get("slot")
     if not isinstance(config, dict) or not isinstance(config.get("env", {}), dict):
         return "bad zygote request: config"
+    mounts = config.get("mounts", [])
+    if not isinstance(mounts, list) or not all(isinstance(m, dict) for m in mounts):
+        return "bad zygote request: mounts"
+    if header.get("t") != "fork" or len(fds) != 1 + len(mounts):
+        return "bad zygote request: a fork with one channel (and one descriptor per mount) is the only request"
     if not isinstance(slot, int) or isinstance(slot, bool) or not 0 <= slot < 32767:
         return "bad zygote request: slot"  # uids 2 + 2*slot and the next must fit our 65536
     return None
 
 
-def _fork_sandbox(ctl, fd: int, cfg: dict, header: dict, host_root: int, host_proc: int) -> int:
+def _fork_sandbox(ctl, fd: int, mount_fds: list, cfg: dict, header: dict, host_root: int, host_proc: int) -> int:
     from _agent import linux
 
     ready_r, ready_w = os.pipe()
@@ -433,7 +440,10 @@ def _fork_sandbox(ctl, fd: int, cfg: dict, header: dict, host_root: int, host_pr
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             ctl.close()
             os.close(ready_r)
-            _forked_sandbox(socket.socket(fileno=fd), dict(cfg, **header["config"]), ready_w, host_root)
+            child_cfg = dict(cfg, **header["config"])
+            # The grants' descriptors came with the request, after the channel, one per mount in order.
+            child_cfg["mounts"] = [dict(m, fd=mount_fd) for m, mount_fd in zip(child_cfg.get("mounts", []), mount_fds)]
+            _forked_sandbox(socket.socket(fileno=fd), child_cfg, ready_w, host_root)
         finally:
             os._exit(71)
     os.close(ready_w)

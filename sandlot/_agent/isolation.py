@@ -155,6 +155,7 @@ def enter_sandbox_root(cfg: dict) -> None:
     # A template root inherited from a zygote is locked in our namespace, and pivot_root refuses a
     # locked new root; a recursive bind onto itself makes a mount of our own (same read-only tree).
     linux.mount(root, root, None, linux.MS_BIND | linux.MS_REC)
+    shadows = make_mount_points(root, cfg.get("mounts") or [])
     # The only writable storage: one tmpfs with byte and inode caps, split into home, /tmp, /dev/shm.
     scratch = root + SCRATCH
     linux.mount("sandlot-scratch", scratch, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV,
@@ -176,6 +177,7 @@ def enter_sandbox_root(cfg: dict) -> None:
         linux.mount("/proc/self/fd/%d" % fd, root + prefix, None, linux.MS_BIND | linux.MS_REC)
         os.close(fd)
     linux.umount2(scratch, linux.MNT_DETACH)  # the binds keep it alive; no second path to the same files
+    attach_grants(root, cfg.get("mounts") or [], shadows)
     linux.mount("proc", root + "/proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
 
     # Make it '/' and drop every trace of the host's tree (and of the zygote's view of it).
@@ -183,6 +185,73 @@ def enter_sandbox_root(cfg: dict) -> None:
     linux.pivot_root(".", ".")
     linux.umount2(".", linux.MNT_DETACH)
     os.chdir("/")
+
+
+def _in_scratch(target: str) -> bool:
+    return any(target.startswith(area + "/") for area in (HOME, "/tmp", "/dev/shm"))
+
+
+def make_mount_points(root: str, mounts: list) -> list:
+    """Room for the granted mounts' targets in a read-only root. A target that exists is mounted over; one
+    in the sandbox's own storage (home, /tmp) is made there later; any other needs a new directory where
+    the root is read-only and shared with other sandboxes. The deepest existing directory above such a
+    target is *shadowed*: a private tmpfs takes its place, holding the same entries (bound from the
+    original, submounts included) plus the new directories, and goes read-only once the mounts are in.
+    Returns the shadowed paths."""
+    shadows: list = []
+    for mount in mounts:
+        target = mount["target"]
+        if _in_scratch(target) or os.path.isdir(root + target):
+            continue
+        if os.path.lexists(root + target):
+            raise OSError("mount target %s exists and is not a directory" % target)
+        above = os.path.dirname(target)
+        while not os.path.isdir(root + above):
+            if os.path.lexists(root + above):
+                raise OSError("mount target %s: %s is not a directory" % (target, above))
+            above = os.path.dirname(above)
+        if (root + above).rstrip("/") not in shadows:
+            _shadow(root + above if above != "/" else root)
+            shadows.append((root + above).rstrip("/"))
+        _mkdirs(root + target)
+    return shadows
+
+
+def _shadow(path: str) -> None:
+    old = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        linux.mount("sandlot-shadow", path, "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=0755,size=64k")
+        base = "/proc/self/fd/%d/" % old
+        for name in os.listdir(base):
+            source, here = base + name, path + "/" + name
+            if os.path.islink(source):
+                os.symlink(os.readlink(source), here)
+            elif os.path.isdir(source):
+                os.mkdir(here, 0o755)
+                linux.mount(source, here, None, linux.MS_BIND | linux.MS_REC)
+            else:
+                open(here, "w").close()
+                linux.mount(source, here, None, linux.MS_BIND | linux.MS_REC)
+    finally:
+        os.close(old)
+
+
+def attach_grants(root: str, mounts: list, shadows: list) -> None:
+    """Attach each granted mount (a detached, id-mapped copy the host made and sent as a descriptor) at
+    its target, then seal the shadowed directories read-only."""
+    for mount in mounts:
+        target = root + mount["target"]
+        if _in_scratch(mount["target"]):  # the user's own directories in their home or /tmp
+            path = root
+            for part in mount["target"].split("/")[1:]:
+                path += "/" + part
+                if not os.path.isdir(path):
+                    os.mkdir(path, 0o755)
+                    os.chown(path, USER_UID, USER_UID)
+        linux.move_mount(mount["fd"], target)
+        os.close(mount["fd"])
+    for path in shadows:
+        linux.mount(None, path, None, linux.MS_REMOUNT | linux.MS_RDONLY | linux.MS_NOSUID | linux.MS_NODEV)
 
 
 def bring_up_loopback() -> None:
@@ -296,6 +365,7 @@ def drop_privileges(cfg: dict, parent_waits: bool) -> None:
     os.setsid()
     linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)  # Landlock requires it; seccomp would set it anyway
     writable = ["/"] if cfg.get("writable") else [HOME, "/tmp", "/dev/shm"]
+    writable += [m["target"] for m in cfg.get("mounts") or [] if not m["ro"]]
     landlock.restrict(read_paths=["/"], write_paths=writable, device_paths=["/dev/" + d for d in DEVICES])
     linux.install_seccomp(bytes.fromhex(cfg["seccomp"]))  # also sets no_new_privs
 

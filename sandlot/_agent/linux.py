@@ -56,6 +56,20 @@ SYS = {
     "aarch64": {"pivot_root": 41, "landlock_create_ruleset": 444, "landlock_add_rule": 445,
                 "landlock_restrict_self": 446},
 }.get(_MACHINE, {})
+if SYS:  # the new mount API has one number on every architecture
+    SYS.update({"open_tree": 428, "move_mount": 429, "mount_setattr": 442})
+
+# The new mount API: a host directory is cloned as a detached mount (open_tree), given its id mapping
+# and flags while still detached (mount_setattr), and attached inside a sandbox (move_mount).
+AT_EMPTY_PATH = 0x1000
+AT_RECURSIVE = 0x8000
+OPEN_TREE_CLONE = 1
+OPEN_TREE_CLOEXEC = 0o2000000
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+MOUNT_ATTR_IDMAP = 0x100000
 
 
 def _check(ret: int, what: str) -> int:
@@ -87,6 +101,28 @@ def umount2(target: str, flags: int = 0) -> None:
 
 def pivot_root(new_root: str, put_old: str) -> None:
     syscall("pivot_root", new_root.encode(), put_old.encode())
+
+
+def open_tree(dirfd: int, path: str, flags: int) -> int:
+    """A new descriptor of the mount at ``path`` (with OPEN_TREE_CLONE: a detached copy of it)."""
+    return syscall("open_tree", dirfd, path.encode(), ctypes.c_uint(flags))
+
+
+def move_mount(from_fd: int, to_path: str) -> None:
+    """Attach the detached mount ``from_fd`` at ``to_path`` (in the caller's mount namespace)."""
+    syscall("move_mount", from_fd, b"", -100, to_path.encode(), ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH))
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+
+def mount_setattr(fd: int, attr_set: int, userns_fd: int = 0, attr_clr: int = 0) -> None:
+    """Set flags (and, with MOUNT_ATTR_IDMAP, the id mapping of ``userns_fd``) on the mount ``fd``."""
+    attr = _MountAttr(attr_set, attr_clr, 0, userns_fd)
+    syscall("mount_setattr", fd, b"", ctypes.c_uint(AT_EMPTY_PATH), ctypes.byref(attr),
+            ctypes.c_size_t(ctypes.sizeof(attr)))
 
 
 def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:

@@ -18,12 +18,15 @@ from __future__ import annotations
 import abc
 import asyncio
 import dataclasses
-from typing import Any, Callable, ClassVar, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Optional
 
 from .._exceptions import InvalidRequest
 from .._host.channel import Channel
 from .._limits import Limits
 from .._templates import Template
+
+if TYPE_CHECKING:
+    from .._storage.grants import PreparedMounts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +65,14 @@ class BackendSandbox(abc.ABC):
     killed_reason: Optional[str]
     # The backend that made it keeps its background cleanup alive (set by the backend at creation).
     on_cleanup: Callable[["asyncio.Task[None]"], None]
+    # Its granted host directories and volumes (held on the host until its cleanup releases them).
+    grants: "Optional[PreparedMounts]" = None
+
+    def release_grants(self) -> None:
+        """The host's side of its mounts released (volumes unmounted and unlocked): once it has ended."""
+        grants, self.grants = self.grants, None
+        if grants is not None:
+            grants.release()
 
     @property
     @abc.abstractmethod
@@ -150,11 +161,14 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     async def start(self, template: Template, limits: Limits, env: dict[str, str], *,
-                    awaited: bool = False, network: bool = False) -> BackendSandbox:
+                    awaited: bool = False, network: bool = False,
+                    mounts: "Optional[PreparedMounts]" = None) -> BackendSandbox:
         """A new sandbox running the agent. ``awaited``: a caller is waiting for this one (not a warm
         pool filling up), so it should be ready as soon as possible rather than fully warmed.
         ``network``: it will be given a network (``netns_pid()`` then names its namespace); a tier whose
-        sandboxes always have a namespace of their own ignores it."""
+        sandboxes always have a namespace of their own ignores it. ``mounts``: granted host directories
+        and volumes, opened on the host (``_storage.grants``), attached before any code runs; the caller
+        releases them when the sandbox ends."""
 
     async def prepare(self, template: Template) -> None:
         """Make the next start of ``template`` fast (a tier that forks starts its parent now)."""

@@ -64,6 +64,8 @@ from .._net import netns
 from .._net.holder import NetnsHolder
 from .._agent import linux
 from .._agent.isolation import USER_UID
+from .._storage import mountpoints
+from .._storage.grants import PreparedMounts
 from .._templates import Template, data_root
 from ._common import (AGENT_DIR, CgroupSandbox, boot_message, image_config, is_sandbox_id, new_sandbox_id,
                       sandbox_config, sandbox_env, template_config)
@@ -136,6 +138,25 @@ def _template_rootfs(template: Template) -> Path:
     return root
 
 
+def _root_with_mount_points(rootfs: Path, home: Path, targets: list, image: bool) -> Path:
+    """The root to boot, with a directory for each mount target: runsc makes a missing one only where it can
+    write (home, /tmp), not in the read-only root. A template's skeleton is small: this sandbox gets a copy
+    of its own with the targets added (never the shared one: other sandboxes would see their names). An
+    image's root is not copied: a target there must exist in the image or lie under /home/user or /tmp."""
+    missing = [t for t in targets if not any(t.startswith(area + "/") for area in ("/home/user", "/tmp", "/dev/shm"))
+               and not (rootfs / t.lstrip("/")).is_dir()]
+    if not missing:
+        return rootfs
+    if image:
+        raise InvalidRequest(f"mount target {missing[0]!r} does not exist in this image: on the gVisor tier an "
+                             "image template's targets must exist in the image or lie under /home/user or /tmp")
+    own = home / "root"
+    shutil.copytree(rootfs, own, symlinks=True)
+    for target in missing:
+        (own / target.lstrip("/")).mkdir(parents=True, exist_ok=True)
+    return own
+
+
 def _etc_binds() -> list[str]:
     from .._agent import isolation
 
@@ -144,7 +165,7 @@ def _etc_binds() -> list[str]:
 
 
 def _spec(template: Template, limits: Limits, env: dict[str, str], rootfs: Path, writable: Path,
-          netns_path: Optional[str] = None) -> dict:
+          netns_path: Optional[str] = None, grants: tuple = ()) -> dict:
     def bind(src: str, dst: Optional[str] = None, mode: str = "ro") -> dict:
         return {"destination": dst or src, "type": "bind", "source": src, "options": ["rbind", mode, "nosuid", "nodev"]}
 
@@ -171,6 +192,10 @@ def _spec(template: Template, limits: Limits, env: dict[str, str], rootfs: Path,
         mounts += [bind(p) for p in template.prefixes]
         mounts.append(bind(str(AGENT_DIR), "/opt/sandlot/_agent"))
         argv = [template.python, "-I", "-S", "-B"]
+    # Granted host directories and volumes: id-mapped copies attached on the host for this sandbox alone
+    # (sandlot/_storage/grants.py), bound through the gofer; not recursive (exactly the grant).
+    mounts += [{"destination": target, "type": "bind", "source": host,
+                "options": ["rbind", "ro" if readonly else "rw", "nosuid", "nodev"]} for host, target, readonly in grants]
     namespaces: list[dict] = [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount")]
     if netns_path is not None:  # runsc --network=host joins this one (never the host's: see holder.py)
         namespaces[1]["path"] = netns_path
@@ -248,6 +273,7 @@ def sweep_stale(min_age: float = 60.0) -> int:
             removed += 1
         finally:
             os.close(fd)
+    mountpoints.sweep(data_dir() / "grants")  # granted directories a dead owner left attached
     return removed
 
 
@@ -426,6 +452,7 @@ class GVisorSandbox(CgroupSandbox):
             await self.remove_cgroup()
             await _off_loop(_remove_home, self.home)
             self._release()
+            self.release_grants()
             if self._netns is not None:  # runsc is gone: the namespace ends with its holder
                 await _off_loop(self._netns.close)
         except asyncio.CancelledError:
@@ -434,6 +461,7 @@ class GVisorSandbox(CgroupSandbox):
             # (lazily: runsc, already killed, keeps its reference only until it exits).
             _remove_home(self.home)
             self._release()
+            self.release_grants()
             raise
 
     def _release(self) -> None:
@@ -451,7 +479,8 @@ class GVisorBackend(Backend):
     _swept = False
 
     async def start(self, template: Template, limits: Limits, env: dict[str, str], *,
-                    awaited: bool = False, network: bool = False) -> GVisorSandbox:
+                    awaited: bool = False, network: bool = False,
+                    mounts: Optional[PreparedMounts] = None) -> GVisorSandbox:
         runsc_path()
         if not GVisorBackend._swept:
             GVisorBackend._swept = True
@@ -464,9 +493,12 @@ class GVisorBackend(Backend):
         (home / "bundle").mkdir(parents=True)
         sandbox = GVisorSandbox(sandbox_id, limits, cgroup, home, template.name)
         sandbox.on_cleanup = self.track_cleanup
+        sandbox.grants = mounts
         sandbox._lock_fd = _hold(home)
         try:
             writable = await asyncio.to_thread(_mount_writable, home, limits)
+            # gVisor's user is uid 1000 on the host too (no user namespace): granted files map to it.
+            grants = await asyncio.to_thread(mounts.attached, data_dir() / "grants", USER_UID) if mounts else []
         except BaseException:
             await sandbox.kill("boot failed")
             raise
@@ -478,13 +510,22 @@ class GVisorBackend(Backend):
                 raise
         env_inside = sandbox_env(template, env)
         rootfs = Path(template.rootfs) if template.rootfs else await asyncio.to_thread(_template_rootfs, template)
+        if grants:
+            try:
+                rootfs = await asyncio.to_thread(_root_with_mount_points, rootfs, home, [t for _, t, _ in grants],
+                                                 bool(template.rootfs))
+            except BaseException:
+                await sandbox.kill("boot failed")
+                raise
         spec = _spec(template, limits, env_inside, rootfs, writable,
-                     sandbox._netns.path if sandbox._netns is not None else None)
+                     sandbox._netns.path if sandbox._netns is not None else None, tuple(grants))
         (home / "bundle" / "config.json").write_text(json.dumps(spec))
         try:
             await sandbox._launch("run", f"--bundle={home / 'bundle'}", sandbox_id)
             config = dict(template_config(template, env), **sandbox_config(limits, env_inside))
             config["limits"]["nproc_exact"] = True  # the cgroup has room for runsc; this is the app's limit
+            if mounts is not None:
+                config["mounts"] = mounts.plan()  # the writable ones join Landlock's write paths
             if awaited:
                 # No zygote to share imports with here: importing the preload list under ptrace takes
                 # seconds. Pooled sandboxes pay that ahead of time; one someone waits for starts bare,

@@ -19,14 +19,16 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 from .. import _config
 from .._exceptions import HostUnsupported, SandboxCrashed, TimeoutError
 from .._host import cgroups
 from .._host.channel import Channel
 from .._host.zygote import Zygote, write_id_maps
+from .._agent.isolation import USER_UID
 from .._limits import Limits
+from .._storage.grants import PreparedMounts
 from .._templates import Template
 from ._common import (AGENT_DIR, CgroupSandbox, boot_message, new_sandbox_id, sandbox_config, sandbox_env,
                       state_dir, template_config)
@@ -197,6 +199,7 @@ class ProcessSandbox(CgroupSandbox):
             self._popen.poll()  # it has exited (the pidfd said so): this reaps it
         if self._release is not None:
             self._release()
+        self.release_grants()
 
 
 async def _in_thread(func, *args, undo):
@@ -214,9 +217,10 @@ async def _in_thread(func, *args, undo):
         raise
 
 
-def _fork_with(zygote: Zygote, config: dict, channel_end: socket.socket) -> tuple[int, int]:
+def _fork_with(zygote: Zygote, config: dict, channel_end: socket.socket,
+               mounts: Optional[PreparedMounts]) -> tuple[int, int]:
     try:
-        return zygote.fork(config, channel_end)
+        return zygote.fork(config, channel_end, mounts.detached if mounts is not None else None)
     finally:
         channel_end.close()
 
@@ -281,8 +285,10 @@ class ProcessBackend(Backend):
             await asyncio.to_thread(self.zygote_for(template).ensure_started)
 
     async def start(self, template: Template, limits: Limits, env: dict[str, str], *,
-                    awaited: bool = False, network: bool = False) -> ProcessSandbox:
+                    awaited: bool = False, network: bool = False,
+                    mounts: Optional[PreparedMounts] = None) -> ProcessSandbox:
         sandbox_id = new_sandbox_id()
+        mount_fds: list = []
         cgroup = await _in_thread(cgroups.Cgroup, sandbox_id, limits, undo=lambda made: made.remove())
         host_end, child_end = socket.socketpair()
         env_inside = sandbox_env(template, env)
@@ -295,8 +301,11 @@ class ProcessBackend(Backend):
                 # The thread gets its own copy of the channel's far end: a cancelled create closes ours at
                 # once, while the fork may still be sending it. A slot taken by a fork nobody waits for
                 # any more goes back (that child sees its channel closed and exits).
-                pid, slot = await _in_thread(_fork_with, zygote, sandbox_config(limits, env_inside),
-                                             child_end.dup(), undo=lambda done: zygote.release_slot(done[1]))
+                config = sandbox_config(limits, env_inside)
+                if mounts is not None:
+                    config["mounts"] = mounts.plan()
+                pid, slot = await _in_thread(_fork_with, zygote, config, child_end.dup(), mounts,
+                                             undo=lambda done: zygote.release_slot(done[1]))
                 maps = "zygote"  # the zygote wrote the nested maps itself
                 popen, release = None, (lambda: zygote.release_slot(slot))
             elif template.uid_base is not None and os.geteuid() == 0:
@@ -306,7 +315,10 @@ class ProcessBackend(Backend):
                 maps, release = [(0, template.uid_base, UID_SPAN)], None
             else:
                 uid_slot = UidSlot() if os.geteuid() == 0 else None
-                popen = self._exec_boot(template, child_end)
+                if mounts is not None:
+                    user = uid_slot.base + USER_UID if uid_slot else os.getuid()
+                    mount_fds = await asyncio.to_thread(mounts.detached, user)
+                popen = self._exec_boot(template, child_end, mount_fds)
                 pid = popen.pid
                 maps = uid_slot and [(0, uid_slot.base, UID_SPAN)]
                 release = uid_slot.release if uid_slot else None
@@ -316,13 +328,18 @@ class ProcessBackend(Backend):
             raise
         finally:
             child_end.close()
+            for fd in mount_fds:  # the boot process has its own copies
+                os.close(fd)
         channel = Channel(host_end)
         await channel.open()
         sandbox = ProcessSandbox(sandbox_id, limits, pid, channel, cgroup, popen, release, template.name)
         sandbox.on_cleanup = self.track_cleanup
+        sandbox.grants = mounts
         try:
             if popen is not None:
                 config = dict(template_config(template, env), **sandbox_config(limits, env_inside))
+                if mounts is not None:
+                    config["mounts"] = [dict(m, fd=fd) for m, fd in zip(mounts.plan(), mount_fds)]
                 await channel.send({"t": "config", "config": config})
             await asyncio.wait_for(self._boot(sandbox, maps), BOOT_TIMEOUT)
         except asyncio.TimeoutError:
@@ -334,7 +351,7 @@ class ProcessBackend(Backend):
         return sandbox
 
     @staticmethod
-    def _exec_boot(template: Template, child_end: socket.socket) -> subprocess.Popen:
+    def _exec_boot(template: Template, child_end: socket.socket, mount_fds: Sequence[int] = ()) -> subprocess.Popen:
         # Boot/agent crashes print to stderr; keep them only when asked (debugging a host).
         log = _config.boot_log()
         stderr = open(log, "ab") if log else subprocess.DEVNULL
@@ -344,7 +361,7 @@ class ProcessBackend(Backend):
         try:
             return subprocess.Popen(
                 [interpreter, "-I", "-S", "-B", str(AGENT_DIR / "boot.py"), str(child_end.fileno())],
-                pass_fds=[child_end.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                pass_fds=[child_end.fileno(), *mount_fds], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=stderr, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, cwd="/",
                 start_new_session=True)  # a Ctrl-C at the owner's terminal is for the owner, not for it
         finally:

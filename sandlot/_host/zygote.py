@@ -20,7 +20,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from .. import _config
 from .._agent import protocol
@@ -116,17 +116,24 @@ class Zygote:
             self._close()
 
     # -- forks -----------------------------------------------------------------------------
-    def fork(self, sandbox_config: dict, channel_end: socket.socket) -> tuple[int, int]:
+    def user_uid(self, slot: int) -> int:
+        """The host uid of the sandbox user of the fork in ``slot`` (its nested map: 1000 -> 3 + 2*slot)."""
+        return self._uid_map[0] + 3 + 2 * slot if self._uid_map else os.getuid()
+
+    def fork(self, sandbox_config: dict, channel_end: socket.socket,
+             mount_fds: Optional[Callable[[int], list]] = None) -> tuple[int, int]:
         """Fork a sandbox that will speak on ``channel_end``. Returns (host pid, nested uid slot).
 
         A request that fails fails alone: the zygote is restarted only when its stream can no longer
         be trusted (no answer, a broken frame, its exit). Its live sandboxes never depend on it.
+        ``mount_fds(user_uid)``: the sandbox's granted mounts, made for its user's host uid once the slot
+        (hence that uid) is known, sent with the request and closed here.
         """
         with self._lock:
             for attempt in (1, 2):
                 self._out_of_step = None
                 try:
-                    return self._fork(sandbox_config, channel_end)
+                    return self._fork(sandbox_config, channel_end, mount_fds)
                 except BaseException as exc:
                     if self._out_of_step is None:
                         raise
@@ -140,7 +147,8 @@ class Zygote:
                     # It had died (kill -9, OOM) before it could answer: once more, on a new one.
             raise AssertionError("unreachable")
 
-    def _fork(self, sandbox_config: dict, channel_end: socket.socket) -> tuple[int, int]:
+    def _fork(self, sandbox_config: dict, channel_end: socket.socket,
+              mount_fds: Optional[Callable[[int], list]]) -> tuple[int, int]:
         if not self.alive():
             self._start()  # a dead zygote is restarted on demand
         if not self._free_slots:
@@ -152,7 +160,12 @@ class Zygote:
             self._free_slots.append(slot)
             raise InvalidRequest(f"sandbox plan too large for the zygote: {exc}") from None
         try:
-            socket.send_fds(self._sock, [frame], [channel_end.fileno()])
+            extra = mount_fds(self.user_uid(slot)) if mount_fds is not None else []
+        except BaseException:
+            self._free_slots.append(slot)
+            raise
+        try:
+            socket.send_fds(self._sock, [frame], [channel_end.fileno(), *extra])
             msg = self._recv("forked")
         except _Refused as exc:  # answered in step: the zygote carries on, nothing was forked
             self._free_slots.append(slot)
@@ -160,6 +173,9 @@ class Zygote:
         except BaseException:
             self._out_of_step = slot  # no answer, a broken frame, the zygote gone: it is restarted
             raise
+        finally:
+            for fd in extra:
+                os.close(fd)
         return int(msg["pid"]), slot
 
     def release_slot(self, slot: int) -> None:

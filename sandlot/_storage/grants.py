@@ -1,0 +1,108 @@
+"""A sandbox's mounts made ready on the host, and released when it ends.
+
+``prepare`` opens every granted host directory (checked against the operator's roots) and mounts every
+volume (holding its lock) before the sandbox boots; a failure undoes what was done and says why. The
+backend then takes copies for its sandbox: ``detached(user)`` for the process tier (descriptors of
+detached, id-mapped mounts that pid 1 attaches before it pivots), ``attached(base, user)`` for gVisor
+(the same copies attached on the host, where runsc's gofer binds them). ``release`` ends the host's side:
+volumes unmounted (a sandbox's own copy keeps the file system until it ends) and unlocked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .._agent import linux
+from .hostdir import open_host_dir
+from .idmap import detached_copy
+from .mountpoints import MountPoint
+from .volumes import OWNER, AttachedVolume, VolumeStore
+
+
+@dataclasses.dataclass
+class _Entry:
+    target: str
+    readonly: bool
+    fd: int  # O_PATH descriptor of the directory to mount
+    owner: tuple  # (uid, gid) on disk that the sandbox's user stands for
+
+
+class PreparedMounts:
+    def __init__(self) -> None:
+        self.entries: list[_Entry] = []
+        self._volumes: list[AttachedVolume] = []
+        self._points: list[MountPoint] = []
+
+    def plan(self) -> list:
+        """What the agent needs: each target and whether it is read-only, in the order of the copies."""
+        return [{"target": e.target, "ro": e.readonly} for e in self.entries]
+
+    def writable_targets(self) -> list:
+        return [e.target for e in self.entries if not e.readonly]
+
+    def detached(self, user: int) -> list:
+        """One detached copy per mount (descriptors, the caller closes them), mapped for host uid ``user``."""
+        fds: list = []
+        try:
+            for entry in self.entries:
+                fds.append(detached_copy(entry.fd, readonly=entry.readonly, owner=entry.owner, user=user))
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return fds
+
+    def attached(self, base: Path, user: int) -> list:
+        """The copies attached under ``base`` on the host: [(host path, target, readonly)]. Released with us."""
+        out = []
+        for entry, fd in zip(self.entries, self.detached(user)):
+            try:
+                point = MountPoint(base, "grant")
+                self._points.append(point)
+                linux.move_mount(fd, str(point.path))
+            finally:
+                os.close(fd)
+            out.append((str(point.path), entry.target, entry.readonly))
+        return out
+
+    def release(self) -> None:
+        for point in self._points:
+            point.release()
+        self._points = []
+        for entry in self.entries:
+            if entry.fd >= 0:
+                os.close(entry.fd)
+                entry.fd = -1
+        for volume in self._volumes:
+            volume.release()
+        self._volumes = []
+
+
+def prepare(mounts: Sequence, volumes: VolumeStore, roots: Optional[Sequence[str]]) -> Optional[PreparedMounts]:
+    """Open and mount what ``mounts`` (spec Mounts) grant; None when there is nothing to grant."""
+    if not mounts:
+        return None
+    prepared = PreparedMounts()
+    try:
+        for mount in mounts:
+            if mount.kind == "volume":
+                volume = volumes.attach(mount.source, mount.readonly)
+                prepared._volumes.append(volume)
+                fd = os.open(volume.path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                prepared.entries.append(_Entry(mount.target, mount.readonly, fd, (OWNER, OWNER)))
+            else:
+                granted = open_host_dir(mount.source, roots)
+                if not mount.readonly and granted.uid == 0:
+                    granted.close()
+                    from .._exceptions import InvalidRequest
+
+                    raise InvalidRequest(f"host directory {mount.source!r} is owned by root: it can be granted "
+                                         "read-only, never writable (the sandbox's files would be root's on the host)")
+                prepared.entries.append(_Entry(mount.target, mount.readonly, granted.fd, (granted.uid, granted.gid)))
+    except BaseException:
+        prepared.release()
+        raise
+    return prepared

@@ -1,0 +1,87 @@
+"""Opening a granted host directory: the path resolved once, checked, and held by descriptor.
+
+The grant is checked on the resolved path (symlinks followed once, by the host, on a path its owner
+gave), then opened without following anything and compared with what was checked, so a symlink swapped
+in between (say, planted by an earlier sandbox with a writable grant) is refused, never followed. From
+then on only the descriptor is used: the mount is made from it, and nothing of the host side ever walks a
+path inside the grant again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional, Sequence
+
+from .. import _config
+from .._exceptions import InvalidRequest
+
+# Never granted, nor anything inside them (the host's system and secrets).
+SENSITIVE_TREES = ("/proc", "/sys", "/dev", "/etc", "/root", "/boot", "/run", "/var/run")
+
+
+@dataclasses.dataclass
+class HostDir:
+    """A host directory held open (O_PATH): the mount is made from ``fd``, never from ``path`` again."""
+
+    path: str
+    fd: int
+    uid: int
+    gid: int
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _inside(path: str, tree: str) -> bool:
+    return path == tree or path.startswith(tree.rstrip("/") + "/")
+
+
+def own_state() -> list:
+    """Sandlot's own state on this host (volumes, checkpoints, databases): never granted, nor a parent of it."""
+    return [os.path.realpath(p) for p in (_config.data_dir(), _config.state_dir())]
+
+
+def check_allowed(path: str, roots: Optional[Sequence[str]]) -> str:
+    """The resolved path of a grant, or InvalidRequest saying why it cannot be granted. ``roots``: the
+    operator's allowed roots (None: any directory that is not sensitive; empty: none at all)."""
+    resolved = os.path.realpath(path)
+    if resolved == "/" or any(_inside(resolved, tree) for tree in SENSITIVE_TREES):
+        raise InvalidRequest(f"host directory {path!r} is a sensitive location ({resolved}): "
+                             f"/, {', '.join(SENSITIVE_TREES)} and what is inside them are never granted")
+    for state in own_state():
+        if _inside(resolved, state) or _inside(state, resolved):
+            raise InvalidRequest(f"host directory {path!r} holds Sandlot's own state ({state}); it is never granted")
+    if roots is not None:
+        if not roots:
+            raise InvalidRequest("this server grants no host directories (the operator allows them with "
+                                 "`sandlot serve --host-dir-root DIR`); volumes ('vol:NAME') are available")
+        real_roots = [os.path.realpath(r) for r in roots]
+        if not any(_inside(resolved, root) for root in real_roots):
+            raise InvalidRequest(f"host directory {path!r} ({resolved}) is outside the directories the operator "
+                                 f"allows: {', '.join(real_roots)}")
+    if not os.path.lexists(resolved):
+        raise InvalidRequest(f"host directory {path!r} does not exist")
+    if not os.path.isdir(resolved):
+        raise InvalidRequest(f"host path {path!r} is not a directory (only directories are granted)")
+    return resolved
+
+
+def open_host_dir(path: str, roots: Optional[Sequence[str]] = None) -> HostDir:
+    """Check ``path`` (see check_allowed) and hold it open, refusing it if it changed in between."""
+    resolved = check_allowed(path, roots)
+    try:
+        fd = os.open(resolved, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise InvalidRequest(f"host directory {path!r} cannot be opened: {exc.strerror}") from None
+    try:
+        # Every component must still be what was checked: a symlink put in since then moves the descriptor.
+        if os.readlink(f"/proc/self/fd/{fd}") != resolved:
+            raise InvalidRequest(f"host directory {path!r} changed while it was being granted; try again")
+        st = os.fstat(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    return HostDir(resolved, fd, st.st_uid, st.st_gid)
