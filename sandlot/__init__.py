@@ -14,9 +14,10 @@ from ._exceptions import (AuthError, FileError, HostUnsupported, ImageError, Inv
                           SandboxNotFound, SandlotError, TimeoutError)
 from ._limits import Limits
 from ._models import (CommandResult, EntryInfo, Execution, ExecutionError, Logs, Result, SandboxInfo, SandboxMetrics,
-                      Usage)
+                      Usage, VolumeInfo)
 from ._sandbox import AsyncCommandHandle, AsyncSandbox
 from ._sync import CommandHandle, Sandbox, run_sync
+from ._volumes import AsyncVolumes, Volumes
 
 from ._version import __version__  # noqa: E402 - re-exported
 
@@ -44,6 +45,9 @@ def configure_pool(template: str = "python", *, min_ready: int, max_ready: int |
     default_engine().pools.configure(template, min_ready=min_ready, max_ready=max_ready)
 
 
+volumes = Volumes()  # named volumes: local, or your tenant's on a server (api_url / SANDLOT_API_URL)
+
+
 def run_code(code: str, **kwargs: Any) -> Execution:
     """Stateless: a fresh sandbox runs ``code`` and is gone afterwards."""
     return run_sync(async_run_code(code, **kwargs))
@@ -52,7 +56,7 @@ def run_code(code: str, **kwargs: Any) -> Execution:
 __all__ = [
     "__version__", "Sandbox", "AsyncSandbox", "configure_pool", "CommandHandle", "AsyncCommandHandle", "run_code", "async_run_code",
     "Limits", "Execution", "ExecutionError", "Result", "Logs", "Usage", "SandboxMetrics", "SandboxInfo", "CommandResult",
-    "EntryInfo",
+    "EntryInfo", "VolumeInfo", "volumes", "Volumes", "AsyncVolumes",
     "SandlotError", "SandboxNotFound", "TimeoutError", "SandboxCrashed", "AuthError", "QuotaExceeded",
     "InvalidRequest", "HostUnsupported", "FileError", "ImageError",
 ]

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import dataclasses
 import threading
-from typing import Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from ._backends.base import Backend, BackendSandbox
 from ._backends.registry import ISOLATIONS, backend_class, default_isolation, supports, isolations_with
@@ -26,7 +26,7 @@ from ._limits import Limits
 from ._local import LocalSandbox
 from ._net.policy import NetworkPolicy
 from ._net.sandbox_network import CA_BUNDLE_PATH, SandboxNetwork
-from ._models import Execution, SandboxInfo
+from ._models import Execution, SandboxInfo, VolumeInfo
 from ._output import OutputHandler
 from ._pool import Pools
 from ._spec import SandboxSpec
@@ -236,3 +236,16 @@ class LocalTransport(Transport):
                                           on_result=on_result)
         finally:
             await sandbox.kill()
+
+    # -- volumes: this host's, in the "local" scope ---------------------------------------------------------
+    async def create_volume(self, name: str, size: Any, inodes: Optional[int]) -> VolumeInfo:
+        return await asyncio.to_thread(self.engine.volumes().create, name, size, inodes)
+
+    async def list_volumes(self) -> "list[VolumeInfo]":
+        return await asyncio.to_thread(self.engine.volumes().list)
+
+    async def volume_info(self, name: str) -> VolumeInfo:
+        return await asyncio.to_thread(self.engine.volumes().info, name)
+
+    async def delete_volume(self, name: str) -> None:
+        await asyncio.to_thread(self.engine.volumes().delete, name)

@@ -29,7 +29,7 @@ from ._calls import chunks as _chunks
 from ._exceptions import InvalidRequest, SandboxCrashed, SandboxNotFound, SandlotError, TimeoutError
 from ._limits import Limits
 from ._models import (CommandResult, EntryInfo, Execution, ExecutionError, PauseInfo, Result, SandboxInfo,
-                      SandboxMetrics, Usage)
+                      SandboxMetrics, Usage, VolumeInfo)
 from ._output import OutputHandler, TextLog, call as _call
 from ._spec import SandboxSpec
 from ._transport import (AsyncCommandHandle, CommandsHandle, FilesHandle, ResultHandler, SandboxHandle,
@@ -486,3 +486,23 @@ class HTTPTransport(Transport):
         body = dict(spec.to_json(), code=code, timeout=timeout)  # here the timeout is the call's
         execution, _ = await _execute(self.server, "/v1/run", body, on_stdout, on_stderr, on_result)
         return execution
+
+    # -- volumes: the caller's tenant's, on the server ---------------------------------------------------
+    async def create_volume(self, name: str, size: Any, inodes: Optional[int]) -> VolumeInfo:
+        body = {"name": name, "size": size, "inodes": inodes}
+        return VolumeInfo(**(await self.server.request("POST", "/v1/volumes", json=body)).json())
+
+    async def list_volumes(self) -> "list[VolumeInfo]":
+        return [VolumeInfo(**raw) for raw in (await self.server.request("GET", "/v1/volumes")).json()]
+
+    async def volume_info(self, name: str) -> VolumeInfo:
+        return VolumeInfo(**(await self.server.request("GET", f"/v1/volumes/{_volume_path(name)}")).json())
+
+    async def delete_volume(self, name: str) -> None:
+        await self.server.request("DELETE", f"/v1/volumes/{_volume_path(name)}")
+
+
+def _volume_path(name: str) -> str:
+    from ._storage.mounts import check_volume_name
+
+    return check_volume_name(name)  # a name is one URL segment of safe characters, checked before it travels

@@ -152,6 +152,9 @@ class LocalSandbox(SandboxHandle):
         if self._watchdog is not None and self._watchdog is not asyncio.current_task():
             self._watchdog.cancel()
         await self._proc.kill(reason)
+        if self.spec.mounts:
+            # Its volumes are free again when kill() returns: the next sandbox may mount one writable at once.
+            await self._proc.grants_released()
         if self.network is not None:
             await self.network.close()
         forwarders, self._forwarders = list(self._forwarders.values()), {}

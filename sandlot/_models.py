@@ -146,6 +146,22 @@ class SandboxInfo:
 
 
 @dataclasses.dataclass
+class VolumeInfo:
+    """A named volume (``sandlot.volumes``): ``size`` and ``inodes`` are its caps, ``allocated`` what its
+    image takes on the host's disk now, ``in_use`` whether a sandbox has it mounted."""
+
+    name: str
+    size: int
+    inodes: int
+    allocated: int
+    created_at: float
+    in_use: bool
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
 class PauseInfo:
     """What a pause or resume cost: wall seconds, and the size of the checkpoint on disk."""
 

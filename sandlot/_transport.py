@@ -18,7 +18,8 @@ import abc
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Optional, Union
 
 from ._limits import Limits
-from ._models import CommandResult, EntryInfo, Execution, PauseInfo, Result, SandboxInfo, SandboxMetrics
+from ._models import (CommandResult, EntryInfo, Execution, PauseInfo, Result, SandboxInfo, SandboxMetrics,
+                      VolumeInfo)
 from ._output import OutputHandler
 from ._spec import SandboxSpec
 
@@ -169,3 +170,16 @@ class Transport(abc.ABC):
                        on_stdout: Optional[OutputHandler], on_stderr: Optional[OutputHandler],
                        on_result: Optional[ResultHandler]) -> Execution:
         """A fresh sandbox runs ``code`` and is gone afterwards."""
+
+    # -- named volumes (of this host's SDK, or of the caller's tenant on a server) ----------------------
+    @abc.abstractmethod
+    async def create_volume(self, name: str, size: Any, inodes: Optional[int]) -> VolumeInfo: ...
+
+    @abc.abstractmethod
+    async def list_volumes(self) -> "list[VolumeInfo]": ...
+
+    @abc.abstractmethod
+    async def volume_info(self, name: str) -> VolumeInfo: ...
+
+    @abc.abstractmethod
+    async def delete_volume(self, name: str) -> None: ...

@@ -74,6 +74,12 @@ class BackendSandbox(abc.ABC):
         if grants is not None:
             grants.release()
 
+    async def grants_released(self, within: float = 10.0) -> None:
+        """Wait (a killed sandbox's cleanup runs in the background) until its mounts are released."""
+        deadline = asyncio.get_running_loop().time() + within
+        while self.grants is not None and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.005)
+
     @property
     @abc.abstractmethod
     def pid(self) -> int: ...

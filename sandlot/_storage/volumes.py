@@ -15,7 +15,6 @@ is made. ``delete`` refuses a volume that is mounted.
 
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import json
 import os
@@ -29,6 +28,7 @@ from typing import Optional
 from .. import _config
 from .._exceptions import HostUnsupported, InvalidRequest
 from .._limits import parse_size
+from .._models import VolumeInfo
 from .mountpoints import MountPoint, sweep
 from .mounts import check_volume_name
 
@@ -37,22 +37,7 @@ MAX_SIZE = 16 * 1024**4
 MIN_INODES, MAX_INODES = 64, 100_000_000
 OWNER = 1000  # the sandbox user's uid and gid, on disk
 LOCAL_SCOPE = "local"
-
-
-@dataclasses.dataclass
-class VolumeInfo:
-    """A volume: ``size`` and ``inodes`` are its caps, ``allocated`` the bytes its image takes on the host
-    disk now, ``in_use`` whether a sandbox has it mounted."""
-
-    name: str
-    size: int
-    inodes: int
-    allocated: int
-    created_at: float
-    in_use: bool
-
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+LOCK_WAIT = 2.0  # how long a mount waits for a volume that another sandbox is just releasing
 
 
 def volumes_root() -> Path:
@@ -133,6 +118,8 @@ class VolumeStore:
                 f.truncate(size)  # sparse: the host disk pays only for what is written
             _run(["mkfs.ext4", "-q", "-F", "-m", "0", "-N", str(inodes), "-E",
                   f"root_owner={OWNER}:{OWNER},nodiscard", "-O", "^resize_inode", str(image)], "making the volume")
+            # An empty volume, as the owner asked: no lost+found (fsck makes one again if it ever needs it).
+            _run(["debugfs", "-w", "-R", "rmdir lost+found", str(image)], "making the volume")
             actual = _inode_count(image) or inodes
             (building / "lock").touch(mode=0o600)
             meta = {"name": name, "size": size, "inodes": actual, "created_at": time.time()}
@@ -201,9 +188,7 @@ class VolumeStore:
         path = self._existing(name)
         fd = os.open(path / "lock", os.O_RDWR | os.O_CLOEXEC)
         try:
-            try:
-                fcntl.flock(fd, (fcntl.LOCK_SH if readonly else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if not _lock_within(fd, fcntl.LOCK_SH if readonly else fcntl.LOCK_EX, LOCK_WAIT):
                 how = "read-only ('vol:NAME:ro')" if readonly else "at all"
                 raise InvalidRequest(
                     f"volume {name!r} is in use: it has one writer or many readers, so it cannot be mounted "
@@ -245,6 +230,19 @@ class AttachedVolume:
         self.point.release()
         os.close(self._lock_fd)
         self._lock_fd = -1
+
+
+def _lock_within(fd: int, kind: int, seconds: float) -> bool:
+    """Take a flock, retrying for ``seconds`` (a sandbox that just ended may still be releasing it)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(fd, kind | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
 
 
 def _inode_count(image: Path) -> Optional[int]:
