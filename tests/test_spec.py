@@ -92,9 +92,40 @@ def test_from_json_refuses_what_it_does_not_know():
 def test_spec_imports_nothing_above_it():
     # The network policy and the secrets are pure data validators too (they import only _exceptions).
     assert import_graph()["sandlot._spec"] <= {"sandlot._limits", "sandlot._exceptions", "sandlot._net.policy",
-                                               "sandlot._net.secrets"}
-    for module in ("sandlot._net.policy", "sandlot._net.secrets"):
+                                               "sandlot._net.secrets", "sandlot._storage.mounts"}
+    for module in ("sandlot._net.policy", "sandlot._net.secrets", "sandlot._storage.mounts"):
         assert import_graph()[module] <= {"sandlot._exceptions"}
+
+
+# -- mounts: the request is validated with the spec, before anything of the host is touched -----------
+def test_mounts_round_trip_with_their_modes_spelled_out():
+    spec = SandboxSpec.build(mounts={"/data": "/srv/datasets", "/project": "/home/me/project:rw",
+                                     "/cache": "vol:pipcache", "/ref": "vol:refdata:ro", "/home/user/in": "/srv/x/../in"})
+    assert spec.to_json()["mounts"] == {"/cache": "vol:pipcache:rw", "/data": "/srv/datasets:ro",
+                                        "/home/user/in": "/srv/in:ro", "/project": "/home/me/project:rw",
+                                        "/ref": "vol:refdata:ro"}
+    assert SandboxSpec.from_json(spec.to_json()) == spec
+    kinds = {m.target: (m.kind, m.source, m.readonly) for m in spec.mounts}
+    assert kinds["/data"] == ("dir", "/srv/datasets", True)  # a host directory is read-only unless asked
+    assert kinds["/cache"] == ("volume", "pipcache", False)  # a volume is writable unless asked
+    assert SandboxSpec.build().mounts == () and "mounts" not in SandboxSpec.build().to_json()
+
+
+@pytest.mark.parametrize("mounts, words", [
+    ({"data": "/srv"}, "absolute, normalised"), ({"/data/": "/srv"}, "absolute, normalised"),
+    ({"/a/../etc": "/srv"}, "absolute, normalised"), ({"/": "/srv"}, "reserved"), ({"/usr/local": "/srv"}, "reserved"),
+    ({"/proc": "/srv"}, "reserved"), ({"/home/user": "/srv"}, "reserved"), ({"/tmp": "/srv"}, "reserved"),
+    ({"/opt/sandlot/x": "/srv"}, "reserved"), ({"/etc/x": "/srv"}, "reserved"), ({"/a:b": "/srv"}, "':'"),
+    ({"/data": "srv/x"}, "absolute path"), ({"/data": "./x"}, "absolute path"), ({"/data": ""}, "source"),
+    ({"/data": "vol:Bad Name"}, "volume name"), ({"/data": "vol:"}, "volume name"), ({"/data": 7}, "source"),
+    ({"/a": "/x", "/a/b": "/y"}, "may not nest"), ({"/a": "vol:v", "/b": "vol:v:ro"}, "once per sandbox"),
+    ({f"/m{i}": "/srv" for i in range(17)}, "at most 16"), (["/data"], "must map"),
+])
+def test_a_bad_mount_is_refused_with_what_is_wrong(mounts, words):
+    assert words in _message(lambda: SandboxSpec.build(mounts=mounts))
+    # the same words from the SDK's constructor, before anything starts, locally and remotely
+    assert words in _message(lambda: AsyncSandbox(mounts=mounts))
+    assert words in _message(lambda: AsyncSandbox(mounts=mounts, api_url=NOWHERE))
 
 
 # -- one validator: the same error wherever a sandbox is created ---------------------------------------
