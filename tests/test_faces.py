@@ -24,7 +24,7 @@ PACKAGE = Path(sandlot.__file__).resolve().parent
 README = PACKAGE.parent / "README.md"
 
 FACES = [(sandlot.AsyncSandbox, sandlot.Sandbox), (AsyncCommands, Commands), (AsyncFiles, Files),
-         (AsyncCommandHandle, sandlot.CommandHandle)]
+         (AsyncCommandHandle, sandlot.CommandHandle), (sandlot.AsyncVolumes, sandlot.Volumes)]
 
 
 def _public(cls: type) -> dict[str, object]:

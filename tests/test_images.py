@@ -211,6 +211,31 @@ def test_gvisor_tier_runs_the_images(world):
         assert sb.files.read("f.txt") == "x"
 
 
+def test_mounts_in_an_image_template(world):
+    """A grant at a new top-level path of an image's read-only root (process tier: a private shadow of the
+    root for this sandbox, the image's own files still there); on gVisor a target must exist in the image or
+    lie under home or /tmp, and any other is refused before anything boots."""
+    project = world["work"] / "mount-project"
+    project.mkdir()
+    os.chown(project, 1234, 1234)
+    with sandlot.Sandbox("img-py", mounts={"/project": f"{project}:rw"}) as sb:
+        r = sb.commands.run("echo edit > /project/a.txt && ls /project && ls /usr/bin/python3 && cat /etc/passwd && "
+                            "touch /newdir 2>&1; ls /")
+        assert r.stdout.splitlines()[:2] == ["a.txt", "/usr/bin/python3"], r.stdout + r.stderr
+        assert "daemon:x:1:1:" in r.stdout  # the image's own files, through the shadowed root
+        assert "Read-only file system" in r.stdout  # the shadowed root is read-only too
+        assert "project" in r.stdout.split()
+    assert (project / "a.txt").read_text() == "edit\n" and (project / "a.txt").stat().st_uid == 1234
+    with sandlot.Sandbox("img-py") as sb:  # the next sandbox of the image never sees that target
+        assert "project" not in sb.commands.run("ls /").stdout.split()
+    if shutil.which("runsc") is None:
+        return
+    with sandlot.Sandbox("img-py", isolation="gvisor", mounts={"/home/user/p": str(project)}) as sb:
+        assert sb.commands.run("cat /home/user/p/a.txt").stdout == "edit\n"
+    with pytest.raises(sandlot.InvalidRequest, match="does not exist in this image"):
+        sandlot.Sandbox("img-py", isolation="gvisor", mounts={"/project": str(project)})
+
+
 # -- sandbox.yaml ------------------------------------------------------------------------------------
 def _context(work: Path, yaml_text: str) -> Path:
     ctx = work / f"ctx-{time.monotonic_ns()}"
