@@ -99,7 +99,35 @@ def host_checks() -> list[Check]:
         runsc_detail = f"{runsc}: {out.splitlines()[0] if out else '?'}"
     checks.append(Check("gVisor runsc", bool(runsc), runsc_detail, False))
     checks.append(_kvm_check())
+    checks += _storage_checks()
     return checks
+
+
+def _storage_checks() -> list[Check]:
+    """Host directories (id-mapped mounts, tried on the data directory's file system) and volumes (loop
+    devices, mkfs.ext4)."""
+    import tempfile
+
+    from ._storage import idmap
+
+    try:
+        _config.data_dir().mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=_config.data_dir()) as probe:
+            fd = os.open(probe, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.close(idmap.detached_copy(fd, readonly=False, owner=(0, 0), user=1000))
+            finally:
+                os.close(fd)
+        grants = Check("id-mapped mounts", True, "writable host directories get their owner's files")
+    except Exception as exc:
+        grants = Check("id-mapped mounts", False, f"{exc} (read-only host directories still work, unmapped)", False)
+    tools = [t for t in ("mkfs.ext4", "debugfs", "mount") if not shutil.which(t)]
+    loop = os.path.exists("/dev/loop-control")
+    volumes_ok = os.geteuid() == 0 and loop and not tools
+    detail = ("ext4 images on loop devices" if volumes_ok else
+              "needs root, /dev/loop-control and mkfs.ext4, debugfs, mount (e2fsprogs, util-linux): missing "
+              + ", ".join(([] if os.geteuid() == 0 else ["root"]) + ([] if loop else ["/dev/loop-control"]) + tools))
+    return [grants, Check("volumes", volumes_ok, detail, False)]
 
 
 def _kvm_check() -> Check:
