@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .._agent import linux
+from .._exceptions import InvalidRequest
 from .hostdir import open_host_dir
 from .idmap import detached_copy
 from .mountpoints import MountPoint
@@ -97,8 +98,6 @@ def prepare(mounts: Sequence, volumes: VolumeStore, roots: Optional[Sequence[str
                 granted = open_host_dir(mount.source, roots)
                 if not mount.readonly and granted.uid == 0:
                     granted.close()
-                    from .._exceptions import InvalidRequest
-
                     raise InvalidRequest(f"host directory {mount.source!r} is owned by root: it can be granted "
                                          "read-only, never writable (the sandbox's files would be root's on the host)")
                 prepared.entries.append(_Entry(mount.target, mount.readonly, granted.fd, (granted.uid, granted.gid)))

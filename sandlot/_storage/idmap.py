@@ -20,6 +20,7 @@ from typing import Optional
 
 from .._agent import linux
 from .._exceptions import HostUnsupported
+from .tools import tool
 
 
 def _userns_with(uid_from: int, uid_to: int, gid_from: int, gid_to: int) -> int:
@@ -28,7 +29,7 @@ def _userns_with(uid_from: int, uid_to: int, gid_from: int, gid_to: int) -> int:
     A short-lived `unshare` child makes it (a fork of this threaded process would be unsafe); we write
     its maps, keep the namespace by descriptor, and let the child go.
     """
-    child = subprocess.Popen(["unshare", "--user", "--", "cat"], stdin=subprocess.PIPE,
+    child = subprocess.Popen([tool("unshare"), "--user", "--", tool("cat")], stdin=subprocess.PIPE,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         ours = os.readlink("/proc/self/ns/user")

@@ -30,6 +30,7 @@ from .._exceptions import HostUnsupported, InvalidRequest
 from .._limits import parse_size
 from .._models import VolumeInfo
 from .mountpoints import MountPoint, sweep
+from .tools import tool
 from .mounts import check_volume_name
 
 MIN_SIZE = 16 * 1024**2
@@ -63,6 +64,7 @@ def _attached_loops(image: Path) -> list:
 
 
 def _run(argv: list, what: str) -> None:
+    argv = [tool(argv[0]), *argv[1:]]
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     except FileNotFoundError:
@@ -247,7 +249,7 @@ def _lock_within(fd: int, kind: int, seconds: float) -> bool:
 
 def _inode_count(image: Path) -> Optional[int]:
     try:
-        out = subprocess.run(["dumpe2fs", "-h", str(image)], capture_output=True, text=True, timeout=30).stdout
+        out = subprocess.run([tool("dumpe2fs"), "-h", str(image)], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.TimeoutExpired):
         return None
     for line in out.splitlines():
