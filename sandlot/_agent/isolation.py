@@ -201,7 +201,10 @@ def make_mount_points(root: str, mounts: list) -> list:
     shadows: list = []
     for mount in mounts:
         target = mount["target"]
-        if _in_scratch(target) or os.path.isdir(root + target):
+        if _in_scratch(target):
+            continue
+        _refuse_symlinks(root, target)  # before anything follows the path: it is still the host's tree here
+        if os.path.isdir(root + target):
             continue
         if os.path.lexists(root + target):
             raise OSError("mount target %s exists and is not a directory" % target)
@@ -215,6 +218,18 @@ def make_mount_points(root: str, mounts: list) -> list:
             shadows.append((root + above).rstrip("/"))
         _mkdirs(root + target)
     return shadows
+
+
+def _refuse_symlinks(root: str, target: str) -> None:
+    """A target must be a plain path in the root: an image's symlink on the way (say /data -> /tmp) would
+    be followed on the host's tree, where pid 1 still is, not in the sandbox's."""
+    path = root
+    for part in target.split("/")[1:]:
+        path += "/" + part
+        if os.path.islink(path):
+            raise OSError("mount target %s passes through a symlink in the template's root" % target)
+        if not os.path.lexists(path):
+            return
 
 
 def _shadow(path: str) -> None:

@@ -143,8 +143,14 @@ def _root_with_mount_points(rootfs: Path, home: Path, targets: list, image: bool
     write (home, /tmp), not in the read-only root. A template's skeleton is small: this sandbox gets a copy
     of its own with the targets added (never the shared one: other sandboxes would see their names). An
     image's root is not copied: a target there must exist in the image or lie under /home/user or /tmp."""
-    missing = [t for t in targets if not any(t.startswith(area + "/") for area in ("/home/user", "/tmp", "/dev/shm"))
-               and not (rootfs / t.lstrip("/")).is_dir()]
+    outside = [t for t in targets if not any(t.startswith(area + "/") for area in ("/home/user", "/tmp", "/dev/shm"))]
+    for target in outside:  # runsc resolves symlinks inside the root; ours must not follow them on the host
+        path = rootfs
+        for part in target.strip("/").split("/"):
+            path = path / part
+            if path.is_symlink():
+                raise InvalidRequest(f"mount target {target!r} passes through a symlink in the template's root")
+    missing = [t for t in outside if not (rootfs / t.lstrip("/")).is_dir()]
     if not missing:
         return rootfs
     if image:
