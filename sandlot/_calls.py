@@ -8,10 +8,11 @@ The same rules and messages whether the sandbox is local or on a server: a bad a
 from __future__ import annotations
 
 import asyncio
+import errno
 from typing import Any, AsyncIterator, Mapping, Optional, Union
 
 from ._agent import protocol
-from ._exceptions import InvalidRequest
+from ._exceptions import FileError, InvalidRequest
 from ._limits import Limits
 from ._spec import check_env
 
@@ -68,14 +69,21 @@ def check_upload(data: Any) -> Any:
     raise InvalidRequest("data must be str, bytes, a file object or an iterable of bytes")
 
 
-async def read_as(stream: AsyncIterator[bytes], format: str) -> Union[str, bytes, AsyncIterator[bytes]]:
-    """A file's chunks as the caller asked: the stream itself, or gathered into bytes or UTF-8 text."""
+async def read_as(stream: AsyncIterator[bytes], format: str, path: str = "") -> Union[str, bytes, AsyncIterator[bytes]]:
+    """A file's chunks as the caller asked: the stream itself, or gathered into bytes or UTF-8 text (a file
+    that is not UTF-8 is a FileError that says how to read it, not a bare UnicodeDecodeError)."""
     if format == "stream":
         return stream
     data = bytearray()
     async for chunk in stream:
         data += chunk
-    return data.decode() if format == "text" else bytes(data)
+    if format != "text":
+        return bytes(data)
+    try:
+        return data.decode()
+    except UnicodeDecodeError as exc:
+        raise FileError(f"{path or 'the file'} is not UTF-8 text (byte {exc.start}): read it with format='bytes'",
+                        errno.EILSEQ, path or None) from None
 
 
 async def chunks(data: Any) -> AsyncIterator[bytes]:

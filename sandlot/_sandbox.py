@@ -285,7 +285,7 @@ class AsyncFiles:
         """``format``: "text" (UTF-8), "bytes", or "stream" (an async iterator of byte chunks)."""
         _calls.check_format(format)
         _calls.check_path(path)
-        return await _calls.read_as(self._sandbox._live().files.stream(path), format)
+        return await _calls.read_as(self._sandbox._live().files.stream(path), format, path)
 
     async def list(self, path: str = "/home/user", *, depth: int = 1) -> "list[EntryInfo]":
         return await self._sandbox._live().files.list(_calls.check_path(path), depth=_calls.check_depth(depth))

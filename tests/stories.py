@@ -25,3 +25,9 @@ def files_api_story(f) -> None:
     assert err.value.errno == 2
     with pytest.raises(InvalidRequest):
         f.read("")
+    # A binary file read as text: one of Sandlot's errors, saying how to read it (not a bare UnicodeDecodeError).
+    f.write("bin.dat", b"\x89PNG\xff\x00")
+    with pytest.raises(sandlot.FileError, match="format='bytes'") as err:
+        f.read("bin.dat")
+    assert err.value.filename == "bin.dat"
+    assert f.read("bin.dat", format="bytes") == b"\x89PNG\xff\x00"
