@@ -19,7 +19,7 @@ import sys
 import traceback
 import types
 
-from . import protocol
+from . import magics, protocol
 
 _MIME_METHODS = (
     ("text/html", "_repr_html_"), ("text/markdown", "_repr_markdown_"), ("image/svg+xml", "_repr_svg_"),
@@ -40,6 +40,9 @@ class Kernel:
         self.count = 0
         self.namespace: dict = {"__name__": "__main__", "__builtins__": __builtins__}
         self.namespace["display"] = self.display
+        # Notebook syntax (``!cmd``, ``%pip``, ``%%bash``...), rewritten into calls of this (magics.py).
+        self.namespace[magics.NAME] = magics.Magics(self.namespace, self.display_data)
+        self.namespace["input"] = magics.no_input
         self.buffer = protocol.FrameBuffer()
         self.pending: list = []
 
@@ -138,7 +141,7 @@ class Kernel:
         os._exit(1 if error is not None else 0)
 
     def _execute(self, code: str, filename: str):
-        tree = ast.parse(code, filename, "exec")
+        tree = ast.parse(magics.rewrite(code), filename, "exec")
         last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
         flags = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
         body = compile(tree, filename, "exec", flags=flags, dont_inherit=True)
@@ -265,13 +268,34 @@ def _flush_streams() -> None:
             pass
 
 
+# Sandlot's own code (the agent package, by the host path it was imported from before the pivot, or by its
+# path inside the sandbox): never a frame of a user's traceback.
+_OWN_CODE = (os.path.dirname(os.path.abspath(__file__)) + os.sep, "/opt/sandlot/")
+
+
 def _format_error(exc: BaseException) -> dict:
+    if isinstance(exc, magics.UsageError):  # a notebook magic we do not offer: the message says it all
+        return {"name": "UsageError", "value": str(exc), "traceback": "UsageError: %s\n" % exc}
     tb = exc.__traceback__
     # Hide the kernel's own frames: the traceback starts at the first line the user wrote.
     while tb is not None and not tb.tb_frame.f_code.co_filename.startswith("<cell-"):
         tb = tb.tb_next
-    lines = traceback.format_exception(type(exc), exc, tb)
-    return {"name": type(exc).__name__, "value": str(exc), "traceback": "".join(lines)}
+    report = traceback.TracebackException(type(exc), exc, tb)
+    _drop_own_frames(report, set())
+    return {"name": type(exc).__name__, "value": str(exc), "traceback": "".join(report.format())}
+
+
+def _drop_own_frames(report: traceback.TracebackException, seen: set) -> None:
+    """Frames of Sandlot's own code (the magics, the display stand-ins) left out of a report and the
+    exceptions chained to it; the user's and their libraries' frames stay."""
+    if id(report) in seen:
+        return
+    seen.add(id(report))
+    report.stack = traceback.StackSummary.from_list(
+        [frame for frame in report.stack if not frame.filename.startswith(_OWN_CODE)])
+    for chained in (report.__cause__, report.__context__):
+        if chained is not None:
+            _drop_own_frames(chained, seen)
 
 
 def main(ctl_fd: int) -> None:
@@ -285,6 +309,9 @@ def main(ctl_fd: int) -> None:
     # Line-buffered: each printed line leaves at once (streaming callbacks), as one chunk.
     sys.stdout = io.TextIOWrapper(io.BufferedWriter(io.FileIO(1, "w", closefd=False)), line_buffering=True)
     sys.stderr = io.TextIOWrapper(io.BufferedWriter(io.FileIO(2, "w", closefd=False)), line_buffering=True)
+    # IPython.display for notebook code, if the template has no IPython of its own (that one would win).
+    # (The package's path, not __file__: the module was imported before the pivot, from the host's path.)
+    sys.path.append(os.path.join(sys.modules[__package__].__path__[0], "compat"))
     kernel = Kernel(socket.socket(fileno=ctl_fd))
     kernel.warm_up()
     from . import display
