@@ -25,15 +25,17 @@ from ._version import __version__  # noqa: E402 - re-exported
 async def async_run_code(code: str, *, template: str = "python", timeout: float | None = None,
                          limits: Any = None, env: Any = None, isolation: str | None = None,
                          api_url: str | None = None, api_key: str | None = None,
-                         on_stdout: Any = None, on_stderr: Any = None, on_result: Any = None) -> Execution:
-    """Stateless: a fresh sandbox runs ``code`` and is gone afterwards (on a server: in one request)."""
+                         on_stdout: Any = None, on_stderr: Any = None, on_result: Any = None,
+                         mounts: Any = None) -> Execution:
+    """Stateless: a fresh sandbox runs ``code`` and is gone afterwards (on a server: in one request).
+    ``timeout`` is the call's; ``mounts`` as ``Sandbox(mounts=...)``."""
     from . import _calls
     from ._sandbox import transport_for
     from ._spec import SandboxSpec
 
     _calls.check_code(code)
     _calls.check_timeout(timeout)
-    spec = SandboxSpec.build(template, isolation=isolation, limits=limits, env=env)
+    spec = SandboxSpec.build(template, isolation=isolation, limits=limits, env=env, mounts=mounts)
     return await transport_for(api_url, api_key).run_once(
         spec, code, timeout=timeout, on_stdout=on_stdout, on_stderr=on_stderr, on_result=on_result)
 
@@ -48,9 +50,16 @@ def configure_pool(template: str = "python", *, min_ready: int, max_ready: int |
 volumes = Volumes()  # named volumes: local, or your tenant's on a server (api_url / SANDLOT_API_URL)
 
 
-def run_code(code: str, **kwargs: Any) -> Execution:
-    """Stateless: a fresh sandbox runs ``code`` and is gone afterwards."""
-    return run_sync(async_run_code(code, **kwargs))
+def run_code(code: str, *, template: str = "python", timeout: float | None = None,
+             limits: Any = None, env: Any = None, isolation: str | None = None,
+             api_url: str | None = None, api_key: str | None = None,
+             on_stdout: Any = None, on_stderr: Any = None, on_result: Any = None,
+             mounts: Any = None) -> Execution:
+    """Stateless: a fresh sandbox runs ``code`` and is gone afterwards (on a server: in one request).
+    ``timeout`` is the call's; ``mounts`` as ``Sandbox(mounts=...)``."""
+    return run_sync(async_run_code(code, template=template, timeout=timeout, limits=limits, env=env,
+                                   isolation=isolation, api_url=api_url, api_key=api_key, on_stdout=on_stdout,
+                                   on_stderr=on_stderr, on_result=on_result, mounts=mounts))
 
 
 __all__ = [

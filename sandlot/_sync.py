@@ -14,7 +14,9 @@ from typing import Any, Iterator, Mapping, Optional, Union
 
 from ._limits import Limits
 from ._models import CommandResult, EntryInfo, Execution, PauseInfo, SandboxInfo, SandboxMetrics
+from ._output import OutputHandler
 from ._sandbox import AsyncCommandHandle, AsyncSandbox
+from ._transport import ResultHandler
 
 
 def _shutdown() -> None:
@@ -251,8 +253,15 @@ class Sandbox:
     def dies_with_owner(self) -> bool:
         return self._async.dies_with_owner
 
-    def run_code(self, code: str, **kwargs: Any) -> Execution:
-        return run_sync(self._async.run_code(code, **kwargs))
+    def run_code(self, code: str, *, timeout: Optional[float] = None, on_stdout: Optional[OutputHandler] = None,
+                 on_stderr: Optional[OutputHandler] = None, on_result: Optional[ResultHandler] = None) -> Execution:
+        """Run Python in the sandbox's session. Variables persist between calls.
+
+        The user's exceptions and limits that stop the code come back in ``Execution.error``;
+        only failures of the sandbox itself raise.
+        """
+        return run_sync(self._async.run_code(code, timeout=timeout, on_stdout=on_stdout, on_stderr=on_stderr,
+                                             on_result=on_result))
 
     def metrics(self) -> SandboxMetrics:
         return run_sync(self._async.metrics())

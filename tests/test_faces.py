@@ -117,3 +117,12 @@ def test_a_bad_pool_size_in_the_environment_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("SANDLOT_POOL_MIN", "lots")
     with pytest.raises(sandlot.InvalidRequest, match="SANDLOT_POOL_MIN must be a whole number"):
         _config.pool_min()
+
+
+def test_run_code_shows_its_real_parameters():
+    """IDEs and help() show what run_code takes (no **kwargs hiding it), the same on both faces."""
+    for sync, async_ in ((sandlot.run_code, sandlot.async_run_code), (sandlot.Sandbox.run_code, sandlot.AsyncSandbox.run_code)):
+        params = _parameters(sync)
+        assert all(kind != inspect.Parameter.VAR_KEYWORD for _, kind, _ in params), sync
+        assert params == _parameters(async_)
+    assert "timeout" in {name for name, _, _ in _parameters(sandlot.run_code)}
