@@ -309,3 +309,17 @@ def test_bad_env_is_refused_before_anything_starts():
         with pytest.raises(InvalidRequest):
             sb.commands.run("true", env={"A": "\udcff"})
         assert sb.run_code("1").text == "1"
+
+
+def test_a_failed_upload_leaves_no_partial_file_and_names_the_disk_limit(tier):
+    with Sandbox(limits={"disk": "8M"}) as sb:
+        with pytest.raises(sandlot.FileError, match="`disk` limit") as err:
+            sb.files.write("big.bin", b"x" * (20 << 20))
+        assert err.value.errno in (27, 28)  # EFBIG (RLIMIT_FSIZE) or ENOSPC, whichever the kernel hits first
+        assert not sb.files.exists("big.bin")
+        sb.files.write("notes.txt", "keep")
+        with pytest.raises(sandlot.FileError, match="`disk` limit"):
+            sb.files.write("notes.txt", b"y" * (20 << 20), append=True)
+        assert sb.files.read("notes.txt") == "keep"  # an append goes back to what the file was
+        sb.files.write("after.txt", "the space is free again")
+        assert sb.run_code("open('after.txt').read()").text == "'the space is free again'"

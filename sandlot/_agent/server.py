@@ -571,11 +571,15 @@ class Agent:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_APPEND if req.get("append") else os.O_TRUNC)
         # O_NONBLOCK and regular files only, as in fread: a planted FIFO must not block pid 1.
+        existed = os.path.lexists(path)
         fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOCTTY, 0o644)
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             raise OSError(errno.EINVAL, "not a regular file (a device, FIFO or socket)", path)
-        self.uploads[rid] = [fd, 0]
+        # What undoes a failed upload: an append goes back to the size it had; anything else goes.
+        undo = st.st_size if req.get("append") and existed else None
+        self.uploads[rid] = [fd, 0, path, undo]
 
     def _req_fdata(self, rid, req, payload) -> None:
         upload = self.uploads.get(rid)
@@ -587,10 +591,30 @@ class Agent:
                 n = os.write(upload[0], view)
                 view = view[n:]
                 upload[1] += n
-        except OSError:
-            os.close(upload[0])
-            del self.uploads[rid]
-            raise
+        except OSError as exc:
+            fd, _, path, undo = self.uploads.pop(rid)
+            try:
+                if undo is None:
+                    os.unlink(path)  # no partial file left taking the space
+                else:
+                    os.ftruncate(fd, undo)
+            except OSError:
+                pass
+            os.close(fd)
+            raise OSError(exc.errno, self._full_message(exc, path), path) from None
+
+    def _full_message(self, exc: OSError, path: str) -> str:
+        """Which limit a failed write hit, by name (the partial file is gone)."""
+        if exc.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            return exc.strerror or str(exc)
+        for mount in self.cfg.get("mounts") or []:
+            if path == mount["target"] or path.startswith(mount["target"] + "/"):
+                return ("%s: the mount at %s is full (a volume's size, or the host disk); what this upload wrote is "
+                        "gone" % (exc.strerror, mount["target"]))
+        disk = (self.cfg.get("limits") or {}).get("disk")
+        size = " (%d MiB for home, /tmp and /dev/shm together)" % (disk // 1048576) if disk else ""
+        return ("%s: the sandbox's `disk` limit%s is reached; what this upload wrote is gone (raise "
+                "limits={'disk': ...} at create)" % (exc.strerror, size))
 
     def _req_fend(self, rid, req, payload) -> None:
         upload = self.uploads.pop(rid, None)
