@@ -86,6 +86,15 @@ class Limits:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @property
+    def scratch(self) -> int:
+        """The bytes home, /tmp and /dev/shm may hold together: ``disk``, but never so close to ``memory`` that
+        filling them would end in an OOM kill instead of ENOSPC (they are a tmpfs, whose pages count toward
+        the memory limit): an eighth of ``memory``, at least 64 MiB (half of a smaller one), stays for the
+        processes."""
+        room = max(self.memory // 8, min(64 * 1024**2, self.memory // 2))
+        return max(1024**2, min(self.disk, self.memory - room))
+
 
 # What one create may carry besides its limits: its environment and metadata together, in bytes of
 # JSON (as they travel and are stored). Well inside one protocol frame (protocol.MAX_HEADER, 256 KiB,

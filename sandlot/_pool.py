@@ -112,7 +112,9 @@ BOOT_LIMITS = ("disk", "inodes", "open_files", "pids")
 
 def poolable(limits: Limits, default: Optional[Limits] = None) -> bool:
     default = default or Limits()
-    return all(getattr(limits, name) == getattr(default, name) for name in BOOT_LIMITS)
+    # The storage a warm sandbox's tmpfs was made with depends on its memory too (Limits.scratch).
+    return all(getattr(limits, name) == getattr(default, name) for name in BOOT_LIMITS) \
+        and limits.scratch == default.scratch
 
 
 class Pools:

@@ -323,3 +323,13 @@ def test_a_failed_upload_leaves_no_partial_file_and_names_the_disk_limit(tier):
         assert sb.files.read("notes.txt") == "keep"  # an append goes back to what the file was
         sb.files.write("after.txt", "the space is free again")
         assert sb.run_code("open('after.txt').read()").text == "'the space is free again'"
+
+
+def test_a_full_disk_is_enospc_never_an_oom_kill_even_with_disk_above_memory(tier):
+    # The tmpfs behind home and /tmp is memory: a disk as large as memory would be filled by an OOM kill.
+    with Sandbox(limits={"memory": "256M", "disk": "1G"}) as sb:
+        r = sb.commands.run("dd if=/dev/zero of=/tmp/fill bs=1M count=600; df -k /tmp | tail -1")
+        assert "File size limit exceeded" in r.stderr or "No space left" in r.stderr
+        size_kib = int(r.stdout.split()[-5])
+        assert size_kib * 1024 <= 256 * 1024**2 - 64 * 1024**2  # room left for the processes
+        assert sb.is_running and sb.run_code("6 * 7").text == "42"

@@ -97,7 +97,7 @@ def image_config(template: Template) -> dict:
 def sandbox_config(limits: Limits, env: dict) -> dict:
     """The part of the agent's boot plan that is this sandbox's own: its environment and rlimits."""
     return {"env": env, "limits": {
-        "disk": limits.disk, "inodes": limits.inodes, "open_files": limits.open_files, "pids": limits.pids,
+        "disk": limits.scratch, "inodes": limits.inodes, "open_files": limits.open_files, "pids": limits.pids,
         # RLIMIT_CPU is a per-process backstop only (the wall timeouts and lifetime are the host's):
         # fixed at the longest lifetime allowed, so it never depends on the owner's settings.
         "cpu_seconds": int(14 * 86400 * max(1.0, limits.cpu)) + 1}}

@@ -206,7 +206,7 @@ def _spec(template: Template, limits: Limits, env: dict[str, str], rootfs: Path,
     if netns_path is not None:  # runsc --network=host joins this one (never the host's: see holder.py)
         namespaces[1]["path"] = netns_path
     rlimits = [("RLIMIT_NOFILE", limits.open_files), ("RLIMIT_NPROC", limits.pids), ("RLIMIT_CORE", 0),
-               ("RLIMIT_FSIZE", limits.disk)]
+               ("RLIMIT_FSIZE", limits.scratch)]
     return {
         "ociVersion": "1.0.2",
         "process": {
@@ -230,7 +230,7 @@ def _mount_writable(home: Path, limits: Limits) -> Path:
     rw = home / "rw"
     rw.mkdir()
     linux.mount("tmpfs", str(rw), "tmpfs", linux.MS_NOSUID | linux.MS_NODEV,
-                f"size={limits.disk},nr_inodes={limits.inodes},mode=0755")
+                f"size={limits.scratch},nr_inodes={limits.inodes},mode=0755")
     for name, (_, mode) in WRITABLE.items():
         (rw / name).mkdir()
         (rw / name).chmod(mode)
