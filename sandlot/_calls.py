@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 from typing import Any, AsyncIterator, Mapping, Optional, Union
 
 from ._agent import protocol
@@ -19,9 +20,28 @@ from ._spec import check_env
 FORMATS = ("text", "bytes", "stream")
 
 
+# One limit per call, the same locally, remotely and on the server (each checks with these functions): a
+# call travels to the agent as one protocol frame (protocol.MAX_HEADER, 256 KiB), and a command is one
+# argument of /bin/sh (the kernel's MAX_ARG_STRLEN, 128 KiB with its NUL).
+MAX_CODE = 192 * 1024  # bytes of UTF-8
+MAX_CMD = 128 * 1024 - 1
+MAX_COMMAND_ENV = 48 * 1024  # a command's own environment, in bytes of JSON
+
+
+def _utf8_size(text: str, what: str) -> int:
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidRequest(f"{what} is not valid UTF-8 (lone surrogates)") from None
+
+
 def check_code(code: object) -> str:
     if not isinstance(code, str):
         raise InvalidRequest("code must be a string")
+    size = _utf8_size(code, "code")
+    if size > MAX_CODE:
+        raise InvalidRequest(f"code is {size} bytes; one call takes at most {MAX_CODE} ({MAX_CODE // 1024} KiB): put "
+                             "data in a file (files.write) and read it from the code, or send the code in parts")
     return code
 
 
@@ -35,11 +55,21 @@ def check_timeout(timeout: Optional[float]) -> Optional[float]:
 def check_cmd(cmd: object) -> str:
     if not isinstance(cmd, str) or not cmd.strip():
         raise InvalidRequest("cmd must be a non-empty string")
+    size = _utf8_size(cmd, "cmd")
+    if size > MAX_CMD:
+        raise InvalidRequest(f"cmd is {size} bytes; a command is at most {MAX_CMD} (one argument of /bin/sh): write "
+                             "a script with files.write and run it")
     return cmd
 
 
 def check_command_env(env: Optional[Mapping[str, str]]) -> Optional[dict[str, str]]:
-    return dict(check_env(env)) if env else None
+    if not env:
+        return None
+    env = dict(check_env(env))
+    size = len(json.dumps(env))
+    if size > MAX_COMMAND_ENV:
+        raise InvalidRequest(f"a command's env is {size} bytes as JSON; at most {MAX_COMMAND_ENV}")
+    return env
 
 
 def check_path(path: object) -> str:

@@ -333,3 +333,18 @@ def test_a_full_disk_is_enospc_never_an_oom_kill_even_with_disk_above_memory(tie
         size_kib = int(r.stdout.split()[-5])
         assert size_kib * 1024 <= 256 * 1024**2 - 64 * 1024**2  # room left for the processes
         assert sb.is_running and sb.run_code("6 * 7").text == "42"
+
+
+def test_one_size_limit_for_code_and_commands(sandbox):
+    """The same limit and the same error locally and through a server (test_sdk_over_http runs this too)."""
+    from sandlot._calls import MAX_CMD, MAX_CODE
+
+    code = "x = 1\n" + "#" * (MAX_CODE - len("x = 1\n") - len("\nx + 1")) + "\nx + 1"
+    assert len(code.encode()) == MAX_CODE and sandbox.run_code(code).text == "2"
+    with pytest.raises(InvalidRequest, match="files.write"):
+        sandbox.run_code(code + " ")
+    cmd = "echo ok #" + "a" * (MAX_CMD - len("echo ok #"))
+    assert sandbox.commands.run(cmd).stdout == "ok\n"
+    with pytest.raises(InvalidRequest, match="files.write"):
+        sandbox.commands.run(cmd + "a")
+    assert sandbox.run_code("x").text == "1"  # the session took none of it amiss

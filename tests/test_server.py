@@ -158,7 +158,8 @@ def test_bad_input_gets_a_clear_4xx(server, tmp_path):
         chunked = (b"x" * 1024**2 for _ in range(9))  # no Content-Length: counted as it arrives
         check(c.post("/v1/run", content=chunked, headers={"content-type": "application/json"}),
               413, "InvalidRequest", "over this server's limit")
-        check(c.post("/v1/run", json={"code": "#" + "é" * 100_000}), 400, "InvalidRequest", "too large")
+        # the SDK's own limit (the same check, the same words): bytes of UTF-8, not characters
+        check(c.post("/v1/run", json={"code": "#" + "é" * 100_000}), 422, "InvalidRequest", "at most 196608 (192 KiB)")
         check(c.get("/v1/nowhere"), 404, "NotFound", "no such endpoint: GET /v1/nowhere")
         check(c.patch("/v1/sandboxes"), 405, "InvalidRequest", "PATCH is not allowed")
 

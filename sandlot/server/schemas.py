@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator, model_validator
 
+from .. import _calls
 from .._spec import SandboxSpec, check_env
 from .settings import MAX_LIFETIME
 
@@ -38,6 +39,20 @@ def _spec_of(body: "CreateSandbox | RunOnce", **fields: Any) -> None:
 
 def _check_env(env: Optional[dict[str, str]]) -> Optional[dict[str, str]]:
     check_env(env)  # the SDK's own validator (an InvalidRequest is a ValueError: pydantic answers 422)
+    return env
+
+
+# The SDK's own per-call checks: one limit for code and commands, wherever a call comes from.
+def _check_code(code: str) -> str:
+    return _calls.check_code(code)
+
+
+def _check_cmd(cmd: str) -> str:
+    return _calls.check_cmd(cmd)
+
+
+def _check_command_env(env: Optional[dict[str, str]]) -> Optional[dict[str, str]]:
+    _calls.check_command_env(env)
     return env
 
 
@@ -99,13 +114,15 @@ class NetworkDecision(BaseModel):
 
 
 class RunCode(_Body):
-    code: Text = Field(..., max_length=1024**2, description="Python source, run in the sandbox's session")
+    code: Text = Field(..., description="Python source, run in the sandbox's session (at most 192 KiB of UTF-8)")
     timeout: Optional[Seconds] = Field(None, description="Wall time of this call (default: the sandbox's limit)")
     stream: bool = Field(False, description="Answer with NDJSON events while the code runs")
 
+    _code = field_validator("code")(_check_code)
+
 
 class RunCommand(_Body):
-    cmd: Text = Field(..., min_length=1, max_length=1024**2, description="Run by /bin/sh -c")
+    cmd: Text = Field(..., min_length=1, description="Run by /bin/sh -c (at most 128 KiB)")
     timeout: Optional[Seconds] = None
     env: Optional[dict[Text, Text]] = None
     cwd: Optional[Text] = Field(None, max_length=4096)
@@ -114,17 +131,20 @@ class RunCommand(_Body):
     background: bool = Field(False, description="Return at once with a command id (see /commands/{command_id})")
     stream: bool = False
 
-    _env = field_validator("env")(_check_env)
+    _env = field_validator("env")(_check_command_env)
+    _cmd = field_validator("cmd")(_check_cmd)
 
 
 class RunOnce(_Body):
-    code: Text = Field(..., max_length=1024**2)
+    code: Text = Field(..., description="Python source (at most 192 KiB of UTF-8)")
     template: Text = Field("python", max_length=64)
     timeout: Optional[Seconds] = None
     limits: Optional[dict[Text, LimitValue]] = None
     env: Optional[dict[Text, Text]] = None
     isolation: Text = Field("process", max_length=32, description='"process", or "gvisor" where the server enables it')
     stream: bool = False
+
+    _code = field_validator("code")(_check_code)
 
     @model_validator(mode="after")
     def _spec(self):
