@@ -72,8 +72,11 @@ def test_syntax_error_and_system_exit_are_results(sandbox):
     ex = sandbox.run_code("def f(:\n  pass")
     assert ex.error.name == "SyntaxError"
     ex = sandbox.run_code("raise SystemExit(3)")
-    assert ex.error.name == "SystemExit"
-    assert sandbox.run_code("1 + 1").text == "2"  # the session survives both
+    assert (ex.error.name, ex.error.value, ex.error.traceback) == ("SystemExit", "3", "")  # an exit, no traceback
+    ex = sandbox.run_code("import sys\nprint('bye')\nsys.exit(0)\nprint('never')")
+    assert ex.error is None and "".join(ex.logs.stdout) == "bye\n"  # a clean exit is no error
+    assert sandbox.run_code("sys.exit()").error is None
+    assert sandbox.run_code("1 + 1").text == "2"  # the session survives them all
 
 
 def test_callbacks_stream_while_code_runs(sandbox):

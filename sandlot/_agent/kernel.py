@@ -120,7 +120,9 @@ class Kernel:
         except BaseException as exc:  # noqa: BLE001 - everything the user raises is a result
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
             if isinstance(exc, SystemExit):
-                error = {"name": "SystemExit", "value": str(exc.code), "traceback": ""}
+                # An exit, not a failure to show with a traceback: sys.exit() and sys.exit(0) end the cell
+                # cleanly (as `python -c` exits 0); another code is reported as SystemExit with that value.
+                error = None if exc.code in (None, 0) else {"name": "SystemExit", "value": str(exc.code), "traceback": ""}
             else:
                 error = _format_error(exc)
         self._end_if_forked(error)
