@@ -89,6 +89,10 @@ class CommandHandle:
     def send_stdin(self, data: Union[str, bytes], close: bool = False) -> None:
         run_sync(self._handle.send_stdin(data, close))
 
+    def close_stdin(self) -> None:
+        """End the command's input (EOF): a program reading stdin to its end, like ``cat`` or ``wc``, finishes."""
+        run_sync(self._handle.close_stdin())
+
 
 class Commands:
     def __init__(self, sandbox: AsyncSandbox) -> None:

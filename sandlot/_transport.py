@@ -27,7 +27,8 @@ ResultHandler = Callable[[Result], Union[None, Awaitable[None]]]
 
 
 class AsyncCommandHandle(abc.ABC):
-    """A running command: ``await wait()``, ``kill()``, ``send_stdin()``; output so far in ``stdout``/``stderr``."""
+    """A running command: ``await wait()``, ``kill()``, ``send_stdin()``, ``close_stdin()``; output so far in
+    ``stdout``/``stderr``."""
 
     pid: Optional[int] = None  # the command's pid inside the sandbox, once it started
 
@@ -47,6 +48,10 @@ class AsyncCommandHandle(abc.ABC):
 
     @abc.abstractmethod
     async def send_stdin(self, data: Union[str, bytes], close: bool = False) -> None: ...
+
+    async def close_stdin(self) -> None:
+        """End the command's input (EOF): a program reading stdin to its end, like ``cat`` or ``wc``, finishes."""
+        await self.send_stdin(b"", close=True)
 
 
 class CommandsHandle(abc.ABC):

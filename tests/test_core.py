@@ -132,6 +132,15 @@ def test_background_command_wait_and_kill(sandbox):
     assert r.exit_code == -9 and time.monotonic() - t0 < 5
 
 
+def test_background_command_reads_stdin_to_its_end(sandbox):
+    h = sandbox.commands.run("wc -c; echo done", background=True)  # its stdin stays open until closed
+    h.send_stdin("hello ")
+    h.send_stdin(b"world")
+    h.close_stdin()  # EOF: wc finishes
+    r = h.wait()
+    assert (r.exit_code, r.stdout.split()) == (0, ["11", "done"])
+
+
 def test_command_timeout(sandbox):
     r = sandbox.commands.run("sleep 30", timeout=0.5)
     assert r.error and "timeout" in r.error and r.exit_code == -9
