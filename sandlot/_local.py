@@ -455,6 +455,7 @@ class LocalCommandHandle(AsyncCommandHandle):
         error = None
         limit: Optional[str] = None
         exit_code = None
+        measured: dict = {}
         deadline = self._started + self._timeout if self._timeout else None
         try:
             while True:
@@ -485,6 +486,7 @@ class LocalCommandHandle(AsyncCommandHandle):
                     self.pid = header.get("pid") if isinstance(header.get("pid"), int) else None
                 elif kind == "exit":
                     exit_code = header.get("exit_code") if isinstance(header.get("exit_code"), int) else None
+                    measured = header.get("usage") if isinstance(header.get("usage"), dict) else {}
                     break
                 elif kind == "error":
                     # The agent could not start it (EAGAIN at the process limit, a bad cwd...).
@@ -495,8 +497,12 @@ class LocalCommandHandle(AsyncCommandHandle):
                     break
         finally:
             self._proc.channel.forget(self._rid)
+        # The agent measured the command's CPU time itself (wait4), kept only if it is a number.
+        cpu = measured.get("cpu_seconds")
+        usage = Usage(cpu_seconds=float(cpu) if isinstance(cpu, (int, float)) and cpu >= 0 else 0.0,
+                      wall_seconds=time.monotonic() - self._started)
         self._result = CommandResult(exit_code=exit_code, stdout=self.stdout, stderr=self.stderr, error=error,
-                                     usage=Usage(wall_seconds=time.monotonic() - self._started),
+                                     usage=usage,
                                      truncated=self._output.truncated, limit=limit)
         return self._result
 

@@ -141,6 +141,14 @@ def test_background_command_reads_stdin_to_its_end(sandbox):
     assert (r.exit_code, r.stdout.split()) == (0, ["11", "done"])
 
 
+def test_a_command_reports_its_own_cpu_time(sandbox):
+    busy = sandbox.commands.run("python3 -c 'sum(range(30_000_000))' || i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done")
+    idle = sandbox.commands.run("sleep 1")
+    assert busy.exit_code == 0 and busy.usage.cpu_seconds > 0.2, busy.usage
+    # sleeping is wall time, not CPU (starting `sleep` costs a little, more under gVisor's ptrace platform)
+    assert idle.usage.cpu_seconds < min(0.5, busy.usage.cpu_seconds) and idle.usage.wall_seconds >= 1, idle.usage
+
+
 def test_command_timeout(sandbox):
     r = sandbox.commands.run("sleep 30", timeout=0.5)
     assert r.error and "timeout" in r.error and r.exit_code == -9

@@ -126,6 +126,7 @@ class _Command:
         self.stdin_close = False
         self.exit_code = None
         self.exited_at = 0.0
+        self.usage = None  # its CPU seconds, from wait4 when it is reaped
 
     def pump_stdin(self) -> None:
         """Feed stdin without ever blocking the agent on a command that does not read."""
@@ -500,7 +501,9 @@ class Agent:
     def _reap_children(self) -> None:
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                # wait4: the child's resource usage too (its own and its waited-for descendants'): a command's
+                # real CPU time. (Not its ru_maxrss: a fork of this process counts our pages before it execs.)
+                pid, status, rusage = os.wait4(-1, os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:
@@ -515,6 +518,7 @@ class Agent:
                     command.proc.returncode = code
                     command.exit_code = code
                     command.exited_at = time.monotonic()
+                    command.usage = {"cpu_seconds": rusage.ru_utime + rusage.ru_stime}
 
     def _finish_commands(self) -> None:
         now = time.monotonic()
@@ -530,7 +534,7 @@ class Agent:
                 self._close_stream(fd)
             command.close_stdin()
             del self.commands[rid]
-            self.send({"t": "exit", "id": rid, "exit_code": command.exit_code})
+            self.send({"t": "exit", "id": rid, "exit_code": command.exit_code, "usage": command.usage})
 
     # -- files --------------------------------------------------------------------------------
     def _req_fread(self, rid, req, payload) -> None:
