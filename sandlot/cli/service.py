@@ -63,10 +63,20 @@ def _when(epoch: Optional[float]) -> str:
 @click.option("--allow-private-network", is_flag=True,
               help="With --allow-network: let tenants' IP/CIDR rules open private ranges, link-local and cloud "
                    "metadata, loopback and this host's own addresses (refused otherwise).")
+@click.option("--host-dir-root", "host_dir_roots", multiple=True, metavar="DIR",
+              type=click.Path(file_okay=False, resolve_path=True),
+              help="Let tenants grant host directories inside DIR to their sandboxes (mounts={'/data': "
+                   "'DIR/sub'}; read-only unless ':rw'). Repeatable. None given: no host directory is ever "
+                   "granted (named volumes still are).")
+@click.option("--max-volumes", type=click.IntRange(1), metavar="N", envvar="SANDLOT_MAX_VOLUMES", show_envvar=True,
+              help="Per tenant: how many named volumes it may keep. Over it: 429. [default: 20]")
+@click.option("--total-volume-size", metavar="SIZE", envvar="SANDLOT_TOTAL_VOLUME_SIZE", show_envvar=True,
+              help="Per tenant: the most its volumes' sizes may sum to (e.g. 50G). Over it: 429. [default: 50G]")
 def serve(host: str, port: int, db_path: Optional[str], log_level: str, no_mcp: bool, ceilings: tuple[str, ...],
           total_memory: Optional[str], total_pids: Optional[int], audit_retention: Optional[str],
           audit_max_rows: Optional[int], allow_network: bool, network_ceiling: tuple[str, ...],
-          allow_private_network: bool) -> None:
+          allow_private_network: bool, host_dir_roots: tuple[str, ...], max_volumes: Optional[int],
+          total_volume_size: Optional[str]) -> None:
     """Run the Sandlot HTTP server: REST + streaming, MCP at /mcp, /metrics, OpenAPI at /docs.
 
     Every request needs an API key (`sandlot keys create --tenant NAME`); /metrics needs an operator
@@ -82,7 +92,9 @@ def serve(host: str, port: int, db_path: Optional[str], log_level: str, no_mcp: 
                                             total_pids=total_pids, audit_retention=audit_retention,
                                             audit_max_rows=audit_max_rows, allow_network=allow_network,
                                             network_ceiling=network_ceiling,
-                                            allow_private_network=allow_private_network)
+                                            allow_private_network=allow_private_network,
+                                            host_dir_roots=host_dir_roots, max_volumes=max_volumes,
+                                            total_volume_size=total_volume_size)
     except InvalidRequest as exc:
         raise click.UsageError(str(exc)) from None
     mounts = []
