@@ -71,7 +71,7 @@ def test_volume_crud_through_the_remote_sdk(server):
     made = volumes.create("crud", size="32M", inodes=500)
     try:
         assert (made.name, made.size, made.in_use) == ("crud", 32 * 1024**2, False)
-        assert made.inodes >= 500 and made.allocated < made.size  # sparse: an empty volume takes little disk
+        assert 400 <= made.inodes <= 600 and made.allocated < made.size  # sparse: an empty volume takes little disk
         assert [v.name for v in volumes.list()] == ["crud"]
         assert volumes.info("crud") == made
         with pytest.raises(InvalidRequest, match="already exists"):
