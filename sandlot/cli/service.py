@@ -182,8 +182,13 @@ def keys_revoke(key_id: str, db_path: Optional[str]) -> None:
 @click.option("--template", default="python", show_default=True, help="Template of the sandboxes it creates.")
 @click.option("--allow-network", is_flag=True,
               help="Let create_session(network=...) give sandboxes a network (off: the agent cannot grant itself one).")
+@click.option("--host-dir-root", "host_dir_roots", multiple=True, metavar="DIR",
+              type=click.Path(exists=True, file_okay=False, resolve_path=True),
+              help="Let create_session(mounts=...) grant host directories inside DIR (repeatable). None given: "
+                   "the agent can mount no host directory (named volumes still).")
 @target_options
-def mcp(template: str, allow_network: bool, api_url: Optional[str], api_key: Optional[str]) -> None:
+def mcp(template: str, allow_network: bool, host_dir_roots: tuple[str, ...], api_url: Optional[str],
+        api_key: Optional[str]) -> None:
     """Serve MCP over stdio, for an agent (Claude Desktop, an IDE...).
 
     Tools: run_code, create_session, close_session, run_command, write_file, read_file, list_files.
@@ -192,4 +197,10 @@ def mcp(template: str, allow_network: bool, api_url: Optional[str], api_key: Opt
     from .. import mcp_server
 
     target = make_target(api_url, api_key)
-    mcp_server.run_stdio(mcp_server.LocalSandboxes(template, allow_network=allow_network, **target.credentials()))
+    if not target.remote:  # a root must itself be grantable (not /, /etc, Sandlot's state...): say so now
+        from .._storage.hostdir import check_allowed
+
+        for root in host_dir_roots:
+            check_allowed(root, None)
+    mcp_server.run_stdio(mcp_server.LocalSandboxes(template, allow_network=allow_network,
+                                                   host_dir_roots=host_dir_roots, **target.credentials()))
