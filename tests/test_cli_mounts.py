@@ -134,3 +134,21 @@ def test_volume_commands_and_run_v_against_a_server(tmp_path, repo):
         assert r.returncode == 0, r.stderr
     finally:
         server.stop()
+
+
+def test_shell_v_grants_the_repo_to_the_session(repo, env):
+    cells = "!echo from-shell > /project/shell.txt\nprint(open('/project/shell.txt').read().strip())\n"
+    r = subprocess.run(COMMAND + ["shell", "-v", "./repo:/project:rw"], input=cells, capture_output=True, text=True,
+                       cwd=repo.parent, env=env, timeout=90)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["from-shell"]
+    made = repo / "shell.txt"
+    assert made.read_text() == "from-shell\n" and made.stat().st_uid == OWNER
+    r = sandlot("shell", "sb-x", "-v", "./repo:/project", env=env)
+    assert r.returncode == 2 and "-v applies to a new sandbox" in r.stderr
+
+
+@pytest.mark.parametrize("root, says", [("/etc", "sensitive location"), ("/nonexistent-root", "does not exist")])
+def test_serve_refuses_a_host_dir_root_that_could_never_be_granted(tmp_path, env, root, says):
+    r = sandlot("serve", "--db", str(tmp_path / "s.db"), "--port", "0", "--host-dir-root", root, env=env, timeout=30)
+    assert r.returncode == 2 and says in r.stderr, r.stderr

@@ -210,3 +210,21 @@ def test_volume_survives_a_server_restart_and_no_root_grants_nothing(tmp_path):
     finally:
         second.stop()
     assert our_mounts(data) == []
+
+
+def test_one_shot_run_with_mounts_over_rest(server, site):
+    body = {"code": "print(open('/docs/README').read(), end='')", "mounts": {"/docs": str(site["project"])}}
+    r = httpx.post(server.url + "/v1/run", json=body, headers={"Authorization": f"Bearer {server.alice}"},
+                   timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["logs"]["stdout"] == ["the owner's file\n"]
+    body["mounts"] = {"/docs": str(site["outside"])}
+    r = httpx.post(server.url + "/v1/run", json=body, headers={"Authorization": f"Bearer {server.alice}"},
+                   timeout=60)
+    assert r.status_code == 400 and "outside the directories the operator allows" in r.json()["error"]["message"]
+    body["mounts"] = {"docs": "vol:x"}  # malformed: refused by the schema, as the SDK would
+    r = httpx.post(server.url + "/v1/run", json=body, headers={"Authorization": f"Bearer {server.alice}"},
+                   timeout=60)
+    assert r.status_code == 422 and "absolute" in r.json()["error"]["message"]
+    rows = Store(server.db_path).audit_log("alice")
+    assert any(r.action == "run_once_mounts" and str(site["project"]) in r.detail for r in rows)

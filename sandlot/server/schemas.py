@@ -314,8 +314,8 @@ class QuotasOut(BaseModel):
     requests_per_minute: int
     total_memory: int = Field(..., description="bytes: the most the memory limits of your live sandboxes may sum to")
     total_pids: int = Field(..., description="the most the pids limits of your live sandboxes may sum to")
-    max_volumes: int = Field(20, description="named volumes you may keep")
-    total_volume_size: int = Field(0, description="bytes: the most your volumes' sizes may sum to")
+    max_volumes: int = Field(..., description="named volumes you may keep")
+    total_volume_size: int = Field(..., description="bytes: the most your volumes' sizes may sum to")
 
 
 class UsageNowOut(BaseModel):
