@@ -87,8 +87,10 @@ class LocalSandboxes:
         self.api_url = api_url or ""  # "": local, whatever SANDLOT_API_URL says
         self.api_key = api_key
         self.allow_network = allow_network  # whoever started this MCP server decides, not the agent
-        # Host directories the agent may have mounted: only inside these (none: no host directory at all).
-        self.host_dir_roots = tuple(os.path.realpath(root) for root in host_dir_roots)
+        # Host directories the agent may have mounted: only inside these (none: no host directory at all). With
+        # a server they are the server's paths, taken as written (the server resolves them, and has its own roots).
+        self.host_dir_roots = tuple(os.path.normpath(root) if self.api_url else os.path.realpath(root)
+                                    for root in host_dir_roots)
 
     async def create(self, caller: Any, *, one_shot: bool, network: Any = None, mounts: Any = None) -> Any:
         from ._sandbox import AsyncSandbox

@@ -13,7 +13,7 @@ import pytest
 from sandlot import InvalidRequest, QuotaExceeded, Sandbox, Volumes
 from sandlot.server import Store
 
-from .conftest import needs_sandbox
+from .conftest import RUNSC_MISSING, needs_sandbox
 from .serverproc import ServerProcess
 
 pytestmark = needs_sandbox
@@ -51,7 +51,8 @@ def site(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(site):
     proc = ServerProcess(site["base"] / "sandlot.db", "--host-dir-root", str(site["shared"]),
-                         "--max-volumes", "3", "--total-volume-size", "200M", env=server_env(site["data"])).start()
+                         "--max-volumes", "3", "--total-volume-size", "200M", "--isolations", "process,gvisor",
+                         env=server_env(site["data"])).start()
     try:
         proc.alice = proc.key("alice")
         proc.bob = proc.key("bob")
@@ -111,9 +112,16 @@ def test_two_tenants_volumes_of_one_name_are_separate(server):
         bob.delete("shared-name")
 
 
-def test_host_dir_inside_the_operators_roots(server, site):
+TIERS = [pytest.param("process"),
+         pytest.param("gvisor", marks=pytest.mark.skipif(RUNSC_MISSING is not None, reason=str(RUNSC_MISSING)))]
+
+
+@pytest.mark.parametrize("isolation", TIERS)
+def test_host_dir_inside_the_operators_roots(server, site, isolation):
     project = site["project"]
-    with Sandbox(mounts={"/project": f"{project}:rw", "/docs": str(project)}, **remote(server, server.alice)) as sb:
+    (project / "new.txt").unlink(missing_ok=True)
+    with Sandbox(mounts={"/project": f"{project}:rw", "/docs": str(project)}, isolation=isolation,
+                 **remote(server, server.alice)) as sb:
         r = sb.commands.run("echo made > /project/new.txt && cat /project/README && id -u")
         assert r.exit_code == 0, r.stderr
         assert r.stdout.startswith("the owner's file\n")
@@ -131,6 +139,21 @@ def test_host_dir_inside_the_operators_roots(server, site):
     info = httpx.get(server.url + "/v1/info", headers={"Authorization": f"Bearer {server.alice}"}).json()
     assert info["mounts"]["host_dirs"] is True and info["mounts"]["host_dir_roots"] == [str(site["shared"])]
     assert (info["quotas"]["max_volumes"], info["quotas"]["total_volume_size"]) == (3, 200 * 1024**2)
+
+
+@pytest.mark.parametrize("isolation", TIERS)
+def test_a_tenants_volume_on_each_tier(server, isolation):
+    volumes = Volumes(**remote(server, server.bob))
+    volumes.create("tiered", size="16M")
+    try:
+        with Sandbox(mounts={"/cache": "vol:tiered"}, isolation=isolation, **remote(server, server.bob)) as sb:
+            sb.files.write("/cache/f", isolation)
+            # The sandbox's own user owns what it wrote (os.stat: coreutils' statx fails on gVisor, mounts or not).
+            assert sb.run_code("import os; os.stat('/cache/f').st_uid == os.getuid()").text == "True"
+        with Sandbox(mounts={"/cache": "vol:tiered:ro"}, isolation=isolation, **remote(server, server.bob)) as sb:
+            assert sb.files.read("/cache/f") == isolation
+    finally:
+        volumes.delete("tiered")
 
 
 @pytest.mark.parametrize("where", ["outside", "escape", "/etc", "shared-root-parent"])

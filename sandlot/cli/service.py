@@ -183,9 +183,9 @@ def keys_revoke(key_id: str, db_path: Optional[str]) -> None:
 @click.option("--allow-network", is_flag=True,
               help="Let create_session(network=...) give sandboxes a network (off: the agent cannot grant itself one).")
 @click.option("--host-dir-root", "host_dir_roots", multiple=True, metavar="DIR",
-              type=click.Path(exists=True, file_okay=False, resolve_path=True),
-              help="Let create_session(mounts=...) grant host directories inside DIR (repeatable). None given: "
-                   "the agent can mount no host directory (named volumes still).")
+              help="Let create_session(mounts=...) grant host directories inside DIR (repeatable; with --api-url, "
+                   "a directory of the server's, which must allow it too). None given: the agent can mount no host "
+                   "directory (named volumes still).")
 @target_options
 def mcp(template: str, allow_network: bool, host_dir_roots: tuple[str, ...], api_url: Optional[str],
         api_key: Optional[str]) -> None:
@@ -200,7 +200,8 @@ def mcp(template: str, allow_network: bool, host_dir_roots: tuple[str, ...], api
     if not target.remote:  # a root must itself be grantable (not /, /etc, Sandlot's state...): say so now
         from .._storage.hostdir import check_allowed
 
-        for root in host_dir_roots:
-            check_allowed(root, None)
+        host_dir_roots = tuple(check_allowed(root, None) for root in host_dir_roots)  # resolved
+    elif any(not root.startswith("/") for root in host_dir_roots):
+        raise click.UsageError("--host-dir-root with --api-url: an absolute path on the server")
     mcp_server.run_stdio(mcp_server.LocalSandboxes(template, allow_network=allow_network,
                                                    host_dir_roots=host_dir_roots, **target.credentials()))
