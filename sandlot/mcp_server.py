@@ -55,7 +55,8 @@ class SandboxProvider(Protocol):
 
     ``create(caller, one_shot=...)`` returns a started sandbox (an ``AsyncSandbox`` or anything with its
     methods) whose ``kill()`` ends it; ``one_shot`` is True for a session-less call, which kills it
-    right after. ``mounts=`` is passed only when the agent asked for some (a provider without it refuses). ``caller`` is None on stdio and whatever ``caller_of(request)`` returned on HTTP.
+    right after. ``mounts=`` is passed only when the agent asked for some (a provider that takes none
+    refuses them). ``caller`` is None on stdio and whatever ``caller_of(request)`` returned on HTTP.
     ``aclose()`` runs when the MCP server stops.
     """
 
