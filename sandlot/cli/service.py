@@ -104,6 +104,9 @@ def serve(host: str, port: int, db_path: Optional[str], log_level: str, no_mcp: 
         mounts.append(server_mount(host=host))
     err.print(escape(f"Sandlot server on http://{host}:{port} (database {db_path or server.default_db_path()})"
                      + ("" if no_mcp else f"; MCP at http://{host}:{port}/mcp/")))
+    roots = settings.host_dir_roots
+    err.print(escape("host directories: " + (f"tenants may grant those inside {', '.join(roots)}" if roots else
+                                             "none granted (--host-dir-root DIR allows them)")))
     server.serve(host=host, port=port, db_path=db_path, log_level=log_level, settings=settings, mounts=mounts)
 
 
