@@ -105,7 +105,8 @@ def volume() -> None:
 @volume.command(name="create")
 @click.argument("name")
 @click.option("--size", default="1G", show_default=True, metavar="SIZE", help="Its capacity, e.g. 2G or 512M.")
-@click.option("--inodes", type=click.IntRange(1), metavar="N", help="The most files it holds [default: one per 16 KiB].")
+@click.option("--inodes", type=click.IntRange(1), metavar="N",
+              help="The most files it holds [default: one per 16 KiB].")
 @json_option
 @target_options
 def volume_create(name: str, size: str, inodes: Optional[int], as_json: bool, api_url: Optional[str],
