@@ -252,3 +252,29 @@ def test_one_shot_run_with_mounts_over_rest(server, site):
     assert r.status_code == 422 and "absolute" in r.json()["error"]["message"]
     rows = Store(server.db_path).audit_log("alice")
     assert any(r.action == "run_once_mounts" and str(site["project"]) in r.detail for r in rows)
+
+
+def test_a_server_killed_with_a_volume_mounted_leaves_it_usable(tmp_path):
+    """SIGKILL while a sandbox writes a volume: the sandboxes die with the server, and the next server mounts the
+    volume writable again and holds no stale host mount of it."""
+    data = tmp_path / "data"
+    data.mkdir()
+    first = ServerProcess(tmp_path / "sandlot.db", env=server_env(data)).start()
+    key = first.key("frank")
+    try:
+        Volumes(**remote(first, key)).create("crashy", size="16M")
+        sb = Sandbox(mounts={"/v": "vol:crashy"}, **remote(first, key))
+        sb.files.write("/v/before", "written")
+        assert len(our_mounts(data)) == 1
+    finally:
+        first.kill9()
+    second = ServerProcess(tmp_path / "sandlot.db", env=server_env(data)).start()
+    try:
+        volumes = Volumes(**remote(second, key))
+        assert our_mounts(data) == [] and not volumes.info("crashy").in_use
+        with Sandbox(mounts={"/v": "vol:crashy"}, **remote(second, key)) as sb:
+            assert sb.files.read("/v/before") == "written"
+        volumes.delete("crashy")
+    finally:
+        second.stop()
+    assert our_mounts(data) == []

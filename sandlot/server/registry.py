@@ -31,6 +31,7 @@ from .._models import PauseInfo
 from .._sandbox import AsyncSandbox
 from .._spec import SandboxSpec
 from .._storage.mounts import mounts_to_json
+from .._storage.volumes import sweep_mounts
 from .._templates import get_template
 from .background import CommandTable
 from .metrics import Metrics
@@ -361,6 +362,11 @@ class Registry:
             removed = await asyncio.to_thread(cgroups.remove_named, {i for i, _ in lost})
             log.warning("%d sandbox(es) of a previous server process marked lost; %d leftover cgroup(s) removed",
                         len(lost), removed)
+        # Volumes a dead process (a crashed server) left mounted on the host: detached, so they are free again
+        # (their locks died with it) and nothing of a tenant's files stays attached under the data dir.
+        swept = await asyncio.to_thread(sweep_mounts)
+        if swept:
+            log.warning("%d volume mount(s) left by a dead process detached", swept)
         self._reaper = asyncio.get_running_loop().create_task(self._reap())
         self._spawn(self._warm_up())
 
