@@ -31,9 +31,13 @@ from ._output import OutputHandler
 from ._pool import Pools
 from ._spec import SandboxSpec
 from ._storage import grants
+from ._storage.mounts import mounts_to_json, parse_mounts
 from ._storage.volumes import LOCAL_SCOPE, VolumeStore
 from ._templates import Template, get_template
 from ._transport import ResultHandler, SandboxHandle, Transport
+
+
+_OWN_ROOTS = object()  # Engine.create: the engine's own host_dir_roots
 
 
 class Engine:
@@ -69,13 +73,18 @@ class Engine:
     # -- making sandboxes ------------------------------------------------------------------------------
     def resolve(self, spec: SandboxSpec) -> tuple[SandboxSpec, Template]:
         """The spec as this host will run it: its tier chosen, an image template's default limits under
-        the owner's and its default network where the owner gave none, and what the tier cannot do
+        the owner's, its default network where the owner gave none and its default mounts under the owner's
+        (per target), and what the tier cannot do
         refused (InvalidRequest) before anything starts."""
         isolation = default_isolation(spec.isolation)
         backend_class(isolation)  # an unknown tier says so first
         template = get_template(spec.template)
         if spec.network is None and template.network is not None:  # the template's default (sandbox.yaml)
             spec = dataclasses.replace(spec, network=NetworkPolicy.build(template.network))
+        if template.mounts:  # the template's default mounts (sandbox.yaml); the owner's win per target
+            merged = dict(template.mounts)
+            merged.update(mounts_to_json(spec.mounts))
+            spec = dataclasses.replace(spec, mounts=parse_mounts(merged))
         if spec.on_idle == "pause" and not supports(isolation, "pause"):
             tiers = " or ".join(f"isolation={name!r}" for name in isolations_with("pause"))
             raise InvalidRequest(f"on_idle is 'kill', or 'pause' with {tiers} (checkpoint to disk)")
@@ -103,16 +112,19 @@ class Engine:
         """The named volumes of ``scope`` ("local" for this host's SDK; a server uses one per tenant)."""
         return VolumeStore(scope)
 
-    async def create(self, spec: SandboxSpec, *, scope: str = LOCAL_SCOPE) -> LocalSandbox:
+    async def create(self, spec: SandboxSpec, *, scope: str = LOCAL_SCOPE,
+                     host_dir_roots: "Sequence[str] | None | object" = _OWN_ROOTS) -> LocalSandbox:
         """A started sandbox for ``spec``: a warm one claimed and configured, or a fresh boot; with a network
         policy or secrets, its namespace configured and served before anyone's code runs in it; with
         mounts, its host directories (within ``host_dir_roots``) and ``scope``'s volumes attached before
-        any code runs (such a sandbox boots fresh: a warm one has pivoted into its root already)."""
+        any code runs (such a sandbox boots fresh: a warm one has pivoted into its root already).
+        ``host_dir_roots`` overrides the engine's own for this sandbox (a server passes its operator's roots)."""
         spec, template = self.resolve(spec)
         backend = self.backend(spec.isolation or "process")
         network = SandboxNetwork.plan(spec.network, spec.secrets)
         env = dict(spec.env, **(network.env() if network else {}))
-        mounts = await asyncio.to_thread(grants.prepare, spec.mounts, self.volumes(scope), self.host_dir_roots)
+        roots = self.host_dir_roots if host_dir_roots is _OWN_ROOTS else host_dir_roots
+        mounts = await asyncio.to_thread(grants.prepare, spec.mounts, self.volumes(scope), roots)
         # A tier that gives a network only at boot (gVisor) never hands a warm, network-less one to it.
         fresh = mounts is not None or (network is not None and backend.network_at_boot)
         proc = None if fresh else await self._claim(backend, template, spec, env)

@@ -114,6 +114,17 @@ class SandboxFile(BaseModel):
     # The network its sandboxes get when their owner gives none: "public" or {"allow": [...], "deny": [...]}
     # (the same rules as Sandbox(network=...)); unset: none.
     network: Optional[Union[str, dict[str, list[str]]]] = None
+    # The mounts its sandboxes get by default: {"/data": "/srv/datasets", "/cache": "vol:pipcache"} (the same
+    # syntax as Sandbox(mounts=...); host directories absolute). An owner's mount of the same target replaces
+    # the template's; on a server, host directories still only within the operator's --host-dir-root.
+    mounts: Optional[dict[str, str]] = None
+
+    @field_validator("mounts")
+    @classmethod
+    def _mounts(cls, v: Any) -> Any:
+        from ._storage.mounts import mounts_to_json, parse_mounts
+
+        return mounts_to_json(parse_mounts(v)) or None  # InvalidRequest is a ValueError: the field is named
 
     @field_validator("network")
     @classmethod
@@ -612,7 +623,7 @@ def _step_commit(state: dict, path: str, progress: Optional[Progress]) -> dict:
             "digest": build_digest, "rootfs": str(final), "python": python,
             "python_version": state.get("python_version") or version, "env": env,
             "workdir": spec.workdir or base.get("workdir"), "preload": list(spec.preload),
-            "limits": dict(spec.limits), "pool_size": spec.pool_size, "network": spec.network,
+            "limits": dict(spec.limits), "pool_size": spec.pool_size, "network": spec.network, "mounts": spec.mounts,
             "zygote": base.get("zygote", True) if spec.zygote is None else spec.zygote,
             "layers": list(base.get("layers") or []), "size": _du(final),
             "architecture": base.get("architecture"), "created": _images._now(),

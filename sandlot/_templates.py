@@ -46,6 +46,8 @@ class Template:
     pool_size: Optional[int] = None  # warm pool size when the owner did not configure one
     digest: Optional[str] = None  # the image's manifest digest (or the build's id)
     network: Any = None  # the network policy (JSON) its sandboxes get when their owner gives none (sandbox.yaml)
+    # Default mounts ((target, source) pairs, sandbox.yaml `mounts:`); an owner's mount of the same target wins.
+    mounts: tuple[tuple[str, str], ...] = ()
     # -- build steps only (``sandlot template build``; never set in a template record) -------
     writable: bool = False  # the root (a private copy of the base) is bound read-write
     egress: str = ""  # the apt step: path inside of the socket of the host's allowlisting proxy (no other way out)
@@ -124,6 +126,7 @@ def from_record(record: dict) -> Template:
         pool_size=record.get("pool_size"),
         digest=record.get("digest"),
         network=record.get("network"),
+        mounts=tuple(sorted((record.get("mounts") or {}).items())),
     )
 
 

@@ -117,12 +117,14 @@ class _HostedFiles:
 class RegistrySandboxes:
     """The provider for the hosted endpoint: the server's registry, with the caller's tenant."""
 
-    async def create(self, caller: Optional[ServerCaller], *, one_shot: bool, network: Any = None) -> Any:
+    async def create(self, caller: Optional[ServerCaller], *, one_shot: bool, network: Any = None,
+                     mounts: Any = None) -> Any:
         if caller is None:  # the mount is authenticated; this would be a wiring bug, not a user error
             raise RuntimeError("an MCP request reached the server's registry without a tenant")
         metadata = None if one_shot else {"via": "mcp"}
+        # Mounts as over REST: the tenant's volumes, host directories only within the operator's --host-dir-root.
         live = await caller.state.registry.create(caller.tenant, one_shot=one_shot, metadata=metadata,
-                                                  network=network)
+                                                  network=network, mounts=mounts)
         return _HostedSandbox(live, caller)
 
     async def aclose(self) -> None:

@@ -18,9 +18,10 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import os
 import posixpath
 import time
-from typing import Any, AsyncIterator, Callable, Hashable, Optional, Protocol, Union
+from typing import Any, AsyncIterator, Callable, Hashable, Optional, Protocol, Sequence, Union
 
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
@@ -29,6 +30,7 @@ from typing_extensions import TypedDict  # pydantic needs this one on Python < 3
 
 from ._exceptions import InvalidRequest, SandboxNotFound, SandlotError
 from ._spec import SandboxSpec
+from ._storage.hostdir import check_allowed
 
 Content = Union[TextContent, ImageContent]
 MAX_FILE_BYTES = 8 * 1024 * 1024  # read_file answers travel inside one JSON-RPC message
@@ -53,11 +55,12 @@ class SandboxProvider(Protocol):
 
     ``create(caller, one_shot=...)`` returns a started sandbox (an ``AsyncSandbox`` or anything with its
     methods) whose ``kill()`` ends it; ``one_shot`` is True for a session-less call, which kills it
-    right after. ``caller`` is None on stdio and whatever ``caller_of(request)`` returned on HTTP.
+    right after. ``mounts=`` is passed only when the agent asked for some (a provider that takes none
+    refuses them). ``caller`` is None on stdio and whatever ``caller_of(request)`` returned on HTTP.
     ``aclose()`` runs when the MCP server stops.
     """
 
-    async def create(self, caller: Any, *, one_shot: bool, network: Any = None) -> Any: ...
+    async def create(self, caller: Any, *, one_shot: bool, network: Any = None, **grants: Any) -> Any: ...
 
     async def aclose(self) -> None: ...
 
@@ -78,21 +81,53 @@ class LocalSandboxes:
     """
 
     def __init__(self, template: str = "python", *, api_url: Optional[str] = None,
-                 api_key: Optional[str] = None, allow_network: bool = False) -> None:
+                 api_key: Optional[str] = None, allow_network: bool = False,
+                 host_dir_roots: Sequence[str] = ()) -> None:
         self.spec = SandboxSpec.build(template)  # validated once, when the MCP server starts
         self.template = template
         self.api_url = api_url or ""  # "": local, whatever SANDLOT_API_URL says
         self.api_key = api_key
         self.allow_network = allow_network  # whoever started this MCP server decides, not the agent
+        # Host directories the agent may have mounted: only inside these (none: no host directory at all). With
+        # a server they are the server's paths, taken as written (the server resolves them, and has its own roots).
+        self.host_dir_roots = tuple(os.path.normpath(root) if self.api_url else os.path.realpath(root)
+                                    for root in host_dir_roots)
 
-    async def create(self, caller: Any, *, one_shot: bool, network: Any = None) -> Any:
+    async def create(self, caller: Any, *, one_shot: bool, network: Any = None, mounts: Any = None) -> Any:
         from ._sandbox import AsyncSandbox
 
         if network is not None and not self.allow_network:
             raise InvalidRequest("this MCP server gives sandboxes no network: start it with "
                                  "`sandlot mcp --allow-network`")
-        return await AsyncSandbox.create(**dict(self.spec.to_json(), network=network), api_url=self.api_url,
-                                         api_key=self.api_key)
+        spec = SandboxSpec.from_json(dict(self.spec.to_json(), network=network, mounts=mounts))
+        self._check_host_dirs(spec.mounts)
+        if self.api_url or not spec.mounts:
+            return await AsyncSandbox.create(**spec.to_json(), api_url=self.api_url, api_key=self.api_key)
+        # Local with mounts: the engine itself holds host directories to the roots, when it opens them (a
+        # path swapped after the check above is refused there, never followed).
+        from ._engine import LocalTransport, default_engine
+
+        transport = LocalTransport(default_engine())
+        transport.check(spec)
+        handle = await transport.engine.create(spec, host_dir_roots=self.host_dir_roots)
+        return AsyncSandbox._of(handle, spec, transport)
+
+    def _check_host_dirs(self, mounts: tuple) -> None:
+        """Each host directory the agent asked for, within this MCP server's roots (a clear tool error if not)."""
+        for mount in mounts:
+            if mount.kind != "dir":
+                continue  # volumes: the local ones here, the tenant's own on a server
+            if not self.host_dir_roots:
+                raise InvalidRequest("this MCP server grants no host directories: start it with `sandlot mcp "
+                                     "--host-dir-root DIR` to allow those inside DIR; volumes ('vol:NAME') are "
+                                     "available")
+            if self.api_url:  # the server's paths: it resolves them, and holds them to its own roots too
+                if not any(mount.source == root or mount.source.startswith(root.rstrip("/") + "/")
+                           for root in self.host_dir_roots):
+                    raise InvalidRequest(f"host directory {mount.source!r} is outside the directories this MCP "
+                                         f"server allows: {', '.join(self.host_dir_roots)}")
+            else:
+                check_allowed(mount.source, self.host_dir_roots)
 
     async def aclose(self) -> None:
         if self.api_url:
@@ -117,11 +152,12 @@ class Sessions:
         self.max_per_caller = max_per_caller
         self._sessions: dict[str, _Session] = {}
 
-    async def create(self, caller: Any, network: Any = None) -> Any:
+    async def create(self, caller: Any, network: Any = None, mounts: Any = None) -> Any:
         owner = caller_key(caller)
         if sum(1 for s in self._sessions.values() if s.owner == owner) >= self.max_per_caller:
             raise ToolError(f"too many open sessions (at most {self.max_per_caller}); close one with close_session")
-        sandbox = await self.provider.create(caller, one_shot=False, network=network)
+        grants = {"mounts": mounts} if mounts else {}  # a provider that predates mounts still serves the rest
+        sandbox = await self.provider.create(caller, one_shot=False, network=network, **grants)
         self._sessions[sandbox.sandbox_id] = _Session(sandbox, owner, time.time())
         return sandbox
 
@@ -279,16 +315,20 @@ def build_mcp_server(provider: Optional[SandboxProvider] = None, *, caller_of: O
 
     @server.tool()
     async def create_session(ctx: Context, ttl_seconds: Optional[float] = None,
-                             network: Optional[Union[str, dict[str, list[str]]]] = None) -> SessionInfo:
+                             network: Optional[Union[str, dict[str, list[str]]]] = None,
+                             mounts: Optional[dict[str, str]] = None) -> SessionInfo:
         """Start a stateful sandbox session; pass its session_id to the other tools.
 
         The session keeps Python variables and files until close_session, 30 minutes without a call,
         or ttl_seconds (default 24 h, at most 14 days). Close sessions you no longer need.
         network: none by default; "public", or {"allow": ["pypi.org", "*.pythonhosted.org"], "deny": [...]}
         where the server allows it (hosts, IPs or CIDRs, optional :port; private ranges never).
+        mounts: storage in the sandbox, {"/project": "/host/dir:rw", "/data": "/host/data", "/cache": "vol:NAME"}:
+        host directories (read-only unless ":rw") only where the server allows them, named volumes
+        (writable unless ":ro"). Files written there outlive the session.
         """
         try:
-            sandbox = await sessions.create(_caller(ctx, caller_of), network=network)
+            sandbox = await sessions.create(_caller(ctx, caller_of), network=network, mounts=mounts)
             if ttl_seconds is not None:
                 await sandbox.set_timeout(ttl_seconds)
         except SandlotError as exc:

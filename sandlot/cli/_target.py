@@ -106,12 +106,12 @@ def _tune_for_one_sandbox(template: str) -> None:
 
 def create_sandbox(target: Target, template: str = "python", *, limits: Any = None, env: Any = None,
                    metadata: Any = None, timeout: Optional[float] = None, quiet: bool = False,
-                   network: Any = None, secrets: Any = None) -> Sandbox:
+                   network: Any = None, secrets: Any = None, mounts: Any = None) -> Sandbox:
     """A new sandbox, local or on the server; a spinner shows while it starts. --limit / --env / --metadata
     (and the network flags) are validated once, into a SandboxSpec, before anything starts (a bad one is
-    a usage error)."""
+    a usage error). ``mounts``: the -v flags, as the SDK's mounts=."""
     spec = SandboxSpec.build(template, limits=limits, env=env, metadata=metadata, timeout=timeout,
-                             network=network, secrets=secrets)
+                             network=network, secrets=secrets, mounts=mounts)
     if not target.remote:
         _tune_for_one_sandbox(template)
     where = f" on {target.api_url}" if target.remote else ""

@@ -13,6 +13,7 @@ from ._common import (EXIT_FAILED, EXIT_OK, err, fail_usage, json_option, parse_
 from .. import run_code
 from ._render import ImageSaver, LiveOutput, execution_dict, show_error, show_results
 from ._terminal import for_stream
+from .mounts import mounts_of, volume_option
 from ._target import (connect_sandbox, create_sandbox, make_target, network_of, network_options, secrets_of,
                       target_options)
 
@@ -47,11 +48,13 @@ def _read_code(code: Optional[str], file: Optional[str]) -> str:
 @click.option("--env", "env", multiple=True, metavar="KEY=VALUE", help="Environment variable (repeatable).")
 @click.option("--save-images", metavar="DIR", help="Save images (charts) the code displays into DIR.")
 @click.option("--sandbox", "sandbox_id", metavar="ID", help="Run in this live sandbox on the server (kept afterwards).")
+@volume_option
 @network_options
 @json_option
 @target_options
 def run(code: Optional[str], file: Optional[str], template: str, timeout: Optional[float], limits: tuple[str, ...],
-        env: tuple[str, ...], save_images: Optional[str], sandbox_id: Optional[str], network: Optional[str],
+        env: tuple[str, ...], save_images: Optional[str], sandbox_id: Optional[str], volumes: tuple[str, ...],
+        network: Optional[str],
         allow: tuple[str, ...], deny: tuple[str, ...], secrets: tuple[str, ...], as_json: bool,
         api_url: Optional[str], api_key: Optional[str]) -> None:
     """Run Python CODE in a fresh sandbox (or in --sandbox ID) and print what it prints.
@@ -63,16 +66,17 @@ def run(code: Optional[str], file: Optional[str], template: str, timeout: Option
     """
     source = _read_code(code, file)
     target = make_target(api_url, api_key)
-    grants = {"network": network_of(network, allow, deny), "secrets": secrets_of(secrets)}
-    if sandbox_id and (grants["network"] is not None or grants["secrets"]):
-        fail_usage("--network/--allow/--deny/--secret apply to a new sandbox, not to --sandbox ID")
+    grants = {"network": network_of(network, allow, deny), "secrets": secrets_of(secrets),
+              "mounts": mounts_of(volumes)}
+    if sandbox_id and (grants["network"] is not None or grants["secrets"] or grants["mounts"]):
+        fail_usage("--network/--allow/--deny/--secret/-v apply to a new sandbox, not to --sandbox ID")
     live = LiveOutput(enabled=not as_json)
     saver = ImageSaver(save_images)
     sandbox_used: Optional[str] = sandbox_id
     if sandbox_id:
         execution = connect_sandbox(target, sandbox_id, "run --sandbox", quiet=as_json).run_code(
             source, timeout=timeout, **live.callbacks())
-    elif target.remote and grants["network"] is None and not grants["secrets"]:
+    elif target.remote and not any(value for value in grants.values()):
         # One request to the server's one-shot endpoint: nothing is left behind if this process dies.
         execution = run_code(source, template=template, timeout=timeout, limits=parse_limits(limits),
                              env=parse_pairs(env, "--env") or None, **target.credentials(), **live.callbacks())

@@ -63,10 +63,20 @@ def _when(epoch: Optional[float]) -> str:
 @click.option("--allow-private-network", is_flag=True,
               help="With --allow-network: let tenants' IP/CIDR rules open private ranges, link-local and cloud "
                    "metadata, loopback and this host's own addresses (refused otherwise).")
+@click.option("--host-dir-root", "host_dir_roots", multiple=True, metavar="DIR",
+              type=click.Path(file_okay=False, resolve_path=True),
+              help="Let tenants grant host directories inside DIR to their sandboxes (mounts={'/data': "
+                   "'DIR/sub'}; read-only unless ':rw'). Repeatable. None given: no host directory is ever "
+                   "granted (named volumes still are).")
+@click.option("--max-volumes", type=click.IntRange(1), metavar="N", envvar="SANDLOT_MAX_VOLUMES", show_envvar=True,
+              help="Per tenant: how many named volumes it may keep. Over it: 429. [default: 20]")
+@click.option("--total-volume-size", metavar="SIZE", envvar="SANDLOT_TOTAL_VOLUME_SIZE", show_envvar=True,
+              help="Per tenant: the most its volumes' sizes may sum to (e.g. 50G). Over it: 429. [default: 50G]")
 def serve(host: str, port: int, db_path: Optional[str], log_level: str, no_mcp: bool, ceilings: tuple[str, ...],
           total_memory: Optional[str], total_pids: Optional[int], audit_retention: Optional[str],
           audit_max_rows: Optional[int], allow_network: bool, network_ceiling: tuple[str, ...],
-          allow_private_network: bool) -> None:
+          allow_private_network: bool, host_dir_roots: tuple[str, ...], max_volumes: Optional[int],
+          total_volume_size: Optional[str]) -> None:
     """Run the Sandlot HTTP server: REST + streaming, MCP at /mcp, /metrics, OpenAPI at /docs.
 
     Every request needs an API key (`sandlot keys create --tenant NAME`); /metrics needs an operator
@@ -82,7 +92,9 @@ def serve(host: str, port: int, db_path: Optional[str], log_level: str, no_mcp: 
                                             total_pids=total_pids, audit_retention=audit_retention,
                                             audit_max_rows=audit_max_rows, allow_network=allow_network,
                                             network_ceiling=network_ceiling,
-                                            allow_private_network=allow_private_network)
+                                            allow_private_network=allow_private_network,
+                                            host_dir_roots=host_dir_roots, max_volumes=max_volumes,
+                                            total_volume_size=total_volume_size)
     except InvalidRequest as exc:
         raise click.UsageError(str(exc)) from None
     mounts = []
@@ -92,6 +104,9 @@ def serve(host: str, port: int, db_path: Optional[str], log_level: str, no_mcp: 
         mounts.append(server_mount(host=host))
     err.print(escape(f"Sandlot server on http://{host}:{port} (database {db_path or server.default_db_path()})"
                      + ("" if no_mcp else f"; MCP at http://{host}:{port}/mcp/")))
+    roots = settings.host_dir_roots
+    err.print(escape("host directories: " + (f"tenants may grant those inside {', '.join(roots)}" if roots else
+                                             "none granted (--host-dir-root DIR allows them)")))
     server.serve(host=host, port=port, db_path=db_path, log_level=log_level, settings=settings, mounts=mounts)
 
 
@@ -170,8 +185,13 @@ def keys_revoke(key_id: str, db_path: Optional[str]) -> None:
 @click.option("--template", default="python", show_default=True, help="Template of the sandboxes it creates.")
 @click.option("--allow-network", is_flag=True,
               help="Let create_session(network=...) give sandboxes a network (off: the agent cannot grant itself one).")
+@click.option("--host-dir-root", "host_dir_roots", multiple=True, metavar="DIR",
+              help="Let create_session(mounts=...) grant host directories inside DIR (repeatable; with --api-url, "
+                   "a directory of the server's, which must allow it too). None given: the agent can mount no host "
+                   "directory (named volumes still).")
 @target_options
-def mcp(template: str, allow_network: bool, api_url: Optional[str], api_key: Optional[str]) -> None:
+def mcp(template: str, allow_network: bool, host_dir_roots: tuple[str, ...], api_url: Optional[str],
+        api_key: Optional[str]) -> None:
     """Serve MCP over stdio, for an agent (Claude Desktop, an IDE...).
 
     Tools: run_code, create_session, close_session, run_command, write_file, read_file, list_files.
@@ -180,4 +200,11 @@ def mcp(template: str, allow_network: bool, api_url: Optional[str], api_key: Opt
     from .. import mcp_server
 
     target = make_target(api_url, api_key)
-    mcp_server.run_stdio(mcp_server.LocalSandboxes(template, allow_network=allow_network, **target.credentials()))
+    if not target.remote:  # a root must itself be grantable (not /, /etc, Sandlot's state...): say so now
+        from .._storage.hostdir import check_allowed
+
+        host_dir_roots = tuple(check_allowed(root, None) for root in host_dir_roots)  # resolved
+    elif any(not root.startswith("/") for root in host_dir_roots):
+        raise click.UsageError("--host-dir-root with --api-url: an absolute path on the server")
+    mcp_server.run_stdio(mcp_server.LocalSandboxes(template, allow_network=allow_network,
+                                                   host_dir_roots=host_dir_roots, **target.credentials()))

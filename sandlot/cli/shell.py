@@ -15,12 +15,13 @@ import click
 from rich.markup import escape
 
 from .._sync import Sandbox
-from ._common import err, parse_limits, parse_pairs
+from ._common import err, fail_usage, parse_limits, parse_pairs
 from ._render import ImageSaver, LiveOutput, show_error, show_results
 from ._repl_input import CellReader, TerminalReader, make_reader
 from ._target import (Target, connect_sandbox, create_sandbox, interrupt, make_target, network_of, network_options,
                       secrets_of, target_options)
 from ._terminal import for_stream
+from .mounts import mounts_of, volume_option
 
 
 class Repl:
@@ -103,10 +104,12 @@ def _banner(sandbox: Sandbox, target: Target, attached: bool) -> None:
 @click.option("--timeout", type=float, metavar="SECONDS", help="Wall-time limit of each cell (default 60).")
 @click.option("--save-images", metavar="DIR", help="Save images (charts) the code displays into DIR.")
 @click.option("--keep", is_flag=True, help="Leave a new server sandbox running on exit (it prints its ID).")
+@volume_option
 @network_options
 @target_options
 def shell(sandbox_id: Optional[str], template: str, limits: tuple[str, ...], env: tuple[str, ...],
-          timeout: Optional[float], save_images: Optional[str], keep: bool, network: Optional[str],
+          timeout: Optional[float], save_images: Optional[str], keep: bool, volumes: tuple[str, ...],
+          network: Optional[str],
           allow: tuple[str, ...], deny: tuple[str, ...], secrets: tuple[str, ...], api_url: Optional[str],
           api_key: Optional[str]) -> None:
     """An interactive Python session in a new sandbox, or attached to the server's sandbox ID.
@@ -117,12 +120,16 @@ def shell(sandbox_id: Optional[str], template: str, limits: tuple[str, ...], env
     target = make_target(api_url, api_key)
     reader = make_reader()
     interactive = isinstance(reader, TerminalReader)
+    mounts = mounts_of(volumes)
+    if sandbox_id and mounts:
+        fail_usage("-v applies to a new sandbox, not to an attached one")
     if sandbox_id:
         sandbox = connect_sandbox(target, sandbox_id, "shell ID", quiet=not interactive)
     else:
         sandbox = create_sandbox(target, template, limits=parse_limits(limits),
                                  env=parse_pairs(env, "--env") or None, quiet=not interactive,
-                                 network=network_of(network, allow, deny), secrets=secrets_of(secrets))
+                                 network=network_of(network, allow, deny), secrets=secrets_of(secrets),
+                                 mounts=mounts)
     if interactive:
         _banner(sandbox, target, attached=bool(sandbox_id))
     repl = Repl(sandbox, reader, ImageSaver(save_images), timeout)

@@ -20,7 +20,7 @@ from .._engine import default_engine
 from .metrics import Metrics, RequestTimer
 from .quotas import RateLimiter
 from .registry import Registry
-from .routes import execution, files, sandboxes, system
+from .routes import execution, files, sandboxes, system, volumes
 from .settings import Settings
 from .store import Store, lock_database
 
@@ -86,7 +86,7 @@ def create_app(settings: Optional[Settings] = None, *, mounts: Sequence[Mount] =
     async def _gone(request, exc) -> JSONResponse:  # the client hung up mid-upload: nobody to answer
         return JSONResponse({"error": {"type": "InvalidRequest", "message": "client disconnected"}}, status_code=400)
 
-    for module in (sandboxes, execution, files, system):
+    for module in (sandboxes, execution, files, volumes, system):
         app.include_router(module.router)
     for mount in mounts:
         app.mount(mount.path, RequireKey(mount.app) if mount.authenticated else mount.app)

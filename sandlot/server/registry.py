@@ -30,12 +30,15 @@ from .._net.policy import NetworkPolicy
 from .._models import PauseInfo
 from .._sandbox import AsyncSandbox
 from .._spec import SandboxSpec
+from .._storage.mounts import mounts_to_json
+from .._storage.volumes import sweep_mounts
 from .._templates import get_template
 from .background import CommandTable
 from .metrics import Metrics
 from .quotas import Usage, check_lifetime, check_live, check_totals
 from .settings import Settings, quotas_for
 from .store import SandboxRow, Store, Tenant
+from .volumes import TenantVolumes, tenant_scope
 
 log = logging.getLogger("sandlot.server")
 LOST_ON_RESTART = "the server stopped (restart or crash) while it ran; its processes were ended"
@@ -88,6 +91,7 @@ class Registry:
         self._resuming: dict[int, list[Limits]] = {}  # tenant id -> resumes in flight (they count against totals)
         self._tasks: set[asyncio.Task] = set()
         self._reaper: Optional[asyncio.Task] = None
+        self.volumes = TenantVolumes(self.engine, store, settings)  # each tenant's named volumes
 
     # -- counts --------------------------------------------------------------------------------------
     def live_count(self, tenant: Optional[Tenant] = None) -> int:
@@ -125,7 +129,8 @@ class Registry:
     async def create(self, tenant: Tenant, *, template: str = "python", timeout: Optional[float] = None,
                      limits: Optional[Mapping[str, Any]] = None, env: Optional[Mapping[str, str]] = None,
                      metadata: Optional[Mapping[str, str]] = None, isolation: str = "process",
-                     one_shot: bool = False, network: Any = None, secrets: Any = None) -> LiveSandbox:
+                     one_shot: bool = False, network: Any = None, secrets: Any = None,
+                     mounts: Any = None) -> LiveSandbox:
         if isolation not in self.settings.isolations:
             raise InvalidRequest(f"isolation {isolation[:32]!r} is not enabled on this server; "
                                  f"enabled: {list(self.settings.isolations)}")
@@ -144,13 +149,18 @@ class Registry:
             raise InvalidRequest(f"template {template!r} gives its sandboxes a network, and this server gives "
                                  "sandboxes none: its operator enables it with `sandlot serve --allow-network`")
         spec = SandboxSpec.build(template, isolation=isolation, limits=built, env=env, metadata=metadata,
-                                 network=network, secrets=secrets)
+                                 network=network, secrets=secrets, mounts=mounts)
         self._check_special(spec.network)
         self._check_network_ceiling(spec.network, spec.secrets)
+        # What will be granted: the owner's mounts over the template's defaults (sandbox.yaml), as the engine
+        # resolves them; the engine checks host directories against the operator's roots when it opens them.
+        granted = self.engine.resolve(spec)[0].mounts
         started = time.monotonic()
         # Reserved before the first await: concurrent creations see each other in the checks above.
         with _reserved(self._creating, tenant.id, built):
-            sandbox = AsyncSandbox._of(await self.engine.create(spec), spec, self.transport)
+            local = await self.engine.create(spec, scope=tenant_scope(tenant),
+                                             host_dir_roots=self.settings.host_dir_roots)
+            sandbox = AsyncSandbox._of(local, spec, self.transport)
         self.metrics.create_seconds.observe(time.monotonic() - started)
         self.metrics.created.labels(template).inc()
         now = time.time()
@@ -164,7 +174,12 @@ class Registry:
             if spec.network is not None or spec.secrets is not None:  # secrets by name and host, never value
                 detail.update(network=spec.network.to_json() if spec.network else None,
                               secrets=spec.secrets.to_json() if spec.secrets else None)
+            if granted:  # host directories by path and mode, volumes by name: what this sandbox may reach
+                detail["mounts"] = mounts_to_json(granted)
             self.store.audit(tenant.name, "create", live.id, json.dumps(detail), tenant.key_id)
+        elif granted:  # a one-shot run's grants are on the record too
+            self.store.audit(tenant.name, "run_once_mounts", live.id, json.dumps(mounts_to_json(granted)),
+                             tenant.key_id)
         return live
 
     # -- lookup --------------------------------------------------------------------------------------
@@ -347,6 +362,11 @@ class Registry:
             removed = await asyncio.to_thread(cgroups.remove_named, {i for i, _ in lost})
             log.warning("%d sandbox(es) of a previous server process marked lost; %d leftover cgroup(s) removed",
                         len(lost), removed)
+        # Volumes a dead process (a crashed server) left mounted on the host: detached, so they are free again
+        # (their locks died with it) and nothing of a tenant's files stays attached under the data dir.
+        swept = await asyncio.to_thread(sweep_mounts)
+        if swept:
+            log.warning("%d volume mount(s) left by a dead process detached", swept)
         self._reaper = asyncio.get_running_loop().create_task(self._reap())
         self._spawn(self._warm_up())
 

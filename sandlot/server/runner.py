@@ -24,6 +24,11 @@ def serve(host: str = "127.0.0.1", port: int = 8000, db_path: "str | os.PathLike
     """
     settings = (settings or Settings()).with_db(db_path)
     os.close(lock_database(settings.db_path))  # fail here, with a clear message, rather than inside uvicorn
+    # This process serves tenants: its engine grants host directories only within the operator's roots, even
+    # to a caller that forgot to pass them (the registry passes them with each create).
+    from .._engine import default_engine
+
+    default_engine().host_dir_roots = tuple(settings.host_dir_roots)
     app = create_app(settings, mounts=mounts)
     uvicorn.run(app, host=host, port=port, log_level=log_level, lifespan="on", timeout_graceful_shutdown=10,
                 server_header=False)
@@ -53,6 +58,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--allow-private-network", action="store_true",
                         help="with --allow-network: let tenants' IP rules open private ranges, link-local and "
                              "cloud metadata, loopback and this host's own addresses (refused otherwise)")
+    parser.add_argument("--host-dir-root", action="append", default=[], metavar="DIR",
+                        help="let tenants grant host directories inside DIR (repeat; none: no host directories)")
+    parser.add_argument("--max-volumes", type=int, metavar="N",
+                        help=f"default per-tenant number of named volumes (default {defaults.max_volumes})")
+    parser.add_argument("--total-volume-size", metavar="SIZE",
+                        help="default per-tenant sum of volume sizes (e.g. 50G, the default)")
     args = parser.parse_args(argv)
     try:
         settings = operator_settings(
@@ -61,7 +72,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             max_lifetime=args.max_lifetime, requests_per_minute=args.rate,
             isolations=[i.strip() for i in args.isolations.split(",") if i.strip()], allow_network=args.allow_network,
             network_ceiling=args.network_allow,
-            allow_private_network=args.allow_private_network)
+            allow_private_network=args.allow_private_network, host_dir_roots=args.host_dir_root,
+            max_volumes=args.max_volumes, total_volume_size=args.total_volume_size)
     except InvalidRequest as exc:
         parser.error(str(exc))
     try:

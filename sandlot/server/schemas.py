@@ -61,6 +61,11 @@ class _Body(BaseModel):
 
 
 # -- requests ----------------------------------------------------------------------------------------
+MOUNTS_DOC = ('{"/data": "/srv/shared/data", "/work": "/srv/shared/proj:rw", "/cache": "vol:NAME"}: host '
+              "directories (read-only unless ':rw'; only inside the operator's --host-dir-root, GET /v1/info) and "
+              "your named volumes (writable unless ':ro'; POST /v1/volumes makes one)")
+
+
 class CreateSandbox(_Body):
     template: Text = Field("python", max_length=64, description="Template name (GET /v1/info lists them)")
     timeout: Optional[Seconds] = Field(None, description="Lifetime in seconds from now (extend with /timeout)")
@@ -78,10 +83,11 @@ class CreateSandbox(_Body):
     secrets: Optional[dict[Text, dict[Text, Any]]] = Field(
         None, description='{"NAME": {"value": "...", "hosts": ["api.example.com"]}}: the sandbox sees a placeholder; '
                           "the value goes only into HTTPS request headers to those hosts")
+    mounts: Optional[dict[Text, Text]] = Field(None, description=MOUNTS_DOC)
 
     @model_validator(mode="after")
     def _spec(self):
-        _spec_of(self, metadata=self.metadata, network=self.network, secrets=self.secrets)
+        _spec_of(self, metadata=self.metadata, network=self.network, secrets=self.secrets, mounts=self.mounts)
         return self
 
     @field_validator("limits")
@@ -142,14 +148,31 @@ class RunOnce(_Body):
     limits: Optional[dict[Text, LimitValue]] = None
     env: Optional[dict[Text, Text]] = None
     isolation: Text = Field("process", max_length=32, description='"process", or "gvisor" where the server enables it')
+    mounts: Optional[dict[Text, Text]] = Field(None, description=MOUNTS_DOC)
     stream: bool = False
 
     _code = field_validator("code")(_check_code)
 
     @model_validator(mode="after")
     def _spec(self):
-        _spec_of(self)
+        _spec_of(self, mounts=self.mounts)
         return self
+
+
+class CreateVolume(_Body):
+    name: Text = Field(..., min_length=1, max_length=63, description="1-63 of a-z, 0-9, '.', '_', '-'")
+    size: Union[StrictInt, Annotated[Text, Field(max_length=32)]] = Field(
+        "1G", description='bytes, or a size like "2G": the kernel enforces it (a full volume is ENOSPC)')
+    inodes: Optional[StrictInt] = Field(None, description="the most files it can hold (default: one per 16 KiB)")
+
+
+class VolumeOut(BaseModel):
+    name: str
+    size: int = Field(..., description="bytes: its capacity")
+    inodes: int = Field(..., description="the most files it can hold")
+    allocated: int = Field(..., description="bytes its image takes on the host's disk now")
+    created_at: float
+    in_use: bool = Field(..., description="whether a sandbox has it mounted (delete is refused then)")
 
 
 class SetTimeout(_Body):
@@ -311,6 +334,8 @@ class QuotasOut(BaseModel):
     requests_per_minute: int
     total_memory: int = Field(..., description="bytes: the most the memory limits of your live sandboxes may sum to")
     total_pids: int = Field(..., description="the most the pids limits of your live sandboxes may sum to")
+    max_volumes: int = Field(..., description="named volumes you may keep")
+    total_volume_size: int = Field(..., description="bytes: the most your volumes' sizes may sum to")
 
 
 class UsageNowOut(BaseModel):
@@ -329,6 +354,9 @@ class InfoOut(BaseModel):
     usage: UsageNowOut
     network: dict[str, Any] = Field(default_factory=dict, description='{"allowed": whether sandboxes may have a '
                                     'network here, "within": the rules yours must lie within ([]: any)}')
+    mounts: dict[str, Any] = Field(default_factory=dict, description='{"host_dirs": whether host directories '
+                                   'may be granted here, "host_dir_roots": the directories they must lie within, '
+                                   '"volumes": how many you have, "volume_size": their sizes summed (bytes)}')
 
 
 def when(ts: Optional[float]) -> Optional[datetime]:

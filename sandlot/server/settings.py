@@ -36,6 +36,10 @@ class Quotas:
     # Sums of the memory and pids limits over the tenant's live sandboxes (paused ones hold neither).
     total_memory: int = dataclasses.field(default_factory=_total_memory)
     total_pids: int = dataclasses.field(default_factory=_total_pids)
+    # Named volumes (/v1/volumes): how many a tenant may keep, and the most their sizes may sum to. A volume's
+    # image is sparse, so this bounds what the tenant may fill, not what its empty volumes take on disk.
+    max_volumes: int = 20
+    total_volume_size: int = 50 * 1024**3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +68,9 @@ class Settings:
     # Whether tenants' rules may open special addresses (private ranges, link-local and cloud metadata,
     # loopback, this host's own): a tenant writes its rules, and these are the operator's network.
     allow_private_network: bool = False
+    # Host directories tenants may grant (mounts={"/data": "/srv/shared/data"}): only inside these (resolved)
+    # roots (`sandlot serve --host-dir-root DIR`); empty, the default: none at all (volumes still work).
+    host_dir_roots: tuple[str, ...] = ()
 
     def with_db(self, db_path: "str | os.PathLike[str] | None") -> "Settings":
         return self if db_path is None else dataclasses.replace(self, db_path=Path(db_path))
@@ -80,7 +87,9 @@ def quotas_for(settings: Settings, tenant) -> Quotas:
                   max_lifetime=float(min(pick(tenant.max_lifetime, base.max_lifetime), MAX_LIFETIME)),
                   requests_per_minute=int(pick(tenant.requests_per_minute, base.requests_per_minute)),
                   total_memory=int(pick(tenant.total_memory, base.total_memory)),
-                  total_pids=int(pick(tenant.total_pids, base.total_pids)))
+                  total_pids=int(pick(tenant.total_pids, base.total_pids)),
+                  max_volumes=int(pick(tenant.max_volumes, base.max_volumes)),
+                  total_volume_size=int(pick(tenant.total_volume_size, base.total_volume_size)))
 
 
 _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*")
@@ -123,18 +132,22 @@ def operator_settings(db_path: "str | os.PathLike[str] | None" = None, *, ceilin
                       max_live: Optional[int] = None, max_lifetime: Optional[float] = None,
                       requests_per_minute: Optional[int] = None, isolations: Optional[Iterable[str]] = None,
                       allow_network: bool = False, network_ceiling: Iterable[str] = (),
-                      allow_private_network: bool = False) -> Settings:
+                      allow_private_network: bool = False, host_dir_roots: Iterable[str] = (),
+                      max_volumes: Optional[int] = None, total_volume_size: Optional[str] = None) -> Settings:
     """Settings from the operator's flags; None keeps a default. Raises InvalidRequest on a bad value."""
     quotas = Quotas()
     changes: dict[str, Any] = {}
     for field, value in (("max_live", max_live), ("max_lifetime", max_lifetime),
-                         ("requests_per_minute", requests_per_minute), ("total_pids", total_pids)):
+                         ("requests_per_minute", requests_per_minute), ("total_pids", total_pids),
+                         ("max_volumes", max_volumes)):
         if value is not None:
             if value <= 0:
                 raise InvalidRequest(f"{field.replace('_', '-')} must be more than 0")
             changes[field] = value
     if total_memory is not None:
         changes["total_memory"] = parse_size(total_memory, "total-memory")
+    if total_volume_size is not None:
+        changes["total_volume_size"] = parse_size(total_volume_size, "total-volume-size")
     quotas = dataclasses.replace(quotas, **changes)
     settings = Settings(db_path=Path(db_path) if db_path else default_db_path(), quotas=quotas,
                         ceilings=Ceilings.for_host({k: _number(v) for k, v in
@@ -159,4 +172,22 @@ def operator_settings(db_path: "str | os.PathLike[str] | None" = None, *, ceilin
         more["allow_network"] = True
     if allow_private_network:
         more["allow_private_network"] = True
+    roots = check_host_dir_roots(host_dir_roots)
+    if roots:
+        more["host_dir_roots"] = roots
     return dataclasses.replace(settings, **more) if more else settings
+
+
+def check_host_dir_roots(roots: Iterable[str]) -> tuple[str, ...]:
+    """The operator's --host-dir-root values, resolved: each an existing directory that may be granted at all
+    (never /, /etc, /proc..., nor Sandlot's own state: the same rules as any grant)."""
+    from .._storage.hostdir import check_allowed
+
+    resolved: list[str] = []
+    for root in roots:
+        if not isinstance(root, str) or not root.startswith("/"):
+            raise InvalidRequest(f"host-dir-root {root!r} must be an absolute path")
+        path = check_allowed(root, None)
+        if path not in resolved:
+            resolved.append(path)
+    return tuple(resolved)

@@ -41,7 +41,9 @@ CREATE TABLE IF NOT EXISTS tenants (
     max_lifetime REAL,
     requests_per_minute INTEGER,
     total_memory INTEGER,          -- bytes: the sum of memory limits over its live sandboxes
-    total_pids INTEGER
+    total_pids INTEGER,
+    max_volumes INTEGER,           -- named volumes it may keep
+    total_volume_size INTEGER      -- bytes: the sum of its volumes' sizes
 );
 CREATE TABLE IF NOT EXISTS api_keys (
     key_id TEXT PRIMARY KEY,
@@ -87,7 +89,8 @@ CREATE INDEX IF NOT EXISTS audit_by_tenant ON audit(tenant, at);
 # Added after a database may have been created: columns (table, column, declaration), then indexes.
 _ADDED_COLUMNS = [("tenants", "total_memory", "INTEGER"), ("tenants", "total_pids", "INTEGER"),
                   ("api_keys", "role", "TEXT NOT NULL DEFAULT 'tenant'"),
-                  ("sandboxes", "isolation", "TEXT NOT NULL DEFAULT 'process'")]
+                  ("sandboxes", "isolation", "TEXT NOT NULL DEFAULT 'process'"),
+                  ("tenants", "max_volumes", "INTEGER"), ("tenants", "total_volume_size", "INTEGER")]
 _ADDED_INDEXES = "CREATE INDEX IF NOT EXISTS audit_by_time ON audit(at);"
 # Operator keys hang off this tenant. Its name cannot be a tenant's (they start with a letter or digit), and
 # an operator key is refused wherever a tenant acts (sandboxes, /mcp): it holds nothing and runs nothing.
@@ -112,6 +115,8 @@ class Tenant:
     requests_per_minute: Optional[int] = None
     total_memory: Optional[int] = None
     total_pids: Optional[int] = None
+    max_volumes: Optional[int] = None
+    total_volume_size: Optional[int] = None
     key_id: Optional[str] = None  # the key this request authenticated with
     role: str = "tenant"  # the role of that key: "tenant", or "operator" (/metrics)
 
@@ -215,14 +220,18 @@ class Store:
 
     def set_quotas(self, name: str, *, max_live: Optional[int] = None, max_lifetime: Optional[float] = None,
                    requests_per_minute: Optional[int] = None, total_memory: "int | str | None" = None,
-                   total_pids: Optional[int] = None) -> Tenant:
+                   total_pids: Optional[int] = None, max_volumes: Optional[int] = None,
+                   total_volume_size: "int | str | None" = None) -> Tenant:
         """Override the server's default quotas for one tenant (None keeps the current value).
-        ``total_memory`` takes sizes like ``"8G"``."""
+        ``total_memory`` and ``total_volume_size`` take sizes like ``"8G"``."""
         tenant = self.tenant(name)
         if total_memory is not None:
             total_memory = parse_size(total_memory, "total_memory")
+        if total_volume_size is not None:
+            total_volume_size = parse_size(total_volume_size, "total_volume_size")
         values = {"max_live": max_live, "max_lifetime": max_lifetime, "requests_per_minute": requests_per_minute,
-                  "total_memory": total_memory, "total_pids": total_pids}
+                  "total_memory": total_memory, "total_pids": total_pids, "max_volumes": max_volumes,
+                  "total_volume_size": total_volume_size}
         for field, value in values.items():
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
                 raise InvalidRequest(f"quota {field} must be a number >= 0")
@@ -386,7 +395,7 @@ class Store:
 
 def _tenant(row: sqlite3.Row) -> Tenant:
     return Tenant(row["id"], row["name"], row["max_live"], row["max_lifetime"], row["requests_per_minute"],
-                  row["total_memory"], row["total_pids"])
+                  row["total_memory"], row["total_pids"], row["max_volumes"], row["total_volume_size"])
 
 
 def _sandbox(row: sqlite3.Row) -> SandboxRow:
@@ -450,5 +459,5 @@ def list_tenants(db_path: "str | os.PathLike[str] | None" = None) -> list[Tenant
 
 def set_quotas(tenant: str, db_path: "str | os.PathLike[str] | None" = None, **quotas: Any) -> Tenant:
     """``set_quotas("acme", max_live=50, max_lifetime=86400, requests_per_minute=600, total_memory="64G",
-    total_pids=8192)``."""
+    total_pids=8192, max_volumes=20, total_volume_size="50G")``."""
     return _with_store(db_path, lambda s: s.set_quotas(tenant, **quotas))

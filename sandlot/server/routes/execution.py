@@ -90,7 +90,7 @@ async def run_once(body: RunOnce, tenant: Owner, state: State) -> Any:
     _fits_one_frame({"t": "exec", "id": 1, "code": body.code})
     state.registry.check_call_timeout(body.timeout)
     live = await state.registry.create(tenant, template=body.template, limits=body.limits, env=body.env,
-                                          isolation=body.isolation, one_shot=True)
+                                          isolation=body.isolation, one_shot=True, mounts=body.mounts)
     state.store.audit(tenant.name, "run_once", None, body.code[:1000], tenant.key_id)
     if not body.stream:
         try:

@@ -29,7 +29,7 @@ def sandbox_out(row: SandboxRow) -> SandboxOut:
 async def create(body: CreateSandbox, tenant: Owner, state: State) -> SandboxOut:
     live = await state.registry.create(tenant, template=body.template, timeout=body.timeout, limits=body.limits,
                                        env=body.env, metadata=body.metadata, isolation=body.isolation,
-                                       network=body.network, secrets=body.secrets)
+                                       network=body.network, secrets=body.secrets, mounts=body.mounts)
     return sandbox_out(state.registry.row(tenant, live.id))
 
 

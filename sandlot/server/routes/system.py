@@ -30,11 +30,15 @@ async def info(tenant: Owner, state: State) -> InfoOut:
 
     ceilings = state.settings.ceilings
     usage = state.registry.usage(tenant)
+    volumes, volume_size = await state.registry.volumes.usage(tenant)
+    roots = list(state.settings.host_dir_roots)
     return InfoOut(version=__version__, templates=template_names(), isolations=list(state.settings.isolations),
                    defaults=ceilings.lower_defaults(Limits(), {}).to_dict(), ceilings=ceilings.to_dict(),
                    quotas=QuotasOut(**dataclasses.asdict(quotas_for(state.settings, tenant))),
                    usage=UsageNowOut(live=usage.live, memory=usage.memory, pids=usage.pids),
-                   network={"allowed": state.settings.allow_network, "within": list(state.settings.network_ceiling)})
+                   network={"allowed": state.settings.allow_network, "within": list(state.settings.network_ceiling)},
+                   mounts={"host_dirs": bool(roots), "host_dir_roots": roots, "volumes": volumes,
+                           "volume_size": volume_size})
 
 
 @router.get("/metrics", summary="Prometheus metrics (an operator key: `sandlot keys create --operator`)",
