@@ -90,6 +90,7 @@ class VolumeStore:
         return self.root / check_volume_name(name)
 
     def _existing(self, name: str) -> Path:
+        sweep(_mounts_dir())  # a dead process's mounts first, so "in use" means a live holder
         path = self._dir(name)
         if not (path / "meta.json").is_file():
             raise InvalidRequest(f"no volume {name!r} (sandlot.volumes.create({name!r}, size=...) makes one)")
@@ -197,7 +198,6 @@ class VolumeStore:
                     f"{'writable' if not readonly else how} now") from None
             image = path / "image.ext4"
             if not readonly:  # the last writer's file system must be gone before a new one starts
-                sweep(_mounts_dir())  # a dead process's mounts first
                 deadline = time.monotonic() + 5
                 while _attached_loops(image):
                     if time.monotonic() > deadline:
