@@ -112,9 +112,8 @@ BOOT_LIMITS = ("disk", "inodes", "open_files", "pids")
 
 def poolable(limits: Limits, default: Optional[Limits] = None) -> bool:
     default = default or Limits()
-    # The storage a warm sandbox's tmpfs was made with depends on its memory too (Limits.scratch).
-    return all(getattr(limits, name) == getattr(default, name) for name in BOOT_LIMITS) \
-        and limits.scratch == default.scratch
+    # (A claim with other memory resizes the warm sandbox's storage to Limits.scratch: apply_limits.)
+    return all(getattr(limits, name) == getattr(default, name) for name in BOOT_LIMITS)
 
 
 class Pools:

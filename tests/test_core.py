@@ -345,9 +345,11 @@ def test_a_failed_upload_leaves_no_partial_file_and_names_the_disk_limit(tier):
         assert sb.run_code("open('after.txt').read()").text == "'the space is free again'"
 
 
-def test_a_full_disk_is_enospc_never_an_oom_kill_even_with_disk_above_memory(tier):
+@pytest.mark.parametrize("limits", [{"memory": "256M", "disk": "1G"}, {"memory": "256M"}], ids=["booted", "pooled"])
+def test_a_full_disk_is_enospc_never_an_oom_kill_even_with_disk_above_memory(tier, limits):
     # The tmpfs behind home and /tmp is memory: a disk as large as memory would be filled by an OOM kill.
-    with Sandbox(limits={"memory": "256M", "disk": "1G"}) as sb:
+    # "pooled": a warm sandbox (512 MiB of storage) claimed with less memory has its storage shrunk.
+    with Sandbox(limits=limits) as sb:
         r = sb.commands.run("dd if=/dev/zero of=/tmp/fill bs=1M count=600; df -k /tmp | tail -1")
         assert "File size limit exceeded" in r.stderr or "No space left" in r.stderr
         size_kib = int(r.stdout.split()[-5])

@@ -615,7 +615,11 @@ class Agent:
             if path == mount["target"] or path.startswith(mount["target"] + "/"):
                 return ("%s: the mount at %s is full (a volume's size, or the host disk); what this upload wrote is "
                         "gone" % (exc.strerror, mount["target"]))
-        disk = (self.cfg.get("limits") or {}).get("disk")
+        try:  # the storage's real size (a warm sandbox's may have been resized for its owner's memory)
+            st = os.statvfs("/tmp")
+            disk = st.f_blocks * st.f_frsize
+        except OSError:
+            disk = (self.cfg.get("limits") or {}).get("disk")
         size = " (%d MiB for home, /tmp and /dev/shm together)" % (disk // 1048576) if disk else ""
         return ("%s: the sandbox's `disk` limit%s is reached; what this upload wrote is gone (raise "
                 "limits={'disk': ...} at create)" % (exc.strerror, size))

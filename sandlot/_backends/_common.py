@@ -8,6 +8,7 @@ and the handle's cgroup side (limits, counters, removal).
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import secrets
 from pathlib import Path
@@ -130,7 +131,15 @@ class CgroupSandbox(BackendSandbox):
         before = self.limits
         if (limits.cpu, limits.memory, limits.pids) != (before.cpu, before.memory, before.pids):
             await asyncio.to_thread(self.cgroup.apply, self.cgroup_limits(limits))
+        if limits.scratch != before.scratch:
+            # Its storage is memory too: other memory, other room for files (Limits.scratch), or a full
+            # disk would be an OOM kill. A warm sandbox's is still nearly empty, so shrinking it works.
+            await asyncio.to_thread(self.resize_scratch, limits.scratch)
         self.limits = limits  # once the kernel took them (a refused write leaves the old ones)
+
+    def resize_scratch(self, size: int) -> None:
+        """Give home, /tmp and /dev/shm (one tmpfs) ``size`` bytes; OSError if the kernel refuses."""
+        raise OSError(errno.ENOTSUP, f"{self.isolation} sandboxes cannot resize their storage")
 
     def usage(self, *, reset_peak: bool = False, processes: bool = False) -> Counters:
         cg = self.cgroup

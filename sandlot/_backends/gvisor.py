@@ -303,6 +303,11 @@ class GVisorSandbox(CgroupSandbox):
         self._lock_fd: Optional[int] = None
         self._netns: Optional[NetnsHolder] = None  # the host-made namespace of a sandbox with a network
 
+    def resize_scratch(self, size: int) -> None:
+        """The sandbox's tmpfs is the host's own mount (home/rw): remounted here with a new size."""
+        linux.mount(None, str(self.home / "rw"), None, linux.MS_REMOUNT | linux.MS_NOSUID | linux.MS_NODEV,
+                    f"size={size}")
+
     def cgroup_limits(self, limits: Limits) -> Limits:
         """What the cgroup gets for these limits: pids.max leaves room for runsc's own threads."""
         return _room_for_runsc(limits)

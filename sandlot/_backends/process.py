@@ -8,6 +8,7 @@ Its sandboxes end with their owner: it declares no pause and cannot adopt one (i
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import hashlib
 import json
@@ -29,6 +30,7 @@ from .._host.zygote import Zygote, write_id_maps
 from .._agent.isolation import USER_UID
 from .._limits import Limits
 from .._storage.grants import PreparedMounts
+from .._storage.tools import tool
 from .._templates import Template
 from ._common import (AGENT_DIR, CgroupSandbox, boot_message, new_sandbox_id, sandbox_config, sandbox_env,
                       state_dir, template_config)
@@ -92,6 +94,15 @@ class ProcessSandbox(CgroupSandbox):
         self._init_pidfd: Optional[int] = None
         self.init_pid: Optional[int] = None  # pid 1 of the sandbox, as the host sees it
         self.created_at = time.monotonic()
+
+    def resize_scratch(self, size: int) -> None:
+        """Remount the sandbox's tmpfs with a new size, from inside its mount namespace (host root may
+        reconfigure it: the sandbox's user namespace is a child of ours). nosuid,nodev restated: a
+        remount sets the mount's own flags to what it is given."""
+        done = subprocess.run([tool("nsenter"), "-t", str(self.init_pid), "-m", "--", tool("mount"), "-o",
+                               f"remount,nosuid,nodev,size={size}", "/tmp"], capture_output=True, text=True, timeout=30)
+        if done.returncode != 0:
+            raise OSError(errno.EIO, f"resizing the sandbox's storage failed: {done.stderr.strip()[:200]}")
 
     def adopt_init(self, pid: int) -> None:
         """Hold pid 1 of the sandbox by pidfd, so killing it can never hit a recycled pid."""
