@@ -19,7 +19,7 @@ from ._common import err, fail_usage, parse_limits, parse_pairs
 from ._render import ImageSaver, LiveOutput, show_error, show_results
 from ._repl_input import CellReader, TerminalReader, make_reader
 from ._target import (Target, connect_sandbox, create_sandbox, interrupt, make_target, network_of, network_options,
-                      secrets_of, target_options)
+                      secrets_of, api_options)
 from ._terminal import for_stream
 from .mounts import mounts_of, volume_option
 
@@ -106,7 +106,8 @@ def _banner(sandbox: Sandbox, target: Target, attached: bool) -> None:
 @click.option("--keep", is_flag=True, help="Leave a new server sandbox running on exit (it prints its ID).")
 @volume_option
 @network_options
-@target_options
+@api_options("Sandlot server to use; without it a new sandbox runs on this machine (attaching to an ID "
+             "needs the server that holds it).")
 def shell(sandbox_id: Optional[str], template: str, limits: tuple[str, ...], env: tuple[str, ...],
           timeout: Optional[float], save_images: Optional[str], keep: bool, volumes: tuple[str, ...],
           network: Optional[str],
