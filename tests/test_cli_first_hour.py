@@ -81,6 +81,8 @@ def test_run_save_images_into_an_unwritable_place_is_a_usage_error(tmp_path):
     assert "Traceback" not in r.stderr and "ran" not in r.stderr  # refused before the code runs
     r = sandlot("run", "--json", "--save-images", str(blocker), plot)
     assert r.returncode == 2 and json.loads(r.stdout)["ok"] is False
+    r = sandlot("shell", "--save-images", str(blocker / "charts"), input="print('ran')\n")
+    assert r.returncode == 2 and "not a directory" in r.stderr and "Traceback" not in r.stderr
 
 
 # -- help ----------------------------------------------------------------------------------------
@@ -184,3 +186,10 @@ def test_serve_announces_its_address_only_once_it_answers(tmp_path):
             assert "listening" not in _first_line_or_exit(third) and third.wait(60) != 0
     finally:
         terminate(proc)
+
+
+def test_remote_run_exits_with_sys_exit_code_and_json_on_failure(acme):
+    r = sandlot("run", "import sys; sys.exit(3)", env=acme)
+    assert (r.returncode, r.stderr) == (3, ""), r.stderr
+    r = sandlot("run", "--json", "1", env=dict(acme, SANDLOT_API_KEY="sl_wrong"))
+    assert r.returncode == 3 and json.loads(r.stdout)["error"]["type"] == "AuthError"

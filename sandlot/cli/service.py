@@ -220,7 +220,8 @@ def mcp(template: str, allow_network: bool, host_dir_roots: tuple[str, ...], api
         api_key: Optional[str]) -> None:
     """Serve MCP over stdio, for an agent (Claude Desktop, an IDE...).
 
-    Tools: run_code, create_session, close_session, run_command, write_file, read_file, list_files.
+    Tools: run_code, create_session, list_sessions, close_session, run_command, write_file, read_file,
+    list_files.
     Sandboxes run on this machine, or on a server with --api-url. The README has the client config.
     """
     from .. import mcp_server
