@@ -10,7 +10,7 @@ from typing import AsyncContextManager, AsyncIterator, Callable, Optional, Seque
 from fastapi import FastAPI
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import errors
 from .auth import RequireKey
@@ -49,7 +49,7 @@ class _MountRoot:
         self.app = app
         self.paths = {path.rstrip("/") for path in paths}
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] in ("http", "websocket") and scope.get("path") in self.paths:
             path = scope["path"] + "/"
             scope = dict(scope, path=path, raw_path=path.encode())
