@@ -64,8 +64,8 @@ def run(code: Optional[str], file: Optional[str], template: str, timeout: Option
     of the last expression is printed at the end, like a notebook's Out[n].
 
     Exit code: 0 the code ran, 1 it raised (or hit a limit), 2 usage error, 3 Sandlot failed;
-    sys.exit(N) in the code exits N, as `python -c` does. With --json, stdout is one JSON object
-    in every case ("ok": false and an "error" with "type" and "message" when Sandlot failed).
+    sys.exit(N) in the code exits N, as `python -c` does. With --json, stdout is one JSON object,
+    also when Sandlot fails or the request is refused ("ok": false, "error": {"type", "message"}).
     """
     with json_failures(as_json):
         _run(code, file, template, timeout, limits, env, save_images, sandbox_id, volumes, network, allow, deny,

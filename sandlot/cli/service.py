@@ -26,7 +26,7 @@ def db_option(f: Callable[..., Any]) -> Callable[..., Any]:
 
     # The path itself, as it is found without SANDLOT_DB (which the help names too).
     return click.option("--db", "db_path", envvar="SANDLOT_DB", metavar="PATH", show_envvar=True,
-                        show_default=str(data_dir() / "sandlot.db"), help=_DB_HELP)(f)
+                        help=f"{_DB_HELP} [default: {data_dir() / 'sandlot.db'}]")(f)
 
 
 def _when(epoch: Optional[float]) -> str:
