@@ -25,7 +25,7 @@ from mcp.server.auth.provider import AccessToken
 from mcp.server.streamable_http_manager import DEFAULT_SESSION_IDLE_TIMEOUT
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .mcp_server import build_mcp_app
+from .mcp_server import build_mcp_app, describe_template
 from .server import Mount
 from .server.metrics import limit_label
 
@@ -116,6 +116,10 @@ class _HostedFiles:
 
 class RegistrySandboxes:
     """The provider for the hosted endpoint: the server's registry, with the caller's tenant."""
+
+    def describe(self) -> str:
+        # The registry's sandboxes are of the builtin template, this server process's own interpreter.
+        return describe_template("python", on_this_machine=True)
 
     async def create(self, caller: Optional[ServerCaller], *, one_shot: bool, network: Any = None,
                      mounts: Any = None) -> Any:

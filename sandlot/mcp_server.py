@@ -18,19 +18,25 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import importlib.util
 import os
 import posixpath
+import sys
 import time
-from typing import Any, AsyncIterator, Callable, Hashable, Optional, Protocol, Sequence, Union
+from typing import Annotated, Any, AsyncIterator, Callable, Hashable, Literal, Optional, Protocol, Sequence, Union
 
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
-from mcp.types import CallToolResult, ImageContent, TextContent
+from mcp.types import CallToolResult, ImageContent, TextContent, ToolAnnotations
+from pydantic import Field
 from typing_extensions import TypedDict  # pydantic needs this one on Python < 3.12
 
+from ._calls import MAX_CMD, MAX_CODE
 from ._exceptions import InvalidRequest, SandboxNotFound, SandlotError
+from ._limits import Limits
 from ._spec import SandboxSpec
 from ._storage.hostdir import check_allowed
+from ._version import __version__
 
 Content = Union[TextContent, ImageContent]
 MAX_FILE_BYTES = 8 * 1024 * 1024  # read_file answers travel inside one JSON-RPC message
@@ -40,6 +46,12 @@ _IMAGE_MAGIC = {b"\x89PNG\r\n\x1a\n": "image/png", b"\xff\xd8\xff": "image/jpeg"
 class SessionInfo(TypedDict):
     session_id: str
     home: str
+
+
+class SessionListing(TypedDict):
+    session_id: str
+    created_at: float  # epoch seconds
+    idle_timeout_seconds: float
 
 
 class FileInfo(TypedDict):
@@ -64,6 +76,39 @@ class SandboxProvider(Protocol):
 
     async def aclose(self) -> None: ...
 
+
+# What the sandboxes hold, as the tool descriptions say it: a provider may have ``describe() -> str``.
+_WELL_KNOWN = (("numpy", "numpy"), ("pandas", "pandas"), ("matplotlib", "matplotlib"), ("scipy", "scipy"),
+               ("scikit-learn", "sklearn"))
+
+
+def describe_template(template: str, *, on_this_machine: bool) -> str:
+    """One true sentence about what code in a sandbox of ``template`` finds installed.
+
+    The builtin ``python`` template is the interpreter this process runs under (with its packages), so
+    on this machine it can be asked; an image's packages, or a server's, are for the agent to look up."""
+    if template == "python" and on_this_machine:
+        found = [name for name, module in _WELL_KNOWN if importlib.util.find_spec(module) is not None]
+        version = f"Python {sys.version_info.major}.{sys.version_info.minor}"
+        if found:
+            return f"{version} with {', '.join(found)} installed (`pip list` in run_command shows the rest)."
+        return (f"{version} with the standard library only: numpy, pandas, matplotlib and the like are not "
+                "installed.")
+    return (f"Template {template!r}: run `pip list` with run_command to see which packages it has; do not "
+            "assume numpy or pandas.")
+
+
+# The tools' shared parameter types: the JSON schema an agent reads (descriptions, bounds) comes from these.
+_TIMEOUT_BOUNDS = Limits._BOUNDS["timeout"]  # the same ranges the SDK enforces
+_LIFETIME_BOUNDS = Limits._BOUNDS["lifetime"]
+SessionId = Annotated[str, Field(description="A session_id returned by create_session.", min_length=1,
+                                 max_length=128)]
+OptionalSessionId = Annotated[Optional[str], Field(
+    description="A session_id from create_session to run in that session (its variables and files); "
+                "omit it for a fresh sandbox discarded after this call.", max_length=128)]
+Timeout = Annotated[Optional[float], Field(
+    description="Wall-clock seconds this call may take before it is stopped (default 60).",
+    ge=_TIMEOUT_BOUNDS[0], le=_TIMEOUT_BOUNDS[1])]
 
 CallerOf = Callable[[Any], Any]  # the HTTP request (Starlette) -> who is calling; None on stdio
 
@@ -93,13 +138,18 @@ class LocalSandboxes:
         self.host_dir_roots = tuple(os.path.normpath(root) if self.api_url else os.path.realpath(root)
                                     for root in host_dir_roots)
 
+    def describe(self) -> str:
+        return describe_template(self.template, on_this_machine=not self.api_url)
+
     async def create(self, caller: Any, *, one_shot: bool, network: Any = None, mounts: Any = None) -> Any:
         from ._sandbox import AsyncSandbox
 
         if network is not None and not self.allow_network:
             raise InvalidRequest("this MCP server gives sandboxes no network: start it with "
                                  "`sandlot mcp --allow-network`")
-        spec = SandboxSpec.from_json(dict(self.spec.to_json(), network=network, mounts=mounts))
+        # Tagged as the server's own /mcp tags them, so `sandlot ls --metadata via=mcp` finds an agent's sandboxes.
+        spec = SandboxSpec.from_json(dict(self.spec.to_json(), network=network, mounts=mounts,
+                                          metadata=dict(self.spec.metadata, via="mcp")))
         self._check_host_dirs(spec.mounts)
         if self.api_url or not spec.mounts:
             return await AsyncSandbox.create(**spec.to_json(), api_url=self.api_url, api_key=self.api_key)
@@ -171,6 +221,21 @@ class Sessions:
             reason = getattr(session.sandbox, "end_reason", None) or "idle timeout, lifetime or a limit"
             raise ToolError(f"session {session_id!r} has ended ({reason}); create a new one with create_session")
         return session.sandbox
+
+    def listing(self, caller: Any) -> list[SessionListing]:
+        """The caller's sessions that still run, oldest first (ended ones are forgotten on the way)."""
+        owner = caller_key(caller)
+        found: list[SessionListing] = []
+        for session_id, session in list(self._sessions.items()):
+            if session.owner != owner:
+                continue
+            if not session.sandbox.is_running:
+                self._sessions.pop(session_id, None)
+                continue
+            limits = getattr(session.sandbox, "limits", None)
+            found.append({"session_id": session_id, "created_at": session.created,
+                          "idle_timeout_seconds": getattr(limits, "idle_timeout", Limits().idle_timeout)})
+        return sorted(found, key=lambda s: s["created_at"])
 
     def forget(self, session_id: str) -> None:
         self._sessions.pop(session_id, None)
@@ -269,6 +334,7 @@ def build_mcp_server(provider: Optional[SandboxProvider] = None, *, caller_of: O
 
     server: MCPServer = MCPServer(
         "sandlot",
+        version=__version__,
         instructions=("Run Python and shell commands in isolated Sandlot sandboxes. Use create_session to keep "
                       "variables and files across calls, and close_session when done. Charts shown with "
                       "matplotlib come back as images."),
@@ -299,34 +365,50 @@ def build_mcp_server(provider: Optional[SandboxProvider] = None, *, caller_of: O
         except SandlotError as exc:
             raise ToolError(f"{type(exc).__name__}: {exc}") from exc
 
-    @server.tool()
-    async def run_code(code: str, ctx: Context, session_id: Optional[str] = None,
-                       timeout: Optional[float] = None) -> CallToolResult:
-        """Run Python code in a sandbox and return its output, the value of the last expression, and images.
+    installed = describe() if callable(describe := getattr(provider, "describe", None)) else ""
+    # Hints for the client (MCP tool annotations): what a tool may change. Every tool acts in a sandbox, not
+    # in the world; none reaches outside it unless the session was given a network.
+    reads = ToolAnnotations(read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False)
 
-        Without session_id the code runs in a fresh sandbox that is discarded afterwards. With a
-        session_id from create_session, variables, imports and files persist between calls.
-        numpy, pandas, matplotlib, scipy and scikit-learn are installed; there is no network.
-        Figures shown with plt.show() (or displayed) are returned as PNG images. If the code raises,
-        the result is an error carrying the traceback. timeout: seconds for this call (default 60).
-        """
+    @server.tool(description=(
+        "Run Python code in a sandbox and return its output, the value of the last expression, and images.\n\n"
+        "Without session_id the code runs in a fresh sandbox that is discarded afterwards. With a session_id "
+        "from create_session, variables, imports and files persist between calls. " + installed + " There is "
+        "no network unless the session was created with one. Figures shown with plt.show() (or displayed) are "
+        "returned as PNG images. If the code raises, the result is an error carrying the traceback; "
+        "sys.exit(0) is no error."),
+        annotations=ToolAnnotations(title="Run Python", read_only_hint=False, destructive_hint=True,
+                                    idempotent_hint=False, open_world_hint=False))
+    async def run_code(code: Annotated[str, Field(description=f"Python source to run, as a notebook cell (at most "
+                                                              f"{MAX_CODE // 1024} KiB of UTF-8).")],
+                       ctx: Context, session_id: OptionalSessionId = None, timeout: Timeout = None) -> CallToolResult:
         async with sandbox_for(ctx, session_id) as sandbox:
             return execution_content(await sandbox.run_code(code, timeout=timeout))
 
-    @server.tool()
-    async def create_session(ctx: Context, ttl_seconds: Optional[float] = None,
-                             network: Optional[Union[str, dict[str, list[str]]]] = None,
-                             mounts: Optional[dict[str, str]] = None) -> SessionInfo:
+    @server.tool(annotations=ToolAnnotations(title="Create a session", read_only_hint=False, destructive_hint=False,
+                                             idempotent_hint=False, open_world_hint=False))
+    async def create_session(
+            ctx: Context,
+            ttl_seconds: Annotated[Optional[float], Field(
+                description="Seconds the session may live at most, from now (default 24 h, at most 14 days); it "
+                            "also ends after 30 minutes without a call.",
+                ge=_LIFETIME_BOUNDS[0], le=_LIFETIME_BOUNDS[1])] = None,
+            network: Annotated[Optional[Union[Literal["none", "public"], dict[str, list[str]]]], Field(
+                description='No network by default. "public": the internet (never private ranges or the host); '
+                            'or {"allow": ["pypi.org", "*.pythonhosted.org"], "deny": [...]} (hosts, IPs or '
+                            'CIDRs, optional :port). Only where this MCP server allows a network.')] = None,
+            mounts: Annotated[Optional[dict[str, str]], Field(
+                description='Storage in the sandbox, target path -> source: {"/project": "/host/dir:rw", '
+                            '"/data": "/host/data", "/cache": "vol:NAME"}. Host directories (read-only unless '
+                            '":rw") only where this MCP server allows them; named volumes (writable unless '
+                            '":ro"). Files written there outlive the session.')] = None) -> SessionInfo:
         """Start a stateful sandbox session; pass its session_id to the other tools.
 
         The session keeps Python variables and files until close_session, 30 minutes without a call,
-        or ttl_seconds (default 24 h, at most 14 days). Close sessions you no longer need.
-        network: none by default; "public", or {"allow": ["pypi.org", "*.pythonhosted.org"], "deny": [...]}
-        where the server allows it (hosts, IPs or CIDRs, optional :port; private ranges never).
-        mounts: storage in the sandbox, {"/project": "/host/dir:rw", "/data": "/host/data", "/cache": "vol:NAME"}:
-        host directories (read-only unless ":rw") only where the server allows them, named volumes
-        (writable unless ":ro"). Files written there outlive the session.
+        or ttl_seconds. Close sessions you no longer need; list_sessions shows the open ones.
         """
+        if network == "none":
+            network = None
         try:
             sandbox = await sessions.create(_caller(ctx, caller_of), network=network, mounts=mounts)
             if ttl_seconds is not None:
@@ -335,36 +417,48 @@ def build_mcp_server(provider: Optional[SandboxProvider] = None, *, caller_of: O
             raise ToolError(f"{type(exc).__name__}: {exc}") from exc
         return {"session_id": sandbox.sandbox_id, "home": "/home/user"}
 
-    @server.tool()
-    async def close_session(session_id: str, ctx: Context) -> str:
-        """End a session: its sandbox, variables and files are gone."""
+    @server.tool(annotations=ToolAnnotations(title="List sessions", **reads.model_dump(exclude={"title"})))
+    async def list_sessions(ctx: Context) -> list[SessionListing]:
+        """List your open sessions (session_id, created_at in epoch seconds, idle timeout), oldest first."""
+        return sessions.listing(_caller(ctx, caller_of))
+
+    @server.tool(annotations=ToolAnnotations(title="Close a session", read_only_hint=False, destructive_hint=True,
+                                             idempotent_hint=False, open_world_hint=False))
+    async def close_session(session_id: SessionId, ctx: Context) -> str:
+        """End a session: its sandbox, variables and files are gone (volumes and host directories stay)."""
         try:
             await sessions.close(_caller(ctx, caller_of), session_id)
         except SandlotError as exc:
             raise ToolError(f"{type(exc).__name__}: {exc}") from exc
         return f"session {session_id} closed"
 
-    @server.tool()
-    async def run_command(command: str, ctx: Context, session_id: Optional[str] = None,
-                          timeout: Optional[float] = None, cwd: Optional[str] = None) -> CallToolResult:
+    @server.tool(annotations=ToolAnnotations(title="Run a shell command", read_only_hint=False,
+                                             destructive_hint=True, idempotent_hint=False, open_world_hint=False))
+    async def run_command(command: Annotated[str, Field(description="Shell command line, run by /bin/sh -c (at "
+                                                                    f"most {MAX_CMD // 1024} KiB).", min_length=1)],
+                          ctx: Context, session_id: OptionalSessionId = None, timeout: Timeout = None,
+                          cwd: Annotated[Optional[str], Field(
+                              description="Working directory (default /home/user).")] = None) -> CallToolResult:
         """Run a shell command (/bin/sh -c) in a sandbox; returns exit code, stdout and stderr.
 
         With a session_id it runs in that session's sandbox (same files as run_code); without, in
-        a fresh sandbox. A non-zero exit code is reported as an error. The working directory is
-        /home/user unless cwd is given; timeout is in seconds (default 60).
+        a fresh sandbox. A non-zero exit code is reported as an error.
         """
         async with sandbox_for(ctx, session_id) as sandbox:
             return command_content(await sandbox.commands.run(command, timeout=timeout, cwd=cwd))
 
-    @server.tool()
-    async def write_file(session_id: str, path: str, content: str, ctx: Context,
-                         encoding: str = "utf-8") -> FileInfo:
-        """Write a file in a session's sandbox, creating parent directories; relative paths are under /home/user.
-
-        encoding: "utf-8" for text content, "base64" for binary content.
-        """
-        if encoding not in ("utf-8", "base64"):
-            raise ToolError("encoding must be 'utf-8' or 'base64'")
+    @server.tool(annotations=ToolAnnotations(title="Write a file", read_only_hint=False, destructive_hint=True,
+                                             idempotent_hint=True, open_world_hint=False))
+    async def write_file(session_id: SessionId,
+                         path: Annotated[str, Field(description="File path; relative paths are under /home/user. "
+                                                                "An existing file is replaced.", min_length=1)],
+                         content: Annotated[str, Field(description="The file's content: text, or base64 when "
+                                                                   "encoding is \"base64\".")],
+                         ctx: Context,
+                         encoding: Annotated[Literal["utf-8", "base64"], Field(
+                             description='"utf-8" for text content, "base64" for binary content.')] = "utf-8",
+                         ) -> FileInfo:
+        """Write a file in a session's sandbox, creating parent directories."""
         try:
             data = base64.b64decode(content, validate=True) if encoding == "base64" else content.encode()
         except ValueError as exc:
@@ -375,8 +469,11 @@ def build_mcp_server(provider: Optional[SandboxProvider] = None, *, caller_of: O
                 await sandbox.files.mkdir(parent)
             return _entry_dict(await sandbox.files.write(path, data))
 
-    @server.tool()
-    async def read_file(session_id: str, path: str, ctx: Context) -> CallToolResult:
+    @server.tool(annotations=ToolAnnotations(title="Read a file", **reads.model_dump(exclude={"title"})))
+    async def read_file(session_id: SessionId,
+                        path: Annotated[str, Field(description="File path; relative paths are under /home/user.",
+                                                   min_length=1)],
+                        ctx: Context) -> CallToolResult:
         """Read a file from a session's sandbox. Text comes back as text, PNG/JPEG/GIF images as images,
         other binary data as base64. Files over 8 MiB are refused (use run_command to inspect them)."""
         async with sandbox_for(ctx, session_id) as sandbox:
@@ -400,14 +497,17 @@ def build_mcp_server(provider: Optional[SandboxProvider] = None, *, caller_of: O
             text = f"[binary, {len(data)} bytes, base64]\n" + base64.b64encode(data).decode()
             return CallToolResult(content=[TextContent(type="text", text=text)])
 
-    @server.tool()
-    async def list_files(session_id: str, ctx: Context, path: str = "/home/user", depth: int = 1) -> list[FileInfo]:
-        """List a directory in a session's sandbox (depth > 1 descends into subdirectories).
-
-        Returns the entries: name, path, type (file, dir, symlink, other), size, mtime.
-        """
+    @server.tool(annotations=ToolAnnotations(title="List files", **reads.model_dump(exclude={"title"})))
+    async def list_files(session_id: SessionId, ctx: Context,
+                         path: Annotated[str, Field(description="Directory to list; relative paths are under "
+                                                                "/home/user.")] = "/home/user",
+                         depth: Annotated[int, Field(description="1 lists the directory itself; more descends "
+                                                                 "that many levels into subdirectories.",
+                                                     ge=1, le=10)] = 1) -> list[FileInfo]:
+        """List a directory in a session's sandbox: each entry's name, path, type (file, dir, symlink, other),
+        size and mtime."""
         async with sandbox_for(ctx, session_id) as sandbox:
-            entries = await sandbox.files.list(path, depth=max(1, min(int(depth), 10)))
+            entries = await sandbox.files.list(path, depth=depth)
         return [_entry_dict(e) for e in entries]
 
     return server

@@ -50,8 +50,8 @@ def test_run_exit_codes():
     r = sandlot("run", "def f():\n    1 / 0\nf()")
     assert r.returncode == 1
     assert "ZeroDivisionError: division by zero" in r.stderr and 'File "<cell-1>", line 2, in f' in r.stderr
-    r = sandlot("run", "raise SystemExit(5)")
-    assert r.returncode == 1
+    r = sandlot("run", "raise SystemExit(5)")  # as `python -c` exits
+    assert (r.returncode, r.stderr) == (5, "")
     # Usage errors: exit 2, with a message that says what to do.
     r = sandlot("run", "1", "--file", "x.py")
     assert r.returncode == 2 and "not both" in r.stderr

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
 import sys
 import threading
 import time
@@ -20,7 +19,7 @@ import pytest
 
 from sandlot import Sandbox
 
-from .cli_server import CliServer
+from .cli_server import CliServer, clean_env
 from .conftest import PROBLEM, needs_sandbox, processes_in_sandbox
 
 pytestmark = needs_sandbox
@@ -31,12 +30,12 @@ from mcp.client.stdio import stdio_client  # noqa: E402
 from mcp.shared.exceptions import MCPError  # noqa: E402
 
 SCRIPT = Path(sys.executable).with_name("sandlot")
-TOOLS = {"run_code", "create_session", "close_session", "run_command", "write_file", "read_file", "list_files"}
+TOOLS = {"run_code", "create_session", "list_sessions", "close_session", "run_command", "write_file", "read_file",
+         "list_files"}
 
 
 def server_params(**env: str) -> StdioServerParameters:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("SANDLOT_API")}
-    base.update(env)
+    base = clean_env(**env)  # the checkout's sandlot, not whichever the venv's script would import
     if SCRIPT.exists():
         return StdioServerParameters(command=str(SCRIPT), args=["mcp"], env=base)
     return StdioServerParameters(command=sys.executable, args=["-m", "sandlot.cli", "mcp"], env=base)

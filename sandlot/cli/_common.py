@@ -97,6 +97,21 @@ def to_jsonable(value: Any) -> Any:
     return str(value)
 
 
+@contextlib.contextmanager
+def json_failures(as_json: bool) -> Iterator[None]:
+    """With --json, a failure that is not the code's (Sandlot's, the server's, a usage error found while
+    running) still prints one JSON object on stdout, ``{"ok": false, "error": {"type", "message"}}``, so a
+    script never reads an empty stdout; the exception then goes on to its usual message and exit code."""
+    try:
+        yield
+    except (SandlotError, click.ClickException, *_transport_errors()) as exc:
+        if as_json:
+            kind = "UsageError" if isinstance(exc, click.ClickException) else type(exc).__name__
+            message = exc.format_message() if isinstance(exc, click.ClickException) else str(exc)
+            print_json({"ok": False, "error": {"type": kind, "message": message}})
+        raise
+
+
 def json_option(f: F) -> F:
     return click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON on stdout.")(f)
 

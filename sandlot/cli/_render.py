@@ -72,6 +72,10 @@ class LiveOutput:
         return {"on_stdout": self.on_stdout, "on_stderr": self.on_stderr}
 
 
+class ImagesNotSaved(Exception):
+    """--save-images DIR cannot hold the images (not a directory, not writable, disk full): a usage error."""
+
+
 class ImageSaver:
     """Writes image results to DIR as image-1.png, image-2.png... (numbers continue across calls)."""
 
@@ -79,21 +83,38 @@ class ImageSaver:
         self.directory = Path(directory) if directory else None
         self._numbers = itertools.count(1)
 
+    def check(self) -> None:
+        """Raise ImagesNotSaved now if DIR could not be made or written (DIR itself is made at the first image)."""
+        if self.directory is None:
+            return
+        nearest = self.directory.absolute()
+        while not nearest.exists() and nearest != nearest.parent:
+            nearest = nearest.parent
+        if not nearest.is_dir():
+            raise ImagesNotSaved(f"--save-images {self.directory}: {nearest} is not a directory")
+        if not os.access(nearest, os.W_OK | os.X_OK):
+            raise ImagesNotSaved(f"--save-images {self.directory}: {nearest} is not writable by this user; "
+                                 "give a directory you can write")
+
     def save(self, result: Result) -> list[str]:
         if self.directory is None:
             return []
-        self.directory.mkdir(parents=True, exist_ok=True)
-        saved = []
-        for field, ext in _IMAGE_FORMATS:
-            data = getattr(result, field)
-            if data is None:
-                continue
-            path = self._free_path(ext)
-            raw = data.encode() if field == "svg" else base64.b64decode(data)
-            path.write_bytes(raw)
-            saved.append(str(path))
-            break  # one file per image: the first format is the richest the figure offered
-        return saved
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            saved = []
+            for field, ext in _IMAGE_FORMATS:
+                data = getattr(result, field)
+                if data is None:
+                    continue
+                path = self._free_path(ext)
+                raw = data.encode() if field == "svg" else base64.b64decode(data)
+                path.write_bytes(raw)
+                saved.append(str(path))
+                break  # one file per image: the first format is the richest the figure offered
+            return saved
+        except OSError as exc:
+            raise ImagesNotSaved(f"--save-images {self.directory}: cannot save an image there: "
+                                 f"{exc.strerror or exc}") from None
 
     def _free_path(self, ext: str) -> Path:
         assert self.directory is not None
@@ -134,8 +155,14 @@ def show_results(execution: Execution, saver: ImageSaver, live: LiveOutput) -> l
     return saved
 
 
-def show_error(error: ExecutionError) -> None:
+def show_error(error: ExecutionError, exits: bool = False) -> None:
+    """The error's traceback on stderr. ``exits``: it is sys.exit(value), which, as Python does, prints
+    nothing for an integer and the value itself for anything else (``sys.exit("bye")``)."""
     if not error:
+        return
+    if exits:
+        if not error.value.lstrip("-").isdigit():
+            err.print(for_stream(sys.stderr, error.value), markup=False, highlight=False)
         return
     text = error.traceback.rstrip("\n") if error.traceback.strip() else f"{error.name}: {error.value}"
     if error.limit and error.value not in text:

@@ -37,13 +37,27 @@ class Target:
                        "(and --api-key) or set SANDLOT_API_URL / SANDLOT_API_KEY. Start a server with `sandlot serve`.")
 
 
-def target_options(f: F) -> F:
-    """--api-url / --api-key, read from SANDLOT_API_URL / SANDLOT_API_KEY when not given."""
+def _api_options(f: F, url_help: str) -> F:
     f = click.option("--api-key", envvar="SANDLOT_API_KEY", metavar="KEY", show_envvar=True,
                      help="API key for the server.")(f)
-    f = click.option("--api-url", envvar="SANDLOT_API_URL", metavar="URL", show_envvar=True,
-                     help="Sandlot server to use; without it sandboxes run on this machine.")(f)
+    f = click.option("--api-url", envvar="SANDLOT_API_URL", metavar="URL", show_envvar=True, help=url_help)(f)
     return f
+
+
+def target_options(f: F) -> F:
+    """--api-url / --api-key, read from SANDLOT_API_URL / SANDLOT_API_KEY when not given."""
+    return _api_options(f, "Sandlot server to use; without it sandboxes run on this machine.")
+
+
+def api_options(url_help: str) -> Callable[[F], F]:
+    """--api-url / --api-key with a command's own words for what --api-url changes."""
+    return lambda f: _api_options(f, url_help)
+
+
+def server_options(f: F) -> F:
+    """--api-url / --api-key of a command that works only on a server's sandboxes (ls, kill, exec, cp)."""
+    return _api_options(f, "Sandlot server whose sandboxes this works on (required: these commands have no "
+                           "local form; start one with `sandlot serve`).")
 
 
 def network_options(f: F) -> F:

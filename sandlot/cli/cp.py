@@ -21,7 +21,7 @@ from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, Time
 
 from .._sync import Sandbox
 from ._common import err, fail_usage, json_option, print_json
-from ._target import connect_sandbox, make_target, target_options
+from ._target import connect_sandbox, make_target, server_options
 from ._terminal import TerminalBytes, is_terminal
 
 _REMOTE = re.compile(r"^(?P<id>[A-Za-z0-9][A-Za-z0-9._-]*):(?P<path>.*)$")
@@ -139,7 +139,7 @@ def download(sandbox: Sandbox, remote: str, local: str, show: bool) -> tuple[str
 @click.argument("destination", metavar="DST")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @json_option
-@target_options
+@server_options
 def cp(source: str, destination: str, quiet: bool, as_json: bool, api_url: Optional[str],
        api_key: Optional[str]) -> None:
     """Copy a file between this machine and a server's sandbox: `cp data.csv ID:/home/user/`,

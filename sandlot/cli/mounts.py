@@ -18,7 +18,7 @@ from rich.table import Table
 
 from .._volumes import Volumes
 from ._common import err, fail_usage, json_option, out, print_json, to_jsonable
-from ._target import make_target, target_options
+from ._target import make_target, api_options
 
 F = TypeVar("F", bound=Callable[..., Any])
 _MODES = ("ro", "rw")
@@ -108,7 +108,7 @@ def volume() -> None:
 @click.option("--inodes", type=click.IntRange(1), metavar="N",
               help="The most files it holds [default: one per 16 KiB].")
 @json_option
-@target_options
+@api_options("Sandlot server whose volumes (your tenant's) to use; without it, this machine's.")
 def volume_create(name: str, size: str, inodes: Optional[int], as_json: bool, api_url: Optional[str],
                   api_key: Optional[str]) -> None:
     """Create the empty volume NAME."""
@@ -122,7 +122,7 @@ def volume_create(name: str, size: str, inodes: Optional[int], as_json: bool, ap
 
 @volume.command(name="ls")
 @json_option
-@target_options
+@api_options("Sandlot server whose volumes (your tenant's) to use; without it, this machine's.")
 def volume_ls(as_json: bool, api_url: Optional[str], api_key: Optional[str]) -> None:
     """List the volumes."""
     found = _volumes(api_url, api_key).list()
@@ -138,7 +138,7 @@ def volume_ls(as_json: bool, api_url: Optional[str], api_key: Optional[str]) -> 
 @volume.command(name="info")
 @click.argument("name")
 @json_option
-@target_options
+@api_options("Sandlot server whose volumes (your tenant's) to use; without it, this machine's.")
 def volume_info(name: str, as_json: bool, api_url: Optional[str], api_key: Optional[str]) -> None:
     """Show the volume NAME: size, space it takes on disk, inodes, whether a sandbox has it mounted."""
     found = _volumes(api_url, api_key).info(name)
@@ -150,7 +150,7 @@ def volume_info(name: str, as_json: bool, api_url: Optional[str], api_key: Optio
 
 @volume.command(name="rm")
 @click.argument("names", metavar="NAME...", nargs=-1, required=True)
-@target_options
+@api_options("Sandlot server whose volumes (your tenant's) to use; without it, this machine's.")
 def volume_rm(names: tuple[str, ...], api_url: Optional[str], api_key: Optional[str]) -> None:
     """Delete volumes and everything in them (refused while a sandbox has one mounted)."""
     volumes = _volumes(api_url, api_key)

@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ._common import err, json_option, out, parse_pairs, print_json, to_jsonable
-from ._target import connect_sandbox, list_sandboxes, make_target, target_options
+from ._target import connect_sandbox, list_sandboxes, make_target, server_options
 
 # Column -> the field names a sandbox listing may use for it (the first present wins).
 _COLUMNS = {
@@ -59,10 +59,11 @@ def _cell(column: str, value: Any) -> str:
 @click.command(name="ls", short_help="List your sandboxes on the server.")
 @click.option("--metadata", "metadata", multiple=True, metavar="KEY=VALUE",
               help="Only sandboxes whose metadata has KEY=VALUE (repeatable).")
-@click.option("--status", default="running", show_default=True, type=click.Choice(["running", "ended", "lost", "all"]),
-              help="Which sandboxes: live ones, or also those that ended or were lost in a server restart.")
+@click.option("--status", default="running", show_default=True, type=click.Choice(["running", "paused", "ended", "lost", "all"]),
+              help="Which sandboxes: running ones, paused ones (gVisor, waiting on disk), those that ended or were "
+                   "lost in a server restart, or all.")
 @json_option
-@target_options
+@server_options
 def ls(metadata: tuple[str, ...], status: str, as_json: bool, api_url: Optional[str], api_key: Optional[str]) -> None:
     """List your sandboxes on the server (live ones by default), newest first."""
     target = make_target(api_url, api_key)
@@ -89,7 +90,7 @@ def ls(metadata: tuple[str, ...], status: str, as_json: bool, api_url: Optional[
 
 @click.command(short_help="End sandboxes on the server.")
 @click.argument("sandbox_ids", metavar="ID...", nargs=-1, required=True)
-@target_options
+@server_options
 def kill(sandbox_ids: tuple[str, ...], api_url: Optional[str], api_key: Optional[str]) -> None:
     """End the server's sandbox ID (and everything running in it)."""
     target = make_target(api_url, api_key)

@@ -22,8 +22,11 @@ _DB_HELP = "SQLite database of the server (tenants, keys, sandboxes, audit log).
 
 
 def db_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    from .._config import data_dir  # light: no server import to print help
+
+    # The path itself, as it is found without SANDLOT_DB (which the help names too).
     return click.option("--db", "db_path", envvar="SANDLOT_DB", metavar="PATH", show_envvar=True,
-                        help=_DB_HELP + " [default: the server's, see `sandlot serve --help`]")(f)
+                        help=f"{_DB_HELP} [default: {data_dir() / 'sandlot.db'}]")(f)
 
 
 def _when(epoch: Optional[float]) -> str:
@@ -102,12 +105,18 @@ def serve(host: str, port: int, db_path: Optional[str], log_level: str, no_mcp: 
         from ..mcp_hosted import server_mount
 
         mounts.append(server_mount(host=host))
-    err.print(escape(f"Sandlot server on http://{host}:{port} (database {db_path or server.default_db_path()})"
-                     + ("" if no_mcp else f"; MCP at http://{host}:{port}/mcp/")))
-    roots = settings.host_dir_roots
-    err.print(escape("host directories: " + (f"tenants may grant those inside {', '.join(roots)}" if roots else
-                                             "none granted (--host-dir-root DIR allows them)")))
-    server.serve(host=host, port=port, db_path=db_path, log_level=log_level, settings=settings, mounts=mounts)
+
+    def listening(bound_port: int) -> None:
+        # Only now, with the database locked and the port bound, is the address worth telling (--port 0: the real one).
+        where = f"http://{host}:{bound_port}"
+        err.print(escape(f"Sandlot server listening on {where} (database {settings.db_path})"
+                         + ("" if no_mcp else f"; MCP at {where}/mcp")))
+        roots = settings.host_dir_roots
+        err.print(escape("host directories: " + (f"tenants may grant those inside {', '.join(roots)}" if roots else
+                                                 "none granted (--host-dir-root DIR allows them)")))
+
+    server.serve(host=host, port=port, db_path=db_path, log_level=log_level, settings=settings, mounts=mounts,
+                 on_listening=listening)
 
 
 @click.group(short_help="Create, list and revoke API keys.")
@@ -131,17 +140,29 @@ def keys_create(tenant: Optional[str], operator: bool, db_path: Optional[str], a
     if operator:
         key = server.create_operator_key(db_path)
         if as_json:
-            print_json({"role": "operator", "key": key})
+            print_json({"key_id": _key_id_of(key, None, db_path), "role": "operator", "key": key})
             return
         err.print("Operator key (shown only this once; send it as 'Authorization: Bearer ...' to /metrics):")
         click.echo(key)
         return
     key = server.create_key(tenant, db_path)
+    key_id = _key_id_of(key, tenant, db_path)
     if as_json:
-        print_json({"tenant": tenant, "role": "tenant", "key": key})
+        print_json({"key_id": key_id, "tenant": tenant, "role": "tenant", "key": key})
         return
-    err.print(f"API key for tenant [bold]{escape(tenant)}[/] (shown only this once; use it as SANDLOT_API_KEY):")
+    err.print(f"API key {escape(key_id or '')} for tenant [bold]{escape(tenant)}[/] (shown only this once; use it as "
+              "SANDLOT_API_KEY; `sandlot keys revoke` takes the id):")
     click.echo(key)
+
+
+def _key_id_of(key: str, tenant: Optional[str], db_path: Optional[str]) -> Optional[str]:
+    """The id of the key just made (what `keys revoke` takes), found by its hint among the owner's keys:
+    the newest one with that hint (the store keeps no more of the key than its hash and hint)."""
+    from .. import server
+
+    hint = key[:9] + "…"
+    found = [k for k in server.list_keys(tenant, db_path) if k.hint == hint and k.revoked_at is None]
+    return max(found, key=lambda k: k.created_at).key_id if found else None
 
 
 @keys.command(name="ls")
@@ -154,18 +175,23 @@ def keys_ls(tenant: Optional[str], db_path: Optional[str], as_json: bool) -> Non
 
     rows = server.list_keys(tenant, db_path)
     if as_json:
-        print_json(to_jsonable(rows))
+        print_json([dict(to_jsonable(k), status=_status(k)) for k in rows])
         return
     if not rows:
         err.print("no API keys: create one with `sandlot keys create --tenant NAME`")
         return
     table = Table(box=None, pad_edge=False)
-    for column in ("KEY ID", "ROLE", "TENANT", "HINT", "CREATED", "LAST USED", "REVOKED"):
+    for column in ("KEY ID", "STATUS", "ROLE", "TENANT", "HINT", "CREATED", "LAST USED", "REVOKED"):
         table.add_column(column)
     for k in rows:
-        table.add_row(escape(k.key_id), k.role, "" if k.role == "operator" else escape(k.tenant), escape(k.hint),
-                      _when(k.created_at), _when(k.last_used_at), _when(k.revoked_at) or "[green]active[/]")
+        status = "[red]revoked[/]" if _status(k) == "revoked" else "[green]active[/]"
+        table.add_row(escape(k.key_id), status, k.role, "" if k.role == "operator" else escape(k.tenant),
+                      escape(k.hint), _when(k.created_at), _when(k.last_used_at), _when(k.revoked_at))
     out.print(table)
+
+
+def _status(key: Any) -> str:
+    return "active" if key.revoked_at is None else "revoked"
 
 
 @keys.command(name="revoke")
@@ -194,7 +220,8 @@ def mcp(template: str, allow_network: bool, host_dir_roots: tuple[str, ...], api
         api_key: Optional[str]) -> None:
     """Serve MCP over stdio, for an agent (Claude Desktop, an IDE...).
 
-    Tools: run_code, create_session, close_session, run_command, write_file, read_file, list_files.
+    Tools: run_code, create_session, list_sessions, close_session, run_command, write_file, read_file,
+    list_files.
     Sandboxes run on this machine, or on a server with --api-url. The README has the client config.
     """
     from .. import mcp_server

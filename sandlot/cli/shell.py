@@ -16,10 +16,10 @@ from rich.markup import escape
 
 from .._sync import Sandbox
 from ._common import err, fail_usage, parse_limits, parse_pairs
-from ._render import ImageSaver, LiveOutput, show_error, show_results
+from ._render import ImageSaver, ImagesNotSaved, LiveOutput, show_error, show_results
 from ._repl_input import CellReader, TerminalReader, make_reader
 from ._target import (Target, connect_sandbox, create_sandbox, interrupt, make_target, network_of, network_options,
-                      secrets_of, target_options)
+                      secrets_of, api_options)
 from ._terminal import for_stream
 from .mounts import mounts_of, volume_option
 
@@ -53,7 +53,10 @@ class Repl:
         live = LiveOutput()
         execution = self._wait(self.worker.submit(self.sandbox.run_code, cell, timeout=self.timeout,
                                                   **live.callbacks()))
-        show_results(execution, self.saver, live)
+        try:
+            show_results(execution, self.saver, live)
+        except ImagesNotSaved as exc:  # the session goes on: the next cell may save elsewhere or not at all
+            err.print(f"[red]error:[/] {escape(str(exc))}")
         if execution.error is not None:
             if not live.wrote_newline:
                 sys.stdout.write("\n")
@@ -106,7 +109,8 @@ def _banner(sandbox: Sandbox, target: Target, attached: bool) -> None:
 @click.option("--keep", is_flag=True, help="Leave a new server sandbox running on exit (it prints its ID).")
 @volume_option
 @network_options
-@target_options
+@api_options("Sandlot server to use; without it a new sandbox runs on this machine (attaching to an ID "
+             "needs the server that holds it).")
 def shell(sandbox_id: Optional[str], template: str, limits: tuple[str, ...], env: tuple[str, ...],
           timeout: Optional[float], save_images: Optional[str], keep: bool, volumes: tuple[str, ...],
           network: Optional[str],
@@ -123,6 +127,11 @@ def shell(sandbox_id: Optional[str], template: str, limits: tuple[str, ...], env
     mounts = mounts_of(volumes)
     if sandbox_id and mounts:
         fail_usage("-v applies to a new sandbox, not to an attached one")
+    saver = ImageSaver(save_images)
+    try:
+        saver.check()  # before a sandbox is made for nothing
+    except ImagesNotSaved as exc:
+        fail_usage(str(exc))
     if sandbox_id:
         sandbox = connect_sandbox(target, sandbox_id, "shell ID", quiet=not interactive)
     else:
@@ -132,7 +141,7 @@ def shell(sandbox_id: Optional[str], template: str, limits: tuple[str, ...], env
                                  mounts=mounts)
     if interactive:
         _banner(sandbox, target, attached=bool(sandbox_id))
-    repl = Repl(sandbox, reader, ImageSaver(save_images), timeout)
+    repl = Repl(sandbox, reader, saver, timeout)
     try:
         repl.loop()
     finally:

@@ -143,15 +143,16 @@ def load(file: str, name: Optional[str], quiet: bool, as_json: bool) -> None:
         _summary(record)
 
 
-@template.command(short_help="Build a template from a sandbox.yaml (sandboxed steps).")
-@click.option("--file", "-f", "path", default="sandbox.yaml", show_default=True, type=click.Path(),
+@template.command(short_help="Build a template from a sandbox.yaml (sandboxed steps).",
+                  options_metavar="-t NAME [-f sandbox.yaml] [OPTIONS]")
+@click.option("--file", "-f", "path", default="sandbox.yaml", show_default=True, type=click.Path(), metavar="PATH",
               help="The sandbox.yaml to build.")
-@click.option("--tag", "-t", "name", required=True, help="Name of the template to create (or replace).")
+@click.option("--tag", "-t", "name", required=True, metavar="NAME", help="Name of the template to create (or replace).")
 @click.option("--pull", "force_pull", is_flag=True, help="Pull the base image again even if it is here.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress output.")
 @json_option
 def build(path: str, name: str, force_pull: bool, quiet: bool, as_json: bool) -> None:
-    """Build NAME from a sandbox.yaml: base image, apt and pip packages, files, env, workdir, preload,
+    """Build the template NAME (-t NAME) from a sandbox.yaml: base image, apt and pip packages, files, env, workdir, preload,
     default limits, pool size. Every step that runs package code runs in a sandbox; a failing step
     is named, with its last output lines, and leaves nothing behind.
 

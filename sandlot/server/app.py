@@ -10,7 +10,7 @@ from typing import AsyncContextManager, AsyncIterator, Callable, Optional, Seque
 from fastapi import FastAPI
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import errors
 from .auth import RequireKey
@@ -39,6 +39,21 @@ class Mount:
     app: ASGIApp
     authenticated: bool = True
     lifespan: Optional[Callable[[], AsyncContextManager]] = None
+
+
+class _MountRoot:
+    """Serves a mount's bare path (``/mcp``) as its root (``/mcp/``) instead of Starlette's 307 to it: an MCP
+    client that does not follow redirects on POST (many do not) must reach the endpoint the README names."""
+
+    def __init__(self, app: ASGIApp, paths: Sequence[str]) -> None:
+        self.app = app
+        self.paths = {path.rstrip("/") for path in paths}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket") and scope.get("path") in self.paths:
+            path = scope["path"] + "/"
+            scope = dict(scope, path=path, raw_path=path.encode())
+        await self.app(scope, receive, send)
 
 
 _DESCRIPTION = """Self-hosted sandboxes for code written by AI agents.
@@ -91,6 +106,8 @@ def create_app(settings: Optional[Settings] = None, *, mounts: Sequence[Mount] =
     for mount in mounts:
         app.mount(mount.path, RequireKey(mount.app) if mount.authenticated else mount.app)
     # The last added is the outermost: timing sees every answer (413s included), the body limit guards every route.
+    if mounts:
+        app.add_middleware(_MountRoot, paths=[mount.path for mount in mounts])
     app.add_middleware(BodyLimit, json_limit=settings.max_json_bytes, upload_limit=settings.max_upload_bytes)
     app.add_middleware(RequestTimer, metrics=metrics)
     return app

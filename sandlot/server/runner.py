@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import uvicorn
 
@@ -15,12 +16,30 @@ from .settings import Quotas, Settings, operator_settings
 from .store import DatabaseInUse, default_db_path, lock_database
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, telling ``on_listening(port)`` once the app has started (database locked, sandboxes
+    of a previous run reaped) and the socket is bound: not before, so an address printed is one that answers."""
+
+    def __init__(self, config: uvicorn.Config, on_listening: Optional[Callable[[int], None]]) -> None:
+        super().__init__(config)
+        self.on_listening = on_listening
+
+    async def startup(self, sockets: Optional[list] = None) -> None:
+        await super().startup(sockets)
+        if self.on_listening is None or self.should_exit or not self.started:
+            return
+        ports = [sock.getsockname()[1] for server in self.servers for sock in (server.sockets or ())]
+        self.on_listening(ports[0] if ports else self.config.port)
+
+
 def serve(host: str = "127.0.0.1", port: int = 8000, db_path: "str | os.PathLike[str] | None" = None, *,
-          log_level: str = "info", settings: Optional[Settings] = None, mounts: Sequence[Mount] = ()) -> None:
+          log_level: str = "info", settings: Optional[Settings] = None, mounts: Sequence[Mount] = (),
+          on_listening: Optional[Callable[[int], None]] = None) -> None:
     """Serve until SIGINT/SIGTERM; then every live sandbox is ended (and reported lost to its owner).
 
     Binds 127.0.0.1 unless told otherwise: put a TLS-terminating proxy in front to serve a network.
-    Raises DatabaseInUse if another server holds ``db_path``.
+    Raises DatabaseInUse if another server holds ``db_path``. ``on_listening(port)`` is called once the
+    server is ready and bound (the port actually bound, for ``port=0``).
     """
     settings = (settings or Settings()).with_db(db_path)
     os.close(lock_database(settings.db_path))  # fail here, with a clear message, rather than inside uvicorn
@@ -30,8 +49,13 @@ def serve(host: str = "127.0.0.1", port: int = 8000, db_path: "str | os.PathLike
 
     default_engine().host_dir_roots = tuple(settings.host_dir_roots)
     app = create_app(settings, mounts=mounts)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, lifespan="on", timeout_graceful_shutdown=10,
-                server_header=False)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+                            timeout_graceful_shutdown=10, server_header=False)
+    server = _Server(config, on_listening)
+    with contextlib.suppress(KeyboardInterrupt):  # as uvicorn.run: Ctrl-C is the ordinary way to stop
+        server.run()
+    if not server.started:
+        sys.exit(3)  # uvicorn's STARTUP_FAILURE (it has logged why), as uvicorn.run exits
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
