@@ -18,7 +18,8 @@ import pytest
 import sandlot
 from sandlot import FileError, InvalidRequest, Sandbox
 
-from .conftest import GRANT_OWNER, RUNSC_MISSING, mounts_under, needs_sandbox, own_sandbox_cgroups, owned_dir, wait_until_released
+from .conftest import (GRANT_OWNER, RUNSC_MISSING, mounts_under, needs_sandbox, own_sandbox_cgroups, owned_dir,
+                       wait_until_released)
 
 pytestmark = [needs_sandbox, pytest.mark.usefixtures("tier")]
 if os.geteuid() != 0:
@@ -52,8 +53,8 @@ def host_tree(path: Path) -> dict:
     tree = {}
     for entry in sorted(path.rglob("*")):
         st = entry.lstat()
-        tree[str(entry.relative_to(path))] = (st.st_uid, st.st_gid, st.st_mode,
-                                              entry.read_bytes() if entry.is_file() and not entry.is_symlink() else None)
+        content = entry.read_bytes() if entry.is_file() and not entry.is_symlink() else None
+        tree[str(entry.relative_to(path))] = (st.st_uid, st.st_gid, st.st_mode, content)
     return tree
 
 
@@ -149,7 +150,8 @@ def test_exactly_the_directory_not_its_parent_siblings_or_submounts(project, tmp
     try:
         (inner / "on-the-submount").write_text("SUBMOUNT-CONTENT")
         with Sandbox(mounts={"/data": f"{project}:rw"}) as sb:
-            listing = output(sb, "import os\nprint(sorted(os.listdir('/data')))\nprint(os.listdir('/data/mounted-below'))\n"
+            listing = output(sb, "import os\nprint(sorted(os.listdir('/data')))\n"
+                                 "print(os.listdir('/data/mounted-below'))\n"
                                  "print(os.path.exists('/data/../sibling.txt'))")
             assert listing == "['README', 'mounted-below', 'src']\n[]\nFalse\n"
             r = sb.commands.run(f"cat {tmp_path}/sibling.txt /data/../sibling.txt; ls {tmp_path}; true")

@@ -128,7 +128,8 @@ def test_symlinks_planted_by_the_host_resolve_inside_the_sandbox(layout):
         for name in ("abs-secret", "rel-sibling"):
             with pytest.raises(FileError):
                 sb.files.read(f"/project/{name}")
-        out = run(sb, "import os\nfor p in ('/project/abs-dir', '/project/rel-dir', '/project/dotdot', '/project/dotdot/tmp'):\n"
+        out = run(sb, "import os\n"
+                      "for p in ('/project/abs-dir', '/project/rel-dir', '/project/dotdot', '/project/dotdot/tmp'):\n"
                       "    try:\n        print(p, os.listdir(p))\n    except OSError as e:\n        print(p, e.errno)\n"
                       "for p in ('/project/abs-secret', '/project/rel-sibling', '/project/abs-dir/secret',"
                       " '/project/rel-dir/secret', '/project/dotdot/" + str(outside).lstrip('/') + "/secret'):\n"
@@ -256,7 +257,8 @@ def test_the_sandbox_cannot_unmount_or_remount_a_grant(layout):
     with Sandbox(mounts={"/data": str(proj)}) as sb:
         out = run(sb, "import ctypes, errno\nlibc = ctypes.CDLL(None, use_errno=True)\n"
                       "MS_REMOUNT, MS_BIND = 32, 4096\n"
-                      "print('remount', libc.mount(None, b'/data', None, MS_REMOUNT | MS_BIND, None), ctypes.get_errno())\n"
+                      "print('remount', libc.mount(None, b'/data', None, MS_REMOUNT | MS_BIND, None),"
+                      " ctypes.get_errno())\n"
                       "print('umount', libc.umount2(b'/data', 2), ctypes.get_errno())\n"
                       "print('unshare', libc.unshare(0x10020000), ctypes.get_errno())\n"
                       "open('/data/f', 'w')\n")

@@ -28,7 +28,7 @@ class _Entry:
     target: str
     readonly: bool
     fd: int  # O_PATH descriptor of the directory to mount
-    owner: tuple  # (uid, gid) on disk that the sandbox's user stands for
+    owner: tuple  # (uid, gid) on disk that the sandbox's user stands for (None: nobody, root's stay root's)
 
 
 class PreparedMounts:
@@ -82,6 +82,14 @@ class PreparedMounts:
         self._volumes = []
 
 
+def _owner(uid: int, gid: int) -> tuple:
+    """The ids on disk the sandbox's user stands for in a host directory: its owner's, never root's (a
+    root-owned directory maps nobody: the sandbox gets only what its files give to others)."""
+    if uid == 0:
+        return (None, None)
+    return (uid, None if gid == 0 else gid)
+
+
 def prepare(mounts: Sequence, volumes: VolumeStore, roots: Optional[Sequence[str]]) -> Optional[PreparedMounts]:
     """Open and mount what ``mounts`` (spec Mounts) grant; None when there is nothing to grant."""
     if not mounts:
@@ -96,11 +104,14 @@ def prepare(mounts: Sequence, volumes: VolumeStore, roots: Optional[Sequence[str
                 prepared.entries.append(_Entry(mount.target, mount.readonly, fd, (OWNER, OWNER)))
             else:
                 granted = open_host_dir(mount.source, roots)
-                if not mount.readonly and granted.uid == 0:
+                if not mount.readonly and (granted.uid == 0 or granted.gid == 0):
                     granted.close()
-                    raise InvalidRequest(f"host directory {mount.source!r} is owned by root: it can be granted "
-                                         "read-only, never writable (the sandbox's files would be root's on the host)")
-                prepared.entries.append(_Entry(mount.target, mount.readonly, granted.fd, (granted.uid, granted.gid)))
+                    whose = "owned by root" if granted.uid == 0 else "of group root"
+                    raise InvalidRequest(f"host directory {mount.source!r} is {whose}: it can be granted read-only, "
+                                         "never writable (the sandbox would act as root there, and its files would be "
+                                         "root's on the host); give it its owner's group (chgrp) to grant it writable")
+                owner = _owner(granted.uid, granted.gid)
+                prepared.entries.append(_Entry(mount.target, mount.readonly, granted.fd, owner))
     except BaseException:
         prepared.release()
         raise
