@@ -393,6 +393,31 @@ def test_volume_survives_a_new_python_process(volume_home):
 
 
 @pytest.mark.tiers("process")
+def test_after_an_owner_crashed_readers_writers_and_delete_work(volume_home):
+    """The process that held a writer is killed (-9): its host mount stays until someone sweeps it. A reader
+    must not fail on it ('already mounted'), and info/delete must not call the volume in use for ever."""
+    sandlot.volumes.create("crash", size="16M")
+    owner = subprocess.Popen(
+        [sys.executable, "-c", "import sandlot, time\n"
+         "sb = sandlot.Sandbox(mounts={'/c': 'vol:crash'}).__enter__()\n"
+         "sb.files.write('/c/state', 'before the crash')\nsb.commands.run('sync')\n"
+         "print('ready', flush=True)\ntime.sleep(120)\n"],
+        cwd=WORKTREE, stdout=subprocess.PIPE, text=True, env=dict(os.environ, SANDLOT_DATA_DIR=str(volume_home)))
+    try:
+        assert owner.stdout.readline() == "ready\n"
+    finally:
+        owner.kill()
+        owner.wait()
+    with Sandbox(mounts={"/c": "vol:crash:ro"}) as sb:
+        assert sb.files.read("/c/state") == "before the crash"
+    assert sandlot.volumes.info("crash").in_use is False
+    with Sandbox(mounts={"/c": "vol:crash"}) as sb:
+        sb.files.write("/c/state", "after")
+    sandlot.volumes.delete("crash")
+    assert wait_until_released(volume_home) == ([], [])
+
+
+@pytest.mark.tiers("process")
 def test_a_failed_create_leaves_nothing_mounted(volume_home, project):
     """Volumes are attached before the sandbox boots: a later refusal must undo them."""
     sandlot.volumes.create("undo", size="16M")
