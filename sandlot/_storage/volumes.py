@@ -49,13 +49,16 @@ def _mounts_dir() -> Path:
     return volumes_root() / ".mounts"
 
 
-def _attached_loops(image: Path) -> list:
-    """Loop devices backed by ``image`` now (a mount still attached, or one the kernel is still releasing)."""
+def _attached_loops(image: Path, writable_only: bool = False) -> list:
+    """Loop devices backed by ``image`` now (a mount still attached, or one the kernel is still releasing);
+    ``writable_only``: only read-write ones (a writer's)."""
     found = []
     target = str(image)
     for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
         try:
             name = backing.read_text().strip()
+            if writable_only and (backing.parent.parent / "ro").read_text().strip() == "1":
+                continue
         except OSError:
             continue
         if name == target or name == target + " (deleted)":
@@ -159,8 +162,11 @@ class VolumeStore:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise InvalidRequest(f"volume {name!r} is mounted by a sandbox; delete it once that ends") from None
-            if _attached_loops(path / "image.ext4"):
-                raise InvalidRequest(f"volume {name!r} is still mounted (a sandbox is ending); try again")
+            deadline = time.monotonic() + LOCK_WAIT  # a loop device goes a moment after its last mount
+            while _attached_loops(path / "image.ext4"):
+                if time.monotonic() > deadline:
+                    raise InvalidRequest(f"volume {name!r} is still mounted (a sandbox is ending); try again")
+                time.sleep(0.02)
             doomed = self.root / f".{name}.deleted-{secrets.token_hex(4)}"
             os.rename(path, doomed)  # gone for every name lookup at once
         finally:
@@ -197,12 +203,14 @@ class VolumeStore:
                     f"volume {name!r} is in use: it has one writer or many readers, so it cannot be mounted "
                     f"{'writable' if not readonly else how} now") from None
             image = path / "image.ext4"
-            if not readonly:  # the last writer's file system must be gone before a new one starts
-                deadline = time.monotonic() + 5
-                while _attached_loops(image):
-                    if time.monotonic() > deadline:
-                        raise InvalidRequest(f"volume {name!r} is still being released by an ended sandbox; try again")
-                    time.sleep(0.02)
+            # The last writer's file system must be gone before anyone mounts it again (a reader too: its
+            # read-only mount would meet the writer's loop device, 'already mounted'), and a new writer's also
+            # waits for the readers'. (A dead process's host mounts were swept when the volume was looked up.)
+            deadline = time.monotonic() + 5
+            while _attached_loops(image, writable_only=readonly):
+                if time.monotonic() > deadline:
+                    raise InvalidRequest(f"volume {name!r} is still being released by an ended sandbox; try again")
+                time.sleep(0.02)
             point = MountPoint(_mounts_dir(), f"{self.scope}.{name}")
             try:
                 _run(["mount", "-t", "ext4", "-o", ",".join(["loop", "nosuid", "nodev", "ro" if readonly else "rw"]),
