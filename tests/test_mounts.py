@@ -28,6 +28,13 @@ if os.geteuid() != 0:
 WORKTREE = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True)
+def private_data_dir(volume_home):
+    """Every test here on a data directory of its own (volumes, gVisor's attached grants): afterwards nothing
+    may be left mounted under it or on a loop device (checked by volume_home)."""
+    yield volume_home
+
+
 def output(sb: Sandbox, code: str) -> str:
     """What ``code`` printed, run in the sandbox's Python session; its exception fails the test."""
     ex = sb.run_code(code)

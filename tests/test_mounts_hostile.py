@@ -26,6 +26,13 @@ SECRET = "HOST-SECRET-7f3a9c"  # must never appear in anything the sandbox gets 
 HOST_USER = 1000  # a real person on many hosts, and gVisor's sandbox user on the host
 
 
+@pytest.fixture(autouse=True)
+def private_data_dir(volume_home):
+    """Every test here on a data directory of its own (volumes, gVisor's attached grants): afterwards nothing
+    may be left mounted under it or on a loop device (checked by volume_home)."""
+    yield volume_home
+
+
 def run(sb: Sandbox, code: str) -> str:
     """What ``code`` printed, run by a command (a child process, as the user's tools are)."""
     r = sb.commands.run(f"python3 - <<'EOF'\n{code}\nEOF", timeout=60)
