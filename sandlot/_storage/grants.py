@@ -10,6 +10,7 @@ volumes unmounted (a sandbox's own copy keeps the file system until it ends) and
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 from pathlib import Path
@@ -116,3 +117,20 @@ def prepare(mounts: Sequence, volumes: VolumeStore, roots: Optional[Sequence[str
         prepared.release()
         raise
     return prepared
+
+
+async def prepare_async(mounts: Sequence, volumes: VolumeStore,
+                        roots: Optional[Sequence[str]]) -> Optional[PreparedMounts]:
+    """``prepare`` in a thread. A caller cancelled meanwhile (a timeout, a client gone) cannot stop the thread;
+    what it prepares is then released when it ends, instead of holding volumes mounted and locked for good."""
+    future = asyncio.get_running_loop().run_in_executor(None, prepare, mounts, volumes, roots)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        future.add_done_callback(_release_unclaimed)
+        raise
+
+
+def _release_unclaimed(future: "asyncio.Future") -> None:
+    if not future.cancelled() and future.exception() is None and future.result() is not None:
+        future.result().release()
