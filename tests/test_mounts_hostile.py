@@ -276,6 +276,23 @@ def test_the_sandbox_cannot_unmount_or_remount_a_grant(layout):
 
 
 # -- a create that is cancelled ------------------------------------------------------------------------
+def _lock_holders(lock: Path) -> list:
+    """Who holds a flock on ``lock`` (pid and command line, from /proc/locks)."""
+    inode = os.stat(lock).st_ino
+    holders = []
+    with open("/proc/locks") as f:
+        for line in f:
+            fields = line.split()
+            if fields[1] == "FLOCK" and fields[5].split(":")[-1] == str(inode):
+                pid = fields[4]
+                try:
+                    cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ")[:100]
+                except OSError:
+                    cmd = b"?"
+                holders.append((pid, fields[3], cmd))
+    return holders
+
+
 def _reclaim(data_dir: Path) -> None:
     """Undo what a leaked preparation holds under ``data_dir`` in this process (its volume locks, its host
     mounts), so that a failure of the test below leaves nothing behind on the host."""
@@ -302,6 +319,10 @@ async def test_a_cancelled_create_leaves_no_volume_held(volume_home):
     import sandlot
     from sandlot import AsyncSandbox
 
+    from sandlot._storage.volumes import LOCK_WAIT
+
+    from .conftest import loops_backed_under, mounts_under
+
     await asyncio.to_thread(sandlot.volumes.create, "held", size="16M")
     try:
         for delay in (0.001, 0.003, 0.01, 0.02, 0.05):
@@ -313,10 +334,15 @@ async def test_a_cancelled_create_leaves_no_volume_held(volume_home):
                 pass
             except sandlot.InvalidRequest:
                 break  # 'in use': an earlier cancelled create kept it
+        # A cancelled create's thread may still be waiting for the lock (up to LOCK_WAIT) and then mount: let
+        # every such thread end before judging.
+        await asyncio.sleep(LOCK_WAIT + 1)
         deadline = asyncio.get_running_loop().time() + 5
         while (await sandlot.AsyncVolumes().info("held")).in_use and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.1)
-        assert not (await sandlot.AsyncVolumes().info("held")).in_use, "a cancelled create kept the volume"
+        assert not (await sandlot.AsyncVolumes().info("held")).in_use, \
+            f"a cancelled create kept the volume: {mounts_under(volume_home)} {loops_backed_under(volume_home)} " \
+            f"{_lock_holders(volume_home / 'volumes' / 'local' / 'held' / 'lock')}"
         async with AsyncSandbox(mounts={"/c": "vol:held"}) as sb:  # a writer can have it again
             await sb.files.write("/c/ok", "ok")
     finally:
