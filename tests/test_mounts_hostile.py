@@ -349,3 +349,35 @@ async def test_a_cancelled_create_leaves_no_volume_held(volume_home):
         if (await sandlot.AsyncVolumes().info("held")).in_use:
             await asyncio.sleep(1)  # a leaked preparation's thread may still be mounting
             _reclaim(volume_home)
+
+
+# -- file systems without id-mapped mounts -------------------------------------------------------------
+def test_without_id_mapped_mounts_host_uid_1000_files_stay_closed(tmp_path):
+    """HOLE (fixed): where the file system has no id-mapped mounts (ramfs here; NFS, FUSE... in the field) a
+    read-only grant fell back to a plain copy. On the process tier its files show as nobody's, but gVisor's
+    sandbox user *is* host uid 1000, so the private files of host uid 1000 (the first person on most hosts)
+    became the sandbox's own. Such a grant must be refused there, or keep them closed."""
+    import subprocess
+
+    from sandlot import HostUnsupported
+
+    fs = tmp_path / "ramfs"
+    fs.mkdir()
+    subprocess.run(["mount", "-t", "ramfs", "sandlot-test-ramfs", str(fs)], check=True)
+    try:
+        data = owned_dir(fs / "data")
+        secret_file(data / "uid-1000-0600", uid=HOST_USER, gid=HOST_USER)
+        (data / "public").write_text("public\n")
+        try:
+            with Sandbox(mounts={"/data": str(data)}) as sb:
+                out = run(sb, "print(open('/data/public').read())\nprint(open('/data/uid-1000-0600').read())")
+                assert "public" in out
+        except HostUnsupported as exc:
+            out = str(exc)
+            assert "id-mapped" in out
+        with pytest.raises(HostUnsupported, match="id-mapped"):  # writable: refused on both tiers
+            with Sandbox(mounts={"/data": f"{data}:rw"}):
+                pass
+    finally:
+        subprocess.run(["umount", "-l", str(fs)], check=True)
+    assert SECRET not in out, out
