@@ -45,12 +45,14 @@ class PreparedMounts:
     def writable_targets(self) -> list:
         return [e.target for e in self.entries if not e.readonly]
 
-    def detached(self, user: int) -> list:
-        """One detached copy per mount (descriptors, the caller closes them), mapped for host uid ``user``."""
+    def detached(self, user: int, unmapped_ok: bool = True) -> list:
+        """One detached copy per mount (descriptors, the caller closes them), mapped for host uid ``user``
+        (``unmapped_ok``: see idmap.detached_copy)."""
         fds: list = []
         try:
             for entry in self.entries:
-                fds.append(detached_copy(entry.fd, readonly=entry.readonly, owner=entry.owner, user=user))
+                fds.append(detached_copy(entry.fd, readonly=entry.readonly, owner=entry.owner, user=user,
+                                         unmapped_ok=unmapped_ok))
         except BaseException:
             for fd in fds:
                 os.close(fd)
@@ -58,9 +60,10 @@ class PreparedMounts:
         return fds
 
     def attached(self, base: Path, user: int) -> list:
-        """The copies attached under ``base`` on the host: [(host path, target, readonly)]. Released with us."""
+        """The copies attached under ``base`` on the host: [(host path, target, readonly)]. Released with us.
+        (For gVisor, whose user is a real host uid: never an unmapped copy.)"""
         out = []
-        for entry, fd in zip(self.entries, self.detached(user)):
+        for entry, fd in zip(self.entries, self.detached(user, unmapped_ok=False)):
             try:
                 point = MountPoint(base, "grant")
                 self._points.append(point)
