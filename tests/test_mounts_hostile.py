@@ -381,3 +381,26 @@ def test_without_id_mapped_mounts_host_uid_1000_files_stay_closed(tmp_path):
     finally:
         subprocess.run(["umount", "-l", str(fs)], check=True)
     assert SECRET not in out, out
+
+
+# -- the host's side of a grant ------------------------------------------------------------------------
+def test_the_hosts_copies_are_closed_to_other_host_users(layout, volume_home):
+    """On the host, a volume's mount (files of uid 1000 on disk) and gVisor's attached grants (the owner's
+    files shown as uid 1000, writable by it) must not be reachable by other host users: host uid 1000 is a
+    real person on most hosts. Some directory on the way to each must be root's and closed to others."""
+    import sandlot
+
+    from .conftest import mounts_under
+
+    sandlot.volumes.create("private", size="16M")
+    with Sandbox(mounts={"/project": f"{layout['project']}:rw", "/cache": "vol:private"}) as sb:
+        sb.files.write("/project/x", "x")
+        points = mounts_under(volume_home)
+        assert points, "no host mount under the data directory (a volume is mounted on the host)"
+        for point in points:
+            way, closed = Path(point).parent, False
+            while way != volume_home.parent:
+                st = way.stat()
+                closed = closed or (st.st_uid == 0 and not st.st_mode & 0o001)
+                way = way.parent
+            assert closed, f"{point} is reachable by other host users"
