@@ -218,6 +218,26 @@ def test_target_in_home_and_several_grants(project, tmp_path):
     assert not (project / "scratch.txt").exists()
 
 
+@pytest.mark.tiers("process")
+@pytest.mark.parametrize("boot", ["zygote", "exec"])
+def test_sixteen_grants_through_either_boot(tmp_path, monkeypatch, boot):
+    """The most a sandbox may have: every descriptor reaches pid 1, whether it is forked by the zygote (they
+    travel with the fork request) or exec'd (passed to the boot process), in the order of the targets."""
+    monkeypatch.setenv("SANDLOT_ZYGOTE", "1" if boot == "zygote" else "0")
+    mounts = {}
+    for i in range(16):
+        d = owned_dir(tmp_path / f"d{i:02}")
+        (d / "id").write_text(str(i))
+        mounts[f"/m{i:02}"] = f"{d}:rw" if i % 2 else str(d)
+    with Sandbox(mounts=mounts) as sb:
+        assert sb.commands.run("cat /m*/id").stdout == "".join(str(i) for i in range(16))
+        r = sb.commands.run("touch /m01/new /m00/new")
+        assert "Read-only" in r.stderr and "/m00" in r.stderr
+    assert (tmp_path / "d01" / "new").exists() and not (tmp_path / "d00" / "new").exists()
+    with pytest.raises(InvalidRequest, match="at most 16"):
+        Sandbox(mounts=dict(mounts, **{"/m16": str(tmp_path / "d00")}))
+
+
 # -- refusals ------------------------------------------------------------------------------------------
 def refused(mounts, *, match: str) -> None:
     """``Sandbox(mounts=...)`` is an InvalidRequest saying ``match``, and no sandbox was left behind."""
