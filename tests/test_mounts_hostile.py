@@ -404,3 +404,49 @@ def test_the_hosts_copies_are_closed_to_other_host_users(layout, volume_home):
                 closed = closed or (st.st_uid == 0 and not st.st_mode & 0o001)
                 way = way.parent
             assert closed, f"{point} is reachable by other host users"
+
+
+# -- live sockets in a grant ---------------------------------------------------------------------------
+def test_a_hosts_unix_socket_in_a_grant_is_no_way_out(layout):
+    """HOLE (open, process tier): a unix socket bound by a host service inside a granted directory (an
+    ssh or gpg agent, an IDE's or a database's socket, git's .git/fsmonitor--daemon.ipc) can be connected to
+    from the sandbox, even through a read-only grant: sockets are found by path, whatever the network
+    namespace, and a read-only mount does not stop connect(). The grant then reaches a live host service,
+    past the network isolation. gVisor refuses (runsc's --host-uds is off). Landlock has no rule for it up to
+    ABI 7; until one exists this needs another fence (or the README saying a grant is a way to any socket
+    in it)."""
+    import socket
+    import threading
+
+    sock_dir = layout["project"]
+    path = sock_dir / "agent.sock"
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    os.chown(path, GRANT_OWNER, GRANT_OWNER)  # the owner's own service, as an agent's socket would be
+    path.chmod(0o600)
+    server.listen(4)
+    server.settimeout(30)
+    answered = []
+
+    def serve():
+        try:
+            while True:
+                conn, _ = server.accept()
+                conn.sendall(SECRET.encode())
+                answered.append(True)
+                conn.close()
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        for mode in ("", ":rw"):
+            with Sandbox(mounts={"/project": f"{sock_dir}{mode}"}) as sb:
+                out = run(sb, "import socket\ns = socket.socket(socket.AF_UNIX)\n"
+                              "try:\n    s.connect('/project/agent.sock'); print(s.recv(100))\n"
+                              "except OSError as e:\n    print('refused', e.errno)\n")
+                assert SECRET not in out and not answered, f"the sandbox reached a host service ({mode or ':ro'})"
+    finally:
+        server.close()
+        thread.join(5)
