@@ -425,18 +425,18 @@ def test_a_hosts_unix_socket_in_a_grant_is_no_way_out(layout):
     os.chown(path, GRANT_OWNER, GRANT_OWNER)  # the owner's own service, as an agent's socket would be
     path.chmod(0o600)
     server.listen(4)
-    server.settimeout(30)
-    answered = []
+    server.settimeout(0.2)
+    answered, done = [], threading.Event()
 
     def serve():
-        try:
-            while True:
+        while not done.is_set():
+            try:
                 conn, _ = server.accept()
-                conn.sendall(SECRET.encode())
-                answered.append(True)
-                conn.close()
-        except OSError:
-            pass
+            except OSError:
+                continue
+            conn.sendall(SECRET.encode())
+            answered.append(True)
+            conn.close()
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
@@ -448,5 +448,6 @@ def test_a_hosts_unix_socket_in_a_grant_is_no_way_out(layout):
                               "except OSError as e:\n    print('refused', e.errno)\n")
                 assert SECRET not in out and not answered, f"the sandbox reached a host service ({mode or ':ro'})"
     finally:
-        server.close()
+        done.set()
         thread.join(5)
+        server.close()
