@@ -451,3 +451,41 @@ def test_a_hosts_unix_socket_in_a_grant_is_no_way_out(layout):
         done.set()
         thread.join(5)
         server.close()
+
+
+@pytest.mark.tiers("process")
+def test_a_refused_grant_at_boot_leaks_no_uid_range(tmp_path, monkeypatch):
+    """HOLE (open, _backends/process.py): an exec'd boot (image templates; SANDLOT_ZYGOTE=0) takes a uid range
+    (UidSlot, a locked file) before it makes the grants' copies; when that fails (a writable grant on a file
+    system without id-mapped mounts: HostUnsupported) the range was never given back, one more per attempt,
+    for the life of the process."""
+    import subprocess
+
+    from sandlot import HostUnsupported
+    from sandlot._config import state_dir
+
+    monkeypatch.setenv("SANDLOT_ZYGOTE", "0")
+    uids = str(state_dir() / "uids") + "/"
+
+    def held() -> int:
+        count = 0
+        for name in os.listdir("/proc/self/fd"):
+            try:
+                count += os.readlink(f"/proc/self/fd/{name}").startswith(uids)
+            except OSError:
+                pass
+        return count
+
+    fs = tmp_path / "ramfs"
+    fs.mkdir()
+    subprocess.run(["mount", "-t", "ramfs", "sandlot-test-ramfs", str(fs)], check=True)
+    try:
+        data = owned_dir(fs / "data")
+        before = held()
+        for _ in range(3):
+            with pytest.raises(HostUnsupported, match="id-mapped"):
+                with Sandbox(mounts={"/data": f"{data}:rw"}):
+                    pass
+        assert held() == before, "each refused boot kept a uid range"
+    finally:
+        subprocess.run(["umount", "-l", str(fs)], check=True)
