@@ -304,6 +304,17 @@ def test_volume_names_are_checked(volume_home):
         Sandbox(mounts={"/cache": "vol:../etc"})
     with pytest.raises(InvalidRequest, match="size"):
         sandlot.volumes.create("tiny", size="1M")
+    # More inodes than the size can hold is the caller's mistake (ext4: one per KiB at most), not the host's.
+    with pytest.raises(InvalidRequest, match="inodes"):
+        sandlot.volumes.create("crowded", size="16M", inodes=100_000)
+    # The largest size allowed either works or is a SandlotError saying why, never a bare OSError.
+    try:
+        sandlot.volumes.create("huge", size="16T")
+    except sandlot.SandlotError as exc:
+        assert "huge" in str(exc) or "16" in str(exc)
+    else:
+        sandlot.volumes.delete("huge")
+    assert [p.name for p in (volume_home / "volumes" / "local").iterdir()] == []  # nothing half-made left
     info = sandlot.volumes.create("ok.name_1-x", size="16M")
     assert (info.name, info.size, info.in_use) == ("ok.name_1-x", 16 * 1024**2, False)
     with pytest.raises(InvalidRequest, match="already exists"):
