@@ -113,6 +113,8 @@ class VolumeStore:
             inodes = min(max(size // 16384, 1024), MAX_INODES)
         if isinstance(inodes, bool) or not isinstance(inodes, int) or not MIN_INODES <= inodes <= MAX_INODES:
             raise InvalidRequest(f"volume inodes must be an integer from {MIN_INODES} to {MAX_INODES}")
+        if inodes > size // 1024:  # ext4 keeps at least a KiB per inode
+            raise InvalidRequest(f"volume inodes: at most one per KiB of its size, {size // 1024} for {size} bytes")
         if final.exists():
             raise InvalidRequest(f"volume {name!r} already exists")
         self.root.mkdir(parents=True, exist_ok=True)
@@ -120,8 +122,12 @@ class VolumeStore:
         building.mkdir(mode=0o700)
         try:
             image = building / "image.ext4"
-            with open(image, "wb") as f:
-                f.truncate(size)  # sparse: the host disk pays only for what is written
+            try:
+                with open(image, "wb") as f:
+                    f.truncate(size)  # sparse: the host disk pays only for what is written
+            except OSError as exc:  # EFBIG: 16T is past ext4's largest file with 4 KiB blocks
+                raise HostUnsupported(f"volume {name!r}: the data directory's file system cannot hold an image of "
+                                      f"{size} bytes ({exc.strerror})") from None
             _run(["mkfs.ext4", "-q", "-F", "-m", "0", "-N", str(inodes), "-E",
                   f"root_owner={OWNER}:{OWNER},nodiscard", "-O", "^resize_inode", str(image)], "making the volume")
             # An empty volume, as the owner asked: no lost+found (fsck makes one again if it ever needs it).
