@@ -125,7 +125,7 @@ class Engine:
         env = dict(spec.env, **(network.env() if network else {}))
         roots = self.host_dir_roots if host_dir_roots is _OWN_ROOTS else host_dir_roots
         # (No thread hop without mounts: a create claims its warm sandbox in its first step.)
-        mounts = await asyncio.to_thread(grants.prepare, spec.mounts, self.volumes(scope), roots) if spec.mounts else None
+        mounts = await grants.prepare_async(spec.mounts, self.volumes(scope), roots) if spec.mounts else None
         # A tier that gives a network only at boot (gVisor) never hands a warm, network-less one to it.
         fresh = mounts is not None or (network is not None and backend.network_at_boot)
         proc = None if fresh else await self._claim(backend, template, spec, env)

@@ -3,8 +3,10 @@ which `.ci/run` provides (root on a fresh Debian 12). Where the machine lacks on
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
+import time
 
 import pytest
 
@@ -142,3 +144,90 @@ def processes_in_sandbox(sandbox_id: str) -> dict[int, int]:
         except (OSError, IndexError):
             continue
     return found
+
+
+# -- mounts (host directories and volumes) ----------------------------------------------------------------
+GRANT_OWNER = 1234  # a host uid that is neither root nor any sandbox's, owning what tests grant writable
+
+
+def owned_dir(path, uid: int = GRANT_OWNER, mode: int = 0o755):
+    """A directory for a grant, owned by ``uid`` (the owner a writable grant writes as)."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.chown(path, uid, uid)
+    path.chmod(mode)
+    return path
+
+
+def _descends_from(pid: int, ancestor: int) -> bool:
+    for _ in range(64):
+        if pid == ancestor:
+            return True
+        if pid <= 1:
+            return False
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                pid = int(f.read().split("\nPPid:")[1].split()[0])
+        except (OSError, IndexError, ValueError):
+            return False
+    return False
+
+
+def own_sandbox_cgroups() -> set:
+    """The sandbox cgroups holding a process of this test run (other runs on the host are not ours)."""
+    me = os.getpid()
+    found = set()
+    for path in host_leftovers().get("cgroups", []):
+        try:
+            with open(os.path.join(path, "cgroup.procs")) as f:
+                procs = [int(p) for p in f.read().split()]
+        except OSError:
+            continue
+        if any(_descends_from(p, me) for p in procs):
+            found.add(os.path.basename(path))
+    return found
+
+
+def mounts_under(path) -> list:
+    """Host mounts whose mount point lies under ``path`` (a data dir, a tmp_path)."""
+    prefix = os.path.realpath(str(path))
+    with open("/proc/self/mounts") as f:
+        points = [line.split()[1].replace("\\040", " ") for line in f]
+    return [p for p in points if p == prefix or p.startswith(prefix + "/")]
+
+
+def loops_backed_under(path) -> list:
+    """Loop devices whose backing file lies under ``path`` (a test's volume images)."""
+    prefix = os.path.realpath(str(path))
+    found = []
+    for backing in glob.glob("/sys/block/loop*/loop/backing_file"):
+        try:
+            with open(backing) as f:
+                name = f.read().strip()
+        except OSError:
+            continue
+        if name.startswith(prefix + "/"):
+            found.append(f"{backing.split('/')[3]}: {name}")
+    return found
+
+
+def wait_until_released(path, seconds: float = 5.0) -> tuple:
+    """(mounts, loops) still under ``path`` after waiting up to ``seconds`` for a killed sandbox's to go."""
+    deadline = time.monotonic() + seconds
+    while True:
+        left = (mounts_under(path), loops_backed_under(path))
+        if left == ([], []) or time.monotonic() > deadline:
+            return left
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def volume_home(tmp_path, monkeypatch):
+    """A private SANDLOT_DATA_DIR for a test's volumes (never the host's real one); afterwards every volume
+    made there is deleted and nothing of them may stay mounted or attached to a loop device."""
+    data = tmp_path / "sandlot-data"
+    data.mkdir()
+    monkeypatch.setenv("SANDLOT_DATA_DIR", str(data))
+    yield data
+    for info in sandlot.volumes.list():
+        sandlot.volumes.delete(info.name)
+    assert wait_until_released(data) == ([], []), "a volume stayed mounted or on a loop device"

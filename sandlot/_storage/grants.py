@@ -10,6 +10,7 @@ volumes unmounted (a sandbox's own copy keeps the file system until it ends) and
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 from pathlib import Path
@@ -28,7 +29,7 @@ class _Entry:
     target: str
     readonly: bool
     fd: int  # O_PATH descriptor of the directory to mount
-    owner: tuple  # (uid, gid) on disk that the sandbox's user stands for
+    owner: tuple  # (uid, gid) on disk that the sandbox's user stands for (None: nobody, root's stay root's)
 
 
 class PreparedMounts:
@@ -44,12 +45,14 @@ class PreparedMounts:
     def writable_targets(self) -> list:
         return [e.target for e in self.entries if not e.readonly]
 
-    def detached(self, user: int) -> list:
-        """One detached copy per mount (descriptors, the caller closes them), mapped for host uid ``user``."""
+    def detached(self, user: int, unmapped_ok: bool = True) -> list:
+        """One detached copy per mount (descriptors, the caller closes them), mapped for host uid ``user``
+        (``unmapped_ok``: see idmap.detached_copy)."""
         fds: list = []
         try:
             for entry in self.entries:
-                fds.append(detached_copy(entry.fd, readonly=entry.readonly, owner=entry.owner, user=user))
+                fds.append(detached_copy(entry.fd, readonly=entry.readonly, owner=entry.owner, user=user,
+                                         unmapped_ok=unmapped_ok))
         except BaseException:
             for fd in fds:
                 os.close(fd)
@@ -57,9 +60,10 @@ class PreparedMounts:
         return fds
 
     def attached(self, base: Path, user: int) -> list:
-        """The copies attached under ``base`` on the host: [(host path, target, readonly)]. Released with us."""
+        """The copies attached under ``base`` on the host: [(host path, target, readonly)]. Released with us.
+        (For gVisor, whose user is a real host uid: never an unmapped copy.)"""
         out = []
-        for entry, fd in zip(self.entries, self.detached(user)):
+        for entry, fd in zip(self.entries, self.detached(user, unmapped_ok=False)):
             try:
                 point = MountPoint(base, "grant")
                 self._points.append(point)
@@ -82,6 +86,14 @@ class PreparedMounts:
         self._volumes = []
 
 
+def _owner(uid: int, gid: int) -> tuple:
+    """The ids on disk the sandbox's user stands for in a host directory: its owner's, never root's (a
+    root-owned directory maps nobody: the sandbox gets only what its files give to others)."""
+    if uid == 0:
+        return (None, None)
+    return (uid, None if gid == 0 else gid)
+
+
 def prepare(mounts: Sequence, volumes: VolumeStore, roots: Optional[Sequence[str]]) -> Optional[PreparedMounts]:
     """Open and mount what ``mounts`` (spec Mounts) grant; None when there is nothing to grant."""
     if not mounts:
@@ -96,12 +108,32 @@ def prepare(mounts: Sequence, volumes: VolumeStore, roots: Optional[Sequence[str
                 prepared.entries.append(_Entry(mount.target, mount.readonly, fd, (OWNER, OWNER)))
             else:
                 granted = open_host_dir(mount.source, roots)
-                if not mount.readonly and granted.uid == 0:
+                if not mount.readonly and (granted.uid == 0 or granted.gid == 0):
                     granted.close()
-                    raise InvalidRequest(f"host directory {mount.source!r} is owned by root: it can be granted "
-                                         "read-only, never writable (the sandbox's files would be root's on the host)")
-                prepared.entries.append(_Entry(mount.target, mount.readonly, granted.fd, (granted.uid, granted.gid)))
+                    whose = "owned by root" if granted.uid == 0 else "of group root"
+                    raise InvalidRequest(f"host directory {mount.source!r} is {whose}: it can be granted read-only, "
+                                         "never writable (the sandbox would act as root there, and its files would be "
+                                         "root's on the host); give it its owner's group (chgrp) to grant it writable")
+                owner = _owner(granted.uid, granted.gid)
+                prepared.entries.append(_Entry(mount.target, mount.readonly, granted.fd, owner))
     except BaseException:
         prepared.release()
         raise
     return prepared
+
+
+async def prepare_async(mounts: Sequence, volumes: VolumeStore,
+                        roots: Optional[Sequence[str]]) -> Optional[PreparedMounts]:
+    """``prepare`` in a thread. A caller cancelled meanwhile (a timeout, a client gone) cannot stop the thread;
+    what it prepares is then released when it ends, instead of holding volumes mounted and locked for good."""
+    future = asyncio.get_running_loop().run_in_executor(None, prepare, mounts, volumes, roots)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        future.add_done_callback(_release_unclaimed)
+        raise
+
+
+def _release_unclaimed(future: "asyncio.Future") -> None:
+    if not future.cancelled() and future.exception() is None and future.result() is not None:
+        future.result().release()

@@ -1,16 +1,20 @@
 """Opening a granted host directory: the path resolved once, checked, and held by descriptor.
 
-The grant is checked on the resolved path (symlinks followed once, by the host, on a path its owner
-gave), then opened without following anything and compared with what was checked, so a symlink swapped
-in between (say, planted by an earlier sandbox with a writable grant) is refused, never followed. From
-then on only the descriptor is used: the mount is made from it, and nothing of the host side ever walks a
-path inside the grant again.
+The grant is checked on the resolved path, then opened without following anything and compared with what
+was checked, so a symlink swapped in between is refused, never followed. From then on only the descriptor
+is used: the mount is made from it, and nothing of the host side ever walks a path inside the grant again.
+
+Resolving follows only root's symlinks (the host's own layout, /srv -> /data/srv). A symlink of anyone
+else's is refused: it may have been planted by a sandbox with a writable grant (what a sandbox makes there
+is the directory's owner's, never root's: a root-owned directory is never granted writable), turning the
+path the owner grants next (./repo/build, say) into a way to their ~/.ssh or another project.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import stat
 from typing import Optional, Sequence
 
 from .. import _config
@@ -44,10 +48,47 @@ def own_state() -> list:
     return [os.path.realpath(p) for p in (_config.data_dir(), _config.state_dir())]
 
 
+MAX_SYMLINKS = 40  # as the kernel's own lookup
+
+
+def resolve(path: str) -> str:
+    """``path`` made absolute and free of symlinks, following only symlinks owned by root; InvalidRequest
+    for any other (see the module's docstring). A missing component ends the walk (checked later)."""
+    parts = [p for p in path.split("/") if p]
+    resolved, hops = "/", 0
+    while parts:
+        name = parts.pop(0)
+        if name == ".":
+            continue
+        if name == "..":
+            resolved = os.path.dirname(resolved)
+            continue
+        candidate = os.path.join(resolved, name)
+        try:
+            st = os.lstat(candidate)
+        except OSError:
+            return os.path.join(candidate, *parts)
+        if not stat.S_ISLNK(st.st_mode):
+            resolved = candidate
+            continue
+        if st.st_uid != 0:
+            raise InvalidRequest(f"host directory {path!r} passes through the symbolic link {candidate} of uid "
+                                 f"{st.st_uid}: only root's symlinks are followed (a sandbox with a writable grant "
+                                 "could have made it); give the real path")
+        hops += 1
+        if hops > MAX_SYMLINKS:
+            raise InvalidRequest(f"host directory {path!r}: too many levels of symbolic links")
+        target = os.readlink(candidate)
+        if target.startswith("/"):
+            resolved = "/"
+        parts = [p for p in target.split("/") if p] + parts
+    return resolved
+
+
 def check_allowed(path: str, roots: Optional[Sequence[str]]) -> str:
     """The resolved path of a grant, or InvalidRequest saying why it cannot be granted. ``roots``: the
     operator's allowed roots (None: any directory that is not sensitive; empty: none at all)."""
-    resolved = os.path.realpath(path)
+    resolved = resolve(path)
     if resolved == "/" or any(_inside(resolved, tree) for tree in SENSITIVE_TREES):
         raise InvalidRequest(f"host directory {path!r} is a sensitive location ({resolved}): "
                              f"/, {', '.join(SENSITIVE_TREES)} and what is inside them are never granted")

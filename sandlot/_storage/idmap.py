@@ -23,7 +23,7 @@ from .._exceptions import HostUnsupported
 from .tools import tool
 
 
-def _userns_with(uid_from: int, uid_to: int, gid_from: int, gid_to: int) -> int:
+def _userns_with(uid_from: Optional[int], uid_to: int, gid_from: Optional[int], gid_to: int) -> int:
     """A descriptor of a new user namespace mapping one uid and one gid (a mount's id mapping needs one).
 
     A short-lived `unshare` child makes it (a fork of this threaded process would be unsafe); we write
@@ -46,7 +46,10 @@ def _userns_with(uid_from: int, uid_to: int, gid_from: int, gid_to: int) -> int:
         # Host root stays root through the mount (gVisor's gofer creates files as root, then gives them to
         # the user; no sandbox process is host root, so this grants nothing to the code).
         for name, inside, outside in (("uid_map", uid_from, uid_to), ("gid_map", gid_from, gid_to)):
-            lines = f"{inside} {outside} 1\n" + ("0 0 1\n" if inside != 0 and outside != 0 else "")
+            if inside is None:  # no owner to stand for (root's directory, or group): root's ids stay root's only
+                lines = "0 0 1\n"
+            else:
+                lines = f"{inside} {outside} 1\n" + ("0 0 1\n" if inside != 0 and outside != 0 else "")
             with open(f"/proc/{child.pid}/{name}", "w") as f:
                 f.write(lines)
         return os.open(f"/proc/{child.pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
@@ -55,11 +58,13 @@ def _userns_with(uid_from: int, uid_to: int, gid_from: int, gid_to: int) -> int:
         child.wait()
 
 
-def detached_copy(fd: int, *, readonly: bool, owner: Optional[tuple], user: int) -> int:
+def detached_copy(fd: int, *, readonly: bool, owner: Optional[tuple], user: int, unmapped_ok: bool = True) -> int:
     """A detached copy of the mount at ``fd`` (an O_PATH descriptor of a directory), nosuid and nodev,
-    read-only if asked, with ``owner`` (uid, gid on disk) shown as, and written as, host uid and gid
-    ``user``. Without id-mapped mounts on this kernel or filesystem a read-only grant goes unmapped (its
-    files show as nobody's) and a writable one is refused: HostUnsupported."""
+    read-only if asked, with ``owner`` (uid, gid on disk) shown as, and written as, host uid and gid ``user``
+    (None for either: nobody's ids are the user's, root's stay root's). Without id-mapped mounts on this
+    kernel or filesystem a read-only grant goes unmapped (its files show as nobody's) and a writable one is
+    refused: HostUnsupported. ``unmapped_ok=False`` refuses the read-only one too: for a sandbox whose user
+    is a real host uid (gVisor's 1000), to which an unmapped copy would give that uid's files."""
     if os.geteuid() != 0:
         raise HostUnsupported("host directories and volumes need Sandlot to run as root (id-mapped mounts)")
     tree = linux.open_tree(fd, "", linux.OPEN_TREE_CLONE | linux.OPEN_TREE_CLOEXEC | linux.AT_EMPTY_PATH)
@@ -75,6 +80,11 @@ def detached_copy(fd: int, *, readonly: bool, owner: Optional[tuple], user: int)
                     raise HostUnsupported(
                         f"this kernel or filesystem has no id-mapped mounts ({exc.strerror}): a writable host "
                         "directory would get files owned by a stray uid, so it is refused (read-only works)") from None
+                if not unmapped_ok:
+                    raise HostUnsupported(
+                        f"this kernel or filesystem has no id-mapped mounts ({exc.strerror}): on the gVisor tier the "
+                        f"sandbox's user is host uid {user}, so an unmapped grant would give it that uid's files; it "
+                        "is refused (the process tier grants it read-only, its files showing as nobody's)") from None
             finally:
                 os.close(userns)
         linux.mount_setattr(tree, flags)

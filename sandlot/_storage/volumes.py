@@ -49,13 +49,16 @@ def _mounts_dir() -> Path:
     return volumes_root() / ".mounts"
 
 
-def _attached_loops(image: Path) -> list:
-    """Loop devices backed by ``image`` now (a mount still attached, or one the kernel is still releasing)."""
+def _attached_loops(image: Path, writable_only: bool = False) -> list:
+    """Loop devices backed by ``image`` now (a mount still attached, or one the kernel is still releasing);
+    ``writable_only``: only read-write ones (a writer's)."""
     found = []
     target = str(image)
     for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
         try:
             name = backing.read_text().strip()
+            if writable_only and (backing.parent.parent / "ro").read_text().strip() == "1":
+                continue
         except OSError:
             continue
         if name == target or name == target + " (deleted)":
@@ -110,6 +113,8 @@ class VolumeStore:
             inodes = min(max(size // 16384, 1024), MAX_INODES)
         if isinstance(inodes, bool) or not isinstance(inodes, int) or not MIN_INODES <= inodes <= MAX_INODES:
             raise InvalidRequest(f"volume inodes must be an integer from {MIN_INODES} to {MAX_INODES}")
+        if inodes > size // 1024:  # ext4 keeps at least a KiB per inode
+            raise InvalidRequest(f"volume inodes: at most one per KiB of its size, {size // 1024} for {size} bytes")
         if final.exists():
             raise InvalidRequest(f"volume {name!r} already exists")
         self.root.mkdir(parents=True, exist_ok=True)
@@ -117,8 +122,12 @@ class VolumeStore:
         building.mkdir(mode=0o700)
         try:
             image = building / "image.ext4"
-            with open(image, "wb") as f:
-                f.truncate(size)  # sparse: the host disk pays only for what is written
+            try:
+                with open(image, "wb") as f:
+                    f.truncate(size)  # sparse: the host disk pays only for what is written
+            except OSError as exc:  # EFBIG: 16T is past ext4's largest file with 4 KiB blocks
+                raise HostUnsupported(f"volume {name!r}: the data directory's file system cannot hold an image of "
+                                      f"{size} bytes ({exc.strerror})") from None
             _run(["mkfs.ext4", "-q", "-F", "-m", "0", "-N", str(inodes), "-E",
                   f"root_owner={OWNER}:{OWNER},nodiscard", "-O", "^resize_inode", str(image)], "making the volume")
             # An empty volume, as the owner asked: no lost+found (fsck makes one again if it ever needs it).
@@ -159,8 +168,11 @@ class VolumeStore:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise InvalidRequest(f"volume {name!r} is mounted by a sandbox; delete it once that ends") from None
-            if _attached_loops(path / "image.ext4"):
-                raise InvalidRequest(f"volume {name!r} is still mounted (a sandbox is ending); try again")
+            deadline = time.monotonic() + LOCK_WAIT  # a loop device goes a moment after its last mount
+            while _attached_loops(path / "image.ext4"):
+                if time.monotonic() > deadline:
+                    raise InvalidRequest(f"volume {name!r} is still mounted (a sandbox is ending); try again")
+                time.sleep(0.02)
             doomed = self.root / f".{name}.deleted-{secrets.token_hex(4)}"
             os.rename(path, doomed)  # gone for every name lookup at once
         finally:
@@ -197,12 +209,14 @@ class VolumeStore:
                     f"volume {name!r} is in use: it has one writer or many readers, so it cannot be mounted "
                     f"{'writable' if not readonly else how} now") from None
             image = path / "image.ext4"
-            if not readonly:  # the last writer's file system must be gone before a new one starts
-                deadline = time.monotonic() + 5
-                while _attached_loops(image):
-                    if time.monotonic() > deadline:
-                        raise InvalidRequest(f"volume {name!r} is still being released by an ended sandbox; try again")
-                    time.sleep(0.02)
+            # The last writer's file system must be gone before anyone mounts it again (a reader too: its
+            # read-only mount would meet the writer's loop device, 'already mounted'), and a new writer's also
+            # waits for the readers'. (A dead process's host mounts were swept when the volume was looked up.)
+            deadline = time.monotonic() + 5
+            while _attached_loops(image, writable_only=readonly):
+                if time.monotonic() > deadline:
+                    raise InvalidRequest(f"volume {name!r} is still being released by an ended sandbox; try again")
+                time.sleep(0.02)
             point = MountPoint(_mounts_dir(), f"{self.scope}.{name}")
             try:
                 _run(["mount", "-t", "ext4", "-o", ",".join(["loop", "nosuid", "nodev", "ro" if readonly else "rw"]),
