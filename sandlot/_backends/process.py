@@ -326,10 +326,15 @@ class ProcessBackend(Backend):
                 maps, release = [(0, template.uid_base, UID_SPAN)], None
             else:
                 uid_slot = UidSlot() if os.geteuid() == 0 else None
-                if mounts is not None:
-                    user = uid_slot.base + USER_UID if uid_slot else os.getuid()
-                    mount_fds = await asyncio.to_thread(mounts.detached, user)
-                popen = self._exec_boot(template, child_end, mount_fds)
+                try:
+                    if mounts is not None:
+                        user = uid_slot.base + USER_UID if uid_slot else os.getuid()
+                        mount_fds = await asyncio.to_thread(mounts.detached, user)
+                    popen = self._exec_boot(template, child_end, mount_fds)
+                except BaseException:  # no sandbox will hold the range: give it back now
+                    if uid_slot is not None:
+                        uid_slot.release()
+                    raise
                 pid = popen.pid
                 maps = uid_slot and [(0, uid_slot.base, UID_SPAN)]
                 release = uid_slot.release if uid_slot else None
