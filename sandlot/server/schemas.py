@@ -270,6 +270,14 @@ class BackgroundCommandOut(BaseModel):
     result: Optional[CommandResultOut] = None
 
 
+class RunningCommandOut(BaseModel):
+    command_id: str = Field(..., description="for /commands/{command_id} (its output, stream, kill, stdin)")
+    pid: int = Field(..., description="its pid inside the sandbox")
+    cmd: str
+    cwd: Optional[str] = Field(None, description="as asked (null: the sandbox's default directory)")
+    started_at: datetime
+
+
 class EntryOut(BaseModel):
     name: str
     path: str

@@ -23,7 +23,7 @@ from ..deps import Owner, ServerState, State
 from ..metrics import limit_label
 from ..registry import LiveSandbox
 from ..schemas import (NDJSON, STREAM_DOC, BackgroundCommandOut, CommandInput, CommandResultOut, CommandSignal,
-                       ErrorBody, ExecutionOut, RunCode, RunCommand, RunOnce, execution_out)
+                       ErrorBody, ExecutionOut, RunCode, RunCommand, RunOnce, RunningCommandOut, execution_out)
 from ..store import Tenant
 
 router = APIRouter(tags=["execution"], responses={code: {"model": ErrorBody} for code in (400, 401, 404, 422, 429)})
@@ -161,6 +161,16 @@ async def run_command(sandbox_id: str, body: RunCommand, tenant: Owner, state: S
         return _command_end(await run(emit))
 
     return ndjson.response(work, state.settings.heartbeat)
+
+
+@router.get("/v1/sandboxes/{sandbox_id}/commands", response_model=list[RunningCommandOut],
+            summary="The sandbox's background commands still running (reattach by command_id, from any client)")
+async def list_commands(sandbox_id: str, tenant: Owner, state: State) -> list[RunningCommandOut]:
+    live = state.registry.get(tenant, sandbox_id)
+    by_pid = {c.handle.pid: c for c in live.commands.commands.values() if c.running and c.handle is not None}
+    return [RunningCommandOut(command_id=by_pid[info.pid].id, pid=info.pid, cmd=info.cmd, cwd=info.cwd,
+                              started_at=info.started_at)
+            for info in await live.sandbox.commands.list() if info.pid in by_pid]
 
 
 def _command(state: ServerState, tenant: Tenant, sandbox_id: str, command_id: str) -> BackgroundCommand:
