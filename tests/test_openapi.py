@@ -169,3 +169,8 @@ def test_a_download_carries_its_content_length(served):
     assert r.status_code == 200 and b"Pid:" in r.content and "content-length" not in r.headers
     r = c.get(base + "/files", params={"path": "nope.bin"})
     assert r.status_code == 404 and r.json()["error"]["type"] == "FileError"
+
+
+def test_operation_ids_are_unique(spec):
+    ids = [operation["operationId"] for _, _, operation in _operations(spec)]
+    assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)

@@ -123,9 +123,6 @@ async def network_log(sandbox_id: str, tenant: Owner, state: State,
 _PORT_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 
 
-@router.api_route("/{sandbox_id}/ports/{port}/{path:path}", methods=_PORT_METHODS, include_in_schema=True,
-                  summary="HTTP to a server the sandbox's code started on that port (sb.get_url(port))",
-                  responses={502: {"model": Error, "description": "nothing listens on that port in the sandbox"}})
 async def port_proxy(sandbox_id: str, port: int, path: str, request: Request, tenant: Owner,
                      state: State) -> StreamingResponse:
     from ..._net.ports import check_port
@@ -138,3 +135,12 @@ async def port_proxy(sandbox_id: str, port: int, path: str, request: Request, te
     response = StreamingResponse(body, status_code=status)
     response.raw_headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in out_headers]  # repeats kept
     return response
+
+
+# One operation per method, each with its own id (one route for all would give them one id, which breaks
+# client generators).
+for _method in _PORT_METHODS:
+    router.add_api_route("/{sandbox_id}/ports/{port}/{path:path}", port_proxy, methods=[_method],
+                         operation_id=f"port_proxy_{_method.lower()}",
+                         summary="HTTP to a server the sandbox's code started on that port (sb.get_url(port))",
+                         responses={502: {"model": Error, "description": "nothing listens on that port in the sandbox"}})
