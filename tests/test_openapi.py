@@ -5,6 +5,7 @@ plain answer, a download carries its Content-Length."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 
@@ -14,6 +15,7 @@ from fastapi.testclient import TestClient
 
 from sandlot._limits import Limits
 from sandlot.server import create_app
+from sandlot.server.schemas import with_event_components
 from sandlot.server.settings import Settings
 
 from .conftest import needs_sandbox
@@ -90,7 +92,7 @@ def test_every_route_lists_every_error_status_with_the_error_body(spec):
 def test_streaming_endpoints_describe_their_ndjson_events(spec):
     for (method, path), (answer, kinds) in STREAMING.items():
         ok = spec["paths"][path][method]["responses"]["200"]
-        events = ok["content"]["application/x-ndjson"]["schema"]["oneOf"]
+        events = [_resolve(spec, e) for e in ok["content"]["application/x-ndjson"]["schema"]["oneOf"]]
         by_kind = {event["properties"]["type"]["const"]: event for event in events}
         assert set(by_kind) == kinds, (path, sorted(by_kind))
         assert all(event["title"].endswith("Event") for event in events)
@@ -99,10 +101,23 @@ def test_streaming_endpoints_describe_their_ndjson_events(spec):
             assert ok["content"]["application/json"]["schema"] == {"$ref": f"#/components/schemas/{answer}"}
             plain = set(spec["components"]["schemas"][answer]["properties"])
             assert plain <= set(by_kind["end"]["properties"]), (path, plain - set(by_kind["end"]["properties"]))
-    command_end = STREAMING[("post", "/v1/sandboxes/{sandbox_id}/commands")]
-    end = {e["properties"]["type"]["const"]: e for e in spec["paths"]["/v1/sandboxes/{sandbox_id}/commands"]["post"][
-        "responses"]["200"]["content"]["application/x-ndjson"]["schema"]["oneOf"]}["end"]
-    assert set(spec["components"]["schemas"]["CommandResult"]["properties"]) <= set(end["properties"]), command_end
+    events = spec["paths"]["/v1/sandboxes/{sandbox_id}/commands"]["post"]["responses"]["200"]["content"][
+        "application/x-ndjson"]["schema"]["oneOf"]
+    end = {e["properties"]["type"]["const"]: e for e in map(lambda e: _resolve(spec, e), events)}["end"]
+    assert set(spec["components"]["schemas"]["CommandResult"]["properties"]) <= set(end["properties"])
+
+
+def test_event_schemas_can_be_named_components(spec):
+    """with_event_components (for app.openapi) gives each event kind a component the streams refer to."""
+    document = with_event_components(copy.deepcopy(spec))
+    schemas = document["components"]["schemas"]
+    for (method, path), (_, kinds) in STREAMING.items():
+        stream = document["paths"][path][method]["responses"]["200"]["content"]["application/x-ndjson"]["schema"]
+        assert set(stream["discriminator"]["mapping"]) == kinds
+        for ref in stream["oneOf"]:
+            assert schemas[ref["$ref"].rsplit("/", 1)[-1]]["properties"]["type"]["const"] in kinds
+    assert schemas["ResultEvent"]["properties"]["result"] == {"$ref": "#/components/schemas/Result"}
+    test_every_reference_resolves(document)
 
 
 def test_downloads_declare_their_length(spec):

@@ -528,6 +528,38 @@ def event_schema(events: Any) -> dict:
     return _inline(schema, schema.get("$defs", {}))
 
 
+def with_event_components(document: dict) -> dict:
+    """The OpenAPI ``document`` with the NDJSON event schemas (inlined by the routes: FastAPI collects only
+    route models) named as components and referred to, and their nested models (Result, Usage...) referred
+    to the components of the same name. For ``app.openapi``: a client generator then gets one class per event."""
+    components = document.setdefault("components", {}).setdefault("schemas", {})
+
+    def refer(node: Any, top: bool) -> Any:
+        if isinstance(node, dict):
+            title = node.get("title")
+            if not top and isinstance(title, str) and node.get("type") == "object" and title in components:
+                return {"$ref": f"#/components/schemas/{title}"}
+            return {k: refer(v, False) for k, v in node.items()}
+        if isinstance(node, list):
+            return [refer(v, False) for v in node]
+        return node
+
+    for item in document.get("paths", {}).values():
+        for operation in item.values():
+            media = (operation.get("responses", {}).get("200", {}).get("content", {}).get(NDJSON)
+                     if isinstance(operation, dict) else None)
+            if not media or "oneOf" not in media.get("schema", {}):
+                continue
+            refs = []
+            for event in media["schema"]["oneOf"]:
+                name = event["title"]
+                components.setdefault(name, refer(event, True))
+                refs.append({"$ref": f"#/components/schemas/{name}"})
+            mapping = {components[r["$ref"].rsplit("/", 1)[-1]]["properties"]["type"]["const"]: r["$ref"] for r in refs}
+            media["schema"] = {"oneOf": refs, "discriminator": {"propertyName": "type", "mapping": mapping}}
+    return document
+
+
 NDJSON = "application/x-ndjson"
 STREAM_DOC = (
     "Without `stream`, the JSON answer. With `stream: true`, NDJSON (application/x-ndjson): one event per "
