@@ -19,7 +19,8 @@ from ._output import OutputHandler
 from ._spec import SandboxSpec
 from ._transport import AsyncCommandHandle, CommandInfo, ResultHandler, SandboxHandle, Transport
 
-__all__ = ["AsyncSandbox", "AsyncCommands", "AsyncFiles", "AsyncNetwork", "AsyncCommandHandle", "CommandInfo", "transport_for"]
+__all__ = ["AsyncSandbox", "AsyncCommands", "AsyncFiles", "AsyncNetwork", "AsyncCommandHandle", "CommandInfo",
+           "transport_for"]
 
 
 def wants_server(api_url: Optional[str]) -> bool:

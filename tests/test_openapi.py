@@ -122,7 +122,8 @@ def test_event_schemas_can_be_named_components(spec):
 
 def test_downloads_declare_their_length(spec):
     ok = spec["paths"]["/v1/sandboxes/{sandbox_id}/files"]["get"]["responses"]["200"]
-    assert "application/octet-stream" in ok["content"] and ok["headers"]["Content-Length"]["schema"]["type"] == "integer"
+    assert "application/octet-stream" in ok["content"]
+    assert ok["headers"]["Content-Length"]["schema"]["type"] == "integer"
 
 
 def test_every_reference_resolves(spec):

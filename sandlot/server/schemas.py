@@ -10,8 +10,8 @@ import dataclasses
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StrictInt, WithJsonSchema, field_validator,
-                      model_validator)
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StrictInt, WithJsonSchema,
+                      field_validator, model_validator)
 
 from .. import _calls
 from .._spec import SandboxSpec, check_env

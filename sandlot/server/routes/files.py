@@ -35,7 +35,8 @@ async def upload(sandbox_id: str, path: Path, request: Request, tenant: Owner, s
 
 
 @router.get("", response_class=StreamingResponse, summary="Download (streamed) a file",
-            responses={200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+            responses={200: {"content": {"application/octet-stream": {"schema": {"type": "string",
+                                                                                 "format": "binary"}}},
                              "description": "The file's bytes",
                              "headers": {"Content-Length": {"schema": {"type": "integer"}, "description":
                                          "the file's size (absent for a pseudo-file that reports none, like "

@@ -143,4 +143,5 @@ for _method in _PORT_METHODS:
     router.add_api_route("/{sandbox_id}/ports/{port}/{path:path}", port_proxy, methods=[_method],
                          operation_id=f"port_proxy_{_method.lower()}",
                          summary="HTTP to a server the sandbox's code started on that port (sb.get_url(port))",
-                         responses={502: {"model": Error, "description": "nothing listens on that port in the sandbox"}})
+                         responses={502: {"model": Error,
+                                          "description": "nothing listens on that port in the sandbox"}})
