@@ -9,6 +9,7 @@ _calls.py, or the server's schemas).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from datetime import datetime, timezone
 from typing import Any, AsyncIterator, Mapping, Optional, Union
@@ -570,7 +571,8 @@ class LocalCommands(CommandsHandle):
         return await handle.wait()
 
     async def list(self) -> "list[CommandInfo]":
-        return [handle.info for handle in self._background.values() if handle.running and handle.pid is not None]
+        return [dataclasses.replace(handle.info) for handle in self._background.values()
+                if handle.running and handle.pid is not None]
 
     async def connect(self, pid: int, *, on_stdout: Optional[OutputHandler] = None,
                       on_stderr: Optional[OutputHandler] = None) -> AsyncCommandHandle:
