@@ -32,7 +32,7 @@ from ._models import (CommandResult, EntryInfo, Execution, ExecutionError, Pause
                       SandboxMetrics, Usage, VolumeInfo)
 from ._output import OutputHandler, TextLog, call as _call
 from ._spec import SandboxSpec
-from ._transport import (AsyncCommandHandle, CommandsHandle, FilesHandle, ResultHandler, SandboxHandle,
+from ._transport import (AsyncCommandHandle, CommandInfo, CommandsHandle, FilesHandle, ResultHandler, SandboxHandle,
                          Transport)
 from ._wire import from_wire
 # Streams carry a ping at least every 15 s (the server's heartbeat), so a silent minute means a dead peer.
@@ -330,12 +330,19 @@ class RemoteCommandHandle(AsyncCommandHandle):
     ``stderr`` grow as it runs and callbacks fire, as with a local handle."""
 
     def __init__(self, sandbox: RemoteSandbox, raw: Mapping[str, Any], on_stdout: Optional[OutputHandler],
-                 on_stderr: Optional[OutputHandler]) -> None:
+                 on_stderr: Optional[OutputHandler], skip: bool = False) -> None:
         self._sandbox = sandbox
         self.command_id: str = raw["command_id"]
         self.pid: Optional[int] = raw.get("pid")
         self._chunks = {"stdout": TextLog(), "stderr": TextLog()}
         self._handlers = {"stdout": on_stdout, "stderr": on_stderr}
+        # A reattached handle has the output so far at once; the stream replays it from the start, so that
+        # many characters of each stream are skipped (callbacks get only what is printed from now on).
+        self._skip = {"stdout": 0, "stderr": 0}
+        if skip:
+            for kind in self._chunks:
+                self._chunks[kind].append(raw[kind])
+                self._skip[kind] = len(raw[kind])
         self._task = asyncio.get_running_loop().create_task(self._follow())
 
     @property
@@ -351,8 +358,12 @@ class RemoteCommandHandle(AsyncCommandHandle):
 
     async def _follow(self) -> CommandResult:
         async def output(event: dict) -> None:
-            self._chunks[event["type"]].append(event["text"])
-            await _call(self._handlers[event["type"]], event["text"])
+            kind, text = event["type"], event["text"]
+            skipped = min(self._skip[kind], len(text))
+            self._skip[kind] -= skipped
+            if skipped < len(text):
+                self._chunks[kind].append(text[skipped:])
+                await _call(self._handlers[kind], text[skipped:])
 
         end = await self._sandbox._server.events("GET", self._url("/stream"), {"stdout": output, "stderr": output})
         return _command_result(end, self.stdout, self.stderr)
@@ -394,6 +405,24 @@ class RemoteCommands(CommandsHandle):
             end = await sandbox._server.events("POST", sandbox._path("/commands"), {"stdout": output, "stderr": output},
                                                json=dict(body, stream=True))
         return _command_result(end, chunks["stdout"].text(), chunks["stderr"].text())
+
+
+    async def list(self) -> "list[CommandInfo]":
+        raw = (await self._sandbox._http("GET", "/commands")).json()
+        return [CommandInfo(pid=item["pid"], cmd=item["cmd"], cwd=item.get("cwd"),
+                            started_at=_when(item["started_at"])) for item in raw]
+
+    async def connect(self, pid: int, *, on_stdout: Optional[OutputHandler] = None,
+                      on_stderr: Optional[OutputHandler] = None) -> RemoteCommandHandle:
+        sandbox = self._sandbox
+        for item in (await sandbox._http("GET", "/commands")).json():
+            if item["pid"] == pid:
+                path = f"/commands/{quote(item['command_id'], safe='')}"
+                raw = (await sandbox._http("GET", path)).json()
+                # The stream replays the output from its start: the callbacks skip what was printed before now.
+                return RemoteCommandHandle(sandbox, raw, on_stdout, on_stderr, skip=True)
+        raise SandboxNotFound(f"no background command with pid {pid} runs in sandbox {sandbox.sandbox_id} "
+                              "(commands.list() shows those that do)")
 
 
 class RemoteFiles(FilesHandle):

@@ -9,7 +9,9 @@ _calls.py, or the server's schemas).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
+from datetime import datetime, timezone
 from typing import Any, AsyncIterator, Mapping, Optional, Union
 
 from ._backends.base import Backend, Counters, BackendSandbox
@@ -23,7 +25,7 @@ from ._net.ports import PortForwarder, proxy_request
 from ._net.sandbox_network import SandboxNetwork
 from ._spec import SandboxSpec
 from ._models import (CommandResult, EntryInfo, Execution, ExecutionError, PauseInfo, Result, SandboxMetrics, Usage)
-from ._transport import AsyncCommandHandle, CommandsHandle, FilesHandle, ResultHandler, SandboxHandle
+from ._transport import AsyncCommandHandle, CommandInfo, CommandsHandle, FilesHandle, ResultHandler, SandboxHandle
 from ._agent import protocol
 from ._calls import chunks as _chunks
 
@@ -433,15 +435,33 @@ class LocalSandbox(SandboxHandle):
 class LocalCommandHandle(AsyncCommandHandle):
     """A command running in a local sandbox."""
 
-    def __init__(self, sandbox: LocalSandbox, proc, rid: int, queue: asyncio.Queue, output: CallOutput,
-                 timeout: Optional[float]) -> None:
+    def __init__(self, sandbox: LocalSandbox, proc, rid: int, queue: asyncio.Queue,
+                 on_stdout: Optional[OutputHandler], on_stderr: Optional[OutputHandler],
+                 timeout: Optional[float], cmd: str = "", cwd: Optional[str] = None) -> None:
         self._sandbox, self._proc, self._rid, self._queue = sandbox, proc, rid, queue
-        self._output = output
+        # Callbacks of this handle, then of handles reattached later (commands.connect): each gets what
+        # arrives after it attached; the text itself is kept once, here, under the output cap.
+        self._listeners: list[tuple[Optional[OutputHandler], Optional[OutputHandler]]] = [(on_stdout, on_stderr)]
+        self._output = CallOutput(sandbox.limits.output, lambda text: self._fan(0, text),
+                                  lambda text: self._fan(1, text))
         self._timeout = timeout
         self._result: Optional[CommandResult] = None
         self._started = time.monotonic()
+        self.info = CommandInfo(pid=0, cmd=cmd, cwd=cwd, started_at=datetime.now(timezone.utc))
         self._task = asyncio.get_running_loop().create_task(self._collect())
         self.pid: Optional[int] = None
+
+    async def _fan(self, stream: int, text: str) -> None:
+        for listener in list(self._listeners):
+            await _call(listener[stream], text)
+
+    def attach(self, on_stdout: Optional[OutputHandler], on_stderr: Optional[OutputHandler]) -> None:
+        if on_stdout is not None or on_stderr is not None:
+            self._listeners.append((on_stdout, on_stderr))
+
+    @property
+    def running(self) -> bool:
+        return not self._task.done()
 
     @property
     def stdout(self) -> str:
@@ -484,6 +504,7 @@ class LocalCommandHandle(AsyncCommandHandle):
                         await self.kill()
                 elif kind == "started":
                     self.pid = header.get("pid") if isinstance(header.get("pid"), int) else None
+                    self.info.pid = self.pid or 0
                 elif kind == "exit":
                     exit_code = header.get("exit_code") if isinstance(header.get("exit_code"), int) else None
                     measured = header.get("usage") if isinstance(header.get("usage"), dict) else {}
@@ -526,6 +547,7 @@ class LocalCommands(CommandsHandle):
 
     def __init__(self, sandbox: LocalSandbox) -> None:
         self._sandbox = sandbox
+        self._background: dict[int, LocalCommandHandle] = {}  # running background commands, by request id
 
     async def run(self, cmd: str, *, timeout: Optional[float] = None, env: Optional[Mapping[str, str]] = None,
                   cwd: Optional[str] = None, stdin: Union[str, bytes, None] = None,
@@ -539,13 +561,54 @@ class LocalCommands(CommandsHandle):
         keep_stdin = background or stdin is not None
         await proc.channel.send({"t": "cmd", "id": rid, "cmd": cmd, "env": dict(env or {}), "cwd": cwd,
                                  "stdin": keep_stdin})
-        handle = LocalCommandHandle(sandbox, proc, rid, queue, CallOutput(sandbox.limits.output, on_stdout, on_stderr),
-                                    timeout)
+        handle = LocalCommandHandle(sandbox, proc, rid, queue, on_stdout, on_stderr, timeout, cmd, cwd)
         if stdin is not None:
             await handle.send_stdin(stdin, close=True)
         if background:
+            self._background[rid] = handle
+            handle._task.add_done_callback(lambda _: self._background.pop(rid, None))
             return handle
         return await handle.wait()
+
+    async def list(self) -> "list[CommandInfo]":
+        return [dataclasses.replace(handle.info) for handle in self._background.values()
+                if handle.running and handle.pid is not None]
+
+    async def connect(self, pid: int, *, on_stdout: Optional[OutputHandler] = None,
+                      on_stderr: Optional[OutputHandler] = None) -> AsyncCommandHandle:
+        self._sandbox._alive()
+        for handle in self._background.values():
+            if handle.pid == pid and handle.running:
+                return _Reattached(handle, on_stdout, on_stderr)
+        raise SandboxNotFound(f"no background command with pid {pid} runs in sandbox {self._sandbox.sandbox_id} "
+                              "(commands.list() shows those that do)")
+
+
+class _Reattached(AsyncCommandHandle):
+    """Another handle to a running local command: the same output, result and controls; its own callbacks."""
+
+    def __init__(self, handle: LocalCommandHandle, on_stdout: Optional[OutputHandler],
+                 on_stderr: Optional[OutputHandler]) -> None:
+        self._handle = handle
+        self.pid = handle.pid
+        handle.attach(on_stdout, on_stderr)
+
+    @property
+    def stdout(self) -> str:
+        return self._handle.stdout
+
+    @property
+    def stderr(self) -> str:
+        return self._handle.stderr
+
+    async def wait(self) -> CommandResult:
+        return await self._handle.wait()
+
+    async def kill(self, signal: int = 9) -> None:
+        await self._handle.kill(signal)
+
+    async def send_stdin(self, data: Union[str, bytes], close: bool = False) -> None:
+        await self._handle.send_stdin(data, close)
 
 
 class LocalFiles(FilesHandle):

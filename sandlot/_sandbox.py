@@ -12,14 +12,15 @@ from typing import Any, AsyncIterator, Mapping, Optional, Union
 
 from . import _calls
 from ._config import api_url as _env_api_url
-from ._exceptions import SandboxNotFound
+from ._exceptions import InvalidRequest, SandboxNotFound
 from ._limits import Limits
 from ._models import CommandResult, EntryInfo, Execution, PauseInfo, SandboxInfo, SandboxMetrics
 from ._output import OutputHandler
 from ._spec import SandboxSpec
-from ._transport import AsyncCommandHandle, ResultHandler, SandboxHandle, Transport
+from ._transport import AsyncCommandHandle, CommandInfo, ResultHandler, SandboxHandle, Transport
 
-__all__ = ["AsyncSandbox", "AsyncCommands", "AsyncFiles", "AsyncNetwork", "AsyncCommandHandle", "transport_for"]
+__all__ = ["AsyncSandbox", "AsyncCommands", "AsyncFiles", "AsyncNetwork", "AsyncCommandHandle", "CommandInfo",
+           "transport_for"]
 
 
 def wants_server(api_url: Optional[str]) -> bool:
@@ -266,6 +267,21 @@ class AsyncCommands:
         return await self._sandbox._live().commands.run(cmd, timeout=timeout, env=env, cwd=cwd, stdin=stdin,
                                                         on_stdout=on_stdout, on_stderr=on_stderr,
                                                         background=background)
+
+    async def list(self) -> "list[CommandInfo]":
+        """The background commands still running in the sandbox (pid, cmd, cwd, started_at), oldest first,
+        whichever client started them."""
+        return await self._sandbox._live().commands.list()
+
+    async def connect(self, pid: int, *, on_stdout: Optional[OutputHandler] = None,
+                      on_stderr: Optional[OutputHandler] = None) -> AsyncCommandHandle:
+        """Reattach to the running background command ``pid`` (from ``list()`` or a handle's ``pid``), also
+        from another client of a server: its output so far is in ``stdout``/``stderr``, the callbacks get
+        what it prints from now on; ``wait()``, ``kill()``, ``send_stdin()``, ``close_stdin()`` work as on the
+        handle that started it. SandboxNotFound if no such command runs."""
+        if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+            raise InvalidRequest(f"pid must be a positive integer, not {pid!r}")
+        return await self._sandbox._live().commands.connect(pid, on_stdout=on_stdout, on_stderr=on_stderr)
 
 
 class AsyncFiles:

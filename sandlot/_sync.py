@@ -16,7 +16,7 @@ from ._limits import Limits
 from ._models import CommandResult, EntryInfo, Execution, PauseInfo, SandboxInfo, SandboxMetrics
 from ._output import OutputHandler
 from ._sandbox import AsyncCommandHandle, AsyncSandbox
-from ._transport import ResultHandler
+from ._transport import CommandInfo, ResultHandler
 
 
 def _shutdown() -> None:
@@ -101,6 +101,16 @@ class Commands:
     def run(self, cmd: str, **kwargs: Any) -> Union[CommandResult, CommandHandle]:
         out = run_sync(self._async.run(cmd, **kwargs))
         return CommandHandle(out) if isinstance(out, AsyncCommandHandle) else out
+
+    def list(self) -> "list[CommandInfo]":
+        """The background commands still running in the sandbox (pid, cmd, cwd, started_at), oldest first."""
+        return run_sync(self._async.list())
+
+    def connect(self, pid: int, *, on_stdout: Optional[OutputHandler] = None,
+                on_stderr: Optional[OutputHandler] = None) -> CommandHandle:
+        """Reattach to the running background command ``pid``: output so far in ``stdout``/``stderr``, the
+        callbacks get what it prints from now on. SandboxNotFound if no such command runs."""
+        return CommandHandle(run_sync(self._async.connect(pid, on_stdout=on_stdout, on_stderr=on_stderr)))
 
 
 class Files:

@@ -15,6 +15,8 @@ already carry; a new operation is one method here, one in each handle, one in th
 from __future__ import annotations
 
 import abc
+import dataclasses
+from datetime import datetime
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Optional, Union
 
 from ._limits import Limits
@@ -54,12 +56,32 @@ class AsyncCommandHandle(abc.ABC):
         await self.send_stdin(b"", close=True)
 
 
+@dataclasses.dataclass
+class CommandInfo:
+    """A background command that is still running (``commands.list()``); ``commands.connect(pid)`` reattaches."""
+
+    pid: int  # inside the sandbox
+    cmd: str
+    cwd: Optional[str]  # as asked (None: the sandbox's default, its home or the image's working directory)
+    started_at: datetime  # UTC
+
+
 class CommandsHandle(abc.ABC):
     @abc.abstractmethod
     async def run(self, cmd: str, *, timeout: Optional[float], env: Optional[Mapping[str, str]], cwd: Optional[str],
                   stdin: Union[str, bytes, None], on_stdout: Optional[OutputHandler],
                   on_stderr: Optional[OutputHandler], background: bool) -> Union[CommandResult, AsyncCommandHandle]:
         """Arguments already validated by the facade."""
+
+    @abc.abstractmethod
+    async def list(self) -> "list[CommandInfo]":
+        """The sandbox's background commands still running, oldest first."""
+
+    @abc.abstractmethod
+    async def connect(self, pid: int, *, on_stdout: Optional[OutputHandler],
+                      on_stderr: Optional[OutputHandler]) -> AsyncCommandHandle:
+        """A handle to the running background command ``pid`` (SandboxNotFound if none runs): its output so far
+        in ``stdout``/``stderr``, the callbacks get what it prints from now on."""
 
 
 class FilesHandle(abc.ABC):

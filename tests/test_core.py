@@ -6,6 +6,7 @@ import asyncio
 import base64
 import os
 import time
+from datetime import datetime, timezone
 
 import pytest
 
@@ -139,6 +140,55 @@ def test_background_command_reads_stdin_to_its_end(sandbox):
     h.close_stdin()  # EOF: wc finishes
     r = h.wait()
     assert (r.exit_code, r.stdout.split()) == (0, ["11", "done"])
+
+
+def _until(check, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.02)
+
+
+def test_background_commands_are_listed_and_reattached(sandbox):
+    h = sandbox.commands.run("echo first; read x; echo got $x; sleep 60", background=True, cwd="/tmp")
+    _until(lambda: h.stdout == "first\n")
+    [info] = [c for c in sandbox.commands.list() if c.pid == h.pid]
+    assert (info.cmd, info.cwd) == ("echo first; read x; echo got $x; sleep 60", "/tmp")
+    assert abs((datetime.now(timezone.utc) - info.started_at).total_seconds()) < 60
+    seen = []
+    again = sandbox.commands.connect(h.pid, on_stdout=seen.append)
+    assert again.pid == h.pid and again.stdout == "first\n"  # the output so far
+    again.send_stdin("x\n")  # its controls reach the same command
+    _until(lambda: "got x" in again.stdout)
+    assert "".join(seen) == "got x\n"  # the callbacks get what it printed after the reattach
+    again.kill()
+    r, first = again.wait(), h.wait()
+    assert r.exit_code == first.exit_code == -9 and r.stdout == first.stdout == "first\ngot x\n"
+    assert h.pid not in [c.pid for c in sandbox.commands.list()]  # only running ones are listed
+    with pytest.raises(SandboxNotFound, match=f"no background command with pid {h.pid}"):
+        sandbox.commands.connect(h.pid)
+    with pytest.raises(InvalidRequest, match="pid"):
+        sandbox.commands.connect(0)
+
+
+def test_a_reattached_command_takes_eof(sandbox):
+    h = sandbox.commands.run("wc -c", background=True)
+    _until(lambda: h.pid in [c.pid for c in sandbox.commands.list()])
+    again = sandbox.commands.connect(h.pid)
+    again.send_stdin("abc")
+    again.close_stdin()
+    assert again.wait().stdout.split() == ["3"] and h.wait().exit_code == 0
+
+
+async def test_commands_list_and_connect_async(asandbox):
+    h = await asandbox.commands.run("sleep 60", background=True)
+    for _ in range(500):
+        if h.pid in [c.pid for c in await asandbox.commands.list()]:
+            break
+        await asyncio.sleep(0.02)
+    again = await asandbox.commands.connect(h.pid)
+    await again.kill()
+    assert (await h.wait()).exit_code == -9 and (await asandbox.commands.list()) == []
 
 
 def test_a_command_reports_its_own_cpu_time(sandbox):

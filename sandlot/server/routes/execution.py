@@ -13,6 +13,7 @@ import json
 from typing import Any, Optional, Union
 
 from fastapi import APIRouter, Query
+from fastapi.responses import StreamingResponse
 
 from ..._agent import protocol
 from ..._exceptions import InvalidRequest, SandboxNotFound
@@ -22,12 +23,15 @@ from ..background import BackgroundCommand
 from ..deps import Owner, ServerState, State
 from ..metrics import limit_label
 from ..registry import LiveSandbox
-from ..schemas import (NDJSON, STREAM_DOC, BackgroundCommandOut, CommandInput, CommandResultOut, CommandSignal,
-                       ErrorBody, ExecutionOut, RunCode, RunCommand, RunOnce, execution_out)
+from .. import schemas as api
+from ..schemas import ERRORS, CommandInput, CommandSignal, RunCode, RunCommand, RunOnce, execution_out, stream_responses
 from ..store import Tenant
 
-router = APIRouter(tags=["execution"], responses={code: {"model": ErrorBody} for code in (400, 401, 404, 422, 429)})
-_STREAMS = {200: {"description": STREAM_DOC, "content": {NDJSON: {}}}}
+router = APIRouter(tags=["execution"], responses=ERRORS)
+_CODE_STREAM = stream_responses(api.CodeEvent)
+_COMMAND_STREAM = stream_responses(api.CommandEvent)
+_FOLLOW = stream_responses(api.CommandEvent, "NDJSON (application/x-ndjson): the command's output from its start, "
+                                             'then live, then `{"type": "end", ...}` with the fields of its result')
 
 
 def _fits_one_frame(header: dict) -> None:
@@ -60,15 +64,14 @@ async def _run_code(state: ServerState, live: LiveSandbox, tenant: Tenant, code:
 def _code_end(execution: Execution, emit: ndjson.Emit, live: LiveSandbox) -> dict:
     if execution.error is not None:
         emit({"type": "error", "error": dataclasses.asdict(execution.error)})
-    end = {"type": "end", "execution_count": execution.execution_count,
-           "usage": dataclasses.asdict(execution.usage), "truncated": execution.truncated}
+    end = {"type": "end", **execution_out(execution)}  # the same fields as the answer without stream
     sandbox = live.sandbox
     if not sandbox.is_running and not sandbox.is_paused:  # the call ended it (a limit): the client knows at once
         end["sandbox_ended"] = {"reason": sandbox.end_reason, "limit": sandbox.end_limit}
     return end
 
 
-@router.post("/v1/sandboxes/{sandbox_id}/code", response_model=ExecutionOut, responses=_STREAMS,
+@router.post("/v1/sandboxes/{sandbox_id}/code", response_model=api.Execution, responses=_CODE_STREAM,
              summary="Run Python in the sandbox's live (state persists between calls)")
 async def run_code(sandbox_id: str, body: RunCode, tenant: Owner, state: State) -> Any:
     live = state.registry.get(tenant, sandbox_id)
@@ -84,12 +87,13 @@ async def run_code(sandbox_id: str, body: RunCode, tenant: Owner, state: State) 
     return ndjson.response(work, state.settings.heartbeat)
 
 
-@router.post("/v1/run", response_model=ExecutionOut, responses=_STREAMS,
+@router.post("/v1/run", response_model=api.Execution, responses=_CODE_STREAM,
              summary="One-shot: run code in a fresh sandbox that is gone afterwards")
 async def run_once(body: RunOnce, tenant: Owner, state: State) -> Any:
     _fits_one_frame({"t": "exec", "id": 1, "code": body.code})
     state.registry.check_call_timeout(body.timeout)
-    live = await state.registry.create(tenant, template=body.template, limits=body.limits, env=body.env,
+    live = await state.registry.create(tenant, template=body.template,
+                                          limits=body.limits.overrides() if body.limits else None, env=body.env,
                                           isolation=body.isolation, one_shot=True, mounts=body.mounts)
     state.store.audit(tenant.name, "run_once", None, body.code[:1000], tenant.key_id)
     if not body.stream:
@@ -109,20 +113,19 @@ async def run_once(body: RunOnce, tenant: Owner, state: State) -> Any:
 
 # -- commands ----------------------------------------------------------------------------------------
 def _command_end(result: CommandResult) -> dict:
-    return {"type": "end", "exit_code": result.exit_code, "error": result.error, "limit": result.limit,
-            "usage": dataclasses.asdict(result.usage), "truncated": result.truncated}
+    return {"type": "end", **dataclasses.asdict(result)}  # the same fields as the answer without stream
 
 
-def _background_out(command: BackgroundCommand) -> BackgroundCommandOut:
+def _background_out(command: BackgroundCommand) -> api.BackgroundCommand:
     handle = command.handle
     result = command.result
-    return BackgroundCommandOut(command_id=command.id, pid=handle.pid, running=command.running,
-                                stdout=handle.stdout, stderr=handle.stderr,
-                                result=CommandResultOut(**dataclasses.asdict(result)) if result else None)
+    return api.BackgroundCommand(command_id=command.id, pid=handle.pid, running=command.running,
+                                 stdout=handle.stdout, stderr=handle.stderr,
+                                 result=api.CommandResult(**dataclasses.asdict(result)) if result else None)
 
 
-@router.post("/v1/sandboxes/{sandbox_id}/commands", response_model=Union[CommandResultOut, BackgroundCommandOut],
-             responses=_STREAMS, summary="Run a shell command (/bin/sh -c) in the sandbox")
+@router.post("/v1/sandboxes/{sandbox_id}/commands", response_model=Union[api.CommandResult, api.BackgroundCommand],
+             responses=_COMMAND_STREAM, summary="Run a shell command (/bin/sh -c) in the sandbox")
 async def run_command(sandbox_id: str, body: RunCommand, tenant: Owner, state: State) -> Any:
     live = state.registry.get(tenant, sandbox_id)
     state.registry.check_call_timeout(body.timeout)
@@ -155,12 +158,22 @@ async def run_command(sandbox_id: str, body: RunCommand, tenant: Owner, state: S
         return result
 
     if not body.stream:
-        return CommandResultOut(**dataclasses.asdict(await run()))
+        return api.CommandResult(**dataclasses.asdict(await run()))
 
     async def work(emit: ndjson.Emit) -> dict:
         return _command_end(await run(emit))
 
     return ndjson.response(work, state.settings.heartbeat)
+
+
+@router.get("/v1/sandboxes/{sandbox_id}/commands", response_model=list[api.RunningCommand],
+            summary="The sandbox's background commands still running (reattach by command_id, from any client)")
+async def list_commands(sandbox_id: str, tenant: Owner, state: State) -> list[api.RunningCommand]:
+    live = state.registry.get(tenant, sandbox_id)
+    by_pid = {c.handle.pid: c for c in live.commands.commands.values() if c.running and c.handle is not None}
+    return [api.RunningCommand(command_id=by_pid[info.pid].id, pid=info.pid, cmd=info.cmd, cwd=info.cwd,
+                               started_at=info.started_at)
+            for info in await live.sandbox.commands.list() if info.pid in by_pid]
 
 
 def _command(state: ServerState, tenant: Tenant, sandbox_id: str, command_id: str) -> BackgroundCommand:
@@ -170,11 +183,11 @@ def _command(state: ServerState, tenant: Tenant, sandbox_id: str, command_id: st
     return command
 
 
-@router.get("/v1/sandboxes/{sandbox_id}/commands/{command_id}", response_model=BackgroundCommandOut,
+@router.get("/v1/sandboxes/{sandbox_id}/commands/{command_id}", response_model=api.BackgroundCommand,
             summary="A background command: output so far, and its result once it ended")
 async def command_status(sandbox_id: str, command_id: str, tenant: Owner, state: State,
                          wait: float = Query(0, ge=0, le=3600, description="Wait up to this many seconds for it to end")
-                         ) -> BackgroundCommandOut:
+                         ) -> api.BackgroundCommand:
     command = _command(state, tenant, sandbox_id, command_id)
     if wait > 0 and command.running:
         try:
@@ -184,7 +197,8 @@ async def command_status(sandbox_id: str, command_id: str, tenant: Owner, state:
     return _background_out(command)
 
 
-@router.get("/v1/sandboxes/{sandbox_id}/commands/{command_id}/stream", responses=_STREAMS,
+@router.get("/v1/sandboxes/{sandbox_id}/commands/{command_id}/stream", response_class=StreamingResponse,
+            responses=_FOLLOW,
             summary="NDJSON: a background command's output from the start, then live")
 async def command_stream(sandbox_id: str, command_id: str, tenant: Owner, state: State) -> Any:
     command = _command(state, tenant, sandbox_id, command_id)
@@ -199,19 +213,19 @@ async def command_stream(sandbox_id: str, command_id: str, tenant: Owner, state:
     return ndjson.response(work, state.settings.heartbeat)
 
 
-@router.post("/v1/sandboxes/{sandbox_id}/commands/{command_id}/kill", response_model=BackgroundCommandOut,
+@router.post("/v1/sandboxes/{sandbox_id}/commands/{command_id}/kill", response_model=api.BackgroundCommand,
              summary="Signal a background command (default SIGKILL)")
 async def command_kill(sandbox_id: str, command_id: str, body: CommandSignal, tenant: Owner,
-                       state: State) -> BackgroundCommandOut:
+                       state: State) -> api.BackgroundCommand:
     command = _command(state, tenant, sandbox_id, command_id)
     await command.handle.kill(body.signal)
     return _background_out(command)
 
 
-@router.post("/v1/sandboxes/{sandbox_id}/commands/{command_id}/stdin", response_model=BackgroundCommandOut,
+@router.post("/v1/sandboxes/{sandbox_id}/commands/{command_id}/stdin", response_model=api.BackgroundCommand,
              summary="Write to a background command's stdin")
 async def command_stdin(sandbox_id: str, command_id: str, body: CommandInput, tenant: Owner,
-                        state: State) -> BackgroundCommandOut:
+                        state: State) -> api.BackgroundCommand:
     command = _command(state, tenant, sandbox_id, command_id)
     try:
         data = base64.b64decode(body.data, validate=True) if body.base64 else body.data.encode()

@@ -10,24 +10,24 @@ from fastapi.responses import StreamingResponse
 
 from ..._exceptions import InvalidRequest
 from ..deps import Owner, State
-from ..schemas import (CreateSandbox, ErrorBody, MetricsOut, NetworkDecision, NetworkOut, PauseOut, SandboxOut,
-                       SetTimeout, UpdateNetwork, when)
+from ..schemas import (ERRORS, CreateSandbox, Error, Limits, NetworkDecision, NetworkPolicy, PauseInfo, Sandbox,
+                       SandboxMetrics, SetTimeout, UpdateNetwork, when)
 from ..store import SandboxRow
 
-router = APIRouter(prefix="/v1/sandboxes", tags=["sandboxes"],
-                   responses={code: {"model": ErrorBody} for code in (400, 401, 404, 422, 429)})
+router = APIRouter(prefix="/v1/sandboxes", tags=["sandboxes"], responses=ERRORS)
 
 
-def sandbox_out(row: SandboxRow) -> SandboxOut:
-    return SandboxOut(sandbox_id=row.id, template=row.template, isolation=row.isolation, status=row.status,
+def sandbox_out(row: SandboxRow) -> Sandbox:
+    return Sandbox(sandbox_id=row.id, template=row.template, isolation=row.isolation, status=row.status,
                       metadata=row.metadata,
-                      limits=row.limits, created_at=when(row.created_at), expires_at=when(row.expires_at),
+                      limits=Limits(**row.limits), created_at=when(row.created_at), expires_at=when(row.expires_at),
                       ended_at=when(row.ended_at), end_reason=row.end_reason)
 
 
-@router.post("", status_code=201, response_model=SandboxOut, summary="Create a sandbox")
-async def create(body: CreateSandbox, tenant: Owner, state: State) -> SandboxOut:
-    live = await state.registry.create(tenant, template=body.template, timeout=body.timeout, limits=body.limits,
+@router.post("", status_code=201, response_model=Sandbox, summary="Create a sandbox")
+async def create(body: CreateSandbox, tenant: Owner, state: State) -> Sandbox:
+    live = await state.registry.create(tenant, template=body.template, timeout=body.timeout,
+                                       limits=body.limits.overrides() if body.limits else None,
                                        env=body.env, metadata=body.metadata, isolation=body.isolation,
                                        network=body.network, secrets=body.secrets, mounts=body.mounts)
     return sandbox_out(state.registry.row(tenant, live.id))
@@ -43,72 +43,72 @@ def _metadata_filter(pairs: list[str]) -> dict[str, str]:
     return wanted
 
 
-@router.get("", response_model=list[SandboxOut], summary="List your sandboxes")
+@router.get("", response_model=list[Sandbox], summary="List your sandboxes")
 async def list_sandboxes(
         tenant: Owner, state: State,
         metadata: Annotated[list[str], Query(max_length=64, description="key=value; repeat to require several")] = [],
         status: Literal["running", "paused", "ended", "lost", "all"] = "running",
-        limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[SandboxOut]:
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[Sandbox]:
     state.registry.collect()
     rows = state.store.sandboxes(tenant, metadata=_metadata_filter(metadata),
                                  status=None if status == "all" else status, limit=limit)
     return [sandbox_out(r) for r in rows]
 
 
-@router.get("/{sandbox_id}", response_model=SandboxOut, summary="One sandbox (also after it ended or was lost)")
-async def get(sandbox_id: str, tenant: Owner, state: State) -> SandboxOut:
+@router.get("/{sandbox_id}", response_model=Sandbox, summary="One sandbox (also after it ended or was lost)")
+async def get(sandbox_id: str, tenant: Owner, state: State) -> Sandbox:
     return sandbox_out(state.registry.row(tenant, sandbox_id))
 
 
-@router.delete("/{sandbox_id}", response_model=SandboxOut, summary="Kill a sandbox (idempotent)")
-async def kill(sandbox_id: str, tenant: Owner, state: State) -> SandboxOut:
+@router.delete("/{sandbox_id}", response_model=Sandbox, summary="Kill a sandbox (idempotent)")
+async def kill(sandbox_id: str, tenant: Owner, state: State) -> Sandbox:
     return sandbox_out(await state.registry.kill(tenant, sandbox_id))
 
 
-@router.post("/{sandbox_id}/timeout", response_model=SandboxOut, summary="Let it live this long from now")
-async def set_timeout(sandbox_id: str, body: SetTimeout, tenant: Owner, state: State) -> SandboxOut:
+@router.post("/{sandbox_id}/timeout", response_model=Sandbox, summary="Let it live this long from now")
+async def set_timeout(sandbox_id: str, body: SetTimeout, tenant: Owner, state: State) -> Sandbox:
     return sandbox_out(await state.registry.set_timeout(tenant, sandbox_id, body.timeout))
 
 
-@router.post("/{sandbox_id}/keepalive", response_model=SandboxOut, summary="Restart its idle timeout")
-async def keep_alive(sandbox_id: str, tenant: Owner, state: State) -> SandboxOut:
+@router.post("/{sandbox_id}/keepalive", response_model=Sandbox, summary="Restart its idle timeout")
+async def keep_alive(sandbox_id: str, tenant: Owner, state: State) -> Sandbox:
     await state.registry.get(tenant, sandbox_id).sandbox.keep_alive()
     return sandbox_out(state.registry.row(tenant, sandbox_id))
 
 
-@router.post("/{sandbox_id}/pause", response_model=PauseOut,
+@router.post("/{sandbox_id}/pause", response_model=PauseInfo,
              summary="Checkpoint it to disk and free its memory (gVisor tier); it survives a server restart")
-async def pause(sandbox_id: str, tenant: Owner, state: State) -> PauseOut:
+async def pause(sandbox_id: str, tenant: Owner, state: State) -> PauseInfo:
     info = await state.registry.pause(tenant, sandbox_id)
-    return PauseOut(sandbox_id=sandbox_id, status="paused", seconds=info.seconds,
+    return PauseInfo(sandbox_id=sandbox_id, status="paused", seconds=info.seconds,
                     checkpoint_bytes=info.checkpoint_bytes)
 
 
-@router.post("/{sandbox_id}/resume", response_model=PauseOut,
+@router.post("/{sandbox_id}/resume", response_model=PauseInfo,
              summary="Bring a paused sandbox back with its variables, open files and working directory")
-async def resume(sandbox_id: str, tenant: Owner, state: State) -> PauseOut:
+async def resume(sandbox_id: str, tenant: Owner, state: State) -> PauseInfo:
     info = await state.registry.resume(tenant, sandbox_id)
-    return PauseOut(sandbox_id=sandbox_id, status="running", seconds=info.seconds)
+    return PauseInfo(sandbox_id=sandbox_id, status="running", seconds=info.seconds)
 
 
-@router.post("/{sandbox_id}/interrupt", response_model=SandboxOut,
+@router.post("/{sandbox_id}/interrupt", response_model=Sandbox,
              summary="KeyboardInterrupt to the code running now (the live keeps its variables)")
-async def interrupt(sandbox_id: str, tenant: Owner, state: State) -> SandboxOut:
+async def interrupt(sandbox_id: str, tenant: Owner, state: State) -> Sandbox:
     await state.registry.get(tenant, sandbox_id).sandbox.interrupt()
     return sandbox_out(state.registry.row(tenant, sandbox_id))
 
 
-@router.get("/{sandbox_id}/metrics", response_model=MetricsOut, summary="Memory, CPU, processes (from its cgroup)")
-async def metrics(sandbox_id: str, tenant: Owner, state: State) -> MetricsOut:
+@router.get("/{sandbox_id}/metrics", response_model=SandboxMetrics, summary="Memory, CPU, processes (from its cgroup)")
+async def metrics(sandbox_id: str, tenant: Owner, state: State) -> SandboxMetrics:
     m = await state.registry.get(tenant, sandbox_id).sandbox.metrics()
-    return MetricsOut(**dataclasses.asdict(m))
+    return SandboxMetrics(**dataclasses.asdict(m))
 
 
-@router.put("/{sandbox_id}/network", response_model=NetworkOut,
+@router.put("/{sandbox_id}/network", response_model=NetworkPolicy,
             summary="Replace its allow and/or deny rules, live (connections no longer allowed are cut)")
-async def update_network(sandbox_id: str, body: UpdateNetwork, tenant: Owner, state: State) -> NetworkOut:
+async def update_network(sandbox_id: str, body: UpdateNetwork, tenant: Owner, state: State) -> NetworkPolicy:
     policy = await state.registry.update_network(tenant, sandbox_id, body.allow, body.deny)
-    return NetworkOut(sandbox_id=sandbox_id, network=policy)
+    return NetworkPolicy(sandbox_id=sandbox_id, network=policy)
 
 
 @router.get("/{sandbox_id}/network/log", response_model=list[NetworkDecision],
@@ -123,9 +123,6 @@ async def network_log(sandbox_id: str, tenant: Owner, state: State,
 _PORT_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 
 
-@router.api_route("/{sandbox_id}/ports/{port}/{path:path}", methods=_PORT_METHODS, include_in_schema=True,
-                  summary="HTTP to a server the sandbox's code started on that port (sb.get_url(port))",
-                  responses={502: {"model": ErrorBody, "description": "nothing listens on that port in the sandbox"}})
 async def port_proxy(sandbox_id: str, port: int, path: str, request: Request, tenant: Owner,
                      state: State) -> StreamingResponse:
     from ..._net.ports import check_port
@@ -138,3 +135,13 @@ async def port_proxy(sandbox_id: str, port: int, path: str, request: Request, te
     response = StreamingResponse(body, status_code=status)
     response.raw_headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in out_headers]  # repeats kept
     return response
+
+
+# One operation per method, each with its own id (one route for all would give them one id, which breaks
+# client generators).
+for _method in _PORT_METHODS:
+    router.add_api_route("/{sandbox_id}/ports/{port}/{path:path}", port_proxy, methods=[_method],
+                         operation_id=f"port_proxy_{_method.lower()}",
+                         summary="HTTP to a server the sandbox's code started on that port (sb.get_url(port))",
+                         responses={502: {"model": Error,
+                                          "description": "nothing listens on that port in the sandbox"}})
