@@ -15,7 +15,7 @@ from ._exceptions import (AuthError, FileError, HostUnsupported, ImageError, Inv
 from ._limits import Limits
 from ._models import (CommandResult, EntryInfo, Execution, ExecutionError, Logs, Result, SandboxInfo, SandboxMetrics,
                       Usage, VolumeInfo)
-from ._sandbox import AsyncCommandHandle, AsyncSandbox
+from ._sandbox import AsyncCommandHandle, AsyncSandbox, CommandInfo
 from ._sync import CommandHandle, Sandbox, run_sync
 from ._volumes import AsyncVolumes, Volumes
 
@@ -65,7 +65,7 @@ def run_code(code: str, *, template: str = "python", timeout: float | None = Non
 __all__ = [
     "__version__", "Sandbox", "AsyncSandbox", "configure_pool", "CommandHandle", "AsyncCommandHandle", "run_code", "async_run_code",
     "Limits", "Execution", "ExecutionError", "Result", "Logs", "Usage", "SandboxMetrics", "SandboxInfo", "CommandResult",
-    "EntryInfo", "VolumeInfo", "volumes", "Volumes", "AsyncVolumes",
+    "EntryInfo", "CommandInfo", "VolumeInfo", "volumes", "Volumes", "AsyncVolumes",
     "SandlotError", "SandboxNotFound", "TimeoutError", "SandboxCrashed", "AuthError", "QuotaExceeded",
     "InvalidRequest", "HostUnsupported", "FileError", "ImageError",
 ]

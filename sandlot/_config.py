@@ -51,6 +51,9 @@ VARIABLES: tuple[Variable, ...] = (
              "this host's RAM"),
     Variable("SANDLOT_TOTAL_PIDS", "`serve --total-pids`: the process limits one tenant may hold in all",
              "pid_max/2"),
+    Variable("SANDLOT_MAX_VOLUMES", "`serve --max-volumes`: the most volumes one tenant may hold", "20"),
+    Variable("SANDLOT_TOTAL_VOLUME_SIZE", "`serve --total-volume-size`: the summed volume sizes one tenant may hold",
+             "50G"),
     Variable("SANDLOT_AUDIT_RETENTION", "`serve --audit-retention`: how long audit rows are kept", "90d"),
     Variable("SANDLOT_AUDIT_MAX_ROWS", "`serve --audit-max-rows`: the most audit rows kept", "1000000"),
     # -- debugging ---------------------------------------------------------------------------------------

@@ -64,6 +64,20 @@ Calls that run code or commands can stream NDJSON events with `"stream": true`.
 """
 
 
+def _name_stream_events(app: FastAPI) -> None:
+    """The NDJSON events the streaming routes describe inline, as named components of the document."""
+    from .schemas import with_event_components
+
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = with_event_components(generate())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def create_app(settings: Optional[Settings] = None, *, mounts: Sequence[Mount] = ()) -> FastAPI:
     settings = settings or Settings()
     store = Store(settings.db_path)
@@ -103,6 +117,7 @@ def create_app(settings: Optional[Settings] = None, *, mounts: Sequence[Mount] =
 
     for module in (sandboxes, execution, files, volumes, system):
         app.include_router(module.router)
+    _name_stream_events(app)
     for mount in mounts:
         app.mount(mount.path, RequireKey(mount.app) if mount.authenticated else mount.app)
     # The last added is the outermost: timing sees every answer (413s included), the body limit guards every route.

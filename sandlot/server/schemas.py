@@ -552,6 +552,9 @@ def with_event_components(document: dict) -> dict:
                 continue
             refs = []
             for event in media["schema"]["oneOf"]:
+                if "$ref" in event:  # named already (the document went through here once): idempotent
+                    refs.append(event)
+                    continue
                 name = event["title"]
                 components.setdefault(name, refer(event, True))
                 refs.append({"$ref": f"#/components/schemas/{name}"})
