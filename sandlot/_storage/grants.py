@@ -110,10 +110,12 @@ def prepare(mounts: Sequence, volumes: VolumeStore, roots: Optional[Sequence[str
                 granted = open_host_dir(mount.source, roots)
                 if not mount.readonly and (granted.uid == 0 or granted.gid == 0):
                     granted.close()
+                    fix = ("" if granted.uid == 0 else
+                           "; give it its owner's group (chgrp) to grant it writable")
                     whose = "owned by root" if granted.uid == 0 else "of group root"
                     raise InvalidRequest(f"host directory {mount.source!r} is {whose}: it can be granted read-only, "
                                          "never writable (the sandbox would act as root there, and its files would be "
-                                         "root's on the host); give it its owner's group (chgrp) to grant it writable")
+                                         f"root's on the host){fix}")
                 owner = _owner(granted.uid, granted.gid)
                 prepared.entries.append(_Entry(mount.target, mount.readonly, granted.fd, owner))
     except BaseException:
