@@ -305,8 +305,7 @@ class GVisorSandbox(CgroupSandbox):
 
     def resize_scratch(self, size: int) -> None:
         """The sandbox's tmpfs is the host's own mount (home/rw): remounted here with a new size."""
-        linux.mount(None, str(self.home / "rw"), None, linux.MS_REMOUNT | linux.MS_NOSUID | linux.MS_NODEV,
-                    f"size={size}")
+        linux.reconfigure(str(self.home / "rw"), "size", str(size))
 
     def cgroup_limits(self, limits: Limits) -> Limits:
         """What the cgroup gets for these limits: pids.max leaves room for runsc's own threads."""

@@ -8,7 +8,6 @@ Its sandboxes end with their owner: it declares no pause and cannot adopt one (i
 from __future__ import annotations
 
 import asyncio
-import errno
 import fcntl
 import hashlib
 import json
@@ -27,10 +26,10 @@ from .._exceptions import HostUnsupported, SandboxCrashed, TimeoutError
 from .._host import cgroups
 from .._host.channel import Channel
 from .._host.zygote import Zygote, write_id_maps
+from .._agent import linux
 from .._agent.isolation import USER_UID
 from .._limits import Limits
 from .._storage.grants import PreparedMounts
-from .._storage.tools import tool
 from .._templates import Template
 from ._common import (AGENT_DIR, CgroupSandbox, boot_message, new_sandbox_id, sandbox_config, sandbox_env,
                       state_dir, template_config)
@@ -96,13 +95,11 @@ class ProcessSandbox(CgroupSandbox):
         self.created_at = time.monotonic()
 
     def resize_scratch(self, size: int) -> None:
-        """Remount the sandbox's tmpfs with a new size, from inside its mount namespace (host root may
-        reconfigure it: the sandbox's user namespace is a child of ours). nosuid,nodev restated: a
-        remount sets the mount's own flags to what it is given."""
-        done = subprocess.run([tool("nsenter"), "-t", str(self.init_pid), "-m", "--", tool("mount"), "-o",
-                               f"remount,nosuid,nodev,size={size}", "/tmp"], capture_output=True, text=True, timeout=30)
-        if done.returncode != 0:
-            raise OSError(errno.EIO, f"resizing the sandbox's storage failed: {done.stderr.strip()[:200]}")
+        """Give the sandbox's tmpfs a new size, from the host: its superblock is picked through pid 1's root
+        (/proc/PID/root/tmp, a mount point the sandbox cannot change) and reconfigured in place (host root may:
+        the sandbox's user namespace is a child of ours). Nothing runs in the sandbox's namespaces: no binary
+        of its root (an image's) is ever executed with the host's privileges."""
+        linux.reconfigure(f"/proc/{self.init_pid}/root/tmp", "size", str(size))
 
     def adopt_init(self, pid: int) -> None:
         """Hold pid 1 of the sandbox by pidfd, so killing it can never hit a recycled pid."""
