@@ -494,3 +494,18 @@ def test_a_refused_grant_at_boot_leaks_no_uid_range(tmp_path, monkeypatch):
         assert held() == before, "each refused boot kept a uid range"
     finally:
         subprocess.run(["umount", "-l", str(fs)], check=True)
+
+
+def test_code_the_host_runs_as_root_is_never_granted_writable(tmp_path):
+    """Sandlot's package (the agent every sandbox boots from) and the interpreter's prefixes are run by the
+    host as root: a writable grant of them, or of a directory holding them, would be host root at the next
+    boot. Read-only they are no more than what every sandbox already sees."""
+    import sys
+
+    import sandlot
+    from sandlot import InvalidRequest
+
+    package = os.path.dirname(sandlot.__file__)
+    for place in (package, os.path.join(package, "_agent"), sys.prefix, os.path.dirname(package)):
+        with pytest.raises(InvalidRequest, match="code this host runs as root"):
+            Sandbox(mounts={"/code": f"{place}:rw"})

@@ -101,3 +101,9 @@ def test_tracebacks_show_no_sandlot_frames(shared_sandbox):
     assert "magics.py" not in ex.error.traceback and "_agent" not in ex.error.traceback
     ex = shared_sandbox.run_code("import json\njson.loads('{bad')")
     assert "json/decoder.py" in ex.error.traceback and "_agent" not in ex.error.traceback  # library frames stay
+
+
+def test_magic_like_lines_inside_strings_and_brackets_stay_python(shared_sandbox):
+    ex = shared_sandbox.run_code('!echo start\ntext = """a\n%d items\n!not a command\n"""\nn = (7\n% 4)\n(text, n)')
+    assert _out(ex) == "start\n"
+    assert ex.text == repr(("a\n%d items\n!not a command\n", 3))

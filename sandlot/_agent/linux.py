@@ -116,8 +116,17 @@ def move_mount(from_fd: int, to_path: str) -> None:
 def reconfigure(path: str, key: str, value: str) -> None:
     """Set one parameter of the file system mounted at ``path`` (e.g. a tmpfs's size), with fspick and
     fsconfig: the superblock is changed in place; no mount flag is touched, nothing is exec'd."""
+    _reconfigure(-100, path, 0, key, value)
+
+
+def reconfigure_fd(fd: int, key: str, value: str) -> None:
+    """``reconfigure`` of the mount root held by ``fd`` (an O_PATH descriptor): no path walked again."""
+    _reconfigure(fd, "", 0x8 | 0x2 | 0x4, key, value)  # FSPICK_EMPTY_PATH | SYMLINK_NOFOLLOW | NO_AUTOMOUNT
+
+
+def _reconfigure(dirfd: int, path: str, flags: int, key: str, value: str) -> None:
     FSPICK_CLOEXEC, FSCONFIG_SET_STRING, FSCONFIG_CMD_RECONFIGURE = 1, 1, 7
-    fd = syscall("fspick", -100, path.encode(), ctypes.c_uint(FSPICK_CLOEXEC))
+    fd = syscall("fspick", dirfd, path.encode(), ctypes.c_uint(FSPICK_CLOEXEC | flags))
     try:
         syscall("fsconfig", fd, ctypes.c_uint(FSCONFIG_SET_STRING), key.encode(), value.encode(), 0)
         syscall("fsconfig", fd, ctypes.c_uint(FSCONFIG_CMD_RECONFIGURE), None, None, 0)

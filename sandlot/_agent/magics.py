@@ -45,9 +45,10 @@ def rewrite(code: str) -> str:
         name, _, args = head.partition(" ")
         body = "\n".join(lines[first + 1:])
         return f"{NAME}.cell({name!r}, {args.strip()!r}, {body!r})"
+    inside = _continued_rows(code) or set()  # (a shell line can upset the tokenizer: then every line counts)
     out = []
-    for line in lines:
-        match = _LINE.match(line)
+    for row, line in enumerate(lines, 1):
+        match = None if row in inside else _LINE.match(line)
         if match is None or not match.group("rest").strip():
             out.append(line)
             continue
@@ -61,6 +62,32 @@ def rewrite(code: str) -> str:
     except SyntaxError:
         return code
     return rewritten
+
+
+def _continued_rows(code: str):
+    """Rows (1-based) that do not start a logical line: inside a multi-line string or within brackets. A
+    ``%`` or ``!`` there is Python's (a format string, an operator), never a magic. None: not tokenizable
+    (an unbalanced quote in a shell line, say)."""
+    import io
+    import tokenize
+
+    rows, depth, seen = set(), 0, set()
+    try:
+        for token in tokenize.generate_tokens(io.StringIO(code).readline):
+            start, end = token.start[0], token.end[0]
+            if start not in seen:
+                seen.add(start)
+                if depth > 0:
+                    rows.add(start)
+            if token.type == tokenize.STRING and end > start:
+                rows.update(range(start + 1, end + 1))
+            elif token.type == tokenize.OP and token.string in "([{":
+                depth += 1
+            elif token.type == tokenize.OP and token.string in ")]}":
+                depth = max(0, depth - 1)
+    except (tokenize.TokenError, IndentationError, SyntaxError):
+        return None
+    return rows
 
 
 def _human_time(seconds: float) -> str:
@@ -123,7 +150,9 @@ class Magics:
                              "(or a template that has the package) and try again.\n")
             self.namespace["_exit_code"] = 1
             return None
-        if argv[:1] == ["install"] and not any(a.startswith(("--target", "-t", "--prefix", "--root")) for a in argv):
+        placed = {"--target", "-t", "--prefix", "--root", "--user"}
+        if argv[:1] == ["install"] and not any(a.split("=", 1)[0] in placed or (a.startswith("-t") and a != "-t")
+                                               for a in argv):
             target = _user_packages()
             argv[1:1] = ["--target", target, "--upgrade"]
         for stream in (sys.stdout, sys.stderr):

@@ -8,6 +8,7 @@ Its sandboxes end with their owner: it declares no pause and cannot adopt one (i
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import hashlib
 import json
@@ -99,7 +100,16 @@ class ProcessSandbox(CgroupSandbox):
         (/proc/PID/root/tmp, a mount point the sandbox cannot change) and reconfigured in place (host root may:
         the sandbox's user namespace is a child of ours). Nothing runs in the sandbox's namespaces: no binary
         of its root (an image's) is ever executed with the host's privileges."""
-        linux.reconfigure(f"/proc/{self.init_pid}/root/tmp", "size", str(size))
+        fd = os.open(f"/proc/{self.init_pid}/root/tmp", os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            # Still our pid 1 once the path is held (a pid reused meanwhile would name another process's tree),
+            # and not the host's own /tmp.
+            signal.pidfd_send_signal(self._init_pidfd if self._init_pidfd is not None else self._pidfd, 0)
+            if os.fstat(fd).st_dev == os.stat("/tmp").st_dev:
+                raise OSError(errno.EINVAL, "the sandbox's /tmp is the host's: not resized")
+            linux.reconfigure_fd(fd, "size", str(size))
+        finally:
+            os.close(fd)
 
     def adopt_init(self, pid: int) -> None:
         """Hold pid 1 of the sandbox by pidfd, so killing it can never hit a recycled pid."""
@@ -326,7 +336,8 @@ class ProcessBackend(Backend):
                 try:
                     if mounts is not None:
                         user = uid_slot.base + USER_UID if uid_slot else os.getuid()
-                        mount_fds = await asyncio.to_thread(mounts.detached, user)
+                        # (a create cancelled meanwhile: the thread's copies are closed, not left holding a volume)
+                        mount_fds = await _in_thread(mounts.detached, user, undo=lambda fds: [os.close(f) for f in fds])
                     popen = self._exec_boot(template, child_end, mount_fds)
                 except BaseException:  # no sandbox will hold the range: give it back now
                     if uid_slot is not None:

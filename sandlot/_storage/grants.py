@@ -34,6 +34,7 @@ class _Entry:
 
 class PreparedMounts:
     def __init__(self) -> None:
+        self._released = False
         self.entries: list[_Entry] = []
         self._volumes: list[AttachedVolume] = []
         self._points: list[MountPoint] = []
@@ -63,17 +64,23 @@ class PreparedMounts:
         """The copies attached under ``base`` on the host: [(host path, target, readonly)]. Released with us.
         (For gVisor, whose user is a real host uid: never an unmapped copy.)"""
         out = []
-        for entry, fd in zip(self.entries, self.detached(user, unmapped_ok=False)):
-            try:
+        fds = self.detached(user, unmapped_ok=False)
+        try:
+            for entry, fd in zip(self.entries, fds):
                 point = MountPoint(base, "grant")
                 self._points.append(point)
                 linux.move_mount(fd, str(point.path))
-            finally:
+                out.append((str(point.path), entry.target, entry.readonly))
+        finally:
+            for fd in fds:
                 os.close(fd)
-            out.append((str(point.path), entry.target, entry.readonly))
+        if self._released:  # its sandbox gave up while this ran in a thread: undo, nothing is left attached
+            self.release()
+            raise OSError("the sandbox's mounts were released while they were being attached")
         return out
 
     def release(self) -> None:
+        self._released = True
         for point in self._points:
             point.release()
         self._points = []
@@ -107,7 +114,7 @@ def prepare(mounts: Sequence, volumes: VolumeStore, roots: Optional[Sequence[str
                 fd = os.open(volume.path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
                 prepared.entries.append(_Entry(mount.target, mount.readonly, fd, (OWNER, OWNER)))
             else:
-                granted = open_host_dir(mount.source, roots)
+                granted = open_host_dir(mount.source, roots, writable=not mount.readonly)
                 if not mount.readonly and (granted.uid == 0 or granted.gid == 0):
                     granted.close()
                     fix = ("" if granted.uid == 0 else

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import stat
+import sys
 from typing import Optional, Sequence
 
 from .. import _config
@@ -46,6 +47,15 @@ def _inside(path: str, tree: str) -> bool:
 def own_state() -> list:
     """Sandlot's own state on this host (volumes, checkpoints, databases): never granted, nor a parent of it."""
     return [os.path.realpath(p) for p in (_config.data_dir(), _config.state_dir())]
+
+
+def code_run_as_root() -> list:
+    """What this host runs with its own privileges: Sandlot's package (the agent every sandbox boots from
+    included) and the interpreter's prefixes. Never granted writable, nor a parent of them: a sandbox that
+    could edit them would run its code as the host's root at the next boot or import."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    places = {package, sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable))}
+    return sorted({os.path.realpath(p) for p in places if p})
 
 
 MAX_SYMLINKS = 40  # as the kernel's own lookup
@@ -85,7 +95,7 @@ def resolve(path: str) -> str:
     return resolved
 
 
-def check_allowed(path: str, roots: Optional[Sequence[str]]) -> str:
+def check_allowed(path: str, roots: Optional[Sequence[str]], writable: bool = False) -> str:
     """The resolved path of a grant, or InvalidRequest saying why it cannot be granted. ``roots``: the
     operator's allowed roots (None: any directory that is not sensitive; empty: none at all)."""
     resolved = resolve(path)
@@ -95,6 +105,11 @@ def check_allowed(path: str, roots: Optional[Sequence[str]]) -> str:
     for state in own_state():
         if _inside(resolved, state) or _inside(state, resolved):
             raise InvalidRequest(f"host directory {path!r} holds Sandlot's own state ({state}); it is never granted")
+    if writable:
+        for code in code_run_as_root():
+            if _inside(resolved, code) or _inside(code, resolved):
+                raise InvalidRequest(f"host directory {path!r} holds code this host runs as root ({code}: Sandlot "
+                                     "or its Python); it can be granted read-only, never writable")
     if roots is not None:
         if not roots:
             raise InvalidRequest("this server grants no host directories (the operator allows them with "
@@ -110,9 +125,9 @@ def check_allowed(path: str, roots: Optional[Sequence[str]]) -> str:
     return resolved
 
 
-def open_host_dir(path: str, roots: Optional[Sequence[str]] = None) -> HostDir:
+def open_host_dir(path: str, roots: Optional[Sequence[str]] = None, writable: bool = False) -> HostDir:
     """Check ``path`` (see check_allowed) and hold it open, refusing it if it changed in between."""
-    resolved = check_allowed(path, roots)
+    resolved = check_allowed(path, roots, writable)
     try:
         fd = os.open(resolved, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:

@@ -89,9 +89,10 @@ def parse_mounts(value: Any) -> tuple:
     if len(value) > MAX_MOUNTS:
         raise InvalidRequest(f"at most {MAX_MOUNTS} mounts per sandbox")
     mounts = sorted((parse_source(_check_target(t), s) for t, s in value.items()), key=lambda m: m.target)
-    for outer, inner in zip(mounts, mounts[1:]):
-        if inner.target.startswith(outer.target + "/"):
-            raise InvalidRequest(f"mount targets may not nest: {inner.target!r} is inside {outer.target!r}")
+    for outer in mounts:  # every pair ('/a-b' sorts between '/a' and '/a/c')
+        for inner in mounts:
+            if inner.target.startswith(outer.target + "/"):
+                raise InvalidRequest(f"mount targets may not nest: {inner.target!r} is inside {outer.target!r}")
     volumes = [m.source for m in mounts if m.kind == "volume"]
     if len(set(volumes)) != len(volumes):
         raise InvalidRequest("a volume can be mounted once per sandbox")

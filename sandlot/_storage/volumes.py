@@ -53,7 +53,7 @@ def _attached_loops(image: Path, writable_only: bool = False) -> list:
     """Loop devices backed by ``image`` now (a mount still attached, or one the kernel is still releasing);
     ``writable_only``: only read-write ones (a writer's)."""
     found = []
-    target = str(image)
+    target = os.path.realpath(image)  # the kernel names the backing file by its real path
     for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
         try:
             name = backing.read_text().strip()
@@ -156,8 +156,15 @@ class VolumeStore:
     def list(self) -> list:
         if not self.root.is_dir():
             return []
-        return [self.info(p.name) for p in sorted(self.root.iterdir())
-                if not p.name.startswith(".") and (p / "meta.json").is_file()]
+        found = []
+        for path in sorted(self.root.iterdir()):
+            if path.name.startswith("."):
+                continue
+            try:
+                found.append(self.info(path.name))
+            except (InvalidRequest, OSError):
+                continue  # deleted while we listed
+        return found
 
     def delete(self, name: str) -> None:
         """Remove a volume and everything in it; InvalidRequest while a sandbox has it mounted."""
@@ -208,6 +215,12 @@ class VolumeStore:
                 raise InvalidRequest(
                     f"volume {name!r} is in use: it has one writer or many readers, so it cannot be mounted "
                     f"{'writable' if not readonly else how} now") from None
+            try:  # the lock taken is this volume's (not one deleted, and remade, while we waited)
+                same = os.fstat(fd).st_ino == os.stat(path / "lock").st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                raise InvalidRequest(f"volume {name!r} was deleted while this mount waited for it")
             image = path / "image.ext4"
             # The last writer's file system must be gone before anyone mounts it again (a reader too: its
             # read-only mount would meet the writer's loop device, 'already mounted'), and a new writer's also
