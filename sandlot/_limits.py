@@ -86,13 +86,12 @@ class Limits:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    @property
-    def scratch(self) -> int:
+    def storage(self, overhead: int = 0) -> int:
         """The bytes home, /tmp and /dev/shm may hold together: ``disk``, but never so close to ``memory`` that
         filling them would end in an OOM kill instead of ENOSPC (they are a tmpfs, whose pages count toward
         the memory limit): an eighth of ``memory``, at least 64 MiB (half of a smaller one), stays for the
-        processes."""
-        room = max(self.memory // 8, min(64 * 1024**2, self.memory // 2))
+        processes, plus ``overhead``, what the tier itself keeps in the sandbox's memory (gVisor's sentry)."""
+        room = max(self.memory // 8, min(64 * 1024**2, self.memory // 2)) + overhead
         return max(1024**2, min(self.disk, self.memory - room))
 
 

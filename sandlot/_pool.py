@@ -112,7 +112,7 @@ BOOT_LIMITS = ("disk", "inodes", "open_files", "pids")
 
 def poolable(limits: Limits, default: Optional[Limits] = None) -> bool:
     default = default or Limits()
-    # (A claim with other memory resizes the warm sandbox's storage to Limits.scratch: apply_limits.)
+    # (A claim with other memory resizes the warm sandbox's storage to Limits.storage: apply_limits.)
     return all(getattr(limits, name) == getattr(default, name) for name in BOOT_LIMITS)
 
 

@@ -95,10 +95,10 @@ def image_config(template: Template) -> dict:
     }
 
 
-def sandbox_config(limits: Limits, env: dict) -> dict:
+def sandbox_config(limits: Limits, env: dict, storage_overhead: int = 0) -> dict:
     """The part of the agent's boot plan that is this sandbox's own: its environment and rlimits."""
     return {"env": env, "limits": {
-        "disk": limits.scratch, "inodes": limits.inodes, "open_files": limits.open_files, "pids": limits.pids,
+        "disk": limits.storage(storage_overhead), "inodes": limits.inodes, "open_files": limits.open_files, "pids": limits.pids,
         # RLIMIT_CPU is a per-process backstop only (the wall timeouts and lifetime are the host's):
         # fixed at the longest lifetime allowed, so it never depends on the owner's settings.
         "cpu_seconds": int(14 * 86400 * max(1.0, limits.cpu)) + 1}}
@@ -122,6 +122,8 @@ class CgroupSandbox(BackendSandbox):
     """A handle whose sandbox lives in one cgroup (both tiers): limits and counters are the kernel's."""
 
     cgroup: cgroups.Cgroup
+    # What the tier itself keeps in the sandbox's memory cgroup beside the code (Limits.storage).
+    storage_overhead: int = 0
 
     def cgroup_limits(self, limits: Limits) -> Limits:
         """What the cgroup gets for these limits (a tier may keep room for its own helpers)."""
@@ -131,10 +133,10 @@ class CgroupSandbox(BackendSandbox):
         before = self.limits
         if (limits.cpu, limits.memory, limits.pids) != (before.cpu, before.memory, before.pids):
             await asyncio.to_thread(self.cgroup.apply, self.cgroup_limits(limits))
-        if limits.scratch != before.scratch:
-            # Its storage is memory too: other memory, other room for files (Limits.scratch), or a full
+        if limits.storage(self.storage_overhead) != before.storage(self.storage_overhead):
+            # Its storage is memory too: other memory, other room for files (Limits.storage), or a full
             # disk would be an OOM kill. A warm sandbox's is still nearly empty, so shrinking it works.
-            await asyncio.to_thread(self.resize_scratch, limits.scratch)
+            await asyncio.to_thread(self.resize_scratch, limits.storage(self.storage_overhead))
         self.limits = limits  # once the kernel took them (a refused write leaves the old ones)
 
     def resize_scratch(self, size: int) -> None:

@@ -75,6 +75,9 @@ BOOT_TIMEOUT = 60.0  # runsc start plus importing the preload list under ptrace
 RUNSC_PIDS_ROOM = 1024  # threads of the sentry and the gofer, on top of the app's own limit
 ETC_FILES = ("passwd", "group", "hosts", "hostname", "resolv.conf")
 AGENT_CAPS = ["CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP"]  # only to become the user; dropped at boot
+# gVisor's own share of a sandbox's memory (the sentry and gofer, ~60 MiB measured with a full 192 MiB tmpfs
+# at memory=256M): kept out of the room files may take, so a full disk is ENOSPC, never an OOM kill.
+SENTRY_MEMORY = 96 * 1024**2
 WRITABLE = {"home": ("/home/user", 0o700), "tmp": ("/tmp", 0o1777), "shm": ("/dev/shm", 0o1777)}
 
 
@@ -206,7 +209,7 @@ def _spec(template: Template, limits: Limits, env: dict[str, str], rootfs: Path,
     if netns_path is not None:  # runsc --network=host joins this one (never the host's: see holder.py)
         namespaces[1]["path"] = netns_path
     rlimits = [("RLIMIT_NOFILE", limits.open_files), ("RLIMIT_NPROC", limits.pids), ("RLIMIT_CORE", 0),
-               ("RLIMIT_FSIZE", limits.scratch)]
+               ("RLIMIT_FSIZE", limits.storage(SENTRY_MEMORY))]
     return {
         "ociVersion": "1.0.2",
         "process": {
@@ -230,7 +233,7 @@ def _mount_writable(home: Path, limits: Limits) -> Path:
     rw = home / "rw"
     rw.mkdir()
     linux.mount("tmpfs", str(rw), "tmpfs", linux.MS_NOSUID | linux.MS_NODEV,
-                f"size={limits.scratch},nr_inodes={limits.inodes},mode=0755")
+                f"size={limits.storage(SENTRY_MEMORY)},nr_inodes={limits.inodes},mode=0755")
     for name, (_, mode) in WRITABLE.items():
         (rw / name).mkdir()
         (rw / name).chmod(mode)
@@ -285,6 +288,7 @@ def sweep_stale(min_age: float = 60.0) -> int:
 
 class GVisorSandbox(CgroupSandbox):
     isolation = "gvisor"
+    storage_overhead = SENTRY_MEMORY
 
     def __init__(self, sandbox_id: str, limits: Limits, cgroup: cgroups.Cgroup, home: Path,
                  template: str = "python") -> None:
@@ -532,7 +536,7 @@ class GVisorBackend(Backend):
         (home / "bundle" / "config.json").write_text(json.dumps(spec))
         try:
             await sandbox._launch("run", f"--bundle={home / 'bundle'}", sandbox_id)
-            config = dict(template_config(template, env), **sandbox_config(limits, env_inside))
+            config = dict(template_config(template, env), **sandbox_config(limits, env_inside, SENTRY_MEMORY))
             config["limits"]["nproc_exact"] = True  # the cgroup has room for runsc; this is the app's limit
             if mounts is not None:
                 config["mounts"] = mounts.plan()  # the writable ones join Landlock's write paths
