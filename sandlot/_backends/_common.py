@@ -118,12 +118,16 @@ async def boot_message(channel: Channel, who: str = "sandbox") -> dict:
 
 
 # -- the handle's cgroup side --------------------------------------------------------------------------
+CLAIM_MARGIN = 32 * 1024**2  # what a claimed warm sandbox keeps free beside its files and current memory
+
+
 class CgroupSandbox(BackendSandbox):
     """A handle whose sandbox lives in one cgroup (both tiers): limits and counters are the kernel's."""
 
     cgroup: cgroups.Cgroup
     # What the tier itself keeps in the sandbox's memory cgroup beside the code (Limits.storage).
     storage_overhead: int = 0
+    storage_bytes: int = 0  # the size its tmpfs was given (set at boot, changed by _fit_storage)
 
     def cgroup_limits(self, limits: Limits) -> Limits:
         """What the cgroup gets for these limits (a tier may keep room for its own helpers)."""
@@ -133,11 +137,24 @@ class CgroupSandbox(BackendSandbox):
         before = self.limits
         if (limits.cpu, limits.memory, limits.pids) != (before.cpu, before.memory, before.pids):
             await asyncio.to_thread(self.cgroup.apply, self.cgroup_limits(limits))
-        if limits.storage(self.storage_overhead) != before.storage(self.storage_overhead):
-            # Its storage is memory too: other memory, other room for files (Limits.storage), or a full
-            # disk would be an OOM kill. A warm sandbox's is still nearly empty, so shrinking it works.
-            await asyncio.to_thread(self.resize_scratch, limits.storage(self.storage_overhead))
+        if limits.memory != before.memory:
+            await asyncio.to_thread(self._fit_storage, limits)
         self.limits = limits  # once the kernel took them (a refused write leaves the old ones)
+
+    def _fit_storage(self, limits: Limits) -> None:
+        """Its storage is memory too (a tmpfs): with other memory, other room for files, or a full disk would
+        be an OOM kill. A warm sandbox already holds some memory (a preloaded session, gVisor's sentry): its
+        files get what the new limit leaves beside that, at most what a fresh sandbox would (Limits.storage);
+        if that is too little, OSError: the caller boots a fresh one. A warm sandbox's storage is still
+        nearly empty, so shrinking it works."""
+        want = limits.storage(self.storage_overhead)
+        fit = min(want, limits.memory - self.cgroup.memory_current() - CLAIM_MARGIN - self.storage_overhead)
+        if fit < min(64 * 1024**2, want):
+            raise OSError(errno.ENOMEM, f"this warm sandbox already uses {self.cgroup.memory_current() >> 20} MiB: "
+                                        f"{limits.memory >> 20} MiB leaves its files too little room")
+        if fit != self.storage_bytes:
+            self.resize_scratch(fit)
+            self.storage_bytes = fit
 
     def resize_scratch(self, size: int) -> None:
         """Give home, /tmp and /dev/shm (one tmpfs) ``size`` bytes; OSError if the kernel refuses."""

@@ -508,6 +508,7 @@ class GVisorBackend(Backend):
         sandbox = GVisorSandbox(sandbox_id, limits, cgroup, home, template.name)
         sandbox.on_cleanup = self.track_cleanup
         sandbox.grants = mounts
+        sandbox.storage_bytes = limits.storage(SENTRY_MEMORY)
         sandbox._lock_fd = _hold(home)
         try:
             writable = await asyncio.to_thread(_mount_writable, home, limits)

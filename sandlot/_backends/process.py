@@ -357,6 +357,7 @@ class ProcessBackend(Backend):
         channel = Channel(host_end)
         await channel.open()
         sandbox = ProcessSandbox(sandbox_id, limits, pid, channel, cgroup, popen, release, template.name)
+        sandbox.storage_bytes = limits.storage()
         sandbox.on_cleanup = self.track_cleanup
         sandbox.grants = mounts
         try:
