@@ -43,9 +43,6 @@ class PreparedMounts:
         """What the agent needs: each target and whether it is read-only, in the order of the copies."""
         return [{"target": e.target, "ro": e.readonly} for e in self.entries]
 
-    def writable_targets(self) -> list:
-        return [e.target for e in self.entries if not e.readonly]
-
     def detached(self, user: int, unmapped_ok: bool = True) -> list:
         """One detached copy per mount (descriptors, the caller closes them), mapped for host uid ``user``
         (``unmapped_ok``: see idmap.detached_copy)."""

@@ -186,9 +186,6 @@ class VolumeStore:
             os.close(fd)
         shutil.rmtree(doomed, ignore_errors=True)
 
-    def total_size(self) -> int:
-        return sum(v.size for v in self.list())
-
     @staticmethod
     def _in_use(path: Path) -> bool:
         try:
