@@ -275,6 +275,41 @@ class Agent:
                 for header, payload in self.inbox.feed(data):
                     self._dispatch(header, payload)
 
+    # -- a new owner ------------------------------------------------------------------------
+    def _req_owner(self, rid, req, payload) -> None:
+        """A new host process owns the channel (a re-adopting server; on the gVisor tier the keeper sends
+        this when a server connects): the earlier owner's requests are forgotten."""
+        self._new_owner()
+
+    def _new_owner(self) -> None:
+        """The requests of the owner that went away are orphaned: their ids become strings the host's
+        channel drops (it routes int ids only), so a new owner's ids never collide with them. Running code
+        runs on (its output goes nowhere; the session keeps what it defines); code queued behind it is not
+        run (its caller is gone: a retry must not run it twice); background commands run on, and a new owner
+        reaches them by pid (``cmd_attach``); file reads and uploads in flight are closed (an upload is
+        undone)."""
+        def orphan(rid):
+            return rid if rid is None or isinstance(rid, str) else "orphan-%s" % rid
+
+        self.current_exec = orphan(self.current_exec)
+        self.exec_queue.clear()
+        self.commands = {orphan(rid): command for rid, command in self.commands.items()}
+        self.stream_owner = {fd: (orphan(rid), name) for fd, (rid, name) in self.stream_owner.items()}
+        for read in self.producers.values():
+            read[0].close()
+            read[2]()
+        self.producers.clear()
+        for fd, _, path, undo in self.uploads.values():
+            try:
+                if undo is None:
+                    os.unlink(path)
+                else:
+                    os.ftruncate(fd, undo)
+            except OSError:
+                pass
+            os.close(fd)
+        self.uploads.clear()
+
     # -- requests -----------------------------------------------------------------------------
     def _dispatch(self, req: dict, payload: bytes) -> None:
         kind = req.get("t")
