@@ -41,15 +41,32 @@ _OWN_ROOTS = object()  # Engine.create: the engine's own host_dir_roots
 
 
 class Engine:
-    def __init__(self, *, zygote: Optional[bool] = None, host_dir_roots: Optional[Sequence[str]] = None) -> None:
+    def __init__(self, *, zygote: Optional[bool] = None, host_dir_roots: Optional[Sequence[str]] = None,
+                 durable: bool = False) -> None:
         """``zygote=False`` boots every process-tier sandbox by exec (a one-shot CLI run: nothing to gain
         from preloading); None follows SANDLOT_ZYGOTE. ``host_dir_roots``: the directories inside which
-        host directories may be granted (None: any that is not sensitive, for a local owner; empty: none)."""
+        host directories may be granted (None: any that is not sensitive, for a local owner; empty: none).
+        ``durable``: the sandboxes it hands out outlive this process until their lifetime ends (those a tier
+        can keep: without a network or mounts), and a later engine takes them back with ``adopt()`` (a
+        server's engine); otherwise each ends with its owner, as a script's sandboxes must."""
         self._zygote = zygote
+        self._durable = durable
         self.host_dir_roots = None if host_dir_roots is None else tuple(host_dir_roots)
         self._backends: dict[str, Backend] = {}
         self._lock = threading.Lock()
         self.pools = Pools()
+
+    @property
+    def durable(self) -> bool:
+        return self._durable
+
+    @durable.setter
+    def durable(self, value: bool) -> None:
+        """For sandboxes made from now on (a server process sets it on its engine at start)."""
+        with self._lock:
+            self._durable = bool(value)
+            for backend in self._backends.values():
+                backend.durable = self._durable
 
     def set_zygote(self, enabled: bool) -> None:
         """Fork process-tier sandboxes from a preloaded zygote (True) or exec each one (False)."""
@@ -67,6 +84,7 @@ class Engine:
             backend = self._backends.get(isolation)
             if backend is None:
                 backend = cls(zygote=self._zygote) if isolation == "process" else cls()
+                backend.durable = self._durable
                 self._backends[isolation] = backend
             return backend
 
@@ -147,6 +165,18 @@ class Engine:
             except BaseException:
                 await asyncio.shield(sandbox.kill())
                 raise
+        await sandbox.lease()
+        return sandbox
+
+    async def adopt(self, record: Mapping[str, Any], spec: SandboxSpec, expires_at: float) -> LocalSandbox:
+        """A live sandbox an earlier process of this host left running (a durable one: its owner died or
+        shut down), taken over by this engine with the spec it was made with and its deadline (unix time):
+        SandboxNotFound when it has ended, InvalidRequest when its tier cannot take one back."""
+        backend = self.backend(str(record.get("isolation") or spec.isolation or "process"))
+        proc = await backend.adopt(record)
+        sandbox = LocalSandbox(dataclasses.replace(spec, isolation=backend.name), backend, proc)
+        sandbox.expire_at(expires_at)
+        await sandbox.lease()
         return sandbox
 
     async def _claim(self, backend: Backend, template: Template, spec: SandboxSpec,

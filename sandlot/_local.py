@@ -79,6 +79,22 @@ class LocalSandbox(SandboxHandle):
         self.files = LocalFiles(self)
 
     @property
+    def durable(self) -> bool:
+        """It outlives this process until its lifetime ends, for a later one to take back (a server's
+        sandboxes, on a tier that can, without a network or mounts: those are held by this process)."""
+        return self._backend.durable and self.network is None and not self.spec.mounts
+
+    async def lease(self) -> None:
+        """Tell the sandbox (its agent; on gVisor its keeper) until when it may outlive its owner: its deadline."""
+        if self.durable and not self._proc.paused and self._proc.channel.is_open:
+            until = time.time() + max(0.0, self._deadline - time.monotonic())
+            await self._proc.channel.send({"t": "lease", "id": 0, "until": until})
+
+    def expire_at(self, unix_time: float) -> None:
+        """Its lifetime ends at this wall-clock time (a sandbox taken back keeps the deadline it had)."""
+        self._deadline = time.monotonic() + max(0.0, unix_time - time.time())
+
+    @property
     def backend_sandbox(self) -> BackendSandbox:
         """The backend's handle (its pid, cgroup and counters): for the engine, the server and tests."""
         return self._proc
@@ -179,6 +195,7 @@ class LocalSandbox(SandboxHandle):
         Limits.build({"lifetime": seconds})
         self._alive()
         self._deadline = time.monotonic() + seconds
+        await self.lease()
 
     async def keep_alive(self) -> None:
         """Count as activity now: the idle timeout starts over."""

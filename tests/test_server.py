@@ -304,7 +304,8 @@ def test_fuzz_the_api_from_its_openapi_spec(server):
 
 
 def test_restart_after_kill_9_reports_lost_and_leaves_nothing(tmp_path):
-    first = ServerProcess(tmp_path / "sandlot.db").start()
+    """A server told its sandboxes end with it (--no-durable): killed -9, they die; the next one says so."""
+    first = ServerProcess(tmp_path / "sandlot.db", "--no-durable").start()
     key = first.key("owner")
     remote = {"api_url": first.url, "api_key": key}
     sb = Sandbox(**remote, metadata={"keep": "me"})
@@ -318,7 +319,7 @@ def test_restart_after_kill_9_reports_lost_and_leaves_nothing(tmp_path):
         time.sleep(0.05)
     assert not [p for p in tree if alive(p)]
 
-    second = ServerProcess(first.db_path, port=first.port).start()
+    second = ServerProcess(first.db_path, "--no-durable", port=first.port).start()
     try:
         with client(second, key=key) as c:
             info = c.get(f"/v1/sandboxes/{sid}").json()

@@ -240,7 +240,7 @@ def _serve() -> None:
     os._exit(0)
 
 
-def _handshake(sock: socket.socket, cfg: dict) -> None:
+def _handshake(sock: socket.socket, cfg: dict, die_with_parent: bool = True) -> None:
     """Tell the host our pid; it writes our uid/gid maps and cgroup, then says go."""
     _send(sock, {"t": "unshared", "pid": os.getpid()})
     if _recv_frame(sock)["t"] != "go":
@@ -249,6 +249,8 @@ def _handshake(sock: socket.socket, cfg: dict) -> None:
         parent = os.getppid()
         os.setresgid(0, 0, 0)
         os.setresuid(0, 0, 0)
+        if not die_with_parent:
+            return
         # A uid change clears the parent-death signal: arm it again, and if our parent died in
         # between (we were reparented), follow it now.
         from _agent import linux
@@ -263,14 +265,15 @@ def _direct(sock: socket.socket, cfg: dict) -> None:
     from _agent import isolation, linux
 
     try:
-        linux.prctl(linux.PR_SET_PDEATHSIG, 9)
+        if not cfg.get("durable"):  # a durable sandbox's agent decides its end by its lease (server.py)
+            linux.prctl(linux.PR_SET_PDEATHSIG, 9)
         linux.unshare(linux.CLONE_NEWUSER | linux.CLONE_NEWNS | linux.CLONE_NEWNET | linux.CLONE_NEWIPC
                       | linux.CLONE_NEWUTS)
         # Still the host's uid (only our capabilities moved to the new namespace): we can reach
         # paths owned by us, like a pyenv under a 0700 /root, and binds must come from this new
         # mount namespace, so the host paths are opened now.
         plan = isolation.plan_host_paths(cfg)
-        _handshake(sock, cfg)
+        _handshake(sock, cfg, die_with_parent=not cfg.get("durable"))
         linux.unshare(linux.CLONE_NEWCGROUP | linux.CLONE_NEWPID)
     except Exception as exc:  # report the failing step to the host, plainly
         _send(sock, {"t": "boot_error", "error": "%s: %s" % (type(exc).__name__, exc)})
@@ -546,7 +549,11 @@ def _init(sock: socket.socket, cfg: dict, prepare, parent_waits: bool) -> None:
         # pid 1 keeps its channel and nothing else it inherited: not the zygote's descriptor of the
         # host's /proc, not what the preload left open (a sandbox ends when its channel closes,
         # that is with its owner).
-        isolation.close_inherited([sock.fileno()])
+        # ...but the lock of its host uid range: held while it lives, even past its owner (a durable
+        # sandbox), so no later sandbox is given the same host uids.
+        lock = cfg.get("uid_lock_fd")
+        # (it stays inheritable for an image's interpreter, exec'd below; the session and commands close it)
+        isolation.close_inherited([sock.fileno()] + ([lock] if isinstance(lock, int) and lock > 2 else []))
         import _agent
 
         # Modules imported later (the matplotlib backend, say) must resolve inside the new root.

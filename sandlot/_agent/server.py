@@ -207,6 +207,14 @@ class Agent:
         self.uploads = {}
         self.paused = False
         self.ctl_paused = False
+        # A durable sandbox outlives its owner (a server restarting): with a lease, losing the channel is
+        # not the end; the sandbox waits for a new owner until ``lease_until`` (unix time), then ends.
+        # ``spare`` is a descriptor number held for that: while no owner holds the channel it is the far end
+        # of a fresh one, which the next owner takes with pidfd_getfd (host root only: user code runs as
+        # another uid and cannot reach pid 1's descriptors); otherwise it holds /dev/null.
+        self.lease_until = None
+        self.ownerless = False
+        self.spare = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
         os.set_blocking(wake_w, False)
@@ -230,7 +238,8 @@ class Agent:
             except BlockingIOError:
                 break
             except OSError:
-                os._exit(0)  # host gone: pid 1 exits and the kernel ends the whole sandbox
+                self._host_gone()  # pid 1 exits (the kernel ends the whole sandbox), or waits for a new owner
+                return
             del self.out[:sent]
         wfd = getattr(self.host, "write_fileno", None)
         if wfd is None:  # a socket: one descriptor for both directions
@@ -270,12 +279,48 @@ class Agent:
             except BlockingIOError:
                 data = None
             if data == b"":
-                os._exit(0)
+                self._host_gone()
+                return
             if data:
+                if self.ownerless:
+                    self._owned()
                 for header, payload in self.inbox.feed(data):
                     self._dispatch(header, payload)
 
-    # -- a new owner ------------------------------------------------------------------------
+    # -- owners -------------------------------------------------------------------------------
+    def _req_lease(self, rid, req, payload) -> None:
+        """How long the sandbox may outlive its owner: until this unix time (None: it ends with it)."""
+        until = req.get("until")
+        if until is not None and (isinstance(until, bool) or not isinstance(until, (int, float))):
+            raise ValueError("until must be a unix time or null")
+        self.lease_until = until
+
+    def _host_gone(self) -> None:
+        """The owner's end of the channel closed (its process ended). Without a lease in force, or on a
+        channel of pipes (gVisor: its keeper holds them), the sandbox ends now: pid 1 exits."""
+        if (self.lease_until is None or time.time() >= self.lease_until
+                or getattr(self.host, "write_fileno", None) is not None):
+            os._exit(0)
+        self.sel.unregister(self.host)
+        self.host.close()
+        near, far = socket.socketpair()
+        os.dup2(far.fileno(), self.spare, inheritable=False)
+        far.close()
+        near.setblocking(False)
+        self.host = near
+        self.sel.register(near, selectors.EVENT_READ, self._on_host)
+        self.out.clear()  # the rest of a frame the old owner never read, and what followed it
+        self.inbox = protocol.FrameBuffer()  # the start of a frame it never finished
+        self._new_owner()
+        self.ownerless = True
+
+    def _owned(self) -> None:
+        """A new owner spoke on the channel it took: our copy of its end goes, so its going away shows as EOF."""
+        devnull = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        os.dup2(devnull, self.spare, inheritable=False)
+        os.close(devnull)
+        self.ownerless = False
+
     def _req_owner(self, rid, req, payload) -> None:
         """A new host process owns the channel (a re-adopting server; on the gVisor tier the keeper sends
         this when a server connects): the earlier owner's requests are forgotten."""
@@ -712,8 +757,13 @@ class Agent:
             timeout = 0.02 if self.commands else None
             if self._producing() and len(self.out) < HIGH_WATER:
                 timeout = 0
+            if self.ownerless:
+                left = max(0.0, self.lease_until - time.time())
+                timeout = left if timeout is None else min(timeout, left)
             for key, mask in self.sel.select(timeout):
                 key.data(key, mask)
+            if self.ownerless and time.time() >= self.lease_until:
+                os._exit(0)  # nobody took the sandbox back within its lifetime
             self._reap_children()
             for command in self.commands.values():
                 command.pump_stdin()
@@ -791,5 +841,5 @@ def serve(sock, cfg: dict) -> None:
     agent = Agent(sock, cfg)
     if cfg.get("python", True):  # an image without Python serves commands and files only
         agent._start_kernel()  # the session is ready before the first call (and pooled sandboxes warm)
-    agent.send({"t": "ready", "pid": os.getpid()})
+    agent.send({"t": "ready", "pid": os.getpid(), "spare_fd": agent.spare})
     agent.run()

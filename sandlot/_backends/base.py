@@ -145,6 +145,9 @@ class Backend(abc.ABC):
     capabilities: ClassVar[Capabilities] = Capabilities()
     # A sandbox with a network must be booted with it (start(network=True)): a warm one cannot be given one.
     network_at_boot: ClassVar[bool] = False
+    # Set by the engine: its sandboxes may outlive this process (a lease frame tells each how long) and
+    # ``adopt()`` takes them back in the next one. Otherwise each ends with its owner.
+    durable: bool = False
 
     def __init__(self) -> None:
         self._cleanups: set[asyncio.Task[None]] = set()

@@ -2,7 +2,8 @@
 
 ``ProcessBackend.start()`` returns a ``ProcessSandbox``, a Popen-like handle: a channel to the agent,
 ``kill()``, ``wait()``, ``returncode``, limits and the cgroup's counters (the interface in base.py).
-Its sandboxes end with their owner: it declares no pause and cannot adopt one (issue #12).
+Its sandboxes end with their owner, unless the backend is durable (a server's): then a sandbox given a lease
+outlives its owner's process and ``adopt()`` takes it back in the next one. It declares no pause.
 """
 
 from __future__ import annotations
@@ -20,25 +21,26 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from .. import _config
-from .._exceptions import HostUnsupported, SandboxCrashed, TimeoutError
-from .._host import cgroups
-from .._host.channel import Channel
+from .._exceptions import HostUnsupported, InvalidRequest, SandboxCrashed, SandboxNotFound, TimeoutError
+from .._host import cgroups, pidfds
+from .._host.channel import CLOSED, Channel
 from .._host.zygote import Zygote, write_id_maps
 from .._agent import linux
 from .._agent.isolation import USER_UID
 from .._limits import Limits
 from .._storage.grants import PreparedMounts
 from .._templates import Template
-from ._common import (AGENT_DIR, CgroupSandbox, boot_message, new_sandbox_id, sandbox_config, sandbox_env,
-                      state_dir, template_config)
+from ._common import (AGENT_DIR, CgroupSandbox, boot_message, is_sandbox_id, new_sandbox_id, sandbox_config,
+                      sandbox_env, state_dir, template_config)
 from .base import Backend, Capabilities
 
 __all__ = ["ProcessBackend", "ProcessSandbox", "UidSlot", "UID_BASE", "UID_SPAN", "state_dir"]
 
 BOOT_TIMEOUT = 20.0
+ADOPT_TIMEOUT = 5.0  # a sandbox whose owner just died may need a moment to notice and offer a new channel
 UID_BASE = 0x10000000  # host uids for sandboxes start at 268435456: far above any real account
 UID_SPAN = 65536
 UID_SLOTS = 8192
@@ -53,7 +55,8 @@ class UidSlot:
         start = secrets.randbelow(UID_SLOTS)
         for i in range(UID_SLOTS):
             slot = (start + i) % UID_SLOTS
-            fd = os.open(locks / str(slot), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            # Read-only: a sandbox's pid 1 holds a copy of this descriptor (its range stays taken while it lives).
+            fd = os.open(locks / str(slot), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -76,7 +79,8 @@ class ProcessSandbox(CgroupSandbox):
     isolation = "process"
 
     def __init__(self, sandbox_id: str, limits: Limits, pid: int, channel: Channel, cgroup: cgroups.Cgroup,
-                 popen: Optional[subprocess.Popen] = None, release=None, template: str = "python") -> None:
+                 popen: Optional[subprocess.Popen] = None, release=None, template: str = "python",
+                 pidfd: Optional[int] = None) -> None:
         self.id = sandbox_id
         self.template = template
         self.limits = limits
@@ -87,13 +91,19 @@ class ProcessSandbox(CgroupSandbox):
         self._release = release
         loop = asyncio.get_running_loop()
         self._exited = loop.create_future()
-        self._pidfd = os.pidfd_open(pid)
+        self._pidfd = os.pidfd_open(pid) if pidfd is None else pidfd
         loop.add_reader(self._pidfd, self._on_exit)
         self.killed_reason: Optional[str] = None
         self._cleaned = False
         self._init_pidfd: Optional[int] = None
         self.init_pid: Optional[int] = None  # pid 1 of the sandbox, as the host sees it
+        self.spare_fd: Optional[int] = None  # where pid 1 keeps a channel for its next owner (agent server.py)
         self.created_at = time.monotonic()
+
+    def describe(self) -> dict:
+        """Enough for a later process to take this sandbox back (``ProcessBackend.adopt``) if it outlives us."""
+        return dict(super().describe(), init_pid=self.init_pid, spare_fd=self.spare_fd,
+                    cgroup={name: str(path) for name, path in self.cgroup.dirs.items()})
 
     def resize_scratch(self, size: int) -> None:
         """Give the sandbox's tmpfs a new size, from the host: its superblock is picked through pid 1's root
@@ -280,9 +290,12 @@ class ProcessBackend(Backend):
                 threading.Thread(target=zygote.stop, daemon=True).start()
                 zygote = None
             if zygote is None:
-                uid_map = (UidSlot().base, UID_SPAN) if os.geteuid() == 0 else None
+                # The range's lock is held for as long as this process runs, and by every sandbox forked.
+                uid_slot = UidSlot() if os.geteuid() == 0 else None
+                uid_map = (uid_slot.base, UID_SPAN) if uid_slot is not None else None
                 argv = [template.python, "-I", "-S", "-B", str(AGENT_DIR / "boot.py")]
-                zygote = self._zygotes[template.name] = Zygote(argv, config, uid_map, key)
+                zygote = self._zygotes[template.name] = Zygote(argv, config, uid_map, key,
+                                                               uid_slot.fd if uid_slot is not None else None)
         return zygote
 
     def zygote(self, template: str) -> Optional[Zygote]:
@@ -338,7 +351,7 @@ class ProcessBackend(Backend):
                         user = uid_slot.base + USER_UID if uid_slot else os.getuid()
                         # (a create cancelled meanwhile: the thread's copies are closed, not left holding a volume)
                         mount_fds = await _in_thread(mounts.detached, user, undo=lambda fds: [os.close(f) for f in fds])
-                    popen = self._exec_boot(template, child_end, mount_fds)
+                    popen = self._exec_boot(template, child_end, mount_fds, uid_slot.fd if uid_slot else None)
                 except BaseException:  # no sandbox will hold the range: give it back now
                     if uid_slot is not None:
                         uid_slot.release()
@@ -363,6 +376,9 @@ class ProcessBackend(Backend):
         try:
             if popen is not None:
                 config = dict(template_config(template, env), **sandbox_config(limits, env_inside))
+                config["durable"] = self.durable
+                if popen.uid_lock is not None:
+                    config["uid_lock_fd"] = popen.uid_lock
                 if mounts is not None:
                     config["mounts"] = [dict(m, fd=fd) for m, fd in zip(mounts.plan(), mount_fds)]
                 await channel.send({"t": "config", "config": config})
@@ -376,19 +392,23 @@ class ProcessBackend(Backend):
         return sandbox
 
     @staticmethod
-    def _exec_boot(template: Template, child_end: socket.socket, mount_fds: Sequence[int] = ()) -> subprocess.Popen:
+    def _exec_boot(template: Template, child_end: socket.socket, mount_fds: Sequence[int] = (),
+                   uid_lock: Optional[int] = None) -> subprocess.Popen:
         # Boot/agent crashes print to stderr; keep them only when asked (debugging a host).
         log = _config.boot_log()
         stderr = open(log, "ab") if log else subprocess.DEVNULL
         # An image's python is a path inside the image: the host's own interpreter builds the
         # sandbox, then execs the image's (boot.py _exec_agent).
         interpreter = sys.executable if template.rootfs else template.python
+        held = [uid_lock] if uid_lock is not None else []
         try:
-            return subprocess.Popen(
+            popen = subprocess.Popen(
                 [interpreter, "-I", "-S", "-B", str(AGENT_DIR / "boot.py"), str(child_end.fileno())],
-                pass_fds=[child_end.fileno(), *mount_fds], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=stderr, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, cwd="/",
-                start_new_session=True)  # a Ctrl-C at the owner's terminal is for the owner, not for it
+                pass_fds=[child_end.fileno(), *mount_fds, *held], stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=stderr, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+                cwd="/", start_new_session=True)  # a Ctrl-C at the owner's terminal is for the owner, not for it
+            popen.uid_lock = uid_lock  # type: ignore[attr-defined]  (its number in the child: pass_fds keeps it)
+            return popen
         finally:
             if log:
                 stderr.close()
@@ -406,6 +426,59 @@ class ProcessBackend(Backend):
             msg = await self._expect(sandbox, ("init", "ready"))
             seen[msg["t"]] = msg
         sandbox.adopt_init(int(seen["init"]["pid"]))
+        spare = seen["ready"].get("spare_fd")
+        sandbox.spare_fd = spare if isinstance(spare, int) and not isinstance(spare, bool) else None
+
+    async def adopt(self, record: Mapping[str, Any]) -> ProcessSandbox:
+        """A live sandbox an earlier process left (a durable one, whose owner died or shut down): its pid 1
+        is found by the record's pid and proven by its cgroup, and the channel it keeps for its next owner
+        is taken with pidfd_getfd. SandboxNotFound when it ended (or never outlived its owner)."""
+        sandbox_id = record.get("id")
+        init_pid, spare = record.get("init_pid"), record.get("spare_fd")
+        if not is_sandbox_id(sandbox_id):
+            raise InvalidRequest(f"not a sandbox id: {sandbox_id!r}")
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (init_pid, spare)):
+            raise SandboxNotFound(f"sandbox {sandbox_id} cannot be taken back: no pid 1 on record")
+        try:
+            limits = Limits.build(record.get("limits") or {})
+            cgroup = cgroups.Cgroup.existing(sandbox_id, record.get("cgroup"))
+        except (InvalidRequest, LookupError) as exc:
+            raise SandboxNotFound(f"sandbox {sandbox_id} is gone: {exc}") from None
+        try:
+            pidfd = os.pidfd_open(init_pid)
+        except ProcessLookupError:
+            raise SandboxNotFound(f"sandbox {sandbox_id} is gone: its pid 1 ended") from None
+        try:
+            # The pid names our sandbox only if that process is in its cgroup (a pid can be reused); held by
+            # pidfd first, so it cannot change under the check.
+            if init_pid not in cgroup.pids():
+                raise SandboxNotFound(f"sandbox {sandbox_id} is gone: its pid 1 ended")
+            sock = await asyncio.to_thread(pidfds.take_socket, pidfd, spare, ADOPT_TIMEOUT)
+        except BaseException:
+            os.close(pidfd)
+            raise
+        if sock is None:
+            os.close(pidfd)
+            raise SandboxNotFound(f"sandbox {sandbox_id} did not offer a channel: it ends with its owner")
+        channel = Channel(sock)
+        await channel.open()
+        sandbox = ProcessSandbox(sandbox_id, limits, init_pid, channel, cgroup, template=str(record.get("template")),
+                                 pidfd=pidfd)
+        sandbox.init_pid, sandbox.spare_fd = init_pid, spare
+        sandbox.storage_bytes = limits.storage()
+        sandbox.on_cleanup = self.track_cleanup
+        rid, queue = channel.new_request()
+        try:
+            await channel.send({"t": "ping", "id": rid})
+            item = await asyncio.wait_for(queue.get(), ADOPT_TIMEOUT)
+        except asyncio.TimeoutError:
+            item = CLOSED
+        finally:
+            channel.forget(rid)
+        if item is CLOSED:
+            await sandbox.kill("it did not answer its new owner")
+            raise SandboxNotFound(f"sandbox {sandbox_id} did not answer when taken back")
+        return sandbox
 
     @staticmethod
     async def _expect(sandbox: ProcessSandbox, kind) -> dict:

@@ -162,6 +162,25 @@ class Cgroup:
             self.try_remove()  # nothing runs in it yet
             raise
 
+    @classmethod
+    def existing(cls, name: str, dirs: "dict[str, str]", *, host_sockets: bool = True) -> "Cgroup":
+        """A sandbox's cgroup made by an earlier process (a restarted server taking its sandbox back), from
+        the paths that process recorded (``dirs``). Its limits are as that process left them. Raises
+        LookupError when it is gone or the paths are not a sandbox cgroup called ``name``."""
+        info = detect()
+        found = {str(k): Path(v) for k, v in dirs.items()} if isinstance(dirs, dict) else {}
+        wanted = set(info["controllers"]) if info["version"] == 1 else {""}
+        if set(found) != wanted:
+            raise LookupError(f"cgroup {name}: recorded for another hierarchy")
+        for path in found.values():
+            real = Path(os.path.realpath(path))
+            if (real != path or real.name != name or real.parent.name != "sandlot" or ROOT not in real.parents
+                    or not (real / "cgroup.procs").is_file()):
+                raise LookupError(f"cgroup {name}: {path} is not there")
+        cgroup = cls.__new__(cls)
+        cgroup.version, cgroup._fds, cgroup.host_sockets, cgroup.dirs = info["version"], {}, host_sockets, found
+        return cgroup
+
     def _dir(self, controller: str) -> Path:
         return self.dirs["" if self.version == 2 else controller]
 

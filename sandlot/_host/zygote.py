@@ -31,9 +31,13 @@ NESTED_SLOTS = 32000  # sandboxes per zygote: each takes two uids of the zygote'
 
 
 class Zygote:
-    def __init__(self, argv: list[str], config: dict, uid_map: Optional[tuple[int, int]], key: str) -> None:
-        """``uid_map``: (host base, count) when root; None maps only our own uid (unprivileged host)."""
+    def __init__(self, argv: list[str], config: dict, uid_map: Optional[tuple[int, int]], key: str,
+                 uid_lock: Optional[int] = None) -> None:
+        """``uid_map``: (host base, count) when root; None maps only our own uid (unprivileged host).
+        ``uid_lock``: the descriptor holding that range's lock: every sandbox forked holds it too, so the
+        range stays taken while any of them lives, even past this process (durable sandboxes)."""
         self.key = key
+        self._uid_lock = uid_lock
         self.config = config
         self._argv = argv
         self._uid_map = uid_map
@@ -68,8 +72,9 @@ class Zygote:
         log = _config.boot_log()
         stderr = open(log, "ab") if log else subprocess.DEVNULL
         try:
+            held = [self._uid_lock] if self._uid_lock is not None else []
             self._keeper = subprocess.Popen(
-                self._argv + [str(child_end.fileno()), "zygote"], pass_fds=[child_end.fileno()],
+                self._argv + [str(child_end.fileno()), "zygote"], pass_fds=[child_end.fileno(), *held],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
                 env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}, cwd="/",
                 start_new_session=True)  # a Ctrl-C meant for the owner's terminal is not for them
@@ -81,7 +86,8 @@ class Zygote:
         self._sock.settimeout(START_TIMEOUT)
         self._buffer = protocol.FrameBuffer()
         try:
-            self._send({"t": "config", "config": self.config})
+            config = dict(self.config, uid_lock_fd=self._uid_lock) if self._uid_lock is not None else self.config
+            self._send({"t": "config", "config": config})
             msg = self._recv("unshared")
             self.pid = int(msg["pid"])
             self._pidfd = os.pidfd_open(self.pid)

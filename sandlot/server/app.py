@@ -82,6 +82,7 @@ def create_app(settings: Optional[Settings] = None, *, mounts: Sequence[Mount] =
     settings = settings or Settings()
     store = Store(settings.db_path)
     engine = default_engine()  # this process's backends, zygotes and warm pools
+    engine.durable = settings.durable  # its sandboxes outlive this process (the next server takes them back)
     metrics = Metrics(lambda: registry.live_count(), engine.pools.stats,  # registry: bound on the next line
                       lambda: registry.network_totals())
     registry = Registry(store, settings, metrics, engine)

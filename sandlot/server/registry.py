@@ -23,7 +23,7 @@ from typing import Any, Iterator, Mapping, Optional
 
 from .._engine import Engine, LocalTransport, default_engine
 from .._local import LocalSandbox
-from .._exceptions import InvalidRequest, QuotaExceeded, SandboxNotFound
+from .._exceptions import InvalidRequest, QuotaExceeded, SandboxNotFound, SandlotError
 from .._host import cgroups
 from .._limits import Limits
 from .._net.policy import NetworkPolicy
@@ -42,6 +42,7 @@ from .volumes import TenantVolumes, tenant_scope
 
 log = logging.getLogger("sandlot.server")
 LOST_ON_RESTART = "the server stopped (restart or crash) while it ran; its processes were ended"
+NOT_TAKEN_BACK = "the server stopped (restart or crash) while it ran, and it could not be taken back: {}"
 LOST_ON_SHUTDOWN = "the server shut down while it ran"
 _HOUSEKEEPING_EVERY = 300.0  # seconds between pruning old rows and sweeping stale cgroups
 
@@ -177,10 +178,18 @@ class Registry:
             if granted:  # host directories by path and mode, volumes by name: what this sandbox may reach
                 detail["mounts"] = mounts_to_json(granted)
             self.store.audit(tenant.name, "create", live.id, json.dumps(detail), tenant.key_id)
+            self._keep_handle(live, spec)
         elif granted:  # a one-shot run's grants are on the record too
             self.store.audit(tenant.name, "run_once_mounts", live.id, json.dumps(mounts_to_json(granted)),
                              tenant.key_id)
         return live
+
+    def _keep_handle(self, live: LiveSandbox, spec: SandboxSpec) -> None:
+        """Record what the next server process takes a durable sandbox back from (its environment stays out:
+        the sandbox holds it; the database holds no values the owner gave it)."""
+        if live.local.durable:
+            kept = dataclasses.replace(spec, env={})
+            self.store.set_handle(live.id, {"record": live.local.backend_sandbox.describe(), "spec": kept.to_json()})
 
     # -- lookup --------------------------------------------------------------------------------------
     def get(self, tenant: Tenant, sandbox_id: str) -> LiveSandbox:
@@ -353,15 +362,19 @@ class Registry:
 
     # -- server lifecycle ----------------------------------------------------------------------------
     async def startup(self) -> None:
-        """Sandboxes the database still calls running belonged to a previous server process: they died
-        with it (sandboxes end with their owner by design). Say so to their owners and clear what is left."""
-        lost = self.store.mark_running_lost(LOST_ON_RESTART)
+        """Sandboxes the database still calls running belonged to a previous server process. The durable ones
+        outlived it (a restart, an upgrade, a crash): each is taken back, with its state, its deadline and its
+        place in its tenant's quotas. The others died with it: say so to their owners and clear what is left."""
+        adopted, gone = await self._take_back_running()
+        lost = self.store.mark_running_lost(LOST_ON_RESTART, keep=set(self.live))
         for sandbox_id, tenant in lost:
             self.store.audit(tenant, "lost", sandbox_id, LOST_ON_RESTART)
-        if lost:
-            removed = await asyncio.to_thread(cgroups.remove_named, {i for i, _ in lost})
+        if lost or gone:
+            removed = await asyncio.to_thread(cgroups.remove_named, {i for i, _ in lost} | gone)
             log.warning("%d sandbox(es) of a previous server process marked lost; %d leftover cgroup(s) removed",
                         len(lost), removed)
+        if adopted:
+            log.warning("%d sandbox(es) of a previous server process taken back", adopted)
         # Volumes a dead process (a crashed server) left mounted on the host: detached, so they are free again
         # (their locks died with it) and nothing of a tenant's files stays attached under the data dir.
         swept = await asyncio.to_thread(sweep_mounts)
@@ -369,6 +382,38 @@ class Registry:
             log.warning("%d volume mount(s) left by a dead process detached", swept)
         self._reaper = asyncio.get_running_loop().create_task(self._reap())
         self._spawn(self._warm_up())
+
+    async def _take_back_running(self) -> tuple[int, set[str]]:
+        """Re-adopt every running row that has a handle (rows left without one are marked lost next).
+        -> (how many were taken back, the ids of those that could not be: ended now)."""
+        adopted, gone = 0, set()
+        for row, handle in self.store.running_handles():
+            if handle is None or row.isolation not in self.settings.isolations:
+                continue
+            started = time.monotonic()
+            try:
+                tenant = self.store.tenant(row.tenant)
+                spec = SandboxSpec.from_json(handle.get("spec") or {"template": row.template})
+                spec = dataclasses.replace(spec, limits=Limits.build(row.limits))  # as they were in force
+                local = await self.engine.adopt(handle.get("record") or {}, spec, row.expires_at or time.time())
+            except (SandlotError, LookupError, OSError) as exc:
+                if row.expires_at is not None and row.expires_at <= time.time():
+                    status, reason = "ended", "its lifetime ended while no server ran"
+                else:
+                    status, reason = "lost", NOT_TAKEN_BACK.format(exc)
+                self.store.end_sandbox(row.id, status, reason)
+                self.store.audit(row.tenant, "end" if status == "ended" else "lost", row.id, reason)
+                gone.add(row.id)
+                continue
+            sandbox = AsyncSandbox._of(local, spec, self.transport)
+            live = LiveSandbox(sandbox, tenant, row.template, row.created_at,
+                               CommandTable(self.settings.max_background_commands), local.limits)
+            self.live[live.id] = live
+            self._keep_handle(live, spec)
+            self.store.audit(row.tenant, "readopt", row.id,
+                             json.dumps({"seconds": round(time.monotonic() - started, 4)}))
+            adopted += 1
+        return adopted, gone
 
     async def _warm_up(self) -> None:
         """Start the default template's zygote and warm pool now, so the first client does not wait for
@@ -402,8 +447,9 @@ class Registry:
     async def close(self) -> None:
         if self._reaper is not None:
             self._reaper.cancel()
-        # Paused sandboxes stay on disk (and "paused" in the database): a later server resumes them.
-        held = [s for s in self.live.values() if not s.sandbox.is_paused]
+        # Paused sandboxes stay on disk (and "paused" in the database): a later server resumes them. Durable
+        # ones run on, "running" in the database: the next server takes them back (startup).
+        held = [s for s in self.live.values() if not s.sandbox.is_paused and not (s.local.durable and not s.one_shot)]
         await asyncio.gather(*(s.sandbox.kill() for s in held), return_exceptions=True)
         for live in held:
             self._finish(live, LOST_ON_SHUTDOWN, status="lost", cause="shutdown")

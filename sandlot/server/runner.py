@@ -48,6 +48,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000, db_path: "str | os.PathLike
     from .._engine import default_engine
 
     default_engine().host_dir_roots = tuple(settings.host_dir_roots)
+    default_engine().durable = settings.durable
     app = create_app(settings, mounts=mounts)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
                             timeout_graceful_shutdown=10, server_header=False)
@@ -88,6 +89,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help=f"default per-tenant number of named volumes (default {defaults.max_volumes})")
     parser.add_argument("--total-volume-size", metavar="SIZE",
                         help="default per-tenant sum of volume sizes (e.g. 50G, the default)")
+    parser.add_argument("--no-durable", action="store_true",
+                        help="sandboxes end with this server process (default: they outlive a restart or crash "
+                             "until their lifetime ends, and the next server takes them back)")
     args = parser.parse_args(argv)
     try:
         settings = operator_settings(
@@ -97,7 +101,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             isolations=[i.strip() for i in args.isolations.split(",") if i.strip()], allow_network=args.allow_network,
             network_ceiling=args.network_allow,
             allow_private_network=args.allow_private_network, host_dir_roots=args.host_dir_root,
-            max_volumes=args.max_volumes, total_volume_size=args.total_volume_size)
+            max_volumes=args.max_volumes, total_volume_size=args.total_volume_size, durable=not args.no_durable)
     except InvalidRequest as exc:
         parser.error(str(exc))
     try:

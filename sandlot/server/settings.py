@@ -71,6 +71,10 @@ class Settings:
     # Host directories tenants may grant (mounts={"/data": "/srv/shared/data"}): only inside these (resolved)
     # roots (`sandlot serve --host-dir-root DIR`); empty, the default: none at all (volumes still work).
     host_dir_roots: tuple[str, ...] = ()
+    # Sandboxes outlive this server process (a restart, an upgrade, a crash) until their lifetime ends, and the
+    # next server on the same database takes them back (those a tier can keep: no network, no mounts). Off:
+    # every sandbox ends with the server (`--no-durable`).
+    durable: bool = True
 
     def with_db(self, db_path: "str | os.PathLike[str] | None") -> "Settings":
         return self if db_path is None else dataclasses.replace(self, db_path=Path(db_path))
@@ -133,7 +137,8 @@ def operator_settings(db_path: "str | os.PathLike[str] | None" = None, *, ceilin
                       requests_per_minute: Optional[int] = None, isolations: Optional[Iterable[str]] = None,
                       allow_network: bool = False, network_ceiling: Iterable[str] = (),
                       allow_private_network: bool = False, host_dir_roots: Iterable[str] = (),
-                      max_volumes: Optional[int] = None, total_volume_size: Optional[str] = None) -> Settings:
+                      max_volumes: Optional[int] = None, total_volume_size: Optional[str] = None,
+                      durable: bool = True) -> Settings:
     """Settings from the operator's flags; None keeps a default. Raises InvalidRequest on a bad value."""
     quotas = Quotas()
     changes: dict[str, Any] = {}
@@ -152,7 +157,7 @@ def operator_settings(db_path: "str | os.PathLike[str] | None" = None, *, ceilin
     settings = Settings(db_path=Path(db_path) if db_path else default_db_path(), quotas=quotas,
                         ceilings=Ceilings.for_host({k: _number(v) for k, v in
                                                     parse_assignments(ceilings, "ceiling").items()}))
-    more: dict[str, Any] = {}
+    more: dict[str, Any] = {"durable": bool(durable)}
     if audit_retention is not None:
         more["audit_retention"] = parse_duration(audit_retention, "audit-retention")
     if audit_max_rows is not None:

@@ -90,7 +90,9 @@ CREATE INDEX IF NOT EXISTS audit_by_tenant ON audit(tenant, at);
 _ADDED_COLUMNS = [("tenants", "total_memory", "INTEGER"), ("tenants", "total_pids", "INTEGER"),
                   ("api_keys", "role", "TEXT NOT NULL DEFAULT 'tenant'"),
                   ("sandboxes", "isolation", "TEXT NOT NULL DEFAULT 'process'"),
-                  ("tenants", "max_volumes", "INTEGER"), ("tenants", "total_volume_size", "INTEGER")]
+                  ("tenants", "max_volumes", "INTEGER"), ("tenants", "total_volume_size", "INTEGER"),
+                  # what a restarted server takes a live sandbox back from: its tier's record and its spec (JSON)
+                  ("sandboxes", "handle", "TEXT")]
 _ADDED_INDEXES = "CREATE INDEX IF NOT EXISTS audit_by_time ON audit(at);"
 # Operator keys hang off this tenant. Its name cannot be a tenant's (they start with a letter or digit), and
 # an operator key is refused wherever a tenant acts (sandboxes, /mcp): it holds nothing and runs nothing.
@@ -345,13 +347,32 @@ class Store:
         args.append(int(limit))
         return [_sandbox(r) for r in self._query(sql, tuple(args))]
 
-    def mark_running_lost(self, reason: str) -> list[tuple[str, str]]:
-        """At startup: every sandbox still 'running' belonged to a previous server process. -> [(id, tenant)]."""
+    def set_handle(self, sandbox_id: str, handle: Mapping[str, Any]) -> None:
+        """What a later server process needs to take this live sandbox back (``running_handles``)."""
         with self._tx() as db:
-            rows = db.execute("SELECT s.id, t.name FROM sandboxes s JOIN tenants t ON t.id = s.tenant_id"
-                              " WHERE s.status = 'running'").fetchall()
-            db.execute("UPDATE sandboxes SET status = 'lost', ended_at = ?, end_reason = ? WHERE status = 'running'",
-                       (time.time(), reason))
+            db.execute("UPDATE sandboxes SET handle = ? WHERE id = ?", (json.dumps(dict(handle)), sandbox_id))
+
+    def running_handles(self) -> list[tuple[SandboxRow, Optional[dict]]]:
+        """At startup: the sandboxes still 'running' (a previous server process left them), with their handles."""
+        rows = self._query("SELECT s.*, t.name AS tenant FROM sandboxes s JOIN tenants t ON t.id = s.tenant_id"
+                           " WHERE s.status = 'running'")
+        out = []
+        for row in rows:
+            try:
+                handle = json.loads(row["handle"]) if row["handle"] else None
+            except ValueError:
+                handle = None
+            out.append((_sandbox(row), handle if isinstance(handle, dict) else None))
+        return out
+
+    def mark_running_lost(self, reason: str, keep: "frozenset[str] | set[str]" = frozenset()) -> list[tuple[str, str]]:
+        """At startup: every sandbox still 'running' belonged to a previous server process; those not in ``keep``
+        (the ones taken back) died with it. -> [(id, tenant)] of those marked lost."""
+        with self._tx() as db:
+            rows = [r for r in db.execute("SELECT s.id, t.name FROM sandboxes s JOIN tenants t ON t.id = s.tenant_id"
+                                          " WHERE s.status = 'running'").fetchall() if r[0] not in keep]
+            db.executemany("UPDATE sandboxes SET status = 'lost', ended_at = ?, end_reason = ? WHERE id = ?"
+                           " AND status = 'running'", [(time.time(), reason, r[0]) for r in rows])
         return [(r[0], r[1]) for r in rows]
 
     def prune(self, ended_before: float) -> int:

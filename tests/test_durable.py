@@ -1,0 +1,132 @@
+"""Restarts lose nothing: a server's sandboxes outlive its process (stopped, or killed -9) until their
+lifetime ends, and the next server on the same database takes them back with their state, deadlines and
+quotas. A sandbox nobody takes back ends at its lifetime by itself, leaving nothing behind."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+
+import sandlot
+from sandlot import Sandbox
+from sandlot.server import Store
+
+from .conftest import host_leftovers, needs_sandbox, processes_in_sandbox
+from .serverproc import ServerProcess
+
+pytestmark = needs_sandbox
+
+
+def audit_actions(db_path, sandbox_id: str) -> list[str]:
+    store = Store(db_path)
+    try:
+        return [entry.action for entry in store.audit_log(sandbox_id=sandbox_id)]
+    finally:
+        store.close()
+
+
+def no_trace_of(sandbox_id: str, within: float = 10.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if not processes_in_sandbox(sandbox_id) and not any(sandbox_id in c for c in host_leftovers().get("cgroups", [])):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize("stop", ["kill9", "sigterm"])
+def test_a_restarted_server_gives_back_every_sandbox_with_its_state(tmp_path, stop):
+    first = ServerProcess(tmp_path / "sandlot.db").start()
+    key = first.key("owner", max_live=3)
+    remote = {"api_url": first.url, "api_key": key}
+    idle = Sandbox(**remote, metadata={"role": "idle"})
+    idle.run_code("x = 42\nimport os\nos.chdir('/tmp')")
+    idle.files.write("/home/user/notes.txt", "kept across the restart")
+    busy = Sandbox(**remote, timeout=600)
+    busy.run_code("y = 0")
+    background = Sandbox(**remote)
+    counter = background.commands.run("i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done",
+                                      background=True)
+
+    # The busy one is running code when its server goes away: the code runs on to its end.
+    def run_long() -> None:
+        try:
+            busy.run_code("import time\ntime.sleep(2)\ny = 7")
+        except sandlot.SandlotError:
+            pass  # its server went away mid-call
+
+    caller = threading.Thread(target=run_long)
+    caller.start()
+    time.sleep(0.5)
+    ids = [idle.sandbox_id, busy.sandbox_id, background.sandbox_id]
+    if stop == "kill9":
+        first.kill9()
+    else:
+        first.stop()
+    caller.join(30)
+    for sid in ids:  # nothing was ended with the server
+        assert processes_in_sandbox(sid), f"{sid} died with its server"
+
+    second = ServerProcess(first.db_path, port=first.port).start()
+    try:
+        again = Sandbox.connect(idle.sandbox_id, **remote)
+        assert again.run_code("x").text == "42"
+        assert again.run_code("os.getcwd()").text == "'/tmp'"
+        assert again.files.read("/home/user/notes.txt") == "kept across the restart"
+        assert again.metadata == {"role": "idle"}
+
+        busy_again = Sandbox.connect(busy.sandbox_id, **remote)
+        deadline = time.monotonic() + 10
+        while busy_again.run_code("y").text != "7":  # its cell finished while no server ran
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+
+        counting = Sandbox.connect(background.sandbox_id, **remote)
+        first_count = int(counting.files.read("/tmp/count"))
+        time.sleep(0.3)
+        assert int(counting.files.read("/tmp/count")) > first_count  # the command runs on
+        assert counter.pid in [c.pid for c in counting.commands.list()] or counting.commands.run(
+            f"kill -0 {counter.pid}").exit_code == 0
+
+        # Its quotas know all three: a fourth is refused.
+        with pytest.raises(sandlot.QuotaExceeded):
+            Sandbox(**remote)
+        for sid in ids:
+            assert "readopt" in audit_actions(first.db_path, sid)
+        with httpx.Client(base_url=second.url, headers={"Authorization": f"Bearer {key}"}) as c:
+            listed = {i["sandbox_id"]: i["status"] for i in c.get("/v1/sandboxes").json()}
+        assert listed == {sid: "running" for sid in ids}
+
+        for sandbox in (again, busy_again, counting):
+            sandbox.kill()
+        for sid in ids:
+            assert no_trace_of(sid), f"{sid} left processes or a cgroup"
+    finally:
+        second.stop()
+
+
+def test_a_sandbox_nobody_takes_back_ends_at_its_lifetime(tmp_path):
+    first = ServerProcess(tmp_path / "sandlot.db").start()
+    key = first.key("owner")
+    sb = Sandbox(api_url=first.url, api_key=key, timeout=4)
+    sb.run_code("z = 1")
+    sid = sb.sandbox_id
+    first.kill9()
+    assert processes_in_sandbox(sid)  # it outlived its server...
+    deadline = time.monotonic() + 15
+    while processes_in_sandbox(sid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not processes_in_sandbox(sid)  # ...and ended at its lifetime on its own
+
+    second = ServerProcess(first.db_path, port=first.port).start()
+    try:
+        with httpx.Client(base_url=second.url, headers={"Authorization": f"Bearer {key}"}) as c:
+            info = c.get(f"/v1/sandboxes/{sid}").json()
+        assert info["status"] == "ended" and "lifetime" in info["end_reason"]
+        assert no_trace_of(sid)  # the new server removed its cgroup
+    finally:
+        second.stop()
+
