@@ -82,7 +82,8 @@ class LocalSandbox(SandboxHandle):
     def durable(self) -> bool:
         """It outlives this process until its lifetime ends, for a later one to take back (a server's
         sandboxes, on a tier that can, without a network or mounts: those are held by this process)."""
-        return self._backend.durable and self.network is None and not self.spec.mounts
+        return (self._backend.durable and self._backend.capabilities.outlive and self.network is None
+                and not self.spec.mounts)
 
     async def lease(self) -> None:
         """Tell the sandbox (its agent; on gVisor its keeper) until when it may outlive its owner: its deadline."""

@@ -4,6 +4,8 @@ quotas. A sandbox nobody takes back ends at its lifetime by itself, leaving noth
 
 from __future__ import annotations
 
+import fcntl
+import os
 import threading
 import time
 
@@ -12,6 +14,7 @@ import pytest
 
 import sandlot
 from sandlot import Sandbox
+from sandlot._backends.process import UID_BASE, UID_SPAN, state_dir
 from sandlot.server import Store
 
 from .conftest import host_leftovers, needs_sandbox, processes_in_sandbox
@@ -26,6 +29,20 @@ def audit_actions(db_path, sandbox_id: str) -> list[str]:
         return [entry.action for entry in store.audit_log(sandbox_id=sandbox_id)]
     finally:
         store.close()
+
+
+def uid_range_taken(sandbox_id: str) -> bool:
+    """Whether the lock of the host uid range the sandbox's processes run in is held (by someone: its pid 1)."""
+    uids = set(processes_in_sandbox(sandbox_id).values())
+    assert uids, "no process"
+    fd = os.open(state_dir() / "uids" / str((min(uids) - UID_BASE) // UID_SPAN), os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def no_trace_of(sandbox_id: str, within: float = 10.0) -> bool:
@@ -69,6 +86,7 @@ def test_a_restarted_server_gives_back_every_sandbox_with_its_state(tmp_path, st
     caller.join(30)
     for sid in ids:  # nothing was ended with the server
         assert processes_in_sandbox(sid), f"{sid} died with its server"
+        assert uid_range_taken(sid), f"{sid} outlived its server, but its host uids are free for another sandbox"
 
     second = ServerProcess(first.db_path, port=first.port).start()
     try:

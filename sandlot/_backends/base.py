@@ -38,6 +38,7 @@ class Capabilities:
     fork: bool = False  # sandboxes fork from a warm per-template parent (prepare() starts it)
     network: bool = False  # a network policy (egress by rules, secrets) beyond "no network"
     mounts: bool = False  # host directories or volumes granted at create (none yet)
+    outlive: bool = False  # a leased sandbox outlives its owner's process; adopt() takes it back live
 
     def to_dict(self) -> dict[str, bool]:
         return dataclasses.asdict(self)

@@ -258,7 +258,7 @@ class ProcessBackend(Backend):
     the template, or ``SANDLOT_ZYGOTE=0``) or for a template without a preload list, exec'd one by one."""
 
     name = "process"
-    capabilities = Capabilities(fork=True, network=True)
+    capabilities = Capabilities(fork=True, network=True, outlive=True)
     _swept = False
 
     def __init__(self, zygote: Optional[bool] = None) -> None:
