@@ -148,3 +148,74 @@ def test_a_sandbox_nobody_takes_back_ends_at_its_lifetime(tmp_path):
     finally:
         second.stop()
 
+
+
+OWNER = """
+import asyncio, json, sys, time
+from sandlot._engine import Engine
+from sandlot._spec import SandboxSpec
+
+async def main():
+    engine = Engine(durable=True)
+    sb = await engine.create(SandboxSpec.build("python", isolation="process", limits={"lifetime": 120}))
+    await sb.files.write("/tmp/grab.py", sys.argv[1])
+    await sb.commands.run("python3 /tmp/grab.py > /tmp/grab.log 2>&1", background=True)
+    await sb.run_code("secret_of_the_session = 'still here'")
+    print(json.dumps(sb.backend_sandbox.describe()), flush=True)
+    time.sleep(600)
+
+asyncio.run(main())
+"""
+
+GRAB = """
+import ctypes, os, time
+libc = ctypes.CDLL(None, use_errno=True)
+pidfd = libc.syscall(434, 1, 0)  # pidfd_open(pid 1 of the sandbox: its agent)
+taken, tries = [], 0
+deadline = time.time() + 6
+while time.time() < deadline:  # the whole time its owner is gone: the agent keeps a channel for the next one
+    for target in range(64):
+        tries += 1
+        if libc.syscall(438, pidfd, target, 0) >= 0:  # pidfd_getfd
+            taken.append(target)
+    time.sleep(0.05)
+print("pidfd", pidfd, "tries", tries, "taken", sorted(set(taken)), flush=True)
+"""
+
+
+def test_code_in_a_sandbox_cannot_take_the_channel_kept_for_its_next_owner(tmp_path):
+    """While its owner is gone, pid 1 keeps a channel's far end for the next one: code in the sandbox (a
+    background command that ran on) cannot take it (no ptrace rights over pid 1), nor anything else of pid 1's."""
+    import asyncio
+    import json
+    import subprocess
+    import sys
+
+    from sandlot._engine import Engine
+    from sandlot._spec import SandboxSpec
+
+    owner = subprocess.Popen([sys.executable, "-c", OWNER, GRAB], stdout=subprocess.PIPE, text=True)
+    assert owner.stdout is not None
+    record = json.loads(owner.stdout.readline())
+    owner.kill()
+    owner.wait()
+    time.sleep(3)  # the owner stays gone while the command tries
+
+    async def take_back() -> tuple:
+        engine = Engine(durable=True)
+        sandbox = await engine.adopt(record, SandboxSpec.build("python", isolation="process"), time.time() + 60)
+        try:
+            kept = (await sandbox.run_code("secret_of_the_session")).text
+            deadline = time.monotonic() + 15
+            while "tries" not in (log := (await sandbox.commands.run("cat /tmp/grab.log; true")).stdout):
+                assert time.monotonic() < deadline, log
+                await asyncio.sleep(0.2)
+            return kept, log
+        finally:
+            await sandbox.kill()
+            await engine.shutdown()
+
+    kept, log = asyncio.run(take_back())
+    assert kept == "'still here'"
+    assert "pidfd -1" not in log and "tries 0" not in log, log  # it did hold pid 1 and try, all along
+    assert "taken []" in log, log
