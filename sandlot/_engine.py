@@ -203,6 +203,9 @@ class Engine:
         """A sandbox an earlier process of this host left paused, resumed under this engine (where its
         tier can: SandboxNotFound when it is gone, InvalidRequest when the tier cannot)."""
         backend = self.backend(isolation)
+        if not backend.capabilities.checkpoint:  # nothing of it is on disk: a live one is its owner's
+            raise InvalidRequest(f"the {backend.name} tier cannot take a sandbox back from disk: a local owner's "
+                                 "sandboxes end with it (a server's outlive it: connect with api_url=)")
         proc = await backend.adopt({"isolation": isolation, "id": sandbox_id})
         spec = SandboxSpec.build(proc.template, isolation=isolation, limits=proc.limits)
         sandbox = LocalSandbox(spec, backend, proc)
