@@ -174,9 +174,17 @@ class Engine:
         SandboxNotFound when it has ended, InvalidRequest when its tier cannot take one back."""
         backend = self.backend(str(record.get("isolation") or spec.isolation or "process"))
         proc = await backend.adopt(record)
-        sandbox = LocalSandbox(dataclasses.replace(spec, isolation=backend.name), backend, proc)
-        sandbox.expire_at(expires_at)
-        await sandbox.lease()
+        # Its namespace kept its routes and filter; its broker and DNS responder were the old owner's: served anew.
+        network = SandboxNetwork.plan(spec.network) if spec.network is not None and not spec.secrets else None
+        sandbox = LocalSandbox(dataclasses.replace(spec, isolation=backend.name), backend, proc, network)
+        try:
+            if network is not None:
+                await network.attach(proc.netns_pid())
+            sandbox.expire_at(expires_at)
+            await sandbox.lease()
+        except BaseException:
+            await asyncio.shield(sandbox.kill())
+            raise
         return sandbox
 
     async def _claim(self, backend: Backend, template: Template, spec: SandboxSpec,

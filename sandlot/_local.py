@@ -81,9 +81,10 @@ class LocalSandbox(SandboxHandle):
     @property
     def durable(self) -> bool:
         """It outlives this process until its lifetime ends, for a later one to take back (a server's
-        sandboxes, on a tier that can, without a network or mounts: those are held by this process)."""
-        return (self._backend.durable and self._backend.capabilities.outlive and self.network is None
-                and not self.spec.mounts)
+        sandboxes, on a tier that can, without mounts or secrets: this process holds its grants and its
+        secrets' CA key; a network policy is served again by the next process)."""
+        return (self._backend.durable and self._backend.capabilities.outlive and not self.spec.mounts
+                and (self.network is None or not self.network.secrets))
 
     async def lease(self) -> None:
         """Tell the sandbox (its agent; on gVisor its keeper) until when it may outlive its owner: its deadline."""
@@ -94,6 +95,12 @@ class LocalSandbox(SandboxHandle):
     def expire_at(self, unix_time: float) -> None:
         """Its lifetime ends at this wall-clock time (a sandbox taken back keeps the deadline it had)."""
         self._deadline = time.monotonic() + max(0.0, unix_time - time.time())
+
+    def current_spec(self) -> SandboxSpec:
+        """Its spec as it stands now: the network rules in force (``update_network`` changes them)."""
+        if self.network is None or self.network.asked is None:
+            return self.spec
+        return dataclasses.replace(self.spec, network=self.network.asked)
 
     @property
     def backend_sandbox(self) -> BackendSandbox:

@@ -390,6 +390,37 @@ def test_through_a_server_the_same_api_and_the_operator_decides(lab, tmp_path):
     assert allowed == 2 and bytes_in > 50 and bytes_out > 50
 
 
+def test_a_sandbox_with_a_network_policy_outlives_its_server_and_keeps_its_rules(lab, tmp_path):
+    """Killed -9 and started again, the server serves the sandbox's network anew: the rules in force (as
+    updated before the crash) still grant exactly what they did."""
+    lab.clear_logs()
+    out = _server_drive(lab, tmp_path, """
+        sb = sandlot.Sandbox(network={"allow": ["www.example.com"]}, api_url=url, api_key=key)
+        sb.run_code(FETCH)
+        sb.network.update(allow=["www.example.com", "api.example.com"], deny=["www.example.com"])
+        out["before"] = sb.run_code("fetch('http://api.example.com/')").text
+        server.kill(); server.wait()
+        server = subprocess.Popen([sys.executable, "-m", "sandlot.server", "--port", str(port), "--db", db,
+                                   "--log-level", "warning"] + flags)
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        again = sandlot.Sandbox.connect(sb.sandbox_id, api_url=url, api_key=key)
+        out["api"] = again.run_code("fetch('http://api.example.com/')").text
+        out["www"] = again.run_code("fetch('http://www.example.com/')").text
+        out["git"] = again.run_code("fetch('http://git.example.com/')").text
+        out["log"] = again.network.log()
+        again.kill()
+    """, "--allow-network")
+    assert "hello from" in out["before"] and "hello from" in out["api"], out
+    assert "hello from" not in out["www"] and "hello from" not in out["git"], out  # denied, and never granted
+    seen = {(e["kind"], e["name"], e["verdict"]) for e in out["log"]}  # the new server's broker decided
+    assert ("dns", "api.example.com", "allow") in seen and ("dns", "git.example.com", "deny") in seen, seen
+
+
 def test_a_server_without_allow_network_refuses_it(lab, tmp_path):
     out = _server_drive(lab, tmp_path, """
         try:

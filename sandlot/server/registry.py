@@ -178,17 +178,17 @@ class Registry:
             if granted:  # host directories by path and mode, volumes by name: what this sandbox may reach
                 detail["mounts"] = mounts_to_json(granted)
             self.store.audit(tenant.name, "create", live.id, json.dumps(detail), tenant.key_id)
-            self._keep_handle(live, spec)
+            self._keep_handle(live)
         elif granted:  # a one-shot run's grants are on the record too
             self.store.audit(tenant.name, "run_once_mounts", live.id, json.dumps(mounts_to_json(granted)),
                              tenant.key_id)
         return live
 
-    def _keep_handle(self, live: LiveSandbox, spec: SandboxSpec) -> None:
+    def _keep_handle(self, live: LiveSandbox) -> None:
         """Record what the next server process takes a durable sandbox back from (its environment stays out:
         the sandbox holds it; the database holds no values the owner gave it)."""
         if live.local.durable:
-            kept = dataclasses.replace(spec, env={})
+            kept = dataclasses.replace(live.local.current_spec(), env={})
             self.store.set_handle(live.id, {"record": live.local.backend_sandbox.describe(), "spec": kept.to_json()})
 
     # -- lookup --------------------------------------------------------------------------------------
@@ -291,6 +291,8 @@ class Registry:
             self._check_network_ceiling(asked)
         policy = await live.sandbox.network.update(allow=allow, deny=deny)
         self.store.audit(tenant.name, "network", sandbox_id, json.dumps(policy), tenant.key_id)
+        if not live.one_shot:
+            self._keep_handle(live)  # the next server serves the rules in force
         return policy
 
     def _check_special(self, policy: Any) -> None:
@@ -409,7 +411,7 @@ class Registry:
             live = LiveSandbox(sandbox, tenant, row.template, row.created_at,
                                CommandTable(self.settings.max_background_commands), local.limits)
             self.live[live.id] = live
-            self._keep_handle(live, spec)
+            self._keep_handle(live)
             self.store.audit(row.tenant, "readopt", row.id,
                              json.dumps({"seconds": round(time.monotonic() - started, 4)}))
             adopted += 1
