@@ -442,6 +442,12 @@ class GVisorSandbox(CgroupSandbox):
         meta.update(id=self.id, template=self.template, limits=self.limits.to_dict())
         path.write_text(json.dumps(meta))
 
+    # -- fork a live session (gvisor_fork.py) ----------------------------------------------------
+    async def fork_live(self) -> "GVisorSandbox":
+        from .gvisor_fork import fork_live
+
+        return await fork_live(self)
+
     # -- kill -----------------------------------------------------------------------------------
     async def kill(self, reason: str = "killed") -> None:
         if self.killed_reason is None:
@@ -488,7 +494,8 @@ class GVisorBackend(Backend):
     name = "gvisor"
     # Pause is a checkpoint to disk: a later process takes a paused sandbox back (adopt). A network is
     # given at boot (runsc --network=host in a namespace made for it), so a warm sandbox never has one.
-    capabilities = Capabilities(pause=True, checkpoint=True, network=True)
+    # A live session forks by checkpoint (--leave-running) and restore under a new id (gvisor_fork.py).
+    capabilities = Capabilities(pause=True, checkpoint=True, network=True, fork_live=True)
     network_at_boot = True
     _swept = False
 
