@@ -1,0 +1,112 @@
+"""Fork of a live session: ``sb.fork()`` is a new sandbox with a copy of the session (variables, files, cwd),
+independent from then on, its random state reseeded. gVisor tier (checkpoint and restore); the process tier
+says it cannot. Through the SDK here; through a real server, the remote SDK, the CLI and MCP below."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sandlot import InvalidRequest, Sandbox
+
+from .conftest import RUNSC_MISSING, needs_sandbox
+
+needs_runsc = pytest.mark.skipif(RUNSC_MISSING is not None, reason=str(RUNSC_MISSING))
+pytestmark = [needs_sandbox]
+
+SETUP = ("import os, random\n"
+         "os.makedirs('/home/user/work', exist_ok=True)\n"
+         "open('/home/user/work/notes.txt', 'w').write('from the parent')\n"
+         "open('/tmp/scratch.bin', 'wb').write(bytes(range(256)) * 1000)\n"
+         "os.chdir('/home/user/work')\n"
+         "answer = 41\n"
+         "random.seed(12345)")
+LOOK = ("(answer, os.getcwd(), open('/home/user/work/notes.txt').read(), len(open('/tmp/scratch.bin', 'rb').read()))")
+
+
+def leftovers(sandbox_id: str) -> list[str]:
+    """What of a gVisor sandbox is still on the host: its home (tmpfs, bundle, images), cgroups, runsc state."""
+    from sandlot._backends.gvisor import data_dir
+
+    found = []
+    if (data_dir() / "sandboxes" / sandbox_id).exists():
+        found.append(str(data_dir() / "sandboxes" / sandbox_id))
+    with open("/proc/self/mounts") as f:
+        found += [line.split()[1] for line in f if sandbox_id in line.split()[1]]
+    # (find, not glob: other tests' cgroups come and go while it walks)
+    found += subprocess.run(["find", "/sys/fs/cgroup", "-maxdepth", "8", "-type", "d", "-name", sandbox_id],
+                            capture_output=True, text=True).stdout.split()
+    if (data_dir() / "runsc" / sandbox_id).exists() or list((data_dir() / "runsc").glob(f"*{sandbox_id}*")):
+        found.append(f"runsc state of {sandbox_id}")
+    return found
+
+
+def gone(sandbox_id: str, within: float = 30.0) -> list[str]:
+    """leftovers() once the background cleanup of a killed sandbox had its time."""
+    deadline = time.monotonic() + within
+    while (left := leftovers(sandbox_id)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+def test_the_process_tier_says_which_tier_can_fork():
+    with Sandbox(isolation="process") as sb:
+        sb.run_code("x = 1")
+        with pytest.raises(InvalidRequest, match=r"the process tier cannot fork a live session: use isolation='gvisor'"):
+            sb.fork()
+        assert sb.run_code("x").text == "1"  # refused without harm
+
+
+@needs_runsc
+def test_a_fork_copies_the_live_session_and_then_goes_its_own_way():
+    with Sandbox(isolation="gvisor") as parent:
+        assert parent.run_code(SETUP).error is None
+        child = parent.fork()
+        try:
+            assert child.sandbox_id != parent.sandbox_id and child.isolation == "gvisor"
+            assert child.limits == parent.limits
+            expected = f"(41, '/home/user/work', 'from the parent', 256000)"
+            assert child.run_code(LOOK).text == expected
+            assert parent.run_code(LOOK).text == expected
+            # Random state: the parent's stream goes on from its seed; the child's was reseeded.
+            draws = [sb.run_code("[random.random() for _ in range(3)]").text for sb in (parent, child)]
+            assert draws[0] != draws[1]
+            # Independent from now on: variables, files, cwd.
+            child.run_code("answer = 'child'\nos.chdir('/tmp')\nopen('/home/user/work/notes.txt', 'w').write('child')")
+            parent.run_code("answer += 1\nopen('/tmp/only-parent', 'w').write('p')")
+            assert parent.run_code(LOOK).text == "(42, '/home/user/work', 'from the parent', 256000)"
+            assert child.run_code(LOOK).text == "('child', '/tmp', 'child', 256000)"
+            assert not child.files.exists("/tmp/only-parent") and parent.files.exists("/tmp/only-parent")
+            assert child.commands.run("cat work/notes.txt").stdout == "child"
+        finally:
+            child_id = child.sandbox_id
+            child.kill()
+        # Killing the fork leaves the parent whole, and nothing of the fork on the host.
+        assert parent.run_code("answer").text == "42"
+        assert gone(child_id) == []
+        from sandlot._backends.gvisor import data_dir
+        assert not list((data_dir() / "sandboxes" / parent.sandbox_id).glob("*image*"))  # no image left behind
+
+
+@needs_runsc
+def test_a_paused_sandbox_forks_from_its_checkpoint_and_stays_paused():
+    with Sandbox(isolation="gvisor") as parent:
+        parent.run_code("kept = [1, 2, 3]\nopen('/home/user/f', 'w').write('on disk')")
+        parent.pause()
+        child = parent.fork()
+        try:
+            assert parent.is_paused and not child.is_paused
+            assert child.run_code("(kept, open('/home/user/f').read())").text == "([1, 2, 3], 'on disk')"
+            parent.resume()
+            assert parent.run_code("kept.append(4); kept").text == "[1, 2, 3, 4]"
+            assert child.run_code("kept").text == "[1, 2, 3]"
+        finally:
+            child_id = child.sandbox_id
+            child.kill()
+        assert gone(child_id) == []
