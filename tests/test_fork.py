@@ -110,3 +110,93 @@ def test_a_paused_sandbox_forks_from_its_checkpoint_and_stays_paused():
             child_id = child.sandbox_id
             child.kill()
         assert gone(child_id) == []
+
+
+# -- through a real server: the remote SDK, the REST route, the CLI; and MCP -----------------------------
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from .serverproc import ServerProcess
+
+    srv = ServerProcess(tmp_path_factory.mktemp("fork-server") / "sandlot.db", "--isolations", "process,gvisor",
+                        env=dict(os.environ, SANDLOT_POOL_MIN="0")).start()
+    yield srv
+    srv.stop()
+
+
+@needs_runsc
+def test_fork_through_the_server_the_remote_sdk_and_the_cli(server):
+    import httpx
+
+    from sandlot.server.store import Store
+
+    from .cli_server import COMMAND, clean_env
+
+    key = server.key("forker", max_live=3)
+    creds = {"api_url": server.url, "api_key": key}
+    with Sandbox(isolation="gvisor", metadata={"job": "fork-test"}, **creds) as parent:
+        assert parent.run_code(SETUP).error is None
+        child = parent.fork()  # the remote SDK: POST /v1/sandboxes/{id}/fork
+        try:
+            assert child.sandbox_id != parent.sandbox_id and child.metadata == {"job": "fork-test"}
+            assert child.run_code(LOOK).text == "(41, '/home/user/work', 'from the parent', 256000)"
+            child.run_code("answer = 'child'")
+            assert parent.run_code("answer").text == "41"
+            draws = [sb.run_code("random.random()").text for sb in (parent, child)]
+            assert draws[0] != draws[1]
+            # The CLI: prints the new id (and --json says whose copy it is).
+            env = clean_env(SANDLOT_API_URL=server.url, SANDLOT_API_KEY=key)
+            r = subprocess.run(COMMAND + ["fork", parent.sandbox_id, "--json"], capture_output=True, text=True,
+                               env=env, timeout=300)
+            assert r.returncode == 0, r.stderr
+            third = json.loads(r.stdout)
+            assert third["parent"] == parent.sandbox_id and third["isolation"] == "gvisor"
+            via_cli = Sandbox.connect(third["sandbox_id"], **creds)
+            assert via_cli.run_code("answer").text == "41"
+            # A fourth live sandbox is over this tenant's quota (3): 429, as for a create.
+            r = httpx.post(f"{server.url}/v1/sandboxes/{parent.sandbox_id}/fork",
+                           headers={"Authorization": f"Bearer {key}"}, timeout=300)
+            assert r.status_code == 429, r.text
+            via_cli.kill()
+            # Each fork has its row (listed with the parent's metadata) and an audit row naming the parent.
+            listed = {i.sandbox_id for i in Sandbox.list({"job": "fork-test"}, **creds)}
+            assert listed == {parent.sandbox_id, child.sandbox_id}
+            store = Store(server.db_path)
+            for sandbox_id in (child.sandbox_id, third["sandbox_id"]):
+                [entry] = [e for e in store.audit_log("forker", sandbox_id=sandbox_id) if e.action == "fork"]
+                assert json.loads(entry.detail)["parent"] == parent.sandbox_id
+        finally:
+            child.kill()
+    # The process tier says which tier can, through the server too.
+    with Sandbox(isolation="process", **creds) as plain:
+        r = httpx.post(f"{server.url}/v1/sandboxes/{plain.sandbox_id}/fork",
+                       headers={"Authorization": f"Bearer {key}"}, timeout=60)
+        assert r.status_code == 400 and "cannot fork a live session: use isolation='gvisor'" in r.text, r.text
+    for sandbox_id in (child.sandbox_id, third["sandbox_id"]):
+        assert gone(sandbox_id) == []
+
+
+@needs_runsc
+def test_fork_session_over_mcp():
+    from .test_mcp import Client, server_params, texts
+
+    client = Client(server_params(SANDLOT_ISOLATION="gvisor", SANDLOT_POOL_MIN="0"))
+    try:
+        sid = client.call("create_session").structured_content["session_id"]
+        assert not client.call("run_code", {"code": "plan = ['a']", "session_id": sid}).is_error
+        forked = client.call("fork_session", {"session_id": sid}, timeout=300)
+        assert not forked.is_error, texts(forked)
+        fid = forked.structured_content["session_id"]
+        assert fid != sid
+        client.call("run_code", {"code": "plan.append('b')", "session_id": fid})
+        assert texts(client.call("run_code", {"code": "plan", "session_id": fid})).endswith("['a', 'b']")
+        assert texts(client.call("run_code", {"code": "plan", "session_id": sid})).endswith("['a']")
+        listed = {s["session_id"] for s in client.call("list_sessions").structured_content["result"]}
+        assert listed == {sid, fid}
+        missing = client.call("fork_session", {"session_id": "sb-nope"})
+        assert missing.is_error and "no session" in texts(missing)
+        for session_id in (sid, fid):
+            client.call("close_session", {"session_id": session_id})
+    finally:
+        client.close()
+    assert gone(fid) == []
