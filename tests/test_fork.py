@@ -112,6 +112,18 @@ def test_a_paused_sandbox_forks_from_its_checkpoint_and_stays_paused():
         assert gone(child_id) == []
 
 
+@needs_runsc
+def test_a_sandbox_with_a_network_or_mounts_says_why_it_cannot_fork(tmp_path):
+    with Sandbox(isolation="gvisor", network={"allow": []}) as networked:
+        with pytest.raises(InvalidRequest, match="a sandbox with a network cannot be forked"):
+            networked.fork()
+        assert networked.run_code("2 + 2").text == "4"
+    with Sandbox(isolation="gvisor", mounts={"/data": str(tmp_path)}) as mounted:
+        with pytest.raises(InvalidRequest, match="a sandbox with mounts cannot be forked"):
+            mounted.fork()
+        assert mounted.run_code("3 + 3").text == "6"
+
+
 # -- through a real server: the remote SDK, the REST route, the CLI; and MCP -----------------------------
 
 @pytest.fixture(scope="module")
