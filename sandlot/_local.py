@@ -136,6 +136,13 @@ class LocalSandbox(SandboxHandle):
             if self.spec.mounts:
                 raise InvalidRequest("a sandbox with mounts cannot be forked: its host directories and volumes "
                                      "are granted to it alone")
+            running = [h.pid for h in self.commands._background.values() if h.running]
+            if running and not proc.paused:
+                # A fork stops this sandbox and restores it on a new channel: the streams of its background
+                # commands (whose handles read the old channel) would end as if the sandbox had died.
+                raise InvalidRequest(f"sandbox {proc.id} has background commands running (pids {running}): a fork "
+                                     "checkpoints and restores it, which would cut their output streams; wait for "
+                                     "them or kill them first")
             child = await proc.fork_live()
         return LocalSandbox(self.spec, self._backend, child)
 

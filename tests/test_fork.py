@@ -67,6 +67,12 @@ def test_the_process_tier_says_which_tier_can_fork():
 def test_a_fork_copies_the_live_session_and_then_goes_its_own_way():
     with Sandbox(isolation="gvisor") as parent:
         assert parent.run_code(SETUP).error is None
+        # Refused while a background command streams (its stream would be cut), fine once it is done.
+        job = parent.commands.run("sleep 60", background=True)
+        with pytest.raises(InvalidRequest, match="background commands running"):
+            parent.fork()
+        job.kill()
+        job.wait()
         child = parent.fork()
         try:
             assert child.sandbox_id != parent.sandbox_id and child.isolation == "gvisor"
@@ -184,6 +190,8 @@ def test_fork_through_the_server_the_remote_sdk_and_the_cli(server):
         r = httpx.post(f"{server.url}/v1/sandboxes/{plain.sandbox_id}/fork",
                        headers={"Authorization": f"Bearer {key}"}, timeout=60)
         assert r.status_code == 400 and "cannot fork a live session: use isolation='gvisor'" in r.text, r.text
+        r = subprocess.run(COMMAND + ["fork", plain.sandbox_id], capture_output=True, text=True, env=env, timeout=60)
+        assert r.returncode == 3 and "use isolation='gvisor'" in r.stderr and r.stdout == "", (r.returncode, r.stderr)
     for sandbox_id in (child.sandbox_id, third["sandbox_id"]):
         assert gone(sandbox_id) == []
 

@@ -23,6 +23,7 @@ mounts (its granted host directories and volumes are held for it alone).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shlex
@@ -92,7 +93,10 @@ async def fork_live(parent: "GVisorSandbox") -> "GVisorSandbox":
         raise
     finally:
         if parent_back is not None:
-            await parent_back  # its failure (the parent then killed by resume()) is the caller's to hear
+            # The parent failing to come back kills it (resume() does): its owner hears so on its next call;
+            # a child that runs is returned all the same.
+            with contextlib.suppress(Exception):
+                await parent_back
         await asyncio.to_thread(shutil.rmtree, image, True)
     meta = parent.home / "meta.json"
     child._write_meta(json.loads(meta.read_text()).get("env", {}) if meta.exists() else {})
