@@ -191,7 +191,7 @@ def test_fork_through_the_server_the_remote_sdk_and_the_cli(server):
                        headers={"Authorization": f"Bearer {key}"}, timeout=60)
         assert r.status_code == 400 and "cannot fork a live session: use isolation='gvisor'" in r.text, r.text
         r = subprocess.run(COMMAND + ["fork", plain.sandbox_id], capture_output=True, text=True, env=env, timeout=60)
-        assert r.returncode == 3 and "use isolation='gvisor'" in r.stderr and r.stdout == "", (r.returncode, r.stderr)
+        assert r.returncode == 2 and "use isolation='gvisor'" in r.stderr and r.stdout == "", (r.returncode, r.stderr)
     for sandbox_id in (child.sandbox_id, third["sandbox_id"]):
         assert gone(sandbox_id) == []
 
