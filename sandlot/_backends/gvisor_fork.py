@@ -30,23 +30,19 @@ import shlex
 import shutil
 import subprocess
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 from .._exceptions import InvalidRequest, SandboxCrashed, SandboxNotFound
-from .._host import cgroups
 from .._host.channel import CLOSED
-from ._common import new_sandbox_id
-
-if TYPE_CHECKING:
-    from .gvisor import GVisorSandbox
+from ._common import CgroupSandbox
 
 COPY_TIMEOUT = 300.0
 
+# (Both sandboxes are gvisor.GVisorSandbox; typed by their base here: gvisor.py imports this module, not back.)
 
-async def fork_live(parent: "GVisorSandbox") -> "GVisorSandbox":
-    """A new, running sandbox restored from a checkpoint of ``parent``; ``parent`` runs on (or stays paused)."""
-    from . import gvisor as g
 
+def refuse_unforkable(parent: CgroupSandbox) -> None:
+    """InvalidRequest (or SandboxNotFound) for a sandbox that cannot be forked, before anything is made."""
     if parent._netns is not None:
         raise InvalidRequest("a sandbox with a network cannot be forked: its host sockets and its broker do not "
                              "survive a checkpoint")
@@ -55,24 +51,17 @@ async def fork_live(parent: "GVisorSandbox") -> "GVisorSandbox":
                              "granted to it alone")
     if parent._cleaned or (not parent.paused and parent.returncode is not None):
         raise SandboxNotFound(f"sandbox {parent.id} is gone: {parent.killed_reason or 'it ended'}")
-    spec = json.loads((parent.home / "bundle" / "config.json").read_text())
-    child_id = new_sandbox_id()
-    limits = parent.limits
-    cgroup = await asyncio.to_thread(cgroups.Cgroup, child_id, g._room_for_runsc(limits), host_sockets=False)
-    home = g.data_dir() / "sandboxes" / child_id
-    (home / "bundle").mkdir(parents=True)
-    child = g.GVisorSandbox(child_id, limits, cgroup, home, parent.template)
-    child.on_cleanup = parent.on_cleanup
-    child._lock_fd = g._hold(home)
+
+
+async def copy_session(parent: CgroupSandbox, child: CgroupSandbox, boot_timeout: float) -> None:
+    """Make ``child`` (its home, cgroup and empty writable tmpfs ready, nothing running) a running copy of
+    ``parent``'s session; on failure ``child`` is killed (its home and cgroup go with it)."""
+    home, rw = child.home, child.home / "rw"
     image = home / "fork-image"
     was_paused = parent.paused
     parent_back: "Optional[asyncio.Task]" = None
     try:
-        rw = await asyncio.to_thread(g._mount_writable, home, limits)
-        child.storage_bytes = limits.storage(g.SENTRY_MEMORY)
-        if parent.storage_bytes and parent.storage_bytes != child.storage_bytes:  # a claimed warm one was resized
-            await asyncio.to_thread(child.resize_scratch, parent.storage_bytes)
-            child.storage_bytes = parent.storage_bytes
+        spec = json.loads((parent.home / "bundle" / "config.json").read_text())
         (home / "bundle" / "config.json").write_text(json.dumps(_child_spec(spec, parent.home / "rw", rw)))
         if not was_paused:
             await parent.pause()
@@ -82,12 +71,12 @@ async def fork_live(parent: "GVisorSandbox") -> "GVisorSandbox":
         finally:
             if not was_paused:
                 parent_back = asyncio.get_running_loop().create_task(_resume_parent(parent))
-        await child._launch("restore", f"--image-path={image}", f"--bundle={home / 'bundle'}", child_id)
+        await child._launch("restore", f"--image-path={image}", f"--bundle={home / 'bundle'}", child.id)
         # First, before any request of ours: the parent's requests in flight in the copy are orphaned (their
         # ids would collide with the child's own), and the copy's random state is its own.
         await child.channel.send({"t": "owner", "id": 0})
         await child.channel.send({"t": "reseed", "id": 0})
-        await _first_ping(child)
+        await _first_ping(child, boot_timeout)
     except BaseException:
         await asyncio.shield(child.kill("fork failed"))
         raise
@@ -100,10 +89,9 @@ async def fork_live(parent: "GVisorSandbox") -> "GVisorSandbox":
         await asyncio.to_thread(shutil.rmtree, image, True)
     meta = parent.home / "meta.json"
     child._write_meta(json.loads(meta.read_text()).get("env", {}) if meta.exists() else {})
-    return child
 
 
-async def _resume_parent(parent: "GVisorSandbox") -> None:
+async def _resume_parent(parent: CgroupSandbox) -> None:
     await parent.resume()
     await parent.channel.send({"t": "owner", "id": 0})  # requests of the channel before the pause are orphans
 
@@ -125,28 +113,24 @@ def _child_spec(spec: dict, parent_rw: Path, child_rw: Path) -> dict:
     return spec
 
 
-async def _copy_files(source: Path, target: Path, child: "GVisorSandbox") -> None:
+async def _copy_files(source: Path, target: Path, child: CgroupSandbox) -> None:
     """``cp -a`` of the parent's tmpfs into the child's, run inside the child's cgroup: the copied pages are
     the child's memory (tmpfs pages count against the cgroup that wrote them), not this process's."""
     procs = [str(d / "cgroup.procs") for d in child.cgroup.dirs.values()]
     script = ('for f in "$@"; do printf %s $$ > "$f" || exit 97; done; exec '
               + shlex.join(["cp", "-a", "--no-target-directory", str(source), str(target)]))
-    from .gvisor import _off_loop
-
-    out = await _off_loop(subprocess.run, ["/bin/sh", "-c", script, "sh", *procs], capture_output=True, text=True,
+    out = await asyncio.to_thread(subprocess.run, ["/bin/sh", "-c", script, "sh", *procs], capture_output=True, text=True,
                           timeout=COPY_TIMEOUT)
     if out.returncode != 0:
         raise SandboxCrashed(f"copying the sandbox's files failed: {out.stderr.strip()[-500:]}")
 
 
-async def _first_ping(child: "GVisorSandbox") -> None:
+async def _first_ping(child: CgroupSandbox, boot_timeout: float) -> None:
     """The restored agent answers on the child's own channel (as resume() checks)."""
-    from .gvisor import BOOT_TIMEOUT
-
     rid, queue = child.channel.new_request()
     try:
         await child.channel.send({"t": "ping", "id": rid})
-        item = await asyncio.wait_for(queue.get(), BOOT_TIMEOUT)
+        item = await asyncio.wait_for(queue.get(), boot_timeout)
     except asyncio.TimeoutError:
         item = CLOSED
     finally:
