@@ -220,3 +220,24 @@ def test_fork_session_over_mcp():
     finally:
         client.close()
     assert gone(fid) == []
+
+
+def test_fork_session_on_the_servers_mcp_endpoint_goes_through_its_registry(tmp_path):
+    """/mcp on `sandlot serve`: its sessions are the registry's process-tier sandboxes, so a fork is refused
+    with the tier's reason (by the registry, as over REST), and nothing new appears in the tenant's list."""
+    from .cli_server import CliServer
+    from .test_mcp import http_session, texts
+
+    srv = CliServer(tmp_path).start()
+    try:
+        key = srv.key("agent")
+
+        async def scenario(s):
+            sid = (await s.call_tool("create_session", {})).structured_content["session_id"]
+            return sid, await s.call_tool("fork_session", {"session_id": sid})
+
+        sid, forked = http_session(srv.url + "/mcp", key, scenario)
+        assert forked.is_error and "the process tier cannot fork a live session: use isolation='gvisor'" in texts(forked)
+        assert [i.sandbox_id for i in Sandbox.list(api_url=srv.url, api_key=key)] == [sid]
+    finally:
+        srv.stop()
