@@ -7,9 +7,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -77,7 +75,7 @@ def test_a_fork_copies_the_live_session_and_then_goes_its_own_way():
         try:
             assert child.sandbox_id != parent.sandbox_id and child.isolation == "gvisor"
             assert child.limits == parent.limits
-            expected = f"(41, '/home/user/work', 'from the parent', 256000)"
+            expected = "(41, '/home/user/work', 'from the parent', 256000)"
             assert child.run_code(LOOK).text == expected
             assert parent.run_code(LOOK).text == expected
             # Random state: the parent's stream goes on from its seed; the child's was reseeded.
