@@ -81,6 +81,7 @@ def test_a_fork_copies_the_live_session_and_then_goes_its_own_way():
             # Random state: the parent's stream goes on from its seed; the child's was reseeded.
             draws = [sb.run_code("[random.random() for _ in range(3)]").text for sb in (parent, child)]
             assert draws[0] != draws[1]
+            assert parent.run_code("random.seed(12345); random.random()").text == draws[0].strip("[").split(",")[0]
             # Independent from now on: variables, files, cwd.
             child.run_code("answer = 'child'\nos.chdir('/tmp')\nopen('/home/user/work/notes.txt', 'w').write('child')")
             parent.run_code("answer += 1\nopen('/tmp/only-parent', 'w').write('p')")
@@ -96,6 +97,19 @@ def test_a_fork_copies_the_live_session_and_then_goes_its_own_way():
         assert gone(child_id) == []
         from sandlot._backends.gvisor import data_dir
         assert not list((data_dir() / "sandboxes" / parent.sandbox_id).glob("*image*"))  # no image left behind
+
+
+@needs_runsc
+def test_numpys_global_generator_is_reseeded_in_the_fork():
+    with Sandbox(isolation="gvisor") as parent:
+        assert parent.run_code("import numpy\nnumpy.random.seed(7)").error is None
+        child = parent.fork()
+        try:
+            draws = [sb.run_code("numpy.random.random(3).tolist()").text for sb in (parent, child)]
+            assert draws[0] == parent.run_code("numpy.random.seed(7); numpy.random.random(3).tolist()").text
+            assert draws[0] != draws[1]
+        finally:
+            child.kill()
 
 
 @needs_runsc
