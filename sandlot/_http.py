@@ -37,6 +37,8 @@ from ._transport import (AsyncCommandHandle, CommandInfo, CommandsHandle, FilesH
 from ._wire import from_wire
 # Streams carry a ping at least every 15 s (the server's heartbeat), so a silent minute means a dead peer.
 _TIMEOUT = httpx.Timeout(60.0, connect=10.0)
+# A fork checkpoints and restores a whole session (a big one under gVisor's ptrace takes a while).
+_FORK_TIMEOUT = httpx.Timeout(10.0, read=600.0)
 _UPLOAD_TIMEOUT = httpx.Timeout(60.0, connect=10.0, write=None)
 
 def _error_of(response: httpx.Response) -> SandlotError:
@@ -224,6 +226,12 @@ class RemoteSandbox(SandboxHandle):
     async def resume(self) -> PauseInfo:
         raw = (await self._http("POST", "/resume")).json()
         return PauseInfo(seconds=raw["seconds"], checkpoint_bytes=0)
+
+    async def fork(self) -> "RemoteSandbox":
+        """A new sandbox on the server with a copy of this live session (gVisor tier): same tenant, limits
+        and metadata; it counts toward the tenant's quotas like a create."""
+        raw = (await self._http("POST", "/fork", timeout=_FORK_TIMEOUT)).json()
+        return RemoteSandbox(self._server, raw)
 
     async def interrupt(self) -> None:
         """KeyboardInterrupt to the code running now in this sandbox (its run_code call returns with it)."""

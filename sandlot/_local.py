@@ -139,6 +139,37 @@ class LocalSandbox(SandboxHandle):
         self._watchdog = asyncio.get_running_loop().create_task(self._watch())
         return PauseInfo(seconds=figures["seconds"], checkpoint_bytes=0)
 
+    async def fork(self) -> "LocalSandbox":
+        """A new sandbox with a copy of this session as it is now (variables, files in /home/user and /tmp,
+        the working directory), independent from then on, its random state reseeded (gVisor tier: this one
+        is checkpointed and restored twice, so it stops for that long). A paused one is forked from its
+        checkpoint and stays paused. The copy has this one's limits, environment and metadata, and a
+        lifetime of its own from now."""
+        async with self._exec_lock:
+            proc = self._proc
+            if self._dead is not None:
+                raise SandboxNotFound(f"sandbox {proc.id} is gone: {self._dead}")
+            if not proc.paused:
+                self._alive()
+            if not self._backend.capabilities.fork_live:
+                raise InvalidRequest(f"the {self.isolation} tier cannot fork a live session: use "
+                                     f"{_isolations_that('fork_live')}")
+            if self.network is not None:
+                raise InvalidRequest("a sandbox with a network cannot be forked: its host sockets and its broker "
+                                     "do not survive a checkpoint")
+            if self.spec.mounts:
+                raise InvalidRequest("a sandbox with mounts cannot be forked: its host directories and volumes "
+                                     "are granted to it alone")
+            running = [h.pid for h in self.commands._background.values() if h.running]
+            if running and not proc.paused:
+                # A fork stops this sandbox and restores it on a new channel: the streams of its background
+                # commands (whose handles read the old channel) would end as if the sandbox had died.
+                raise InvalidRequest(f"sandbox {proc.id} has background commands running (pids {running}): a fork "
+                                     "checkpoints and restores it, which would cut their output streams; wait for "
+                                     "them or kill them first")
+            child = await proc.fork_live()
+        return LocalSandbox(self.spec, self._backend, child)
+
     async def interrupt(self) -> None:
         """Send KeyboardInterrupt to the code running now (like Ctrl-C in a notebook). Its run_code
         call then returns with that error; the session keeps its variables."""

@@ -148,6 +148,13 @@ class AsyncSandbox:
         """Bring a paused sandbox back (a no-op for a running one)."""
         return await self._live().resume()
 
+    async def fork(self) -> "AsyncSandbox":
+        """A new sandbox with a copy of this live session (variables, files in /home/user and /tmp, working
+        directory), independent from then on, its random state reseeded (``random``, numpy's global
+        generator). gVisor tier; the process tier raises InvalidRequest. Kill it as any sandbox."""
+        handle = await self._live().fork()
+        return type(self)._of(handle, self._spec, self._transport)  # the parent's limits, env and metadata
+
     async def interrupt(self) -> None:
         """Send KeyboardInterrupt to the code running now (like Ctrl-C in a notebook). Its run_code
         call then returns with that error; the session keeps its variables."""

@@ -209,6 +209,13 @@ class Sandbox:
     def resume(self) -> PauseInfo:
         return run_sync(self._async.resume())
 
+    def fork(self) -> "Sandbox":
+        """A new sandbox with a copy of this live session (variables, files, working directory), independent
+        from then on, its random state reseeded. gVisor tier; the process tier raises InvalidRequest."""
+        sandbox = type(self).__new__(type(self))
+        sandbox._attach(run_sync(self._async.fork()))
+        return sandbox
+
     def interrupt(self) -> None:
         run_sync(self._async.interrupt())
 

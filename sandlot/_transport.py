@@ -19,6 +19,7 @@ import dataclasses
 from datetime import datetime
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Optional, Union
 
+from ._exceptions import InvalidRequest
 from ._limits import Limits
 from ._models import (CommandResult, EntryInfo, Execution, PauseInfo, Result, SandboxInfo, SandboxMetrics,
                       VolumeInfo)
@@ -147,6 +148,10 @@ class SandboxHandle(abc.ABC):
 
     @abc.abstractmethod
     async def resume(self) -> PauseInfo: ...
+
+    async def fork(self) -> "SandboxHandle":
+        """A new sandbox holding a copy of this live session (where the tier can)."""
+        raise InvalidRequest("this transport cannot fork a sandbox")
 
     @abc.abstractmethod
     async def interrupt(self) -> None: ...

@@ -82,6 +82,11 @@ class _HostedSandbox:
     async def set_timeout(self, seconds: float) -> None:
         await self._caller.state.registry.set_timeout(self._caller.tenant, self._live.id, seconds)
 
+    async def fork(self) -> "_HostedSandbox":
+        """Through the registry, as POST .../fork: the copy counts toward the tenant's quotas, has its row and
+        an audit row "fork" naming this one."""
+        return _HostedSandbox(await self._caller.state.registry.fork(self._caller.tenant, self._live.id), self._caller)
+
 
 class _HostedCommands:
     def __init__(self, hosted: _HostedSandbox) -> None:

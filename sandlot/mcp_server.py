@@ -237,6 +237,16 @@ class Sessions:
                           "idle_timeout_seconds": getattr(limits, "idle_timeout", Limits().idle_timeout)})
         return sorted(found, key=lambda s: s["created_at"])
 
+    async def fork(self, caller: Any, session_id: str) -> Any:
+        """A new session of the same caller: a copy of ``session_id``'s live sandbox (counted in its limit)."""
+        sandbox = self.get(caller, session_id)
+        owner = caller_key(caller)
+        if sum(1 for s in self._sessions.values() if s.owner == owner) >= self.max_per_caller:
+            raise ToolError(f"too many open sessions (at most {self.max_per_caller}); close one with close_session")
+        child = await sandbox.fork()
+        self._sessions[child.sandbox_id] = _Session(child, owner, time.time())
+        return child
+
     def forget(self, session_id: str) -> None:
         self._sessions.pop(session_id, None)
 
@@ -421,6 +431,19 @@ def build_mcp_server(provider: Optional[SandboxProvider] = None, *, caller_of: O
     async def list_sessions(ctx: Context) -> list[SessionListing]:
         """List your open sessions (session_id, created_at in epoch seconds, idle timeout), oldest first."""
         return sessions.listing(_caller(ctx, caller_of))
+
+    @server.tool(annotations=ToolAnnotations(title="Fork a session", read_only_hint=False, destructive_hint=False,
+                                             idempotent_hint=False, open_world_hint=False))
+    async def fork_session(session_id: SessionId, ctx: Context) -> SessionInfo:
+        """Copy a live session into a new one: the same Python variables, files and working directory, independent
+        from then on (random state reseeded), to try two things from one point. Returns the new session_id;
+        close both when done. Only sessions of the gVisor tier can be forked (the error says so otherwise).
+        """
+        try:
+            child = await sessions.fork(_caller(ctx, caller_of), session_id)
+        except SandlotError as exc:
+            raise ToolError(f"{type(exc).__name__}: {exc}") from exc
+        return {"session_id": child.sandbox_id, "home": "/home/user"}
 
     @server.tool(annotations=ToolAnnotations(title="Close a session", read_only_hint=False, destructive_hint=True,
                                              idempotent_hint=False, open_world_hint=False))

@@ -30,8 +30,8 @@ from mcp.client.stdio import stdio_client  # noqa: E402
 from mcp.shared.exceptions import MCPError  # noqa: E402
 
 SCRIPT = Path(sys.executable).with_name("sandlot")
-TOOLS = {"run_code", "create_session", "list_sessions", "close_session", "run_command", "write_file", "read_file",
-         "list_files"}
+TOOLS = {"run_code", "create_session", "list_sessions", "fork_session", "close_session", "run_command", "write_file",
+         "read_file", "list_files"}
 
 
 def server_params(**env: str) -> StdioServerParameters:

@@ -190,8 +190,23 @@ class Kernel:
                     os.environ.update({str(k): str(v) for k, v in msg["env"].items()})
                 except (ValueError, OSError):
                     pass  # the agent validated it; never let a bad name end the session
+            elif msg.get("t") == "reseed":
+                _reseed()
             elif msg.get("t") == "exec" and isinstance(msg.get("code"), str):
                 self.send(self.run_cell(msg["code"]))
+
+
+def _reseed() -> None:
+    """A fork of this session (a restored copy) draws other random numbers than its parent."""
+    import random
+
+    random.seed()
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        try:
+            numpy.random.seed()
+        except Exception:
+            pass
 
 
 def _frame_or_none(header: dict):

@@ -389,6 +389,16 @@ class Agent:
             finally:
                 self.kernel.ctl.setblocking(False)
 
+    def _req_reseed(self, rid, req, payload) -> None:
+        """This session is a fork's copy (the host restored a checkpoint of another): the session's random
+        state (``random``, numpy's global generator) starts over from fresh entropy, as a zygote's forks do."""
+        if self.kernel is not None:
+            self.kernel.ctl.setblocking(True)
+            try:
+                self.kernel.ctl.sendall(protocol.encode({"t": "reseed"}))
+            finally:
+                self.kernel.ctl.setblocking(False)
+
     def _req_ping(self, rid, req, payload) -> None:
         self.send({"t": "pong", "id": rid})
 

@@ -36,6 +36,9 @@ class Capabilities:
     pause: bool = False  # pause()/resume(): stop a live sandbox and bring it back, variables intact
     checkpoint: bool = False  # a paused sandbox is on disk: adopt() takes it back in a later process
     fork: bool = False  # sandboxes fork from a warm per-template parent (prepare() starts it)
+    # fork_live(): a copy of one owner's *live* session (variables, files, cwd) as a new sandbox. Not ``fork``
+    # above, which is how a tier boots fresh sandboxes fast (a zygote), not something an owner asks for.
+    fork_live: bool = False
     network: bool = False  # a network policy (egress by rules, secrets) beyond "no network"
     mounts: bool = False  # host directories or volumes granted at create (none yet)
     outlive: bool = False  # a leased sandbox outlives its owner's process; adopt() takes it back live
@@ -122,9 +125,15 @@ class BackendSandbox(abc.ABC):
         """Bring a paused sandbox back; returns figures ({"seconds"})."""
         raise self._unsupported("pause")
 
-    def _unsupported(self, capability: str) -> InvalidRequest:
+    # -- fork a live session (where the tier declares fork_live) ------------------------------------
+    async def fork_live(self) -> "BackendSandbox":
+        """A new sandbox holding a copy of this one's session as it is now (memory, files, cwd), independent
+        from then on; this one runs on. The caller owns the copy (and reseeds its random state)."""
+        raise self._unsupported("fork_live", "fork a live session")
+
+    def _unsupported(self, capability: str, doing: Optional[str] = None) -> InvalidRequest:
         able = " or ".join(f"isolation={name!r}" for name in _isolations_with(capability)) or "a tier that can"
-        return InvalidRequest(f"the {self.isolation} tier cannot {capability}: use {able}")
+        return InvalidRequest(f"the {self.isolation} tier cannot {doing or capability}: use {able}")
 
     # -- network (where the tier declares it) ---------------------------------------------------------
     def netns_pid(self) -> int:

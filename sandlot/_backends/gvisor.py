@@ -69,6 +69,7 @@ from .._storage.grants import PreparedMounts
 from .._templates import Template, data_root
 from ._common import (AGENT_DIR, CgroupSandbox, boot_message, image_config, is_sandbox_id, new_sandbox_id,
                       sandbox_config, sandbox_env, template_config)
+from . import gvisor_fork
 from .base import Backend, Capabilities
 
 BOOT_TIMEOUT = 60.0  # runsc start plus importing the preload list under ptrace
@@ -442,6 +443,30 @@ class GVisorSandbox(CgroupSandbox):
         meta.update(id=self.id, template=self.template, limits=self.limits.to_dict())
         path.write_text(json.dumps(meta))
 
+    # -- fork a live session (gvisor_fork.py) ----------------------------------------------------
+    async def fork_live(self) -> "GVisorSandbox":
+        """A new sandbox restored from a checkpoint of this one (gvisor_fork.py says how); this one runs on,
+        or stays paused. Its own id, home, tmpfs (the files copied) and cgroup with these limits."""
+        gvisor_fork.refuse_unforkable(self)
+        child_id = new_sandbox_id()
+        cgroup = await asyncio.to_thread(cgroups.Cgroup, child_id, _room_for_runsc(self.limits), host_sockets=False)
+        home = data_dir() / "sandboxes" / child_id
+        (home / "bundle").mkdir(parents=True)
+        child = GVisorSandbox(child_id, self.limits, cgroup, home, self.template)
+        child.on_cleanup = self.on_cleanup
+        child._lock_fd = _hold(home)
+        try:
+            await asyncio.to_thread(_mount_writable, home, self.limits)
+            child.storage_bytes = self.limits.storage(SENTRY_MEMORY)
+            if self.storage_bytes and self.storage_bytes != child.storage_bytes:  # a claimed warm one was resized
+                await asyncio.to_thread(child.resize_scratch, self.storage_bytes)
+                child.storage_bytes = self.storage_bytes
+        except BaseException:
+            await asyncio.shield(child.kill("fork failed"))
+            raise
+        await gvisor_fork.copy_session(self, child, BOOT_TIMEOUT)
+        return child
+
     # -- kill -----------------------------------------------------------------------------------
     async def kill(self, reason: str = "killed") -> None:
         if self.killed_reason is None:
@@ -488,7 +513,8 @@ class GVisorBackend(Backend):
     name = "gvisor"
     # Pause is a checkpoint to disk: a later process takes a paused sandbox back (adopt). A network is
     # given at boot (runsc --network=host in a namespace made for it), so a warm sandbox never has one.
-    capabilities = Capabilities(pause=True, checkpoint=True, network=True)
+    # A live session forks by checkpoint (--leave-running) and restore under a new id (gvisor_fork.py).
+    capabilities = Capabilities(pause=True, checkpoint=True, network=True, fork_live=True)
     network_at_boot = True
     _swept = False
 

@@ -12,7 +12,7 @@ from ._common import SandlotGroup
 from .cp import cp
 from .doctor import doctor
 from .mounts import volume
-from .remote import kill, ls
+from .remote import fork, kill, ls
 from .run import exec_, run
 from .service import keys, mcp, serve
 from .shell import shell
@@ -25,7 +25,7 @@ def main() -> None:
     """Sandlot: self-hosted sandboxes for code written by AI agents."""
 
 
-for command in (run, shell, exec_, ls, kill, cp, volume, template, serve, keys, mcp, doctor):
+for command in (run, shell, exec_, ls, kill, fork, cp, volume, template, serve, keys, mcp, doctor):
     main.add_command(command)
 
 __all__ = ["main"]

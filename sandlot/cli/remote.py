@@ -1,4 +1,4 @@
-"""`sandlot ls` and `sandlot kill`: the live sandboxes of a server (the caller's tenant only)."""
+"""`sandlot ls`, `sandlot kill` and `sandlot fork`: the live sandboxes of a server (the caller's tenant only)."""
 
 from __future__ import annotations
 
@@ -97,3 +97,19 @@ def kill(sandbox_ids: tuple[str, ...], api_url: Optional[str], api_key: Optional
     for sandbox_id in sandbox_ids:
         connect_sandbox(target, sandbox_id, "kill", quiet=True).kill()
         err.print(f"killed {escape(sandbox_id)}")
+
+
+@click.command(short_help="Copy a live session into a new sandbox (gVisor tier).")
+@click.argument("sandbox_id", metavar="ID")
+@json_option
+@server_options
+def fork(sandbox_id: str, as_json: bool, api_url: Optional[str], api_key: Optional[str]) -> None:
+    """A new sandbox on the server with a copy of sandbox ID's live session (its variables, files and working
+    directory), independent from then on; prints the new id. gVisor sandboxes only."""
+    target = make_target(api_url, api_key)
+    child = connect_sandbox(target, sandbox_id, "fork", quiet=True).fork()
+    if as_json:
+        print_json({"sandbox_id": child.sandbox_id, "parent": sandbox_id, "template": child.template,
+                    "isolation": child.isolation, "metadata": child.metadata})
+        return
+    click.echo(child.sandbox_id)

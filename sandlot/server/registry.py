@@ -191,6 +191,36 @@ class Registry:
             kept = dataclasses.replace(live.local.current_spec(), env={})
             self.store.set_handle(live.id, {"record": live.local.backend_sandbox.describe(), "spec": kept.to_json()})
 
+    # -- fork -----------------------------------------------------------------------------------------
+    async def fork(self, tenant: Tenant, sandbox_id: str) -> LiveSandbox:
+        """A copy of the tenant's live (or paused) sandbox as a new sandbox of the same tenant: it counts toward
+        the quotas as a create with the parent's limits does (429 over them), gets its own row (the parent's
+        template, limits and metadata) and an audit row "fork" naming the parent."""
+        parent = self.get(tenant, sandbox_id)
+        limits = parent.limits
+        quotas = quotas_for(self.settings, tenant)
+        check_live(tenant.name, self.live_count(tenant), quotas)
+        check_totals(tenant.name, self.usage(tenant), limits, quotas)
+        if self.live_count() >= self.settings.max_live_total:
+            raise QuotaExceeded(f"this server is at capacity ({self.settings.max_live_total} live sandboxes); "
+                                "retry later", retry_after=5.0)
+        started = time.monotonic()
+        with _reserved(self._creating, tenant.id, limits):  # counted from the first await, as a create is
+            sandbox = await parent.sandbox.fork()
+        self.metrics.create_seconds.observe(time.monotonic() - started)
+        self.metrics.created.labels(parent.template).inc()
+        now = time.time()
+        live = LiveSandbox(sandbox, tenant, parent.template, now, CommandTable(self.settings.max_background_commands),
+                           limits)
+        self.live[live.id] = live
+        metadata = dict(parent.sandbox.metadata)
+        self.store.add_sandbox(live.id, tenant, parent.template, metadata, limits.to_dict(), now,
+                               now + sandbox.limits.lifetime, sandbox.isolation)
+        self.store.audit(tenant.name, "fork", live.id, json.dumps({"parent": sandbox_id, "template": parent.template,
+                                                                   "metadata": metadata}), tenant.key_id)
+        self._keep_handle(live)
+        return live
+
     # -- lookup --------------------------------------------------------------------------------------
     def get(self, tenant: Tenant, sandbox_id: str) -> LiveSandbox:
         """The tenant's live sandbox, or SandboxNotFound saying what became of it."""

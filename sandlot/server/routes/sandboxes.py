@@ -91,6 +91,13 @@ async def resume(sandbox_id: str, tenant: Owner, state: State) -> PauseInfo:
     return PauseInfo(sandbox_id=sandbox_id, status="running", seconds=info.seconds)
 
 
+@router.post("/{sandbox_id}/fork", status_code=201, response_model=Sandbox,
+             summary="A new sandbox with a copy of this live session (variables, files, cwd): gVisor tier")
+async def fork(sandbox_id: str, tenant: Owner, state: State) -> Sandbox:
+    live = await state.registry.fork(tenant, sandbox_id)
+    return sandbox_out(state.registry.row(tenant, live.id))
+
+
 @router.post("/{sandbox_id}/interrupt", response_model=Sandbox,
              summary="KeyboardInterrupt to the code running now (the live keeps its variables)")
 async def interrupt(sandbox_id: str, tenant: Owner, state: State) -> Sandbox:
