@@ -137,6 +137,7 @@ class LocalSandbox(SandboxHandle):
         self._started_at = self._last_activity = time.monotonic()
         self._deadline = self._started_at + self.limits.lifetime
         self._watchdog = asyncio.get_running_loop().create_task(self._watch())
+        await self.lease()  # restored: whatever holds its channel now is told its deadline again
         return PauseInfo(seconds=figures["seconds"], checkpoint_bytes=0)
 
     async def fork(self) -> "LocalSandbox":
@@ -168,7 +169,11 @@ class LocalSandbox(SandboxHandle):
                                      "checkpoints and restores it, which would cut their output streams; wait for "
                                      "them or kill them first")
             child = await proc.fork_live()
-        return LocalSandbox(self.spec, self._backend, child)
+        copy = LocalSandbox(self.spec, self._backend, child)
+        await copy.lease()
+        if not proc.paused:
+            await self.lease()  # restored: whatever holds its channel now is told its deadline again
+        return copy
 
     async def interrupt(self) -> None:
         """Send KeyboardInterrupt to the code running now (like Ctrl-C in a notebook). Its run_code
