@@ -166,7 +166,12 @@ class LocalSandbox(SandboxHandle):
         if self._proc.paused and self._dead is None:
             async with self._state_lock:
                 if self._proc.paused and self._dead is None:
-                    await self._wake()
+                    try:
+                        await self._wake()
+                    except SandlotError:
+                        if self._dead is not None:  # it ended meanwhile (its lifetime): say that instead
+                            self._alive()
+                        raise
         return self._alive()
 
     @property
@@ -198,14 +203,14 @@ class LocalSandbox(SandboxHandle):
     @property
     def end_reason(self) -> Optional[str]:
         """Why the sandbox ended (None while it runs)."""
-        if self._dead is None and not self._proc.channel.is_open:
+        if self._dead is None and not self._proc.channel.is_open and not self._proc.paused:
             return f"its agent went away ({self._proc.channel.closed_reason})"
         return self._dead
 
     @property
     def end_limit(self) -> Optional[str]:
         """The limit that ended the sandbox, if one did ("lifetime", "idle_timeout", "memory", "timeout"...)."""
-        if self._dead is None and not self._proc.channel.is_open:
+        if self._dead is None and not self._proc.channel.is_open and not self._proc.paused:
             return "protocol"
         return self._dead_limit
 

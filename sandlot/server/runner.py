@@ -88,6 +88,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help=f"default per-tenant number of named volumes (default {defaults.max_volumes})")
     parser.add_argument("--total-volume-size", metavar="SIZE",
                         help="default per-tenant sum of volume sizes (e.g. 50G, the default)")
+    parser.add_argument("--max-paused-bytes", metavar="SIZE",
+                        help="default per-tenant sum of paused sandboxes' checkpoints (e.g. 20G, the default)")
     args = parser.parse_args(argv)
     try:
         settings = operator_settings(
@@ -97,7 +99,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             isolations=[i.strip() for i in args.isolations.split(",") if i.strip()], allow_network=args.allow_network,
             network_ceiling=args.network_allow,
             allow_private_network=args.allow_private_network, host_dir_roots=args.host_dir_root,
-            max_volumes=args.max_volumes, total_volume_size=args.total_volume_size)
+            max_volumes=args.max_volumes, total_volume_size=args.total_volume_size,
+            max_paused_bytes=args.max_paused_bytes)
     except InvalidRequest as exc:
         parser.error(str(exc))
     try:
