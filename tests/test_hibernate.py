@@ -111,7 +111,7 @@ def test_through_a_server_an_idle_sandbox_sleeps_and_a_call_wakes_it_also_after_
     key, small = first.key("owner"), first.key("small", max_paused_bytes="1M")
     remote = {"api_url": first.url, "api_key": key}
     sb = Sandbox(**remote, isolation="gvisor", on_idle="pause", limits={"idle_timeout": 1})
-    second = None
+    second = third = None
     try:
         assert sb.on_idle == "pause"
         sb.run_code("x = 41")
@@ -139,7 +139,27 @@ def test_through_a_server_an_idle_sandbox_sleeps_and_a_call_wakes_it_also_after_
         _until(lambda: _row(second, small, tight.sandbox_id)["status"] == "ended", 60, "the idle end of `tight`")
         assert "paused bytes" in _row(second, small, tight.sandbox_id)["end_reason"]
         _until(lambda: not _home(tight.sandbox_id).exists(), 20, "removal of its checkpoint")
+
+        # Its lifetime runs out while it sleeps and no server runs: the next server ends it, says why in its
+        # record and the audit log, and removes its checkpoint.
+        sb.set_timeout(8)
+        expires = time.time() + 8
+        _until(lambda: _row(second, key, sb.sandbox_id)["status"] == "paused", what="idle pause before the expiry")
+        second.kill9()
+        time.sleep(max(0.0, expires - time.time()) + 0.5)
+        third = ServerProcess(first.db_path, "--isolations", "process,gvisor", port=first.port).start()
+        _until(lambda: _row(third, key, sb.sandbox_id)["status"] == "ended", 20, "the end of the expired sandbox")
+        assert "lifetime ended while paused" in _row(third, key, sb.sandbox_id)["end_reason"]
+        _until(lambda: not _home(sb.sandbox_id).exists(), 20, "removal of its checkpoint")
+        from sandlot.server.store import Store
+
+        store = Store(first.db_path)
+        try:
+            ends = [e for e in store.audit_log("owner", sandbox_id=sb.sandbox_id) if e.action == "end"]
+        finally:
+            store.close()
+        assert ends and "lifetime ended while paused" in ends[0].detail
     finally:
         sb.kill()
-        (second or first).stop()
+        (third or second or first).stop()
     _until(lambda: not _home(sb.sandbox_id).exists(), 20, "removal of the sandbox's directory")
