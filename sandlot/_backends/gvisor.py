@@ -266,9 +266,10 @@ def sweep_stale(min_age: float = 60.0) -> int:
     root = data_dir() / "sandboxes"
     for home in root.glob("sb-*") if root.is_dir() else []:
         try:
-            if (home / "image").is_dir() and not _expired_checkpoint(home):
+            paused = (home / "image").is_dir()
+            if paused and not _expired_checkpoint(home):
                 continue
-            if time.time() - home.stat().st_mtime < min_age:
+            if not paused and time.time() - home.stat().st_mtime < min_age:
                 continue
             fd = os.open(home / "owner.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError:
@@ -281,6 +282,8 @@ def sweep_stale(min_age: float = 60.0) -> int:
         try:
             subprocess.run(_runsc_argv("delete", "-force", home.name), capture_output=True, timeout=60)
             _remove_home(home)
+            if paused:  # its (empty) cgroup waited with it
+                cgroups.remove_named({home.name})
             removed += 1
         finally:
             os.close(fd)
