@@ -93,6 +93,8 @@ class LocalSandbox(SandboxHandle):
         self._dead_limit: Optional[str] = None
         self._started_at = self._last_activity = time.monotonic()
         self._deadline = self._started_at + self.limits.lifetime
+        # A new deadline (set_timeout, one taken back from disk) or a wake: the watchdog looks again at once.
+        self._look_again = asyncio.Event()
         # Runs while it is paused too: a paused sandbox still ends at its lifetime (and its checkpoint with it).
         self._watchdog: Optional[asyncio.Task] = asyncio.get_running_loop().create_task(self._watch())
         self._forwarders: dict[int, PortForwarder] = {}  # get_url's listeners, by the sandbox's port
@@ -159,6 +161,7 @@ class LocalSandbox(SandboxHandle):
         self.checkpoint_bytes = 0
         # The idle timeout starts over; the lifetime does not: it kept counting while the sandbox slept.
         self._last_activity = time.monotonic()
+        self._look_again.set()  # it slept until the deadline: the idle timeout counts again
         return PauseInfo(seconds=figures["seconds"], checkpoint_bytes=0)
 
     async def _awake(self) -> BackendSandbox:
@@ -182,6 +185,7 @@ class LocalSandbox(SandboxHandle):
     def expire_at(self, when: float) -> None:
         """End it at ``when`` (wall clock): a sandbox taken back from disk keeps its first deadline."""
         self._deadline = time.monotonic() + (when - time.time())
+        self._look_again.set()
 
     async def interrupt(self) -> None:
         """Send KeyboardInterrupt to the code running now (like Ctrl-C in a notebook). Its run_code
@@ -253,6 +257,7 @@ class LocalSandbox(SandboxHandle):
         Limits.build({"lifetime": seconds})
         await self._awake()
         self._deadline = time.monotonic() + seconds
+        self._look_again.set()
 
     async def keep_alive(self) -> None:
         """Count as activity now: the idle timeout starts over."""
@@ -311,8 +316,11 @@ class LocalSandbox(SandboxHandle):
                 await self._die(f"it was idle for {self.limits.idle_timeout:.0f} s", "idle_timeout")
                 return
             wake_at = self._deadline if self._proc.paused else min(self._deadline, idle_end)
-            # At most a second: set_timeout may bring the deadline nearer while this sleeps.
-            await asyncio.sleep(min(1.0, max(0.05, wake_at - now)))
+            try:
+                await asyncio.wait_for(self._look_again.wait(), max(0.05, wake_at - now))
+            except asyncio.TimeoutError:
+                pass
+            self._look_again.clear()
 
     async def _idle_pause(self) -> None:
         """Hibernate after the idle timeout; a checkpoint the owner refuses (a quota of paused bytes) or
