@@ -129,7 +129,12 @@ class LocalSandbox(SandboxHandle):
                                      "are held for it only while it runs")
             # Kept beside the checkpoint, so a later owner (connect(id), a restarted server) honours them.
             proc.hibernation = {"expires_at": self.expires_at, "on_idle": self.on_idle}
-            figures = await proc.pause()
+            try:
+                figures = await proc.pause()
+            except SandlotError:
+                if self._dead is not None:  # it ended meanwhile (its lifetime): say that instead
+                    self._alive()
+                raise
             info = PauseInfo(seconds=figures["seconds"], checkpoint_bytes=int(figures["bytes"]))
             self.checkpoint_bytes = info.checkpoint_bytes
             if self.hooks is not None:

@@ -79,7 +79,7 @@ def test_an_idle_session_hibernates_and_any_call_wakes_it():
 def test_a_paused_sandbox_ends_at_its_lifetime_with_its_checkpoint():
     """Its lifetime keeps counting while it sleeps and after it wakes (a wake does not start it over); at
     its end the checkpoint is removed and connect() says it is gone."""
-    lifetime = 20.0
+    lifetime = 30.0  # room for two checkpoints and a restore on a loaded host (each takes seconds)
     sb = Sandbox(isolation="gvisor", timeout=lifetime)
     created = time.monotonic()
     sb.run_code("x = 1")
@@ -91,7 +91,7 @@ def test_a_paused_sandbox_ends_at_its_lifetime_with_its_checkpoint():
     assert (home / "image").is_dir()
     _until(lambda: sb.end_reason is not None, lifetime + 5, "end at the lifetime")
     # Ended by the deadline set at create, not one started over at the wake (>= created + 3 + lifetime).
-    assert time.monotonic() - created < lifetime + 2.5
+    assert time.monotonic() - created < lifetime + 3
     assert sb.end_limit == "lifetime" and "while paused" in sb.end_reason
     _until(lambda: not home.exists(), 20, "removal of the checkpoint")
     with pytest.raises(SandboxNotFound):
