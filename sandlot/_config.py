@@ -54,6 +54,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("SANDLOT_MAX_VOLUMES", "`serve --max-volumes`: the most volumes one tenant may hold", "20"),
     Variable("SANDLOT_TOTAL_VOLUME_SIZE", "`serve --total-volume-size`: the summed volume sizes one tenant may hold",
              "50G"),
+    Variable("SANDLOT_MAX_PAUSED_BYTES", "`serve --max-paused-bytes`: the summed checkpoints of one tenant's "
+             "paused sandboxes", "20G"),
     Variable("SANDLOT_AUDIT_RETENTION", "`serve --audit-retention`: how long audit rows are kept", "90d"),
     Variable("SANDLOT_AUDIT_MAX_ROWS", "`serve --audit-max-rows`: the most audit rows kept", "1000000"),
     # -- debugging ---------------------------------------------------------------------------------------

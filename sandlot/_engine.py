@@ -17,11 +17,12 @@ import asyncio
 import contextlib
 import dataclasses
 import threading
+import time
 from typing import Any, Mapping, Optional, Sequence
 
 from ._backends.base import Backend, BackendSandbox
 from ._backends.registry import ISOLATIONS, backend_class, default_isolation, supports, isolations_with
-from ._exceptions import InvalidRequest
+from ._exceptions import InvalidRequest, SandboxNotFound
 from ._limits import Limits
 from ._local import LocalSandbox
 from ._net.policy import NetworkPolicy
@@ -209,15 +210,36 @@ class Engine:
 
     async def take_back(self, sandbox_id: str, isolation: str) -> LocalSandbox:
         """A sandbox an earlier process of this host left paused, resumed under this engine (where its
-        tier can: SandboxNotFound when it is gone, InvalidRequest when the tier cannot)."""
+        tier can: SandboxNotFound when it is gone or its lifetime ended while it slept, InvalidRequest when
+        the tier cannot)."""
+        sandbox = await self.adopt_paused(sandbox_id, isolation)
+        try:
+            await sandbox.resume()
+        except SandboxNotFound:
+            raise SandboxNotFound(f"sandbox {sandbox_id} is gone: {sandbox.end_reason}") from None
+        return sandbox
+
+    async def adopt_paused(self, sandbox_id: str, isolation: str, *, expires_at: Optional[float] = None,
+                           on_idle: Optional[str] = None, metadata: Optional[Mapping[str, str]] = None
+                           ) -> LocalSandbox:
+        """A sandbox an earlier process left paused, held (still paused) by this engine: the next call
+        wakes it, and it ends at its first deadline (``expires_at``, else the one kept beside its
+        checkpoint), its checkpoint removed. One already past it ends at once (``end_reason`` says so)."""
         backend = self.backend(isolation)
         if not backend.capabilities.checkpoint:  # nothing of it is on disk: a live one is its owner's
             raise InvalidRequest(f"the {backend.name} tier cannot take a sandbox back from disk: a local owner's "
                                  "sandboxes end with it (a server's outlive it: connect with api_url=)")
         proc = await backend.adopt({"isolation": isolation, "id": sandbox_id})
-        spec = SandboxSpec.build(proc.template, isolation=isolation, limits=proc.limits)
+        kept = dict(getattr(proc, "hibernation", None) or {})
+        on_idle = on_idle or kept.get("on_idle") or "kill"
+        spec = SandboxSpec.build(proc.template, isolation=isolation, limits=proc.limits, on_idle=on_idle,
+                                 metadata=metadata)
         sandbox = LocalSandbox(spec, backend, proc)
-        await sandbox.resume()
+        deadline = expires_at if expires_at is not None else kept.get("expires_at")
+        if deadline is not None:
+            sandbox.expire_at(deadline)
+            if time.time() >= deadline:
+                await sandbox.expire(f"its lifetime ended while paused ({proc.limits.lifetime:.0f} s)")
         return sandbox
 
     async def warm_up(self, template: str = "python", isolation: str = "process") -> None:

@@ -214,6 +214,7 @@ class RemoteSandbox(SandboxHandle):
         self.isolation = info.isolation
         self.metadata = info.metadata
         self.limits = Limits(**_fields(Limits, info.limits))
+        self.on_idle = raw.get("on_idle") if raw.get("on_idle") in ("kill", "pause") else "kill"
         self.commands = RemoteCommands(self)
         self.files = RemoteFiles(self)
 
@@ -240,7 +241,8 @@ class RemoteSandbox(SandboxHandle):
     def _ended_by_clock(self) -> Optional[tuple[str, str]]:
         if time.time() >= self._expires:
             return f"its lifetime ended ({self.limits.lifetime:.0f} s)", "lifetime"
-        if time.monotonic() >= self._last_call + self.limits.idle_timeout:
+        # An idle sandbox made with on_idle="pause" sleeps on the server, and the next call wakes it.
+        if self.on_idle == "kill" and time.monotonic() >= self._last_call + self.limits.idle_timeout:
             return f"it was idle for {self.limits.idle_timeout:.0f} s", "idle_timeout"
         return None
 
@@ -490,12 +492,7 @@ class HTTPTransport(Transport):
     def __init__(self, api_url: Optional[str] = None, api_key: Optional[str] = None) -> None:
         self.server = _Server(api_url, api_key)
 
-    def check(self, spec: SandboxSpec) -> None:
-        if spec.on_idle != "kill":
-            raise InvalidRequest("on_idle='pause' is not offered through the server yet")
-
     async def create(self, spec: SandboxSpec) -> RemoteSandbox:
-        self.check(spec)
         raw = (await self.server.request("POST", "/v1/sandboxes", json=spec.to_json())).json()
         return RemoteSandbox(self.server, raw)
 

@@ -12,11 +12,12 @@ import asyncio
 import dataclasses
 import time
 from datetime import datetime, timezone
-from typing import Any, AsyncIterator, Mapping, Optional, Union
+from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Optional, Protocol, Union
 
 from ._backends.base import Backend, Counters, BackendSandbox
 from ._backends.registry import isolations_with
-from ._exceptions import FileError, InvalidRequest, SandboxCrashed, SandboxNotFound
+from ._exceptions import (FileError, InvalidRequest, QuotaExceeded, SandboxCrashed, SandboxNotFound,
+                          SandlotError)
 from ._host.channel import CLOSED
 from ._limits import Limits
 from ._output import CallOutput, OutputHandler, call as _call
@@ -48,6 +49,22 @@ def _isolations_that(capability: str) -> str:
     return " or ".join(f"isolation={name!r}" for name in isolations_with(capability))
 
 
+class Hibernation(Protocol):
+    """What the owner of a sandbox (a server: its quotas and its records) says about its pauses and wakes.
+    Without one (the local SDK), a sandbox pauses and wakes freely."""
+
+    def check_pause(self, checkpoint_bytes: int) -> None:
+        """Raise QuotaExceeded to refuse a checkpoint of this size (it is then undone, or for an idle
+        pause the sandbox ends)."""
+
+    def paused(self, info: PauseInfo, idle: bool) -> None:
+        """It is on disk now (``idle``: by its idle timeout, not by a call)."""
+
+    async def wake(self, restore: Callable[[], Awaitable[PauseInfo]], explicit: bool) -> PauseInfo:
+        """Bring it back with ``restore()`` (or raise QuotaExceeded first); ``explicit``: by resume(),
+        not by a call that found it paused."""
+
+
 class LocalSandbox(SandboxHandle):
     """A live local sandbox: a stateful Python session, shell commands and files."""
 
@@ -67,13 +84,19 @@ class LocalSandbox(SandboxHandle):
         self._proc = proc
         self.sandbox_id = proc.id
         self._exec_lock = asyncio.Lock()
+        # Held while the sandbox goes to disk or comes back: a call that finds it paused waits here, so two
+        # calls at once wake it once, and no call wakes it halfway through its checkpoint.
+        self._state_lock = asyncio.Lock()
+        self.hooks: Optional[Hibernation] = None  # the owner's say in pauses and wakes (a server's quotas)
+        self.checkpoint_bytes = 0  # the size of its checkpoint on disk while paused
         self._dead: Optional[str] = None
         self._dead_limit: Optional[str] = None
         self._started_at = self._last_activity = time.monotonic()
         self._deadline = self._started_at + self.limits.lifetime
-        self._watchdog: Optional[asyncio.Task] = None
-        if not proc.paused:
-            self._watchdog = asyncio.get_running_loop().create_task(self._watch())
+        # A new deadline (set_timeout, one taken back from disk) or a wake: the watchdog looks again at once.
+        self._look_again = asyncio.Event()
+        # Runs while it is paused too: a paused sandbox still ends at its lifetime (and its checkpoint with it).
+        self._watchdog: Optional[asyncio.Task] = asyncio.get_running_loop().create_task(self._watch())
         self._forwarders: dict[int, PortForwarder] = {}  # get_url's listeners, by the sandbox's port
         self.commands = LocalCommands(self)
         self.files = LocalFiles(self)
@@ -92,10 +115,6 @@ class LocalSandbox(SandboxHandle):
             until = time.time() + max(0.0, self._deadline - time.monotonic())
             await self._proc.channel.send({"t": "lease", "id": 0, "until": until})
 
-    def expire_at(self, unix_time: float) -> None:
-        """Its lifetime ends at this wall-clock time (a sandbox taken back keeps the deadline it had)."""
-        self._deadline = time.monotonic() + max(0.0, unix_time - time.time())
-
     def current_spec(self) -> SandboxSpec:
         """Its spec as it stands now: the network rules in force (``update_network`` changes them)."""
         if self.network is None or self.network.asked is None:
@@ -108,37 +127,91 @@ class LocalSandbox(SandboxHandle):
         return self._proc
 
     async def pause(self) -> PauseInfo:
-        """Checkpoint the live session to disk and free its memory (gVisor tier). ``resume()`` restores
-        it with its variables, open files and working directory; so does ``connect(id)`` from a later process."""
+        """Checkpoint the live session to disk and free its memory (gVisor tier). The next call of any kind
+        (or ``resume()``) restores it with its variables, open files and working directory; so does
+        ``connect(id)`` from a later process. Pausing a paused sandbox changes nothing."""
         async with self._exec_lock:
+            return await self._hibernate(idle=False)
+
+    async def _hibernate(self, idle: bool) -> PauseInfo:
+        """The checkpoint itself (the caller holds the exec lock: no code of the owner's is running)."""
+        async with self._state_lock:
+            if self._dead is None and self._proc.paused:
+                return PauseInfo(seconds=0.0, checkpoint_bytes=self.checkpoint_bytes)
             proc = self._alive()
             if not self._backend.capabilities.pause:
                 raise InvalidRequest(f"pause() needs {_isolations_that('pause')}: the {self.isolation} tier cannot checkpoint")
-            if self.network is not None:  # checked before the idle watchdog is touched: nothing changes
+            if self.network is not None:
                 raise InvalidRequest("a sandbox with a network cannot be paused: its host sockets and its broker "
                                      "do not survive a checkpoint")
             if self.spec.mounts:
                 raise InvalidRequest("a sandbox with mounts cannot be paused: its host directories and volumes "
                                      "are held for it only while it runs")
-            if self._watchdog is not None and self._watchdog is not asyncio.current_task():
-                self._watchdog.cancel()
-            figures = await proc.pause()
-            return PauseInfo(seconds=figures["seconds"], checkpoint_bytes=figures["bytes"])
+            # Kept beside the checkpoint, so a later owner (connect(id), a restarted server) honours them.
+            proc.hibernation = {"expires_at": self.expires_at, "on_idle": self.on_idle}
+            try:
+                figures = await proc.pause()
+            except SandlotError:
+                if self._dead is not None:  # it ended meanwhile (its lifetime): say that instead
+                    self._alive()
+                raise
+            info = PauseInfo(seconds=figures["seconds"], checkpoint_bytes=int(figures["bytes"]))
+            self.checkpoint_bytes = info.checkpoint_bytes
+            if self.hooks is not None:
+                try:
+                    self.hooks.check_pause(info.checkpoint_bytes)
+                except QuotaExceeded:
+                    if not idle:  # refused: it runs on as it was (an idle one is killed by the caller)
+                        await self._restore()
+                    raise
+                self.hooks.paused(info, idle)
+            return info
 
     async def resume(self) -> PauseInfo:
-        """Bring a paused sandbox back (a no-op for a running one)."""
-        proc = self._proc
-        if not proc.paused:
-            self._alive()
-            return PauseInfo(seconds=0.0, checkpoint_bytes=0)
-        if self._dead is not None:
-            raise SandboxNotFound(f"sandbox {proc.id} is gone: {self._dead}")
-        figures = await proc.resume()
-        self._started_at = self._last_activity = time.monotonic()
-        self._deadline = self._started_at + self.limits.lifetime
-        self._watchdog = asyncio.get_running_loop().create_task(self._watch())
+        """Bring a paused sandbox back (a no-op for a running one). Any other call does it too."""
+        async with self._state_lock:
+            if not self._proc.paused or self._dead is not None:
+                self._alive()
+                return PauseInfo(seconds=0.0, checkpoint_bytes=0)
+            return await self._wake(explicit=True)
+
+    async def _wake(self, explicit: bool = False) -> PauseInfo:
+        """Restore it from its checkpoint (the state lock held), through the owner's hooks if any."""
+        if self.hooks is not None:
+            return await self.hooks.wake(self._restore, explicit)
+        return await self._restore()
+
+    async def _restore(self) -> PauseInfo:
+        figures = await self._proc.resume()
+        self.checkpoint_bytes = 0
+        # The idle timeout starts over; the lifetime does not: it kept counting while the sandbox slept.
+        self._last_activity = time.monotonic()
+        self._look_again.set()  # it slept until the deadline: the idle timeout counts again
         await self.lease()  # restored: whatever holds its channel now is told its deadline again
         return PauseInfo(seconds=figures["seconds"], checkpoint_bytes=0)
+
+    async def _awake(self) -> BackendSandbox:
+        """The live backend handle for a call, waking a paused sandbox first (once, whoever asks at once)."""
+        if self._proc.paused and self._dead is None:
+            async with self._state_lock:
+                if self._proc.paused and self._dead is None:
+                    try:
+                        await self._wake()
+                    except SandlotError:
+                        if self._dead is not None:  # it ended meanwhile (its lifetime): say that instead
+                            self._alive()
+                        raise
+        return self._alive()
+
+    @property
+    def expires_at(self) -> float:
+        """When its lifetime ends (wall clock, seconds since the epoch), paused or not."""
+        return time.time() + (self._deadline - time.monotonic())
+
+    def expire_at(self, when: float) -> None:
+        """End it at ``when`` (wall clock): a sandbox taken back from disk keeps its first deadline."""
+        self._deadline = time.monotonic() + (when - time.time())
+        self._look_again.set()
 
     async def fork(self) -> "LocalSandbox":
         """A new sandbox with a copy of this session as it is now (variables, files in /home/user and /tmp,
@@ -168,7 +241,8 @@ class LocalSandbox(SandboxHandle):
                 raise InvalidRequest(f"sandbox {proc.id} has background commands running (pids {running}): a fork "
                                      "checkpoints and restores it, which would cut their output streams; wait for "
                                      "them or kill them first")
-            child = await proc.fork_live()
+            async with self._state_lock:  # it is stopped and restored meanwhile: no call may wake it halfway
+                child = await proc.fork_live()
         copy = LocalSandbox(self.spec, self._backend, child)
         await copy.lease()
         if not proc.paused:
@@ -178,6 +252,8 @@ class LocalSandbox(SandboxHandle):
     async def interrupt(self) -> None:
         """Send KeyboardInterrupt to the code running now (like Ctrl-C in a notebook). Its run_code
         call then returns with that error; the session keeps its variables."""
+        if self._proc.paused and self._dead is None:
+            return  # nothing runs in a paused sandbox: no reason to wake it
         proc = self._alive()
         await proc.channel.send({"t": "interrupt", "id": 0})
 
@@ -187,26 +263,30 @@ class LocalSandbox(SandboxHandle):
 
     @property
     def is_paused(self) -> bool:
-        """Checkpointed to disk by ``pause()`` (gVisor tier), waiting for ``resume()``."""
+        """Checkpointed to disk (gVisor tier) by ``pause()`` or its idle timeout; the next call wakes it."""
         return self._dead is None and self._proc.paused
 
     @property
     def end_reason(self) -> Optional[str]:
         """Why the sandbox ended (None while it runs)."""
-        if self._dead is None and not self._proc.channel.is_open:
+        if self._dead is None and not self._proc.channel.is_open and not self._proc.paused:
             return f"its agent went away ({self._proc.channel.closed_reason})"
         return self._dead
 
     @property
     def end_limit(self) -> Optional[str]:
         """The limit that ended the sandbox, if one did ("lifetime", "idle_timeout", "memory", "timeout"...)."""
-        if self._dead is None and not self._proc.channel.is_open:
+        if self._dead is None and not self._proc.channel.is_open and not self._proc.paused:
             return "protocol"
         return self._dead_limit
 
     async def kill(self) -> None:
         """End the sandbox and everything in it. Safe to call twice."""
         await self._die("killed by its owner")
+
+    async def expire(self, reason: str) -> None:
+        """End it for its lifetime (a sandbox taken back from disk past its deadline)."""
+        await self._die(reason, "lifetime")
 
     async def _die(self, reason: str, limit: Optional[str] = None) -> None:
         if self._dead is None:
@@ -225,7 +305,7 @@ class LocalSandbox(SandboxHandle):
 
     async def metrics(self) -> SandboxMetrics:
         """Memory, CPU and process count of the sandbox right now, from its cgroup."""
-        proc = self._alive()
+        proc = await self._awake()
         now = await asyncio.to_thread(proc.usage, processes=True)
         net = self.network.stats() if self.network is not None else {}
         return SandboxMetrics(memory=now.memory, memory_peak=now.memory_peak, cpu_seconds=now.cpu_seconds,
@@ -237,19 +317,20 @@ class LocalSandbox(SandboxHandle):
     async def set_timeout(self, seconds: float) -> None:
         """Let the sandbox live ``seconds`` from now (capped by 14 days), like E2B's set_timeout."""
         Limits.build({"lifetime": seconds})
-        self._alive()
+        await self._awake()
         self._deadline = time.monotonic() + seconds
         await self.lease()
+        self._look_again.set()
 
     async def keep_alive(self) -> None:
         """Count as activity now: the idle timeout starts over."""
-        self._alive()
+        await self._awake()
 
     # -- network ---------------------------------------------------------------------------------
     async def update_network(self, allow: Optional[list], deny: Optional[list]) -> Any:
         """New rules, live (connections they no longer allow are cut). A sandbox made without a network
         gets one now: its namespace is configured and served from this call on."""
-        proc = self._alive()
+        proc = await self._awake()
         if self.network is None:
             if not self._backend.capabilities.network:
                 raise InvalidRequest(f"the {self.isolation} tier has no network yet: use "
@@ -263,7 +344,7 @@ class LocalSandbox(SandboxHandle):
     async def get_url(self, port: int) -> str:
         """An http://127.0.0.1:P/ URL of this host that reaches ``port`` inside the sandbox (any TCP:
         HTTP, WebSocket...), open while the sandbox lives."""
-        proc = self._alive()
+        proc = await self._awake()
         forwarder = self._forwarders.get(port)
         if forwarder is None:
             forwarder = PortForwarder(proc.netns_pid(), port)
@@ -273,28 +354,50 @@ class LocalSandbox(SandboxHandle):
 
     async def proxy(self, port: int, method: str, target: str, headers: list, body: Any) -> tuple:
         """One HTTP request to the sandbox's server on ``port`` (the server's /ports/ route)."""
-        proc = self._alive()
+        proc = await self._awake()
         return await proxy_request(proc.netns_pid(), port, method, target, headers, body)
 
     async def network_log(self, since: Optional[float] = None) -> "list[dict]":
-        self._alive()
+        await self._awake()
         return self.network.log(since) if self.network is not None else []
 
     async def _watch(self) -> None:
-        """End the sandbox at its lifetime or after idle_timeout without a call."""
+        """End the sandbox at its lifetime (paused or not); after idle_timeout without a call, pause it
+        (on_idle="pause") or end it."""
         while self._dead is None:
             now = time.monotonic()
             idle_end = self._last_activity + self.limits.idle_timeout
             if now >= self._deadline:
-                await self._die(f"its lifetime ended ({self.limits.lifetime:.0f} s)", "lifetime")
+                paused = " while paused" if self._proc.paused else ""
+                await self._die(f"its lifetime ended{paused} ({self.limits.lifetime:.0f} s)", "lifetime")
                 return
-            if now >= idle_end and not self._exec_lock.locked():
+            busy = self._exec_lock.locked() or self._state_lock.locked()
+            if now >= idle_end and not busy and not self._proc.paused:
                 if self.on_idle == "pause" and self._backend.capabilities.pause:
-                    await self.pause()  # checkpointed to disk; resume() or connect() brings it back
-                    return
+                    await self._idle_pause()
+                    continue
                 await self._die(f"it was idle for {self.limits.idle_timeout:.0f} s", "idle_timeout")
                 return
-            await asyncio.sleep(max(0.05, min(self._deadline, idle_end) - now))
+            wake_at = self._deadline if self._proc.paused else min(self._deadline, idle_end)
+            try:
+                await asyncio.wait_for(self._look_again.wait(), max(0.05, wake_at - now))
+            except asyncio.TimeoutError:
+                pass
+            self._look_again.clear()
+
+    async def _idle_pause(self) -> None:
+        """Hibernate after the idle timeout; a checkpoint the owner refuses (a quota of paused bytes) or
+        that fails ends the sandbox instead, saying why."""
+        idle = f"it was idle for {self.limits.idle_timeout:.0f} s"
+        async with self._exec_lock:
+            if self._dead is not None or time.monotonic() < self._last_activity + self.limits.idle_timeout:
+                return  # a call came in meanwhile
+            try:
+                await self._hibernate(idle=True)
+            except QuotaExceeded as exc:
+                await self._die(f"{idle} and could not be paused: {exc}", "idle_timeout")
+            except SandlotError as exc:
+                await self._die(f"{idle} and its checkpoint failed: {exc}", "idle_timeout")
 
     def _alive(self) -> BackendSandbox:
         if self._dead is not None:
@@ -320,7 +423,7 @@ class LocalSandbox(SandboxHandle):
         """
         timeout = self._call_timeout(timeout)
         async with self._exec_lock:
-            proc = self._alive()
+            proc = await self._awake()
             rid, queue = proc.channel.new_request()
             usage_start = self._usage_start(proc)
             output = CallOutput(self.limits.output, on_stdout, on_stderr)
@@ -461,7 +564,7 @@ class LocalSandbox(SandboxHandle):
     # -- plumbing shared by commands and files -------------------------------------------------
     async def _request(self, header: dict, payload: bytes = b"", timeout: float = 60.0) -> dict:
         """One request, one reply (``ok`` or ``error``)."""
-        proc = self._alive()
+        proc = await self._awake()
         rid, queue = proc.channel.new_request()
         try:
             await proc.channel.send(dict(header, id=rid), payload)
@@ -617,7 +720,7 @@ class LocalCommands(CommandsHandle):
         """Run ``cmd``; return its result, or with ``background=True`` a handle to wait on or kill."""
         sandbox = self._sandbox
         timeout = None if background and timeout is None else sandbox._call_timeout(timeout)
-        proc = sandbox._alive()
+        proc = await sandbox._awake()
         rid, queue = proc.channel.new_request()
         keep_stdin = background or stdin is not None
         await proc.channel.send({"t": "cmd", "id": rid, "cmd": cmd, "env": dict(env or {}), "cwd": cwd,
@@ -632,12 +735,13 @@ class LocalCommands(CommandsHandle):
         return await handle.wait()
 
     async def list(self) -> "list[CommandInfo]":
+        await self._sandbox._awake()
         return [dataclasses.replace(handle.info) for handle in self._background.values()
                 if handle.running and handle.pid is not None]
 
     async def connect(self, pid: int, *, on_stdout: Optional[OutputHandler] = None,
                       on_stderr: Optional[OutputHandler] = None) -> AsyncCommandHandle:
-        self._sandbox._alive()
+        await self._sandbox._awake()
         for handle in self._background.values():
             if handle.pid == pid and handle.running:
                 return _Reattached(handle, on_stdout, on_stderr)
@@ -682,7 +786,7 @@ class LocalFiles(FilesHandle):
     async def write(self, path: str, data: Union[str, bytes, Any], *, append: bool = False) -> EntryInfo:
         """Write text, bytes, a binary file object, or an (async) iterable of bytes, in chunks."""
         sandbox = self._sandbox
-        proc = sandbox._alive()
+        proc = await sandbox._awake()
         rid, queue = proc.channel.new_request()
         try:
             await proc.channel.send({"t": "fwrite", "id": rid, "path": path, "append": append})
@@ -698,7 +802,7 @@ class LocalFiles(FilesHandle):
 
     async def stream(self, path: str) -> AsyncIterator[bytes]:
         sandbox = self._sandbox
-        proc = sandbox._alive()
+        proc = await sandbox._awake()
         # Flow-controlled: the file comes at the reader's pace, never piling up in this process.
         rid, queue = proc.channel.new_request(window=protocol.FREAD_WINDOW)
         finished = False

@@ -117,7 +117,7 @@ class AsyncSandbox:
             transport = transport_for("")
         handle = await transport.connect(sandbox_id, isolation=isolation)
         spec = SandboxSpec.build(handle.template, isolation=handle.isolation, limits=handle.limits,
-                                 metadata=handle.metadata)
+                                 metadata=handle.metadata, on_idle=getattr(handle, "on_idle", "kill"))
         return cls._of(handle, spec, transport)
 
     @classmethod
@@ -140,12 +140,13 @@ class AsyncSandbox:
             await self._handle.kill()
 
     async def pause(self) -> PauseInfo:
-        """Checkpoint the live session to disk and free its memory (gVisor tier). ``resume()`` restores
-        it with its variables, open files and working directory; so does ``connect(id)`` from a later process."""
+        """Checkpoint the live session to disk and free its memory (gVisor tier). The next call of any kind
+        (or ``resume()``) restores it with its variables, open files and working directory; so does
+        ``connect(id)`` from a later process. It still ends at its lifetime, checkpoint and all."""
         return await self._live().pause()
 
     async def resume(self) -> PauseInfo:
-        """Bring a paused sandbox back (a no-op for a running one)."""
+        """Bring a paused sandbox back now (a no-op for a running one); any other call does it too."""
         return await self._live().resume()
 
     async def fork(self) -> "AsyncSandbox":
@@ -207,7 +208,8 @@ class AsyncSandbox:
 
     @property
     def on_idle(self) -> str:
-        """What happens after the idle timeout: "kill", or "pause" (checkpoint to disk; gVisor tier)."""
+        """What happens after the idle timeout: "kill", or "pause" (checkpoint to disk, memory freed, woken by
+        the next call; gVisor tier)."""
         return self._spec.on_idle
 
     @property
@@ -216,7 +218,7 @@ class AsyncSandbox:
 
     @property
     def is_paused(self) -> bool:
-        """Checkpointed to disk by ``pause()`` (gVisor tier), waiting for ``resume()``."""
+        """Checkpointed to disk (gVisor tier) by ``pause()`` or its idle timeout; the next call wakes it."""
         return self._handle is not None and self._handle.is_paused
 
     @property

@@ -339,7 +339,7 @@ def test_an_mcp_session_belongs_to_the_tenant_that_opened_it(mcp_server):
 @pytest.mark.skipif(RUNSC_MISSING is not None, reason=str(RUNSC_MISSING))
 def test_a_paused_sandbox_holds_no_memory_in_the_totals_until_it_resumes(ceilinged):
     """gVisor tier: a paused sandbox is a checkpoint on disk, so its memory leaves the tenant's total; resuming
-    it counts it again, and is refused while the total has no room for it."""
+    it (or a call, which would wake it) counts it again, and is refused while the total has no room for it."""
     key = ceilinged.key("pauser", total_memory=GiB)
     with client(ceilinged, key) as c:
         first = c.post("/v1/sandboxes", json={"isolation": "gvisor", "limits": {"memory": "600M"}})
@@ -353,6 +353,9 @@ def test_a_paused_sandbox_holds_no_memory_in_the_totals_until_it_resumes(ceiling
             assert other.status_code == 201, other.text
             r = c.post(f"/v1/sandboxes/{first}/resume")
             assert r.status_code == 429 and "total of memory" in error_of(r)["message"], r.text
+            r = c.post(f"/v1/sandboxes/{first}/code", json={"code": "x"})  # a call would wake it: the same 429
+            assert r.status_code == 429 and "total of memory" in error_of(r)["message"], r.text
+            assert c.get(f"/v1/sandboxes/{first}").json()["status"] == "paused"
             c.delete(f"/v1/sandboxes/{other.json()['sandbox_id']}")
             assert c.post(f"/v1/sandboxes/{first}/resume").status_code == 200
             assert c.post(f"/v1/sandboxes/{first}/code", json={"code": "x"}).json()["text"] == "'kept'"

@@ -267,7 +267,10 @@ def sweep_stale(min_age: float = 60.0) -> int:
     root = data_dir() / "sandboxes"
     for home in root.glob("sb-*") if root.is_dir() else []:
         try:
-            if (home / "image").is_dir() or time.time() - home.stat().st_mtime < min_age:
+            paused = (home / "image").is_dir()
+            if paused and not _expired_checkpoint(home):
+                continue
+            if not paused and time.time() - home.stat().st_mtime < min_age:
                 continue
             fd = os.open(home / "owner.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError:
@@ -280,6 +283,8 @@ def sweep_stale(min_age: float = 60.0) -> int:
         try:
             subprocess.run(_runsc_argv("delete", "-force", home.name), capture_output=True, timeout=60)
             _remove_home(home)
+            if paused:  # its (empty) cgroup waited with it
+                cgroups.remove_named({home.name})
             removed += 1
         finally:
             os.close(fd)
@@ -287,9 +292,31 @@ def sweep_stale(min_age: float = 60.0) -> int:
     return removed
 
 
+def _hibernation(meta: Mapping[str, Any]) -> dict:
+    """What an owner kept beside a checkpoint (meta.json): its deadline (wall clock) and its on_idle."""
+    kept = {}
+    if isinstance(meta.get("expires_at"), (int, float)):
+        kept["expires_at"] = float(meta["expires_at"])
+    if meta.get("on_idle") in ("kill", "pause"):
+        kept["on_idle"] = meta["on_idle"]
+    return kept
+
+
+def _expired_checkpoint(home: Path) -> bool:
+    """A paused sandbox past its lifetime, which no owner ended (its owner had exited): the sweep's."""
+    try:
+        expires_at = _hibernation(json.loads((home / "meta.json").read_text())).get("expires_at")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return expires_at is not None and time.time() >= expires_at
+
+
 class GVisorSandbox(CgroupSandbox):
     isolation = "gvisor"
     storage_overhead = SENTRY_MEMORY
+    # What its owner keeps beside a checkpoint in meta.json ({"expires_at", "on_idle"}): a later owner
+    # honours them (replaced, never changed in place).
+    hibernation: Mapping[str, Any] = {}
 
     def __init__(self, sandbox_id: str, limits: Limits, cgroup: cgroups.Cgroup, home: Path,
                  template: str = "python") -> None:
@@ -440,7 +467,7 @@ class GVisorSandbox(CgroupSandbox):
         """meta.json: what ``GVisorBackend.adopt`` rebuilds this handle from (its describe(), kept on disk)."""
         path = self.home / "meta.json"
         meta = json.loads(path.read_text()) if env is None and path.exists() else {"env": dict(env or {})}
-        meta.update(id=self.id, template=self.template, limits=self.limits.to_dict())
+        meta.update(id=self.id, template=self.template, limits=self.limits.to_dict(), **self.hibernation)
         path.write_text(json.dumps(meta))
 
     # -- fork a live session (gvisor_fork.py) ----------------------------------------------------
@@ -604,6 +631,7 @@ class GVisorBackend(Backend):
         sandbox = GVisorSandbox(sandbox_id, limits, cgroup, home, meta["template"])
         sandbox.on_cleanup = self.track_cleanup
         sandbox._paused = True
+        sandbox.hibernation = _hibernation(meta)
         return sandbox
 
 

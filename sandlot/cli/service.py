@@ -75,11 +75,14 @@ def _when(epoch: Optional[float]) -> str:
               help="Per tenant: how many named volumes it may keep. Over it: 429. [default: 20]")
 @click.option("--total-volume-size", metavar="SIZE", envvar="SANDLOT_TOTAL_VOLUME_SIZE", show_envvar=True,
               help="Per tenant: the most its volumes' sizes may sum to (e.g. 50G). Over it: 429. [default: 50G]")
+@click.option("--max-paused-bytes", metavar="SIZE", envvar="SANDLOT_MAX_PAUSED_BYTES", show_envvar=True,
+              help="Per tenant: the most the checkpoints of its paused (hibernated) sandboxes may sum to on disk "
+                   "(e.g. 20G). A pause past it: 429; an idle pause past it ends the sandbox. [default: 20G]")
 def serve(host: str, port: int, db_path: Optional[str], log_level: str, no_mcp: bool, ceilings: tuple[str, ...],
           total_memory: Optional[str], total_pids: Optional[int], audit_retention: Optional[str],
           audit_max_rows: Optional[int], allow_network: bool, network_ceiling: tuple[str, ...],
           allow_private_network: bool, host_dir_roots: tuple[str, ...], max_volumes: Optional[int],
-          total_volume_size: Optional[str]) -> None:
+          total_volume_size: Optional[str], max_paused_bytes: Optional[str]) -> None:
     """Run the Sandlot HTTP server: REST + streaming, MCP at /mcp, /metrics, OpenAPI at /docs.
 
     Every request needs an API key (`sandlot keys create --tenant NAME`); /metrics needs an operator
@@ -97,7 +100,8 @@ def serve(host: str, port: int, db_path: Optional[str], log_level: str, no_mcp: 
                                             network_ceiling=network_ceiling,
                                             allow_private_network=allow_private_network,
                                             host_dir_roots=host_dir_roots, max_volumes=max_volumes,
-                                            total_volume_size=total_volume_size)
+                                            total_volume_size=total_volume_size,
+                                            max_paused_bytes=max_paused_bytes)
     except InvalidRequest as exc:
         raise click.UsageError(str(exc)) from None
     mounts = []

@@ -17,10 +17,12 @@ For the CLI (``sandlot serve`` / ``sandlot keys ...``) and the MCP endpoint, the
     server.revoke_key(key_id_or_key, db_path=None) -> bool
     server.create_tenant(name, db_path=None) / server.list_tenants(db_path=None)
     server.set_quotas(tenant, db_path=None, max_live=..., max_lifetime=..., requests_per_minute=...,
-                      total_memory="64G", total_pids=..., max_volumes=20, total_volume_size="50G")
+                      total_memory="64G", total_pids=..., max_volumes=20, total_volume_size="50G",
+                      max_paused_bytes="20G")
     server.operator_settings(db_path, ceilings=["memory=8G"], total_memory=..., total_pids=...,
                              audit_retention="90d", audit_max_rows=..., host_dir_roots=["/srv/shared"],
-                             max_volumes=..., total_volume_size=...) -> Settings   # the operator's flags
+                             max_volumes=..., total_volume_size=..., max_paused_bytes=...
+                             ) -> Settings   # the operator's flags
     server.Ceilings.for_host({"memory": "8G"})   # the most a tenant may ask for, per limit
     server.default_db_path()
 

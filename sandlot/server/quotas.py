@@ -43,6 +43,7 @@ class Usage:
     live: int
     memory: int
     pids: int
+    paused_bytes: int = 0  # the checkpoints of its paused sandboxes, summed
 
 
 def _size(n: float) -> str:
@@ -59,6 +60,15 @@ def check_totals(tenant_name: str, usage: Usage, limits, quotas: Quotas) -> None
         raise QuotaExceeded(f"tenant {tenant_name!r} is over its total of pids: its running sandboxes' pids limits "
                             f"sum to {usage.pids}, this one asks for {limits.pids}, and its total is "
                             f"{quotas.total_pids}; kill one, or ask for fewer")
+
+
+def check_paused_bytes(tenant_name: str, used: int, checkpoint_bytes: int, quotas: Quotas) -> None:
+    """One more checkpoint of ``checkpoint_bytes`` must keep the tenant's paused sandboxes within its disk quota."""
+    if used + checkpoint_bytes > quotas.max_paused_bytes:
+        raise QuotaExceeded(f"tenant {tenant_name!r} is over its quota of paused bytes: its paused sandboxes' "
+                            f"checkpoints take {_size(used)}, this one takes {_size(checkpoint_bytes)}, and its "
+                            f"quota is {_size(quotas.max_paused_bytes)} ({quotas.max_paused_bytes} bytes); "
+                            "kill or resume a paused one first")
 
 
 def check_lifetime(tenant_name: str, seconds: float, quotas: Quotas) -> None:

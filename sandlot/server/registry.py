@@ -8,7 +8,10 @@ sandboxes: anything else is "not found", worded the same whether the id belongs 
 
 A tenant's memory and pids totals sum the limits of its sandboxes that hold them: running ones and
 creations in flight. A paused sandbox (gVisor tier) waits on disk with no process and no memory, so it
-does not count; resuming it counts it again, and is refused (429) if it no longer fits.
+does not count; waking it (resume, or any call) counts it again, and is refused (429) if it no longer fits.
+What a paused sandbox holds is disk: its checkpoint, counted against the tenant's ``max_paused_bytes``.
+Paused sandboxes are held again by the next server process (``startup``), still paused: the next call
+wakes them, and their watchdog ends them (checkpoint removed) at their lifetime.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from .._storage.volumes import sweep_mounts
 from .._templates import get_template
 from .background import CommandTable
 from .metrics import Metrics
-from .quotas import Usage, check_lifetime, check_live, check_totals
+from .quotas import Usage, check_lifetime, check_live, check_paused_bytes, check_totals
 from .settings import Settings, quotas_for
 from .store import SandboxRow, Store, Tenant
 from .volumes import TenantVolumes, tenant_scope
@@ -80,6 +83,39 @@ class LiveSandbox:
         return self.sandbox._live()  # type: ignore[return-value]
 
 
+class _Hibernation:
+    """The server's say in one sandbox's pauses and wakes (LocalSandbox.hooks): its tenant's quotas, and the
+    database (its status survives a restart). Pauses and wakes by a request are audited by the registry with
+    the request's key; those the server makes (an idle timeout, a call that found it paused) are audited here."""
+
+    def __init__(self, registry: "Registry", live: LiveSandbox) -> None:
+        self.registry, self.live = registry, live
+
+    def check_pause(self, checkpoint_bytes: int) -> None:
+        registry, tenant = self.registry, self.live.tenant
+        others = registry.usage(tenant).paused_bytes - self.live.local.checkpoint_bytes  # it counts itself now
+        check_paused_bytes(tenant.name, others, checkpoint_bytes, quotas_for(registry.settings, tenant))
+
+    def paused(self, info: PauseInfo, idle: bool) -> None:
+        store = self.registry.store
+        store.set_paused(self.live.id, True, info.checkpoint_bytes)
+        if idle:
+            store.audit(self.live.tenant.name, "pause", self.live.id,
+                        f"idle_timeout: {info.checkpoint_bytes} bytes in {info.seconds:.2f} s")
+
+    async def wake(self, restore, explicit: bool) -> PauseInfo:
+        registry, live = self.registry, self.live
+        # It holds memory and pids again once awake: it must fit the tenant's totals (429 if not).
+        check_totals(live.tenant.name, registry.usage(live.tenant), live.limits,
+                     quotas_for(registry.settings, live.tenant))
+        with _reserved(registry._resuming, live.tenant.id, live.limits):
+            info = await restore()
+        registry.store.set_paused(live.id, False)
+        if not explicit:
+            registry.store.audit(live.tenant.name, "resume", live.id, f"woken by a call in {info.seconds:.2f} s")
+        return info
+
+
 class Registry:
     def __init__(self, store: Store, settings: Settings, metrics: Metrics, engine: Optional[Engine] = None) -> None:
         self.engine = engine or default_engine()
@@ -105,8 +141,10 @@ class Registry:
         mine = [s for s in self.live.values() if s.tenant.id == tenant.id]
         holding = ([s.limits for s in mine if not s.sandbox.is_paused] + self._creating.get(tenant.id, [])
                    + self._resuming.get(tenant.id, []))
+        paused_bytes = sum(s.local.checkpoint_bytes for s in mine if s.sandbox.is_paused)
         return Usage(live=len(mine) + len(self._creating.get(tenant.id, ())),
-                     memory=sum(limits.memory for limits in holding), pids=sum(limits.pids for limits in holding))
+                     memory=sum(limits.memory for limits in holding), pids=sum(limits.pids for limits in holding),
+                     paused_bytes=paused_bytes)
 
     # -- create --------------------------------------------------------------------------------------
     def _limits(self, tenant: Tenant, limits: Optional[Mapping[str, Any]], timeout: Optional[float]) -> Limits:
@@ -131,7 +169,7 @@ class Registry:
                      limits: Optional[Mapping[str, Any]] = None, env: Optional[Mapping[str, str]] = None,
                      metadata: Optional[Mapping[str, str]] = None, isolation: str = "process",
                      one_shot: bool = False, network: Any = None, secrets: Any = None,
-                     mounts: Any = None) -> LiveSandbox:
+                     mounts: Any = None, on_idle: str = "kill") -> LiveSandbox:
         if isolation not in self.settings.isolations:
             raise InvalidRequest(f"isolation {isolation[:32]!r} is not enabled on this server; "
                                  f"enabled: {list(self.settings.isolations)}")
@@ -150,7 +188,7 @@ class Registry:
             raise InvalidRequest(f"template {template!r} gives its sandboxes a network, and this server gives "
                                  "sandboxes none: its operator enables it with `sandlot serve --allow-network`")
         spec = SandboxSpec.build(template, isolation=isolation, limits=built, env=env, metadata=metadata,
-                                 network=network, secrets=secrets, mounts=mounts)
+                                 network=network, secrets=secrets, mounts=mounts, on_idle=on_idle)
         self._check_special(spec.network)
         self._check_network_ceiling(spec.network, spec.secrets)
         # What will be granted: the owner's mounts over the template's defaults (sandbox.yaml), as the engine
@@ -169,8 +207,9 @@ class Registry:
                           built, one_shot)
         self.live[live.id] = live
         if not one_shot:
+            local.hooks = _Hibernation(self, live)
             self.store.add_sandbox(live.id, tenant, template, dict(metadata or {}), built.to_dict(), now,
-                                   now + built.lifetime, sandbox.isolation)
+                                   now + built.lifetime, sandbox.isolation, spec.on_idle)
             detail = {"template": template, "metadata": dict(metadata or {})}
             if spec.network is not None or spec.secrets is not None:  # secrets by name and host, never value
                 detail.update(network=spec.network.to_json() if spec.network else None,
@@ -226,14 +265,15 @@ class Registry:
         """The tenant's live sandbox, or SandboxNotFound saying what became of it."""
         live = self.live.get(sandbox_id)
         if live is not None and live.tenant.id == tenant.id and not live.one_shot:
-            if live.sandbox.is_running or live.sandbox.is_paused:  # a paused one says so when used
+            if live.sandbox.is_running or live.sandbox.is_paused:  # a paused one wakes when used
                 return live
             self._finish(live)
         row = self.store.sandbox(tenant, sandbox_id)
         if row is None:
             raise SandboxNotFound(f"no sandbox {sandbox_id[:80]!r}")
-        if row.status == "paused":
-            raise InvalidRequest(f"sandbox {sandbox_id} is paused: resume it first (POST .../resume)")
+        if row.status == "paused":  # held by no process: its tier is not enabled on this server now
+            raise InvalidRequest(f"sandbox {sandbox_id} is paused on the {row.isolation} tier, which this server "
+                                 f"does not enable now (enabled: {list(self.settings.isolations)})")
         raise SandboxNotFound(f"sandbox {sandbox_id} is {row.status}: {row.end_reason}")
 
     def row(self, tenant: Tenant, sandbox_id: str) -> SandboxRow:
@@ -245,43 +285,46 @@ class Registry:
 
     # -- pause and resume (gVisor tier) ------------------------------------------------------------
     async def pause(self, tenant: Tenant, sandbox_id: str) -> PauseInfo:
+        """Checkpoint it to disk (the hooks check the tenant's paused bytes and record it)."""
         live = self.get(tenant, sandbox_id)
+        was_paused = live.sandbox.is_paused
         info = await live.sandbox.pause()
-        self.store.set_paused(sandbox_id, True)
-        self.store.audit(tenant.name, "pause", sandbox_id, f"{info.checkpoint_bytes} bytes", tenant.key_id)
+        if not was_paused:
+            self.store.audit(tenant.name, "pause", sandbox_id, f"{info.checkpoint_bytes} bytes", tenant.key_id)
         return info
 
     async def resume(self, tenant: Tenant, sandbox_id: str) -> PauseInfo:
-        live = self.live.get(sandbox_id)
-        if live is None or live.tenant.id != tenant.id or live.one_shot:
-            # Paused by an earlier server process: its checkpoint waits on disk.
-            row = self.store.sandbox(tenant, sandbox_id)
-            if row is None or row.status != "paused":
-                self.get(tenant, sandbox_id)  # says what became of it
-                raise InvalidRequest(f"sandbox {sandbox_id} is not paused")
-            quotas = quotas_for(self.settings, tenant)
-            check_live(tenant.name, self.live_count(tenant), quotas)
-            limits = Limits.build(row.limits)
-            check_totals(tenant.name, self.usage(tenant), limits, quotas)
-            started = time.monotonic()
-            with _reserved(self._resuming, tenant.id, limits):
-                handle = await self.engine.take_back(sandbox_id, row.isolation)  # resumes it
-            spec = SandboxSpec.build(row.template, isolation=row.isolation, limits=limits, metadata=row.metadata)
-            sandbox = AsyncSandbox._of(handle, spec, self.transport)
-            live = LiveSandbox(sandbox, tenant, row.template, row.created_at,
-                              CommandTable(self.settings.max_background_commands), limits)
-            self.live[sandbox_id] = live
-            info = PauseInfo(seconds=time.monotonic() - started, checkpoint_bytes=0)
-        else:
-            if not live.sandbox.is_paused:
-                info = await live.sandbox.resume()  # says it is not paused
-            else:  # it holds memory and pids again once resumed
-                check_totals(tenant.name, self.usage(tenant), live.limits, quotas_for(self.settings, tenant))
-                with _reserved(self._resuming, tenant.id, live.limits):
-                    info = await live.sandbox.resume()
-        self.store.set_paused(sandbox_id, False)
+        """Wake it (the hooks check the tenant's memory and pids totals and record it)."""
+        live = self.get(tenant, sandbox_id)
+        if not live.sandbox.is_paused:
+            raise InvalidRequest(f"sandbox {sandbox_id} is not paused")
+        info = await live.sandbox.resume()
         self.store.audit(tenant.name, "resume", sandbox_id, None, tenant.key_id)
         return info
+
+    async def _hold_paused(self) -> None:
+        """At startup: the paused sandboxes an earlier server process left on disk, held again (still paused:
+        the next call wakes them). One whose lifetime ended meanwhile ends now (its watchdog), checkpoint
+        removed; one whose checkpoint is gone is recorded as ended."""
+        for row, tenant in self.store.paused_sandboxes():
+            if row.isolation not in self.settings.isolations:
+                continue  # left on disk for a server that enables its tier
+            try:
+                local = await self.engine.adopt_paused(row.id, row.isolation, expires_at=row.expires_at,
+                                                       on_idle=row.on_idle, metadata=row.metadata)
+            except SandlotError as exc:
+                reason = f"its checkpoint could not be taken back: {exc}"
+                self.store.end_sandbox(row.id, "ended", reason)
+                self.store.audit(tenant.name, "end", row.id, reason)
+                continue
+            limits = Limits.build(row.limits)
+            spec = SandboxSpec.build(row.template, isolation=row.isolation, limits=limits, metadata=row.metadata,
+                                     on_idle=row.on_idle)
+            live = LiveSandbox(AsyncSandbox._of(local, spec, self.transport), tenant, row.template, row.created_at,
+                              CommandTable(self.settings.max_background_commands), limits)
+            local.checkpoint_bytes = row.checkpoint_bytes
+            local.hooks = _Hibernation(self, live)
+            self.live[row.id] = live
 
     # -- network ---------------------------------------------------------------------------------
     def _check_network_ceiling(self, policy: Any, secrets: Any = None) -> None:
@@ -407,6 +450,7 @@ class Registry:
                         len(lost), removed)
         if adopted:
             log.warning("%d sandbox(es) of a previous server process taken back", adopted)
+        await self._hold_paused()
         # Volumes a dead process (a crashed server) left mounted on the host: detached, so they are free again
         # (their locks died with it) and nothing of a tenant's files stays attached under the data dir.
         swept = await asyncio.to_thread(sweep_mounts)

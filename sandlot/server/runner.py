@@ -92,6 +92,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--no-durable", action="store_true",
                         help="sandboxes end with this server process (default: they outlive a restart or crash "
                              "until their lifetime ends, and the next server takes them back)")
+    parser.add_argument("--max-paused-bytes", metavar="SIZE",
+                        help="default per-tenant sum of paused sandboxes' checkpoints (e.g. 20G, the default)")
     args = parser.parse_args(argv)
     try:
         settings = operator_settings(
@@ -101,7 +103,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             isolations=[i.strip() for i in args.isolations.split(",") if i.strip()], allow_network=args.allow_network,
             network_ceiling=args.network_allow,
             allow_private_network=args.allow_private_network, host_dir_roots=args.host_dir_root,
-            max_volumes=args.max_volumes, total_volume_size=args.total_volume_size, durable=not args.no_durable)
+            max_volumes=args.max_volumes, total_volume_size=args.total_volume_size,
+            max_paused_bytes=args.max_paused_bytes, durable=not args.no_durable)
     except InvalidRequest as exc:
         parser.error(str(exc))
     try:

@@ -122,10 +122,14 @@ class CreateSandbox(_Body):
         None, description='{"NAME": {"value": "...", "hosts": ["api.example.com"]}}: the sandbox sees a placeholder; '
                           "the value goes only into HTTPS request headers to those hosts")
     mounts: Optional[dict[Text, Text]] = Field(None, description=MOUNTS_DOC)
+    on_idle: Literal["kill", "pause"] = Field(
+        "kill", description='After its idle timeout: "kill" it, or "pause" it (gVisor tier: checkpointed to disk, '
+                            "its memory freed; the next call of any kind wakes it)")
 
     @model_validator(mode="after")
     def _spec(self):
-        _spec_of(self, metadata=self.metadata, network=self.network, secrets=self.secrets, mounts=self.mounts)
+        _spec_of(self, metadata=self.metadata, network=self.network, secrets=self.secrets, mounts=self.mounts,
+                 on_idle=self.on_idle)
         return self
 
 
@@ -363,7 +367,7 @@ class Sandbox(BaseModel):
     template: str
     isolation: str = Field("process", description="the isolation tier it runs on: process or gvisor")
     status: Literal["running", "paused", "ended", "lost"] = Field(
-        ..., description="paused: checkpointed to disk (POST .../resume); "
+        ..., description="paused: checkpointed to disk (the next call, or POST .../resume, wakes it); "
                          "lost: the server stopped (restart or crash) while it ran")
     metadata: dict[str, str]
     limits: Limits
@@ -371,6 +375,7 @@ class Sandbox(BaseModel):
     expires_at: Optional[datetime] = None
     ended_at: Optional[datetime] = None
     end_reason: Optional[str] = None
+    on_idle: Literal["kill", "pause"] = Field("kill", description="what its idle timeout does: kill or pause it")
 
 
 class PauseInfo(BaseModel):
@@ -394,12 +399,14 @@ class Quotas(BaseModel):
     total_pids: int = Field(..., description="the most the pids limits of your live sandboxes may sum to")
     max_volumes: int = Field(..., description="named volumes you may keep")
     total_volume_size: int = Field(..., description="bytes: the most your volumes' sizes may sum to")
+    max_paused_bytes: int = Field(..., description="bytes: the most your paused sandboxes' checkpoints may sum to")
 
 
 class TenantUsage(BaseModel):
     live: int = Field(..., description="your live sandboxes (paused ones included), and creations in flight")
     memory: int = Field(..., description="bytes: the memory limits of your running sandboxes, summed")
     pids: int = Field(..., description="the pids limits of your running sandboxes, summed")
+    paused_bytes: int = Field(0, description="bytes: the checkpoints of your paused sandboxes, summed")
 
 
 class ServerInfo(BaseModel):

@@ -40,6 +40,8 @@ class Quotas:
     # image is sparse, so this bounds what the tenant may fill, not what its empty volumes take on disk.
     max_volumes: int = 20
     total_volume_size: int = 50 * 1024**3
+    # The checkpoints of its paused (hibernated) sandboxes, summed: paused ones hold disk, not memory or pids.
+    max_paused_bytes: int = 20 * 1024**3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +95,8 @@ def quotas_for(settings: Settings, tenant) -> Quotas:
                   total_memory=int(pick(tenant.total_memory, base.total_memory)),
                   total_pids=int(pick(tenant.total_pids, base.total_pids)),
                   max_volumes=int(pick(tenant.max_volumes, base.max_volumes)),
-                  total_volume_size=int(pick(tenant.total_volume_size, base.total_volume_size)))
+                  total_volume_size=int(pick(tenant.total_volume_size, base.total_volume_size)),
+                  max_paused_bytes=int(pick(tenant.max_paused_bytes, base.max_paused_bytes)))
 
 
 _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*")
@@ -138,7 +141,7 @@ def operator_settings(db_path: "str | os.PathLike[str] | None" = None, *, ceilin
                       allow_network: bool = False, network_ceiling: Iterable[str] = (),
                       allow_private_network: bool = False, host_dir_roots: Iterable[str] = (),
                       max_volumes: Optional[int] = None, total_volume_size: Optional[str] = None,
-                      durable: bool = True) -> Settings:
+                      max_paused_bytes: Optional[str] = None, durable: bool = True) -> Settings:
     """Settings from the operator's flags; None keeps a default. Raises InvalidRequest on a bad value."""
     quotas = Quotas()
     changes: dict[str, Any] = {}
@@ -153,6 +156,8 @@ def operator_settings(db_path: "str | os.PathLike[str] | None" = None, *, ceilin
         changes["total_memory"] = parse_size(total_memory, "total-memory")
     if total_volume_size is not None:
         changes["total_volume_size"] = parse_size(total_volume_size, "total-volume-size")
+    if max_paused_bytes is not None:
+        changes["max_paused_bytes"] = parse_size(max_paused_bytes, "max-paused-bytes")
     quotas = dataclasses.replace(quotas, **changes)
     settings = Settings(db_path=Path(db_path) if db_path else default_db_path(), quotas=quotas,
                         ceilings=Ceilings.for_host({k: _number(v) for k, v in

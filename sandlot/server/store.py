@@ -43,7 +43,8 @@ CREATE TABLE IF NOT EXISTS tenants (
     total_memory INTEGER,          -- bytes: the sum of memory limits over its live sandboxes
     total_pids INTEGER,
     max_volumes INTEGER,           -- named volumes it may keep
-    total_volume_size INTEGER      -- bytes: the sum of its volumes' sizes
+    total_volume_size INTEGER,     -- bytes: the sum of its volumes' sizes
+    max_paused_bytes INTEGER       -- bytes: the sum of its paused sandboxes' checkpoints
 );
 CREATE TABLE IF NOT EXISTS api_keys (
     key_id TEXT PRIMARY KEY,
@@ -65,7 +66,9 @@ CREATE TABLE IF NOT EXISTS sandboxes (
     created_at REAL NOT NULL,
     expires_at REAL,
     ended_at REAL,
-    end_reason TEXT
+    end_reason TEXT,
+    on_idle TEXT NOT NULL DEFAULT 'kill',       -- kill | pause (hibernate after its idle timeout)
+    checkpoint_bytes INTEGER NOT NULL DEFAULT 0 -- while paused: the size of its checkpoint on disk
 );
 CREATE INDEX IF NOT EXISTS sandboxes_by_tenant ON sandboxes(tenant_id, status, created_at);
 CREATE TABLE IF NOT EXISTS sandbox_metadata (
@@ -92,7 +95,10 @@ _ADDED_COLUMNS = [("tenants", "total_memory", "INTEGER"), ("tenants", "total_pid
                   ("sandboxes", "isolation", "TEXT NOT NULL DEFAULT 'process'"),
                   ("tenants", "max_volumes", "INTEGER"), ("tenants", "total_volume_size", "INTEGER"),
                   # what a restarted server takes a live sandbox back from: its tier's record and its spec (JSON)
-                  ("sandboxes", "handle", "TEXT")]
+                  ("sandboxes", "handle", "TEXT"),
+                  ("sandboxes", "on_idle", "TEXT NOT NULL DEFAULT 'kill'"),
+                  ("sandboxes", "checkpoint_bytes", "INTEGER NOT NULL DEFAULT 0"),
+                  ("tenants", "max_paused_bytes", "INTEGER")]
 _ADDED_INDEXES = "CREATE INDEX IF NOT EXISTS audit_by_time ON audit(at);"
 # Operator keys hang off this tenant. Its name cannot be a tenant's (they start with a letter or digit), and
 # an operator key is refused wherever a tenant acts (sandboxes, /mcp): it holds nothing and runs nothing.
@@ -119,6 +125,7 @@ class Tenant:
     total_pids: Optional[int] = None
     max_volumes: Optional[int] = None
     total_volume_size: Optional[int] = None
+    max_paused_bytes: Optional[int] = None
     key_id: Optional[str] = None  # the key this request authenticated with
     role: str = "tenant"  # the role of that key: "tenant", or "operator" (/metrics)
 
@@ -147,6 +154,8 @@ class SandboxRow:
     ended_at: Optional[float]
     end_reason: Optional[str]
     isolation: str = "process"
+    on_idle: str = "kill"
+    checkpoint_bytes: int = 0  # while paused
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,17 +232,20 @@ class Store:
     def set_quotas(self, name: str, *, max_live: Optional[int] = None, max_lifetime: Optional[float] = None,
                    requests_per_minute: Optional[int] = None, total_memory: "int | str | None" = None,
                    total_pids: Optional[int] = None, max_volumes: Optional[int] = None,
-                   total_volume_size: "int | str | None" = None) -> Tenant:
+                   total_volume_size: "int | str | None" = None,
+                   max_paused_bytes: "int | str | None" = None) -> Tenant:
         """Override the server's default quotas for one tenant (None keeps the current value).
-        ``total_memory`` and ``total_volume_size`` take sizes like ``"8G"``."""
+        ``total_memory``, ``total_volume_size`` and ``max_paused_bytes`` take sizes like ``"8G"``."""
         tenant = self.tenant(name)
         if total_memory is not None:
             total_memory = parse_size(total_memory, "total_memory")
         if total_volume_size is not None:
             total_volume_size = parse_size(total_volume_size, "total_volume_size")
+        if max_paused_bytes is not None:
+            max_paused_bytes = parse_size(max_paused_bytes, "max_paused_bytes")
         values = {"max_live": max_live, "max_lifetime": max_lifetime, "requests_per_minute": requests_per_minute,
                   "total_memory": total_memory, "total_pids": total_pids, "max_volumes": max_volumes,
-                  "total_volume_size": total_volume_size}
+                  "total_volume_size": total_volume_size, "max_paused_bytes": max_paused_bytes}
         for field, value in values.items():
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
                 raise InvalidRequest(f"quota {field} must be a number >= 0")
@@ -302,12 +314,12 @@ class Store:
     # -- sandboxes -------------------------------------------------------------------------------
     def add_sandbox(self, sandbox_id: str, tenant: Tenant, template: str, metadata: Mapping[str, str],
                     limits: Mapping[str, Any], created_at: float, expires_at: Optional[float],
-                    isolation: str = "process") -> None:
+                    isolation: str = "process", on_idle: str = "kill") -> None:
         with self._tx() as db:
             db.execute("INSERT INTO sandboxes (id, tenant_id, template, status, metadata, limits,"
-                       " created_at, expires_at, isolation) VALUES (?, ?, ?, 'running', ?, ?, ?, ?, ?)",
+                       " created_at, expires_at, isolation, on_idle) VALUES (?, ?, ?, 'running', ?, ?, ?, ?, ?, ?)",
                        (sandbox_id, tenant.id, template, json.dumps(dict(metadata)), json.dumps(dict(limits)),
-                        created_at, expires_at, isolation))
+                        created_at, expires_at, isolation, on_idle))
             db.executemany("INSERT INTO sandbox_metadata (sandbox_id, key, value) VALUES (?, ?, ?)",
                            [(sandbox_id, k, v) for k, v in metadata.items()])
 
@@ -316,11 +328,19 @@ class Store:
             db.execute("UPDATE sandboxes SET status = ?, ended_at = ?, end_reason = ? WHERE id = ?"
                        " AND status IN ('running', 'paused')", (status, time.time(), reason, sandbox_id))
 
-    def set_paused(self, sandbox_id: str, paused: bool) -> None:
+    def set_paused(self, sandbox_id: str, paused: bool, checkpoint_bytes: int = 0) -> None:
         """A paused sandbox (gVisor tier) waits on disk: it outlives a restart of the server."""
         new, old = ("paused", "running") if paused else ("running", "paused")
         with self._tx() as db:
-            db.execute("UPDATE sandboxes SET status = ? WHERE id = ? AND status = ?", (new, sandbox_id, old))
+            db.execute("UPDATE sandboxes SET status = ?, checkpoint_bytes = ? WHERE id = ? AND status = ?",
+                       (new, checkpoint_bytes if paused else 0, sandbox_id, old))
+
+    def paused_sandboxes(self) -> "list[tuple[SandboxRow, Tenant]]":
+        """Every tenant's paused sandboxes (at startup: a later server holds them again)."""
+        rows = self._query("SELECT s.*, t.name AS tenant FROM sandboxes s JOIN tenants t ON t.id = s.tenant_id"
+                           " WHERE s.status = 'paused'")
+        tenants = {t.name: t for t in self.tenants()}
+        return [(_sandbox(r), tenants[r["tenant"]]) for r in rows if r["tenant"] in tenants]
 
     def set_expiry(self, sandbox_id: str, expires_at: float) -> None:
         with self._tx() as db:
@@ -416,13 +436,14 @@ class Store:
 
 def _tenant(row: sqlite3.Row) -> Tenant:
     return Tenant(row["id"], row["name"], row["max_live"], row["max_lifetime"], row["requests_per_minute"],
-                  row["total_memory"], row["total_pids"], row["max_volumes"], row["total_volume_size"])
+                  row["total_memory"], row["total_pids"], row["max_volumes"], row["total_volume_size"],
+                  row["max_paused_bytes"])
 
 
 def _sandbox(row: sqlite3.Row) -> SandboxRow:
     return SandboxRow(row["id"], row["tenant"], row["template"], row["status"], json.loads(row["metadata"]),
                       json.loads(row["limits"]), row["created_at"], row["expires_at"], row["ended_at"],
-                      row["end_reason"], row["isolation"])
+                      row["end_reason"], row["isolation"], row["on_idle"], row["checkpoint_bytes"])
 
 
 class DatabaseInUse(SandlotError):
@@ -480,5 +501,5 @@ def list_tenants(db_path: "str | os.PathLike[str] | None" = None) -> list[Tenant
 
 def set_quotas(tenant: str, db_path: "str | os.PathLike[str] | None" = None, **quotas: Any) -> Tenant:
     """``set_quotas("acme", max_live=50, max_lifetime=86400, requests_per_minute=600, total_memory="64G",
-    total_pids=8192, max_volumes=20, total_volume_size="50G")``."""
+    total_pids=8192, max_volumes=20, total_volume_size="50G", max_paused_bytes="20G")``."""
     return _with_store(db_path, lambda s: s.set_quotas(tenant, **quotas))

@@ -21,7 +21,7 @@ def sandbox_out(row: SandboxRow) -> Sandbox:
     return Sandbox(sandbox_id=row.id, template=row.template, isolation=row.isolation, status=row.status,
                       metadata=row.metadata,
                       limits=Limits(**row.limits), created_at=when(row.created_at), expires_at=when(row.expires_at),
-                      ended_at=when(row.ended_at), end_reason=row.end_reason)
+                      ended_at=when(row.ended_at), end_reason=row.end_reason, on_idle=row.on_idle)
 
 
 @router.post("", status_code=201, response_model=Sandbox, summary="Create a sandbox")
@@ -29,7 +29,8 @@ async def create(body: CreateSandbox, tenant: Owner, state: State) -> Sandbox:
     live = await state.registry.create(tenant, template=body.template, timeout=body.timeout,
                                        limits=body.limits.overrides() if body.limits else None,
                                        env=body.env, metadata=body.metadata, isolation=body.isolation,
-                                       network=body.network, secrets=body.secrets, mounts=body.mounts)
+                                       network=body.network, secrets=body.secrets, mounts=body.mounts,
+                                       on_idle=body.on_idle)
     return sandbox_out(state.registry.row(tenant, live.id))
 
 

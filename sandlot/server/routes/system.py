@@ -36,7 +36,8 @@ async def info(tenant: Owner, state: State) -> ServerInfo:
                    defaults=Limits(**ceilings.lower_defaults(SdkLimits(), {}).to_dict()),
                    ceilings=Limits(**ceilings.to_dict()),
                    quotas=Quotas(**dataclasses.asdict(quotas_for(state.settings, tenant))),
-                   usage=TenantUsage(live=usage.live, memory=usage.memory, pids=usage.pids),
+                   usage=TenantUsage(live=usage.live, memory=usage.memory, pids=usage.pids,
+                                     paused_bytes=usage.paused_bytes),
                    network={"allowed": state.settings.allow_network, "within": list(state.settings.network_ceiling)},
                    mounts={"host_dirs": bool(roots), "host_dir_roots": roots, "volumes": volumes,
                            "volume_size": volume_size})
