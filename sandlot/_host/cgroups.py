@@ -162,6 +162,17 @@ class Cgroup:
             self.try_remove()  # nothing runs in it yet
             raise
 
+    @classmethod
+    def existing(cls, dirs: "dict[str, str]", *, host_sockets: bool = True) -> "Cgroup":
+        """The cgroup a sandbox already lives in (made by an earlier process, maybe under another cgroup of
+        its own): its directories as they are, nothing made or changed."""
+        self = cls.__new__(cls)
+        self.version = 2 if list(dirs) == [""] else 1
+        self._fds = {}
+        self.host_sockets = host_sockets
+        self.dirs = {c: Path(d) for c, d in dirs.items()}
+        return self
+
     def _dir(self, controller: str) -> Path:
         return self.dirs["" if self.version == 2 else controller]
 
