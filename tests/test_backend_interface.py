@@ -158,18 +158,23 @@ async def test_adopt_takes_back_what_the_tier_can(live):
         return
     with pytest.raises(InvalidRequest, match="not a sandbox id"):
         await backend.adopt({"isolation": backend.name, "id": "../../etc"})
-    with pytest.raises(SandboxNotFound):  # a live sandbox has no checkpoint to take back
-        await backend.adopt(proc.describe())
-    await proc.pause()
-    adopted = await backend.adopt(json.loads(json.dumps(proc.describe())))
+    # A live sandbox is taken over: its keeper hands the channel to the newest owner (the earlier one's closes).
+    owner = await backend.adopt(json.loads(json.dumps(proc.describe())))
+    assert owner.id == proc.id and not owner.paused and owner.limits == proc.limits and await _answers(owner)
+    assert not proc.channel.is_open or not await _answers(proc)
+    await owner.pause()
+    adopted = await backend.adopt(json.loads(json.dumps(owner.describe())))
     assert adopted.id == proc.id and adopted.paused and adopted.limits == proc.limits
-    assert adopted.describe() == proc.describe()
+    assert adopted.describe() == owner.describe()
     await adopted.resume()
     try:
         assert await _answers(adopted)
     finally:
         await adopted.kill("test over")
         await adopted.wait()
+        await backend.finish_cleanups()
+    with pytest.raises(SandboxNotFound):  # gone
+        await backend.adopt(owner.describe())
 
 
 # -- the SDK asks the declared capabilities ---------------------------------------------------------------

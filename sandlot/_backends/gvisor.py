@@ -27,13 +27,17 @@ Writable storage: gVisor's tmpfs of that release ignores ``size=``, so home, /tm
 three directories of one host tmpfs per sandbox (size and inode caps enforced by the host kernel,
 one quota for all three as on the process tier), bound in through the gofer. It stays mounted while
 the sandbox is paused (a checkpoint holds memory, not gofer files) and is unmounted when runsc ends
-for good (killed, or its owner died); a sweep removes the directories that owners left behind.
+for good (killed, or ended by its keeper); a sweep removes the directories that dead keepers left behind.
 
 The channel is the container's stdin/stdout: host pipes, which is also what lets ``runsc
 checkpoint``/``restore`` pause a live session to disk and bring it back, even into a later process.
+The owner does not hold those pipes: a keeper does (sandlot/_host/keeper.py, one small process per
+sandbox, outside its cgroup), relaying whole frames to the owner connected on its socket. So a sandbox
+with a lease outlives its owner's death, and a later owner (a restarted server) connects again
+(``GVisorBackend.adopt``); one without a lease ends with its owner, as before.
 
 Limits: the whole runsc process tree joins the sandbox's cgroup before runsc starts (a shell
-trampoline writes its pid, then execs runsc; its parent shell, outside the cgroup, unmounts the
+trampoline writes its pid, then execs runsc; the keeper, outside the cgroup, unmounts the
 sandbox's tmpfs once runsc ends for good), so memory and CPU cover gVisor's own work too. runsc's
 threads get room in ``pids.max``; the app's own process limit is RLIMIT_NPROC inside (a tight pids.max
 would make gVisor itself fail).
@@ -393,7 +397,8 @@ class GVisorSandbox(CgroupSandbox):
         try:
             # -I -S: no site, no environment; the keeper imports nothing of ours but the protocol module.
             # start_new_session: the owner's terminal signals (and its death) are not for it. The owner's
-            # lock on the home goes with it (the same open file): the sweep keeps a home its keeper holds.
+            # lock on the home goes to it (the same open file): the sweep keeps a home its keeper holds, and
+            # a paused sandbox is free to resume once its keeper is gone, whoever owned it.
             self._proc = subprocess.Popen([sys.executable, "-I", "-S", keeper.__file__, json.dumps(config)],
                                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr, cwd="/",
                                           env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}, start_new_session=True,
@@ -401,6 +406,7 @@ class GVisorSandbox(CgroupSandbox):
         finally:
             if log:
                 stderr.close()
+        self._release()  # the keeper holds the lock from now on, for as long as it (the sandbox) lives
         self._keeper_pid = self._proc.pid
         self._watch_keeper(os.pidfd_open(self._proc.pid))
         try:

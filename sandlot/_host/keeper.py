@@ -210,16 +210,22 @@ class Keeper:
                     if is_lease:
                         self.lease_until = until
                     self._to_agent(frame)
-        if mask & selectors.EVENT_WRITE and self.owner is not None and self.to_owner:
+        if mask & selectors.EVENT_WRITE and self.owner is not None:
+            self._flush_owner()
+        self._watch_owner()
+        self._watch_agent()
+
+    def _flush_owner(self) -> None:
+        """Send what waits for the owner now (the common case: all of it, no extra turn of the loop)."""
+        while self.to_owner and self.owner is not None:
             try:
                 sent = self.owner.send(self.to_owner)
             except BlockingIOError:
-                sent = 0
+                break
             except OSError:
                 return self._owner_gone()
             del self.to_owner[:sent]
         self._watch_owner()
-        self._watch_agent()
 
     def _owner_gone(self) -> None:
         self._drop_owner()
@@ -287,10 +293,9 @@ class Keeper:
         except protocol.ProtocolError:
             self.end("its agent broke the protocol")
             return
-        if self.owner is not None:
-            for frame in frames:
-                self.to_owner += frame
-            self._watch_owner()
+        if self.owner is not None and frames:
+            self.to_owner += b"".join(frames)
+            self._flush_owner()
         self._watch_agent()
 
     def _on_agent_writable(self, key, mask) -> None:
