@@ -281,12 +281,18 @@ def _recorded_cgroup(home: Path) -> Optional[cgroups.Cgroup]:
 
 def _connect_keeper(home: Path) -> Optional[socket.socket]:
     """A connection to the keeper of the sandbox in ``home``, or None when no keeper answers there."""
+    try:
+        home_fd = os.open(home, os.O_PATH | os.O_DIRECTORY)
+    except OSError:
+        return None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.connect(str(home / keeper.SOCKET))
+        sock.connect(keeper.short_address(home_fd))
     except OSError:
         sock.close()
         return None
+    finally:
+        os.close(home_fd)
     return sock
 
 
@@ -417,12 +423,9 @@ class GVisorSandbox(CgroupSandbox):
         if line != b"ready\n":
             self._kill_keeper()
             raise SandboxCrashed(f"the keeper of gVisor sandbox {self.id} did not start")
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.connect(str(self.home / keeper.SOCKET))
-        except OSError:
-            sock.close()
-            raise SandboxCrashed(f"the keeper of gVisor sandbox {self.id} does not answer") from None
+        sock = _connect_keeper(self.home)
+        if sock is None:
+            raise SandboxCrashed(f"the keeper of gVisor sandbox {self.id} does not answer")
         self.channel = Channel(sock)
         await self.channel.open()
 

@@ -73,6 +73,12 @@ class WholeFrames:
         return frames
 
 
+def short_address(home_fd: int) -> str:
+    """The socket's address through a descriptor of its directory: a unix socket's path may not pass 107
+    bytes, and a home under a deep data dir would (the kernel resolves the /proc link, the length is this)."""
+    return "/proc/self/fd/%d/%s" % (home_fd, SOCKET)
+
+
 def lease_of(frame: bytes):
     """``(True, until)`` for a lease frame, else ``(False, None)``. Only a header that names "lease" is decoded."""
     head_len, _ = protocol.PREFIX.unpack_from(frame)
@@ -113,10 +119,12 @@ class Keeper:
         except FileNotFoundError:
             pass
         old = os.umask(0o177)  # the socket is the owner's (root's) alone, from its first moment
+        home = os.open(self.home, os.O_PATH | os.O_DIRECTORY)
         try:
-            self.listener.bind(path)
+            self.listener.bind(short_address(home))
         finally:
             os.umask(old)
+            os.close(home)
         self.listener.listen(8)
         self.listener.setblocking(False)
         self.sel.register(self.listener, selectors.EVENT_READ, self._on_accept)
