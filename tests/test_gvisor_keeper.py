@@ -10,6 +10,7 @@ Skips (saying why) where runsc is not installed. gVisor boots are slow here (ptr
 from __future__ import annotations
 
 import asyncio
+import glob
 import json
 import os
 import signal
@@ -69,8 +70,15 @@ def data(tmp_path, monkeypatch):
     monkeypatch.setenv("SANDLOT_DATA_DIR", str(tmp_path))
     monkeypatch.setenv("SANDLOT_POOL_MIN", "0")
     yield tmp_path
+    while _OWNERS:  # a test that failed before killing its owner: its sandboxes end with it (and the sweep)
+        proc = _OWNERS.pop()
+        if proc.poll() is None:
+            _sigkill(proc)
     for mount in _mounts_under(tmp_path):  # never leave the test's own mess on the host
         subprocess.run(["umount", "-l", mount], check=False)
+
+
+_OWNERS: list[subprocess.Popen] = []
 
 
 def _owner(data: Path, *args: str, records: int = 1) -> tuple[subprocess.Popen, list[dict]]:
@@ -78,6 +86,7 @@ def _owner(data: Path, *args: str, records: int = 1) -> tuple[subprocess.Popen, 
     env = dict(os.environ, SANDLOT_DATA_DIR=str(data), SANDLOT_POOL_MIN="0", PYTHONPATH=REPO)
     proc = subprocess.Popen([sys.executable, "-c", OWNER, *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+    _OWNERS.append(proc)
     found = []
     while len(found) < records:
         line = proc.stdout.readline()
@@ -119,8 +128,12 @@ def _home(data: Path, sandbox_id: str) -> Path:
 
 
 def _cgroup_dirs(data: Path, sandbox_id: str) -> list[str]:
-    """The sandbox's cgroup directories, as its home records them (read while it lives)."""
-    return list(json.loads((_home(data, sandbox_id) / "keeper.json").read_text())["cgroup"].values())
+    """The sandbox's cgroup directories (found while it lives: ``.../sandlot/<id>`` in each hierarchy)."""
+    found = []
+    for depth in range(4):
+        found += glob.glob("/sys/fs/cgroup/" + "*/" * depth + "sandlot/" + sandbox_id)
+    assert found, f"no cgroup found for {sandbox_id}"
+    return found
 
 
 def _leftovers(data: Path, sandbox_id: str, cgroup_dirs: list[str]) -> dict:
