@@ -120,6 +120,32 @@ def test_an_ownerless_sandbox_ends_at_its_lease(started):
     assert not home.exists()
 
 
+def test_a_keeper_restoring_a_paused_sandbox_starts_with_its_lease(started):
+    home, proc = started()
+    owner = _connect(home)
+    owner.sendall(_lease(60))
+    assert _frames(owner, 1)[0]["t"] == "lease"
+    (home / "image").mkdir()  # as a pause leaves it: the next keeper runs `runsc restore` in the same home
+    owner.close()
+    proc.kill()  # gone as a keeper is once runsc checkpointed
+    proc.wait()
+    restored = home
+    config = {"home": str(restored), "cgroups": [], "run": ["cat"], "delete": ["true"]}
+    again = subprocess.Popen([sys.executable, "-I", "-S", KEEPER, json.dumps(config)], stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL)
+    try:
+        assert again.stdout.readline() == b"ready\n"
+        owner = _connect(restored)
+        owner.sendall(protocol.encode({"t": "ping", "id": 1}))
+        assert _frames(owner, 1)[0]["t"] == "ping"
+        owner.close()  # ownerless, but leased: it lives on
+        time.sleep(0.5)
+        assert again.poll() is None
+    finally:
+        again.kill()
+        again.wait()
+
+
 def test_the_socket_is_its_owners_alone(started):
     home, _ = started()
     assert (os.stat(home / keeper.SOCKET).st_mode & 0o777) == 0o600

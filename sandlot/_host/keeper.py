@@ -12,7 +12,8 @@ a root-only directory). A server that restarts connects again and carries on (``
   agent is told first (``{"t": "owner"}``: it orphans the earlier owner's requests).
 - While no owner is connected, what the agent sends is dropped (a new owner asks again: ``cmd_attach``).
 - Lifetime: a lease frame from the owner (``{"t": "lease", "until": <unix time or null>}``) passes through to
-  the agent, and the keeper notes ``until``. Ownerless, the sandbox ends at ``until``; with no lease it ends
+  the agent, and the keeper notes ``until`` (in the home too: the keeper that restores a paused sandbox
+  starts with it). Ownerless, the sandbox ends at ``until``; with no lease it ends
   as soon as its owner goes away (a warm pool's sandbox not yet claimed, the local SDK's), as it always has.
   Ending = SIGKILL to every process in the sandbox's cgroup(s), as the owner's kill() does.
 - When runsc ends, the keeper does what the owner cannot do from outside any more: unmount the sandbox's
@@ -46,6 +47,7 @@ else:  # run by path: the agent's protocol module (stdlib only) from the package
     import protocol  # type: ignore[no-redef]
 
 SOCKET = "keeper.sock"
+LEASE = "lease.json"  # the last lease an owner gave: a keeper restoring a paused sandbox starts with it
 # One read at most: under the allocator's mmap threshold, so a read of a small frame does not map and unmap
 # a large buffer each time (with 1 MiB reads that was most of the relay's cost: ~0.2 ms a round trip).
 READ_SIZE = 64 * 1024
@@ -111,7 +113,7 @@ class Keeper:
         self.to_agent = bytearray()
         self.proc = None  # runsc (through the cgroup trampoline)
         self.agent_in = self.agent_out = -1
-        self.lease_until = None  # unix time; None: no lease (ownerless means ended)
+        self.lease_until = self._recorded_lease()  # unix time; None: no lease (ownerless means ended)
         self.ending = False  # the cgroup was killed: waiting for runsc to go
         self.watching: dict = {}  # fd -> the events the selector watches it for (owner and agent pipes)
 
@@ -221,6 +223,7 @@ class Keeper:
                     is_lease, until = lease_of(frame)
                     if is_lease:
                         self.lease_until = until
+                        self._record_lease()
                     self._to_agent(frame)
         if mask & selectors.EVENT_WRITE and self.owner is not None:
             self._flush_owner()
@@ -238,6 +241,25 @@ class Keeper:
                 return self._owner_gone()
             del self.to_owner[:sent]
         self._watch_owner()
+
+    def _recorded_lease(self):
+        try:
+            with open(os.path.join(self.home, LEASE)) as f:
+                until = json.load(f).get("until")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return float(until) if isinstance(until, (int, float)) and not isinstance(until, bool) else None
+
+    def _record_lease(self) -> None:
+        """Kept in the home beside a checkpoint, so the sandbox's lease outlives a pause (a new keeper
+        restores it); written whole (renamed into place)."""
+        path = os.path.join(self.home, LEASE)
+        try:
+            with open(path + ".tmp", "w") as f:
+                json.dump({"until": self.lease_until}, f)
+            os.replace(path + ".tmp", path)
+        except OSError:
+            pass
 
     def _owner_gone(self) -> None:
         self._drop_owner()
