@@ -217,10 +217,10 @@ class Keeper:
             if data:
                 try:
                     frames = self.from_owner.feed(data)
+                    leases = [lease_of(frame) for frame in frames]
                 except protocol.ProtocolError:
                     return self._owner_gone()  # not our owner's framing: treated as gone
-                for frame in frames:
-                    is_lease, until = lease_of(frame)
+                for frame, (is_lease, until) in zip(frames, leases):
                     if is_lease:
                         self.lease_until = until
                         self._record_lease()
