@@ -72,7 +72,8 @@ def test_the_registry_lists_both_tiers_and_refuses_an_unknown_one():
     assert isolations_with("fork") == ["process"]  # sandboxes forked from a per-template zygote
     assert isolations_with("network") == ["process", "gvisor"]  # egress by policy, both tiers
     assert isolations_with("mounts") == []  # no tier grants these yet
-    assert isolations_with("outlive") == ["process"]  # a server's sandboxes outlive it (gVisor: paused ones only)
+    assert isolations_with("outlive") == ["process", "gvisor"]  # a server's sandboxes outlive it
+    assert isolations_with("fork_live") == ["gvisor"]  # a copy of a live session (checkpoint and restore)
     with pytest.raises(AttributeError):
         isolations_with("teleport")
 
@@ -82,7 +83,7 @@ def test_capabilities_are_frozen_data():
     with pytest.raises(dataclasses.FrozenInstanceError):
         caps.pause = False  # type: ignore[misc]
     assert json.loads(json.dumps(caps.to_dict())) == caps.to_dict()
-    assert set(caps.to_dict()) == {"pause", "checkpoint", "fork", "network", "mounts", "outlive"}
+    assert set(caps.to_dict()) == {"pause", "checkpoint", "fork", "network", "mounts", "outlive", "fork_live"}
 
 
 # -- one live sandbox per tier ---------------------------------------------------------------------------
@@ -161,18 +162,23 @@ async def test_adopt_takes_back_what_the_tier_can(live):
             await backend.adopt(json.loads(json.dumps(proc.describe())))
         assert await _answers(proc)
         return
-    with pytest.raises(SandboxNotFound):  # a live sandbox has no checkpoint to take back
-        await backend.adopt(proc.describe())
-    await proc.pause()
-    adopted = await backend.adopt(json.loads(json.dumps(proc.describe())))
+    # A live sandbox is taken over: its keeper hands the channel to the newest owner (the earlier one's closes).
+    owner = await backend.adopt(json.loads(json.dumps(proc.describe())))
+    assert owner.id == proc.id and not owner.paused and owner.limits == proc.limits and await _answers(owner)
+    assert not proc.channel.is_open or not await _answers(proc)
+    await owner.pause()
+    adopted = await backend.adopt(json.loads(json.dumps(owner.describe())))
     assert adopted.id == proc.id and adopted.paused and adopted.limits == proc.limits
-    assert adopted.describe() == proc.describe()
+    assert adopted.describe() == owner.describe()
     await adopted.resume()
     try:
         assert await _answers(adopted)
     finally:
         await adopted.kill("test over")
         await adopted.wait()
+        await backend.finish_cleanups()
+    with pytest.raises(SandboxNotFound):  # gone
+        await backend.adopt(owner.describe())
 
 
 # -- the SDK asks the declared capabilities ---------------------------------------------------------------

@@ -27,13 +27,17 @@ Writable storage: gVisor's tmpfs of that release ignores ``size=``, so home, /tm
 three directories of one host tmpfs per sandbox (size and inode caps enforced by the host kernel,
 one quota for all three as on the process tier), bound in through the gofer. It stays mounted while
 the sandbox is paused (a checkpoint holds memory, not gofer files) and is unmounted when runsc ends
-for good (killed, or its owner died); a sweep removes the directories that owners left behind.
+for good (killed, or ended by its keeper); a sweep removes the directories that dead keepers left behind.
 
 The channel is the container's stdin/stdout: host pipes, which is also what lets ``runsc
 checkpoint``/``restore`` pause a live session to disk and bring it back, even into a later process.
+The owner does not hold those pipes: a keeper does (sandlot/_host/keeper.py, one small process per
+sandbox, outside its cgroup), relaying whole frames to the owner connected on its socket. So a sandbox
+with a lease outlives its owner's death, and a later owner (a restarted server) connects again
+(``GVisorBackend.adopt``); one without a lease ends with its owner, as before.
 
 Limits: the whole runsc process tree joins the sandbox's cgroup before runsc starts (a shell
-trampoline writes its pid, then execs runsc; its parent shell, outside the cgroup, unmounts the
+trampoline writes its pid, then execs runsc; the keeper, outside the cgroup, unmounts the
 sandbox's tmpfs once runsc ends for good), so memory and CPU cover gVisor's own work too. runsc's
 threads get room in ``pids.max``; the app's own process limit is RLIMIT_NPROC inside (a tight pids.max
 would make gVisor itself fail).
@@ -47,17 +51,19 @@ import hashlib
 import json
 import os
 import secrets
-import shlex
 import shutil
 import signal
+import socket
+import struct
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from .. import _config
 from .._exceptions import HostUnsupported, InvalidRequest, SandboxCrashed, SandboxNotFound, TimeoutError
-from .._host import cgroups
+from .._host import cgroups, keeper
 from .._host.channel import CLOSED, Channel
 from .._limits import Limits
 from .._net import netns
@@ -80,6 +86,8 @@ AGENT_CAPS = ["CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP"]  # only to become the u
 # at memory=256M): kept out of the room files may take, so a full disk is ENOSPC, never an OOM kill.
 SENTRY_MEMORY = 96 * 1024**2
 WRITABLE = {"home": ("/home/user", 0o700), "tmp": ("/tmp", 0o1777), "shm": ("/dev/shm", 0o1777)}
+KEEPER_READY_WITHIN = 30.0  # the keeper is a small stdlib script: ready in well under a second
+ADOPT_PING_WITHIN = 30.0  # the agent's loop answers a ping even while code runs; ptrace makes it slow
 
 
 def runsc_path() -> str:
@@ -260,6 +268,38 @@ def _hold(home: Path) -> int:
     return fd
 
 
+def _recorded_cgroup(home: Path) -> Optional[cgroups.Cgroup]:
+    """The cgroup the sandbox of ``home`` was launched in (keeper.json), as it is; None if not recorded."""
+    try:
+        dirs = json.loads((home / "keeper.json").read_text())["cgroup"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(dirs, dict) or not all(isinstance(d, str) and d.startswith(str(cgroups.ROOT) + "/")
+                                             and os.path.basename(d) == home.name for d in dirs.values()):
+        return None
+    try:
+        return cgroups.Cgroup.existing(home.name, dirs, host_sockets=False)
+    except LookupError:  # gone already
+        return None
+
+
+def _connect_keeper(home: Path) -> Optional[socket.socket]:
+    """A connection to the keeper of the sandbox in ``home``, or None when no keeper answers there."""
+    try:
+        home_fd = os.open(home, os.O_PATH | os.O_DIRECTORY)
+    except OSError:
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(keeper.short_address(home_fd))
+    except OSError:
+        sock.close()
+        return None
+    finally:
+        os.close(home_fd)
+    return sock
+
+
 def sweep_stale(min_age: float = 60.0) -> int:
     """Remove what owners that died left behind (runsc state, the tmpfs, the directory); paused
     sandboxes, and live ones (their owner holds the lock), are kept. Returns how many were removed."""
@@ -281,7 +321,13 @@ def sweep_stale(min_age: float = 60.0) -> int:
             os.close(fd)
             continue  # a live sandbox of another process
         try:
+            # Its keeper is gone (it held the lock): whatever of the sandbox still runs ends with its cgroup.
+            cgroup = _recorded_cgroup(home)
+            if cgroup is not None:
+                cgroup.kill_all()
             subprocess.run(_runsc_argv("delete", "-force", home.name), capture_output=True, timeout=60)
+            if cgroup is not None:
+                cgroup.try_remove()
             _remove_home(home)
             if paused:  # its (empty) cgroup waited with it
                 cgroups.remove_named({home.name})
@@ -328,9 +374,10 @@ class GVisorSandbox(CgroupSandbox):
         self.channel: Channel = Channel((None, None))
         self.killed_reason: Optional[str] = None
         self._paused = False
-        self._proc: Optional[subprocess.Popen] = None
+        self._proc: Optional[subprocess.Popen] = None  # the keeper, when this process started it
+        self._keeper_pid = -1  # the keeper (sandlot/_host/keeper.py): holds runsc and the channel's far end
         self._exited: Optional[asyncio.Future] = None
-        self._pidfd: Optional[int] = None
+        self._pidfd: Optional[int] = None  # the keeper's, also when it is not our child (adopted)
         self._cleaned = False
         self._lock_fd: Optional[int] = None
         self._netns: Optional[NetnsHolder] = None  # the host-made namespace of a sandbox with a network
@@ -349,11 +396,18 @@ class GVisorSandbox(CgroupSandbox):
 
     @property
     def pid(self) -> int:
-        return self._proc.pid if self._proc else -1
+        """The keeper's pid: the sandbox lives while it does."""
+        return self._keeper_pid
 
     @property
     def returncode(self) -> Optional[int]:
-        return None if self._proc is None else self._proc.poll()
+        """None while the keeper runs; then its status (runsc's), or -1 for an adopted keeper (not our
+        child: its status is not ours to read)."""
+        if self._proc is not None:
+            return self._proc.poll()
+        if self._exited is not None and self._exited.done():
+            return self._exited.result()
+        return None
 
     def netns_pid(self) -> int:
         """The holder of the namespace runsc's sentry lives in (made at boot for a sandbox with a network)."""
@@ -368,42 +422,66 @@ class GVisorSandbox(CgroupSandbox):
         return await asyncio.shield(self._exited)
 
     async def _launch(self, *runsc_args: str) -> None:
-        """Start runsc (run or restore) inside our cgroup, speaking on fresh pipes."""
-        procs = [str(d / "cgroup.procs") for d in self.cgroup.dirs.values()]
+        """Start runsc (run or restore) inside our cgroup under a keeper of its own, and connect to the keeper:
+        the channel is the keeper's socket, relayed to the container's stdin/stdout (sandlot/_host/keeper.py)."""
         network = "host" if self._netns is not None else "none"  # host: the namespace _netns holds, see start()
-        trampoline = ('for f in "$@"; do printf %s $$ > "$f" || exit 97; done; exec '
-                      + shlex.join(_runsc_argv(*runsc_args, network=network)))
-        # The outer shell stays outside the cgroup, waits for runsc, and unmounts the sandbox's tmpfs
-        # when it ends for good (its owner died, say), unless it ended for a pause (image/ exists).
-        rw, image = shlex.quote(str(self.home / "rw")), shlex.quote(str(self.home / "image"))
-        outer = (shlex.join(["/bin/sh", "-c", trampoline, "sh", *procs])
-                 + f"; rc=$?; [ -d {image} ] || umount -l {rw} 2>/dev/null; exit $rc")
+        dirs = {controller: str(d) for controller, d in self.cgroup.dirs.items()}
+        (self.home / "keeper.json").write_text(json.dumps({"cgroup": dirs}))  # for adopt() and the sweep
+        config = {"home": str(self.home), "cgroups": list(dirs.values()),
+                  "run": _runsc_argv(*runsc_args, network=network), "delete": _runsc_argv("delete", "-force", self.id)}
         log = _config.boot_log()
         stderr = open(log, "ab") if log else subprocess.DEVNULL
         try:
-            self._proc = subprocess.Popen(["/bin/sh", "-c", outer], stdin=subprocess.PIPE,
-                                          stdout=subprocess.PIPE, stderr=stderr, cwd="/",
-                                          env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
-                                          start_new_session=True)  # the owner's terminal signals are not for it
+            # -I -S: no site, no environment; the keeper imports nothing of ours but the protocol module.
+            # start_new_session: the owner's terminal signals (and its death) are not for it. The owner's
+            # lock on the home goes to it (the same open file): the sweep keeps a home its keeper holds, and
+            # a paused sandbox is free to resume once its keeper is gone, whoever owned it.
+            self._proc = subprocess.Popen([sys.executable, "-I", "-S", keeper.__file__, json.dumps(config)],
+                                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr, cwd="/",
+                                          env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}, start_new_session=True,
+                                          pass_fds=(self._lock_fd,) if self._lock_fd is not None else ())
         finally:
             if log:
                 stderr.close()
-        loop = asyncio.get_running_loop()
-        self._exited = loop.create_future()
-        self._pidfd = os.pidfd_open(self._proc.pid)
-        loop.add_reader(self._pidfd, self._on_exit)
-        self.channel = Channel((self._proc.stdout, self._proc.stdin))
+        self._release()  # the keeper holds the lock from now on, for as long as it (the sandbox) lives
+        self._keeper_pid = self._proc.pid
+        self._watch_keeper(os.pidfd_open(self._proc.pid))
+        try:
+            line = await asyncio.wait_for(_off_loop(self._proc.stdout.readline), KEEPER_READY_WITHIN)
+        except asyncio.TimeoutError:
+            line = b""
+        self._proc.stdout.close()
+        if line != b"ready\n":
+            self._kill_keeper()
+            raise SandboxCrashed(f"the keeper of gVisor sandbox {self.id} did not start")
+        sock = _connect_keeper(self.home)
+        if sock is None:
+            raise SandboxCrashed(f"the keeper of gVisor sandbox {self.id} does not answer")
+        self.channel = Channel(sock)
         await self.channel.open()
 
+    def _watch_keeper(self, pidfd: int) -> None:
+        loop = asyncio.get_running_loop()
+        self._exited = loop.create_future()
+        self._pidfd = pidfd
+        loop.add_reader(pidfd, self._on_exit)
+
     def _on_exit(self) -> None:
-        if self._proc is None or self._proc.poll() is None:
+        """The keeper ended (runsc had ended: killed, paused, or its owner went away without a lease)."""
+        if self._pidfd is None:
             return
+        if self._proc is not None:
+            if self._proc.poll() is None:
+                return
+            rc = self._proc.returncode
+        else:
+            rc = -1  # not our child: its status is its parent's to read
         loop = asyncio.get_running_loop()
         loop.remove_reader(self._pidfd)
         os.close(self._pidfd)
         self._pidfd = None
         if self._exited is not None and not self._exited.done():
-            self._exited.set_result(self._proc.returncode)
+            self._exited.set_result(rc)
 
     async def _run_runsc(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         return await _off_loop(subprocess.run, _runsc_argv(*args), capture_output=True, text=True, timeout=timeout)
@@ -501,9 +579,9 @@ class GVisorSandbox(CgroupSandbox):
         if self._cleaned:
             return
         self._cleaned = True
-        self.cgroup.signal_all(signal.SIGKILL)  # runsc, the sentry, the gofer: all in the cgroup
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
+        # runsc, the sentry, the gofer: all in the cgroup. The keeper (outside it) sees runsc end, unmounts
+        # the tmpfs and exits; _cleanup waits for that before it removes the rest.
+        self.cgroup.signal_all(signal.SIGKILL)
         self.on_cleanup(asyncio.get_running_loop().create_task(self._cleanup()))
 
     async def _cleanup(self) -> None:
@@ -512,7 +590,7 @@ class GVisorSandbox(CgroupSandbox):
                 try:
                     await asyncio.wait_for(self.wait(), 10)
                 except asyncio.TimeoutError:
-                    pass
+                    self._kill_keeper()
             await self.channel.aclose()
             await self._run_runsc("delete", "-force", self.id)
             await self.remove_cgroup()
@@ -530,6 +608,13 @@ class GVisorSandbox(CgroupSandbox):
             self.release_grants()
             raise
 
+    def _kill_keeper(self) -> None:
+        if self._pidfd is not None:
+            try:
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            except OSError:
+                pass
+
     def _release(self) -> None:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
@@ -541,7 +626,8 @@ class GVisorBackend(Backend):
     # Pause is a checkpoint to disk: a later process takes a paused sandbox back (adopt). A network is
     # given at boot (runsc --network=host in a namespace made for it), so a warm sandbox never has one.
     # A live session forks by checkpoint (--leave-running) and restore under a new id (gvisor_fork.py).
-    capabilities = Capabilities(pause=True, checkpoint=True, network=True, fork_live=True)
+    # Outlive: a keeper process holds each sandbox's channel, so a leased one outlives its owner (adopt()).
+    capabilities = Capabilities(pause=True, checkpoint=True, network=True, fork_live=True, outlive=True)
     network_at_boot = True
     _swept = False
 
@@ -616,22 +702,72 @@ class GVisorBackend(Backend):
             pass
 
     async def adopt(self, record: Mapping[str, Any]) -> GVisorSandbox:
-        """A sandbox paused by an earlier process (or handle): its handle, rebuilt from the checkpoint's
-        own record on disk (resume() brings it back). Only the id of ``record`` is used; a live sandbox
-        cannot be taken over (runsc ends with the process that started it)."""
+        """The sandbox ``record`` names, taken over by this process: a live one (its keeper answers on its
+        socket; an earlier owner died or let go of it) connected to, with a ping proving its channel; a
+        paused one rebuilt from the checkpoint's record on disk (resume() brings it back). SandboxNotFound
+        when it is gone. The record's id finds it; its limits (the owner's, after a claim) are kept when given."""
         sandbox_id = record.get("id") if isinstance(record, Mapping) else None
         if not is_sandbox_id(sandbox_id):
             raise InvalidRequest(f"not a sandbox id: {sandbox_id!r}")
         home = data_dir() / "sandboxes" / sandbox_id
-        if not (home / "image").is_dir() or not (home / "meta.json").exists():
-            raise SandboxNotFound(f"no paused gVisor sandbox {sandbox_id}")
+        if not (home / "meta.json").exists():
+            raise SandboxNotFound(f"no gVisor sandbox {sandbox_id} on this host")
         meta = json.loads((home / "meta.json").read_text())
+        sock = await _off_loop(_connect_keeper, home)
+        if sock is not None:
+            return await self._adopt_live(sandbox_id, home, meta, record, sock)
+        if not (home / "image").is_dir():
+            raise SandboxNotFound(f"gVisor sandbox {sandbox_id} is gone (its keeper no longer runs)")
         limits = Limits.build(meta["limits"])
         cgroup = await asyncio.to_thread(cgroups.Cgroup, sandbox_id, _room_for_runsc(limits), host_sockets=False)
         sandbox = GVisorSandbox(sandbox_id, limits, cgroup, home, meta["template"])
         sandbox.on_cleanup = self.track_cleanup
         sandbox._paused = True
         sandbox.hibernation = _hibernation(meta)
+        return sandbox
+
+    async def _adopt_live(self, sandbox_id: str, home: Path, meta: dict, record: Mapping[str, Any],
+                          sock: socket.socket) -> GVisorSandbox:
+        gone = SandboxNotFound(f"gVisor sandbox {sandbox_id} is gone (its keeper is ending)")
+        try:
+            # The keeper's pid from the kernel (the peer of our connection), held by pidfd: not our child.
+            pid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            sock.close()
+            raise gone from None
+        cgroup = await _off_loop(_recorded_cgroup, home)
+        if cgroup is None:
+            sock.close()
+            os.close(pidfd)
+            raise SandboxNotFound(f"gVisor sandbox {sandbox_id} has no record of its cgroup (keeper.json)")
+        given = record.get("limits")
+        limits = Limits.build(given if isinstance(given, Mapping) else meta["limits"])
+        sandbox = GVisorSandbox(sandbox_id, limits, cgroup, home, meta["template"])
+        sandbox.on_cleanup = self.track_cleanup
+        sandbox._keeper_pid = pid
+        sandbox._watch_keeper(pidfd)
+        try:
+            rw = os.statvfs(home / "rw")
+            sandbox.storage_bytes = rw.f_blocks * rw.f_frsize  # what its tmpfs has now (a claim may resize it)
+        except OSError:
+            sandbox.storage_bytes = limits.storage(SENTRY_MEMORY)
+        sandbox.channel = Channel(sock)
+        await sandbox.channel.open()
+        # The keeper told the agent it has a new owner before this ping: the earlier owner's requests are
+        # orphaned, and the ping proves the whole path (keeper, runsc, agent) answers.
+        rid, queue = sandbox.channel.new_request()
+        try:
+            await sandbox.channel.send({"t": "ping", "id": rid})
+            item = await asyncio.wait_for(queue.get(), ADOPT_PING_WITHIN)
+        except asyncio.TimeoutError:
+            item = CLOSED
+        finally:
+            sandbox.channel.forget(rid)
+        if item is CLOSED:
+            # Its keeper was ending, or its agent does not answer: not a sandbox anyone can use.
+            await sandbox.kill("it did not answer when a new owner adopted it")
+            raise gone
         return sandbox
 
 
