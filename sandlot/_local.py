@@ -106,8 +106,9 @@ class LocalSandbox(SandboxHandle):
         """It outlives this process until its lifetime ends, for a later one to take back (a server's
         sandboxes, on a tier that can, without mounts or secrets: this process holds its grants and its
         secrets' CA key; a network policy is served again by the next process)."""
+        # (A tier that makes a network namespace at boot for its sandbox, gVisor's, holds it in this process.)
         return (self._backend.durable and self._backend.capabilities.outlive and not self.spec.mounts
-                and (self.network is None or not self.network.secrets))
+                and (self.network is None or not (self.network.secrets or self._backend.network_at_boot)))
 
     async def lease(self) -> None:
         """Tell the sandbox (its agent; on gVisor its keeper) until when it may outlive its owner: its deadline."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import threading
 import time
 
@@ -122,6 +123,34 @@ def test_a_restarted_server_gives_back_every_sandbox_with_its_state(tmp_path, st
             sandbox.kill()
         for sid in ids:
             assert no_trace_of(sid), f"{sid} left processes or a cgroup"
+    finally:
+        second.stop()
+
+
+@pytest.mark.skipif(shutil.which("runsc") is None, reason="runsc (Debian package `runsc`) is not installed")
+def test_a_server_killed_9_gives_back_its_gvisor_sandboxes_too(tmp_path):
+    """The gVisor tier's sandboxes are held by their keepers across the crash: live, not checkpointed."""
+    first = ServerProcess(tmp_path / "sandlot.db", "--isolations", "process,gvisor").start()
+    key = first.key("owner")
+    remote = {"api_url": first.url, "api_key": key}
+    strong = Sandbox(**remote, isolation="gvisor")
+    strong.run_code("import os\nsecret = os.urandom(8).hex()")
+    secret = strong.run_code("secret").text
+    strong.files.write("/tmp/kept.txt", "on the gVisor tier")
+    plain = Sandbox(**remote)
+    plain.run_code("n = 1")
+    first.kill9()
+
+    second = ServerProcess(first.db_path, "--isolations", "process,gvisor", port=first.port).start()
+    try:
+        again = Sandbox.connect(strong.sandbox_id, **remote)
+        assert again.isolation == "gvisor" and again.run_code("secret").text == secret
+        assert again.files.read("/tmp/kept.txt") == "on the gVisor tier"
+        assert Sandbox.connect(plain.sandbox_id, **remote).run_code("n + 1").text == "2"
+        assert "readopt" in audit_actions(first.db_path, strong.sandbox_id)
+        again.kill()
+        Sandbox.connect(plain.sandbox_id, **remote).kill()
+        assert no_trace_of(strong.sandbox_id, within=30)
     finally:
         second.stop()
 
