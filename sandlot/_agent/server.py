@@ -28,6 +28,11 @@ RESULTS_HIGH_WATER = 64 * 1024  # stop reading the session's results while this 
 # Files that report size 0 are pseudo-files (/proc); some never end (/proc/<pid>/pagemap streams
 # 256 GiB of zeros), so a symlink planted by user code made the host read forever. Cap them.
 PSEUDO_FILE_MAX = 4 * 1024 * 1024
+# What each command keeps of its output for a client that reattaches (cmd_attach), unless the host asks for
+# its sandbox's `output` limit ("keep" in the cmd request: warm sandboxes serve owners of any limits).
+KEEP_DEFAULT = 16 * 1024 * 1024
+KEEP_MAX = 1024 ** 3  # the largest `output` limit a sandbox may have
+FINISHED_MAX = 16  # finished commands remembered (their exit code and output's tail), oldest forgotten first
 
 
 def _resolve(path) -> str:
@@ -90,10 +95,41 @@ class _Kernel:
             os.set_blocking(fd, False)
 
 
+class _Tail:
+    """The newest bytes of one output stream; offsets count from the stream's first byte."""
+
+    __slots__ = ("data", "start")
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.start = 0  # the offset of data[0]: bytes before it were dropped
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.data)
+
+    def drop(self, n: int) -> None:
+        del self.data[:n]  # from the front of a bytearray: no copy of the rest
+        self.start += n
+
+    def read(self, offset: int, n: int) -> bytes:
+        i = max(0, offset - self.start)
+        return bytes(self.data[i:i + n])
+
+
 class _Command:
-    """A shell command with its own process group; its pipes are raw fds the agent owns."""
+    """A shell command with its own process group; its pipes are raw fds the agent owns. It keeps the
+    newest ``keep`` bytes of its output (both streams together), also after it ended, for reattaching."""
 
     def __init__(self, req: dict) -> None:
+        self.cmd = req["cmd"]
+        self.cwd = req.get("asked_cwd")  # as the caller gave it (None: the sandbox's default)
+        self.started_at = time.time()
+        keep = req.get("keep")
+        self.keep = keep if isinstance(keep, int) and 0 < keep <= KEEP_MAX else KEEP_DEFAULT
+        self.tails = {"stdout": _Tail(), "stderr": _Tail()}
+        self.rid = None  # the request that started it, while its owner is here: gets the output as it comes
+        self.done = False  # its exit was reported: the pipes are closed, the tails final
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         in_r, self.stdin_fd = os.pipe() if req.get("stdin") else (subprocess.DEVNULL, None)
@@ -148,6 +184,38 @@ class _Command:
             os.close(self.stdin_fd)
             self.stdin_fd = None
 
+    def remember(self, name: str, data: bytes) -> None:
+        tail = self.tails[name]
+        tail.data += data
+        other = self.tails["stderr" if name == "stdout" else "stdout"]
+        excess = len(tail.data) + len(other.data) - self.keep
+        if excess > 0:  # the larger stream gives up its oldest bytes first
+            big, small = (tail, other) if len(tail.data) >= len(other.data) else (other, tail)
+            n = min(excess, len(big.data))
+            big.drop(n)
+            if excess > n:
+                small.drop(excess - n)
+
+    @property
+    def retained(self) -> int:
+        return len(self.tails["stdout"].data) + len(self.tails["stderr"].data)
+
+    def describe(self) -> dict:
+        return {"pid": self.proc.pid, "cmd": self.cmd, "cwd": self.cwd, "started_at": self.started_at,
+                "running": not self.done, "exit_code": self.exit_code if self.done else None,
+                "usage": self.usage if self.done else None,
+                "stdout": {"start": self.tails["stdout"].start, "end": self.tails["stdout"].end},
+                "stderr": {"start": self.tails["stderr"].start, "end": self.tails["stderr"].end}}
+
+
+class _Attachment:
+    """A later reader of a command (cmd_attach): it is fed from the command's tails at its own pace."""
+
+    __slots__ = ("command", "cursor")
+
+    def __init__(self, command: _Command, cursor: dict) -> None:
+        self.command, self.cursor = command, cursor
+
 
 def _all_user_ids() -> None:
     os.setresgid(isolation.USER_UID, isolation.USER_UID, isolation.USER_UID)
@@ -201,8 +269,11 @@ class Agent:
         self.kernel = None
         self.exec_queue = collections.deque()
         self.current_exec = None
-        self.commands = {}
-        self.stream_owner = {}  # pipe fd -> (request id or None for the kernel, stream name)
+        self.commands = {}  # running commands, by pid
+        self.command_rids = {}  # request id -> its command (the one that started it, or a cmd_attach)
+        self.attachments = {}  # cmd_attach request id -> _Attachment
+        self.finished = collections.OrderedDict()  # pid -> _Command that ended, oldest first
+        self.stream_owner = {}  # pipe fd -> (None for the kernel or a _Command, stream name)
         self.producers = {}  # request id -> [file chunks generator, bytes sent not yet acknowledged, close]
         self.uploads = {}
         self.paused = False
@@ -293,8 +364,10 @@ class Agent:
 
         self.current_exec = orphan(self.current_exec)
         self.exec_queue.clear()
-        self.commands = {orphan(rid): command for rid, command in self.commands.items()}
-        self.stream_owner = {fd: (orphan(rid), name) for fd, (rid, name) in self.stream_owner.items()}
+        for command in self.commands.values():
+            command.rid = None  # its output is kept (its tails), not sent to a request nobody reads
+        self.command_rids.clear()
+        self.attachments.clear()
         for read in self.producers.values():
             read[0].close()
             read[2]()
@@ -463,21 +536,27 @@ class Agent:
             raise ValueError("cmd must be a string")
         env = dict(self.env)
         env.update(req.get("env") or {})
-        req = dict(req, env=env, cwd=req.get("cwd") or self.workdir)
+        req = dict(req, env=env, cwd=req.get("cwd") or self.workdir, asked_cwd=req.get("cwd"))
         try:
             command = _Command(req)
         except (OSError, subprocess.SubprocessError) as exc:
             self._fail(rid, exc)
             return
-        self.commands[rid] = command
+        command.rid = rid
+        old = self.commands.get(command.proc.pid)
+        if old is not None:  # its pid was reaped and used again before its end was reported: report it now
+            old.exited_at = float("-inf")
+            self._finish_commands()
+        self.commands[command.proc.pid] = command
+        self.command_rids[rid] = command
         for fd, name in command.pipes.items():
-            self.stream_owner[fd] = (rid, name)
+            self.stream_owner[fd] = (command, name)
             if not self.paused:
                 self.sel.register(fd, selectors.EVENT_READ, self._on_stream)
         self.send({"t": "started", "id": rid, "pid": command.proc.pid})
 
     def _req_stdin(self, rid, req, payload) -> None:
-        command = self.commands.get(req.get("target"))
+        command = self.command_rids.get(req.get("target"))
         if command is None or command.stdin_fd is None:
             return  # the command ended or closed its stdin; late input is dropped
         command.stdin_pending += payload
@@ -485,12 +564,69 @@ class Agent:
         command.pump_stdin()
 
     def _req_signal(self, rid, req, payload) -> None:
-        command = self.commands.get(req.get("target"))
+        command = self.command_rids.get(req.get("target"))
         if command is not None and command.exit_code is None:
             try:
                 os.killpg(command.proc.pid, int(req.get("signal", signal.SIGKILL)))
             except ProcessLookupError:
                 pass
+
+    def _req_cmd_list(self, rid, req, payload) -> None:
+        """The commands running and those that ended and are still remembered, oldest first."""
+        listed = list(self.finished.values()) + sorted(self.commands.values(), key=lambda c: c.started_at)
+        # One frame holds the answer: a long command line is cut here (the host asked for it whole at start).
+        items = [dict(c.describe(), cmd=c.cmd[:4096]) for c in listed]
+        self.send({"t": "ok", "id": rid, "commands": items})
+
+    def _req_cmd_attach(self, rid, req, payload) -> None:
+        """A new reader of command ``pid`` (running, or ended and remembered): the answer says where its
+        kept output starts and ends; then its output from ``stdout``/``stderr`` (offsets; past what is
+        kept: from the oldest byte kept), each chunk with its offset, live output as it comes, and its exit.
+        stdin and signal requests reach the command by this request's id too."""
+        pid = req.get("pid")
+        command = self.commands.get(pid)
+        if command is None:  # a finished one; the newest if its pid was used again
+            command = self.finished.get(pid)
+        if command is None:
+            raise KeyError("no command with pid %r runs or is remembered" % (pid,))
+        cursor = {}
+        for name, tail in command.tails.items():
+            offset = req.get(name)
+            offset = tail.end if offset is None else int(offset)
+            cursor[name] = min(max(offset, tail.start), tail.end)
+        self.attachments[rid] = _Attachment(command, cursor)
+        if not command.done:
+            self.command_rids[rid] = command
+        self.send(dict(command.describe(), t="started", id=rid, attached=True, cursor=cursor, cmd=command.cmd[:65536]))
+
+    def _req_cmd_detach(self, rid, req, payload) -> None:
+        """A reader of a cmd_attach went away: stop feeding it."""
+        target = req.get("target")
+        if self.attachments.pop(target, None) is not None:
+            self.command_rids.pop(target, None)
+
+    def _feeding(self) -> bool:
+        return any(a.cursor[n] < t.end for a in self.attachments.values() for n, t in a.command.tails.items()) \
+            or any(a.command.done for a in self.attachments.values())
+
+    def _feed_attachments(self) -> None:
+        """Readers of cmd_attach get the command's kept output at the pace the channel takes it."""
+        for rid, attachment in list(self.attachments.items()):
+            command, cursor = attachment.command, attachment.cursor
+            for name, tail in command.tails.items():
+                while len(self.out) < HIGH_WATER:
+                    # Fell behind what is kept (a flood while the host was slow): go on from the oldest byte
+                    # kept; the chunk's offset says where the gap was.
+                    at = max(cursor[name], tail.start)
+                    chunk = tail.read(at, protocol.CHUNK)
+                    if not chunk:
+                        break
+                    self.send({"t": name, "id": rid, "offset": at}, chunk)
+                    cursor[name] = at + len(chunk)
+            if command.done and all(cursor[n] >= t.end for n, t in command.tails.items()):
+                del self.attachments[rid]
+                self.command_rids.pop(rid, None)
+                self.send({"t": "exit", "id": rid, "exit_code": command.exit_code, "usage": command.usage})
 
     # -- streams ------------------------------------------------------------------------------
     def _on_stream(self, key, mask) -> None:
@@ -500,7 +636,7 @@ class Agent:
         owner = self.stream_owner.get(fd)
         if owner is None:
             return
-        rid, name = owner
+        command, name = owner
         while True:
             try:
                 data = os.read(fd, protocol.CHUNK)
@@ -511,7 +647,11 @@ class Agent:
             if not data:
                 self._close_stream(fd)
                 return
-            target = self.current_exec if rid is None else rid
+            if command is None:
+                target = self.current_exec
+            else:
+                command.remember(name, data)
+                target = command.rid
             if target is not None:
                 self.send({"t": name, "id": target}, data)
             if not drain or len(self.out) > HIGH_WATER * 4:
@@ -548,16 +688,16 @@ class Agent:
                 _REAPED[pid] = code
                 self._kernel_gone("the session process died (%s)" % _describe(code))
                 continue
-            for command in self.commands.values():
-                if command.proc.pid == pid:
-                    command.proc.returncode = code
-                    command.exit_code = code
-                    command.exited_at = time.monotonic()
-                    command.usage = {"cpu_seconds": rusage.ru_utime + rusage.ru_stime}
+            command = self.commands.get(pid)
+            if command is not None:
+                command.proc.returncode = code
+                command.exit_code = code
+                command.exited_at = time.monotonic()
+                command.usage = {"cpu_seconds": rusage.ru_utime + rusage.ru_stime}
 
     def _finish_commands(self) -> None:
         now = time.monotonic()
-        for rid, command in list(self.commands.items()):
+        for pid, command in list(self.commands.items()):
             if command.exit_code is None:
                 continue
             open_pipes = [fd for fd in command.pipes if fd in self.stream_owner]
@@ -568,8 +708,22 @@ class Agent:
                 self._read_stream(fd, drain=True)
                 self._close_stream(fd)
             command.close_stdin()
-            del self.commands[rid]
-            self.send({"t": "exit", "id": rid, "exit_code": command.exit_code, "usage": command.usage})
+            command.done = True
+            del self.commands[pid]
+            self._remember_finished(command)
+            if command.rid is not None:
+                self.command_rids.pop(command.rid, None)
+                self.send({"t": "exit", "id": command.rid, "exit_code": command.exit_code, "usage": command.usage})
+
+    def _remember_finished(self, ended: _Command) -> None:
+        """Ended commands stay for a client that comes back (their exit code and output's tail): at most
+        FINISHED_MAX of them, keeping together at most what the newest one may keep; the oldest go first."""
+        self.finished.pop(ended.proc.pid, None)
+        self.finished[ended.proc.pid] = ended
+        kept = sum(c.retained for c in self.finished.values())
+        while len(self.finished) > 1 and (len(self.finished) > FINISHED_MAX or kept > ended.keep):
+            _, oldest = self.finished.popitem(last=False)
+            kept -= oldest.retained
 
     # -- files --------------------------------------------------------------------------------
     def _req_fread(self, rid, req, payload) -> None:
@@ -710,7 +864,7 @@ class Agent:
         while True:
             self._flush()
             timeout = 0.02 if self.commands else None
-            if self._producing() and len(self.out) < HIGH_WATER:
+            if (self._producing() or self._feeding()) and len(self.out) < HIGH_WATER:
                 timeout = 0
             for key, mask in self.sel.select(timeout):
                 key.data(key, mask)
@@ -719,6 +873,8 @@ class Agent:
                 command.pump_stdin()
             self._finish_commands()
             self._produce()
+            if self.attachments:
+                self._feed_attachments()
             self._flush()
 
     # A file is read at the pace of its reader: at most FREAD_WINDOW bytes go out unacknowledged.
