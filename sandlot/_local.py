@@ -617,7 +617,14 @@ class LocalCommands(CommandsHandle):
             proc.channel.forget(rid)
             raise SandboxNotFound(f"no background command with pid {pid} runs or ended lately in sandbox "
                                   f"{sandbox.sandbox_id} (commands.list() shows those that run)")
-        return AttachedCommand(sandbox, proc, rid, queue, header, on_stdout, on_stderr, quiet_replay=offset is None)
+        handle = AttachedCommand(sandbox, proc, rid, queue, header, on_stdout, on_stderr, quiet_replay=offset is None)
+        # Its output up to now is in stdout/stderr when connect returns (the replay is at most the output cap).
+        try:
+            await asyncio.wait_for(handle._replayed.wait(), 120)
+        except asyncio.TimeoutError:
+            await handle.detach()
+            raise SandboxCrashed("the agent did not replay a command's output within 120 s") from None
+        return handle
 
 
 def _offset(value: Any) -> int:
@@ -655,9 +662,17 @@ class AttachedCommand(LocalCommandHandle):
         self.offsets = {name: _offset(cursor.get(name)) for name in ("stdout", "stderr")}
         ends = {name: (started.get(name) or {}).get("end") if isinstance(started.get(name), dict) else 0
                 for name in ("stdout", "stderr")}
-        self._quiet = {name: _offset(ends[name]) if quiet_replay else 0 for name in ("stdout", "stderr")}
+        self._ends = {name: _offset(ends[name]) for name in ("stdout", "stderr")}
+        self._quiet = self._ends if quiet_replay else {"stdout": 0, "stderr": 0}
         self._next_at = dict(self.offsets)
         self.gap = False  # bytes were dropped between two chunks it read (it fell behind a flood)
+        self._replayed = asyncio.Event()  # what the command had printed when it attached has arrived
+        self._task.add_done_callback(lambda _: self._replayed.set())
+        self._check_replayed()
+
+    def _check_replayed(self) -> None:
+        if all(self._next_at[name] >= self._ends[name] for name in self._ends):
+            self._replayed.set()
 
     async def _take(self, kind: str, header: dict, payload: bytes) -> None:
         at = header.get("offset")
@@ -678,6 +693,7 @@ class AttachedCommand(LocalCommandHandle):
                 self._muted = False
         if quiet < len(payload):
             await self._output.feed(kind, payload[quiet:])
+        self._check_replayed()
 
     async def detach(self) -> None:
         """Stop reading (the command runs on): the agent stops sending to this handle."""
