@@ -41,6 +41,11 @@ def _when(epoch: Optional[float]) -> str:
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 @click.option("--no-mcp", is_flag=True, help="Do not serve MCP (streamable HTTP) at /mcp.")
+@click.option("--isolations", default="process", show_default=True, metavar="TIERS", envvar="SANDLOT_ISOLATIONS",
+              show_envvar=True,
+              help="The isolation tiers tenants may ask for, comma-separated: process, gvisor (needs runsc; "
+                   "`sandlot doctor` checks), e.g. --isolations process,gvisor. A sandbox asks with "
+                   "isolation='gvisor'; a tier not listed is refused (400).")
 @click.option("--ceiling", "ceilings", multiple=True, metavar="LIMIT=VALUE", envvar="SANDLOT_CEILINGS",
               show_envvar=True,
               help="The most a tenant may ask for of one limit (cpu, memory, pids, disk, inodes, open_files, "
@@ -75,7 +80,8 @@ def _when(epoch: Optional[float]) -> str:
               help="Per tenant: how many named volumes it may keep. Over it: 429. [default: 20]")
 @click.option("--total-volume-size", metavar="SIZE", envvar="SANDLOT_TOTAL_VOLUME_SIZE", show_envvar=True,
               help="Per tenant: the most its volumes' sizes may sum to (e.g. 50G). Over it: 429. [default: 50G]")
-def serve(host: str, port: int, db_path: Optional[str], log_level: str, no_mcp: bool, ceilings: tuple[str, ...],
+def serve(host: str, port: int, db_path: Optional[str], log_level: str, no_mcp: bool, isolations: str,
+          ceilings: tuple[str, ...],
           total_memory: Optional[str], total_pids: Optional[int], audit_retention: Optional[str],
           audit_max_rows: Optional[int], allow_network: bool, network_ceiling: tuple[str, ...],
           allow_private_network: bool, host_dir_roots: tuple[str, ...], max_volumes: Optional[int],
@@ -91,7 +97,8 @@ def serve(host: str, port: int, db_path: Optional[str], log_level: str, no_mcp: 
     from .._exceptions import InvalidRequest
 
     try:
-        settings = server.operator_settings(db_path, ceilings=ceilings, total_memory=total_memory,
+        settings = server.operator_settings(db_path, isolations=[i.strip() for i in isolations.split(",") if i.strip()],
+                                            ceilings=ceilings, total_memory=total_memory,
                                             total_pids=total_pids, audit_retention=audit_retention,
                                             audit_max_rows=audit_max_rows, allow_network=allow_network,
                                             network_ceiling=network_ceiling,
@@ -111,6 +118,7 @@ def serve(host: str, port: int, db_path: Optional[str], log_level: str, no_mcp: 
         where = f"http://{host}:{bound_port}"
         err.print(escape(f"Sandlot server listening on {where} (database {settings.db_path})"
                          + ("" if no_mcp else f"; MCP at {where}/mcp")))
+        err.print(escape("isolation tiers: " + ", ".join(settings.isolations)))
         roots = settings.host_dir_roots
         err.print(escape("host directories: " + (f"tenants may grant those inside {', '.join(roots)}" if roots else
                                                  "none granted (--host-dir-root DIR allows them)")))
