@@ -32,6 +32,8 @@ PSEUDO_FILE_MAX = 4 * 1024 * 1024
 # its sandbox's `output` limit ("keep" in the cmd request: warm sandboxes serve owners of any limits).
 KEEP_DEFAULT = 16 * 1024 * 1024
 KEEP_MAX = 1024 ** 3  # the largest `output` limit a sandbox may have
+TAIL_SMALL = 4096  # reads smaller than this are merged into one chunk of up to TAIL_MERGED bytes
+TAIL_MERGED = 64 * 1024
 FINISHED_MAX = 16  # finished commands remembered (their exit code and output's tail), oldest forgotten first
 
 
@@ -96,25 +98,68 @@ class _Kernel:
 
 
 class _Tail:
-    """The newest bytes of one output stream; offsets count from the stream's first byte."""
+    """The newest bytes of one output stream; offsets count from the stream's first byte.
 
-    __slots__ = ("data", "start")
+    Kept as the chunks the pipe gave, not copied into one buffer: on the hot path a read is stored by
+    reference (small ones are merged, so a trickle of lines costs its bytes, not an object per line)."""
+
+    __slots__ = ("chunks", "start", "size")
 
     def __init__(self) -> None:
-        self.data = bytearray()
-        self.start = 0  # the offset of data[0]: bytes before it were dropped
+        self.chunks = collections.deque()  # bytes as read; bytearrays of merged small reads; a memoryview first
+        self.start = 0  # the offset of the first byte kept: bytes before it were dropped
+        self.size = 0
 
     @property
     def end(self) -> int:
-        return self.start + len(self.data)
+        return self.start + self.size
+
+    def add(self, data: bytes) -> None:
+        if len(data) < TAIL_SMALL:
+            last = self.chunks[-1] if self.chunks else None
+            if isinstance(last, bytearray) and len(last) < TAIL_MERGED:
+                last += data
+            else:
+                self.chunks.append(bytearray(data))
+        else:
+            self.chunks.append(data)
+        self.size += len(data)
 
     def drop(self, n: int) -> None:
-        del self.data[:n]  # from the front of a bytearray: no copy of the rest
+        n = min(n, self.size)
         self.start += n
+        self.size -= n
+        while n:
+            first = self.chunks[0]
+            if len(first) <= n:
+                self.chunks.popleft()
+                n -= len(first)
+            elif isinstance(first, bytearray):
+                del first[:n]  # at a bytearray's front: no copy of the rest
+                n = 0
+            else:
+                self.chunks[0] = memoryview(first)[n:]
+                n = 0
 
     def read(self, offset: int, n: int) -> bytes:
-        i = max(0, offset - self.start)
-        return bytes(self.data[i:i + n])
+        """Up to ``n`` bytes from ``offset`` (at least the first byte kept)."""
+        offset = max(offset, self.start)
+        at = self.end  # found from the newest end: a live reader reads near it
+        i = len(self.chunks)
+        while i and at > offset:
+            i -= 1
+            at -= len(self.chunks[i])
+        parts, want, skip = [], n, offset - at
+        while want > 0 and i < len(self.chunks):
+            piece = memoryview(self.chunks[i])[skip:skip + want]
+            parts.append(piece)
+            want -= len(piece)
+            skip = 0
+            i += 1
+        data = b"".join(parts)
+        for piece in parts:
+            piece.release()  # a bytearray with a view exported cannot grow
+        return data
 
 
 class _Command:
@@ -186,19 +231,19 @@ class _Command:
 
     def remember(self, name: str, data: bytes) -> None:
         tail = self.tails[name]
-        tail.data += data
+        tail.add(data)
         other = self.tails["stderr" if name == "stdout" else "stdout"]
-        excess = len(tail.data) + len(other.data) - self.keep
+        excess = tail.size + other.size - self.keep
         if excess > 0:  # the larger stream gives up its oldest bytes first
-            big, small = (tail, other) if len(tail.data) >= len(other.data) else (other, tail)
-            n = min(excess, len(big.data))
+            big, small = (tail, other) if tail.size >= other.size else (other, tail)
+            n = min(excess, big.size)
             big.drop(n)
             if excess > n:
                 small.drop(excess - n)
 
     @property
     def retained(self) -> int:
-        return len(self.tails["stdout"].data) + len(self.tails["stderr"].data)
+        return self.tails["stdout"].size + self.tails["stderr"].size
 
     def describe(self) -> dict:
         return {"pid": self.proc.pid, "cmd": self.cmd, "cwd": self.cwd, "started_at": self.started_at,
