@@ -565,9 +565,12 @@ class LocalCommands(CommandsHandle):
         proc = sandbox._alive()
         rid, queue = proc.channel.new_request()
         keep_stdin = background or stdin is not None
-        # keep: what the agent keeps of its output for a later reader (connect), this sandbox's output cap
+        # keep: what the agent keeps of its output for a later reader (connect), this sandbox's output cap;
+        # kept_total: of all its commands together, an eighth of its memory (the agent's memory is the sandbox's)
+        limits = sandbox.limits
         await proc.channel.send({"t": "cmd", "id": rid, "cmd": cmd, "env": dict(env or {}), "cwd": cwd,
-                                 "stdin": keep_stdin, "keep": sandbox.limits.output})
+                                 "stdin": keep_stdin, "keep": limits.output,
+                                 "kept_total": max(limits.output, limits.memory // 8)})
         handle = LocalCommandHandle(sandbox, proc, rid, queue, on_stdout, on_stderr, timeout, cmd, cwd)
         if stdin is not None:
             await handle.send_stdin(stdin, close=True)

@@ -101,3 +101,33 @@ async def test_a_flood_nobody_reads_stays_bounded_by_the_output_limit(tier):
         assert kept <= cap and kept > cap // 2, kept  # the newest bytes, at most the cap
         assert replay.offsets["stdout"] == total + len("\nEND\n") - kept  # where what it kept starts
         assert (await sb.run_code("2 + 2")).text == "4"
+
+
+async def test_many_floods_together_keep_at_most_what_the_host_allows_in_all(tier):
+    # The host asks the agent to keep at most max(output, memory / 8) of all commands together (the agent's
+    # memory is the sandbox's); here the agent is asked for a small total directly, so a few floods pass it.
+    cap, n, each, budget = 2 * 1024 * 1024, 8, 3 * 1024 * 1024, 6 * 1024 * 1024
+    async with AsyncSandbox(limits={"output": cap}) as sb:
+        live = sb._live()
+        channel = live.backend_sandbox.channel
+        for _ in range(n):
+            rid, _queue = channel.new_request()
+            await channel.send({"t": "cmd", "id": rid, "cmd": f"head -c {each} /dev/zero | tr '\\0' x; sleep 60",
+                                "env": {}, "cwd": None, "stdin": False, "keep": cap, "kept_total": budget})
+        await channel.send({"t": "owner", "id": 0})  # nobody reads them
+        deadline = time.monotonic() + 120
+        while True:
+            listed = (await live._request({"t": "cmd_list"}))["commands"]
+            if len(listed) == n and all(c["stdout"]["end"] == each for c in listed):
+                break
+            assert time.monotonic() < deadline, listed
+            await asyncio.sleep(0.2)
+        kept = [c["stdout"]["end"] - c["stdout"]["start"] for c in listed]
+        assert max(kept) <= cap and sum(kept) <= budget, kept  # each within the output cap, all within the total
+        assert sum(kept) > budget - cap, kept
+        pid = listed[-1]["pid"]
+        replay = await LocalCommands(live).connect(pid, offset=0)  # the newest bytes, and where they start
+        assert replay.offsets["stdout"] + len(replay.stdout) == each and set(replay.stdout) <= {"x"}
+        await replay.kill()
+        assert (await replay.wait()).exit_code == -9
+        assert (await sb.run_code("3 + 3")).text == "6"

@@ -34,6 +34,9 @@ KEEP_DEFAULT = 16 * 1024 * 1024
 KEEP_MAX = 1024 ** 3  # the largest `output` limit a sandbox may have
 TAIL_SMALL = 4096  # reads smaller than this are merged into one chunk of up to TAIL_MERGED bytes
 TAIL_MERGED = 64 * 1024
+# What all commands keep together (the host sends its own, "kept_total": the agent's memory is the sandbox's,
+# and many commands each keeping the `output` limit must not make pid 1 the one the OOM killer picks).
+KEPT_TOTAL_DEFAULT = 128 * 1024 * 1024
 FINISHED_MAX = 16  # finished commands remembered (their exit code and output's tail), oldest forgotten first
 
 
@@ -229,17 +232,21 @@ class _Command:
             os.close(self.stdin_fd)
             self.stdin_fd = None
 
-    def remember(self, name: str, data: bytes) -> None:
-        tail = self.tails[name]
-        tail.add(data)
-        other = self.tails["stderr" if name == "stdout" else "stdout"]
-        excess = tail.size + other.size - self.keep
-        if excess > 0:  # the larger stream gives up its oldest bytes first
-            big, small = (tail, other) if tail.size >= other.size else (other, tail)
-            n = min(excess, big.size)
-            big.drop(n)
-            if excess > n:
-                small.drop(excess - n)
+    def remember(self, name: str, data: bytes) -> int:
+        """Keep ``data``; returns how many bytes more this command keeps now (its cap may drop older ones)."""
+        self.tails[name].add(data)
+        excess = self.retained - self.keep
+        return len(data) - (self.shed(excess) if excess > 0 else 0)
+
+    def shed(self, n: int) -> int:
+        """Drop up to ``n`` of the oldest bytes kept, the larger stream's first; returns how many went."""
+        out, err = self.tails["stdout"], self.tails["stderr"]
+        big, small = (out, err) if out.size >= err.size else (err, out)
+        first = min(n, big.size)
+        big.drop(first)
+        second = min(n - first, small.size)
+        small.drop(second)
+        return first + second
 
     @property
     def retained(self) -> int:
@@ -318,6 +325,8 @@ class Agent:
         self.command_rids = {}  # request id -> its command (the one that started it, or a cmd_attach)
         self.attachments = {}  # cmd_attach request id -> _Attachment
         self.finished = collections.OrderedDict()  # pid -> _Command that ended, oldest first
+        self.kept = 0  # output bytes all commands keep, running and finished
+        self.kept_total = KEPT_TOTAL_DEFAULT
         self.stream_owner = {}  # pipe fd -> (None for the kernel or a _Command, stream name)
         self.producers = {}  # request id -> [file chunks generator, bytes sent not yet acknowledged, close]
         self.uploads = {}
@@ -582,6 +591,9 @@ class Agent:
         env = dict(self.env)
         env.update(req.get("env") or {})
         req = dict(req, env=env, cwd=req.get("cwd") or self.workdir, asked_cwd=req.get("cwd"))
+        total = req.get("kept_total")
+        if isinstance(total, int) and 0 < total <= 16 * KEEP_MAX:
+            self.kept_total = total
         try:
             command = _Command(req)
         except (OSError, subprocess.SubprocessError) as exc:
@@ -695,7 +707,9 @@ class Agent:
             if command is None:
                 target = self.current_exec
             else:
-                command.remember(name, data)
+                self.kept += command.remember(name, data)
+                if self.kept > self.kept_total:
+                    self._shed(command)
                 target = command.rid
             if target is not None:
                 self.send({"t": name, "id": target}, data)
@@ -760,15 +774,28 @@ class Agent:
                 self.command_rids.pop(command.rid, None)
                 self.send({"t": "exit", "id": command.rid, "exit_code": command.exit_code, "usage": command.usage})
 
+    def _shed(self, writer: _Command) -> None:
+        """Over what all commands may keep: the command writing gives up its oldest bytes first, then the
+        one keeping most (a flood pays for itself; a quiet command keeps its tail)."""
+        self.kept -= writer.shed(self.kept - self.kept_total)
+        while self.kept > self.kept_total:
+            largest = max(list(self.commands.values()) + list(self.finished.values()), key=lambda c: c.retained)
+            if not largest.retained:
+                break
+            self.kept -= largest.shed(self.kept - self.kept_total)
+
     def _remember_finished(self, ended: _Command) -> None:
         """Ended commands stay for a client that comes back (their exit code and output's tail): at most
         FINISHED_MAX of them, keeping together at most what the newest one may keep; the oldest go first."""
-        self.finished.pop(ended.proc.pid, None)
+        earlier = self.finished.pop(ended.proc.pid, None)  # its pid was used again: the newest one stays
+        if earlier is not None:
+            self.kept -= earlier.retained
         self.finished[ended.proc.pid] = ended
         kept = sum(c.retained for c in self.finished.values())
         while len(self.finished) > 1 and (len(self.finished) > FINISHED_MAX or kept > ended.keep):
             _, oldest = self.finished.popitem(last=False)
             kept -= oldest.retained
+            self.kept -= oldest.retained
 
     # -- files --------------------------------------------------------------------------------
     def _req_fread(self, rid, req, payload) -> None:
