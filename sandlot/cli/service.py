@@ -8,6 +8,7 @@ server's machine, as the user the server runs as.
 from __future__ import annotations
 
 import datetime
+import shutil
 import sys
 from typing import Any, Callable, Optional
 
@@ -118,7 +119,9 @@ def serve(host: str, port: int, db_path: Optional[str], log_level: str, no_mcp: 
         where = f"http://{host}:{bound_port}"
         err.print(escape(f"Sandlot server listening on {where} (database {settings.db_path})"
                          + ("" if no_mcp else f"; MCP at {where}/mcp")))
-        err.print(escape("isolation tiers: " + ", ".join(settings.isolations)))
+        missing = " (runsc is not installed: gVisor sandboxes cannot start; `sandlot doctor`)" if (
+            "gvisor" in settings.isolations and shutil.which("runsc") is None) else ""
+        err.print(escape("isolation tiers: " + ", ".join(settings.isolations) + missing))
         roots = settings.host_dir_roots
         err.print(escape("host directories: " + (f"tenants may grant those inside {', '.join(roots)}" if roots else
                                                  "none granted (--host-dir-root DIR allows them)")))
