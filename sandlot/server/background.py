@@ -138,6 +138,8 @@ class CommandTable:
             known = self.by_pid(pid)
             if known is not None and (known.running or not running):
                 return known
+            if any(c.running and (c.handle is None or c.handle.pid is None) for c in self.commands.values()):
+                return None  # one this process starts has no pid yet: it may be that one (listed once it has)
             command = self.add()
             try:
                 await command.adopt(sandbox, pid)
