@@ -42,8 +42,7 @@ def _when(epoch: Optional[float]) -> str:
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 @click.option("--no-mcp", is_flag=True, help="Do not serve MCP (streamable HTTP) at /mcp.")
-@click.option("--isolations", default="process", show_default=True, metavar="TIERS", envvar="SANDLOT_ISOLATIONS",
-              show_envvar=True,
+@click.option("--isolations", default="process", show_default=True, metavar="TIERS",
               help="The isolation tiers tenants may ask for, comma-separated: process, gvisor (needs runsc; "
                    "`sandlot doctor` checks), e.g. --isolations process,gvisor. A sandbox asks with "
                    "isolation='gvisor'; a tier not listed is refused (400).")
