@@ -340,12 +340,18 @@ class RemoteCommandHandle(AsyncCommandHandle):
     ``stderr`` grow as it runs and callbacks fire, as with a local handle."""
 
     def __init__(self, sandbox: RemoteSandbox, raw: Mapping[str, Any], on_stdout: Optional[OutputHandler],
-                 on_stderr: Optional[OutputHandler], skip: bool = False) -> None:
+                 on_stderr: Optional[OutputHandler], skip: bool = False,
+                 offset: Optional[Mapping[str, int]] = None) -> None:
         self._sandbox = sandbox
         self.command_id: str = raw["command_id"]
         self.pid: Optional[int] = raw.get("pid")
         self._chunks = {"stdout": TextLog(), "stderr": TextLog()}
         self._handlers = {"stdout": on_stdout, "stderr": on_stderr}
+        # From byte offsets: read again from the sandbox (the server's stream ?offset=); the first event says
+        # where the text really starts (later than asked if the sandbox dropped older bytes).
+        self._offset = offset
+        self.offsets = dict(offset) if offset is not None else {"stdout": 0, "stderr": 0}
+        self._replayed = asyncio.Event()
         # A reattached handle has the output so far at once; the stream replays it from the start, so that
         # many characters of each stream are skipped (callbacks get only what is printed from now on).
         self._skip = {"stdout": 0, "stderr": 0}
@@ -375,7 +381,19 @@ class RemoteCommandHandle(AsyncCommandHandle):
                 self._chunks[kind].append(text[skipped:])
                 await _call(self._handlers[kind], text[skipped:])
 
-        end = await self._sandbox._server.events("GET", self._url("/stream"), {"stdout": output, "stderr": output})
+        async def offsets(event: dict) -> None:
+            self.offsets = {name: int(event.get(name) or 0) for name in ("stdout", "stderr")}
+
+        async def replayed(event: dict) -> None:
+            self._replayed.set()
+
+        params = None if self._offset is None else {"offset": self._offset["stdout"],
+                                                    "stderr_offset": self._offset["stderr"]}
+        try:
+            end = await self._sandbox._server.events("GET", self._url("/stream"), {
+                "stdout": output, "stderr": output, "offsets": offsets, "replayed": replayed}, params=params)
+        finally:
+            self._replayed.set()
         return _command_result(end, self.stdout, self.stderr)
 
     async def wait(self) -> CommandResult:
@@ -422,17 +440,27 @@ class RemoteCommands(CommandsHandle):
         return [CommandInfo(pid=item["pid"], cmd=item["cmd"], cwd=item.get("cwd"),
                             started_at=_when(item["started_at"])) for item in raw]
 
-    async def connect(self, pid: int, *, on_stdout: Optional[OutputHandler] = None,
+    async def connect(self, pid: int, *, offset: Union[None, int, Mapping[str, int]] = None,
+                      on_stdout: Optional[OutputHandler] = None,
                       on_stderr: Optional[OutputHandler] = None) -> RemoteCommandHandle:
         sandbox = self._sandbox
-        for item in (await sandbox._http("GET", "/commands")).json():
-            if item["pid"] == pid:
-                path = f"/commands/{quote(item['command_id'], safe='')}"
+        # ?pid=: the command running or ended lately, also one an earlier server process started
+        for item in (await sandbox._http("GET", "/commands", params={"pid": pid})).json():
+            if item["pid"] != pid:
+                continue
+            path = f"/commands/{quote(item['command_id'], safe='')}"
+            if offset is None:
                 raw = (await sandbox._http("GET", path)).json()
                 # The stream replays the output from its start: the callbacks skip what was printed before now.
                 return RemoteCommandHandle(sandbox, raw, on_stdout, on_stderr, skip=True)
-        raise SandboxNotFound(f"no background command with pid {pid} runs in sandbox {sandbox.sandbox_id} "
-                              "(commands.list() shows those that do)")
+            start = {name: offset if isinstance(offset, int) else offset.get(name, 0) for name in ("stdout", "stderr")}
+            handle = RemoteCommandHandle(sandbox, item, on_stdout, on_stderr, offset=start)
+            await handle._replayed.wait()  # its output up to now is in hand when connect returns
+            if handle._task.done():
+                handle._task.result()  # the server refused (the sandbox no longer keeps it): say why
+            return handle
+        raise SandboxNotFound(f"no background command with pid {pid} runs or ended lately in sandbox "
+                              f"{sandbox.sandbox_id} (commands.list() shows those that run)")
 
 
 class RemoteFiles(FilesHandle):

@@ -602,8 +602,10 @@ class LocalCommandHandle(AsyncCommandHandle):
 
     def __init__(self, sandbox: LocalSandbox, proc, rid: int, queue: asyncio.Queue,
                  on_stdout: Optional[OutputHandler], on_stderr: Optional[OutputHandler],
-                 timeout: Optional[float], cmd: str = "", cwd: Optional[str] = None) -> None:
+                 timeout: Optional[float], cmd: str = "", cwd: Optional[str] = None, kills_at_cap: bool = True) -> None:
         self._sandbox, self._proc, self._rid, self._queue = sandbox, proc, rid, queue
+        self._kills_at_cap = kills_at_cap  # the handle that started it enforces the output cap; readers only stop keeping
+        self._muted = False
         # Callbacks of this handle, then of handles reattached later (commands.connect): each gets what
         # arrives after it attached; the text itself is kept once, here, under the output cap.
         self._listeners: list[tuple[Optional[OutputHandler], Optional[OutputHandler]]] = [(on_stdout, on_stderr)]
@@ -617,6 +619,8 @@ class LocalCommandHandle(AsyncCommandHandle):
         self.pid: Optional[int] = None
 
     async def _fan(self, stream: int, text: str) -> None:
+        if self._muted:
+            return
         for listener in list(self._listeners):
             await _call(listener[stream], text)
 
@@ -662,8 +666,8 @@ class LocalCommandHandle(AsyncCommandHandle):
                 header, payload = item
                 kind = header.get("t")
                 if kind in ("stdout", "stderr"):
-                    await self._output.feed(kind, payload)
-                    if self._output.over_cap and error is None:
+                    await self._take(kind, header, payload)
+                    if self._kills_at_cap and self._output.over_cap and error is None:
                         error = f"the command printed more than {_human(self._output.cap)} and was killed"
                         limit = "output"
                         await self.kill()
@@ -691,6 +695,9 @@ class LocalCommandHandle(AsyncCommandHandle):
                                      usage=usage,
                                      truncated=self._output.truncated, limit=limit)
         return self._result
+
+    async def _take(self, kind: str, header: dict, payload: bytes) -> None:
+        await self._output.feed(kind, payload)
 
     async def wait(self) -> CommandResult:
         return await asyncio.shield(self._task)
@@ -724,8 +731,12 @@ class LocalCommands(CommandsHandle):
         proc = await sandbox._awake()
         rid, queue = proc.channel.new_request()
         keep_stdin = background or stdin is not None
+        # keep: what the agent keeps of its output for a later reader (connect), this sandbox's output cap;
+        # kept_total: of all its commands together, an eighth of its memory (the agent's memory is the sandbox's)
+        limits = sandbox.limits
         await proc.channel.send({"t": "cmd", "id": rid, "cmd": cmd, "env": dict(env or {}), "cwd": cwd,
-                                 "stdin": keep_stdin})
+                                 "stdin": keep_stdin, "keep": limits.output,
+                                 "kept_total": max(limits.output, limits.memory // 8)})
         handle = LocalCommandHandle(sandbox, proc, rid, queue, on_stdout, on_stderr, timeout, cmd, cwd)
         if stdin is not None:
             await handle.send_stdin(stdin, close=True)
@@ -736,18 +747,130 @@ class LocalCommands(CommandsHandle):
         return await handle.wait()
 
     async def list(self) -> "list[CommandInfo]":
+        """Asked of the agent, which remembers its commands: also those another process started (a sandbox
+        re-adopted after a restart of its owner)."""
         await self._sandbox._awake()
-        return [dataclasses.replace(handle.info) for handle in self._background.values()
-                if handle.running and handle.pid is not None]
+        reply = await self._sandbox._request({"t": "cmd_list"})
+        raws = reply.get("commands")
+        return [_command_info(raw) for raw in (raws if isinstance(raws, list) else [])
+                if isinstance(raw, dict) and raw.get("running") is True]
 
-    async def connect(self, pid: int, *, on_stdout: Optional[OutputHandler] = None,
+    async def connect(self, pid: int, *, offset: Union[None, int, Mapping[str, int]] = None,
+                      on_stdout: Optional[OutputHandler] = None,
                       on_stderr: Optional[OutputHandler] = None) -> AsyncCommandHandle:
+        """A handle to background command ``pid``, running or ended (the agent remembers the last ones).
+        ``offset=None``: its output so far in ``stdout``/``stderr``, the callbacks get what it prints from now
+        on. ``offset=N`` (or ``{"stdout": N, "stderr": M}``): its output from byte N of each stream, callbacks
+        included; ``offset=0`` replays all the agent kept. The agent keeps the newest ``output``-limit bytes of
+        each command: ``handle.offsets`` says where the handle's text starts if older bytes were dropped."""
         await self._sandbox._awake()
-        for handle in self._background.values():
-            if handle.pid == pid and handle.running:
-                return _Reattached(handle, on_stdout, on_stderr)
-        raise SandboxNotFound(f"no background command with pid {pid} runs in sandbox {self._sandbox.sandbox_id} "
-                              "(commands.list() shows those that do)")
+        if offset is None:  # started by this process: the same handle (its full text, result and error)
+            for handle in self._background.values():
+                if handle.pid == pid and handle.running:
+                    return _Reattached(handle, on_stdout, on_stderr)
+        return await self._attach(pid, offset, on_stdout, on_stderr)
+
+    async def _attach(self, pid: int, offset: Union[None, int, Mapping[str, int]],
+                      on_stdout: Optional[OutputHandler], on_stderr: Optional[OutputHandler]) -> "AttachedCommand":
+        sandbox = self._sandbox
+        proc = sandbox._alive()
+        start = {name: 0 if offset is None else offset if isinstance(offset, int) else offset.get(name, 0)
+                 for name in ("stdout", "stderr")}
+        rid, queue = proc.channel.new_request()
+        try:
+            await proc.channel.send({"t": "cmd_attach", "id": rid, "pid": pid, **start})
+            header, _ = await sandbox._next(proc, queue, 60)
+        except BaseException:
+            proc.channel.forget(rid)
+            raise
+        if header.get("t") != "started":
+            proc.channel.forget(rid)
+            raise SandboxNotFound(f"no background command with pid {pid} runs or ended lately in sandbox "
+                                  f"{sandbox.sandbox_id} (commands.list() shows those that run)")
+        handle = AttachedCommand(sandbox, proc, rid, queue, header, on_stdout, on_stderr, quiet_replay=offset is None)
+        # Its output up to now is in stdout/stderr when connect returns (the replay is at most the output cap).
+        try:
+            await asyncio.wait_for(handle._replayed.wait(), 120)
+        except asyncio.TimeoutError:
+            await handle.detach()
+            raise SandboxCrashed("the agent did not replay a command's output within 120 s") from None
+        return handle
+
+
+def _offset(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise SandboxCrashed("the agent sent a malformed command offset", limit="protocol")
+    return value
+
+
+def _command_info(raw: dict) -> CommandInfo:
+    """A command as the agent describes it (checked: the agent is inside the sandbox)."""
+    pid, cmd, cwd, started = raw.get("pid"), raw.get("cmd"), raw.get("cwd"), raw.get("started_at")
+    if (isinstance(pid, bool) or not isinstance(pid, int) or not isinstance(cmd, str)
+            or not isinstance(cwd, (str, type(None))) or not isinstance(started, (int, float))):
+        raise SandboxCrashed("the agent sent a malformed command", limit="protocol")
+    try:
+        when = datetime.fromtimestamp(started, timezone.utc)
+    except (OverflowError, OSError, ValueError):
+        when = datetime.now(timezone.utc)
+    return CommandInfo(pid=pid, cmd=cmd, cwd=cwd, started_at=when)
+
+
+class AttachedCommand(LocalCommandHandle):
+    """A reader of a command through the agent (``commands.connect``): the command may have been started by
+    another process, or have ended. It keeps at most the sandbox's output cap of what it reads (``truncated``
+    past it) and never kills the command for its output: the handle that started it does that."""
+
+    def __init__(self, sandbox: LocalSandbox, proc, rid: int, queue: asyncio.Queue, started: dict,
+                 on_stdout: Optional[OutputHandler], on_stderr: Optional[OutputHandler], quiet_replay: bool) -> None:
+        info = _command_info(started)
+        super().__init__(sandbox, proc, rid, queue, on_stdout, on_stderr, None, info.cmd, info.cwd, kills_at_cap=False)
+        self.info, self.pid = info, info.pid
+        cursor = started.get("cursor") if isinstance(started.get("cursor"), dict) else {}
+        # offsets: the byte of each stream its stdout/stderr begin at (more than asked when older bytes were
+        # dropped). The callbacks get nothing before ``quiet`` (offset=None: what was printed before now).
+        self.offsets = {name: _offset(cursor.get(name)) for name in ("stdout", "stderr")}
+        ends = {name: (started.get(name) or {}).get("end") if isinstance(started.get(name), dict) else 0
+                for name in ("stdout", "stderr")}
+        self._ends = {name: _offset(ends[name]) for name in ("stdout", "stderr")}
+        self._quiet = self._ends if quiet_replay else {"stdout": 0, "stderr": 0}
+        self._next_at = dict(self.offsets)
+        self.gap = False  # bytes were dropped between two chunks it read (it fell behind a flood)
+        self._replayed = asyncio.Event()  # what the command had printed when it attached has arrived
+        self._task.add_done_callback(lambda _: self._replayed.set())
+        self._check_replayed()
+
+    def _check_replayed(self) -> None:
+        if all(self._next_at[name] >= self._ends[name] for name in self._ends):
+            self._replayed.set()
+
+    async def _take(self, kind: str, header: dict, payload: bytes) -> None:
+        at = header.get("offset")
+        at = self._next_at[kind] if isinstance(at, bool) or not isinstance(at, int) else at
+        if at > self._next_at[kind]:
+            if self._next_at[kind] == self.offsets[kind]:  # nothing read yet: the text starts here
+                self.offsets[kind] = at
+            else:
+                self.gap = True
+                self._output.truncated = True
+        self._next_at[kind] = at + len(payload)
+        quiet = max(0, min(len(payload), self._quiet[kind] - at))
+        if quiet:
+            self._muted = True
+            try:
+                await self._output.feed(kind, payload[:quiet])
+            finally:
+                self._muted = False
+        if quiet < len(payload):
+            await self._output.feed(kind, payload[quiet:])
+        self._check_replayed()
+
+    async def detach(self) -> None:
+        """Stop reading (the command runs on): the agent stops sending to this handle."""
+        if not self._task.done():
+            self._task.cancel()
+            if self._proc.channel.is_open:
+                await self._proc.channel.send({"t": "cmd_detach", "id": 0, "target": self._rid})
 
 
 class _Reattached(AsyncCommandHandle):

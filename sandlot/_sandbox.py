@@ -23,6 +23,19 @@ __all__ = ["AsyncSandbox", "AsyncCommands", "AsyncFiles", "AsyncNetwork", "Async
            "transport_for"]
 
 
+def _check_offset(offset: Any) -> None:
+    def bad(value: Any) -> bool:
+        return isinstance(value, bool) or not isinstance(value, int) or value < 0
+
+    if offset is None:
+        return
+    if isinstance(offset, Mapping):
+        if set(offset) - {"stdout", "stderr"} or any(bad(v) for v in offset.values()):
+            raise InvalidRequest(f"offset must map 'stdout'/'stderr' to byte offsets >= 0, not {offset!r}")
+    elif bad(offset):
+        raise InvalidRequest(f"offset must be a byte offset >= 0 (or a mapping per stream), not {offset!r}")
+
+
 def wants_server(api_url: Optional[str]) -> bool:
     """A server is used when ``api_url`` is given, or when it is None and SANDLOT_API_URL is set.
     ``api_url=""`` means local, whatever the environment says."""
@@ -282,15 +295,24 @@ class AsyncCommands:
         whichever client started them."""
         return await self._sandbox._live().commands.list()
 
-    async def connect(self, pid: int, *, on_stdout: Optional[OutputHandler] = None,
+    async def connect(self, pid: int, *, offset: Union[None, int, Mapping[str, int]] = None,
+                      on_stdout: Optional[OutputHandler] = None,
                       on_stderr: Optional[OutputHandler] = None) -> AsyncCommandHandle:
-        """Reattach to the running background command ``pid`` (from ``list()`` or a handle's ``pid``), also
-        from another client of a server: its output so far is in ``stdout``/``stderr``, the callbacks get
-        what it prints from now on; ``wait()``, ``kill()``, ``send_stdin()``, ``close_stdin()`` work as on the
-        handle that started it. SandboxNotFound if no such command runs."""
+        """Reattach to background command ``pid`` (from ``list()`` or a handle's ``pid``), also from another
+        client or process, and after the server restarted: ``wait()``, ``kill()``, ``send_stdin()``,
+        ``close_stdin()`` work as on the handle that started it. A command that ended lately can be connected
+        too (its exit code and output's tail: the sandbox remembers its last 16 commands).
+
+        ``offset=None``: its output so far is in ``stdout``/``stderr``, the callbacks get what it prints from
+        now on. ``offset=N``: its output from byte N of stdout and of stderr (or ``{"stdout": N, "stderr": M}``),
+        the callbacks get all of it; ``offset=0`` replays everything kept. The sandbox keeps the newest
+        ``output``-limit bytes of each command: ``handle.offsets`` says at which byte its text starts when
+        older bytes were dropped. SandboxNotFound if no such command runs or ended lately."""
         if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
             raise InvalidRequest(f"pid must be a positive integer, not {pid!r}")
-        return await self._sandbox._live().commands.connect(pid, on_stdout=on_stdout, on_stderr=on_stderr)
+        _check_offset(offset)
+        return await self._sandbox._live().commands.connect(pid, offset=offset, on_stdout=on_stdout,
+                                                            on_stderr=on_stderr)
 
 
 class AsyncFiles:

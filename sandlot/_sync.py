@@ -80,6 +80,12 @@ class CommandHandle:
     def stderr(self) -> str:
         return self._handle.stderr
 
+    @property
+    def offsets(self) -> "dict[str, int]":
+        """The byte of each stream (stdout, stderr) this handle's text starts at: 0 unless it was connected
+        from an offset, or the sandbox had dropped older bytes."""
+        return dict(self._handle.offsets)
+
     def wait(self) -> CommandResult:
         return run_sync(self._handle.wait())
 
@@ -106,11 +112,13 @@ class Commands:
         """The background commands still running in the sandbox (pid, cmd, cwd, started_at), oldest first."""
         return run_sync(self._async.list())
 
-    def connect(self, pid: int, *, on_stdout: Optional[OutputHandler] = None,
-                on_stderr: Optional[OutputHandler] = None) -> CommandHandle:
-        """Reattach to the running background command ``pid``: output so far in ``stdout``/``stderr``, the
-        callbacks get what it prints from now on. SandboxNotFound if no such command runs."""
-        return CommandHandle(run_sync(self._async.connect(pid, on_stdout=on_stdout, on_stderr=on_stderr)))
+    def connect(self, pid: int, *, offset: Union[None, int, Mapping[str, int]] = None,
+                on_stdout: Optional[OutputHandler] = None, on_stderr: Optional[OutputHandler] = None) -> CommandHandle:
+        """Reattach to background command ``pid``, running or ended lately. ``offset=None``: output so far in
+        ``stdout``/``stderr``, the callbacks get what it prints from now on; ``offset=N``: its output from byte N
+        of each stream (``0``: all the sandbox kept), callbacks included. SandboxNotFound if no such command."""
+        return CommandHandle(run_sync(self._async.connect(pid, offset=offset, on_stdout=on_stdout,
+                                                          on_stderr=on_stderr)))
 
 
 class Files:

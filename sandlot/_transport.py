@@ -34,6 +34,9 @@ class AsyncCommandHandle(abc.ABC):
     ``stdout``/``stderr``."""
 
     pid: Optional[int] = None  # the command's pid inside the sandbox, once it started
+    # The byte of each stream its stdout/stderr text starts at: 0 but for a handle connected from an offset,
+    # or one that found older bytes dropped (the sandbox keeps the newest `output`-limit bytes of a command).
+    offsets: Mapping[str, int] = {"stdout": 0, "stderr": 0}
 
     @property
     @abc.abstractmethod
@@ -79,10 +82,11 @@ class CommandsHandle(abc.ABC):
         """The sandbox's background commands still running, oldest first."""
 
     @abc.abstractmethod
-    async def connect(self, pid: int, *, on_stdout: Optional[OutputHandler],
-                      on_stderr: Optional[OutputHandler]) -> AsyncCommandHandle:
-        """A handle to the running background command ``pid`` (SandboxNotFound if none runs): its output so far
-        in ``stdout``/``stderr``, the callbacks get what it prints from now on."""
+    async def connect(self, pid: int, *, offset: "Union[None, int, Mapping[str, int]]" = None,
+                      on_stdout: Optional[OutputHandler], on_stderr: Optional[OutputHandler]) -> AsyncCommandHandle:
+        """A handle to background command ``pid``, running or ended lately (SandboxNotFound if neither).
+        ``offset=None``: its output so far in ``stdout``/``stderr``, the callbacks get what it prints from now
+        on; an int (or a mapping per stream): its output from that byte on, callbacks included."""
 
 
 class FilesHandle(abc.ABC):

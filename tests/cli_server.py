@@ -42,10 +42,10 @@ class CliServer:
         assert r.returncode == 0, r.stderr
         return json.loads(r.stdout)["key"]
 
-    def start(self, timeout: float = 60) -> "CliServer":
+    def start(self, *args: str, timeout: float = 60) -> "CliServer":
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(COMMAND + ["serve", "--port", str(self.port), "--db", str(self.db),
-                                                    "--log-level", "warning"],
+                                                    "--log-level", "warning", *args],
                                          stdout=log, stderr=subprocess.STDOUT, env=clean_env())
         wait_healthy(self.proc, self.url, self.log, "sandlot serve", timeout)
         return self

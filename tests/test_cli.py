@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import subprocess
 import time
 
@@ -275,3 +276,37 @@ def test_remote_session_exec_cp_shell_ls_kill(server, acme, tmp_path):
         assert r.returncode == 3 and "killed" in r.stderr
         ended = json.loads(sandlot("ls", "--json", "--status", "ended", env=acme).stdout)
         assert sid in [i["sandbox_id"] for i in ended]
+
+
+# -- serve's options -------------------------------------------------------------------------------
+
+def test_serve_refuses_an_unknown_isolation_tier(tmp_path):
+    r = sandlot("serve", "--port", "0", "--db", str(tmp_path / "s.db"), "--isolations", "process,kvm")
+    assert r.returncode == 2
+    assert "unknown tier 'kvm'" in r.stderr and "process, gvisor" in r.stderr
+
+
+@needs_sandbox
+def test_serve_offers_the_isolation_tiers_it_is_given(tmp_path):
+    import httpx
+
+    from .conftest import RUNSC_MISSING
+
+    srv = CliServer(tmp_path).start("--isolations", "process,gvisor")
+    try:
+        assert "isolation tiers: process, gvisor" in srv.log()
+        headers = {"Authorization": f"Bearer {srv.key('tiers')}"}
+        with httpx.Client(base_url=srv.url, headers=headers, timeout=120) as client:
+            assert client.get("/v1/info").json()["isolations"] == ["process", "gvisor"]
+            if RUNSC_MISSING:
+                pytest.skip(f"the server offers gvisor; a sandbox of it needs runsc: {RUNSC_MISSING}")
+            created = client.post("/v1/sandboxes", json={"isolation": "gvisor"})
+            assert created.status_code == 201 and created.json()["isolation"] == "gvisor", created.text
+            sid = created.json()["sandbox_id"]
+            try:
+                ran = client.post(f"/v1/sandboxes/{sid}/commands", json={"cmd": "uname -r"}).json()
+                assert ran["stdout"].strip() != os.uname().release, ran  # gVisor's kernel, not the host's
+            finally:
+                client.delete(f"/v1/sandboxes/{sid}")
+    finally:
+        srv.stop()

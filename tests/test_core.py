@@ -165,8 +165,10 @@ def test_background_commands_are_listed_and_reattached(sandbox):
     r, first = again.wait(), h.wait()
     assert r.exit_code == first.exit_code == -9 and r.stdout == first.stdout == "first\ngot x\n"
     assert h.pid not in [c.pid for c in sandbox.commands.list()]  # only running ones are listed
-    with pytest.raises(SandboxNotFound, match=f"no background command with pid {h.pid}"):
-        sandbox.commands.connect(h.pid)
+    ended = sandbox.commands.connect(h.pid)  # an ended command is remembered: its exit code and output
+    assert (ended.wait().exit_code, ended.stdout) == (-9, "first\ngot x\n")
+    with pytest.raises(SandboxNotFound, match="no background command with pid 999999"):
+        sandbox.commands.connect(999999)
     with pytest.raises(InvalidRequest, match="pid"):
         sandbox.commands.connect(0)
 

@@ -28,6 +28,16 @@ RESULTS_HIGH_WATER = 64 * 1024  # stop reading the session's results while this 
 # Files that report size 0 are pseudo-files (/proc); some never end (/proc/<pid>/pagemap streams
 # 256 GiB of zeros), so a symlink planted by user code made the host read forever. Cap them.
 PSEUDO_FILE_MAX = 4 * 1024 * 1024
+# What each command keeps of its output for a client that reattaches (cmd_attach), unless the host asks for
+# its sandbox's `output` limit ("keep" in the cmd request: warm sandboxes serve owners of any limits).
+KEEP_DEFAULT = 16 * 1024 * 1024
+KEEP_MAX = 1024 ** 3  # the largest `output` limit a sandbox may have
+TAIL_SMALL = 4096  # reads smaller than this are merged into one chunk of up to TAIL_MERGED bytes
+TAIL_MERGED = 64 * 1024
+# What all commands keep together (the host sends its own, "kept_total": the agent's memory is the sandbox's,
+# and many commands each keeping the `output` limit must not make pid 1 the one the OOM killer picks).
+KEPT_TOTAL_DEFAULT = 128 * 1024 * 1024
+FINISHED_MAX = 16  # finished commands remembered (their exit code and output's tail), oldest forgotten first
 
 
 def _resolve(path) -> str:
@@ -90,10 +100,84 @@ class _Kernel:
             os.set_blocking(fd, False)
 
 
+class _Tail:
+    """The newest bytes of one output stream; offsets count from the stream's first byte.
+
+    Kept as the chunks the pipe gave, not copied into one buffer: on the hot path a read is stored by
+    reference (small ones are merged, so a trickle of lines costs its bytes, not an object per line)."""
+
+    __slots__ = ("chunks", "start", "size")
+
+    def __init__(self) -> None:
+        self.chunks = collections.deque()  # bytes as read; bytearrays of merged small reads; a memoryview first
+        self.start = 0  # the offset of the first byte kept: bytes before it were dropped
+        self.size = 0
+
+    @property
+    def end(self) -> int:
+        return self.start + self.size
+
+    def add(self, data: bytes) -> None:
+        if len(data) < TAIL_SMALL:
+            last = self.chunks[-1] if self.chunks else None
+            if isinstance(last, bytearray) and len(last) < TAIL_MERGED:
+                last += data
+            else:
+                self.chunks.append(bytearray(data))
+        else:
+            self.chunks.append(data)
+        self.size += len(data)
+
+    def drop(self, n: int) -> None:
+        n = min(n, self.size)
+        self.start += n
+        self.size -= n
+        while n:
+            first = self.chunks[0]
+            if len(first) <= n:
+                self.chunks.popleft()
+                n -= len(first)
+            elif isinstance(first, bytearray):
+                del first[:n]  # at a bytearray's front: no copy of the rest
+                n = 0
+            else:
+                self.chunks[0] = memoryview(first)[n:]
+                n = 0
+
+    def read(self, offset: int, n: int) -> bytes:
+        """Up to ``n`` bytes from ``offset`` (at least the first byte kept)."""
+        offset = max(offset, self.start)
+        at = self.end  # found from the newest end: a live reader reads near it
+        i = len(self.chunks)
+        while i and at > offset:
+            i -= 1
+            at -= len(self.chunks[i])
+        parts, want, skip = [], n, offset - at
+        while want > 0 and i < len(self.chunks):
+            piece = memoryview(self.chunks[i])[skip:skip + want]
+            parts.append(piece)
+            want -= len(piece)
+            skip = 0
+            i += 1
+        data = b"".join(parts)
+        for piece in parts:
+            piece.release()  # a bytearray with a view exported cannot grow
+        return data
+
+
 class _Command:
-    """A shell command with its own process group; its pipes are raw fds the agent owns."""
+    """A shell command with its own process group; its pipes are raw fds the agent owns. It keeps the
+    newest ``keep`` bytes of its output (both streams together), also after it ended, for reattaching."""
 
     def __init__(self, req: dict) -> None:
+        self.cmd = req["cmd"]
+        self.cwd = req.get("asked_cwd")  # as the caller gave it (None: the sandbox's default)
+        self.started_at = time.time()
+        keep = req.get("keep")
+        self.keep = keep if isinstance(keep, int) and 0 < keep <= KEEP_MAX else KEEP_DEFAULT
+        self.tails = {"stdout": _Tail(), "stderr": _Tail()}
+        self.rid = None  # the request that started it, while its owner is here: gets the output as it comes
+        self.done = False  # its exit was reported: the pipes are closed, the tails final
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         in_r, self.stdin_fd = os.pipe() if req.get("stdin") else (subprocess.DEVNULL, None)
@@ -148,6 +232,42 @@ class _Command:
             os.close(self.stdin_fd)
             self.stdin_fd = None
 
+    def remember(self, name: str, data: bytes) -> int:
+        """Keep ``data``; returns how many bytes more this command keeps now (its cap may drop older ones)."""
+        self.tails[name].add(data)
+        excess = self.retained - self.keep
+        return len(data) - (self.shed(excess) if excess > 0 else 0)
+
+    def shed(self, n: int) -> int:
+        """Drop up to ``n`` of the oldest bytes kept, the larger stream's first; returns how many went."""
+        out, err = self.tails["stdout"], self.tails["stderr"]
+        big, small = (out, err) if out.size >= err.size else (err, out)
+        first = min(n, big.size)
+        big.drop(first)
+        second = min(n - first, small.size)
+        small.drop(second)
+        return first + second
+
+    @property
+    def retained(self) -> int:
+        return self.tails["stdout"].size + self.tails["stderr"].size
+
+    def describe(self) -> dict:
+        return {"pid": self.proc.pid, "cmd": self.cmd, "cwd": self.cwd, "started_at": self.started_at,
+                "running": not self.done, "exit_code": self.exit_code if self.done else None,
+                "usage": self.usage if self.done else None,
+                "stdout": {"start": self.tails["stdout"].start, "end": self.tails["stdout"].end},
+                "stderr": {"start": self.tails["stderr"].start, "end": self.tails["stderr"].end}}
+
+
+class _Attachment:
+    """A later reader of a command (cmd_attach): it is fed from the command's tails at its own pace."""
+
+    __slots__ = ("command", "cursor")
+
+    def __init__(self, command: _Command, cursor: dict) -> None:
+        self.command, self.cursor = command, cursor
+
 
 def _all_user_ids() -> None:
     os.setresgid(isolation.USER_UID, isolation.USER_UID, isolation.USER_UID)
@@ -201,8 +321,13 @@ class Agent:
         self.kernel = None
         self.exec_queue = collections.deque()
         self.current_exec = None
-        self.commands = {}
-        self.stream_owner = {}  # pipe fd -> (request id or None for the kernel, stream name)
+        self.commands = {}  # running commands, by pid
+        self.command_rids = {}  # request id -> its command (the one that started it, or a cmd_attach)
+        self.attachments = {}  # cmd_attach request id -> _Attachment
+        self.finished = collections.OrderedDict()  # pid -> _Command that ended, oldest first
+        self.kept = 0  # output bytes all commands keep, running and finished
+        self.kept_total = KEPT_TOTAL_DEFAULT
+        self.stream_owner = {}  # pipe fd -> (None for the kernel or a _Command, stream name)
         self.producers = {}  # request id -> [file chunks generator, bytes sent not yet acknowledged, close]
         self.uploads = {}
         self.paused = False
@@ -338,8 +463,10 @@ class Agent:
 
         self.current_exec = orphan(self.current_exec)
         self.exec_queue.clear()
-        self.commands = {orphan(rid): command for rid, command in self.commands.items()}
-        self.stream_owner = {fd: (orphan(rid), name) for fd, (rid, name) in self.stream_owner.items()}
+        for command in self.commands.values():
+            command.rid = None  # its output is kept (its tails), not sent to a request nobody reads
+        self.command_rids.clear()
+        self.attachments.clear()
         for read in self.producers.values():
             read[0].close()
             read[2]()
@@ -518,21 +645,30 @@ class Agent:
             raise ValueError("cmd must be a string")
         env = dict(self.env)
         env.update(req.get("env") or {})
-        req = dict(req, env=env, cwd=req.get("cwd") or self.workdir)
+        req = dict(req, env=env, cwd=req.get("cwd") or self.workdir, asked_cwd=req.get("cwd"))
+        total = req.get("kept_total")
+        if isinstance(total, int) and 0 < total <= 16 * KEEP_MAX:
+            self.kept_total = total
         try:
             command = _Command(req)
         except (OSError, subprocess.SubprocessError) as exc:
             self._fail(rid, exc)
             return
-        self.commands[rid] = command
+        command.rid = rid
+        old = self.commands.get(command.proc.pid)
+        if old is not None:  # its pid was reaped and used again before its end was reported: report it now
+            old.exited_at = float("-inf")
+            self._finish_commands()
+        self.commands[command.proc.pid] = command
+        self.command_rids[rid] = command
         for fd, name in command.pipes.items():
-            self.stream_owner[fd] = (rid, name)
+            self.stream_owner[fd] = (command, name)
             if not self.paused:
                 self.sel.register(fd, selectors.EVENT_READ, self._on_stream)
         self.send({"t": "started", "id": rid, "pid": command.proc.pid})
 
     def _req_stdin(self, rid, req, payload) -> None:
-        command = self.commands.get(req.get("target"))
+        command = self.command_rids.get(req.get("target"))
         if command is None or command.stdin_fd is None:
             return  # the command ended or closed its stdin; late input is dropped
         command.stdin_pending += payload
@@ -540,12 +676,69 @@ class Agent:
         command.pump_stdin()
 
     def _req_signal(self, rid, req, payload) -> None:
-        command = self.commands.get(req.get("target"))
+        command = self.command_rids.get(req.get("target"))
         if command is not None and command.exit_code is None:
             try:
                 os.killpg(command.proc.pid, int(req.get("signal", signal.SIGKILL)))
             except ProcessLookupError:
                 pass
+
+    def _req_cmd_list(self, rid, req, payload) -> None:
+        """The commands running and those that ended and are still remembered, oldest first."""
+        listed = list(self.finished.values()) + sorted(self.commands.values(), key=lambda c: c.started_at)
+        # One frame holds the answer: a long command line is cut here (the host asked for it whole at start).
+        items = [dict(c.describe(), cmd=c.cmd[:4096]) for c in listed]
+        self.send({"t": "ok", "id": rid, "commands": items})
+
+    def _req_cmd_attach(self, rid, req, payload) -> None:
+        """A new reader of command ``pid`` (running, or ended and remembered): the answer says where its
+        kept output starts and ends; then its output from ``stdout``/``stderr`` (offsets; past what is
+        kept: from the oldest byte kept), each chunk with its offset, live output as it comes, and its exit.
+        stdin and signal requests reach the command by this request's id too."""
+        pid = req.get("pid")
+        command = self.commands.get(pid)
+        if command is None:  # a finished one; the newest if its pid was used again
+            command = self.finished.get(pid)
+        if command is None:
+            raise KeyError("no command with pid %r runs or is remembered" % (pid,))
+        cursor = {}
+        for name, tail in command.tails.items():
+            offset = req.get(name)
+            offset = tail.end if offset is None else int(offset)
+            cursor[name] = min(max(offset, tail.start), tail.end)
+        self.attachments[rid] = _Attachment(command, cursor)
+        if not command.done:
+            self.command_rids[rid] = command
+        self.send(dict(command.describe(), t="started", id=rid, attached=True, cursor=cursor, cmd=command.cmd[:65536]))
+
+    def _req_cmd_detach(self, rid, req, payload) -> None:
+        """A reader of a cmd_attach went away: stop feeding it."""
+        target = req.get("target")
+        if self.attachments.pop(target, None) is not None:
+            self.command_rids.pop(target, None)
+
+    def _feeding(self) -> bool:
+        return any(a.cursor[n] < t.end for a in self.attachments.values() for n, t in a.command.tails.items()) \
+            or any(a.command.done for a in self.attachments.values())
+
+    def _feed_attachments(self) -> None:
+        """Readers of cmd_attach get the command's kept output at the pace the channel takes it."""
+        for rid, attachment in list(self.attachments.items()):
+            command, cursor = attachment.command, attachment.cursor
+            for name, tail in command.tails.items():
+                while len(self.out) < HIGH_WATER:
+                    # Fell behind what is kept (a flood while the host was slow): go on from the oldest byte
+                    # kept; the chunk's offset says where the gap was.
+                    at = max(cursor[name], tail.start)
+                    chunk = tail.read(at, protocol.CHUNK)
+                    if not chunk:
+                        break
+                    self.send({"t": name, "id": rid, "offset": at}, chunk)
+                    cursor[name] = at + len(chunk)
+            if command.done and all(cursor[n] >= t.end for n, t in command.tails.items()):
+                del self.attachments[rid]
+                self.command_rids.pop(rid, None)
+                self.send({"t": "exit", "id": rid, "exit_code": command.exit_code, "usage": command.usage})
 
     # -- streams ------------------------------------------------------------------------------
     def _on_stream(self, key, mask) -> None:
@@ -555,7 +748,7 @@ class Agent:
         owner = self.stream_owner.get(fd)
         if owner is None:
             return
-        rid, name = owner
+        command, name = owner
         while True:
             try:
                 data = os.read(fd, protocol.CHUNK)
@@ -566,7 +759,13 @@ class Agent:
             if not data:
                 self._close_stream(fd)
                 return
-            target = self.current_exec if rid is None else rid
+            if command is None:
+                target = self.current_exec
+            else:
+                self.kept += command.remember(name, data)
+                if self.kept > self.kept_total:
+                    self._shed(command)
+                target = command.rid
             if target is not None:
                 self.send({"t": name, "id": target}, data)
             if not drain or len(self.out) > HIGH_WATER * 4:
@@ -603,16 +802,16 @@ class Agent:
                 _REAPED[pid] = code
                 self._kernel_gone("the session process died (%s)" % _describe(code))
                 continue
-            for command in self.commands.values():
-                if command.proc.pid == pid:
-                    command.proc.returncode = code
-                    command.exit_code = code
-                    command.exited_at = time.monotonic()
-                    command.usage = {"cpu_seconds": rusage.ru_utime + rusage.ru_stime}
+            command = self.commands.get(pid)
+            if command is not None:
+                command.proc.returncode = code
+                command.exit_code = code
+                command.exited_at = time.monotonic()
+                command.usage = {"cpu_seconds": rusage.ru_utime + rusage.ru_stime}
 
     def _finish_commands(self) -> None:
         now = time.monotonic()
-        for rid, command in list(self.commands.items()):
+        for pid, command in list(self.commands.items()):
             if command.exit_code is None:
                 continue
             open_pipes = [fd for fd in command.pipes if fd in self.stream_owner]
@@ -623,8 +822,35 @@ class Agent:
                 self._read_stream(fd, drain=True)
                 self._close_stream(fd)
             command.close_stdin()
-            del self.commands[rid]
-            self.send({"t": "exit", "id": rid, "exit_code": command.exit_code, "usage": command.usage})
+            command.done = True
+            del self.commands[pid]
+            self._remember_finished(command)
+            if command.rid is not None:
+                self.command_rids.pop(command.rid, None)
+                self.send({"t": "exit", "id": command.rid, "exit_code": command.exit_code, "usage": command.usage})
+
+    def _shed(self, writer: _Command) -> None:
+        """Over what all commands may keep: the command writing gives up its oldest bytes first, then the
+        one keeping most (a flood pays for itself; a quiet command keeps its tail)."""
+        self.kept -= writer.shed(self.kept - self.kept_total)
+        while self.kept > self.kept_total:
+            largest = max(list(self.commands.values()) + list(self.finished.values()), key=lambda c: c.retained)
+            if not largest.retained:
+                break
+            self.kept -= largest.shed(self.kept - self.kept_total)
+
+    def _remember_finished(self, ended: _Command) -> None:
+        """Ended commands stay for a client that comes back (their exit code and output's tail): at most
+        FINISHED_MAX of them, keeping together at most what the newest one may keep; the oldest go first."""
+        earlier = self.finished.pop(ended.proc.pid, None)  # its pid was used again: the newest one stays
+        if earlier is not None:
+            self.kept -= earlier.retained
+        self.finished[ended.proc.pid] = ended
+        kept = sum(c.retained for c in self.finished.values())
+        while len(self.finished) > 1 and (len(self.finished) > FINISHED_MAX or kept > ended.keep):
+            _, oldest = self.finished.popitem(last=False)
+            kept -= oldest.retained
+            self.kept -= oldest.retained
 
     # -- files --------------------------------------------------------------------------------
     def _req_fread(self, rid, req, payload) -> None:
@@ -765,7 +991,7 @@ class Agent:
         while True:
             self._flush()
             timeout = 0.02 if self.commands else None
-            if self._producing() and len(self.out) < HIGH_WATER:
+            if (self._producing() or self._feeding()) and len(self.out) < HIGH_WATER:
                 timeout = 0
             if self.ownerless:
                 left = max(0.0, self.lease_until - time.time())
@@ -779,6 +1005,8 @@ class Agent:
                 command.pump_stdin()
             self._finish_commands()
             self._produce()
+            if self.attachments:
+                self._feed_attachments()
             self._flush()
 
     # A file is read at the pace of its reader: at most FREAD_WINDOW bytes go out unacknowledged.

@@ -8,6 +8,7 @@ server's machine, as the user the server runs as.
 from __future__ import annotations
 
 import datetime
+import shutil
 import sys
 from typing import Any, Callable, Optional
 
@@ -41,6 +42,10 @@ def _when(epoch: Optional[float]) -> str:
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 @click.option("--no-mcp", is_flag=True, help="Do not serve MCP (streamable HTTP) at /mcp.")
+@click.option("--isolations", default="process", show_default=True, metavar="TIERS",
+              help="The isolation tiers tenants may ask for, comma-separated: process, gvisor (needs runsc; "
+                   "`sandlot doctor` checks), e.g. --isolations process,gvisor. A sandbox asks with "
+                   "isolation='gvisor'; a tier not listed is refused (400).")
 @click.option("--ceiling", "ceilings", multiple=True, metavar="LIMIT=VALUE", envvar="SANDLOT_CEILINGS",
               show_envvar=True,
               help="The most a tenant may ask for of one limit (cpu, memory, pids, disk, inodes, open_files, "
@@ -78,30 +83,37 @@ def _when(epoch: Optional[float]) -> str:
 @click.option("--max-paused-bytes", metavar="SIZE", envvar="SANDLOT_MAX_PAUSED_BYTES", show_envvar=True,
               help="Per tenant: the most the checkpoints of its paused (hibernated) sandboxes may sum to on disk "
                    "(e.g. 20G). A pause past it: 429; an idle pause past it ends the sandbox. [default: 20G]")
-def serve(host: str, port: int, db_path: Optional[str], log_level: str, no_mcp: bool, ceilings: tuple[str, ...],
+@click.option("--no-durable", is_flag=True,
+              help="Sandboxes end with this server process. Default: they outlive a restart or a crash until their "
+                   "lifetime ends, and the next server on the same database takes them back (not those with mounts "
+                   "or secrets).")
+def serve(host: str, port: int, db_path: Optional[str], log_level: str, no_mcp: bool, isolations: str,
+          ceilings: tuple[str, ...],
           total_memory: Optional[str], total_pids: Optional[int], audit_retention: Optional[str],
           audit_max_rows: Optional[int], allow_network: bool, network_ceiling: tuple[str, ...],
           allow_private_network: bool, host_dir_roots: tuple[str, ...], max_volumes: Optional[int],
-          total_volume_size: Optional[str], max_paused_bytes: Optional[str]) -> None:
+          total_volume_size: Optional[str], max_paused_bytes: Optional[str], no_durable: bool) -> None:
     """Run the Sandlot HTTP server: REST + streaming, MCP at /mcp, /metrics, OpenAPI at /docs.
 
     Every request needs an API key (`sandlot keys create --tenant NAME`); /metrics needs an operator
     key (`sandlot keys create --operator`); /healthz needs none and says only that the server lives.
     Per-tenant quotas (live sandboxes, lifetime, rate, totals) can be overridden per tenant with
-    `sandlot.server.set_quotas`. Stops cleanly on Ctrl-C or SIGTERM, ending every live sandbox.
+    `sandlot.server.set_quotas`. Stops cleanly on Ctrl-C or SIGTERM; its sandboxes run on for the next server
+    on the same database to take back (--no-durable: they end with it).
     """
     from .. import server
     from .._exceptions import InvalidRequest
 
     try:
-        settings = server.operator_settings(db_path, ceilings=ceilings, total_memory=total_memory,
+        settings = server.operator_settings(db_path, isolations=[i.strip() for i in isolations.split(",") if i.strip()],
+                                            ceilings=ceilings, total_memory=total_memory,
                                             total_pids=total_pids, audit_retention=audit_retention,
                                             audit_max_rows=audit_max_rows, allow_network=allow_network,
                                             network_ceiling=network_ceiling,
                                             allow_private_network=allow_private_network,
                                             host_dir_roots=host_dir_roots, max_volumes=max_volumes,
                                             total_volume_size=total_volume_size,
-                                            max_paused_bytes=max_paused_bytes)
+                                            max_paused_bytes=max_paused_bytes, durable=not no_durable)
     except InvalidRequest as exc:
         raise click.UsageError(str(exc)) from None
     mounts = []
@@ -115,6 +127,9 @@ def serve(host: str, port: int, db_path: Optional[str], log_level: str, no_mcp: 
         where = f"http://{host}:{bound_port}"
         err.print(escape(f"Sandlot server listening on {where} (database {settings.db_path})"
                          + ("" if no_mcp else f"; MCP at {where}/mcp")))
+        missing = " (runsc is not installed: gVisor sandboxes cannot start; `sandlot doctor`)" if (
+            "gvisor" in settings.isolations and shutil.which("runsc") is None) else ""
+        err.print(escape("isolation tiers: " + ", ".join(settings.isolations) + missing))
         roots = settings.host_dir_roots
         err.print(escape("host directories: " + (f"tenants may grant those inside {', '.join(roots)}" if roots else
                                                  "none granted (--host-dir-root DIR allows them)")))

@@ -4,7 +4,11 @@ follow a command from its first byte (replay, then live) and a client that recon
 Memory stays bounded by the sandbox's ``output`` limit: each command keeps at most that much (its handle
 kills it past the cap), its small chunks are merged as they are stored (a flood of tiny writes costs its
 bytes, not an object per chunk), and the finished commands of a sandbox together keep at most that much
-too: the oldest are forgotten first (the newest finished one always stays)."""
+too: the oldest are forgotten first (the newest finished one always stays).
+
+A command this server did not start (its sandbox was re-adopted after a restart of the server) is adopted
+when a client asks for it: followed through the sandbox's agent, which remembers its commands, from the
+oldest byte the agent kept."""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import asyncio
 import secrets
 from typing import Any, AsyncIterator, Callable, Optional
 
-from .._exceptions import QuotaExceeded, SandlotError
+from .._exceptions import QuotaExceeded, SandboxNotFound, SandlotError
 from .._models import CommandResult
 from .._output import TextLog
 
@@ -70,6 +74,14 @@ class BackgroundCommand:
             on_stderr=lambda t: self._emit("stderr", t), **kwargs)
         self._watcher = asyncio.get_running_loop().create_task(self._wait())
 
+    async def adopt(self, sandbox, pid: int) -> None:
+        """Follow command ``pid``, running or ended, that another process started (SandboxNotFound if the
+        sandbox does not know it): its output from the oldest byte the sandbox kept, then live."""
+        self.budget = sandbox.limits.output
+        self.handle = await sandbox.commands.connect(
+            pid, offset=0, on_stdout=lambda t: self._emit("stdout", t), on_stderr=lambda t: self._emit("stderr", t))
+        self._watcher = asyncio.get_running_loop().create_task(self._wait())
+
     async def _wait(self) -> None:
         try:
             self.result = await self.handle.wait()
@@ -111,6 +123,33 @@ class CommandTable:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.commands: dict[str, BackgroundCommand] = {}
+        self._adopting = asyncio.Lock()  # two clients asking at once adopt a command once
+
+    def by_pid(self, pid: int) -> Optional[BackgroundCommand]:
+        """The command with this pid: the running one, else the newest ended one."""
+        matches = [c for c in self.commands.values() if c.handle is not None and c.handle.pid == pid]
+        running = [c for c in matches if c.running]
+        return (running or matches or [None])[-1]
+
+    async def adopt(self, sandbox, pid: int, running: bool) -> Optional[BackgroundCommand]:
+        """The table's command with ``pid`` (running if ``running``), adopting it from the sandbox if the table
+        does not have it (a command of an earlier server process); None if the sandbox does not know it."""
+        async with self._adopting:
+            known = self.by_pid(pid)
+            if known is not None and (known.running or not running):
+                return known
+            if any(c.running and (c.handle is None or c.handle.pid is None) for c in self.commands.values()):
+                return None  # one this process starts has no pid yet: it may be that one (listed once it has)
+            command = self.add()
+            try:
+                await command.adopt(sandbox, pid)
+            except SandboxNotFound:
+                self.discard(command)
+                return None
+            except BaseException:
+                self.discard(command)
+                raise
+            return command
 
     def add(self) -> BackgroundCommand:
         if len(self.commands) >= self.capacity:

@@ -82,13 +82,16 @@ def line(event: dict) -> bytes:
     return json.dumps(finite(event), separators=(",", ":"), default=str).encode() + b"\n"
 
 
-def response(work: Callable[[Emit], Awaitable[dict]], heartbeat: float) -> StreamingResponse:
-    """``work(emit)`` emits events and returns the final event."""
-    return StreamingResponse(_lines(work, heartbeat), media_type=NDJSON,
+def response(work: Callable[[Emit], Awaitable[dict]], heartbeat: float,
+             cancel_on_leave: bool = False) -> StreamingResponse:
+    """``work(emit)`` emits events and returns the final event. With ``cancel_on_leave`` (work that only
+    reads, like following a command's output), a client going away cancels it."""
+    return StreamingResponse(_lines(work, heartbeat, cancel_on_leave), media_type=NDJSON,
                              headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
 
-async def _lines(work: Callable[[Emit], Awaitable[dict]], heartbeat: float) -> AsyncIterator[bytes]:
+async def _lines(work: Callable[[Emit], Awaitable[dict]], heartbeat: float,
+                 cancel_on_leave: bool = False) -> AsyncIterator[bytes]:
     queue = _Outbox()
     task = asyncio.get_running_loop().create_task(work(queue.put))
     task.add_done_callback(lambda _: queue.put(_DONE))
@@ -104,7 +107,9 @@ async def _lines(work: Callable[[Emit], Awaitable[dict]], heartbeat: float) -> A
             yield line(item)
         yield line(_final(task))
     finally:
-        if not task.done():
+        if not task.done() and cancel_on_leave:
+            task.cancel()
+        elif not task.done():
             _orphans.add(task)
             task.add_done_callback(_forget)
 

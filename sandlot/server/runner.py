@@ -35,7 +35,8 @@ class _Server(uvicorn.Server):
 def serve(host: str = "127.0.0.1", port: int = 8000, db_path: "str | os.PathLike[str] | None" = None, *,
           log_level: str = "info", settings: Optional[Settings] = None, mounts: Sequence[Mount] = (),
           on_listening: Optional[Callable[[int], None]] = None) -> None:
-    """Serve until SIGINT/SIGTERM; then every live sandbox is ended (and reported lost to its owner).
+    """Serve until SIGINT/SIGTERM; then the durable sandboxes run on for the next server (settings.durable), the
+    others are ended (and reported lost to their owners).
 
     Binds 127.0.0.1 unless told otherwise: put a TLS-terminating proxy in front to serve a network.
     Raises DatabaseInUse if another server holds ``db_path``. ``on_listening(port)`` is called once the

@@ -312,6 +312,7 @@ class RunningCommand(BaseModel):
     cmd: str
     cwd: Optional[str] = Field(None, description="as asked (null: the sandbox's default directory)")
     started_at: datetime
+    running: bool = Field(True, description="false: it ended (listed by ?pid=); its result is at /commands/{command_id}")
 
 
 class FileEntry(BaseModel):

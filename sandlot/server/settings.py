@@ -133,6 +133,21 @@ def _number(value: str) -> "float | str":
     return int(number) if number.is_integer() else number
 
 
+def _check_isolations(isolations: Iterable[str]) -> tuple[str, ...]:
+    """The tiers named (``process,gvisor``), each known, none twice; InvalidRequest otherwise."""
+    from .._backends.registry import ISOLATIONS
+
+    chosen: list[str] = []
+    for name in isolations:
+        if name not in ISOLATIONS:
+            raise InvalidRequest(f"isolations: unknown tier {name!r}; the tiers are {', '.join(ISOLATIONS)}")
+        if name not in chosen:
+            chosen.append(name)
+    if not chosen:
+        raise InvalidRequest(f"isolations: name at least one tier ({', '.join(ISOLATIONS)})")
+    return tuple(chosen)
+
+
 def operator_settings(db_path: "str | os.PathLike[str] | None" = None, *, ceilings: Iterable[str] = (),
                       total_memory: Optional[str] = None, total_pids: Optional[int] = None,
                       audit_retention: Optional[str] = None, audit_max_rows: Optional[int] = None,
@@ -170,7 +185,7 @@ def operator_settings(db_path: "str | os.PathLike[str] | None" = None, *, ceilin
             raise InvalidRequest("audit-max-rows must be at least 1")
         more["audit_max_rows"] = int(audit_max_rows)
     if isolations is not None:
-        more["isolations"] = tuple(isolations)
+        more["isolations"] = _check_isolations(isolations)
     ceiling = tuple(network_ceiling)
     if ceiling:
         from .._net.policy import Rule

@@ -10,7 +10,7 @@ import base64
 import binascii
 import dataclasses
 import json
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
@@ -166,14 +166,30 @@ async def run_command(sandbox_id: str, body: RunCommand, tenant: Owner, state: S
     return ndjson.response(work, state.settings.heartbeat)
 
 
+def _listed(command: BackgroundCommand) -> api.RunningCommand:
+    info = command.handle.info
+    return api.RunningCommand(command_id=command.id, pid=info.pid, cmd=info.cmd, cwd=info.cwd,
+                              started_at=info.started_at, running=command.running)
+
+
 @router.get("/v1/sandboxes/{sandbox_id}/commands", response_model=list[api.RunningCommand],
             summary="The sandbox's background commands still running (reattach by command_id, from any client)")
-async def list_commands(sandbox_id: str, tenant: Owner, state: State) -> list[api.RunningCommand]:
+async def list_commands(sandbox_id: str, tenant: Owner, state: State,
+                        pid: Optional[int] = Query(None, ge=1, description=(
+                            "Only the command with this pid, running or ended lately (the sandbox remembers its "
+                            "last 16 commands): its exit code and output stay readable"))) -> list[api.RunningCommand]:
     live = state.registry.get(tenant, sandbox_id)
-    by_pid = {c.handle.pid: c for c in live.commands.commands.values() if c.running and c.handle is not None}
-    return [api.RunningCommand(command_id=by_pid[info.pid].id, pid=info.pid, cmd=info.cmd, cwd=info.cwd,
-                               started_at=info.started_at)
-            for info in await live.sandbox.commands.list() if info.pid in by_pid]
+    # The sandbox's agent knows its commands, also those an earlier server process started (a sandbox
+    # re-adopted after a restart): those this process has not seen yet are adopted into its table.
+    if pid is not None:
+        command = await live.commands.adopt(live.sandbox, pid, running=False)
+        return [] if command is None else [_listed(command)]
+    listed = []
+    for info in await live.sandbox.commands.list():
+        command = await live.commands.adopt(live.sandbox, info.pid, running=True)
+        if command is not None and command.running:
+            listed.append(_listed(command))
+    return listed
 
 
 def _command(state: ServerState, tenant: Tenant, sandbox_id: str, command_id: str) -> BackgroundCommand:
@@ -199,9 +215,19 @@ async def command_status(sandbox_id: str, command_id: str, tenant: Owner, state:
 
 @router.get("/v1/sandboxes/{sandbox_id}/commands/{command_id}/stream", response_class=StreamingResponse,
             responses=_FOLLOW,
-            summary="NDJSON: a background command's output from the start, then live")
-async def command_stream(sandbox_id: str, command_id: str, tenant: Owner, state: State) -> Any:
+            summary="NDJSON: a background command's output from the start (or from a byte offset), then live")
+async def command_stream(sandbox_id: str, command_id: str, tenant: Owner, state: State,
+                         offset: Optional[int] = Query(None, ge=0, description=(
+                             "Read from this byte of stdout and of stderr (a client that reconnects gives what it "
+                             "has read): the sandbox keeps the newest `output`-limit bytes of a command; the first "
+                             'event, {"type": "offsets", "stdout": N, "stderr": M}, says where the text starts, '
+                             '{"type": "replayed"} follows what it had printed by then')),
+                         stderr_offset: Optional[int] = Query(None, ge=0, description="stderr's own offset")) -> Any:
+    live = state.registry.get(tenant, sandbox_id)
     command = _command(state, tenant, sandbox_id, command_id)
+    if offset is not None or stderr_offset is not None:
+        return await _stream_from(live, command, offset or 0, offset or 0 if stderr_offset is None else stderr_offset,
+                                  state)
 
     async def work(emit: ndjson.Emit) -> dict:
         async for event in command.follow():
@@ -211,6 +237,34 @@ async def command_stream(sandbox_id: str, command_id: str, tenant: Owner, state:
         return _command_end(command.result)
 
     return ndjson.response(work, state.settings.heartbeat)
+
+
+async def _stream_from(live: LiveSandbox, command: BackgroundCommand, stdout: int, stderr: int,
+                       state: ServerState) -> Any:
+    """A command's output from byte offsets, read again from the sandbox's agent (which keeps it in bytes)."""
+    replayed: list[dict] = []  # what arrives before the stream starts (connect returns with the replay)
+    forward: list[Callable[[dict], None]] = [replayed.append]
+    handle = await live.sandbox.commands.connect(
+        command.handle.pid, offset={"stdout": stdout, "stderr": stderr},
+        on_stdout=lambda text: forward[0]({"type": "stdout", "text": text}),
+        on_stderr=lambda text: forward[0]({"type": "stderr", "text": text}))
+
+    async def work(emit: ndjson.Emit) -> dict:
+        try:
+            emit({"type": "offsets", **handle.offsets})
+            for event in replayed:
+                emit(event)
+            emit({"type": "replayed"})  # what it had printed when this reader came is all above
+            forward[0] = emit
+            result = await handle.wait()
+            if command.result is not None:  # what ended it (a limit, a timeout), as its own handle saw it
+                result = dataclasses.replace(result, error=command.result.error, limit=command.result.limit)
+            return _command_end(result)
+        finally:
+            await handle.detach()  # a client that went away: the agent stops sending to this reader
+
+    # A reader only: when its client goes away it stops (the command runs on), unlike a call's own work.
+    return ndjson.response(work, state.settings.heartbeat, cancel_on_leave=True)
 
 
 @router.post("/v1/sandboxes/{sandbox_id}/commands/{command_id}/kill", response_model=api.BackgroundCommand,
