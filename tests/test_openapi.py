@@ -61,7 +61,7 @@ def test_models_are_named_for_what_they_are(spec):
     # The JSON a client reads is the same as before the renaming.
     assert set(spec["components"]["schemas"]["Sandbox"]["properties"]) == {
         "sandbox_id", "template", "isolation", "status", "metadata", "limits", "created_at", "expires_at",
-        "ended_at", "end_reason"}
+        "ended_at", "end_reason", "on_idle"}
 
 
 def test_limits_are_a_typed_object_in_requests_and_answers(spec):
