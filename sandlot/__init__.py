@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from ._exceptions import (AuthError, FileError, HostUnsupported, ImageError, InvalidRequest, QuotaExceeded, SandboxCrashed,
-                          SandboxNotFound, SandlotError, TimeoutError)
+                          SandboxNotFound, SandlotError, ServerUnavailable, TimeoutError)
 from ._limits import Limits
 from ._models import (CommandResult, EntryInfo, Execution, ExecutionError, Logs, Result, SandboxInfo, SandboxMetrics,
                       Usage, VolumeInfo)
@@ -67,5 +67,5 @@ __all__ = [
     "Limits", "Execution", "ExecutionError", "Result", "Logs", "Usage", "SandboxMetrics", "SandboxInfo", "CommandResult",
     "EntryInfo", "CommandInfo", "VolumeInfo", "volumes", "Volumes", "AsyncVolumes",
     "SandlotError", "SandboxNotFound", "TimeoutError", "SandboxCrashed", "AuthError", "QuotaExceeded",
-    "InvalidRequest", "HostUnsupported", "FileError", "ImageError",
+    "InvalidRequest", "HostUnsupported", "FileError", "ImageError", "ServerUnavailable",
 ]

@@ -39,6 +39,11 @@ class QuotaExceeded(SandlotError):
         self.retry_after = retry_after
 
 
+class ServerUnavailable(SandlotError):
+    """The Sandlot server could not be reached, or went away in the middle of a call (a restart, a crash):
+    its sandboxes may well live on, and a retry once it is back may work."""
+
+
 class HostUnsupported(SandlotError):
     """This host cannot run sandboxes as asked (no user namespaces, no writable cgroups...)."""
 

@@ -26,7 +26,7 @@ import httpx
 
 from . import _config
 from ._calls import chunks as _chunks
-from ._exceptions import InvalidRequest, SandboxCrashed, SandboxNotFound, SandlotError, TimeoutError
+from ._exceptions import InvalidRequest, SandboxCrashed, SandboxNotFound, SandlotError, ServerUnavailable, TimeoutError
 from ._limits import Limits
 from ._models import (CommandResult, EntryInfo, Execution, ExecutionError, PauseInfo, Result, SandboxInfo,
                       SandboxMetrics, Usage, VolumeInfo)
@@ -86,7 +86,7 @@ class _Server:
         except httpx.TimeoutException as exc:
             raise TimeoutError(f"the Sandlot server at {self.url} did not answer in time ({type(exc).__name__})") from None
         except httpx.TransportError as exc:
-            raise SandlotError(f"lost the Sandlot server at {self.url}: {type(exc).__name__}: {exc}") from None
+            raise ServerUnavailable(f"lost the Sandlot server at {self.url}: {type(exc).__name__}: {exc}") from None
 
     async def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         with self._transport_errors():
@@ -335,6 +335,9 @@ class RemoteSandbox(SandboxHandle):
         return execution
 
 
+RECONNECT_WITHIN = 300.0  # how long a background command's handle waits for its server to come back
+
+
 class RemoteCommandHandle(AsyncCommandHandle):
     """A background command on the server; its output streams in from the start, so ``stdout`` and
     ``stderr`` grow as it runs and callbacks fire, as with a local handle."""
@@ -351,6 +354,8 @@ class RemoteCommandHandle(AsyncCommandHandle):
         # where the text really starts (later than asked if the sandbox dropped older bytes).
         self._offset = offset
         self.offsets = dict(offset) if offset is not None else {"stdout": 0, "stderr": 0}
+        self._position = dict(self.offsets)  # the byte of each stream the stream being read has reached
+        self._found_again = False
         self._replayed = asyncio.Event()
         # A reattached handle has the output so far at once; the stream replays it from the start, so that
         # many characters of each stream are skipped (callbacks get only what is printed from now on).
@@ -375,6 +380,7 @@ class RemoteCommandHandle(AsyncCommandHandle):
     async def _follow(self) -> CommandResult:
         async def output(event: dict) -> None:
             kind, text = event["type"], event["text"]
+            self._position[kind] += len(text.encode())
             skipped = min(self._skip[kind], len(text))
             self._skip[kind] -= skipped
             if skipped < len(text):
@@ -382,7 +388,9 @@ class RemoteCommandHandle(AsyncCommandHandle):
                 await _call(self._handlers[kind], text[skipped:])
 
         async def offsets(event: dict) -> None:
-            self.offsets = {name: int(event.get(name) or 0) for name in ("stdout", "stderr")}
+            self._position = {name: int(event.get(name) or 0) for name in ("stdout", "stderr")}
+            if not self._found_again:  # where this handle's text starts (not where a reconnection went on)
+                self.offsets = dict(self._position)
 
         async def replayed(event: dict) -> None:
             self._replayed.set()
@@ -390,11 +398,39 @@ class RemoteCommandHandle(AsyncCommandHandle):
         params = None if self._offset is None else {"offset": self._offset["stdout"],
                                                     "stderr_offset": self._offset["stderr"]}
         try:
-            end = await self._sandbox._server.events("GET", self._url("/stream"), {
-                "stdout": output, "stderr": output, "offsets": offsets, "replayed": replayed}, params=params)
+            while True:
+                try:
+                    end = await self._sandbox._server.events("GET", self._url("/stream"), {
+                        "stdout": output, "stderr": output, "offsets": offsets, "replayed": replayed}, params=params)
+                    break
+                except ServerUnavailable:
+                    # The server went away (a restart): the command runs on in its sandbox. Once a server answers
+                    # again, follow it from the bytes already read, under whatever id that server gives it.
+                    params = await self._find_again()
         finally:
             self._replayed.set()
         return _command_result(end, self.stdout, self.stderr)
+
+    async def _find_again(self, within: float = RECONNECT_WITHIN) -> dict:
+        """The stream's parameters to go on reading this command on a server that came back: its id there, and
+        the byte offsets of each stream read so far. ServerUnavailable if none answers ``within`` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline, pause = loop.time() + within, 0.1
+        while True:
+            await asyncio.sleep(pause)
+            try:
+                listed = (await self._sandbox._http("GET", "/commands", params={"pid": self.pid})).json()
+                break
+            except ServerUnavailable:
+                if self.pid is None or loop.time() >= deadline:
+                    raise
+                pause = min(2.0, pause * 2)
+        for item in listed:
+            if item.get("pid") == self.pid:
+                self.command_id = item["command_id"]
+                self._found_again, self._skip = True, {"stdout": 0, "stderr": 0}
+                return {"offset": self._position["stdout"], "stderr_offset": self._position["stderr"]}
+        raise SandboxNotFound(f"background command {self.pid} is no longer kept by sandbox {self._sandbox.sandbox_id}")
 
     async def wait(self) -> CommandResult:
         return await asyncio.shield(self._task)

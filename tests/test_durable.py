@@ -66,7 +66,7 @@ def test_a_restarted_server_gives_back_every_sandbox_with_its_state(tmp_path, st
     busy = Sandbox(**remote, timeout=600)
     busy.run_code("y = 0")
     background = Sandbox(**remote)
-    counter = background.commands.run("i=0; while true; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done",
+    counter = background.commands.run("i=0; while true; do i=$((i+1)); echo $i; echo $i > /tmp/count; sleep 0.05; done",
                                       background=True)
 
     # The busy one is running code when its server goes away: the code runs on to its end.
@@ -107,8 +107,14 @@ def test_a_restarted_server_gives_back_every_sandbox_with_its_state(tmp_path, st
         first_count = int(counting.files.read("/tmp/count"))
         time.sleep(0.3)
         assert int(counting.files.read("/tmp/count")) > first_count  # the command runs on
-        assert counter.pid in [c.pid for c in counting.commands.list()] or counting.commands.run(
-            f"kill -0 {counter.pid}").exit_code == 0
+        assert counter.pid in [c.pid for c in counting.commands.list()]
+        # Its handle from before the restart follows it on the new server, from the byte it had read: every
+        # line once, none missing.
+        deadline = time.monotonic() + 30
+        while int(counter.stdout.split()[-1]) <= first_count and time.monotonic() < deadline:
+            time.sleep(0.2)
+        lines = [int(n) for n in counter.stdout.split()]
+        assert lines[-1] > first_count and lines == list(range(1, len(lines) + 1)), lines[-20:]
 
         # Its quotas know all three: a fourth is refused.
         with pytest.raises(sandlot.QuotaExceeded):

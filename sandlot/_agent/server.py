@@ -403,6 +403,8 @@ class Agent:
                 data = self.host.recv(1 << 20)
             except BlockingIOError:
                 data = None
+            except OSError:  # ECONNRESET: the owner died with our output unread; gone all the same
+                data = b""
             if data == b"":
                 self._host_gone()
                 return
