@@ -143,6 +143,9 @@ def test_a_server_killed_9_gives_back_its_gvisor_sandboxes_too(tmp_path):
     strong.run_code("import os\nsecret = os.urandom(8).hex()")
     secret = strong.run_code("secret").text
     strong.files.write("/tmp/kept.txt", "on the gVisor tier")
+    ticker = strong.commands.run("i=0; while true; do i=$((i+1)); echo $i; sleep 0.1; done", background=True)
+    while not ticker.stdout:
+        time.sleep(0.05)
     plain = Sandbox(**remote)
     plain.run_code("n = 1")
     first.kill9()
@@ -154,6 +157,14 @@ def test_a_server_killed_9_gives_back_its_gvisor_sandboxes_too(tmp_path):
         assert again.files.read("/tmp/kept.txt") == "on the gVisor tier"
         assert Sandbox.connect(plain.sandbox_id, **remote).run_code("n + 1").text == "2"
         assert "readopt" in audit_actions(first.db_path, strong.sandbox_id)
+        seen = int(ticker.stdout.split()[-1])
+        deadline = time.monotonic() + 30  # the command ran on; its old handle follows it on the new server
+        while int(ticker.stdout.split()[-1]) <= seen + 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        lines = [int(n) for n in ticker.stdout.split()]
+        assert lines[-1] > seen + 3 and lines == list(range(1, len(lines) + 1)), lines[-20:]
+        again_ticker = again.commands.connect(ticker.pid, offset=0)
+        assert again_ticker.stdout.split()[:3] == ["1", "2", "3"]
         again.kill()
         Sandbox.connect(plain.sandbox_id, **remote).kill()
         assert no_trace_of(strong.sandbox_id, within=30)
