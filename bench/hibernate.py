@@ -1,11 +1,12 @@
-"""Hibernate bench (issue #12): what a pause (checkpoint to disk) and a wake (restore) cost on the gVisor tier.
+"""Hibernate bench (issue #12): what a pause (checkpoint to disk), a wake (restore) and a fork cost on the gVisor tier.
 
     sudo .venv/bin/python bench/hibernate.py [--rounds 5]
 
 For a bare session and one that imported pandas (and made a small DataFrame), one sandbox each, paused and
 woken ``--rounds`` times: p50 and p95 of the pause's seconds and checkpoint bytes (from ``pause()``), and of
 the wake: the wall time of the first call after the pause (``run_code``: restore plus the call), with
-``resume()``'s own seconds beside it. Prints /proc/loadavg before and after: the figures move with the load.
+``resume()``'s own seconds beside it; and of ``fork()`` (the copy made and answering; the copy is killed).
+Prints /proc/loadavg before and after: the figures move with the load.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def percentile(values: list, q: float) -> float:
 def measure(rounds: int, setup: str) -> dict:
     import sandlot
 
-    figures: dict = {"pause_s": [], "bytes": [], "resume_s": [], "wake_call_s": []}
+    figures: dict = {"pause_s": [], "bytes": [], "resume_s": [], "wake_call_s": [], "fork_s": []}
     with sandlot.Sandbox(isolation="gvisor", limits={"memory": "1G"}) as sandbox:
         ex = sandbox.run_code(setup)
         assert ex.error is None, ex.error
@@ -40,6 +41,11 @@ def measure(rounds: int, setup: str) -> dict:
             figures["wake_call_s"].append(time.perf_counter() - start)
             sandbox.pause()
             figures["resume_s"].append(sandbox.resume().seconds)
+            start = time.perf_counter()
+            copy = sandbox.fork()
+            assert copy.run_code("kept").text == "1"
+            figures["fork_s"].append(time.perf_counter() - start)
+            copy.kill()
     return figures
 
 
@@ -58,7 +64,8 @@ def main() -> None:
               f" | checkpoint p50 {statistics.median(mib):6.1f} MiB p95 {percentile(mib, .95):6.1f} MiB"
               f" | resume p50 {statistics.median(f['resume_s']):5.2f} s p95 {percentile(f['resume_s'], .95):5.2f} s"
               f" | first call after pause p50 {statistics.median(f['wake_call_s']):5.2f} s"
-              f" p95 {percentile(f['wake_call_s'], .95):5.2f} s", flush=True)
+              f" p95 {percentile(f['wake_call_s'], .95):5.2f} s"
+              f" | fork p50 {statistics.median(f['fork_s']):5.2f} s p95 {percentile(f['fork_s'], .95):5.2f} s", flush=True)
     print(f"loadavg after: {Path('/proc/loadavg').read_text().strip()}")
 
 
