@@ -100,7 +100,45 @@ def host_checks() -> list[Check]:
     checks.append(Check("gVisor runsc", bool(runsc), runsc_detail, False))
     checks.append(_kvm_check())
     checks += _storage_checks()
+    checks.append(_durable_check())
     return checks
+
+
+def _durable_check() -> Check:
+    """A server's sandboxes outlive it only if the next server can take their channels (pidfd_getfd, which
+    Yama's ptrace_scope 3 forbids even to root): tried on a child of ours."""
+    import socket
+
+    from ._host import pidfds
+
+    ours, theirs = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:  # holds its end until we took a copy (or a few seconds passed)
+        ours.close()
+        theirs.settimeout(5)
+        try:
+            theirs.recv(1)
+        finally:
+            os._exit(0)
+    try:
+        pidfd = os.pidfd_open(pid)
+        try:
+            taken = pidfds.take_socket(pidfd, theirs.fileno(), 1.0)
+        finally:
+            os.close(pidfd)
+        ok = taken is not None
+        if taken is not None:
+            taken.close()
+        detail = ("a restarted server takes its sandboxes back (pidfd_getfd)" if ok else
+                  "pidfd_getfd refused (Yama ptrace_scope 3?): a server's sandboxes end with it")
+    except OSError as exc:
+        ok, detail = False, f"pidfd_getfd: {exc}: a server's sandboxes end with it"
+    finally:
+        ours.send(b"x")
+        ours.close()
+        theirs.close()
+        os.waitpid(pid, 0)
+    return Check("durable sessions", ok, detail, False)
 
 
 def _storage_checks() -> list[Check]:
