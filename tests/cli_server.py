@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 
-from .serverproc import free_port, read_log, terminate, wait_healthy
+from .serverproc import end_left_sandboxes, free_port, read_log, terminate, wait_healthy
 
 SCRIPT = Path(sys.executable).with_name("sandlot")
 COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "sandlot.cli"]
@@ -55,3 +55,4 @@ class CliServer:
 
     def stop(self) -> None:
         terminate(self.proc)
+        end_left_sandboxes(self.db)

@@ -52,6 +52,25 @@ def terminate(proc: Optional[subprocess.Popen]) -> None:
             proc.wait()
 
 
+def end_left_sandboxes(db_path: Path) -> int:
+    """End what a stopped server left running. Its durable sandboxes run on until their lifetime, for the next
+    server on its database to take back (by design): a test's server has no next one. Returns how many."""
+    import sqlite3
+
+    from sandlot._host import cgroups
+
+    if not Path(db_path).exists():
+        return 0
+    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)
+    try:
+        ids = {row[0] for row in db.execute("SELECT id FROM sandboxes WHERE status = 'running'")}
+    except sqlite3.Error:
+        ids = set()
+    finally:
+        db.close()
+    return cgroups.remove_named(ids) if ids else 0
+
+
 class ServerProcess:
     def __init__(self, db_path: Path, *args: str, port: Optional[int] = None, env: Optional[dict] = None) -> None:
         self.db_path = Path(db_path)
@@ -99,6 +118,7 @@ class ServerProcess:
 
     def stop(self) -> None:
         terminate(self.proc)
+        end_left_sandboxes(self.db_path)
 
     def kill9(self) -> None:
         assert self.proc is not None

@@ -19,7 +19,7 @@ from sandlot._backends.process import UID_BASE, UID_SPAN, state_dir
 from sandlot.server import Store
 
 from .conftest import host_leftovers, needs_sandbox, processes_in_sandbox
-from .serverproc import ServerProcess
+from .serverproc import ServerProcess, terminate
 
 pytestmark = needs_sandbox
 
@@ -83,7 +83,7 @@ def test_a_restarted_server_gives_back_every_sandbox_with_its_state(tmp_path, st
     if stop == "kill9":
         first.kill9()
     else:
-        first.stop()
+        terminate(first.proc)  # SIGTERM, as an operator stops it (ServerProcess.stop() also ends what it left)
     caller.join(30)
     for sid in ids:  # nothing was ended with the server
         assert processes_in_sandbox(sid), f"{sid} died with its server"
