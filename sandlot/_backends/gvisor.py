@@ -64,7 +64,7 @@ from typing import Any, Mapping, Optional
 from .. import _config
 from .._exceptions import HostUnsupported, InvalidRequest, SandboxCrashed, SandboxNotFound, TimeoutError
 from .._host import cgroups, keeper
-from .._host.channel import CLOSED, Channel
+from .._host.channel import Channel
 from .._limits import Limits
 from .._net import netns
 from .._net.holder import NetnsHolder
@@ -527,15 +527,7 @@ class GVisorSandbox(CgroupSandbox):
                            self.id)
         self._paused = False
         # The agent does not know it slept; a ping proves the channel works end to end.
-        rid, queue = self.channel.new_request()
-        try:
-            await self.channel.send({"t": "ping", "id": rid})
-            item = await asyncio.wait_for(queue.get(), BOOT_TIMEOUT)
-        except asyncio.TimeoutError:
-            item = CLOSED
-        finally:
-            self.channel.forget(rid)
-        if item is CLOSED:
+        if not await self.channel.ping(BOOT_TIMEOUT):
             await self.kill("restore failed")
             raise SandboxCrashed(f"sandbox {self.id} did not come back from its checkpoint")
         shutil.rmtree(self.home / "image", ignore_errors=True)
@@ -756,15 +748,7 @@ class GVisorBackend(Backend):
         await sandbox.channel.open()
         # The keeper told the agent it has a new owner before this ping: the earlier owner's requests are
         # orphaned, and the ping proves the whole path (keeper, runsc, agent) answers.
-        rid, queue = sandbox.channel.new_request()
-        try:
-            await sandbox.channel.send({"t": "ping", "id": rid})
-            item = await asyncio.wait_for(queue.get(), ADOPT_PING_WITHIN)
-        except asyncio.TimeoutError:
-            item = CLOSED
-        finally:
-            sandbox.channel.forget(rid)
-        if item is CLOSED:
+        if not await sandbox.channel.ping(ADOPT_PING_WITHIN):
             # Its keeper was ending, or its agent does not answer: not a sandbox anyone can use.
             await sandbox.kill("it did not answer when a new owner adopted it")
             raise gone

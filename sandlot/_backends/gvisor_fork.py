@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Optional
 
 from .._exceptions import InvalidRequest, SandboxCrashed, SandboxNotFound
-from .._host.channel import CLOSED
 from ._common import CgroupSandbox
 
 COPY_TIMEOUT = 300.0
@@ -127,13 +126,5 @@ async def _copy_files(source: Path, target: Path, child: CgroupSandbox) -> None:
 
 async def _first_ping(child: CgroupSandbox, boot_timeout: float) -> None:
     """The restored agent answers on the child's own channel (as resume() checks)."""
-    rid, queue = child.channel.new_request()
-    try:
-        await child.channel.send({"t": "ping", "id": rid})
-        item = await asyncio.wait_for(queue.get(), boot_timeout)
-    except asyncio.TimeoutError:
-        item = CLOSED
-    finally:
-        child.channel.forget(rid)
-    if item is CLOSED:
+    if not await child.channel.ping(boot_timeout):
         raise SandboxCrashed(f"the fork {child.id} did not come back from its checkpoint")

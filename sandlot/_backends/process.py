@@ -26,7 +26,7 @@ from typing import Any, Mapping, Optional, Sequence
 from .. import _config
 from .._exceptions import HostUnsupported, InvalidRequest, SandboxCrashed, SandboxNotFound, TimeoutError
 from .._host import cgroups, pidfds
-from .._host.channel import CLOSED, Channel
+from .._host.channel import Channel
 from .._host.zygote import Zygote, write_id_maps
 from .._agent import linux
 from .._agent.isolation import USER_UID
@@ -467,15 +467,7 @@ class ProcessBackend(Backend):
         sandbox.init_pid, sandbox.spare_fd = init_pid, spare
         sandbox.storage_bytes = limits.storage()
         sandbox.on_cleanup = self.track_cleanup
-        rid, queue = channel.new_request()
-        try:
-            await channel.send({"t": "ping", "id": rid})
-            item = await asyncio.wait_for(queue.get(), ADOPT_TIMEOUT)
-        except asyncio.TimeoutError:
-            item = CLOSED
-        finally:
-            channel.forget(rid)
-        if item is CLOSED:
+        if not await channel.ping(ADOPT_TIMEOUT):
             await sandbox.kill("it did not answer its new owner")
             raise SandboxNotFound(f"sandbox {sandbox_id} did not answer when taken back")
         return sandbox

@@ -70,6 +70,19 @@ class Channel:
             window[1] = max(0, window[1] - size)
             await self.send({"t": "fack", "id": 0, "target": rid, "bytes": size})
 
+    async def ping(self, within: float) -> bool:
+        """Whether the agent answers a ping within ``within`` seconds: the whole path to it works (after a
+        restore, an adoption...)."""
+        rid, queue = self.new_request()
+        try:
+            await self.send({"t": "ping", "id": rid})
+            item = await asyncio.wait_for(queue.get(), within)
+        except asyncio.TimeoutError:
+            item = CLOSED
+        finally:
+            self.forget(rid)
+        return item is not CLOSED
+
     async def send(self, header: dict, payload: bytes = b"") -> None:
         if not self.is_open or self._writer is None:
             return
