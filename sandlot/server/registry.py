@@ -523,6 +523,7 @@ class Registry:
     async def close(self) -> None:
         if self._reaper is not None:
             self._reaper.cancel()
+        self.collect()  # those that ended on their own are recorded as such, not left "running"
         # Paused sandboxes stay on disk (and "paused" in the database): a later server resumes them. Durable
         # ones run on, "running" in the database: the next server takes them back (startup).
         held = [s for s in self.live.values() if not s.sandbox.is_paused and not (s.local.durable and not s.one_shot)]
