@@ -158,3 +158,53 @@ def test_background_commands_run_on_while_orphaned_code_floods_its_output():
         assert os.path.exists(done), "the background command stalled while no owner read the flood"
     finally:
         cgroups.remove_named({record["id"]})  # what the next server does with a sandbox it does not take back
+
+
+def sandbox_cgroup_of(pid: int):
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            text = f.read()
+    except OSError:
+        return None
+    for part in text.split("/"):
+        if part.startswith("sb-"):
+            return part.split()[0]
+    return None
+
+
+@pytest.mark.parametrize("stop", ["kill9", "sigterm"])
+def test_a_dead_server_leaves_only_its_durable_sandboxes(tmp_path, stop):
+    """Its warm pool (no lease), its zygote and the one-shot runs end with it; its durable sandbox runs on."""
+    from sandlot import Sandbox
+
+    from .conftest import host_leftovers
+    from .serverproc import ServerProcess, alive, descendants
+
+    server = ServerProcess(tmp_path / "sandlot.db").start()
+    key = server.key("owner")
+    server.wait_warm(key)
+    sb = Sandbox(api_url=server.url, api_key=key, timeout=30)
+    sb.run_code("kept = 1")
+    time.sleep(2)  # the warm pool refills
+    before = descendants(server.pid)
+    groups = {g for g in map(sandbox_cgroup_of, before) if g}
+    assert len(groups) > 1, "no warm sandbox to check"
+    if stop == "kill9":
+        server.kill9()
+    else:
+        server.stop()
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            survivors = {p for p in before if alive(p) and sandbox_cgroup_of(p) != sb.sandbox_id}
+            if not survivors or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        described = {p: open(f"/proc/{p}/cmdline").read().replace("\0", " ")[:80] for p in survivors if alive(p)}
+        assert not described, described
+        assert processes_in_sandbox(sb.sandbox_id)
+        if stop == "sigterm":  # (killed -9, the next server sweeps the empty cgroups)
+            left = [c for c in host_leftovers().get("cgroups", []) if any(g in c for g in groups - {sb.sandbox_id})]
+            assert not left, left
+    finally:
+        cgroups.remove_named(groups)
