@@ -198,7 +198,7 @@ class Registry:
         # Reserved before the first await: concurrent creations see each other in the checks above.
         with _reserved(self._creating, tenant.id, built):
             local = await self.engine.create(spec, scope=tenant_scope(tenant),
-                                             host_dir_roots=self.settings.host_dir_roots)
+                                             host_dir_roots=self.settings.host_dir_roots, outlive=not one_shot)
             sandbox = AsyncSandbox._of(local, spec, self.transport)
         self.metrics.create_seconds.observe(time.monotonic() - started)
         self.metrics.created.labels(template).inc()
