@@ -228,3 +228,40 @@ def test_a_dead_server_leaves_only_its_durable_sandboxes(tmp_path, stop):
             assert not left, left
     finally:
         cgroups.remove_named(groups)
+
+
+from . import netlab  # noqa: E402
+
+lab = netlab.lab_fixture()
+
+
+def test_a_server_restarted_without_allow_network_serves_no_network_to_a_sandbox_it_takes_back(lab, tmp_path):
+    """The operator restarts the server without --allow-network (an incident: no sandbox may reach out): a
+    sandbox the earlier server gave a network gets none from the new one (it is not taken back with it)."""
+    from .test_network import _server_drive
+
+    out = _server_drive(lab, tmp_path, """
+        sb = sandlot.Sandbox(network={"allow": ["www.example.com"]}, api_url=url, api_key=key)
+        sb.run_code(FETCH)
+        out["before"] = sb.run_code("fetch('http://www.example.com/')").text
+        out["sid"] = sb.sandbox_id
+        server.kill(); server.wait()
+        server = subprocess.Popen([sys.executable, "-m", "sandlot.server", "--port", str(port), "--db", db,
+                                   "--log-level", "warning"])  # no --allow-network now
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        try:
+            again = sandlot.Sandbox.connect(sb.sandbox_id, api_url=url, api_key=key)
+            out["after"] = again.run_code("fetch('http://www.example.com/')").text
+            again.kill()
+        except sandlot.SandlotError as exc:
+            out["after"] = "refused: %s" % exc
+    """, "--allow-network")
+    assert "hello from" in out["before"], out
+    assert "hello from" not in out["after"], out
+    assert out["after"].startswith("refused") and "lost" in out["after"], out  # it says why
+    assert not processes_in_sandbox(out["sid"])  # and it ended: nothing of it runs on unserved
