@@ -132,12 +132,14 @@ class Engine:
         return VolumeStore(scope)
 
     async def create(self, spec: SandboxSpec, *, scope: str = LOCAL_SCOPE,
-                     host_dir_roots: "Sequence[str] | None | object" = _OWN_ROOTS) -> LocalSandbox:
+                     host_dir_roots: "Sequence[str] | None | object" = _OWN_ROOTS,
+                     outlive: bool = True) -> LocalSandbox:
         """A started sandbox for ``spec``: a warm one claimed and configured, or a fresh boot; with a network
         policy or secrets, its namespace configured and served before anyone's code runs in it; with
         mounts, its host directories (within ``host_dir_roots``) and ``scope``'s volumes attached before
         any code runs (such a sandbox boots fresh: a warm one has pivoted into its root already).
-        ``host_dir_roots`` overrides the engine's own for this sandbox (a server passes its operator's roots)."""
+        ``host_dir_roots`` overrides the engine's own for this sandbox (a server passes its operator's roots).
+        ``outlive=False``: it ends with this process even when the engine is durable (a one-shot run)."""
         spec, template = self.resolve(spec)
         backend = self.backend(spec.isolation or "process")
         network = SandboxNetwork.plan(spec.network, spec.secrets)
@@ -157,6 +159,7 @@ class Engine:
                     mounts.release()
                 raise
         sandbox = LocalSandbox(spec, backend, proc, network)
+        sandbox.outlives = outlive
         if network is not None:
             try:
                 await network.attach(proc.netns_pid())

@@ -83,6 +83,9 @@ class LocalSandbox(SandboxHandle):
         self._backend = backend
         self._proc = proc
         self.sandbox_id = proc.id
+        # False: it ends with this process even on a tier and engine that could keep it (a server's one-shot
+        # run: on no record, nothing would take it back, count it or end it before its lifetime).
+        self.outlives = True
         self._exec_lock = asyncio.Lock()
         # Held while the sandbox goes to disk or comes back: a call that finds it paused waits here, so two
         # calls at once wake it once, and no call wakes it halfway through its checkpoint.
@@ -107,7 +110,8 @@ class LocalSandbox(SandboxHandle):
         sandboxes, on a tier that can, without mounts or secrets: this process holds its grants and its
         secrets' CA key; a network policy is served again by the next process)."""
         # (A tier that makes a network namespace at boot for its sandbox, gVisor's, holds it in this process.)
-        return (self._backend.durable and self._backend.capabilities.outlive and not self.spec.mounts
+        return (self.outlives and self._backend.durable and self._backend.capabilities.outlive
+                and not self.spec.mounts
                 and (self.network is None or not (self.network.secrets or self._backend.network_at_boot)))
 
     async def lease(self) -> None:

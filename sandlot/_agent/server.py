@@ -354,6 +354,11 @@ class Agent:
 
     # -- output to the host ------------------------------------------------------------------
     def send(self, header: dict, payload: bytes = b"") -> None:
+        if isinstance(header.get("id"), str):
+            # An orphaned request's (code its dead owner left running): nobody will read it (the host drops
+            # such ids). Queued, a flood of it would fill ``out`` while no owner reads and stall every stream
+            # behind the backpressure, background commands' included.
+            return
         self.out += protocol.encode(header, payload)
 
     def _flush(self) -> None:

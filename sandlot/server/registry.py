@@ -198,7 +198,7 @@ class Registry:
         # Reserved before the first await: concurrent creations see each other in the checks above.
         with _reserved(self._creating, tenant.id, built):
             local = await self.engine.create(spec, scope=tenant_scope(tenant),
-                                             host_dir_roots=self.settings.host_dir_roots)
+                                             host_dir_roots=self.settings.host_dir_roots, outlive=not one_shot)
             sandbox = AsyncSandbox._of(local, spec, self.transport)
         self.metrics.create_seconds.observe(time.monotonic() - started)
         self.metrics.created.labels(template).inc()
@@ -471,6 +471,7 @@ class Registry:
                 tenant = self.store.tenant(row.tenant)
                 spec = SandboxSpec.from_json(handle.get("spec") or {"template": row.template})
                 spec = dataclasses.replace(spec, limits=Limits.build(row.limits))  # as they were in force
+                self._network_still_granted(spec)
                 local = await self.engine.adopt(handle.get("record") or {}, spec, row.expires_at or time.time())
             except (SandlotError, LookupError, OSError) as exc:
                 if row.expires_at is not None and row.expires_at <= time.time():
@@ -490,6 +491,17 @@ class Registry:
                              json.dumps({"seconds": round(time.monotonic() - started, 4)}))
             adopted += 1
         return adopted, gone
+
+    def _network_still_granted(self, spec: SandboxSpec) -> None:
+        """A sandbox taken back gets its network from this server only as this server's operator allows one
+        now (they may have restarted it without --allow-network, or with a narrower ceiling, to cut tenants
+        off): InvalidRequest otherwise, and it is not taken back (it ends, reported lost)."""
+        if spec.network is None and not spec.secrets:
+            return
+        if not self.settings.allow_network:
+            raise InvalidRequest("it has a network, and this server gives sandboxes none now (no --allow-network)")
+        self._check_special(spec.network)
+        self._check_network_ceiling(spec.network, spec.secrets)
 
     async def _warm_up(self) -> None:
         """Start the default template's zygote and warm pool now, so the first client does not wait for
