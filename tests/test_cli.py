@@ -146,7 +146,7 @@ def test_shell_on_a_terminal(tmp_path):
     child = pexpect.spawn(COMMAND[0], COMMAND[1:] + ["shell"], env=env, encoding="utf-8", timeout=30,
                           dimensions=(40, 200))
     try:
-        child.expect_exact(">>>")
+        child.expect_exact(">>>", timeout=120)  # the first sandbox of a cold host waits for the zygote's preload
         child.send("value = 21\r")
         child.expect_exact(">>>")
         child.send("if value:\r")  # incomplete: Enter opens an indented line
