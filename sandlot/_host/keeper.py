@@ -241,6 +241,7 @@ class Keeper:
                 return self._owner_gone()
             del self.to_owner[:sent]
         self._watch_owner()
+        self._watch_agent()  # drained below the high-water mark: read the agent again (a large download)
 
     def _recorded_lease(self):
         try:
@@ -316,6 +317,7 @@ class Keeper:
                 break
             del self.to_agent[:sent]
         self._watch_agent()
+        self._watch_owner()  # drained below the high-water mark: read the owner again (a large upload)
 
     def _on_agent(self, key, mask) -> None:
         try:
