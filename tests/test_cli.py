@@ -154,8 +154,11 @@ def test_shell_on_a_terminal(tmp_path):
         child.send("\r")  # a blank line ends the block
         child.expect_exact("block 42")
         child.expect_exact(">>>")
-        child.send("import time; time.sleep(60)\r")
-        time.sleep(1.5)
+        # Ctrl-C once the cell runs (it says so), not while it is on its way: a loaded host may take longer
+        # than any fixed pause to start it, and a Ctrl-C before that has no running code to interrupt.
+        child.send("import time; print('cell', 'started', flush=True); time.sleep(60)\r")
+        child.expect_exact("cell started")
+        time.sleep(0.3)
         started = time.monotonic()
         child.sendintr()  # Ctrl-C interrupts the code, not the shell
         child.expect_exact("KeyboardInterrupt")
