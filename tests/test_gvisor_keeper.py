@@ -51,6 +51,16 @@ async def main(mode, args):
             assert (await sb.run_code("kept = 41 + 1")).error is None
             await sb.files.write("/home/user/kept.txt", b"still here")
             print(json.dumps(sb.backend_sandbox.describe()), flush=True)
+    elif mode == "upload":  # no lease; killed while an endless upload runs far ahead of the agent
+        engine = Engine()
+        sb = await engine.create(SandboxSpec.build("python", isolation="gvisor"))
+        print(json.dumps(sb.backend_sandbox.describe()), flush=True)
+
+        async def endless():
+            while True:
+                yield bytes(1 << 20)
+
+        await sb.files.write("/tmp/flood.bin", endless())
     else:
         backend = GVisorBackend()
         proc = await backend.adopt(json.loads(args[0]))
@@ -225,3 +235,14 @@ def test_ownerless_sandboxes_end_without_a_lease_at_its_end_and_when_their_keepe
         asyncio.run(_adopt(long))
     assert gvisor.sweep_stale(min_age=0) >= 1
     assert _leftovers(data, long["id"], dirs[long["id"]]) == NOTHING
+
+
+def test_an_owner_killed_in_the_middle_of_a_large_upload_leaves_nothing(data):
+    """The keeper stops reading an owner that runs far ahead of the agent (4 MiB waiting): it must still
+    read again once that drains, and see the owner gone. (It did not: a sandbox and its tmpfs were left
+    running for good after its owner died mid-upload, seen on this machine after a timed-out test run.)"""
+    owner, (record,) = _owner(data, "upload")
+    cgroup_dirs = _cgroup_dirs(data, record["id"])
+    time.sleep(3)  # the upload streams
+    _sigkill(owner)
+    assert _until_gone(data, record["id"], cgroup_dirs, within=30) == NOTHING
