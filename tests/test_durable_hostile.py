@@ -246,14 +246,7 @@ def test_a_server_restarted_without_allow_network_serves_no_network_to_a_sandbox
         out["before"] = sb.run_code("fetch('http://www.example.com/')").text
         out["sid"] = sb.sandbox_id
         server.kill(); server.wait()
-        server = subprocess.Popen([sys.executable, "-m", "sandlot.server", "--port", str(port), "--db", db,
-                                   "--log-level", "warning"])  # no --allow-network now
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.05)
+        server = start_server([])  # no --allow-network now
         try:
             again = sandlot.Sandbox.connect(sb.sandbox_id, api_url=url, api_key=key)
             out["after"] = again.run_code("fetch('http://www.example.com/')").text

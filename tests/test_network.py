@@ -346,16 +346,19 @@ db = os.environ["LAB_DB"]
 key = create_key("netlab", db)
 port = int(os.environ["LAB_PORT"])
 flags = os.environ.get("LAB_SERVER_FLAGS", "").split()
-server = subprocess.Popen([sys.executable, "-m", "sandlot.server", "--port", str(port), "--db", db,
-                           "--log-level", "warning"] + flags)
 import httpx
 url = f"http://127.0.0.1:{port}"
-for _ in range(600):
-    try:
-        if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-            break
-    except httpx.HTTPError:
-        time.sleep(0.05)
+def start_server(flags):
+    started = subprocess.Popen([sys.executable, "-m", "sandlot.server", "--port", str(port), "--db", db,
+                                "--log-level", "warning"] + flags)
+    for _ in range(600):
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    return started
+server = start_server(flags)
 try:
 """
 
@@ -400,14 +403,7 @@ def test_a_sandbox_with_a_network_policy_outlives_its_server_and_keeps_its_rules
         sb.network.update(allow=["www.example.com", "api.example.com"], deny=["www.example.com"])
         out["before"] = sb.run_code("fetch('http://api.example.com/')").text
         server.kill(); server.wait()
-        server = subprocess.Popen([sys.executable, "-m", "sandlot.server", "--port", str(port), "--db", db,
-                                   "--log-level", "warning"] + flags)
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.05)
+        server = start_server(flags)
         again = sandlot.Sandbox.connect(sb.sandbox_id, api_url=url, api_key=key)
         out["api"] = again.run_code("fetch('http://api.example.com/')").text
         out["www"] = again.run_code("fetch('http://www.example.com/')").text
