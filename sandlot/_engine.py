@@ -23,6 +23,7 @@ from typing import Any, Mapping, Optional, Sequence
 from ._backends.base import Backend, BackendSandbox
 from ._backends.registry import ISOLATIONS, backend_class, default_isolation, supports, isolations_with
 from ._exceptions import InvalidRequest, SandboxNotFound
+from ._hints import wants_preload
 from ._limits import Limits
 from ._local import LocalSandbox
 from ._net.policy import NetworkPolicy
@@ -133,15 +134,21 @@ class Engine:
 
     async def create(self, spec: SandboxSpec, *, scope: str = LOCAL_SCOPE,
                      host_dir_roots: "Sequence[str] | None | object" = _OWN_ROOTS,
-                     outlive: bool = True) -> LocalSandbox:
+                     outlive: bool = True, code: Optional[str] = None) -> LocalSandbox:
         """A started sandbox for ``spec``: a warm one claimed and configured, or a fresh boot; with a network
         policy or secrets, its namespace configured and served before anyone's code runs in it; with
         mounts, its host directories (within ``host_dir_roots``) and ``scope``'s volumes attached before
         any code runs (such a sandbox boots fresh: a warm one has pivoted into its root already).
         ``host_dir_roots`` overrides the engine's own for this sandbox (a server passes its operator's roots).
-        ``outlive=False``: it ends with this process even when the engine is durable (a one-shot run)."""
+        ``outlive=False``: it ends with this process even when the engine is durable (a one-shot run).
+        ``code``: what will run first, when known (a one-shot run): code that imports none of the template's
+        preloaded modules gets the tier's lean variant of it (a performance hint only: see _hints)."""
         spec, template = self.resolve(spec)
         backend = self.backend(spec.isolation or "process")
+        if code is not None:
+            lean = backend.lean(template)
+            if lean is not None and not wants_preload(code, template.preload):
+                template = lean
         network = SandboxNetwork.plan(spec.network, spec.secrets)
         env = dict(spec.env, **(network.env() if network else {}))
         roots = self.host_dir_roots if host_dir_roots is _OWN_ROOTS else host_dir_roots
@@ -309,7 +316,7 @@ class LocalTransport(Transport):
     async def run_once(self, spec: SandboxSpec, code: str, *, timeout: Optional[float],
                        on_stdout: Optional[OutputHandler], on_stderr: Optional[OutputHandler],
                        on_result: Optional[ResultHandler]) -> Execution:
-        sandbox = await self.engine.create(spec)
+        sandbox = await self.engine.create(spec, outlive=False, code=code)
         try:
             return await sandbox.run_code(code, timeout=timeout, on_stdout=on_stdout, on_stderr=on_stderr,
                                           on_result=on_result)

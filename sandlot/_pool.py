@@ -131,7 +131,7 @@ class Pools:
             raise InvalidRequest("need 0 <= min_ready <= max_ready <= 4096")
         self._configured[template] = PoolConfig(min_ready, max_ready)
         for pool in list(self._pools.values()):  # running pools adopt it at their next refill
-            if pool.template.name == template:
+            if pool.template.name == template:  # its lean variant's pool too
                 pool.config = self._configured[template]
 
     def forget_configuration(self, template: str) -> None:
@@ -155,7 +155,7 @@ class Pools:
         if config.min_ready <= 0 or not poolable(limits, base):
             return None
         loop = asyncio.get_running_loop()
-        key = (id(loop), backend.name, template.name)
+        key = (id(loop), backend.name, template.key)
         pool = self._pools.get(key)
         if pool is not None and pool.template != template:
             # The template was rebuilt or pulled again under the same name: a new pool for the new root.
@@ -171,15 +171,16 @@ class Pools:
     def ready(self, *, loop: Optional[asyncio.AbstractEventLoop] = None, isolation: Optional[str] = None,
               template: Optional[str] = None) -> list[BackendSandbox]:
         """The sandboxes waiting in this engine's pools (of one event loop, isolation or template if given)."""
-        return [sandbox for (loop_id, name, of), pool in list(self._pools.items())
-                if (loop is None or loop_id == id(loop)) and isolation in (None, name) and template in (None, of)
+        return [sandbox for (loop_id, name, _), pool in list(self._pools.items())
+                if (loop is None or loop_id == id(loop)) and isolation in (None, name)
+                and template in (None, pool.template.name)
                 for sandbox in list(pool.ready)]
 
     def stats(self) -> dict[str, int]:
         """Ready sandboxes per template, over every pool (for metrics)."""
         counts: dict[str, int] = {}
-        for (_, _, template), pool in list(self._pools.items()):
-            counts[template] = counts.get(template, 0) + len(pool.ready)
+        for pool in list(self._pools.values()):  # a template's lean variant counts as the template
+            counts[pool.template.name] = counts.get(pool.template.name, 0) + len(pool.ready)
         return counts
 
     async def close(self) -> None:

@@ -53,6 +53,8 @@ class Template:
     egress: str = ""  # the apt step: path inside of the socket of the host's allowlisting proxy (no other way out)
     uid_base: Optional[int] = None  # root host: map 0..65535 onto the host uids the copy was shifted to
     binds: tuple[tuple[str, str], ...] = ()  # extra host paths bound read-only (build context, wheels)
+    # "lean": the same template with nothing preloaded (its own zygote and pool; see _hints). "" otherwise.
+    variant: str = ""
 
     @property
     def has_python(self) -> bool:
@@ -60,6 +62,15 @@ class Template:
 
     def default_limits(self) -> dict[str, Any]:
         return dict(self.limits)
+
+    def lean(self) -> "Template":
+        """This template with nothing preloaded: same root, env and isolation, a cheaper fork."""
+        return dataclasses.replace(self, preload=(), variant="lean")
+
+    @property
+    def key(self) -> str:
+        """What a zygote or a warm pool of this template is filed under (the name, and the variant if any)."""
+        return f"{self.name}/{self.variant}" if self.variant else self.name
 
 
 def _interpreter_prefixes() -> tuple[str, ...]:

@@ -341,6 +341,11 @@ def _zygote(ctl: socket.socket, cfg: dict) -> None:
                         "size=64m,mode=0700")
         os.chroot(root)
         os.chdir("/")
+        import _agent
+
+        # The agent's modules imported from here on (our matplotlib backend) are found where the root has
+        # them: the host's path of the package is not in it.
+        _agent.__path__[:] = ["/opt/sandlot/_agent"]
         os.environ.clear()
         os.environ.update(cfg["env"])
         os.environ.update({"MPLCONFIGDIR": isolation.ZYGOTE_SCRATCH + "/matplotlib", "HOME": isolation.ZYGOTE_SCRATCH,

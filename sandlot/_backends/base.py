@@ -178,6 +178,11 @@ class Backend(abc.ABC):
         """Stop what this backend runs besides its sandboxes (the process tier's zygotes). Live sandboxes
         do not depend on it."""
 
+    def lean(self, template: Template) -> "Optional[Template]":
+        """A cheaper variant of ``template`` for code that needs none of its preloaded modules (see _hints),
+        or None where this tier has none."""
+        return None
+
     @abc.abstractmethod
     async def start(self, template: Template, limits: Limits, env: dict[str, str], *,
                     awaited: bool = False, network: bool = False,

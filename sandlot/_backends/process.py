@@ -283,7 +283,7 @@ class ProcessBackend(Backend):
         config = template_config(template, {})
         key = hashlib.sha256(json.dumps([template.python, config], sort_keys=True).encode()).hexdigest()[:16]
         with self._zygotes_lock:
-            zygote = self._zygotes.get(template.name)
+            zygote = self._zygotes.get(template.key)
             if zygote is not None and zygote.key != key:
                 # The template changed: new sandboxes come from a new zygote. The old one goes (its
                 # live sandboxes do not depend on it; its uid range stays held while we run, for them).
@@ -294,12 +294,13 @@ class ProcessBackend(Backend):
                 uid_slot = UidSlot() if os.geteuid() == 0 else None
                 uid_map = (uid_slot.base, UID_SPAN) if uid_slot is not None else None
                 argv = [template.python, "-I", "-S", "-B", str(AGENT_DIR / "boot.py")]
-                zygote = self._zygotes[template.name] = Zygote(argv, config, uid_map, key,
+                zygote = self._zygotes[template.key] = Zygote(argv, config, uid_map, key,
                                                                uid_slot.fd if uid_slot is not None else None)
         return zygote
 
     def zygote(self, template: str) -> Optional[Zygote]:
-        """The zygote this backend runs for ``template`` (None before its first fork)."""
+        """The zygote this backend runs for ``template`` ("python", or "python/lean" for its lean variant; None
+        before its first fork)."""
         with self._zygotes_lock:
             return self._zygotes.get(template)
 
@@ -310,9 +311,22 @@ class ProcessBackend(Backend):
         for zygote in zygotes:
             zygote.stop()
 
+    def forks(self, template: Template) -> bool:
+        """Its sandboxes are forked from a zygote: it preloads modules (or is the lean variant of a template that
+        does), and it is not an image's (those start directly: their agent is the image's own interpreter)."""
+        return (self.use_zygote and template.zygote and not template.rootfs
+                and bool(template.preload or template.variant == "lean"))
+
+    def lean(self, template: Template) -> Optional[Template]:
+        """The lean variant of ``template`` (nothing preloaded, a cheaper fork), where this tier forks it from a
+        zygote; None where it would not be cheaper (no preload, no zygote, an image's root)."""
+        if self.forks(template) and not template.variant:
+            return template.lean()
+        return None
+
     async def prepare(self, template: Template) -> None:
         """Start the template's zygote now (the first sandbox then forks at once)."""
-        if self.use_zygote and template.zygote and template.preload and not template.rootfs:
+        if self.forks(template):
             await asyncio.to_thread(self.zygote_for(template).ensure_started)
 
     async def start(self, template: Template, limits: Limits, env: dict[str, str], *,
@@ -326,7 +340,7 @@ class ProcessBackend(Backend):
         try:
             # Image templates start directly (the warm pool still applies): their agent ends up
             # as the image's own interpreter, which a zygote of the host's could not fork into.
-            if self.use_zygote and template.zygote and template.preload and not template.rootfs:
+            if self.forks(template):
                 zygote = self.zygote_for(template)
                 await asyncio.to_thread(zygote.ensure_started)
                 # The thread gets its own copy of the channel's far end: a cancelled create closes ours at

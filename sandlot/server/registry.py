@@ -169,7 +169,7 @@ class Registry:
                      limits: Optional[Mapping[str, Any]] = None, env: Optional[Mapping[str, str]] = None,
                      metadata: Optional[Mapping[str, str]] = None, isolation: str = "process",
                      one_shot: bool = False, network: Any = None, secrets: Any = None,
-                     mounts: Any = None, on_idle: str = "kill") -> LiveSandbox:
+                     mounts: Any = None, on_idle: str = "kill", code: Optional[str] = None) -> LiveSandbox:
         if isolation not in self.settings.isolations:
             raise InvalidRequest(f"isolation {isolation[:32]!r} is not enabled on this server; "
                                  f"enabled: {list(self.settings.isolations)}")
@@ -198,7 +198,8 @@ class Registry:
         # Reserved before the first await: concurrent creations see each other in the checks above.
         with _reserved(self._creating, tenant.id, built):
             local = await self.engine.create(spec, scope=tenant_scope(tenant),
-                                             host_dir_roots=self.settings.host_dir_roots, outlive=not one_shot)
+                                             host_dir_roots=self.settings.host_dir_roots, outlive=not one_shot,
+                                             code=code)
             sandbox = AsyncSandbox._of(local, spec, self.transport)
         self.metrics.create_seconds.observe(time.monotonic() - started)
         self.metrics.created.labels(template).inc()

@@ -94,7 +94,8 @@ async def run_once(body: RunOnce, tenant: Owner, state: State) -> Any:
     state.registry.check_call_timeout(body.timeout)
     live = await state.registry.create(tenant, template=body.template,
                                           limits=body.limits.overrides() if body.limits else None, env=body.env,
-                                          isolation=body.isolation, one_shot=True, mounts=body.mounts)
+                                          isolation=body.isolation, one_shot=True, mounts=body.mounts,
+                                          code=body.code)
     state.store.audit(tenant.name, "run_once", None, body.code[:1000], tenant.key_id)
     if not body.stream:
         try:
