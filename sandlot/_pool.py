@@ -3,8 +3,13 @@
 A pool serves sandboxes of one template with the template's default limits (a sandbox asking for
 other limits is forked directly: its disk size and rlimits are fixed at boot). A pooled sandbox is
 handed out once and never reused; the owner's environment reaches it in the first message. Refills
-run in the background, one sandbox at a time, and never delay a claim; an empty pool means a direct
-fork from the zygote.
+run in the background and never delay a claim: their boots have a low CPU weight until claimed, so a
+claimed sandbox's code comes first; an empty pool means a direct fork from the zygote.
+
+A pool is sized to its bursts: claims that found it empty within ``BURST_WINDOW`` seconds grow it by
+as many (at most to ``max_ready``) for ``BURST_MEMORY`` seconds, then it shrinks back to ``min_ready``.
+A batch of runs that arrives again (an agent's test suite, an evaluation) then finds its sandboxes
+booted; a pool that keeps up with its claims never grows.
 
 Configure with ``sandlot.configure_pool("python", min_ready=4, max_ready=16)`` or the environment
 variables ``SANDLOT_POOL_MIN`` / ``SANDLOT_POOL_MAX`` (0 turns pooling off). The pools belong to an
@@ -14,8 +19,10 @@ Engine (_engine.py), which owns everything local sandboxes share.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import os
+import time
 from typing import Optional
 
 from . import _config
@@ -35,6 +42,10 @@ class PoolConfig:
         return cls(_config.pool_min(), _config.pool_max())
 
 
+BURST_WINDOW = 10.0  # claims this close together are one burst
+BURST_MEMORY = 300.0  # how long a pool stays sized for its last burst
+
+
 class WarmPool:
     def __init__(self, backend: Backend, template: Template, limits: Limits, config: PoolConfig) -> None:
         self.backend = backend
@@ -43,8 +54,25 @@ class WarmPool:
         self.config = config
         self.ready: list[BackendSandbox] = []
         self._refilling: Optional[asyncio.Task] = None
+        self._shrink: Optional[asyncio.TimerHandle] = None
+        self._misses: collections.deque[float] = collections.deque()  # claims that found it empty, last window
+        self.burst = 0  # the most such claims within one window, lately
+        self._burst_at = 0.0
         self.failures = 0
         self.closed = False
+
+    def target(self) -> int:
+        """How many ready sandboxes this pool keeps now: ``min_ready``, plus its last burst while it is recent."""
+        burst = self.burst if time.monotonic() - self._burst_at < BURST_MEMORY else 0
+        return min(self.config.max_ready, self.config.min_ready + burst)
+
+    def _count_miss(self) -> None:
+        now = time.monotonic()
+        self._misses.append(now)
+        while self._misses[0] < now - BURST_WINDOW:
+            self._misses.popleft()
+        if len(self._misses) >= self.burst or now - self._burst_at >= BURST_MEMORY:
+            self.burst, self._burst_at = len(self._misses), now
 
     def take(self) -> Optional[BackendSandbox]:
         """A ready sandbox, or None. Never waits."""
@@ -58,6 +86,7 @@ class WarmPool:
             # Dead or not, never drop a sandbox without killing it: its cgroup, descriptors and any
             # process left would otherwise outlive it for as long as this process runs.
             asyncio.get_running_loop().create_task(sandbox.kill("found dead in the warm pool"))
+        self._count_miss()
         self.refill()
         return None
 
@@ -71,8 +100,9 @@ class WarmPool:
         # Boots overlap (one per core): most of a boot is the new sandbox's own setup, not our work.
         width = max(1, min(os.cpu_count() or 1, 4))
         while True:
-            missing = min(self.config.min_ready, self.config.max_ready) - len(self.ready)
+            missing = self.target() - len(self.ready)
             if missing <= 0:
+                await self._trim()
                 return
             results = await asyncio.gather(*(self._boot_one() for _ in range(min(missing, width))),
                                            return_exceptions=True)
@@ -87,6 +117,18 @@ class WarmPool:
             if self.failures:
                 await asyncio.sleep(0.5)
 
+    async def _trim(self) -> None:
+        """Past a burst's memory, the sandboxes kept for it go (oldest first); while it lasts, look again at its end."""
+        extra = len(self.ready) - self.target()
+        if extra > 0:
+            gone, self.ready = self.ready[:extra], self.ready[extra:]
+            await asyncio.gather(*(s.kill("the warm pool shrank") for s in gone), return_exceptions=True)
+        if self.target() > self.config.min_ready and len(self.ready) > self.config.min_ready:
+            if self._shrink is not None:
+                self._shrink.cancel()
+            delay = self._burst_at + BURST_MEMORY - time.monotonic() + 1.0
+            self._shrink = asyncio.get_running_loop().call_later(max(delay, 1.0), self.refill)
+
     async def _boot_one(self) -> None:
         # Each boot files its sandbox itself, so that a refill cancelled half-way (the pool closing)
         # loses none that had finished: they are in ``ready``, or killed if the pool closed meanwhile.
@@ -98,6 +140,8 @@ class WarmPool:
 
     async def close(self) -> None:
         self.closed = True
+        if self._shrink is not None:
+            self._shrink.cancel()
         if self._refilling is not None:
             self._refilling.cancel()
             await asyncio.gather(self._refilling, return_exceptions=True)

@@ -136,10 +136,17 @@ class CgroupSandbox(BackendSandbox):
     async def apply_limits(self, limits: Limits) -> None:
         before = self.limits
         if (limits.cpu, limits.memory, limits.pids) != (before.cpu, before.memory, before.pids):
-            await asyncio.to_thread(self.cgroup.apply, self.cgroup_limits(limits))
+            await asyncio.to_thread(self._apply_cgroup, self.cgroup_limits(limits))
+        elif self.cgroup.background:
+            await asyncio.to_thread(self.cgroup.set_background, False)
         if limits.memory != before.memory:
             await asyncio.to_thread(self._fit_storage, limits)
         self.limits = limits  # once the kernel took them (a refused write leaves the old ones)
+
+    def _apply_cgroup(self, limits: Limits) -> None:
+        self.cgroup.apply(limits)
+        if self.cgroup.background:  # a warm sandbox booted in the background: its owner's code gets a full share
+            self.cgroup.set_background(False)
 
     def _fit_storage(self, limits: Limits) -> None:
         """Its storage is memory too (a tmpfs): with other memory, other room for files, or a full disk would

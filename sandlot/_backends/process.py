@@ -245,6 +245,18 @@ async def _in_thread(func, *args, undo):
         raise
 
 
+def _make_cgroup(sandbox_id: str, limits: Limits, background: bool) -> cgroups.Cgroup:
+    """The sandbox's cgroup; ``background`` (a warm pool's boot, nobody waiting): a low CPU weight until claimed."""
+    cgroup = cgroups.Cgroup(sandbox_id, limits)
+    if background:
+        try:
+            cgroup.set_background(True)
+        except BaseException:
+            cgroup.try_remove()  # nothing runs in it yet
+            raise
+    return cgroup
+
+
 def _fork_with(zygote: Zygote, config: dict, channel_end: socket.socket,
                mounts: Optional[PreparedMounts]) -> tuple[int, int]:
     try:
@@ -334,7 +346,7 @@ class ProcessBackend(Backend):
                     mounts: Optional[PreparedMounts] = None) -> ProcessSandbox:
         sandbox_id = new_sandbox_id()
         mount_fds: list = []
-        cgroup = await _in_thread(cgroups.Cgroup, sandbox_id, limits, undo=lambda made: made.remove())
+        cgroup = await _in_thread(_make_cgroup, sandbox_id, limits, not awaited, undo=lambda made: made.remove())
         host_end, child_end = socket.socketpair()
         env_inside = sandbox_env(template, env)
         try:
