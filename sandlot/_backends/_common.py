@@ -138,7 +138,7 @@ class CgroupSandbox(BackendSandbox):
         if (limits.cpu, limits.memory, limits.pids) != (before.cpu, before.memory, before.pids):
             await asyncio.to_thread(self._apply_cgroup, self.cgroup_limits(limits))
         elif self.cgroup.background:
-            await asyncio.to_thread(self.cgroup.set_background, False)
+            self.cgroup.set_background(False)  # one short write (~35 us): cheaper here than a thread hop
         if limits.memory != before.memory:
             await asyncio.to_thread(self._fit_storage, limits)
         self.limits = limits  # once the kernel took them (a refused write leaves the old ones)
