@@ -29,7 +29,7 @@ VARIABLES: tuple[Variable, ...] = (
              "process"),
     # -- the fast path -----------------------------------------------------------------------------------
     Variable("SANDLOT_POOL_MIN", "warm sandboxes kept ready per template (0 turns pooling off)", "2"),
-    Variable("SANDLOT_POOL_MAX", "the most warm sandboxes kept per template", "64"),
+    Variable("SANDLOT_POOL_MAX", "the most warm sandboxes kept per template (a pool grows past its minimum after bursts)", "64"),
     Variable("SANDLOT_ZYGOTE", "0 boots every sandbox by exec instead of forking a preloaded zygote", "1"),
     # -- where state lives -------------------------------------------------------------------------------
     Variable("SANDLOT_DATA_DIR", "durable state: templates, images, the server's database, checkpoints",
