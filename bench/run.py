@@ -33,10 +33,15 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-import cpu as cpu_mod
-import humaneval
-import peers as peers_mod
-import workloads as wl
+# Measure the sandlot of this checkout (a worktree's, say), not whichever one the venv's editable install names.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.isdir(os.path.join(REPO, "sandlot")) and REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+import cpu as cpu_mod  # noqa: E402 - after the path above
+import humaneval  # noqa: E402
+import peers as peers_mod  # noqa: E402
+import workloads as wl  # noqa: E402
 
 WORKLOADS = ["fresh", "pandas", "warm", "idle", "throughput", "humaneval", "cpu", "density", "pause"]
 PROFILES = {  # samples per latency workload, warm round trips, throughput seconds, density N, seconds/peer cap,
