@@ -84,6 +84,9 @@ class Peer:
     detail = ""
     has_pandas = True
     has_session = False
+    # How bench/cpu.py counts this peer's CPU: "cgroup" (all it runs stays in the bench's cgroup) or "rusage"
+    # (its processes leave that cgroup, but are its waited-for children: the caller's own + RUSAGE_CHILDREN).
+    cpu_counted_by = "cgroup"
 
     def missing(self) -> Optional[str]:
         return None
@@ -258,6 +261,7 @@ class GVisor(CommandPeer):
     name = "gvisor"
     label = "gVisor"
     detail = "runsc --network=none --platform=ptrace do python3 -S -c CODE"
+    cpu_counted_by = "rusage"  # runsc moves its sandbox into cgroups of its own (Sandlot runs it with --ignore-cgroups)
 
     def missing(self) -> Optional[str]:
         return _runsc_missing()

@@ -149,9 +149,10 @@ def humaneval_table(results: dict, labels: dict) -> Table:
 
 def cpu_table(by_template: dict, order: list) -> Table:
     t = Table(title="8. CPU per fresh sandbox: everything the peer runs (caller, helpers, zygotes, sandboxes), "
-              "from a cgroup the bench makes; (Δ − idle rate × window) / n, 2 client threads", title_justify="left")
+              "from a cgroup the bench makes (bench/cpu.py); (Δ − idle rate × window) / n, 2 client threads", title_justify="left")
     for col, just in [("template", "left"), ("peer", "left"), ("status", "left"), ("n", "right"),
-                      ("CPU / sandbox", "right"), ("user", "right"), ("system", "right"),
+                      ("CPU / sandbox", "right"), ("counted by", "left"), ("user (cgroup)", "right"),
+                      ("system (cgroup)", "right"),
                       ("of which the caller", "right"), ("RUSAGE_CHILDREN", "right"), ("idle CPU", "right"),
                       ("peer ÷ Sandlot", "right"), ("note", "left")]:
         t.add_column(col, justify=just, overflow="fold")
@@ -165,7 +166,7 @@ def cpu_table(by_template: dict, order: list) -> Table:
             mine = e.get("cpu_ms_per_sandbox")
             ratio = "1×" if peer.name == "sandlot" else fmt_ratio(mine, bcpu)
             t.add_row(template, peer.label, status_cell(r), str(e.get("n", "")), ms(e, "cpu_ms_per_sandbox"),
-                      ms(e, "user_ms_per_sandbox"), ms(e, "sys_ms_per_sandbox"), ms(e, "caller_ms_per_sandbox"),
+                      e.get("method", ""), ms(e, "user_ms_per_sandbox"), ms(e, "sys_ms_per_sandbox"), ms(e, "caller_ms_per_sandbox"),
                       ms(e, "rusage_children_ms_per_sandbox"),
                       f"{e['idle_cpu_ms_per_s']:.1f} ms/s" if "idle_cpu_ms_per_s" in e else "-",
                       ratio if mine is not None else "", r.note)
