@@ -84,6 +84,9 @@ class Peer:
     detail = ""
     has_pandas = True
     has_session = False
+    # How bench/cpu.py counts this peer's CPU: "cgroup" (all it runs stays in the bench's cgroup) or "rusage"
+    # (its processes leave that cgroup, but are its waited-for children: the caller's own + RUSAGE_CHILDREN).
+    cpu_counted_by = "cgroup"
 
     def missing(self) -> Optional[str]:
         return None
@@ -128,9 +131,12 @@ def _execution_text(execution) -> str:
 
 
 class Sandlot(Peer):
+    """A fresh sandbox through the one-shot API (``sandlot.run_code``): Sandlot may pick the sandbox from the
+    code (a lean one for code that imports no heavy module). Sessions: ``sandlot.Sandbox()``."""
+
     name = "sandlot"
     label = "Sandlot"
-    detail = "public SDK: with sandlot.Sandbox() as sb: sb.run_code(code)"
+    detail = "public SDK: sandlot.run_code(code) (one-shot); sessions: sandlot.Sandbox()"
     has_session = True
 
     def missing(self) -> Optional[str]:
@@ -148,11 +154,25 @@ class Sandlot(Peer):
 
     def fresh(self, code: str) -> str:
         import sandlot
-        with sandlot.Sandbox(isolation=self.isolation) as sandbox:
-            return _execution_text(sandbox.run_code(code))
+        return _execution_text(sandlot.run_code(code, isolation=self.isolation))
 
     def session(self) -> _SandlotSession:
         return _SandlotSession(self.isolation)
+
+
+class SandlotSessionPath(Sandlot):
+    """A fresh sandbox through the session API, used once: what a caller who opens a Sandbox per task gets
+    (no code to choose the sandbox from when it is made). Its warm sessions are Sandlot's own: not repeated."""
+
+    name = "sandlot-session"
+    label = "Sandlot, session path"
+    detail = "public SDK: with sandlot.Sandbox() as sb: sb.run_code(code)"
+    has_session = False
+
+    def fresh(self, code: str) -> str:
+        import sandlot
+        with sandlot.Sandbox(isolation=self.isolation) as sandbox:
+            return _execution_text(sandbox.run_code(code))
 
 
 class SandlotGVisor(Sandlot):
@@ -241,6 +261,7 @@ class GVisor(CommandPeer):
     name = "gvisor"
     label = "gVisor"
     detail = "runsc --network=none --platform=ptrace do python3 -S -c CODE"
+    cpu_counted_by = "rusage"  # runsc moves its sandbox into cgroups of its own (Sandlot runs it with --ignore-cgroups)
 
     def missing(self) -> Optional[str]:
         return _runsc_missing()
@@ -383,4 +404,4 @@ class Jupyter(Peer):
         return _JupyterSession()
 
 
-ALL = [Sandlot, SandlotGVisor, Subprocess, Bubblewrap, GVisor, Wasmtime, Jupyter]
+ALL = [Sandlot, SandlotSessionPath, SandlotGVisor, Subprocess, Bubblewrap, GVisor, Wasmtime, Jupyter]

@@ -7,10 +7,16 @@
     .venv/bin/python bench/run.py --quick --json bench.json
 
 Workloads: fresh (1: fresh sandbox, print(1)), pandas (2: fresh sandbox, a pandas expression),
-warm (3: x += 1 in a live session), throughput (4: fresh sandboxes per second from 2 and 8 client threads),
+warm (3: x += 1 in a live session), idle (3b: the same call after 1 s of idle, as between two LLM turns),
+throughput (4: fresh sandboxes per second from 2 and 8 client threads, per template: lean print(1) and
+data-science pandas), humaneval (7: 164 generated HumanEval-shaped programs, a fresh sandbox each, 1 and 2
+threads, against unsandboxed fork-per-program and python -S -c harnesses), cpu (8: CPU seconds of
+everything a peer runs per fresh sandbox, counted by a cgroup the bench makes: see cpu.py),
 density (5: N live idle sessions with pandas imported; host memory per session; all must answer 1+1),
 pause (gVisor tier: pause and resume a live pandas session; times and checkpoint size).
-Sandlot is driven through its public SDK only, so whatever the SDK does (zygote, warm pool) is measured.
+Sandlot is driven through its public SDK only, so whatever the SDK does (zygote, warm pool) is measured:
+fresh sandboxes through the one-shot sandlot.run_code(code) (Sandlot may choose the sandbox from the code),
+and as "Sandlot, session path" through `with sandlot.Sandbox() as sb: sb.run_code(code)`.
 """
 
 from __future__ import annotations
@@ -27,15 +33,26 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-import peers as peers_mod
-import workloads as wl
+# Measure the sandlot of this checkout (a worktree's, say), not whichever one the venv's editable install names.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.isdir(os.path.join(REPO, "sandlot")) and REPO not in sys.path:
+    sys.path.insert(0, REPO)
 
-WORKLOADS = ["fresh", "pandas", "warm", "throughput", "density", "pause"]
+import cpu as cpu_mod  # noqa: E402 - after the path above
+import humaneval  # noqa: E402
+import peers as peers_mod  # noqa: E402
+import workloads as wl  # noqa: E402
+
+WORKLOADS = ["fresh", "pandas", "warm", "idle", "throughput", "humaneval", "cpu", "density", "pause"]
 PROFILES = {  # samples per latency workload, warm round trips, throughput seconds, density N, seconds/peer cap,
-    # pause/resume cycles
-    "quick": dict(n=20, warm_n=200, seconds=3.0, density=100, budget=20.0, pauses=3),
-    "full": dict(n=100, warm_n=1000, seconds=10.0, density=1000, budget=90.0, pauses=10),
+    # pause/resume cycles, idle calls, HumanEval rounds, fresh sandboxes per CPU measurement
+    "quick": dict(n=20, warm_n=200, seconds=3.0, density=100, budget=20.0, pauses=3, idle_n=10, rounds=1, cpu_n=30),
+    "full": dict(n=100, warm_n=1000, seconds=10.0, density=1000, budget=90.0, pauses=10, idle_n=30, rounds=3,
+                 cpu_n=100),
 }
+IDLE_SECONDS = 1.0
+TEMPLATES = {"lean": (wl.TRIVIAL, wl.TRIVIAL_EXPECT), "data-science": (wl.PANDAS, wl.PANDAS_EXPECT)}
+HUMANEVAL_PEERS = ("subprocess", "bwrap")  # command peers fast enough to run 164 programs twice
 TARGETS = {"fresh": 0.005, "pandas": 0.010, "warm": 0.001, "throughput": 200.0, "density_mb": 5.0}
 
 console = Console(width=None if sys.stdout.isatty() else 150)
@@ -52,6 +69,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--seconds", type=float, help="seconds per throughput measurement")
     ap.add_argument("--threads", type=int, nargs="+", default=[2, 8], help="client threads for throughput")
     ap.add_argument("--density", type=int, metavar="N", help="live sessions for the density workload")
+    ap.add_argument("--idle-n", type=int, help="calls per session for the idle workload (1 s idle before each)")
+    ap.add_argument("--rounds", type=int, help="rounds of the HumanEval-shaped batch per harness")
+    ap.add_argument("--cpu-n", type=int, help="fresh sandboxes per CPU measurement")
     ap.add_argument("--install", action="store_true", help="apt-get / pip install the peers that are missing")
     ap.add_argument("--json", metavar="FILE", help="also write every result (with raw samples) as JSON")
     return ap.parse_args()
@@ -90,21 +110,67 @@ def latency_table(title: str, results: dict, order: list) -> Table:
     return t
 
 
-def throughput_table(results: dict, order: list, threads: list) -> Table:
-    t = Table(title="4. throughput: fresh sandboxes per second (print(1)), client threads in parallel",
-              title_justify="left")
-    for col, just in [("peer", "left"), ("threads", "right"), ("status", "left"), ("per second", "right"),
-                      ("p50 latency", "right"), ("p95 latency", "right"), ("peer ÷ Sandlot (rate)", "right"),
+def throughput_table(by_template: dict, order: list, threads: list) -> Table:
+    t = Table(title="4. throughput: fresh sandboxes per second, client threads in parallel, per template "
+              f"(lean: {wl.TRIVIAL}; data-science: {wl.PANDAS})", title_justify="left")
+    for col, just in [("template", "left"), ("peer", "left"), ("threads", "right"), ("status", "left"),
+                      ("per second", "right"), ("p50 latency", "right"), ("p95 latency", "right"),
+                      ("peer ÷ Sandlot (rate)", "right"), ("note", "left")]:
+        t.add_column(col, justify=just, overflow="fold")
+    for template, results in by_template.items():
+        for peer in order:
+            for n in threads:
+                r = results[peer.name][n]
+                base = results.get("sandlot", {}).get(n)
+                rate, brate = r.extra.get("per_second"), base.extra.get("per_second") if base else None
+                ratio = "1×" if peer.name == "sandlot" else fmt_ratio(rate, brate)
+                t.add_row(template, peer.label, str(n), status_cell(r), f"{rate:.1f}" if rate is not None else "-",
+                          fmt_s(r.p50), fmt_s(r.p95), ratio if rate is not None else "", r.note)
+        t.add_section()
+    return t
+
+
+def humaneval_table(results: dict, labels: dict) -> Table:
+    count = next(iter(results.values())).extra.get("programs", humaneval.COUNT) if results else humaneval.COUNT
+    t = Table(title=f"7. HumanEval shape: {count} generated programs with asserts, a fresh sandbox (or process) "
+              "each; seconds for the whole batch (p50 of rounds)", title_justify="left")
+    for col, just in [("harness", "left"), ("threads", "right"), ("status", "left"), ("rounds", "right"),
+                      ("total", "right"), ("programs/s", "right"), ("Sandlot ÷ harness (time)", "right"),
                       ("note", "left")]:
         t.add_column(col, justify=just, overflow="fold")
-    for peer in order:
-        for n in threads:
-            r = results[peer.name][n]
-            base = results.get("sandlot", {}).get(n)
-            rate, brate = r.extra.get("per_second"), base.extra.get("per_second") if base else None
-            ratio = "1×" if peer.name == "sandlot" else fmt_ratio(rate, brate)
-            t.add_row(peer.label, str(n), status_cell(r), f"{rate:.1f}" if rate is not None else "-",
-                      fmt_s(r.p50), fmt_s(r.p95), ratio if rate is not None else "", r.note)
+    for (name, n), r in results.items():
+        base = results.get(("sandlot", n))
+        ratio = "1×" if name == "sandlot" else fmt_ratio(base.p50 if base else None, r.p50)
+        rate = r.extra.get("per_second")
+        t.add_row(labels[name], str(n), status_cell(r), str(len(r.samples)), fmt_s(r.p50),
+                  f"{rate:.1f}" if rate is not None else "-", ratio if r.samples else "", r.note)
+    return t
+
+
+def cpu_table(by_template: dict, order: list) -> Table:
+    t = Table(title="8. CPU per fresh sandbox: everything the peer runs (caller, helpers, zygotes, sandboxes), "
+              "from a cgroup the bench makes (bench/cpu.py); (Δ − idle rate × window) / n, 2 client threads", title_justify="left")
+    for col, just in [("template", "left"), ("peer", "left"), ("status", "left"), ("n", "right"),
+                      ("CPU / sandbox", "right"), ("counted by", "left"), ("user (cgroup)", "right"),
+                      ("system (cgroup)", "right"),
+                      ("of which the caller", "right"), ("RUSAGE_CHILDREN", "right"), ("idle CPU", "right"),
+                      ("peer ÷ Sandlot", "right"), ("note", "left")]:
+        t.add_column(col, justify=just, overflow="fold")
+    ms = lambda e, k: f"{e[k]:.1f} ms" if e.get(k) is not None else "-"  # noqa: E731
+    for template, results in by_template.items():
+        base = results.get("sandlot")
+        bcpu = base.extra.get("cpu_ms_per_sandbox") if base else None
+        for peer in order:
+            r = results[peer.name]
+            e = r.extra
+            mine = e.get("cpu_ms_per_sandbox")
+            ratio = "1×" if peer.name == "sandlot" else fmt_ratio(mine, bcpu)
+            t.add_row(template, peer.label, status_cell(r), str(e.get("n", "")), ms(e, "cpu_ms_per_sandbox"),
+                      e.get("method", ""), ms(e, "user_ms_per_sandbox"), ms(e, "sys_ms_per_sandbox"), ms(e, "caller_ms_per_sandbox"),
+                      ms(e, "rusage_children_ms_per_sandbox"),
+                      f"{e['idle_cpu_ms_per_s']:.1f} ms/s" if "idle_cpu_ms_per_s" in e else "-",
+                      ratio if mine is not None else "", r.note)
+        t.add_section()
     return t
 
 
@@ -148,11 +214,17 @@ def targets_table(res: dict) -> Table:
         if key in res and res[key]["sandlot"].p50 is not None:
             p50 = res[key]["sandlot"].p50
             rows.append((label, f"p50 <= {fmt_s(TARGETS[key])}", fmt_s(p50), p50 <= TARGETS[key]))
-    for n, r in res.get("throughput", {}).get("sandlot", {}).items():
+    for n, r in res.get("throughput", {}).get("lean", {}).get("sandlot", {}).items():
         rate = r.extra.get("per_second")
         if rate is not None:
-            rows.append((f"4. throughput, {n} threads", f">= {TARGETS['throughput']:.0f} /s", f"{rate:.1f} /s",
-                         rate >= TARGETS["throughput"]))
+            rows.append((f"4. throughput (lean), {n} threads", f">= {TARGETS['throughput']:.0f} /s",
+                         f"{rate:.1f} /s", rate >= TARGETS["throughput"]))
+    he = res.get("humaneval", {})
+    for n in sorted({n for _, n in he}):
+        mine, fork = he.get(("sandlot", n)), he.get(("fork", n))
+        if mine and fork and mine.p50 and fork.p50 and mine.status == fork.status == "ok":
+            rows.append((f"7. HumanEval shape, {n} thread{'s' if n > 1 else ''}", "<= the fork-per-program harness",
+                         f"{mine.p50:.2f} s vs {fork.p50:.2f} s ({mine.p50 / fork.p50:.2f}×)", mine.p50 <= fork.p50))
     if "density" in res:
         e = res["density"].extra
         per = e["mem_available_mb_per_session"]
@@ -205,7 +277,7 @@ def prepare(order: list, install: bool) -> dict:
 def main() -> int:
     args = parse_args()
     prof = dict(PROFILES["quick" if args.quick else "full"])
-    for key in ("n", "warm_n", "seconds", "density"):
+    for key in ("n", "warm_n", "seconds", "density", "idle_n", "rounds", "cpu_n"):
         if getattr(args, key) is not None:
             prof[key] = getattr(args, key)
     only = set(args.only or [])
@@ -227,8 +299,12 @@ def main() -> int:
             if p.name in missing:
                 results[p.name] = dataclasses.replace(missing[p.name])
             elif not applies(p):
-                results[p.name] = wl.Result("n/a", why)
+                results[p.name] = wl.Result("n/a", why(p) if callable(why) else why)
         return results
+
+    def no_session(p) -> str:
+        return "its sessions are Sandlot's (first row)" if p.name == "sandlot-session" else \
+            "no live session (one process per run)"
 
     res: dict = {}
     if "fresh" in workloads:
@@ -245,17 +321,61 @@ def main() -> int:
         has = lambda p: p.has_session  # noqa: E731
         with console.status("3. warm session, x += 1 ..."):
             got = wl.warm([p for p in usable if has(p)], prof["warm_n"], prof["budget"])
-            res["warm"] = fill(got, has, "no live session (one process per run)")
+            res["warm"] = fill(got, has, no_session)
         console.print(latency_table("3. warm session round trip: x += 1 (after x = 0)", res["warm"], order))
+    if "idle" in workloads:
+        has = lambda p: p.has_session  # noqa: E731
+        with console.status(f"3b. x += 1 after {IDLE_SECONDS:.0f} s idle, {prof['idle_n']} calls per peer ..."):
+            got = wl.warm([p for p in usable if has(p)], prof["idle_n"], prof["budget"] * 3, idle=IDLE_SECONDS)
+            res["idle"] = fill(got, has, no_session)
+        console.print(latency_table(f"3b. warm call after {IDLE_SECONDS:.0f} s idle (an agent between two LLM turns): "
+                                    "x += 1", res["idle"], order))
     if "throughput" in workloads:
         res["throughput"] = {}
-        for p in order:
-            res["throughput"][p.name] = {}
-            for n in args.threads:
-                with console.status(f"4. throughput: {p.name}, {n} threads, {prof['seconds']:.0f} s ..."):
-                    res["throughput"][p.name][n] = (dataclasses.replace(missing[p.name]) if p.name in missing
-                                                    else wl.throughput(p, n, prof["seconds"]))
+        for template, (code, expect) in TEMPLATES.items():
+            by_peer = res["throughput"][template] = {}
+            for p in order:
+                by_peer[p.name] = {}
+                for n in args.threads:
+                    if p.name in missing:
+                        by_peer[p.name][n] = dataclasses.replace(missing[p.name])
+                    elif code == wl.PANDAS and not p.has_pandas:
+                        by_peer[p.name][n] = wl.Result("n/a", "no pandas in this peer")
+                    else:
+                        with console.status(f"4. throughput ({template}): {p.name}, {n} threads, "
+                                            f"{prof['seconds']:.0f} s ..."):
+                            by_peer[p.name][n] = wl.throughput(p, n, prof["seconds"], code, expect)
         console.print(throughput_table(res["throughput"], order, args.threads))
+    if "humaneval" in workloads and "sandlot" not in missing:
+        codes = humaneval.programs()
+        harnesses = {"sandlot": humaneval.sandlot_harness, "fork": humaneval.fork_harness}
+        labels = {"sandlot": "Sandlot: sandlot.run_code(program)",
+                  "fork": "fork per program (os.fork of the bench, exec; no isolation)"}
+        for p in usable:
+            if p.name in HUMANEVAL_PEERS:
+                harnesses[p.name] = humaneval.command_harness(p)
+                labels[p.name] = f"{p.label}: {p.detail.split(';')[-1].strip()} per program"
+        with console.status(f"7. HumanEval shape: {len(codes)} programs × {len(harnesses)} harnesses × "
+                            f"{prof['rounds']} round(s) ..."):
+            res["humaneval"] = humaneval.workload(harnesses, codes, [1, 2], prof["rounds"])
+        console.print(humaneval_table(res["humaneval"], labels))
+    if "cpu" in workloads:
+        res["cpu"] = {}
+        for template, (code, expect) in TEMPLATES.items():
+            by_peer = res["cpu"][template] = {}
+            for p in order:
+                if p.name in missing:
+                    by_peer[p.name] = dataclasses.replace(missing[p.name])
+                elif code == wl.PANDAS and not p.has_pandas:
+                    by_peer[p.name] = wl.Result("n/a", "no pandas in this peer")
+                else:
+                    with console.status(f"8. CPU per sandbox ({template}): {p.name}, {prof['cpu_n']} sandboxes ..."):
+                        try:
+                            by_peer[p.name] = wl.Result("ok", "", [], cpu_mod.measure(p.name, code, expect,
+                                                                                      prof["cpu_n"]))
+                        except Exception as e:  # noqa: BLE001
+                            by_peer[p.name] = wl.Result("error", f"{type(e).__name__}: {e}"[:300])
+        console.print(cpu_table(res["cpu"], order))
     if "density" in workloads and "sandlot" not in missing:
         floor = max(2 * 2**30, wl.mem_total() // 10)  # never push the host below this MemAvailable
         with console.status(f"5. density: starting {prof['density']} sessions ...") as status:
@@ -292,7 +412,12 @@ def write_json(path: str, res: dict, order: list, missing: dict, prof: dict, qui
         if workload in ("density", "pause"):
             return v.to_json()
         if workload == "throughput":
-            return {peer: {str(n): r.to_json() for n, r in by_n.items()} for peer, by_n in v.items()}
+            return {template: {peer: {str(n): r.to_json() for n, r in by_n.items()} for peer, by_n in by_peer.items()}
+                    for template, by_peer in v.items()}
+        if workload == "cpu":
+            return {template: {peer: r.to_json() for peer, r in by_peer.items()} for template, by_peer in v.items()}
+        if workload == "humaneval":
+            return {f"{name}/{n} threads": r.to_json() for (name, n), r in v.items()}
         return {peer: r.to_json() for peer, r in v.items()}
 
     out = {"machine": _machine_info(),  # loadavg_1m here is at the end of the run; the header shows the start

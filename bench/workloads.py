@@ -62,14 +62,17 @@ def check(out: str, expect: str) -> None:
         raise RuntimeError(f"expected {expect!r}, got {out[-200:]!r}")
 
 
-def round_robin(ops: dict, n: int, warmup: int, budget: float) -> dict:
+def round_robin(ops: dict, n: int, warmup: int, budget: float, idle: float = 0.0) -> dict:
     """Time ``n`` calls of each op, interleaved. An op that raises is dropped with status error; an op whose
-    samples have taken more than ``budget`` seconds stops early (with at least 5 samples)."""
+    samples have taken more than ``budget`` seconds stops early (with at least 5 samples). ``idle``: seconds
+    of sleep (untimed) before every call."""
     results = {name: Result() for name in ops}
     spent = {name: 0.0 for name in ops}
     live = dict(ops)
     for i in range(warmup + n):
         for name, op in list(live.items()):
+            if idle:
+                time.sleep(idle)
             t0 = time.perf_counter()
             try:
                 op()
@@ -93,8 +96,10 @@ def fresh(peers: list, code: str, expect: str, n: int, budget: float) -> dict:
     return round_robin(ops, n, warmup=2, budget=budget)
 
 
-def warm(peers: list, n: int, budget: float) -> dict:
-    """Workload 3: round trip of ``x += 1`` in a live session (after ``x = 0``); ``x`` is checked at the end."""
+def warm(peers: list, n: int, budget: float, idle: float = 0.0) -> dict:
+    """Workload 3: round trip of ``x += 1`` in a live session (after ``x = 0``); ``x`` is checked at the end.
+    With ``idle`` (the idle workload), each call comes after that many seconds of sleep: what an agent sees
+    between two LLM turns, when every process on the path has gone to sleep."""
     sessions, results = {}, {}
     try:
         for p in peers:
@@ -104,8 +109,8 @@ def warm(peers: list, n: int, budget: float) -> dict:
             except Exception as e:  # noqa: BLE001
                 results[p.name] = Result("error", f"{type(e).__name__}: {e}"[:300])
         ops = {name: (lambda s=s: s.run("x += 1")) for name, s in sessions.items() if name not in results}
-        warmup = 5
-        timed = round_robin(ops, n, warmup=warmup, budget=budget)
+        warmup = 1 if idle else 5
+        timed = round_robin(ops, n, warmup=warmup, budget=budget, idle=idle)
         for name, r in timed.items():
             if r.status == "ok":
                 want = str(len(r.samples) + warmup)
@@ -122,8 +127,8 @@ def warm(peers: list, n: int, budget: float) -> dict:
     return results
 
 
-def throughput(peer, threads: int, seconds: float) -> Result:
-    """Workload 4: fresh sandboxes (``print(1)``) per second from ``threads`` client threads, for ``seconds``."""
+def throughput(peer, threads: int, seconds: float, code: str = TRIVIAL, expect: str = TRIVIAL_EXPECT) -> Result:
+    """Workload 4: fresh sandboxes running ``code`` per second from ``threads`` client threads, for ``seconds``."""
     latencies: list = []
     errors: list = []
     lock = threading.Lock()
@@ -133,7 +138,7 @@ def throughput(peer, threads: int, seconds: float) -> Result:
         while time.perf_counter() < deadline and not errors:
             t0 = time.perf_counter()
             try:
-                check(peer.fresh(TRIVIAL), TRIVIAL_EXPECT)
+                check(peer.fresh(code), expect)
             except Exception as e:  # noqa: BLE001
                 errors.append(f"{type(e).__name__}: {e}"[:300])
                 return
