@@ -15,6 +15,7 @@ Two kinds:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -85,7 +86,9 @@ def _interpreter_prefixes() -> tuple[str, ...]:
     return tuple(found)
 
 
+@functools.lru_cache(maxsize=None)
 def python_template() -> Template:
+    """The builtin template (made once: its interpreter and prefixes are this process's own)."""
     return Template(
         name="python",
         python=sys.executable,
