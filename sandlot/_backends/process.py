@@ -74,7 +74,7 @@ class UidSlot:
 
 class ProcessSandbox(CgroupSandbox):
     """A live sandbox. ``pid`` is its outermost process on the host (the boot process, or the
-    zygote's child); pid 1 of the sandbox is held by pidfd and killing it ends everything."""
+    zygote's child, itself pid 1); pid 1 of the sandbox is held by pidfd and killing it ends everything."""
 
     isolation = "process"
 
@@ -122,25 +122,13 @@ class ProcessSandbox(CgroupSandbox):
             os.close(fd)
 
     def adopt_init(self, pid: int) -> None:
-        """Hold pid 1 of the sandbox by pidfd, so killing it can never hit a recycled pid."""
+        """Hold pid 1 of the sandbox by pidfd, so killing it can never hit a recycled pid.
+
+        A zygote's fork is born pid 1 (``pid`` is the process held since the fork); an exec'd boot forks
+        it, and its outer process waits for it outside the pid namespace, both held until the end."""
         self.init_pid = pid
-        self._init_pidfd = os.pidfd_open(pid)
-        if self._popen is None:
-            # Forked from a zygote, the outer process exits once pid 1 exists: from now on the
-            # sandbox lives exactly as long as its pid 1.
-            loop = asyncio.get_running_loop()
-            try:
-                loop.remove_reader(self._pidfd)
-            except Exception:
-                pass
-            os.close(self._pidfd)
-            self._pidfd, self._init_pidfd = self._init_pidfd, None
-            self._pid = pid
-            # The outer process may already have exited (it does so on purpose): that was not the
-            # sandbox ending, so its exit must not count.
-            if self._exited.done():
-                self._exited = loop.create_future()
-            loop.add_reader(self._pidfd, self._on_exit)
+        if pid != self._pid:
+            self._init_pidfd = os.pidfd_open(pid)
 
     @property
     def pid(self) -> int:
@@ -422,7 +410,7 @@ class ProcessBackend(Backend):
         await asyncio.to_thread(sandbox.cgroup.add, sandbox.pid)
         await sandbox.channel.send({"t": "go"})
         seen = {}
-        while len(seen) < 2:  # "init" (from the outer process) and "ready" (from pid 1), in either order
+        while len(seen) < 2:  # "init" (from the outer process, or pid 1 itself) and "ready" (from pid 1), in either order
             msg = await self._expect(sandbox, ("init", "ready"))
             seen[msg["t"]] = msg
         sandbox.adopt_init(int(seen["init"]["pid"]))
