@@ -286,7 +286,7 @@ def _direct(sock: socket.socket, cfg: dict) -> None:
 def _keeper(ctl: socket.socket, cfg: dict) -> None:
     """The process the host starts for a zygote: it forks the zygote and stays, a subreaper, to reap
     the sandboxes' pid 1s once the zygote, their parent, is gone (while it lives, the kernel reaps
-    them for it: it ignores SIGCHLD). Sandboxes do not depend on the zygote, so it can die and be
+    them for it: it ignores SIGCHLD), or once the outer process that forked one exits. Sandboxes do not depend on the zygote, so it can die and be
     replaced while they run; the keeper stays until its last sandbox has ended, then exits. It runs
     nothing else and holds nothing (it dies with the host)."""
     from _agent import linux
@@ -369,6 +369,9 @@ def _zygote(ctl: socket.socket, cfg: dict) -> None:
     import tempfile
 
     tempfile.tempdir = None  # sandboxes pick their own /tmp
+    # Once here, in our root, for what reseeding imports on first use (numpy's takes `secrets`): a fork
+    # reseeds on the host's tree, where (not yet the sandbox's root) the interpreter may be out of reach.
+    _reseed()
     gc.collect()
     gc.freeze()  # keep the collector off the shared pages, so forks stay copy-on-write
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # our forks (each sandbox's pid 1) are reaped by the kernel
@@ -451,42 +454,47 @@ _FORK_NAMESPACES = ("CLONE_NEWUSER", "CLONE_NEWNS", "CLONE_NEWNET", "CLONE_NEWIP
 
 
 def _fork_sandbox(ctl, fd: int, mount_fds: list, cfg: dict, header: dict, held: _Held) -> int:
-    """Fork pid 1 of a new sandbox, straight into its namespaces, and write its uid maps. Returns its pid."""
-    from _agent import linux
+    """Fork a new sandbox and write its uid maps. Returns the pid the host holds it by.
 
-    flags = 0
-    for name in _FORK_NAMESPACES:
-        flags |= getattr(linux, name)
-    maps_r, maps_w = os.pipe()
-    pid = -1
+    The child is born pid 1 of the sandbox, in its namespaces (linux.fork_into: one fork). That bypasses
+    libc's fork, which only a single-threaded zygote may do; one whose preload started threads (a BLAS
+    pool a template asked for) forks an outer process that unshares and forks pid 1, then exits.
+    """
+    direct = _single_threaded(held.host_proc)
+    pipe_r, pipe_w = os.pipe()
     try:
-        # The kernel refuses a new user namespace to a chrooted caller: we step out to the host's tree
-        # for the clone (so the child is born there, and builds its root from it) and back at once.
-        os.fchdir(held.host_root)
-        os.chroot(".")
-        pid = linux.fork_into(flags)
+        pid = _clone_pid1(held) if direct else os.fork()
     except BaseException:
-        os.close(maps_r)
-        os.close(maps_w)
+        os.close(pipe_r)
+        os.close(pipe_w)
         raise
-    finally:
-        if pid != 0:  # the zygote, not the child
-            os.fchdir(held.template_root)
-            os.chroot(".")
     if pid == 0:
         import signal
 
         try:  # the child never returns into the zygote's loop, whatever happens
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             ctl.close()
-            os.close(maps_w)
             child_cfg = dict(cfg, **header["config"])
             # The grants' descriptors came with the request, after the channel, one per mount in order.
             child_cfg["mounts"] = [dict(m, fd=mount_fd) for m, mount_fd in zip(child_cfg.get("mounts", []), mount_fds)]
-            _forked_sandbox(socket.socket(fileno=fd), child_cfg, maps_r, held.pidfd)
+            if direct:
+                os.close(pipe_w)
+                _born_pid1(socket.socket(fileno=fd), child_cfg, pipe_r, held.pidfd)
+            else:
+                os.close(pipe_r)
+                _forked_outer(socket.socket(fileno=fd), child_cfg, pipe_w, held.host_root)
         finally:
             os._exit(71)
-    os.close(maps_r)
+    if not direct:
+        os.close(pipe_w)
+        try:
+            # The child unshares its user namespace; we (its parent namespace) write its maps.
+            if os.read(pipe_r, 1) != b"u":
+                raise OSError("sandbox child died before its user namespace existed")
+        finally:
+            os.close(pipe_r)
+    else:
+        os.close(pipe_r)
     try:
         # The child's user namespace is a child of ours: we write its maps (it waits for them).
         if cfg["setup_uid"] == 0:
@@ -500,13 +508,44 @@ def _fork_sandbox(ctl, fd: int, mount_fds: list, cfg: dict, header: dict, held: 
                 os.write(out, maps.encode())
             finally:
                 os.close(out)
-        os.write(maps_w, b"%d" % pid)  # its pid as the host sees it (it is pid 1 in its own namespace)
+        if direct:
+            os.write(pipe_w, b"%d" % pid)  # its pid as the host sees it (it is pid 1 in its own namespace)
     finally:
-        os.close(maps_w)  # unwritten (a failure here): the child sees EOF and exits
+        if direct:
+            os.close(pipe_w)  # unwritten (a failure here): the child sees EOF and exits
     return pid
 
 
-def _forked_sandbox(sock: socket.socket, cfg: dict, maps_r: int, zygote_pidfd: int) -> None:
+def _single_threaded(host_proc: int) -> bool:
+    task = os.open("self/task", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=host_proc)
+    try:
+        return len(os.listdir(task)) == 1
+    finally:
+        os.close(task)
+
+
+def _clone_pid1(held: _Held) -> int:
+    """fork_into the sandbox's namespaces: 0 in the child (pid 1 of them), its pid in the zygote."""
+    from _agent import linux
+
+    flags = 0
+    for name in _FORK_NAMESPACES:
+        flags |= getattr(linux, name)
+    pid = -1
+    # The kernel refuses a new user namespace to a chrooted caller: we step out to the host's tree for
+    # the clone (so the child is born there, and builds its root from it) and back at once.
+    os.fchdir(held.host_root)
+    os.chroot(".")
+    try:
+        pid = linux.fork_into(flags)
+        return pid
+    finally:
+        if pid != 0:  # the zygote, not the child
+            os.fchdir(held.template_root)
+            os.chroot(".")
+
+
+def _born_pid1(sock: socket.socket, cfg: dict, maps_r: int, zygote_pidfd: int) -> None:
     """pid 1 of a zygote's fork, born in its namespaces, on the host's tree, with the zygote's modules."""
     import select
 
@@ -531,10 +570,36 @@ def _forked_sandbox(sock: socket.socket, cfg: dict, maps_r: int, zygote_pidfd: i
     except Exception as exc:
         _send(sock, {"t": "boot_error", "error": "%s: %s" % (type(exc).__name__, exc)})
         os._exit(71)
-    # The host holds pid 1 by pidfd (killing it ends the sandbox); the message is the one an exec'd
-    # sandbox's outer process sends for its pid 1 (_spawn_init).
+    # The host holds pid 1 by pidfd (killing it ends the sandbox); the message is the one an outer
+    # process sends for the pid 1 it forked (_spawn_init).
     _send(sock, {"t": "init", "pid": pid})
     _init(sock, cfg, None, parent_waits=False)
+
+
+def _forked_outer(sock: socket.socket, cfg: dict, ready_w: int, host_root: int) -> None:
+    """The outer process of a fork from a zygote that runs threads: it unshares, forks pid 1 and exits."""
+    from _agent import linux
+
+    try:
+        linux.prctl(linux.PR_SET_PDEATHSIG, 9)
+        _reseed()
+        # Leave the zygote's chroot for the host tree (the kernel refuses a new user namespace to a
+        # chrooted process); pid 1 builds its root from there and pivots, detaching the host tree.
+        os.fchdir(host_root)
+        os.chroot(".")
+        os.close(host_root)
+        # A nested user namespace of our own: its own uid pair on the host, so per-user kernel
+        # counters (RLIMIT_NPROC, inotify, pending signals) are never shared between sandboxes.
+        linux.unshare(linux.CLONE_NEWUSER)
+        os.write(ready_w, b"u")
+        os.close(ready_w)
+        _handshake(sock, cfg)
+        linux.unshare(linux.CLONE_NEWNS | linux.CLONE_NEWNET | linux.CLONE_NEWIPC | linux.CLONE_NEWUTS
+                      | linux.CLONE_NEWCGROUP | linux.CLONE_NEWPID)
+    except Exception as exc:
+        _send(sock, {"t": "boot_error", "error": "%s: %s" % (type(exc).__name__, exc)})
+        os._exit(71)
+    _spawn_init(sock, cfg, None, outer_exits=True)
 
 
 def _reseed() -> None:
@@ -547,19 +612,23 @@ def _reseed() -> None:
         numpy.random.seed()
 
 
-def _spawn_init(sock: socket.socket, cfg: dict, prepare) -> None:
-    """Fork pid 1 of the new pid namespace (an exec'd sandbox; a zygote's fork is born pid 1).
+def _spawn_init(sock: socket.socket, cfg: dict, prepare, outer_exits: bool = False) -> None:
+    """Fork pid 1 of the new pid namespace (a single-threaded zygote's fork is born pid 1 instead).
 
-    We stay and wait for it, so the host's child lives exactly as long as the sandbox, and pid 1
-    dies with us (parent-death signal).
+    Exec'd directly, we stay and wait for it, so the host's child lives exactly as long as the
+    sandbox, and pid 1 dies with us (parent-death signal). The outer process of a fork from a zygote
+    with threads exits at once; pid 1 moves to the zygote's keeper (a subreaper) and ends with its
+    owner: EOF on the channel only the owner holds.
     """
     from _agent import linux
 
     pid = os.fork()
     if pid == 0:
-        _init(sock, cfg, prepare, parent_waits=True)
+        _init(sock, cfg, prepare, parent_waits=not outer_exits)
     # The host kills the sandbox through pid 1 (the whole pid namespace dies with it).
     _send(sock, {"t": "init", "pid": pid})
+    if outer_exits:
+        os._exit(0)
     sock.close()
     try:
         linux.drop_all_capabilities()

@@ -107,15 +107,14 @@ def fork_into(flags: int) -> int:
     sides as in os.fork (PyOS_BeforeFork / AfterFork_Parent / AfterFork_Child: the import lock, the GIL,
     threading's state, os.register_at_fork hooks such as random's reseed). libc's fork is bypassed, so its
     atfork handlers do not run and the child's thread descriptor keeps the parent's kernel tid (glibc's
-    fork would have set it): only a single-threaded caller may use this (no lock can be held by another
-    thread, no library thread pool needs stopping), and the child must not rely on that cached tid (pid 1
+    fork would have set it): only a single-threaded caller may use this, which the caller checks (no lock
+    can be held by another thread, no library thread pool needs stopping: OpenBLAS stops its own at libc's
+    fork), and the child must not rely on that cached tid (pid 1
     runs a single thread; glibc >= 2.34 asks the kernel for the tid in raise and pthread_kill; processes
     it forks with os.fork get their own from libc).
     """
     if _CLONE is None:
         raise OSError(38, "clone: unsupported architecture %s" % _MACHINE)
-    if len(os.listdir("/proc/self/task")) != 1:
-        raise OSError(22, "clone: the caller must be single-threaded")
     ctypes.pythonapi.PyOS_BeforeFork()
     # clone(flags, stack=NULL: the child runs on its copy of our stack, as after fork, ptid, ctid, tls)
     pid = _libc_holding_gil.syscall(ctypes.c_long(_CLONE), ctypes.c_ulong(flags | SIGCHLD), None, None, None, None)

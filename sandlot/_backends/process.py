@@ -122,13 +122,27 @@ class ProcessSandbox(CgroupSandbox):
             os.close(fd)
 
     def adopt_init(self, pid: int) -> None:
-        """Hold pid 1 of the sandbox by pidfd, so killing it can never hit a recycled pid.
-
-        A zygote's fork is born pid 1 (``pid`` is the process held since the fork); an exec'd boot forks
-        it, and its outer process waits for it outside the pid namespace, both held until the end."""
+        """Hold pid 1 of the sandbox by pidfd, so killing it can never hit a recycled pid."""
         self.init_pid = pid
-        if pid != self._pid:
-            self._init_pidfd = os.pidfd_open(pid)
+        if pid == self._pid:  # a zygote's fork born pid 1 (boot.py _born_pid1): held by pidfd since its fork
+            return
+        self._init_pidfd = os.pidfd_open(pid)
+        if self._popen is None:
+            # Forked from a zygote that runs threads, the outer process exits once pid 1 exists: from
+            # now on the sandbox lives exactly as long as its pid 1.
+            loop = asyncio.get_running_loop()
+            try:
+                loop.remove_reader(self._pidfd)
+            except Exception:
+                pass
+            os.close(self._pidfd)
+            self._pidfd, self._init_pidfd = self._init_pidfd, None
+            self._pid = pid
+            # The outer process may already have exited (it does so on purpose): that was not the
+            # sandbox ending, so its exit must not count.
+            if self._exited.done():
+                self._exited = loop.create_future()
+            loop.add_reader(self._pidfd, self._on_exit)
 
     @property
     def pid(self) -> int:
