@@ -1,6 +1,7 @@
 """Boot of a zygote-forked sandbox, A/B (issue #11, lever 4): wall and CPU per sandbox of two checkouts.
 
     sudo .venv/bin/python bench/boot_fork.py --base /tmp/sandlot-base [--n 30] [--rounds 4]
+    sudo .venv/bin/python bench/boot_fork.py --micro [--n 100]
 
 ``--base``: another checkout of Sandlot (``git archive COMMIT | tar -x -C DIR``), the "A" side; "B" is this
 one. Each round runs one worker per side, in alternating order (so load drifts hit both alike). A worker has
@@ -9,6 +10,12 @@ a warm-up (the zygote's start), it times N times ``Sandbox()`` (create), ``run_c
 CPU is everything the worker's cgroup (cpuacct, v1) was charged meanwhile: the host process, the keeper, the
 zygote, and every sandbox (their cgroups are made below the worker's own). Prints medians per side, and the
 load.
+
+``--micro``: the fork path alone, in one process that imports the data-science preload as a zygote does:
+interleaved, (A) fork, unshare the user namespace, maps written by the parent, unshare the other namespaces,
+fork pid 1 (the outer process exits), against (B) pid 1 born in all of them at once (linux.fork_into), maps
+written by the parent. Timed from the fork to pid 1's word that it runs (wall), and the CPU of the whole
+tree (cpuacct) per fork, teardown included (each pid 1 exits at once).
 """
 
 from __future__ import annotations
@@ -78,12 +85,100 @@ def run_worker(tree: Path, n: int) -> dict:
                 time.sleep(0.1)
 
 
+MICRO = r"""
+import json, os, sys, time
+from pathlib import Path
+
+cg = Path(sys.argv[2])
+(cg / "cgroup.procs").write_text(str(os.getpid()))
+sys.path.insert(0, sys.argv[3])
+from _agent import linux
+import numpy, pandas, matplotlib.pyplot, scipy, sklearn  # noqa: F401  (the zygote's image)
+
+OTHERS = linux.CLONE_NEWNS | linux.CLONE_NEWNET | linux.CLONE_NEWIPC | linux.CLONE_NEWUTS | linux.CLONE_NEWPID
+MAPS = b"0 0 1\n"
+
+def write_maps(pid):
+    for name in ("uid_map", "gid_map"):
+        with open(f"/proc/{pid}/{name}", "wb") as f:
+            f.write(MAPS)
+
+def outer_then_pid1():
+    go_r, go_w = os.pipe(); up_r, up_w = os.pipe(); ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        linux.unshare(linux.CLONE_NEWUSER)
+        os.write(up_w, b"u"); os.read(go_r, 1)
+        linux.unshare(OTHERS | linux.CLONE_NEWCGROUP)
+        if os.fork() == 0:
+            os.write(ready_w, b"r"); os._exit(0)
+        os._exit(0)
+    os.read(up_r, 1); write_maps(pid); os.write(go_w, b"g")
+    os.read(ready_r, 1)
+    ready = time.perf_counter()
+    for fd in (go_r, go_w, up_r, up_w, ready_r, ready_w):
+        os.close(fd)
+    os.waitpid(pid, 0)
+    return ready
+
+def born_pid1():
+    go_r, go_w = os.pipe(); ready_r, ready_w = os.pipe()
+    pid = linux.fork_into(linux.CLONE_NEWUSER | OTHERS)
+    if pid == 0:
+        os.read(go_r, 1)
+        linux.unshare(linux.CLONE_NEWCGROUP)
+        os.write(ready_w, b"r"); os._exit(0)
+    write_maps(pid); os.write(go_w, b"g")
+    os.read(ready_r, 1)
+    ready = time.perf_counter()
+    for fd in (go_r, go_w, ready_r, ready_w):
+        os.close(fd)
+    os.waitpid(pid, 0)
+    return ready
+
+def usage():
+    return int((cg / "cpuacct.usage").read_text())
+
+got = {"A": [], "B": [], "A_cpu": [], "B_cpu": []}
+for i in range(int(sys.argv[1])):
+    for side, fn in (("A", outer_then_pid1), ("B", born_pid1)) if i % 2 == 0 else (("B", born_pid1), ("A", outer_then_pid1)):
+        c0 = usage(); t0 = time.perf_counter()
+        t1 = fn()
+        time.sleep(0.02)  # teardown of what exited, charged to the group
+        got[side].append(t1 - t0); got[side + "_cpu"].append((usage() - c0) / 1e9)
+print(json.dumps(got))
+"""
+
+
+def micro(n: int) -> None:
+    cg = CPUACCT / f"sandlot-bootfork-micro-{os.getpid()}"
+    cg.mkdir()
+    try:
+        print("load before:", os.getloadavg())
+        out = subprocess.run([sys.executable, "-c", MICRO, str(n), str(cg), str(ROOT / "sandlot")], check=True,
+                             stdout=subprocess.PIPE, text=True, timeout=600).stdout
+        got = json.loads(out.strip().splitlines()[-1])
+        for side, what in (("A", "fork, unshare, fork pid 1 (outer exits)"), ("B", "pid 1 born in its namespaces")):
+            print(f"{side} {what}: to pid 1 running p50 {statistics.median(got[side]) * 1e3:.2f} ms, "
+                  f"CPU p50 {statistics.median(got[side + '_cpu']) * 1e3:.2f} ms (n={len(got[side])})")
+        print("load after:", os.getloadavg())
+    finally:
+        time.sleep(0.2)
+        cg.rmdir()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--base", required=True, type=Path)
+    ap.add_argument("--micro", action="store_true")
+    ap.add_argument("--base", type=Path)
     ap.add_argument("--n", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=4)
     args = ap.parse_args()
+    if args.micro:
+        micro(args.n)
+        return
+    if args.base is None:
+        ap.error("--base is required (or --micro)")
     sides = {"A": args.base.resolve(), "B": ROOT}
     got = {"A": [], "B": []}
     print("load before:", os.getloadavg())
