@@ -286,9 +286,10 @@ def _direct(sock: socket.socket, cfg: dict) -> None:
 def _keeper(ctl: socket.socket, cfg: dict) -> None:
     """The process the host starts for a zygote: it forks the zygote and stays, a subreaper, to reap
     the sandboxes' pid 1s once the zygote, their parent, is gone (while it lives, the kernel reaps
-    them for it: it ignores SIGCHLD), or once the outer process that forked one exits. Sandboxes do not depend on the zygote, so it can die and be
-    replaced while they run; the keeper stays until its last sandbox has ended, then exits. It runs
-    nothing else and holds nothing (it dies with the host)."""
+    them for it: it ignores SIGCHLD), or once the outer process that forked one exits. Sandboxes do
+    not depend on the zygote, so it can die and be replaced while they run; the keeper stays until
+    its last sandbox has ended, then exits. It runs nothing else and holds nothing (it dies with the
+    host)."""
     from _agent import linux
 
     linux.prctl(linux.PR_SET_PDEATHSIG, 9)
