@@ -91,12 +91,7 @@ def unshare(flags: int) -> None:
 
 SIGCHLD = 17
 _CLONE = {"x86_64": 56, "aarch64": 220}.get(_MACHINE)
-# The same libc, called with the GIL held across the call (os.fork holds it too): nothing else of this
-# interpreter runs while the child's copy of the address space is taken.
-_libc_holding_gil = ctypes.PyDLL(libc._name, use_errno=True)
-_libc_holding_gil.syscall.restype = ctypes.c_long
-for _name in ("PyOS_BeforeFork", "PyOS_AfterFork_Parent", "PyOS_AfterFork_Child"):
-    getattr(ctypes.pythonapi, _name).restype = None
+_libc_holding_gil = None  # made on first use: only a zygote forks this way (not every interpreter has pythonapi)
 
 
 def fork_into(flags: int) -> int:
@@ -109,12 +104,20 @@ def fork_into(flags: int) -> int:
     atfork handlers do not run and the child's thread descriptor keeps the parent's kernel tid (glibc's
     fork would have set it): only a single-threaded caller may use this, which the caller checks (no lock
     can be held by another thread, no library thread pool needs stopping: OpenBLAS stops its own at libc's
-    fork), and the child must not rely on that cached tid (pid 1
-    runs a single thread; glibc >= 2.34 asks the kernel for the tid in raise and pthread_kill; processes
-    it forks with os.fork get their own from libc).
+    fork), and the child must not rely on that cached tid (pid 1 runs a single thread; glibc >= 2.34 asks
+    the kernel for the tid in raise and pthread_kill; processes it forks with os.fork get their own).
     """
+    global _libc_holding_gil
     if _CLONE is None:
         raise OSError(38, "clone: unsupported architecture %s" % _MACHINE)
+    if _libc_holding_gil is None:
+        # The same libc, called with the GIL held across the call (os.fork holds it too): nothing else
+        # of this interpreter runs while the child's copy of the address space is taken.
+        held = ctypes.PyDLL(libc._name, use_errno=True)
+        held.syscall.restype = ctypes.c_long
+        for name in ("PyOS_BeforeFork", "PyOS_AfterFork_Parent", "PyOS_AfterFork_Child"):
+            getattr(ctypes.pythonapi, name).restype = None
+        _libc_holding_gil = held
     ctypes.pythonapi.PyOS_BeforeFork()
     # clone(flags, stack=NULL: the child runs on its copy of our stack, as after fork, ptid, ctid, tls)
     pid = _libc_holding_gil.syscall(ctypes.c_long(_CLONE), ctypes.c_ulong(flags | SIGCHLD), None, None, None, None)
