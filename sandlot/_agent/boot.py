@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from typing import NamedTuple
 
 _HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -240,9 +241,10 @@ def _serve() -> None:
     os._exit(0)
 
 
-def _handshake(sock: socket.socket, cfg: dict, die_with_parent: bool = True) -> None:
-    """Tell the host our pid; it writes our uid/gid maps and cgroup, then says go."""
-    _send(sock, {"t": "unshared", "pid": os.getpid()})
+def _handshake(sock: socket.socket, cfg: dict, die_with_parent: bool = True, pid: int = 0) -> None:
+    """Tell the host our pid (``pid``: as the host sees it, when ours is another namespace's); it writes
+    our uid/gid maps (unless a zygote did) and puts us in our cgroup, then says go."""
+    _send(sock, {"t": "unshared", "pid": pid or os.getpid()})
     if _recv_frame(sock)["t"] != "go":
         os._exit(70)
     if cfg["setup_uid"] == 0:
@@ -283,9 +285,11 @@ def _direct(sock: socket.socket, cfg: dict) -> None:
 
 def _keeper(ctl: socket.socket, cfg: dict) -> None:
     """The process the host starts for a zygote: it forks the zygote and stays, a subreaper, to reap
-    the sandboxes' pid 1s (orphaned as soon as each fork's outer process exits). Sandboxes do not
-    depend on the zygote, so it can die and be replaced while they run; the keeper stays until its
-    last sandbox has ended, then exits. It runs nothing else and holds nothing (it dies with the host)."""
+    the sandboxes' pid 1s once the zygote, their parent, is gone (while it lives, the kernel reaps
+    them for it: it ignores SIGCHLD), or once the outer process that forked one exits. Sandboxes do
+    not depend on the zygote, so it can die and be replaced while they run; the keeper stays until
+    its last sandbox has ended, then exits. It runs nothing else and holds nothing (it dies with the
+    host)."""
     from _agent import linux
 
     linux.prctl(linux.PR_SET_PDEATHSIG, 9)
@@ -309,8 +313,8 @@ def _keeper(ctl: socket.socket, cfg: dict) -> None:
 def _zygote(ctl: socket.socket, cfg: dict) -> None:
     """A template's zygote: its user and mount namespace, its read-only root, its modules imported.
 
-    Never runs user code. Each "fork" request carries a fresh channel (SCM_RIGHTS); the child
-    becomes a sandbox with its own nested user namespace and every other namespace of its own.
+    Never runs user code. Each "fork" request carries a fresh channel (SCM_RIGHTS); the child is
+    born pid 1 of a sandbox, in its own nested user namespace and every other namespace of its own.
     The zygote imports from inside the template root (chroot: after the uid change the host's
     paths, like a pyenv under a 0700 /root, are out of reach), keeping descriptors to the host's
     root and /proc so that children can go back to build their own root and the zygote can write
@@ -346,6 +350,7 @@ def _zygote(ctl: socket.socket, cfg: dict) -> None:
         # The agent's modules imported from here on (our matplotlib backend) are found where the root has
         # them: the host's path of the package is not in it.
         _agent.__path__[:] = ["/opt/sandlot/_agent"]
+        template_root = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         os.environ.clear()
         os.environ.update(cfg["env"])
         os.environ.update({"MPLCONFIGDIR": isolation.ZYGOTE_SCRATCH + "/matplotlib", "HOME": isolation.ZYGOTE_SCRATCH,
@@ -370,16 +375,29 @@ def _zygote(ctl: socket.socket, cfg: dict) -> None:
     import tempfile
 
     tempfile.tempdir = None  # sandboxes pick their own /tmp
+    # Once here, in our root, for what reseeding imports on first use (numpy's takes `secrets`): a fork
+    # reseeds on the host's tree, where (not yet the sandbox's root) the interpreter may be out of reach.
+    _reseed()
     gc.collect()
     gc.freeze()  # keep the collector off the shared pages, so forks stay copy-on-write
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # forks' outer processes are reaped by the kernel
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # our forks (each sandbox's pid 1) are reaped by the kernel
     # Sandboxes do not depend on us once forked: each ends with its owner (EOF on its channel, which
     # only the owner holds), and the keeper reaps it. If we die, they live on; the host starts a new zygote.
+    held = _Held(host_root, host_proc, template_root, os.pidfd_open(os.getpid()))
     _send(ctl, {"t": "ready", "failed": failed})
-    _serve_forks(ctl, cfg, host_root, host_proc)
+    _serve_forks(ctl, cfg, held)
 
 
-def _serve_forks(ctl: socket.socket, cfg: dict, host_root: int, host_proc: int) -> None:
+class _Held(NamedTuple):
+    """What the zygote keeps open for its forks (all close-on-exec, and closed by pid 1)."""
+
+    host_root: int  # the host's tree, where each fork is born (a chrooted caller gets no new user namespace)
+    host_proc: int  # the host's /proc: we write each fork's uid maps
+    template_root: int  # our chroot, re-entered after each fork
+    pidfd: int  # ourselves: a fork checks we still live once it is set to die with us
+
+
+def _serve_forks(ctl: socket.socket, cfg: dict, held: _Held) -> None:
     """The zygote's request loop. One request's content never ends it: each is checked and answered
     ("forked" or "error"); only a broken stream (bad framing, the host gone) does, and the host then
     starts a new zygote."""
@@ -401,17 +419,17 @@ def _serve_forks(ctl: socket.socket, cfg: dict, host_root: int, host_proc: int) 
             os._exit(73)  # out of step with the host: it restarts us
         for header, _ in frames:
             fds, pending = pending, []
-            _answer_fork(ctl, header, fds, cfg, host_root, host_proc)
+            _answer_fork(ctl, header, fds, cfg, held)
 
 
-def _answer_fork(ctl: socket.socket, header: dict, fds: list, cfg: dict, host_root: int, host_proc: int) -> None:
+def _answer_fork(ctl: socket.socket, header: dict, fds: list, cfg: dict, held: _Held) -> None:
     try:
         problem = _fork_request_problem(header, fds)
         if problem:
             _send(ctl, {"t": "error", "error": problem})
             return
         try:
-            pid = _fork_sandbox(ctl, fds[0], fds[1:], cfg, header, host_root, host_proc)
+            pid = _fork_sandbox(ctl, fds[0], fds[1:], cfg, header, held)
         except Exception as exc:
             _send(ctl, {"t": "error", "error": "fork failed: %s: %s" % (type(exc).__name__, exc)})
             return
@@ -436,46 +454,136 @@ def _fork_request_problem(header: dict, fds: list):
     return None
 
 
-def _fork_sandbox(ctl, fd: int, mount_fds: list, cfg: dict, header: dict, host_root: int, host_proc: int) -> int:
-    from _agent import linux
+# pid 1 of a fork is born in all of these at once (clone); its cgroup namespace comes later, once the
+# host has put it in its cgroup (the namespace's root is the cgroup it is made in).
+_FORK_NAMESPACES = ("CLONE_NEWUSER", "CLONE_NEWNS", "CLONE_NEWNET", "CLONE_NEWIPC", "CLONE_NEWUTS", "CLONE_NEWPID")
 
-    ready_r, ready_w = os.pipe()
-    pid = os.fork()
+
+def _fork_sandbox(ctl, fd: int, mount_fds: list, cfg: dict, header: dict, held: _Held) -> int:
+    """Fork a new sandbox and write its uid maps. Returns the pid the host holds it by.
+
+    The child is born pid 1 of the sandbox, in its namespaces (linux.fork_into: one fork). That bypasses
+    libc's fork, which only a single-threaded zygote may do; one whose preload started threads (a BLAS
+    pool a template asked for) forks an outer process that unshares and forks pid 1, then exits.
+    """
+    direct = _single_threaded(held.host_proc)
+    pipe_r, pipe_w = os.pipe()
+    try:
+        pid = _clone_pid1(held) if direct else os.fork()
+    except BaseException:
+        os.close(pipe_r)
+        os.close(pipe_w)
+        raise
     if pid == 0:
         import signal
 
         try:  # the child never returns into the zygote's loop, whatever happens
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             ctl.close()
-            os.close(ready_r)
             child_cfg = dict(cfg, **header["config"])
             # The grants' descriptors came with the request, after the channel, one per mount in order.
             child_cfg["mounts"] = [dict(m, fd=mount_fd) for m, mount_fd in zip(child_cfg.get("mounts", []), mount_fds)]
-            _forked_sandbox(socket.socket(fileno=fd), child_cfg, ready_w, host_root)
+            if direct:
+                os.close(pipe_w)
+                _born_pid1(socket.socket(fileno=fd), child_cfg, pipe_r, held.pidfd)
+            else:
+                os.close(pipe_r)
+                _forked_outer(socket.socket(fileno=fd), child_cfg, pipe_w, held.host_root)
         finally:
             os._exit(71)
-    os.close(ready_w)
-    try:
-        # The child unshares its user namespace; we (its parent namespace) write its maps.
-        if os.read(ready_r, 1) != b"u":
-            raise OSError("sandbox child died before its user namespace existed")
-    finally:
-        os.close(ready_r)
-    if cfg["setup_uid"] == 0:
-        base = 2 + 2 * int(header["slot"])  # a uid pair of its own, inside our 65536
-        maps = "0 %d 1\n1000 %d 1\n" % (base, base + 1)
-    else:
-        maps = "1000 1000 1\n"
-    for name in ("uid_map", "gid_map"):
-        out = os.open("%d/%s" % (pid, name), os.O_WRONLY, dir_fd=host_proc)
+    if not direct:
+        os.close(pipe_w)
         try:
-            os.write(out, maps.encode())
+            # The child unshares its user namespace; we (its parent namespace) write its maps.
+            if os.read(pipe_r, 1) != b"u":
+                raise OSError("sandbox child died before its user namespace existed")
         finally:
-            os.close(out)
+            os.close(pipe_r)
+    else:
+        os.close(pipe_r)
+    try:
+        # The child's user namespace is a child of ours: we write its maps (it waits for them).
+        if cfg["setup_uid"] == 0:
+            base = 2 + 2 * int(header["slot"])  # a uid pair of its own, inside our 65536
+            maps = "0 %d 1\n1000 %d 1\n" % (base, base + 1)
+        else:
+            maps = "1000 1000 1\n"
+        for name in ("uid_map", "gid_map"):
+            out = os.open("%d/%s" % (pid, name), os.O_WRONLY, dir_fd=held.host_proc)
+            try:
+                os.write(out, maps.encode())
+            finally:
+                os.close(out)
+        if direct:
+            os.write(pipe_w, b"%d" % pid)  # its pid as the host sees it (it is pid 1 in its own namespace)
+    finally:
+        if direct:
+            os.close(pipe_w)  # unwritten (a failure here): the child sees EOF and exits
     return pid
 
 
-def _forked_sandbox(sock: socket.socket, cfg: dict, ready_w: int, host_root: int) -> None:
+def _single_threaded(host_proc: int) -> bool:
+    task = os.open("self/task", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=host_proc)
+    try:
+        return len(os.listdir(task)) == 1
+    finally:
+        os.close(task)
+
+
+def _clone_pid1(held: _Held) -> int:
+    """fork_into the sandbox's namespaces: 0 in the child (pid 1 of them), its pid in the zygote."""
+    from _agent import linux
+
+    flags = 0
+    for name in _FORK_NAMESPACES:
+        flags |= getattr(linux, name)
+    pid = -1
+    # The kernel refuses a new user namespace to a chrooted caller: we step out to the host's tree for
+    # the clone (so the child is born there, and builds its root from it) and back at once.
+    os.fchdir(held.host_root)
+    os.chroot(".")
+    try:
+        pid = linux.fork_into(flags)
+        return pid
+    finally:
+        if pid != 0:  # the zygote, not the child
+            os.fchdir(held.template_root)
+            os.chroot(".")
+
+
+def _born_pid1(sock: socket.socket, cfg: dict, maps_r: int, zygote_pidfd: int) -> None:
+    """pid 1 of a zygote's fork, born in its namespaces, on the host's tree, with the zygote's modules."""
+    import select
+
+    from _agent import linux
+
+    try:
+        # Until the host says go, we die with the zygote: a fork whose zygote died mid-request was never
+        # answered, and the host gives its uid slot to the next one.
+        linux.prctl(linux.PR_SET_PDEATHSIG, 9)
+        _reseed()
+        pid = os.read(maps_r, 32)  # once our uid maps are written; nothing (EOF) if they never will be
+        os.close(maps_r)
+        if not pid or select.select([zygote_pidfd], [], [], 0)[0]:  # (the zygote died before we were armed)
+            os._exit(0)
+        os.close(zygote_pidfd)
+        pid = int(pid)
+        _handshake(sock, cfg, die_with_parent=False, pid=pid)
+        # From now on the sandbox is the host's, and outlives the zygote (the uid change above cleared the
+        # parent-death signal already, unless the host is unprivileged and there was none).
+        linux.prctl(linux.PR_SET_PDEATHSIG, 0)
+        linux.unshare(linux.CLONE_NEWCGROUP)  # now that we are in our cgroup: the root we will see
+    except Exception as exc:
+        _send(sock, {"t": "boot_error", "error": "%s: %s" % (type(exc).__name__, exc)})
+        os._exit(71)
+    # The host holds pid 1 by pidfd (killing it ends the sandbox); the message is the one an outer
+    # process sends for the pid 1 it forked (_spawn_init).
+    _send(sock, {"t": "init", "pid": pid})
+    _init(sock, cfg, None, parent_waits=False)
+
+
+def _forked_outer(sock: socket.socket, cfg: dict, ready_w: int, host_root: int) -> None:
+    """The outer process of a fork from a zygote that runs threads: it unshares, forks pid 1 and exits."""
     from _agent import linux
 
     try:
@@ -511,12 +619,12 @@ def _reseed() -> None:
 
 
 def _spawn_init(sock: socket.socket, cfg: dict, prepare, outer_exits: bool = False) -> None:
-    """Fork pid 1 of the new pid namespace.
+    """Fork pid 1 of the new pid namespace (a single-threaded zygote's fork is born pid 1 instead).
 
     Exec'd directly, we stay and wait for it, so the host's child lives exactly as long as the
-    sandbox, and pid 1 dies with us (parent-death signal). Forked from a zygote we exit at once
-    (one process fewer per sandbox); pid 1 moves to the zygote's keeper (a subreaper) and ends with
-    its owner: EOF on the channel only the owner holds.
+    sandbox, and pid 1 dies with us (parent-death signal). The outer process of a fork from a zygote
+    with threads exits at once; pid 1 moves to the zygote's keeper (a subreaper) and ends with its
+    owner: EOF on the channel only the owner holds.
     """
     from _agent import linux
 

@@ -89,6 +89,48 @@ def unshare(flags: int) -> None:
     _check(libc.unshare(flags), "unshare")
 
 
+SIGCHLD = 17
+_CLONE = {"x86_64": 56, "aarch64": 220}.get(_MACHINE)
+_libc_holding_gil = None  # made on first use: only a zygote forks this way (not every interpreter has pythonapi)
+
+
+def fork_into(flags: int) -> int:
+    """os.fork(), with the child born in new namespaces (``flags``: CLONE_NEW*): clone(2), no new stack.
+
+    Returns 0 in the child, its pid (in our pid namespace) in the parent. With CLONE_NEWPID the child is
+    pid 1 of its namespace at once: no unshare and second fork. CPython's own fork bookkeeping runs on both
+    sides as in os.fork (PyOS_BeforeFork / AfterFork_Parent / AfterFork_Child: the import lock, the GIL,
+    threading's state, os.register_at_fork hooks such as random's reseed). libc's fork is bypassed, so its
+    atfork handlers do not run and the child's thread descriptor keeps the parent's kernel tid (glibc's
+    fork would have set it): only a single-threaded caller may use this, which the caller checks (no lock
+    can be held by another thread, no library thread pool needs stopping: OpenBLAS stops its own at libc's
+    fork), and the child must not rely on that cached tid (pid 1 runs a single thread; glibc >= 2.34 asks
+    the kernel for the tid in raise and pthread_kill; processes it forks with os.fork get their own).
+    """
+    global _libc_holding_gil
+    if _CLONE is None:
+        raise OSError(38, "clone: unsupported architecture %s" % _MACHINE)
+    if _libc_holding_gil is None:
+        # The same libc, called with the GIL held across the call (os.fork holds it too): nothing else
+        # of this interpreter runs while the child's copy of the address space is taken.
+        held = ctypes.PyDLL(libc._name, use_errno=True)
+        held.syscall.restype = ctypes.c_long
+        for name in ("PyOS_BeforeFork", "PyOS_AfterFork_Parent", "PyOS_AfterFork_Child"):
+            getattr(ctypes.pythonapi, name).restype = None
+        _libc_holding_gil = held
+    ctypes.pythonapi.PyOS_BeforeFork()
+    # clone(flags, stack=NULL: the child runs on its copy of our stack, as after fork, ptid, ctid, tls)
+    pid = _libc_holding_gil.syscall(ctypes.c_long(_CLONE), ctypes.c_ulong(flags | SIGCHLD), None, None, None, None)
+    if pid == 0:
+        ctypes.pythonapi.PyOS_AfterFork_Child()
+        return 0
+    err = ctypes.get_errno()
+    ctypes.pythonapi.PyOS_AfterFork_Parent()
+    if pid < 0:
+        raise OSError(err, "clone: %s" % os.strerror(err))
+    return pid
+
+
 def mount(source, target, fstype, flags: int = 0, data=None) -> None:
     enc = lambda s: s.encode() if isinstance(s, str) else s  # noqa: E731
     ret = libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data))

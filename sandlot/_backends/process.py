@@ -74,7 +74,7 @@ class UidSlot:
 
 class ProcessSandbox(CgroupSandbox):
     """A live sandbox. ``pid`` is its outermost process on the host (the boot process, or the
-    zygote's child); pid 1 of the sandbox is held by pidfd and killing it ends everything."""
+    zygote's child, itself pid 1); pid 1 of the sandbox is held by pidfd and killing it ends everything."""
 
     isolation = "process"
 
@@ -124,10 +124,12 @@ class ProcessSandbox(CgroupSandbox):
     def adopt_init(self, pid: int) -> None:
         """Hold pid 1 of the sandbox by pidfd, so killing it can never hit a recycled pid."""
         self.init_pid = pid
+        if pid == self._pid:  # a zygote's fork born pid 1 (boot.py _born_pid1): held by pidfd since its fork
+            return
         self._init_pidfd = os.pidfd_open(pid)
         if self._popen is None:
-            # Forked from a zygote, the outer process exits once pid 1 exists: from now on the
-            # sandbox lives exactly as long as its pid 1.
+            # Forked from a zygote that runs threads, the outer process exits once pid 1 exists: from
+            # now on the sandbox lives exactly as long as its pid 1.
             loop = asyncio.get_running_loop()
             try:
                 loop.remove_reader(self._pidfd)
@@ -448,7 +450,7 @@ class ProcessBackend(Backend):
         await asyncio.to_thread(sandbox.cgroup.add, sandbox.pid)
         await sandbox.channel.send({"t": "go"})
         seen = {}
-        while len(seen) < 2:  # "init" (from the outer process) and "ready" (from pid 1), in either order
+        while len(seen) < 2:  # "init" (from the outer process, or pid 1 itself) and "ready" (from pid 1), in either order
             msg = await self._expect(sandbox, ("init", "ready"))
             seen[msg["t"]] = msg
         sandbox.adopt_init(int(seen["init"]["pid"]))

@@ -146,7 +146,7 @@ class Zygote:
                     exited = self._exited_within(1.0)  # its socket closes just before it is seen to exit
                     self._close()  # a fresh zygote for the next fork; live sandboxes do not notice
                     # A child forked for this request dies with the zygote (parent-death signal, set
-                    # before it unshares) and never got "go": its uid slot is free again.
+                    # armed before the zygote can answer for it) and never got "go": its uid slot is free again.
                     self._free_slots.append(self._out_of_step)
                     if attempt == 2 or not exited or not isinstance(exc, (SandboxCrashed, OSError)):
                         raise
