@@ -77,6 +77,11 @@ def template_config(template: Template, env: dict[str, str]) -> dict:
     }
     if template.rootfs:
         config.update(image_config(template))
+    if _config.ksm():  # only when asked: a zygote's key (a hash of this plan) is unchanged otherwise
+        from .._host import ksm
+
+        ksm.engage()
+        config["ksm"] = True
     return config
 
 
