@@ -128,6 +128,11 @@ def ksm() -> bool:
     raise InvalidRequest(f"SANDLOT_KSM must be 1 or 0, got {raw!r}")
 
 
+def ask_ksm() -> None:
+    """`sandlot serve --ksm`: as SANDLOT_KSM=1 for every sandbox this process starts from now on."""
+    os.environ["SANDLOT_KSM"] = "1"
+
+
 def boot_log() -> Optional[str]:
     return get("SANDLOT_BOOT_LOG")
 

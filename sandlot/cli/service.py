@@ -8,7 +8,6 @@ server's machine, as the user the server runs as.
 from __future__ import annotations
 
 import datetime
-import os
 import shutil
 import sys
 from typing import Any, Callable, Optional
@@ -124,9 +123,10 @@ def serve(host: str, port: int, db_path: Optional[str], log_level: str, no_mcp: 
         raise click.UsageError(str(exc)) from None
     merging = None
     if ksm:
+        from .. import _config
         from .._host import ksm as kernel_ksm
 
-        os.environ["SANDLOT_KSM"] = "1"  # the engine reads it at each sandbox
+        _config.ask_ksm()  # the engine reads it when it starts a template's zygote or boots a sandbox
         merging = kernel_ksm.engage()
     mounts = []
     if not no_mcp:
