@@ -74,6 +74,47 @@ def tree_kernel_extras(root: int) -> tuple:
     return rmap, pte
 
 
+def _rollup(pid: int) -> tuple:
+    pss = uss = 0
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key == "Pss":
+            pss += int(rest.split()[0]) * 1024
+        elif key in ("Private_Clean", "Private_Dirty"):
+            uss += int(rest.split()[0]) * 1024
+    return pss, uss
+
+
+def per_role(sandbox_ids: list) -> dict:
+    """Mean PSS and USS of a sandbox's agent (pid 1: the process whose parent is outside the sandbox) and of
+    its session (the rest): what lever 5 (one process per sandbox) could save is about the agent's share."""
+    members: dict = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cgroup = Path(f"/proc/{entry}/cgroup").read_text()
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            for sid in sandbox_ids:
+                if f"/{sid}" in cgroup:
+                    members.setdefault(sid, {})[int(entry)] = ppid
+    sums = {"agent": [0, 0, 0], "session": [0, 0, 0]}
+    for procs in members.values():
+        for pid, ppid in procs.items():
+            try:
+                pss, uss = _rollup(pid)
+            except (OSError, ValueError):
+                continue
+            role = sums["session" if ppid in procs else "agent"]
+            role[0] += pss
+            role[1] += uss
+            role[2] += 1
+    n = max(1, len(members))
+    return {f"{role}_{kind}_mb": round(v[i] / n / 2**20, 2) for role, v in sums.items()
+            for i, kind in ((0, "pss"), (1, "uss"))}
+
+
 def converge(settle: float) -> dict:
     """Wait until merging levels off: a full scan after which pages_sharing grew < 1% (or ``settle`` s)."""
     start, cpu0 = time.monotonic(), ksmd_cpu_seconds()
@@ -123,6 +164,7 @@ def phase(label: str, n: int, settle: float) -> dict:
         time.sleep(10)
         out["ksmd_cpu_steady_pct"] = round((ksmd_cpu_seconds() - c0) / 10 * 100, 1)
         out["answered"] = sum(1 for s in sessions if s.run_code("1+1").text == "2")
+        out.update(per_role([s.sandbox_id for s in sessions]))
         st = ksm.status()
         out.update(pages_sharing=st.pages_sharing, general_profit_mb=round((st.general_profit or 0) / 2**20, 1),
                    ksmd=f"{'on' if st.running else 'off'} {st.pages_to_scan}/{st.sleep_millisecs}ms")

@@ -88,3 +88,25 @@ def test_doctor_says_whether_ksm_is_available_and_asked(ksmd_as_found):
     daemon = "ksmd runs" if ksmd_as_found["run"] == 1 else "ksmd off"
     assert daemon in off["detail"] and daemon in on["detail"], (off, on)  # the doctor looks, it never turns it on
     assert {name: ksm._read(name) for name in ksm.KNOBS} == ksmd_as_found
+
+
+def test_a_server_asked_for_ksm_marks_its_tenants_sandboxes_and_puts_ksmd_back_when_it_stops(tmp_path, ksmd_as_found):
+    import sandlot
+
+    from .conftest import processes_in_sandbox
+    from .serverproc import ServerProcess
+
+    env = {k: v for k, v in os.environ.items() if k != "SANDLOT_KSM"}
+    server = ServerProcess(tmp_path / "sandlot.db", "--ksm", env=dict(env, SANDLOT_POOL_MIN="0")).start()
+    try:
+        if ksmd_as_found["run"] == 0 and os.geteuid() == 0:  # it was off: on, with Sandlot's budget
+            assert (ksm._read("run"), ksm._read("pages_to_scan"), ksm._read("sleep_millisecs")) == (
+                1, ksm.PAGES_TO_SCAN, ksm.SLEEP_MILLISECS)
+        key = server.key("acme")
+        with sandlot.Sandbox(api_url=server.url, api_key=key) as sb:
+            assert sb.run_code("import pandas; 1+1").text == "2"
+            merges = {pid: ksm.process_merges(pid) for pid in processes_in_sandbox(sb.sandbox_id)}
+        assert len(merges) >= 2 and set(merges.values()) == {True}, merges
+    finally:
+        server.stop()
+    assert {name: ksm._read(name) for name in ksm.KNOBS} == ksmd_as_found, server.log()

@@ -87,6 +87,15 @@ def engage() -> Status:
         return status()
 
 
+def ask() -> Status:
+    """An operator's ``--ksm`` (``sandlot serve``, ``python -m sandlot.server``): as SANDLOT_KSM=1 for every
+    sandbox this process starts from now on, and ksmd engaged at once (so the server can say where it stands)."""
+    from .. import _config
+
+    _config.ask_ksm()
+    return engage()
+
+
 def release() -> None:
     """Put ksmd's knobs back as this process found them (if it changed them). Pages already merged stay
     merged (run = 0 stops scanning; it does not unmerge), and split again as sandboxes write them."""

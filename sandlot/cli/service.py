@@ -123,11 +123,9 @@ def serve(host: str, port: int, db_path: Optional[str], log_level: str, no_mcp: 
         raise click.UsageError(str(exc)) from None
     merging = None
     if ksm:
-        from .. import _config
         from .._host import ksm as kernel_ksm
 
-        _config.ask_ksm()  # the engine reads it when it starts a template's zygote or boots a sandbox
-        merging = kernel_ksm.engage()
+        merging = kernel_ksm.ask()
     mounts = []
     if not no_mcp:
         from ..mcp_hosted import server_mount
