@@ -22,15 +22,19 @@ from pathlib import Path
 from typing import Optional
 
 KSM = Path("/sys/kernel/mm/ksm")
-# The budget Sandlot starts ksmd with: 1,000 pages (4 MB) every 20 ms, at most 200 MB/s scanned
-# (~10% of one core here, measured by bench/density_ksm.py). An operator who started ksmd with
-# settings of their own keeps them: Sandlot only turns it on when it is off.
+# The budget Sandlot starts ksmd with: 1,000 pages (4 MB) every 20 ms, at most 200 MB/s scanned. ksmd
+# scans every page a sandbox maps (~60,000 per idle pandas sandbox: the zygote's image), not only its
+# private ones, and keeps 64 bytes of bookkeeping for each (~3.7 MB per sandbox). Measured here by
+# bench/density_ksm.py (2 cores, load 5-20): 50 sessions converge in ~11 min at 15% of one core, then
+# ksmd keeps scanning at up to ~28%. An operator who started ksmd with settings of their own (a smaller
+# pages_to_scan: less CPU, slower merging) keeps them: Sandlot only turns it on when it is off.
 PAGES_TO_SCAN = 1000
 SLEEP_MILLISECS = 20
 KNOBS = ("pages_to_scan", "sleep_millisecs", "run")  # restored in this order: run last
 
 _lock = threading.Lock()
 _saved: Optional[dict] = None  # the knobs as found, when this process turned ksmd on
+_engaged: "Optional[Status]" = None  # what the first engage() of this process found or made (later calls: no I/O)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,11 +73,14 @@ def engage() -> Status:
     """Make sure ksmd runs for the sandboxes this process marks mergeable: turn it on with Sandlot's
     budget if it is off (and only then: an operator's ksmd keeps its settings), once per process, and
     restore what was found at exit. Without the right to (not root), ksmd stays as it is."""
-    global _saved
+    global _saved, _engaged
     with _lock:
+        if _engaged is not None:  # once per process: a sandbox start reads nothing more
+            return _engaged
         now = status()
-        if not now.available or now.running or _saved is not None or _read("run") != 0:
-            return now  # run = 2 (unmerge everything) is an operator's explicit choice too
+        if not now.available or now.running or _read("run") != 0:
+            _engaged = now  # run = 2 (unmerge everything) is an operator's explicit choice too
+            return now
         saved = {name: _read(name) for name in KNOBS}
         try:
             _write("pages_to_scan", PAGES_TO_SCAN)
@@ -81,10 +88,11 @@ def engage() -> Status:
             _write("run", 1)
         except OSError:
             _put_back(saved)
-            return status()
-        _saved = saved
-        atexit.register(release)
-        return status()
+        else:
+            _saved = saved
+            atexit.register(release)
+        _engaged = status()
+        return _engaged
 
 
 def ask() -> Status:
@@ -99,9 +107,9 @@ def ask() -> Status:
 def release() -> None:
     """Put ksmd's knobs back as this process found them (if it changed them). Pages already merged stay
     merged (run = 0 stops scanning; it does not unmerge), and split again as sandboxes write them."""
-    global _saved
+    global _saved, _engaged
     with _lock:
-        saved, _saved = _saved, None
+        saved, _saved, _engaged = _saved, None, None
     if saved is not None:
         _put_back(saved)
 
