@@ -70,7 +70,7 @@ def template_config(template: Template, env: dict[str, str]) -> dict:
         "prefixes": list(template.prefixes),
         "agent_dir": str(AGENT_DIR),
         "setup_uid": 0 if os.geteuid() == 0 else 1000,
-        "seccomp": seccomp.compiled_filter().hex(),
+        "seccomp": seccomp.compiled_filter(allow_merging=_config.ksm()).hex(),
         "preload": list(template.preload),
         "env": sandbox_env(template, env),
         "template": template.name,

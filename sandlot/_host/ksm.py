@@ -17,6 +17,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import os
+import signal
 import threading
 from pathlib import Path
 from typing import Optional
@@ -101,7 +102,19 @@ def ask() -> Status:
     from .. import _config
 
     _config.ask_ksm()
-    return engage()
+    now = engage()
+    if _saved is not None and threading.current_thread() is threading.main_thread():
+        # uvicorn ends a server by re-raising the SIGTERM it caught once it has shut down, under the handler
+        # it found: the default one would end the process before atexit puts ksmd back.
+        if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+            signal.signal(signal.SIGTERM, _release_then_die)
+    return now
+
+
+def _release_then_die(signum: int, frame) -> None:
+    release()
+    signal.signal(signum, signal.SIG_DFL)
+    signal.raise_signal(signum)  # ends as SIGTERM would have, exit status included
 
 
 def release() -> None:
