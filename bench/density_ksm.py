@@ -1,6 +1,6 @@
 """Density with and without KSM (issue #11, lever 7), A/B in one run: N idle pandas sessions, host memory each.
 
-    sudo .venv/bin/python bench/density_ksm.py [--n 100] [--settle 300] [--pages 1000 --sleep 20] [--order off,on]
+    sudo .venv/bin/python bench/density_ksm.py [--n 100] [--settle 300] [--pages 1000 --sleep 20] [--order off,private,on]
 
 Per phase (KSM off: SANDLOT_KSM unset; on: SANDLOT_KSM=1, which marks the sandboxes mergeable and turns ksmd on
 with Sandlot's budget, or --pages/--sleep): one sandbox first (its zygote starts, outside the figure), then N
@@ -195,6 +195,14 @@ def phase(label: str, n: int, settle: float) -> dict:
         os.environ["SANDLOT_KSM"] = "1"
     else:
         os.environ.pop("SANDLOT_KSM", None)
+    from sandlot._host import seccomp
+
+    if not hasattr(seccomp, "_bench_original"):
+        seccomp._bench_original = seccomp.compiled_filter
+    # The experiment's cell madvises MADV_MERGEABLE, which the sandbox's filter refuses unless KSM was asked:
+    # for that phase only, the filter that allows it (what SANDLOT_KSM=1 sandboxes get).
+    seccomp.compiled_filter = ((lambda allow_merging=False: seccomp._bench_original(True)) if label == "private"
+                               else seccomp._bench_original)
     if label == "private":
         ksm.engage()  # ksmd on with the same budget; nothing is marked by Sandlot itself
     with sandlot.Sandbox() as first:  # the phase's zygote starts here, before the baseline

@@ -112,7 +112,10 @@ def _ksm_check() -> Check:
     st = ksm.status()
     if not st.available:
         return Check("memory merging (KSM)", False, st.why, False)
-    asked = "on for sandboxes (SANDLOT_KSM=1)" if _config.ksm() else "off for sandboxes (SANDLOT_KSM=1 or serve --ksm)"
+    try:
+        asked = "on for sandboxes (SANDLOT_KSM=1)" if _config.ksm() else "off for sandboxes (SANDLOT_KSM=1 or serve --ksm)"
+    except Exception as exc:  # noqa: BLE001 - a bad SANDLOT_KSM is reported, as the first sandbox would
+        return Check("memory merging (KSM)", False, str(exc), False)
     if st.running:
         daemon = (f"ksmd runs: {st.pages_to_scan} pages every {st.sleep_millisecs} ms, "
                   f"{st.pages_sharing} pages shared, {(st.general_profit or 0) / 2**20:.1f} MB saved")
