@@ -26,9 +26,10 @@ KSM = Path("/sys/kernel/mm/ksm")
 # The budget Sandlot starts ksmd with: 1,000 pages (4 MB) every 20 ms, at most 200 MB/s scanned. ksmd
 # scans every page a sandbox maps (~60,000 per idle pandas sandbox: the zygote's image), not only its
 # private ones, and keeps 64 bytes of bookkeeping for each (~3.7 MB per sandbox). Measured here by
-# bench/density_ksm.py (2 cores, load 5-20): 50 sessions converge in ~11 min at 15% of one core, then
-# ksmd keeps scanning at up to ~28%. An operator who started ksmd with settings of their own (a smaller
-# pages_to_scan: less CPU, slower merging) keeps them: Sandlot only turns it on when it is off.
+# bench/density_ksm.py (2 cores): 50 sessions converge in ~7 min using 28% of one core, and ksmd keeps
+# rescanning at ~30% while they live (its cost follows this budget, not the number of sandboxes). An
+# operator who started ksmd with settings of their own (a smaller pages_to_scan: less CPU, slower
+# merging) keeps them: Sandlot only turns it on when it is off.
 PAGES_TO_SCAN = 1000
 SLEEP_MILLISECS = 20
 KNOBS = ("pages_to_scan", "sleep_millisecs", "run")  # restored in this order: run last
