@@ -31,6 +31,9 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("SANDLOT_POOL_MIN", "warm sandboxes kept ready per template (0 turns pooling off)", "2"),
     Variable("SANDLOT_POOL_MAX", "the most warm sandboxes kept per template (a pool grows past its minimum after bursts)", "64"),
     Variable("SANDLOT_ZYGOTE", "0 boots every sandbox by exec instead of forking a preloaded zygote", "1"),
+    Variable("SANDLOT_KSM", "1 lets the kernel merge identical memory pages of sandboxes (KSM: less memory per idle "
+             "session; across tenants, see its side channel) and turns ksmd on with a bounded scan rate if it is off",
+             "unset: off"),
     # -- where state lives -------------------------------------------------------------------------------
     Variable("SANDLOT_DATA_DIR", "durable state: templates, images, the server's database, checkpoints",
              "/var/lib/sandlot as root, else ~/.local/share/sandlot"),
@@ -111,6 +114,23 @@ def pool_max() -> int:
 
 def use_zygote() -> bool:
     return get("SANDLOT_ZYGOTE") != "0"
+
+
+def ksm() -> bool:
+    """SANDLOT_KSM: sandboxes' memory may be merged by the kernel (opt-in: a host-wide setting, see _host/ksm.py)."""
+    raw = get("SANDLOT_KSM")
+    if raw is None or raw in ("0", "off", "no", "false"):
+        return False
+    if raw in ("1", "on", "yes", "true"):
+        return True
+    from ._exceptions import InvalidRequest
+
+    raise InvalidRequest(f"SANDLOT_KSM must be 1 or 0, got {raw!r}")
+
+
+def ask_ksm() -> None:
+    """`sandlot serve --ksm`: as SANDLOT_KSM=1 for every sandbox this process starts from now on."""
+    os.environ["SANDLOT_KSM"] = "1"
 
 
 def boot_log() -> Optional[str]:

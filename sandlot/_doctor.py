@@ -99,9 +99,29 @@ def host_checks() -> list[Check]:
         runsc_detail = f"{runsc}: {out.splitlines()[0] if out else '?'}"
     checks.append(Check("gVisor runsc", bool(runsc), runsc_detail, False))
     checks.append(_kvm_check())
+    checks.append(_ksm_check())
     checks += _storage_checks()
     checks.append(_durable_check())
     return checks
+
+
+def _ksm_check() -> Check:
+    """Memory merging of sandboxes (KSM): whether the kernel offers it, whether ksmd runs, whether asked."""
+    from ._host import ksm
+
+    st = ksm.status()
+    if not st.available:
+        return Check("memory merging (KSM)", False, st.why, False)
+    try:
+        asked = "on for sandboxes (SANDLOT_KSM=1)" if _config.ksm() else "off for sandboxes (SANDLOT_KSM=1 or serve --ksm)"
+    except Exception as exc:  # noqa: BLE001 - a bad SANDLOT_KSM is reported, as the first sandbox would
+        return Check("memory merging (KSM)", False, str(exc), False)
+    if st.running:
+        daemon = (f"ksmd runs: {st.pages_to_scan} pages every {st.sleep_millisecs} ms, "
+                  f"{st.pages_sharing} pages shared, {(st.general_profit or 0) / 2**20:.1f} MB saved")
+    else:
+        daemon = "ksmd off"
+    return Check("memory merging (KSM)", True, f"available; {asked}; {daemon}", False)
 
 
 def _durable_check() -> Check:

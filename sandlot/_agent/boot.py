@@ -266,6 +266,8 @@ def _direct(sock: socket.socket, cfg: dict) -> None:
     """A sandbox exec'd on its own: builds the template root itself (no preloaded modules)."""
     from _agent import isolation, linux
 
+    if cfg.get("ksm"):
+        linux.merge_memory()  # as a zygote's forks: kept by pid 1, the session, and an image's interpreter (execve)
     try:
         if not cfg.get("durable"):  # a durable sandbox's agent decides its end by its lease (server.py)
             linux.prctl(linux.PR_SET_PDEATHSIG, 9)
@@ -381,6 +383,10 @@ def _zygote(ctl: socket.socket, cfg: dict) -> None:
     gc.collect()
     gc.freeze()  # keep the collector off the shared pages, so forks stay copy-on-write
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # our forks (each sandbox's pid 1) are reaped by the kernel
+    if cfg.get("ksm"):
+        # Host opted in (SANDLOT_KSM): our pages, and every fork's (the flag is inherited), may be merged
+        # by ksmd with identical pages of other sandboxes. Before the first fork, so no sandbox misses it.
+        linux.merge_memory()
     # Sandboxes do not depend on us once forked: each ends with its owner (EOF on its channel, which
     # only the owner holds), and the keeper reaps it. If we die, they live on; the host starts a new zygote.
     held = _Held(host_root, host_proc, template_root, os.pidfd_open(os.getpid()))

@@ -70,13 +70,18 @@ def template_config(template: Template, env: dict[str, str]) -> dict:
         "prefixes": list(template.prefixes),
         "agent_dir": str(AGENT_DIR),
         "setup_uid": 0 if os.geteuid() == 0 else 1000,
-        "seccomp": seccomp.compiled_filter().hex(),
+        "seccomp": seccomp.compiled_filter(allow_merging=_config.ksm()).hex(),
         "preload": list(template.preload),
         "env": sandbox_env(template, env),
         "template": template.name,
     }
     if template.rootfs:
         config.update(image_config(template))
+    if _config.ksm():  # only when asked: a zygote's key (a hash of this plan) is unchanged otherwise
+        from .._host import ksm
+
+        ksm.engage()
+        config["ksm"] = True
     return config
 
 

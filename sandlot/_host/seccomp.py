@@ -28,11 +28,11 @@ getcwd getdents getdents64 getegid geteuid getgid getgroups getitimer getpeernam
 getpid getppid getpriority getrandom getresgid getresuid getrlimit getrusage getsid getsockname
 getsockopt gettid gettimeofday getuid getxattr inotify_add_watch inotify_rm_watch ioctl ioprio_get
 ioprio_set kill landlock_add_rule landlock_create_ruleset landlock_restrict_self lchown lgetxattr
-link linkat listen listxattr llistxattr lremovexattr lseek lsetxattr lstat madvise map_shadow_stack
+link linkat listen listxattr llistxattr lremovexattr lseek lsetxattr lstat map_shadow_stack
 mbind membarrier memfd_create mincore mkdir mkdirat mlock mlock2 mlockall mmap mprotect
 mq_getsetattr mq_notify mq_open mq_timedreceive mq_timedsend mq_unlink mremap msgctl msgget msgrcv
 msgsnd msync munlock munlockall munmap nanosleep newfstatat pause pidfd_getfd pidfd_open
-pidfd_send_signal pipe pipe2 pkey_alloc pkey_free pkey_mprotect poll ppoll prctl pread64 preadv
+pidfd_send_signal pipe pipe2 pkey_alloc pkey_free pkey_mprotect poll ppoll pread64 preadv
 preadv2 prlimit64 pselect6 pwrite64 pwritev pwritev2 read readahead readlink readlinkat readv
 recvfrom recvmmsg recvmsg remap_file_pages removexattr rename renameat renameat2 restart_syscall
 rmdir rseq rt_sigaction rt_sigpending rt_sigprocmask rt_sigqueueinfo rt_sigreturn rt_sigsuspend
@@ -68,6 +68,13 @@ sethostname setdomainname
 # openat2: its mode is inside a struct the filter cannot read (see SETID_MODE_ARG); libc never needs it.
 UNIMPLEMENTED = ("clone3", "inotify_init", "inotify_init1", "openat2")
 
+# Memory merging (KSM) is the operator's choice for the whole host (_host/ksm.py): a sandbox may not mark its own
+# memory mergeable. Otherwise, on a host whose ksmd runs for other programs (VMs), it could merge its pages with
+# theirs and time copy-on-write faults to learn what they hold. Allowed only where the operator asked for KSM
+# (the sandbox is then mergeable already). Unmarking (MADV_UNMERGEABLE, PR_SET_MEMORY_MERGE 0) stays allowed.
+PR_SET_MEMORY_MERGE = 67
+MADV_MERGEABLE = 12
+
 SOCKET_FAMILIES = {"AF_UNIX": 1, "AF_INET": 2, "AF_INET6": 10, "AF_NETLINK": 16}
 CLONE_NAMESPACE_FLAGS = 0x7E020080  # NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET|NEWTIME
 PERSONALITIES = (0x0, 0x8, 0x20000, 0x20008, 0xFFFFFFFF)  # the harmless ones Docker allows
@@ -82,9 +89,9 @@ S_ISETID = 0o6000
 SETID_MODE_ARG = {"chmod": 1, "fchmod": 1, "fchmodat": 2, "fchmodat2": 2, "creat": 1, "open": 2, "openat": 3}
 
 
-@functools.lru_cache(maxsize=1)
-def compiled_filter() -> bytes:
-    """The BPF program, built once per host process."""
+@functools.lru_cache(maxsize=4)
+def compiled_filter(allow_merging: bool = False) -> bytes:
+    """The BPF program, built once per host process (and per choice about memory merging)."""
     import pyseccomp as sc
 
     f = sc.SyscallFilter(sc.ERRNO(errno.EPERM))
@@ -94,6 +101,13 @@ def compiled_filter() -> bytes:
             f.add_rule(sc.ALLOW, name)
         except (ValueError, OSError):
             pass  # a syscall this architecture does not have
+    if allow_merging:
+        f.add_rule(sc.ALLOW, "prctl")
+        f.add_rule(sc.ALLOW, "madvise")
+    else:
+        f.add_rule(sc.ALLOW, "prctl", sc.Arg(0, sc.NE, PR_SET_MEMORY_MERGE))
+        f.add_rule(sc.ALLOW, "prctl", sc.Arg(0, sc.EQ, PR_SET_MEMORY_MERGE), sc.Arg(1, sc.EQ, 0))
+        f.add_rule(sc.ALLOW, "madvise", sc.Arg(2, sc.NE, MADV_MERGEABLE))
     for value in SOCKET_FAMILIES.values():
         f.add_rule(sc.ALLOW, "socket", sc.Arg(0, sc.EQ, value))
     f.add_rule(sc.ALLOW, "clone", sc.Arg(0, sc.MASKED_EQ, CLONE_NAMESPACE_FLAGS, 0))

@@ -87,12 +87,17 @@ def _when(epoch: Optional[float]) -> str:
               help="Sandboxes end with this server process. Default: they outlive a restart or a crash until their "
                    "lifetime ends, and the next server on the same database takes them back (not those with mounts "
                    "or secrets).")
+@click.option("--ksm", is_flag=True, envvar="SANDLOT_KSM", show_envvar=True,
+              help="Let the kernel merge identical memory pages of sandboxes (KSM; process tier): less memory per idle "
+                   "session. ksmd is turned on with a bounded scan rate if it is off, and put back at exit. KSM is "
+                   "host-wide: pages of different tenants merge, which opens page-deduplication timing side "
+                   "channels between them; use it only where tenants trust each other that far.")
 def serve(host: str, port: int, db_path: Optional[str], log_level: str, no_mcp: bool, isolations: str,
           ceilings: tuple[str, ...],
           total_memory: Optional[str], total_pids: Optional[int], audit_retention: Optional[str],
           audit_max_rows: Optional[int], allow_network: bool, network_ceiling: tuple[str, ...],
           allow_private_network: bool, host_dir_roots: tuple[str, ...], max_volumes: Optional[int],
-          total_volume_size: Optional[str], max_paused_bytes: Optional[str], no_durable: bool) -> None:
+          total_volume_size: Optional[str], max_paused_bytes: Optional[str], no_durable: bool, ksm: bool) -> None:
     """Run the Sandlot HTTP server: REST + streaming, MCP at /mcp, /metrics, OpenAPI at /docs.
 
     Every request needs an API key (`sandlot keys create --tenant NAME`); /metrics needs an operator
@@ -116,6 +121,11 @@ def serve(host: str, port: int, db_path: Optional[str], log_level: str, no_mcp: 
                                             max_paused_bytes=max_paused_bytes, durable=not no_durable)
     except InvalidRequest as exc:
         raise click.UsageError(str(exc)) from None
+    merging = None
+    if ksm:
+        from .._host import ksm as kernel_ksm
+
+        merging = kernel_ksm.ask()
     mounts = []
     if not no_mcp:
         from ..mcp_hosted import server_mount
@@ -130,6 +140,11 @@ def serve(host: str, port: int, db_path: Optional[str], log_level: str, no_mcp: 
         missing = " (runsc is not installed: gVisor sandboxes cannot start; `sandlot doctor`)" if (
             "gvisor" in settings.isolations and shutil.which("runsc") is None) else ""
         err.print(escape("isolation tiers: " + ", ".join(settings.isolations) + missing))
+        if merging is not None:
+            err.print(escape("memory merging (KSM): " + (
+                f"on, ksmd scans {merging.pages_to_scan} pages every {merging.sleep_millisecs} ms; pages of all "
+                "tenants' sandboxes merge (a timing side channel between them)" if merging.running else
+                f"asked, but ksmd does not run ({merging.why or 'not root, or run=2'}): nothing merges")))
         roots = settings.host_dir_roots
         err.print(escape("host directories: " + (f"tenants may grant those inside {', '.join(roots)}" if roots else
                                                  "none granted (--host-dir-root DIR allows them)")))

@@ -95,7 +95,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "until their lifetime ends, and the next server takes them back)")
     parser.add_argument("--max-paused-bytes", metavar="SIZE",
                         help="default per-tenant sum of paused sandboxes' checkpoints (e.g. 20G, the default)")
+    parser.add_argument("--ksm", action="store_true",
+                        help="let the kernel merge identical memory pages of sandboxes (KSM; host-wide: pages of "
+                             "different tenants merge, a timing side channel between them); turns ksmd on with a "
+                             "bounded scan rate if it is off, and back at exit (as SANDLOT_KSM=1)")
     args = parser.parse_args(argv)
+    if args.ksm:
+        from .._host import ksm
+
+        ksm.ask()
     try:
         settings = operator_settings(
             args.db, ceilings=args.ceiling, total_memory=args.total_memory, total_pids=args.total_pids,
