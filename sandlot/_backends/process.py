@@ -260,11 +260,18 @@ def _make_cgroup(sandbox_id: str, limits: Limits, background: bool) -> cgroups.C
 
 
 def _fork_with(zygote: Zygote, config: dict, channel_end: socket.socket,
-               mounts: Optional[PreparedMounts]) -> tuple[int, int]:
+               mounts: Optional[PreparedMounts], cgroup: cgroups.Cgroup) -> tuple[int, int]:
+    """The zygote's fork, placed in its cgroup in the same worker-thread hop (it waits for "go" meanwhile)."""
     try:
-        return zygote.fork(config, channel_end, mounts.detached if mounts is not None else None)
+        pid, slot = zygote.fork(config, channel_end, mounts.detached if mounts is not None else None)
     finally:
         channel_end.close()
+    try:
+        cgroup.add(pid)
+    except BaseException:
+        zygote.release_slot(slot)  # it never gets "go": it exits when its channel closes
+        raise
+    return pid, slot
 
 
 class ProcessBackend(Backend):
@@ -355,15 +362,14 @@ class ProcessBackend(Backend):
             # Image templates start directly (the warm pool still applies): their agent ends up
             # as the image's own interpreter, which a zygote of the host's could not fork into.
             if self.forks(template):
-                zygote = self.zygote_for(template)
-                await asyncio.to_thread(zygote.ensure_started)
+                zygote = self.zygote_for(template)  # (started, or restarted if it died, by its first fork)
                 # The thread gets its own copy of the channel's far end: a cancelled create closes ours at
                 # once, while the fork may still be sending it. A slot taken by a fork nobody waits for
                 # any more goes back (that child sees its channel closed and exits).
                 config = sandbox_config(limits, env_inside)
                 if mounts is not None:
                     config["mounts"] = mounts.plan()
-                pid, slot = await _in_thread(_fork_with, zygote, config, child_end.dup(), mounts,
+                pid, slot = await _in_thread(_fork_with, zygote, config, child_end.dup(), mounts, cgroup,
                                              undo=lambda done: zygote.release_slot(done[1]))
                 maps = "zygote"  # the zygote wrote the nested maps itself
                 popen, release = None, (lambda: zygote.release_slot(slot))
@@ -445,9 +451,8 @@ class ProcessBackend(Backend):
         msg = await self._expect(sandbox, "unshared")
         if int(msg["pid"]) != sandbox.pid:
             raise SandboxCrashed("boot reported pid %s, expected %d" % (msg["pid"], sandbox.pid))
-        if maps != "zygote":
-            await asyncio.to_thread(write_id_maps, sandbox.pid, maps)
-        await asyncio.to_thread(sandbox.cgroup.add, sandbox.pid)
+        if maps != "zygote":  # a zygote's fork has its maps and its cgroup already (_fork_with)
+            await asyncio.to_thread(self._place, sandbox, maps)
         await sandbox.channel.send({"t": "go"})
         seen = {}
         while len(seen) < 2:  # "init" (from the outer process, or pid 1 itself) and "ready" (from pid 1), in either order
@@ -456,6 +461,11 @@ class ProcessBackend(Backend):
         sandbox.adopt_init(int(seen["init"]["pid"]))
         spare = seen["ready"].get("spare_fd")
         sandbox.spare_fd = spare if isinstance(spare, int) and not isinstance(spare, bool) else None
+
+    @staticmethod
+    def _place(sandbox: ProcessSandbox, maps) -> None:
+        write_id_maps(sandbox.pid, maps)
+        sandbox.cgroup.add(sandbox.pid)
 
     async def adopt(self, record: Mapping[str, Any]) -> ProcessSandbox:
         """A live sandbox an earlier process left (a durable one, whose owner died or shut down): its pid 1
