@@ -79,7 +79,7 @@ class WarmPool:
         while self.ready:
             sandbox = self.ready.pop()
             # The channel is the agent's lifeline: open means pid 1 answers. (``returncode`` is not a
-            # liveness test here: a zygote-forked sandbox reports the exit of its short-lived outer process.)
+            # liveness test here: a sandbox forked through an outer process reports that process's exit.)
             if sandbox.channel.is_open:
                 self.refill()
                 return sandbox
