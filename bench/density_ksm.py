@@ -49,19 +49,8 @@ RMAP_ITEM_BYTES = 64  # sizeof(struct ksm_rmap_item) on 64-bit: ksmd's bookkeepi
 def tree_kernel_extras(root: int) -> tuple:
     """(ksmd's rmap items, page-table bytes) of ``root`` and its descendants: memory the kernel holds for
     them that PSS does not show (MemAvailable does, with everything else the host does meanwhile)."""
-    children: dict = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
     rmap = pte = 0
-    todo = [root]
-    while todo:
-        pid = todo.pop()
-        todo.extend(children.get(pid, ()))
+    for pid in wl.descendants(root):
         try:
             for line in Path(f"/proc/{pid}/ksm_stat").read_text().splitlines():
                 if line.startswith("ksm_rmap_items"):

@@ -203,9 +203,8 @@ def mem_total() -> int:
         return int(f.readline().split()[1]) * 1024
 
 
-def tree_memory(root: int) -> tuple:
-    """(PSS, USS) summed over ``root`` and all its descendants. PSS splits each shared page among its
-    sharers; USS counts only pages private to one process (what one more session really adds)."""
+def descendants(root: int) -> list:
+    """``root`` and every process below it, from /proc (a process that exits meanwhile is skipped)."""
     children: dict = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -215,11 +214,19 @@ def tree_memory(root: int) -> tuple:
             except (OSError, ValueError, IndexError):
                 continue
             children.setdefault(ppid, []).append(int(entry))
-    pss = uss = 0
-    todo = [root]
+    found, todo = [], [root]
     while todo:
         pid = todo.pop()
+        found.append(pid)
         todo.extend(children.get(pid, ()))
+    return found
+
+
+def tree_memory(root: int) -> tuple:
+    """(PSS, USS) summed over ``root`` and all its descendants. PSS splits each shared page among its
+    sharers; USS counts only pages private to one process (what one more session really adds)."""
+    pss = uss = 0
+    for pid in descendants(root):
         try:
             with open(f"/proc/{pid}/smaps_rollup") as f:
                 for line in f:

@@ -7,6 +7,7 @@ the kernel until a claim gives the sandbox the normal one."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 
@@ -34,17 +35,27 @@ async def until(predicate, within: float = 90.0) -> None:
         await asyncio.sleep(0.05)
 
 
+@contextlib.asynccontextmanager
+async def engine_with_pool(min_ready: int, max_ready: int, *, lean: bool):
+    """A fresh engine and its pool of the builtin template (or of its lean variant); everything ended after."""
+    engine = Engine()
+    engine.pools.configure("python", min_ready=min_ready, max_ready=max_ready)
+    template = get_template("python")
+    pool = engine.pools.pool_for(engine.backend("process"), template.lean() if lean else template, Limits())
+    try:
+        yield engine, pool
+    finally:
+        await engine.shutdown()
+        engine.close()
+
+
 def test_a_burst_grows_the_pool_and_it_shrinks_back_after(monkeypatch):
     monkeypatch.setattr(_pool, "BURST_MEMORY", 12.0)
 
     async def main() -> None:
-        engine = Engine()
-        engine.pools.configure("python", min_ready=1, max_ready=5)
-        backend = engine.backend("process")
-        pool = engine.pools.pool_for(backend, get_template("python").lean(), Limits())
-        try:
+        async with engine_with_pool(1, 5, lean=True) as (engine, pool):
             spec = SandboxSpec.build("python")
-            # Eight one-shot runs at once: one finds the pool's sandbox, the rest find it empty.
+            # Eight one-shot runs at once find the pool empty (it has not filled yet): each counts as a miss.
             sandboxes = await asyncio.gather(*(engine.create(spec, code="1") for _ in range(8)))
             assert pool.burst >= 5
             assert pool.target() == 5  # min_ready plus the burst, capped by max_ready
@@ -57,40 +68,26 @@ def test_a_burst_grows_the_pool_and_it_shrinks_back_after(monkeypatch):
             await until(lambda: len(pool.ready) == 1, within=60)
             for proc in extra:
                 await until(lambda: proc.returncode is not None, within=10)
-        finally:
-            await engine.shutdown()
-            engine.close()
 
     asyncio.run(main())
 
 
 def test_a_pool_that_keeps_up_never_grows():
     async def main() -> None:
-        engine = Engine()
-        engine.pools.configure("python", min_ready=2, max_ready=8)
-        backend = engine.backend("process")
-        pool = engine.pools.pool_for(backend, get_template("python").lean(), Limits())
-        try:
+        async with engine_with_pool(2, 8, lean=True) as (engine, pool):
             pool.refill()
             for _ in range(4):  # one at a time, each after the pool has refilled
                 await until(lambda: len(pool.ready) == 2)
                 sb = await engine.create(SandboxSpec.build("python"), code="1")
                 await sb.kill()
             assert pool.burst == 0 and pool.target() == 2
-        finally:
-            await engine.shutdown()
-            engine.close()
 
     asyncio.run(main())
 
 
 def test_warm_sandboxes_boot_at_a_low_cpu_weight_and_a_claim_gives_the_normal_one():
     async def main() -> None:
-        engine = Engine()
-        engine.pools.configure("python", min_ready=2)
-        backend = engine.backend("process")
-        pool = engine.pools.pool_for(backend, get_template("python"), Limits())
-        try:
+        async with engine_with_pool(2, 64, lean=False) as (engine, pool):
             pool.refill()
             await until(lambda: len(pool.ready) == 2)
             waiting = list(pool.ready)
@@ -108,8 +105,5 @@ def test_warm_sandboxes_boot_at_a_low_cpu_weight_and_a_claim_gives_the_normal_on
             for s in (sb, other, direct):
                 assert (await s.run_code("sum(range(10))")).text == "45"
                 await s.kill()
-        finally:
-            await engine.shutdown()
-            engine.close()
 
     asyncio.run(main())
