@@ -23,7 +23,9 @@ def imported_modules(code: str) -> "set[str] | None":
         return None
     try:
         tree = ast.parse(code)
-    except (SyntaxError, ValueError):
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        # Code nested too deep for the parser (MemoryError: its stack) or for building the tree: unreadable
+        # here; the session reports it as the code's own error.
         return None
     names: set[str] = set()
     for node in ast.walk(tree):

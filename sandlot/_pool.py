@@ -122,7 +122,9 @@ class WarmPool:
         extra = len(self.ready) - self.target()
         if extra > 0:
             gone, self.ready = self.ready[:extra], self.ready[extra:]
-            await asyncio.gather(*(s.kill("the warm pool shrank") for s in gone), return_exceptions=True)
+            # Shielded: out of the pool, nothing else would ever kill them, and the pool closing cancels us.
+            kills = asyncio.gather(*(s.kill("the warm pool shrank") for s in gone), return_exceptions=True)
+            await asyncio.shield(kills)
         if self.target() > self.config.min_ready and len(self.ready) > self.config.min_ready:
             if self._shrink is not None:
                 self._shrink.cancel()

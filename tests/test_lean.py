@@ -115,3 +115,19 @@ def test_every_preloaded_module_is_imported_in_the_zygote():
     # The matplotlib backend used to fail to import there (the package's host path is not in the root).
     assert backend.zygote("python").preload_failed == {}
     assert backend.zygote("python/lean").preload_failed == {}
+
+
+@pytest.mark.parametrize("code", [
+    "1+" * 30_000 + "1",  # a 30,000-deep tree: the AST's construction recurses past the interpreter's limit
+    "-" * 30_000 + "1",  # past the parser's own stack
+    "f(" * 5_000 + ")" * 5_000,
+])
+def test_the_hint_never_fails_a_run_on_code_it_cannot_read(code):
+    # Code the hint cannot parse gets the preloaded sandbox: the session reports what is wrong with it.
+    assert wants_preload(code, HEAVY) is True
+
+
+@needs_sandbox
+def test_a_one_shot_run_of_code_too_deep_to_parse_reports_it_as_the_codes_error():
+    execution = sandlot.run_code("1+" * 30_000 + "1")
+    assert execution.error is not None  # the session's own verdict on the code, not an exception of the hint

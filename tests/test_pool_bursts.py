@@ -107,3 +107,32 @@ def test_warm_sandboxes_boot_at_a_low_cpu_weight_and_a_claim_gives_the_normal_on
                 await s.kill()
 
     asyncio.run(main())
+
+
+def test_a_pool_closed_while_it_shrinks_still_kills_the_sandboxes_it_let_go(monkeypatch):
+    monkeypatch.setattr(_pool, "BURST_MEMORY", 8.0)
+
+    async def main() -> None:
+        engine = Engine()
+        engine.pools.configure("python", min_ready=1, max_ready=3)
+        backend = engine.backend("process")
+        pool = engine.pools.pool_for(backend, get_template("python").lean(), Limits())
+        try:
+            sandboxes = await asyncio.gather(*(engine.create(SandboxSpec.build("python"), code="1") for _ in range(4)))
+            for sb in sandboxes:
+                await sb.kill()
+            await until(lambda: len(pool.ready) == 3)
+            # Past the burst's memory (before the pool's own shrink timer fires), a refill trims the two extra
+            # sandboxes, and the pool closes at that very moment (the engine shutting down, a template rebuilt).
+            await asyncio.sleep(max(0.0, pool._burst_at + _pool.BURST_MEMORY - time.monotonic()) + 0.1)
+            let_go = list(pool.ready)[:2]
+            pool.refill()
+            await asyncio.sleep(0)  # the refill runs: it takes them out of the pool and starts killing them
+            await pool.close()
+            for proc in let_go:  # neither in the pool nor running: nobody else would ever kill them
+                await until(lambda: proc.returncode is not None, within=10)
+        finally:
+            await engine.shutdown()
+            engine.close()
+
+    asyncio.run(main())

@@ -355,6 +355,7 @@ class ProcessBackend(Backend):
                     mounts: Optional[PreparedMounts] = None) -> ProcessSandbox:
         sandbox_id = new_sandbox_id()
         mount_fds: list = []
+        late_env: dict = {}  # sent once booted (a zygote's fork)
         cgroup = await _in_thread(_make_cgroup, sandbox_id, limits, not awaited, undo=lambda made: made.remove())
         host_end, child_end = socket.socketpair()
         env_inside = sandbox_env(template, env)
@@ -366,7 +367,12 @@ class ProcessBackend(Backend):
                 # The thread gets its own copy of the channel's far end: a cancelled create closes ours at
                 # once, while the fork may still be sending it. A slot taken by a fork nobody waits for
                 # any more goes back (that child sees its channel closed and exits).
-                config = sandbox_config(limits, env_inside)
+                # The owner's environment never passes through the zygote: it serves every owner of the
+                # template (every tenant of a server), and what its heap keeps of one request (freed, not
+                # cleared) each later fork copies. It follows on the sandbox's own channel once booted, as
+                # a warm sandbox's does.
+                config = sandbox_config(limits, sandbox_env(template, {}))
+                late_env = env
                 if mounts is not None:
                     config["mounts"] = mounts.plan()
                 pid, slot = await _in_thread(_fork_with, zygote, config, child_end.dup(), mounts, cgroup,
@@ -417,6 +423,8 @@ class ProcessBackend(Backend):
                     config["mounts"] = [dict(m, fd=fd) for m, fd in zip(mounts.plan(), mount_fds)]
                 await channel.send({"t": "config", "config": config})
             await asyncio.wait_for(self._boot(sandbox, maps), BOOT_TIMEOUT)
+            if late_env:  # its first message, ahead of anyone's code
+                await channel.send({"t": "configure", "id": 0, "env": late_env})
         except asyncio.TimeoutError:
             await sandbox.kill("boot timed out")
             raise TimeoutError("sandbox did not boot within %.0f s" % BOOT_TIMEOUT) from None
