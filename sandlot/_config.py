@@ -29,7 +29,7 @@ VARIABLES: tuple[Variable, ...] = (
              "process"),
     # -- the fast path -----------------------------------------------------------------------------------
     Variable("SANDLOT_POOL_MIN", "warm sandboxes kept ready per template (0 turns pooling off)", "2"),
-    Variable("SANDLOT_POOL_MAX", "the most warm sandboxes kept per template (a pool grows past its minimum after bursts)", "64"),
+    Variable("SANDLOT_POOL_MAX", "the most warm sandboxes kept per pool (a template and its lean variant have one each); bursts grow all pools together by at most this many", "64"),
     Variable("SANDLOT_ZYGOTE", "0 boots every sandbox by exec instead of forking a preloaded zygote", "1"),
     Variable("SANDLOT_KSM", "1 lets the kernel merge identical memory pages of sandboxes (KSM: less memory per idle "
              "session; across tenants, see its side channel) and turns ksmd on with a bounded scan rate if it is off",

@@ -23,7 +23,7 @@ import collections
 import dataclasses
 import os
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 from . import _config
 from ._backends.base import Backend, BackendSandbox
@@ -61,9 +61,15 @@ class WarmPool:
         self.failures = 0
         self.closed = False
 
+    # What the engine's pools may hold beyond their min_ready together (set by Pools): a tenant's bursts of
+    # one-shot runs cannot make a server keep more idle sandboxes than this over all its pools.
+    room_for_bursts: "Callable[[WarmPool], int]" = staticmethod(lambda pool: 1 << 30)
+
     def target(self) -> int:
-        """How many ready sandboxes this pool keeps now: ``min_ready``, plus its last burst while it is recent."""
+        """How many ready sandboxes this pool keeps now: ``min_ready``, plus its last burst while it is recent
+        (within the room its engine's other pools leave)."""
         burst = self.burst if time.monotonic() - self._burst_at < BURST_MEMORY else 0
+        burst = min(burst, self.room_for_bursts(self))
         return min(self.config.max_ready, self.config.min_ready + burst)
 
     def _count_miss(self) -> None:
@@ -212,7 +218,13 @@ class Pools:
             pool = None
         if pool is None:
             pool = self._pools[key] = WarmPool(backend, template, base, config)
+            pool.room_for_bursts = self._room_for_bursts
         return pool
+
+    def _room_for_bursts(self, pool: WarmPool) -> int:
+        """SANDLOT_POOL_MAX, less what the other pools hold beyond their min_ready now."""
+        others = sum(max(0, len(p.ready) - p.config.min_ready) for p in list(self._pools.values()) if p is not pool)
+        return max(0, _config.pool_max() - others)
 
     def ready(self, *, loop: Optional[asyncio.AbstractEventLoop] = None, isolation: Optional[str] = None,
               template: Optional[str] = None) -> list[BackendSandbox]:

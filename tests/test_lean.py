@@ -10,14 +10,15 @@ import httpx
 import pytest
 
 import sandlot
-from sandlot._hints import imported_modules, wants_preload
+from sandlot._hints import wants_preload
 from sandlot._templates import python_template
 
 from .conftest import needs_sandbox
 from .serverproc import ServerProcess
 
 HEAVY = python_template().preload
-PRELOADED = "import sys; print(sorted(m for m in ('numpy', 'pandas', 'matplotlib') if m in sys.modules))"
+# (The module names are spelled in pieces: named whole, they would steer the hint to the preloaded zygote.)
+PRELOADED = "import sys; print(sorted(m for m in ('num' 'py', 'pan' 'das', 'matplot' 'lib') if m in sys.modules))"
 
 
 @pytest.mark.parametrize("code, heavy", [
@@ -30,18 +31,15 @@ PRELOADED = "import sys; print(sorted(m for m in ('numpy', 'pandas', 'matplotlib
     ("from . import x", False),  # relative: not one of the template's modules
     ("%matplotlib inline\nprint(1)", True),  # notebook syntax: not plain Python, so no guess
     ("!pip list", True),
-    ("print(1", True),  # a syntax error is reported by the session, from the preloaded sandbox
+    ("print(1", False),  # a syntax error is reported by the session, from the lean sandbox
+    ("# uses numpy later\nprint(1)", True),  # named anywhere: the preloaded one (only ever slower)
     ("__import__('numpy')", True),  # dynamic imports cannot be read: preloaded
     ("import importlib; importlib.import_module('json')", True),
     ("exec('import pandas')", True),
-    ("x = 1\n" * 20_000, True),  # past the hint's size: not parsed
+    ("x = 1\n" * 20_000, False),  # long code is searched, never parsed
 ])
 def test_the_hint_reads_imports(code, heavy):
     assert wants_preload(code, HEAVY) is heavy
-
-
-def test_imported_modules_are_top_level_names():
-    assert imported_modules("import a.b.c\nfrom d.e import f\nfrom .g import h") == {"a", "d"}
 
 
 
@@ -54,7 +52,7 @@ print(json.dumps({
     "ids": [os.getuid(), os.geteuid(), os.getgid()], "host": socket.gethostname(), "pid1": os.getpid() > 1,
     "root": sorted(os.listdir("/")), "net": sorted(os.listdir("/sys/class/net")) if os.path.isdir("/sys/class/net") else None,
     "seccomp": status["Seccomp"].strip(), "nnp": status["NoNewPrivs"].strip(), "caps": status["CapEff"].strip(),
-    "home": os.getcwd(), "writable_usr": os.access("/usr", os.W_OK), "pandas": "pandas" in sys.modules,
+    "home": os.getcwd(), "writable_usr": os.access("/usr", os.W_OK), "heavy": "pan" "das" in sys.modules,
 }))
 """
     execution = sandlot.run_code(probe)
@@ -72,7 +70,7 @@ def test_plain_code_runs_lean_and_heavy_code_preloaded():
 @needs_sandbox
 def test_a_lean_sandbox_is_isolated_exactly_like_a_preloaded_one():
     lean, full = facts(), facts("import numpy\n")
-    assert lean.pop("pandas") is False and full.pop("pandas") is True
+    assert lean.pop("heavy") is False and full.pop("heavy") is True
     assert lean == full
     assert lean["ids"] == [1000, 1000, 1000] and lean["seccomp"] == "2" and lean["nnp"] == "1"
     assert int(lean["caps"], 16) == 0 and not lean["writable_usr"]
@@ -81,7 +79,7 @@ def test_a_lean_sandbox_is_isolated_exactly_like_a_preloaded_one():
 @needs_sandbox
 def test_a_wrong_guess_costs_only_the_import():
     # The hint cannot see this import: the lean sandbox imports numpy itself when the code asks.
-    code = "import builtins, sys\nnp = getattr(builtins, '__imp' + 'ort__')('numpy')\nprint(int(np.arange(5).sum()), 'pandas' in sys.modules)"
+    code = "import builtins, sys\nnp = getattr(builtins, '__imp' + 'ort__')('num' 'py')\nprint(int(np.arange(5).sum()), 'pan' 'das' in sys.modules)"
     assert sandlot.run_code(code).logs.stdout == ["10 False\n"]
 
 
@@ -123,8 +121,8 @@ def test_every_preloaded_module_is_imported_in_the_zygote():
     "f(" * 5_000 + ")" * 5_000,
 ])
 def test_the_hint_never_fails_a_run_on_code_it_cannot_read(code):
-    # Code the hint cannot parse gets the preloaded sandbox: the session reports what is wrong with it.
-    assert wants_preload(code, HEAVY) is True
+    # The hint reads text, never parses it: the session reports what is wrong with such code.
+    assert wants_preload(code, HEAVY) is False
 
 
 @needs_sandbox
