@@ -6,8 +6,8 @@ handed out once and never reused; the owner's environment reaches it in the firs
 run in the background and never delay a claim: their boots have a low CPU weight until claimed, so a
 claimed sandbox's code comes first; an empty pool means a direct fork from the zygote.
 
-A pool is sized to its bursts: claims that found it empty within ``BURST_WINDOW`` seconds grow it by
-as many (at most to ``max_ready``) for ``BURST_MEMORY`` seconds, then it shrinks back to ``min_ready``.
+A pool is sized to its bursts: claims that found it empty within ``BURST_WINDOW`` seconds (after the
+first) grow it by as many (at most to ``max_ready``) for ``BURST_MEMORY`` seconds, then it shrinks back to ``min_ready``.
 A batch of runs that arrives again (an agent's test suite, an evaluation) then finds its sandboxes
 booted; a pool that keeps up with its claims never grows.
 
@@ -77,8 +77,11 @@ class WarmPool:
         self._misses.append(now)
         while self._misses[0] < now - BURST_WINDOW:
             self._misses.popleft()
-        if len(self._misses) >= self.burst or now - self._burst_at >= BURST_MEMORY:
-            self.burst, self._burst_at = len(self._misses), now
+        # The first miss of a window is not a burst (a pool not filled yet, a lone claim after a quiet spell):
+        # only the ones after it grow the pool.
+        burst = len(self._misses) - 1
+        if burst >= self.burst or now - self._burst_at >= BURST_MEMORY:
+            self.burst, self._burst_at = burst, now
 
     def take(self) -> Optional[BackendSandbox]:
         """A ready sandbox, or None. Never waits."""
