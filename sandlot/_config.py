@@ -44,6 +44,11 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("SANDLOT_RUNSC", "the runsc binary", "runsc on PATH, else /usr/bin/runsc"),
     Variable("SANDLOT_GVISOR_PLATFORM", "runsc's platform: ptrace, systrap or kvm (where /dev/kvm really works)",
              "ptrace"),
+    # -- the kubernetes tier ------------------------------------------------------------------------------
+    Variable("SANDLOT_KUBE_NAMESPACE", "the namespace of the kubernetes tier's claims and warm pools",
+             "the server's own namespace in a cluster, else 'sandlot'"),
+    Variable("SANDLOT_KUBE_AGENT_PORT", "the port a Sandlot pod's holder listens on (the pod template's)", "8888"),
+    Variable("SANDLOT_KUBE_CLAIM_TIMEOUT", "seconds a kubernetes sandbox may take from claim to a ready pod", "120"),
     # -- the network -------------------------------------------------------------------------------------
     Variable("SANDLOT_UPSTREAM_DNS", "the resolver (IP[:port]) sandboxes' allowed names are resolved with",
              "the first nameserver of /etc/resolv.conf"),
@@ -173,3 +178,23 @@ def db_path() -> Path:
     """The server's database: $SANDLOT_DB, else sandlot.db in the data directory."""
     explicit = get("SANDLOT_DB")
     return Path(explicit) if explicit else data_dir() / "sandlot.db"
+
+
+def kube_namespace() -> str:
+    """The kubernetes tier's namespace: ours inside a cluster (the service account's), else "sandlot"."""
+    name = get("SANDLOT_KUBE_NAMESPACE")
+    if name:
+        return name
+    try:
+        with open("/var/run/secrets/kubernetes.io/serviceaccount/namespace") as f:
+            return f.read().strip() or "sandlot"
+    except OSError:
+        return "sandlot"
+
+
+def kube_agent_port() -> int:
+    return _count("SANDLOT_KUBE_AGENT_PORT", 8888)
+
+
+def kube_claim_timeout() -> float:
+    return float(_count("SANDLOT_KUBE_CLAIM_TIMEOUT", 120))

@@ -119,6 +119,7 @@ class LocalSandbox(SandboxHandle):
         if self.durable and not self._proc.paused and self._proc.channel.is_open:
             until = time.time() + max(0.0, self._deadline - time.monotonic())
             await self._proc.channel.send({"t": "lease", "id": 0, "until": until})
+            await self._proc.leased(until)
 
     def current_spec(self) -> SandboxSpec:
         """Its spec as it stands now: the network rules in force (``update_network`` changes them)."""

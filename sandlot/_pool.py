@@ -207,7 +207,7 @@ class Pools:
         # An image template's pool boots with the template's default limits (sandbox.yaml `limits:`).
         base = Limits.build(template.default_limits()) if template.limits else Limits()
         config = self.config_for(template.name, template.pool_size)
-        if config.min_ready <= 0 or not poolable(limits, base):
+        if config.min_ready <= 0 or not backend.pooled or not poolable(limits, base):
             return None
         loop = asyncio.get_running_loop()
         key = (id(loop), backend.name, template.key)

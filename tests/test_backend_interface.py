@@ -26,8 +26,10 @@ from .conftest import RUNSC_MISSING, needs_sandbox
 
 pytestmark = [needs_sandbox]
 
+# The tiers that run on this host (the kubernetes tier's sandboxes are pods: tests/test_kube_tier.py, on an emulated cluster).
 TIERS = [pytest.param(name, id=name, marks=pytest.mark.skipif(
-    name == "gvisor" and RUNSC_MISSING is not None, reason=str(RUNSC_MISSING))) for name in ISOLATIONS]
+    name == "gvisor" and RUNSC_MISSING is not None, reason=str(RUNSC_MISSING))) for name in ISOLATIONS
+    if name != "kubernetes"]
 
 
 def _cgroup_value(sandbox_id: str, v2: str, v1: str) -> str:
@@ -57,8 +59,8 @@ async def _answers(proc: BackendSandbox) -> bool:
 
 
 # -- the registry ----------------------------------------------------------------------------------------
-def test_the_registry_lists_both_tiers_and_refuses_an_unknown_one():
-    assert set(ISOLATIONS) == {"process", "gvisor"}
+def test_the_registry_lists_the_tiers_and_refuses_an_unknown_one():
+    assert set(ISOLATIONS) == {"process", "gvisor", "kubernetes"}
     for name in ISOLATIONS:
         cls = backend_class(name)
         assert issubclass(cls, Backend) and cls.name == name
@@ -72,7 +74,7 @@ def test_the_registry_lists_both_tiers_and_refuses_an_unknown_one():
     assert isolations_with("fork") == ["process"]  # sandboxes forked from a per-template zygote
     assert isolations_with("network") == ["process", "gvisor"]  # egress by policy, both tiers
     assert isolations_with("mounts") == []  # no tier grants these yet
-    assert isolations_with("outlive") == ["process", "gvisor"]  # a server's sandboxes outlive it
+    assert isolations_with("outlive") == ["process", "gvisor", "kubernetes"]  # a server's sandboxes outlive it
     assert isolations_with("fork_live") == ["gvisor"]  # a copy of a live session (checkpoint and restore)
     with pytest.raises(AttributeError):
         isolations_with("teleport")

@@ -56,8 +56,8 @@ def main() -> None:
     from _agent import isolation, linux, server  # noqa: F401  (import everything before the pivot)
     from _agent import kernel, landlock, protocol  # noqa: F401
 
-    if len(sys.argv) > 2 and sys.argv[2] == "gvisor":
-        _gvisor()
+    if len(sys.argv) > 2 and sys.argv[2] in ("gvisor", "pod"):
+        _gvisor(pod=sys.argv[2] == "pod")
         return
     sock = socket.socket(fileno=int(sys.argv[1]))
     cfg = _recv_frame(sock)["config"]
@@ -67,8 +67,11 @@ def main() -> None:
         _direct(sock, cfg)
 
 
-def _gvisor() -> None:
-    """pid 1 of a gVisor container: runsc already gave us our namespaces and root.
+def _gvisor(pod: bool = False) -> None:
+    """pid 1 of a gVisor container: runsc already gave us our namespaces and root. With ``pod``, the agent
+    of a Kubernetes pod (the child of pod.py, which holds our pipes): the pod's runtime (gVisor) gave us our
+    isolation, and the pod runs as the sandbox's user, so there are no ids to drop (nothing of ours is
+    the sandbox's to lose but itself), and the seccomp filter comes only when the server's machine matches.
 
     The channel is our stdin/stdout (host pipes that survive checkpoint and restore); they move to
     high descriptors so that nothing printing to fd 1 can ever corrupt it. Our own fences still go
@@ -95,11 +98,13 @@ def _gvisor() -> None:
         except OSError:
             pass  # already a session leader
         linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
-        isolation.become_user_effectively(session_dumpable=True)
+        if not pod or os.getuid() == 0:
+            isolation.become_user_effectively(session_dumpable=True)
         granted = [m["target"] for m in cfg.get("mounts") or [] if not m["ro"]]
         isolation.landlock.restrict(read_paths=["/"], write_paths=[isolation.HOME, "/tmp", "/dev/shm"] + granted,
                                     device_paths=["/dev/" + d for d in isolation.DEVICES])
-        linux.install_seccomp(bytes.fromhex(cfg["seccomp"]))
+        if cfg["seccomp"] or not pod:
+            linux.install_seccomp(bytes.fromhex(cfg["seccomp"]))
         _chdir_workdir(cfg)
         import site
 

@@ -140,6 +140,10 @@ class BackendSandbox(abc.ABC):
         """A host pid whose network namespace is the sandbox's, for the host to configure and serve."""
         raise self._unsupported("network")
 
+    async def leased(self, until: Optional[float]) -> None:
+        """Its owner told it its deadline (unix time): a tier that keeps its own record of the sandbox's
+        end (a cluster's claim) moves it too."""
+
     # -- taking a sandbox back -----------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
         """Plain JSON data enough to find this sandbox again (``Backend.adopt`` takes it back)."""
@@ -155,6 +159,8 @@ class Backend(abc.ABC):
     capabilities: ClassVar[Capabilities] = Capabilities()
     # A sandbox with a network must be booted with it (start(network=True)): a warm one cannot be given one.
     network_at_boot: ClassVar[bool] = False
+    # Warm sandboxes of this tier are kept by the engine's pools (False: elsewhere, a cluster's warm pool).
+    pooled: ClassVar[bool] = True
     # Set by the engine: its sandboxes may outlive this process (a lease frame tells each how long) and
     # ``adopt()`` takes them back in the next one. Otherwise each ends with its owner.
     durable: bool = False

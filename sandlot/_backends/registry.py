@@ -16,7 +16,7 @@ from .base import Backend
 
 __all__ = ["ISOLATIONS", "backend_class", "default_isolation", "supports", "isolations_with"]
 
-ISOLATIONS = ("process", "gvisor")
+ISOLATIONS = ("process", "gvisor", "kubernetes")
 
 
 def default_isolation(isolation: Optional[str] = None) -> str:
@@ -27,9 +27,10 @@ def default_isolation(isolation: Optional[str] = None) -> str:
 
 def _classes() -> dict[str, type[Backend]]:
     from .gvisor import GVisorBackend
+    from .kubernetes import KubernetesBackend
     from .process import ProcessBackend
 
-    return {"process": ProcessBackend, "gvisor": GVisorBackend}
+    return {"process": ProcessBackend, "gvisor": GVisorBackend, "kubernetes": KubernetesBackend}
 
 
 def backend_class(isolation: str) -> type[Backend]:

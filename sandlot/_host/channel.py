@@ -37,9 +37,11 @@ class Channel:
             await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(self._reader), read_pipe)
             transport, proto = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, write_pipe)
             self._writer = asyncio.StreamWriter(transport, proto, None, loop)
-        else:
+        elif self._sock.family == socket.AF_UNIX:
             self._reader, self._writer = await asyncio.open_unix_connection(sock=self._sock,
                                                                             limit=protocol.MAX_PAYLOAD)
+        else:  # TCP: a pod's holder over the pod network (the kubernetes tier)
+            self._reader, self._writer = await asyncio.open_connection(sock=self._sock, limit=protocol.MAX_PAYLOAD)
         self._task = asyncio.get_running_loop().create_task(self._read_loop())
 
     @property

@@ -6,17 +6,11 @@ EOF and exits. So the owner (a server, the local SDK) does not hold them; the ke
 between them and one owner at a time, connected on a unix socket in the sandbox's home (``keeper.sock``, in
 a root-only directory). A server that restarts connects again and carries on (``GVisorBackend.adopt``).
 
-- Only whole frames cross (the wire protocol's framing, checked as the agent's own channel checks it): an
-  owner that dies mid-frame never leaves half a request in the agent's stream.
-- A new owner (any connection after the first) takes over from the one before (which is closed), and the
-  agent is told first (``{"t": "owner"}``: it orphans the earlier owner's requests).
-- While no owner is connected, what the agent sends is dropped (a new owner asks again: ``cmd_attach``).
-- Lifetime: a lease frame from the owner (``{"t": "lease", "until": <unix time or null>}``) passes through to
-  the agent, and the keeper notes ``until`` (in the home too: the keeper that restores a paused sandbox
-  starts with it). Ownerless, the sandbox ends at ``until``; with no lease it ends
-  as soon as its owner goes away (a warm pool's sandbox not yet claimed, the local SDK's), as it always has.
-  Ending = SIGKILL to every process in the sandbox's cgroup(s), as the owner's kill() does.
-- When runsc ends, the keeper does what the owner cannot do from outside any more: unmount the sandbox's
+The relay itself (whole frames only, one owner at a time and takeover, leases) is sandlot/_agent/owner_relay.py,
+shared with a pod's holder. Here: owners connect on a root-only unix socket, ``end`` SIGKILLs every process in the
+sandbox's cgroup(s), as the owner's kill() does, and the lease is kept in the home (``lease.json``: the keeper
+that restores a paused sandbox starts with it).
+When runsc ends, the keeper does what the owner cannot do from outside any more: unmount the sandbox's
   tmpfs (unless ``image/`` exists: a pause, whose checkpoint keeps the files), and, when no owner is there
   to clean up, delete runsc's state, the cgroup(s) and the home. Then it exits with runsc's status.
 
@@ -41,41 +35,15 @@ import sys
 import time
 
 if __package__:
-    from .._agent import protocol
-else:  # run by path: the agent's protocol module (stdlib only) from the package's tree, nothing else
+    from .._agent.owner_relay import OwnerRelay
+else:  # run by path: the agent's relay and protocol modules (stdlib only) from the package's tree, nothing else
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_agent"))
-    import protocol  # type: ignore[no-redef]
+    from owner_relay import OwnerRelay  # type: ignore[no-redef]
 
 SOCKET = "keeper.sock"
 LEASE = "lease.json"  # the last lease an owner gave: a keeper restoring a paused sandbox starts with it
-# One read at most: under the allocator's mmap threshold, so a read of a small frame does not map and unmap
-# a large buffer each time (with 1 MiB reads that was most of the relay's cost: ~0.2 ms a round trip).
-READ_SIZE = 64 * 1024
-HIGH_WATER = 4 * 1024 * 1024  # bytes waiting for one side before the keeper stops reading the other
 FIRST_OWNER_WITHIN = 60.0  # the owner that started the keeper connects at once; nobody in a minute: give up
 MNT_DETACH = 2
-NEW_OWNER = protocol.encode({"t": "owner", "id": 0})
-
-
-class WholeFrames:
-    """Bytes in, whole frames out, each as its raw bytes (nothing re-encoded): the protocol's length checks
-    (``protocol.check_prefix``) before anything is buffered past a prefix."""
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-
-    def feed(self, data: bytes) -> list:
-        self._buf += data
-        frames = []
-        size = protocol.PREFIX.size
-        while len(self._buf) >= size:
-            head_len, payload_len = protocol.check_prefix(bytes(self._buf[:size]))
-            end = size + head_len + payload_len
-            if len(self._buf) < end:
-                break
-            frames.append(bytes(self._buf[:end]))
-            del self._buf[:end]
-        return frames
 
 
 def short_address(home_fd: int) -> str:
@@ -84,38 +52,15 @@ def short_address(home_fd: int) -> str:
     return "/proc/self/fd/%d/%s" % (home_fd, SOCKET)
 
 
-def lease_of(frame: bytes):
-    """``(True, until)`` for a lease frame, else ``(False, None)``. Only a header that names "lease" is decoded."""
-    head_len, _ = protocol.PREFIX.unpack_from(frame)
-    head = frame[protocol.PREFIX.size:protocol.PREFIX.size + head_len]
-    if b"lease" not in head:
-        return False, None
-    header = protocol.decode_header(head)
-    if header.get("t") != "lease":
-        return False, None
-    until = header.get("until")
-    return True, (float(until) if isinstance(until, (int, float)) and not isinstance(until, bool) else None)
-
-
-class Keeper:
+class Keeper(OwnerRelay):
     def __init__(self, config: dict) -> None:
         self.home = config["home"]
+        super().__init__(self._recorded_lease())
         self.cgroups = list(config["cgroups"])
         self.run_argv = list(config["run"])
         self.delete_argv = list(config["delete"])
-        self.sel = selectors.DefaultSelector()
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.owner = None  # the connected owner's socket
-        self.owners = 0  # owners connected so far: from the second on, the agent is told of each
-        self.from_owner = WholeFrames()
-        self.from_agent = WholeFrames()
-        self.to_owner = bytearray()
-        self.to_agent = bytearray()
         self.proc = None  # runsc (through the cgroup trampoline)
-        self.agent_in = self.agent_out = -1
-        self.lease_until = self._recorded_lease()  # unix time; None: no lease (ownerless means ended)
-        self.ending = False  # the cgroup was killed: waiting for runsc to go
-        self.watching: dict = {}  # fd -> the events the selector watches it for (owner and agent pipes)
 
     # -- setup --------------------------------------------------------------------------------------
     def listen(self) -> None:
@@ -142,11 +87,7 @@ class Keeper:
         trampoline = 'for f in "$@"; do printf %s $$ > "$f" || exit 97; done; exec ' + shlex.join(self.run_argv)
         self.proc = subprocess.Popen(["/bin/sh", "-c", trampoline, "sh", *procs], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, cwd="/", env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
-        self.agent_in = self.proc.stdin.fileno()
-        self.agent_out = self.proc.stdout.fileno()
-        os.set_blocking(self.agent_in, False)
-        os.set_blocking(self.agent_out, False)
-        self._want(self.agent_out, selectors.EVENT_READ, self._on_agent)
+        self.attach_agent(self.proc.stdin.fileno(), self.proc.stdout.fileno())
         self.pidfd = os.pidfd_open(self.proc.pid)
         self.sel.register(self.pidfd, selectors.EVENT_READ, self._on_runsc_exit)
 
@@ -174,14 +115,8 @@ class Keeper:
                 key.data(key, mask)
                 if self.proc.returncode is not None:
                     return self.finish()
-            if self.owner is None and not self.ending and self.lease_until is not None \
-                    and time.time() >= self.lease_until:
+            if self.lease_over():
                 self.end("its lease ended with no owner")
-
-    def _timeout(self):
-        if self.owner is not None or self.ending or self.lease_until is None:
-            return None
-        return max(0.0, self.lease_until - time.time())
 
     # -- the owner's side -----------------------------------------------------------------------------
     def _on_accept(self, key, mask) -> None:
@@ -193,55 +128,7 @@ class Keeper:
         if uid != os.getuid():  # the directory is root-only already; this says it twice
             conn.close()
             return
-        if self.owner is not None:  # a new owner takes over (the old one may be gone without a word yet)
-            self._drop_owner()
-        conn.setblocking(False)
-        self.owner = conn
-        self.owners += 1
-        self.from_owner = WholeFrames()
-        self.to_owner = bytearray()
-        if self.owners > 1:  # after the whole frames of the earlier owner, before any of this one's
-            self._to_agent(NEW_OWNER)
-        self._watch_owner()
-
-    def _on_owner(self, key, mask) -> None:
-        if mask & selectors.EVENT_READ:
-            try:
-                data = self.owner.recv(READ_SIZE)
-            except BlockingIOError:
-                data = None
-            except OSError:
-                data = b""
-            if data == b"":
-                return self._owner_gone()
-            if data:
-                try:
-                    frames = self.from_owner.feed(data)
-                    leases = [lease_of(frame) for frame in frames]
-                except protocol.ProtocolError:
-                    return self._owner_gone()  # not our owner's framing: treated as gone
-                for frame, (is_lease, until) in zip(frames, leases):
-                    if is_lease:
-                        self.lease_until = until
-                        self._record_lease()
-                    self._to_agent(frame)
-        if mask & selectors.EVENT_WRITE and self.owner is not None:
-            self._flush_owner()
-        self._watch_owner()
-        self._watch_agent()
-
-    def _flush_owner(self) -> None:
-        """Send what waits for the owner now (the common case: all of it, no extra turn of the loop)."""
-        while self.to_owner and self.owner is not None:
-            try:
-                sent = self.owner.send(self.to_owner)
-            except BlockingIOError:
-                break
-            except OSError:
-                return self._owner_gone()
-            del self.to_owner[:sent]
-        self._watch_owner()
-        self._watch_agent()  # drained below the high-water mark: read the agent again (a large download)
+        self.take_owner(conn)
 
     def _recorded_lease(self):
         try:
@@ -250,6 +137,9 @@ class Keeper:
         except (OSError, ValueError, AttributeError):
             return None
         return float(until) if isinstance(until, (int, float)) and not isinstance(until, bool) else None
+
+    def on_lease(self, until) -> None:
+        self._record_lease()
 
     def _record_lease(self) -> None:
         """Kept in the home beside a checkpoint, so the sandbox's lease outlives a pause (a new keeper
@@ -261,93 +151,6 @@ class Keeper:
             os.replace(path + ".tmp", path)
         except OSError:
             pass
-
-    def _owner_gone(self) -> None:
-        self._drop_owner()
-        if self.lease_until is None:
-            self.end("its owner went away and it has no lease")
-        self._watch_agent()
-
-    def _drop_owner(self) -> None:
-        if self.owner is None:
-            return
-        self._want(self.owner.fileno(), 0, None)
-        self.owner.close()
-        self.owner = None
-        self.to_owner = bytearray()  # whole frames only were queued: the next owner starts on a boundary
-
-    def _watch_owner(self) -> None:
-        if self.owner is None:
-            return
-        events = selectors.EVENT_WRITE if self.to_owner else 0
-        if len(self.to_agent) < HIGH_WATER:
-            events |= selectors.EVENT_READ
-        self._want(self.owner.fileno(), events, self._on_owner)
-
-    def _want(self, fd: int, events: int, callback) -> None:
-        """Watch ``fd`` for ``events`` (0: not at all); the selector is told only of changes."""
-        had = self.watching.get(fd, 0)
-        if events == had:
-            return
-        if not events:
-            self.sel.unregister(fd)
-            del self.watching[fd]
-        elif not had:
-            self.sel.register(fd, events, callback)
-            self.watching[fd] = events
-        else:
-            self.sel.modify(fd, events, callback)
-            self.watching[fd] = events
-
-    # -- the agent's side -----------------------------------------------------------------------------
-    def _to_agent(self, frame: bytes) -> None:
-        if self.agent_in < 0:
-            return
-        self.to_agent += frame
-        self._flush_agent()
-
-    def _flush_agent(self) -> None:
-        while self.to_agent and self.agent_in >= 0:
-            try:
-                sent = os.write(self.agent_in, self.to_agent)
-            except BlockingIOError:
-                break
-            except OSError:  # the agent's stdin is gone: runsc is ending
-                self.to_agent = bytearray()
-                break
-            del self.to_agent[:sent]
-        self._watch_agent()
-        self._watch_owner()  # drained below the high-water mark: read the owner again (a large upload)
-
-    def _on_agent(self, key, mask) -> None:
-        try:
-            data = os.read(self.agent_out, READ_SIZE)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:  # runsc is ending: its exit (the pidfd) finishes
-            self._want(self.agent_out, 0, None)
-            self.agent_out = -1
-            return
-        try:
-            frames = self.from_agent.feed(data)
-        except protocol.ProtocolError:
-            self.end("its agent broke the protocol")
-            return
-        if self.owner is not None and frames:
-            self.to_owner += b"".join(frames)
-            self._flush_owner()
-        self._watch_agent()
-
-    def _on_agent_writable(self, key, mask) -> None:
-        self._flush_agent()
-
-    def _watch_agent(self) -> None:
-        if self.agent_out >= 0:
-            self._want(self.agent_out, selectors.EVENT_READ if len(self.to_owner) < HIGH_WATER else 0, self._on_agent)
-        if self.agent_in >= 0:
-            self._want(self.agent_in, selectors.EVENT_WRITE if self.to_agent else 0, self._on_agent_writable)
 
     # -- ending ---------------------------------------------------------------------------------------
     def end(self, why: str) -> None:

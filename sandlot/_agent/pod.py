@@ -1,0 +1,241 @@
+"""pid 1 of a Sandlot pod on Kubernetes: holds the sandbox's agent and lets one server at a time reach it.
+
+``python3 -I -S -B /opt/sandlot/_agent/pod.py --port 8888`` listens on the pod's TCP port. A server
+connects over the pod network (never through ``pods/exec``) and says who it is with the sandbox's key:
+
+- its first frame is ``{"t": "hello", "key": K}`` and nothing else until the answer;
+- a pod nobody has bound yet (a warm pod, just claimed) is bound by that hello: it keeps the key's SHA-256
+  and answers ``{"t": "welcome", "bound": "now"}``; every later connection (a restarted server, another
+  replica) must present the same key (``"bound": "before"``), or it is closed without a word;
+- then the connection is the sandbox's owner (sandlot/_agent/owner_relay.py: whole frames, the newest
+  owner takes over, leases), and the agent (boot.py in ``pod`` mode, on our stdin/stdout pipes) starts
+  when the first owner is there, reading its boot plan from it as on the gVisor tier.
+
+A key is random (256 bits) and the server keeps it; the pod holds only its digest, and is not dumpable
+(its memory and /proc files are closed to the code of its own sandbox, which runs as the same user).
+Who may reach the port at all is the cluster's NetworkPolicy (ingress from the server's pods only): an
+unbound warm pod binds to whoever speaks first, so a pod bound by anyone else fails the server's hello
+and the server drops it.
+
+The sandbox ends (the agent killed, then this process exits, and with it the pod's container) when its
+agent exits, or when it has no owner and its lease has run out (no lease: as soon as the owner goes).
+Stdlib only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+if __package__:
+    from . import protocol
+    from .owner_relay import OwnerRelay, WholeFrames
+else:  # run by path, as a pod's command
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import protocol  # type: ignore[no-redef]
+    from owner_relay import OwnerRelay, WholeFrames  # type: ignore[no-redef]
+
+HELLO_WITHIN = 10.0  # seconds a connection may take to say hello before it is closed
+MAX_PENDING = 16  # connections waiting to say hello; beyond it the oldest is closed
+BOOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "boot.py")
+
+
+class PodHolder(OwnerRelay):
+    def __init__(self, port: int, host: str = "") -> None:
+        super().__init__(None)
+        self.port, self.host = port, host
+        self.key_digest = None  # bytes once bound
+        self.pending: dict = {}  # socket -> [deadline, WholeFrames]
+        self.agent = None  # subprocess.Popen of boot.py, once the first owner came
+        self.listener = None
+        self.wakeup_r = -1
+
+    # -- setup --------------------------------------------------------------------------------------
+    def listen(self) -> None:
+        try:  # both families where the pod has IPv6 (a dual-stack cluster), else IPv4 only
+            sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.host or "::", self.port))
+        except OSError:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.host or "0.0.0.0", self.port))
+        sock.listen(16)
+        sock.setblocking(False)
+        self.listener = sock
+        self.sel.register(sock, selectors.EVENT_READ, self._on_accept)
+        # pid 1 reaps what its sandbox's code orphans; SIGCHLD wakes the loop to do it.
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        os.set_blocking(w, False)
+        signal.set_wakeup_fd(w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        self.wakeup_r = r
+        self.sel.register(r, selectors.EVENT_READ, self._on_wakeup)
+
+    def start_agent(self) -> None:
+        self.agent = subprocess.Popen([sys.executable, "-I", "-S", "-B", BOOT, "0", "pod"], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, cwd="/")
+        self.attach_agent(self.agent.stdin.fileno(), self.agent.stdout.fileno())
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def serve(self) -> int:
+        signal.signal(signal.SIGTERM, lambda *_: self.end("SIGTERM (the pod is deleted)"))
+        self.listen()
+        try:
+            import ctypes
+
+            ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0: our memory is not the sandbox's to read
+        except (OSError, AttributeError):
+            pass
+        sys.stderr.write("sandlot pod: listening on port %d\n" % self.port)
+        sys.stderr.flush()
+        while True:
+            for key, mask in self.sel.select(self._loop_timeout()):
+                key.data(key, mask)
+            self._expire_pending()
+            rc = self._agent_exit()
+            if rc is not None:
+                return rc
+            if self.lease_over():
+                self.end("its lease ended with no owner")
+
+    def _loop_timeout(self):
+        timeouts = [deadline - time.monotonic() for deadline, _ in self.pending.values()]
+        lease = self._timeout()
+        if lease is not None:
+            timeouts.append(lease)
+        return max(0.0, min(timeouts)) if timeouts else None
+
+    def _on_wakeup(self, key, mask) -> None:
+        try:
+            while os.read(self.wakeup_r, 512):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def _agent_exit(self):
+        """The agent's status once it has exited (every other child of ours is reaped and forgotten)."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return None
+            if pid == 0:
+                return None
+            if self.agent is not None and pid == self.agent.pid:
+                self.agent.returncode = os.waitstatus_to_exitcode(status)
+                rc = self.agent.returncode
+                return rc if rc >= 0 else 128 - rc
+
+    # -- connections ------------------------------------------------------------------------------------
+    def _on_accept(self, key, mask) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
+        conn.setblocking(False)
+        if len(self.pending) >= MAX_PENDING:
+            self._close_pending(next(iter(self.pending)))
+        self.pending[conn] = [time.monotonic() + HELLO_WITHIN, WholeFrames()]
+        self.sel.register(conn, selectors.EVENT_READ, self._on_pending)
+
+    def _on_pending(self, key, mask) -> None:
+        conn = key.fileobj
+        try:
+            data = conn.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            return self._close_pending(conn)
+        try:
+            frames = self.pending[conn][1].feed(data)
+        except protocol.ProtocolError:
+            return self._close_pending(conn)
+        if not frames:
+            return
+        if len(frames) > 1:  # nothing may follow the hello before its answer
+            return self._close_pending(conn)
+        answer = self._check_hello(frames[0])
+        if answer is None:
+            return self._close_pending(conn)
+        self.sel.unregister(conn)
+        del self.pending[conn]
+        try:
+            conn.setblocking(True)
+            conn.settimeout(5)
+            conn.sendall(protocol.encode({"t": "welcome", "id": 0, "bound": answer, "machine": os.uname().machine}))
+        except OSError:
+            conn.close()
+            return
+        if self.agent is None:
+            self.start_agent()
+        self.take_owner(conn)
+
+    def _check_hello(self, frame: bytes):
+        """"now" (this hello bound the pod), "before" (it presented the key the pod is bound to), or None."""
+        head_len, _ = protocol.PREFIX.unpack_from(frame)
+        try:
+            header = protocol.decode_header(frame[protocol.PREFIX.size:protocol.PREFIX.size + head_len])
+        except protocol.ProtocolError:
+            return None
+        key = header.get("key") if header.get("t") == "hello" else None
+        if not isinstance(key, str) or len(key) < 32:
+            return None
+        digest = hashlib.sha256(key.encode()).digest()
+        if self.key_digest is None:
+            self.key_digest = digest
+            return "now"
+        return "before" if hmac.compare_digest(digest, self.key_digest) else None
+
+    def _close_pending(self, conn) -> None:
+        self.pending.pop(conn, None)
+        try:
+            self.sel.unregister(conn)
+        except (KeyError, ValueError):
+            pass
+        conn.close()
+
+    def _expire_pending(self) -> None:
+        now = time.monotonic()
+        for conn, (deadline, _) in list(self.pending.items()):
+            if now >= deadline:
+                self._close_pending(conn)
+
+    # -- ending ---------------------------------------------------------------------------------------
+    def end(self, why: str) -> None:
+        """The agent (and with it its session) killed; this process exits once it is reaped, ending the pod's
+        container, and with it every process of the pod."""
+        self.ending = True
+        sys.stderr.write("sandlot pod: ending the sandbox: %s\n" % why)
+        sys.stderr.flush()
+        if self.agent is None:
+            sys.exit(0)  # nothing started yet (a warm pod told to go)
+        try:
+            os.killpg(self.agent.pid, signal.SIGKILL)  # the agent leads its own session (boot.py setsid)
+        except OSError:
+            pass
+        self.agent.kill()
+
+
+def main(argv: "list[str]") -> int:
+    parser = argparse.ArgumentParser(prog="pod.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--port", type=int, default=8888)
+    parser.add_argument("--host", default="", help="the address to listen on (default: every address of the pod)")
+    args = parser.parse_args(argv)
+    return PodHolder(args.port, args.host).serve()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,404 @@
+"""The kubernetes tier: every sandbox is a pod claimed from a warm pool, under gVisor, on a cluster.
+
+On top of kubernetes-sigs/agent-sandbox (the custom resources the GKE Agent Sandbox is built on): per
+Sandlot template, a ``SandboxTemplate`` (the pod: ``runtimeClassName: gvisor``, non-root, no service-account
+token, default-deny egress, ingress from the server's pods only) and a ``SandboxWarmPool`` of ready pods;
+``sandlot kube manifests`` prints them. A sandbox is a ``SandboxClaim`` on the pool:
+
+- start: the claim is made (``lifecycle.shutdownTime``: the sandbox's deadline, so a crashed server leaks
+  no pod; ``shutdownPolicy: Delete``), its Ready condition and pod address awaited (a watch, taken up again
+  after a 410), then the server connects to the pod's holder (sandlot/_agent/pod.py) over the pod network
+  with a key made for this sandbox, which binds the pod; the agent boots from the plan sent on that channel.
+- the channel is Sandlot's wire protocol over TCP, exactly as on the other tiers (everything above the
+  backend is unchanged); a lease moves the claim's shutdownTime with the sandbox's deadline.
+- kill: the claim deleted (the controller deletes the Sandbox and its pod).
+- adopt (a restarted server): the record (claim name, pod address, key) names the pod; the key proves the
+  server is the owner, and the newest owner takes over the channel.
+
+The pod's limits are the template's (its resources): the cluster's warm pods are made before any owner
+asks. cpu and memory other than those are refused. The kernel's counters live on the node, out of
+the server's reach: usage figures are not measured on this tier (zeros).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import os
+import secrets
+import socket
+import time
+from typing import Any, Mapping, Optional
+
+from .. import _config
+from .._agent import protocol
+from .._exceptions import HostUnsupported, InvalidRequest, SandboxCrashed, SandboxNotFound, SandlotError
+from .._exceptions import TimeoutError as SandlotTimeout
+from .._host.channel import Channel
+from .._limits import Limits
+from .._templates import Template
+from ._common import boot_message, new_sandbox_id, sandbox_config, sandbox_env, template_config
+from .base import Backend, BackendSandbox, Capabilities, Counters
+
+GROUP, VERSION = "extensions.agents.x-k8s.io", "v1beta1"
+CLAIMS = "sandboxclaims"
+LABEL_SANDBOX, LABEL_MANAGED = "sandlot.dev/sandbox", "sandlot.dev/managed-by"
+LABEL_TEMPLATE = "sandlot.dev/template"
+POD_AGENT_DIR = "/opt/sandlot/_agent"
+CONNECT_TIMEOUT = 10.0
+BOOT_TIMEOUT = 120.0
+
+
+def claim_name(sandbox_id: str) -> str:
+    return "sandlot-" + sandbox_id
+
+
+def pool_name(template: str) -> str:
+    """The SandboxWarmPool (and SandboxTemplate) of a Sandlot template."""
+    return "sandlot-" + template
+
+
+def rfc3339(unix_time: float) -> str:
+    return datetime.datetime.fromtimestamp(unix_time, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class PodRefused(SandlotError):
+    """The pod's holder refused this server's key: someone else bound the pod first, or it is not ours."""
+
+
+# -- the cluster's API ---------------------------------------------------------------------------------
+class _Cluster:
+    """The API client of one event loop (aiohttp sessions belong to their loop)."""
+
+    def __init__(self, api_client: Any, namespace: str) -> None:
+        from kubernetes_asyncio import client
+
+        self.api_client = api_client
+        self.custom = client.CustomObjectsApi(api_client)
+        self.namespace = namespace
+
+    @classmethod
+    async def connect(cls) -> "_Cluster":
+        try:
+            from kubernetes_asyncio import client, config
+        except ImportError:
+            raise HostUnsupported("the kubernetes tier needs the Kubernetes client: pip install 'sandlot[kubernetes]'") \
+                from None
+        configuration = client.Configuration()
+        in_cluster = os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG")
+        try:
+            if in_cluster:
+                config.load_incluster_config(client_configuration=configuration)
+            else:
+                await config.load_kube_config(client_configuration=configuration)
+        except Exception as exc:  # the client's ConfigException and file errors
+            raise HostUnsupported(f"the kubernetes tier found no cluster to use: {exc} (set KUBECONFIG, or run "
+                                  "the server in the cluster)") from None
+        return cls(client.ApiClient(configuration=configuration), _config.kube_namespace())
+
+    async def create_claim(self, body: dict) -> dict:
+        return await self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, CLAIMS, body)
+
+    async def get_claim(self, name: str) -> Optional[dict]:
+        from kubernetes_asyncio.client.exceptions import ApiException
+
+        try:
+            return await self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, CLAIMS, name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    async def delete_claim(self, name: str) -> None:
+        from kubernetes_asyncio.client.exceptions import ApiException
+
+        try:
+            await self.custom.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, CLAIMS, name)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    async def patch_claim(self, name: str, patch: dict) -> None:
+        await self.custom.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, CLAIMS, name, patch)
+
+    async def list_claims(self, label_selector: str) -> list:
+        listed = await self.custom.list_namespaced_custom_object(GROUP, VERSION, self.namespace, CLAIMS,
+                                                                 label_selector=label_selector)
+        return list(listed.get("items") or [])
+
+    async def wait_ready(self, name: str, timeout: float) -> str:
+        """The claimed pod's address once the claim is Ready; SandboxCrashed if the claim goes away or
+        fails, TimeoutError after ``timeout``. A watch from the claim's resourceVersion; a 410 (the version
+        is too old: the API server compacted its history) starts over from a fresh read."""
+        from kubernetes_asyncio import watch
+        from kubernetes_asyncio.client.exceptions import ApiException
+
+        deadline = time.monotonic() + timeout
+        while True:
+            claim = await self.get_claim(name)
+            address = _ready_address(claim, name)
+            if address is not None:
+                return address
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise SandlotTimeout(f"the cluster gave sandbox claim {name} no ready pod within {timeout:.0f} s "
+                                     f"({_claim_state(claim)})")
+            stream = watch.Watch()
+            try:
+                async with stream:
+                    async for event in stream.stream(
+                            self.custom.list_namespaced_custom_object, GROUP, VERSION, self.namespace, CLAIMS,
+                            field_selector=f"metadata.name={name}", resource_version=claim["metadata"].get("resourceVersion"),
+                            timeout_seconds=max(1, int(min(left, 60)))):
+                        obj = event.get("object") or {}
+                        if event.get("type") == "DELETED":
+                            raise SandboxCrashed(f"sandbox claim {name} was deleted before its pod was ready")
+                        if (obj.get("metadata") or {}).get("name") != name:
+                            continue
+                        address = _ready_address(obj, name)
+                        if address is not None:
+                            return address
+                        if time.monotonic() >= deadline:
+                            break
+            except ApiException as exc:
+                if exc.status != 410:
+                    raise
+            # 410 Gone, or the watch's own timeout: read the claim afresh and watch again
+
+    async def close(self) -> None:
+        await self.api_client.close()
+
+
+def _ready_address(claim: Optional[Mapping[str, Any]], name: str) -> Optional[str]:
+    if claim is None:
+        raise SandboxCrashed(f"sandbox claim {name} is gone")
+    status = claim.get("status") or {}
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == "Ready" and condition.get("status") == "True":
+            ips = (status.get("sandbox") or {}).get("podIPs") or []
+            if ips:
+                return str(ips[0])
+    return None
+
+
+def _claim_state(claim: Optional[Mapping[str, Any]]) -> str:
+    for condition in ((claim or {}).get("status") or {}).get("conditions") or []:
+        if condition.get("type") == "Ready":
+            return f"Ready={condition.get('status')}: {condition.get('reason') or ''} {condition.get('message') or ''}".strip()
+    return "no Ready condition yet: is the agent-sandbox controller running, and the warm pool's template there?"
+
+
+# -- the pod's holder ------------------------------------------------------------------------------------
+async def connect_pod(address: str, port: int, key: str) -> "tuple[socket.socket, dict]":
+    """A TCP connection to a pod's holder that said welcome to ``key`` (pod.py), and its welcome."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(address, port, type=socket.SOCK_STREAM)
+    family, _, _, _, sockaddr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await asyncio.wait_for(loop.sock_connect(sock, sockaddr), CONNECT_TIMEOUT)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        await loop.sock_sendall(sock, protocol.encode({"t": "hello", "id": 0, "key": key}))
+        welcome = await asyncio.wait_for(_read_frame(sock), CONNECT_TIMEOUT)
+    except (OSError, asyncio.TimeoutError, protocol.ProtocolError, EOFError) as exc:
+        sock.close()
+        if isinstance(exc, EOFError):
+            raise PodRefused(f"the pod at {address}:{port} refused this server's key") from None
+        raise SandboxCrashed(f"cannot reach the sandbox's pod at {address}:{port}: {exc or type(exc).__name__}") \
+            from None
+    if welcome.get("t") != "welcome":
+        sock.close()
+        raise PodRefused(f"the pod at {address}:{port} does not speak Sandlot's pod protocol")
+    return sock, welcome
+
+
+async def _read_frame(sock: socket.socket) -> dict:
+    """One frame, read exactly (what follows it belongs to the channel)."""
+    prefix = await _read_exactly(sock, protocol.PREFIX.size)
+    head_len, payload_len = protocol.check_prefix(prefix)
+    rest = await _read_exactly(sock, head_len + payload_len)
+    return protocol.decode_header(rest[:head_len])
+
+
+async def _read_exactly(sock: socket.socket, n: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    data = bytearray()
+    while len(data) < n:
+        chunk = await loop.sock_recv(sock, n - len(data))
+        if not chunk:
+            raise EOFError
+        data += chunk
+    return bytes(data)
+
+
+# -- the handle -----------------------------------------------------------------------------------------
+class KubernetesSandbox(BackendSandbox):
+    isolation = "kubernetes"
+
+    def __init__(self, sandbox_id: str, template: str, limits: Limits, cluster: _Cluster, address: str,
+                 port: int, key: str, sock: socket.socket) -> None:
+        self.id = sandbox_id
+        self.template = template
+        self.limits = limits
+        self.cluster = cluster
+        self.address, self.port, self.key = address, port, key
+        self.channel = Channel(sock)
+        self.killed_reason: Optional[str] = None
+        self._returncode: Optional[int] = None
+        self._cleanup: Optional[asyncio.Task] = None
+
+    @property
+    def claim(self) -> str:
+        return claim_name(self.id)
+
+    @property
+    def pid(self) -> int:
+        return 0  # no process of this host: the sandbox is a pod
+
+    @property
+    def returncode(self) -> Optional[int]:
+        if self._returncode is None and not self.channel.is_open:
+            self._returncode = -9 if self.killed_reason else 0
+        return self._returncode
+
+    async def wait(self) -> int:
+        while self.channel.is_open:
+            await asyncio.sleep(0.05)
+        return self.returncode or 0
+
+    async def kill(self, reason: str = "killed") -> None:
+        if self.killed_reason is None:
+            self.killed_reason = reason
+        await self.channel.aclose()
+        self._returncode = -9
+        if self._cleanup is None:
+            self._cleanup = asyncio.get_running_loop().create_task(self._delete_claim())
+            self.on_cleanup(self._cleanup)
+        await asyncio.shield(self._cleanup)
+
+    async def _delete_claim(self) -> None:
+        try:
+            await self.cluster.delete_claim(self.claim)
+        except Exception:  # the claim's shutdownTime ends it anyway
+            pass
+
+    async def apply_limits(self, limits: Limits) -> None:
+        _check_pod_limits(limits, self.limits)
+        self.limits = limits
+
+    def usage(self, *, reset_peak: bool = False, processes: bool = False) -> Counters:
+        return Counters(cpu_seconds=0.0, memory=0, memory_peak=0, oom_kills=0, memory_limit_hits=0,
+                        pids_limit_hits=0, processes=None)
+
+    async def leased(self, until: Optional[float]) -> None:
+        """The claim ends with the sandbox's deadline (a crashed server leaks no pod past it)."""
+        if until is not None:
+            await self.cluster.patch_claim(self.claim, {"spec": {"lifecycle": {"shutdownTime": rfc3339(until)}}})
+
+    def describe(self) -> dict[str, Any]:
+        return dict(super().describe(), claim=self.claim, address=self.address, port=self.port, key=self.key)
+
+
+def _check_pod_limits(limits: Limits, pod: Limits) -> None:
+    if limits.cpu != pod.cpu or limits.memory != pod.memory:
+        raise InvalidRequest(f"the kubernetes tier runs a template's sandboxes with its pods' resources (cpu "
+                             f"{pod.cpu:g}, memory {pod.memory} bytes): other cpu or memory limits need another "
+                             "template (its own warm pool)")
+
+
+# -- the backend ----------------------------------------------------------------------------------------
+class KubernetesBackend(Backend):
+    name = "kubernetes"
+    # Outlive: the pod's holder keeps the sandbox for the next owner until its lease ends (adopt()).
+    capabilities = Capabilities(outlive=True)
+    pooled = False  # the cluster's SandboxWarmPool is the pool
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._clusters: dict[int, _Cluster] = {}
+
+    async def cluster(self) -> _Cluster:
+        loop = asyncio.get_running_loop()
+        cluster = self._clusters.get(id(loop))
+        if cluster is None:
+            cluster = self._clusters[id(loop)] = await _Cluster.connect()
+        return cluster
+
+    async def start(self, template: Template, limits: Limits, env: dict[str, str], *,
+                    awaited: bool = False, network: bool = False, mounts: Any = None) -> KubernetesSandbox:
+        if mounts is not None:
+            raise InvalidRequest("the kubernetes tier has no host directories or volumes yet")
+        if network:
+            raise InvalidRequest("the kubernetes tier grants no network yet: its pods have default-deny egress")
+        if template.rootfs:
+            raise InvalidRequest(f"the kubernetes tier runs the pod image of its templates: image template "
+                                 f"{template.name!r} has no warm pool in the cluster")
+        _check_pod_limits(limits, Limits.build(template.default_limits()) if template.limits else Limits())
+        cluster = await self.cluster()
+        sandbox_id = new_sandbox_id()
+        name = claim_name(sandbox_id)
+        key = secrets.token_urlsafe(32)
+        await cluster.create_claim({
+            "apiVersion": f"{GROUP}/{VERSION}", "kind": "SandboxClaim",
+            "metadata": {"name": name, "labels": {LABEL_SANDBOX: sandbox_id, LABEL_MANAGED: "sandlot",
+                                                  LABEL_TEMPLATE: template.name}},
+            "spec": {"warmPoolRef": {"name": pool_name(template.name)},
+                     "lifecycle": {"shutdownTime": rfc3339(time.time() + limits.lifetime), "shutdownPolicy": "Delete"}},
+        })
+        sandbox: Optional[KubernetesSandbox] = None
+        try:
+            address = await cluster.wait_ready(name, _config.kube_claim_timeout())
+            port = _config.kube_agent_port()
+            sock, welcome = await connect_pod(address, port, key)
+            if welcome.get("bound") != "now":
+                sock.close()
+                raise PodRefused(f"the pod of claim {name} was bound before this server claimed it")
+            sandbox = KubernetesSandbox(sandbox_id, template.name, limits, cluster, address, port, key, sock)
+            sandbox.on_cleanup = self.track_cleanup
+            await sandbox.channel.open()
+            env_inside = sandbox_env(template, env)
+            config = dict(template_config(template, env), **sandbox_config(limits, env_inside))
+            config.update(prefixes=["/"], agent_dir=POD_AGENT_DIR, preload=[])
+            if welcome.get("machine") != os.uname().machine:  # our filter is compiled for our architecture
+                config["seccomp"] = None
+            await sandbox.channel.send({"t": "config", "config": config})
+            await asyncio.wait_for(_expect_ready(sandbox), BOOT_TIMEOUT)
+        except BaseException as exc:
+            if sandbox is not None:
+                await asyncio.shield(sandbox.kill("boot failed"))
+            else:
+                await asyncio.shield(cluster.delete_claim(name))
+            if isinstance(exc, asyncio.TimeoutError):
+                raise SandlotTimeout(f"the sandbox's agent did not boot in its pod within {BOOT_TIMEOUT:.0f} s") from None
+            raise
+        return sandbox
+
+    async def adopt(self, record: Mapping[str, Any]) -> KubernetesSandbox:
+        """The sandbox ``record`` names (describe()), its pod's channel taken over with its key."""
+        sandbox_id = str(record.get("id"))
+        cluster = await self.cluster()
+        claim = await cluster.get_claim(claim_name(sandbox_id))
+        if claim is None:
+            raise SandboxNotFound(f"sandbox {sandbox_id} is gone: its claim was deleted")
+        try:
+            address = _ready_address(claim, claim_name(sandbox_id)) or str(record["address"])
+            sock, _ = await connect_pod(address, int(record["port"]), str(record["key"]))
+        except (SandboxCrashed, PodRefused, KeyError, ValueError) as exc:
+            raise SandboxNotFound(f"sandbox {sandbox_id} is gone: {exc}") from None
+        limits = Limits.build(record["limits"]) if record.get("limits") else Limits()
+        sandbox = KubernetesSandbox(sandbox_id, str(record.get("template") or "python"), limits, cluster, address,
+                                    int(record["port"]), str(record["key"]), sock)
+        sandbox.on_cleanup = self.track_cleanup
+        await sandbox.channel.open()
+        return sandbox
+
+    async def claims(self) -> list:
+        """Every claim Sandlot made in the namespace (what a restarted server finds by label)."""
+        cluster = await self.cluster()
+        return await cluster.list_claims(f"{LABEL_MANAGED}=sandlot")
+
+
+async def _expect_ready(sandbox: KubernetesSandbox) -> None:
+    while (await boot_message(sandbox.channel, "kubernetes sandbox")).get("t") != "ready":
+        pass

@@ -1,0 +1,162 @@
+"""A Sandlot pod's holder (sandlot/_agent/pod.py), as the kubernetes tier reaches it over the pod network.
+
+The pod runs where a kubelet would run it: in a real sandbox (process tier here; gVisor in a cluster), its port
+reached through the sandbox's port forwarder, as a server reaches a pod's IP. No cluster is needed for this part.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.parse
+
+import pytest
+
+import sandlot
+from sandlot._agent import protocol
+from sandlot._backends import kubernetes as kube
+from sandlot._backends._common import sandbox_config, sandbox_env, template_config
+from sandlot._engine import default_engine
+from sandlot._limits import Limits
+from sandlot._local import LocalSandbox
+from sandlot._spec import SandboxSpec
+from sandlot._templates import get_template
+
+from .conftest import needs_sandbox
+
+pytestmark = [needs_sandbox]
+
+KEY = "k" * 43
+
+
+class Pod:
+    """A pod: the holder running in a sandbox of its own, its port forwarded to 127.0.0.1."""
+
+    def __init__(self, host: sandlot.AsyncSandbox, port: int) -> None:
+        self.host, self.port = host, port
+
+    @classmethod
+    async def start(cls) -> "Pod":
+        host = await sandlot.AsyncSandbox.create()
+        await host.commands.run("python3 -I -S -B /opt/sandlot/_agent/pod.py --port 8888 2>/tmp/pod.log",
+                                background=True)
+        url = await host.get_url(8888)
+        pod = cls(host, urllib.parse.urlsplit(url).port)
+        # (The forwarder accepts at once, whether anything listens inside or not: the holder's log says when.)
+        await pod.wait_listening()
+        return pod
+
+    async def wait_listening(self) -> None:
+        deadline = time.monotonic() + 20
+        while "listening" not in await self.log():
+            assert time.monotonic() < deadline, "the pod never listened"
+            await asyncio.sleep(0.05)
+
+    async def log(self) -> str:
+        r = await self.host.commands.run("cat /tmp/pod.log")
+        return r.stdout
+
+    async def holder_running(self) -> bool:
+        # Anchored: the shell that runs pgrep has the pattern in its own command line too.
+        r = await self.host.commands.run("pgrep -f '^python3 -I -S -B /opt/sandlot/_agent/pod.py'")
+        return r.exit_code == 0
+
+    async def connect(self, key: str = KEY):
+        return await kube.connect_pod("127.0.0.1", self.port, key)
+
+    async def boot(self, key: str = KEY) -> LocalSandbox:
+        """What the kubernetes backend does after a claim is ready: bind, send the plan, wait for ready."""
+        sock, welcome = await self.connect(key)
+        assert welcome["bound"] == "now"
+        template, limits = get_template("python"), Limits()
+        proc = kube.KubernetesSandbox("sb-0000000000aa", "python", limits, None, "127.0.0.1", self.port, key, sock)
+        proc.on_cleanup = lambda task: None
+        await proc.channel.open()
+        config = dict(template_config(template, {}), **sandbox_config(limits, sandbox_env(template, {})))
+        config.update(prefixes=["/"], agent_dir=kube.POD_AGENT_DIR, preload=[])
+        await proc.channel.send({"t": "config", "config": config})
+        await asyncio.wait_for(kube._expect_ready(proc), 60)
+        return LocalSandbox(SandboxSpec.build("python", isolation="kubernetes"), default_engine().backend("kubernetes"),
+                            proc)
+
+    async def close(self) -> None:
+        await self.host.kill()
+
+
+@pytest.fixture
+async def pod():
+    p = await Pod.start()
+    yield p
+    await p.close()
+
+
+async def test_the_first_hello_binds_the_pod_and_code_runs_as_the_user_with_the_sandboxs_fences(pod):
+    sandbox = await pod.boot()
+    execution = await sandbox.run_code(
+        "import os\n"
+        "print(os.getuid(), open('/proc/self/status').read().split('Seccomp:')[1].split()[0])\n"
+        "6 * 7")
+    assert execution.error is None, execution.error
+    uid, seccomp_mode = execution.logs.stdout[0].split()
+    assert uid == "1000"
+    assert seccomp_mode == "2"  # the agent's own filter on top of the pod's
+    assert execution.results[0].text == "42"
+    r = await sandbox.commands.run("echo $HOME; id -u")
+    assert r.stdout.split() == ["/home/user", "1000"]
+
+
+async def test_another_key_is_refused_and_the_owners_key_takes_over_the_channel(pod):
+    sandbox = await pod.boot()
+    await sandbox.run_code("x = 5")
+    with pytest.raises(kube.PodRefused, match="refused"):
+        await pod.connect("x" * 43)
+    assert (await sandbox.run_code("x + 1")).results[0].text == "6"  # the owner's channel was not disturbed
+    # The same key again (a restarted server, another replica): it becomes the owner, the session lives on.
+    sock, welcome = await pod.connect()
+    assert welcome["bound"] == "before"
+    proc = kube.KubernetesSandbox("sb-0000000000aa", "python", Limits(), None, "127.0.0.1", pod.port, KEY, sock)
+    proc.on_cleanup = lambda task: None
+    await proc.channel.open()
+    taken = LocalSandbox(SandboxSpec.build("python", isolation="kubernetes"), default_engine().backend("kubernetes"),
+                         proc)
+    assert (await taken.run_code("x * 10")).results[0].text == "50"
+    await asyncio.sleep(0.2)
+    assert not sandbox._proc.channel.is_open  # the earlier owner was let go
+
+
+async def test_a_connection_that_sends_anything_but_a_hello_is_closed_and_binds_nothing(pod):
+    reader, writer = await asyncio.open_connection("127.0.0.1", pod.port)
+    writer.write(protocol.encode({"t": "exec", "id": 1, "code": "print(1)"}))
+    await writer.drain()
+    assert await asyncio.wait_for(reader.read(), 10) == b""  # closed without a word
+    writer.close()
+    # A short key is no key either.
+    with pytest.raises(kube.PodRefused):
+        await pod.connect("short")
+    sandbox = await pod.boot()  # still unbound: the real owner binds it
+    assert (await sandbox.run_code("1 + 1")).results[0].text == "2"
+
+
+async def test_without_a_lease_the_pod_ends_when_its_owner_goes_and_with_one_it_waits(pod):
+    sandbox = await pod.boot()
+    await sandbox.run_code("kept = 'yes'")
+    # A lease (the server's sandboxes have one): the owner may go, the sandbox waits for the next.
+    await sandbox._proc.channel.send({"t": "lease", "id": 0, "until": time.time() + 60})
+    await sandbox._proc.channel.aclose()
+    await asyncio.sleep(0.5)
+    assert await pod.holder_running()
+    sock, welcome = await pod.connect()
+    proc = kube.KubernetesSandbox("sb-0000000000aa", "python", Limits(), None, "127.0.0.1", pod.port, KEY, sock)
+    proc.on_cleanup = lambda task: None
+    await proc.channel.open()
+    again = LocalSandbox(SandboxSpec.build("python", isolation="kubernetes"), default_engine().backend("kubernetes"),
+                         proc)
+    assert (await again.run_code("kept")).results[0].text == "'yes'"
+    # No lease now: the owner going away ends the sandbox, and the holder exits (in a cluster, the pod's container).
+    await proc.channel.send({"t": "lease", "id": 0, "until": None})
+    await proc.channel.aclose()
+    deadline = time.monotonic() + 15
+    while await pod.holder_running():
+        assert time.monotonic() < deadline, await pod.log()
+        await asyncio.sleep(0.1)
+    assert "its owner went away and it has no lease" in await pod.log()
