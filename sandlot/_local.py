@@ -273,6 +273,11 @@ class LocalSandbox(SandboxHandle):
         return self._dead is None and self._proc.paused
 
     @property
+    def moved_away(self) -> bool:
+        """Another owner (a server replica) took this sandbox over: it runs on, no longer this process's."""
+        return self._dead is None and self._proc.channel.moved
+
+    @property
     def end_reason(self) -> Optional[str]:
         """Why the sandbox ended (None while it runs)."""
         if self._dead is None and not self._proc.channel.is_open and not self._proc.paused:

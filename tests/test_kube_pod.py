@@ -120,8 +120,14 @@ async def test_another_key_is_refused_and_the_owners_key_takes_over_the_channel(
     taken = LocalSandbox(SandboxSpec.build("python", isolation="kubernetes"), default_engine().backend("kubernetes"),
                          proc)
     assert (await taken.run_code("x * 10")).results[0].text == "50"
-    await asyncio.sleep(0.2)
-    assert not sandbox._proc.channel.is_open  # the earlier owner was let go
+    # The earlier owner was let go, told why: it forgets the sandbox instead of ending it.
+    deadline = time.monotonic() + 10
+    while sandbox._proc.channel.is_open:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    assert sandbox.moved_away and sandbox._proc.channel.closed_reason == "another owner took the sandbox over"
+    await sandbox._proc.kill()  # what the earlier owner's registry or watchdog may still do: the pod is not ended
+    assert (await taken.run_code("x")).results[0].text == "5"
 
 
 async def test_a_connection_that_sends_anything_but_a_hello_is_closed_and_binds_nothing(pod):
@@ -160,3 +166,14 @@ async def test_without_a_lease_the_pod_ends_when_its_owner_goes_and_with_one_it_
         assert time.monotonic() < deadline, await pod.log()
         await asyncio.sleep(0.1)
     assert "its owner went away and it has no lease" in await pod.log()
+
+
+def test_only_the_holder_says_moved_the_agent_cannot():
+    """A frame saying "moved" from the agent (the sandbox's code, had it taken the agent over) never reaches the
+    owner: otherwise a sandbox could make its server forget it, and outlive its idle timeout."""
+    from sandlot._agent.pod import PodHolder
+
+    holder = PodHolder(0)
+    forged = [protocol.encode({"t": "moved"}), protocol.encode({"pad": "x" * 300, "t": "moved"}),
+              protocol.encode({"t": "out", "id": 3, "s": "moved"})]
+    assert holder.agent_frames(forged) == forged[2:]

@@ -112,6 +112,10 @@ class OwnerRelay:
         return self.owner is None and not self.ending and self.lease_until is not None \
             and time.time() >= self.lease_until
 
+    def agent_frames(self, frames: list) -> list:
+        """What of the agent's whole frames goes on to the owner (a subclass may hold some back)."""
+        return frames
+
     def on_lease(self, until) -> None:
         """An owner gave a lease (already noted in ``lease_until``)."""
 
@@ -231,7 +235,7 @@ class OwnerRelay:
             self.agent_out = -1
             return
         try:
-            frames = self.from_agent.feed(data)
+            frames = self.agent_frames(self.from_agent.feed(data))
         except protocol.ProtocolError:
             self.end("its agent broke the protocol")
             return

@@ -45,6 +45,7 @@ else:  # run by path, as a pod's command
 
 HELLO_WITHIN = 10.0  # seconds a connection may take to say hello before it is closed
 MAX_PENDING = 16  # connections waiting to say hello; beyond it the oldest is closed
+MOVED = protocol.encode({"t": "moved"})
 BOOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "boot.py")
 
 
@@ -137,6 +138,26 @@ class PodHolder(OwnerRelay):
                 rc = self.agent.returncode
                 return rc if rc >= 0 else 128 - rc
 
+    # -- owners -------------------------------------------------------------------------------------------
+    def take_owner(self, conn) -> None:
+        """The earlier owner (another replica, a server that lost touch) is told it lost the sandbox before it is
+        let go, so it forgets the sandbox instead of ending it: what it was still owed goes first (whole frames
+        only), then ``{"t": "moved"}``."""
+        old = self.owner
+        if old is not None:
+            try:
+                old.setblocking(True)
+                old.settimeout(2)
+                old.sendall(bytes(self.to_owner) + MOVED)
+            except OSError:
+                pass
+            self.to_owner = bytearray()
+        super().take_owner(conn)
+
+    def agent_frames(self, frames: list) -> list:
+        """Only this holder says "moved": the agent (the sandbox's own code, if it took the agent over) cannot."""
+        return [f for f in frames if not _is_moved(f)]
+
     # -- connections ------------------------------------------------------------------------------------
     def _on_accept(self, key, mask) -> None:
         try:
@@ -222,11 +243,23 @@ class PodHolder(OwnerRelay):
         sys.stderr.flush()
         if self.agent is None:
             sys.exit(0)  # nothing started yet (a warm pod told to go)
-        try:
-            os.killpg(self.agent.pid, signal.SIGKILL)  # the agent leads its own session (boot.py setsid)
-        except OSError:
-            pass
-        self.agent.kill()
+        # By pid, not Popen.kill (which polls first and would reap the agent behind _agent_exit's back).
+        for kill, target in ((os.killpg, self.agent.pid), (os.kill, self.agent.pid)):  # its session (setsid), itself
+            try:
+                kill(target, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def _is_moved(frame: bytes) -> bool:
+    head_len, _ = protocol.PREFIX.unpack_from(frame)
+    head = frame[protocol.PREFIX.size:protocol.PREFIX.size + head_len]
+    if b"moved" not in head:  # the common case, decided without decoding
+        return False
+    try:
+        return protocol.decode_header(head).get("t") == "moved"
+    except protocol.ProtocolError:
+        return False
 
 
 def main(argv: "list[str]") -> int:

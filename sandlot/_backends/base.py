@@ -203,6 +203,11 @@ class Backend(abc.ABC):
     async def prepare(self, template: Template) -> None:
         """Make the next start of ``template`` fast (a tier that forks starts its parent now)."""
 
+    async def sweep_orphans(self, keep: "set[str]") -> int:
+        """End what this tier still runs for sandboxes outside ``keep`` (ids an owner holds a record of) that an
+        owner which died mid-create left behind; how many. Tiers whose sandboxes die with their owner have none."""
+        return 0
+
     async def adopt(self, record: Mapping[str, Any]) -> BackendSandbox:
         """The sandbox ``record`` (from ``describe()``, maybe of an earlier process) describes, taken over
         by this process: SandboxNotFound when it is gone, InvalidRequest when this tier cannot."""

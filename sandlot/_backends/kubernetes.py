@@ -47,6 +47,7 @@ LABEL_TEMPLATE = "sandlot.dev/template"
 POD_AGENT_DIR = "/opt/sandlot/_agent"
 CONNECT_TIMEOUT = 10.0
 BOOT_TIMEOUT = 120.0
+ORPHAN_AFTER = 600.0  # seconds: a claim no server recorded, younger than this, may be a create in flight
 
 
 def claim_name(sandbox_id: str) -> str:
@@ -244,6 +245,7 @@ class KubernetesSandbox(BackendSandbox):
         self.cluster = cluster
         self.address, self.port, self.key = address, port, key
         self.channel = Channel(sock)
+        self.channel.honours_moved = True  # the pod's holder says so when another owner took over (pod.py)
         self.killed_reason: Optional[str] = None
         self._returncode: Optional[int] = None
         self._cleanup: Optional[asyncio.Task] = None
@@ -272,10 +274,11 @@ class KubernetesSandbox(BackendSandbox):
             self.killed_reason = reason
         await self.channel.aclose()
         self._returncode = -9
-        if self._cleanup is None:
+        if self._cleanup is None and not self.channel.moved:  # moved: the sandbox is another owner's now
             self._cleanup = asyncio.get_running_loop().create_task(self._delete_claim())
             self.on_cleanup(self._cleanup)
-        await asyncio.shield(self._cleanup)
+        if self._cleanup is not None:
+            await asyncio.shield(self._cleanup)
 
     async def _delete_claim(self) -> None:
         try:
@@ -393,10 +396,30 @@ class KubernetesBackend(Backend):
         await sandbox.channel.open()
         return sandbox
 
-    async def claims(self) -> list:
-        """Every claim Sandlot made in the namespace (what a restarted server finds by label)."""
+    async def sweep_orphans(self, keep: "set[str]") -> int:
+        """Claims Sandlot made (found by label) for sandboxes no server recorded, deleted once older than
+        ORPHAN_AFTER (younger ones may be another replica's creates in flight)."""
         cluster = await self.cluster()
-        return await cluster.list_claims(f"{LABEL_MANAGED}=sandlot")
+        deleted = 0
+        for claim in await cluster.list_claims(f"{LABEL_MANAGED}=sandlot"):
+            meta = claim.get("metadata") or {}
+            sandbox_id = (meta.get("labels") or {}).get(LABEL_SANDBOX)
+            if sandbox_id in keep or _age(meta.get("creationTimestamp")) < ORPHAN_AFTER:
+                continue
+            await cluster.delete_claim(meta["name"])
+            deleted += 1
+        return deleted
+
+
+def _age(timestamp: Optional[str]) -> float:
+    """Seconds since an RFC 3339 time of the API server (0 when absent or unreadable: treated as new)."""
+    try:
+        then = datetime.datetime.fromisoformat(str(timestamp).replace("Z", "+00:00"))
+    except ValueError:
+        return 0.0
+    if then.tzinfo is None:
+        then = then.replace(tzinfo=datetime.timezone.utc)
+    return time.time() - then.timestamp()
 
 
 async def _expect_ready(sandbox: KubernetesSandbox) -> None:

@@ -15,6 +15,7 @@ from typing import Optional
 from .._agent import protocol
 
 CLOSED = object()  # queued to every open request when the channel ends
+MOVED = "another owner took the sandbox over"  # closed_reason after a holder's "moved" frame
 
 
 class Channel:
@@ -28,6 +29,10 @@ class Channel:
         self._task: Optional[asyncio.Task] = None
         self.closed_reason: Optional[str] = None
         self.control: asyncio.Queue = asyncio.Queue()  # frames without an id (boot messages)
+        # A holder that hands the sandbox to a newer owner says so first ({"t": "moved"}, no id): set by a tier
+        # whose holder is trusted to say it and filters it out of what its agent sends (a pod's: pod.py).
+        self.honours_moved = False
+        self.moved = False
 
     async def open(self) -> None:
         if isinstance(self._sock, tuple):  # (read pipe, write pipe): a gVisor container's stdout/stdin
@@ -105,6 +110,10 @@ class Channel:
                 payload = await self._reader.readexactly(payload_len) if payload_len else b""
                 rid = header.get("id")
                 if rid is None:
+                    if header.get("t") == "moved" and self.honours_moved:
+                        self.moved = True
+                        reason = MOVED
+                        break
                     self.control.put_nowait((header, payload))
                     continue
                 queue = self._queues.get(rid) if isinstance(rid, int) else None

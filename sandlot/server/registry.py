@@ -399,6 +399,9 @@ class Registry:
         that ended it ("lifetime", "idle_timeout", "timeout", "memory"...) or "crash"."""
         if self.live.pop(live.id, None) is None:
             return
+        if live.local.moved_away:  # another replica holds it now: its row and its end are that replica's
+            log.info("sandbox %s was taken over by another server", live.id)
+            return
         sandbox = live.sandbox
         reason = reason or sandbox.end_reason or "it ended"
         limit = sandbox.end_limit
@@ -452,6 +455,7 @@ class Registry:
         if adopted:
             log.warning("%d sandbox(es) of a previous server process taken back", adopted)
         await self._hold_paused()
+        await self._sweep_tiers()
         # Volumes a dead process (a crashed server) left mounted on the host: detached, so they are free again
         # (their locks died with it) and nothing of a tenant's files stays attached under the data dir.
         swept = await asyncio.to_thread(sweep_mounts)
@@ -493,6 +497,19 @@ class Registry:
             adopted += 1
         return adopted, gone
 
+    async def _sweep_tiers(self) -> None:
+        """What a tier still runs for sandboxes no row calls running (a server that died between making one and
+        recording it), ended: the kubernetes tier's claims found by their label."""
+        keep = {row.id for row, _ in self.store.running_handles()}
+        for isolation in self.settings.isolations:
+            try:
+                ended = await self.engine.backend(isolation).sweep_orphans(keep)
+            except Exception as exc:  # noqa: BLE001 - a cluster out of reach now shows on the first create
+                log.warning("could not look for what the %s tier left behind: %s", isolation, exc)
+                continue
+            if ended:
+                log.warning("%d sandbox(es) of the %s tier that no server recorded ended", ended, isolation)
+
     def _network_still_granted(self, spec: SandboxSpec) -> None:
         """A sandbox taken back gets its network from this server only as this server's operator allows one
         now (they may have restarted it without --allow-network, or with a narrower ceiling, to cut tenants
@@ -507,6 +524,8 @@ class Registry:
     async def _warm_up(self) -> None:
         """Start the default template's zygote and warm pool now, so the first client does not wait for
         the preload (numpy, pandas... several seconds) and gets a sandbox in milliseconds."""
+        if "process" not in self.settings.isolations:
+            return  # a server of other tiers only (a cluster's: its warm pools are the cluster's) has no zygote
         try:
             await self.engine.warm_up("python", "process")
         except Exception as exc:  # noqa: BLE001 - a host problem shows on the first create, with its reason
