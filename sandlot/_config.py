@@ -46,7 +46,7 @@ VARIABLES: tuple[Variable, ...] = (
              "ptrace"),
     # -- the kubernetes tier ------------------------------------------------------------------------------
     Variable("SANDLOT_KUBE_NAMESPACE", "the namespace of the kubernetes tier's claims and warm pools",
-             "the server's own namespace in a cluster, else 'sandlot'"),
+             "the server's own namespace in a cluster, else the kubeconfig context's, else 'sandlot'"),
     Variable("SANDLOT_KUBE_AGENT_PORT", "the port a Sandlot pod's holder listens on (the pod template's)", "8888"),
     Variable("SANDLOT_KUBE_CLAIM_TIMEOUT", "seconds a kubernetes sandbox may take from claim to a ready pod", "120"),
     # -- the network -------------------------------------------------------------------------------------
@@ -180,8 +180,9 @@ def db_path() -> Path:
     return Path(explicit) if explicit else data_dir() / "sandlot.db"
 
 
-def kube_namespace() -> str:
-    """The kubernetes tier's namespace: ours inside a cluster (the service account's), else "sandlot"."""
+def kube_namespace(context_namespace: Optional[str] = None) -> str:
+    """The kubernetes tier's namespace: $SANDLOT_KUBE_NAMESPACE, else ours inside a cluster (the service
+    account's), else the kubeconfig context's, else "sandlot" (what `sandlot kube manifests` makes)."""
     name = get("SANDLOT_KUBE_NAMESPACE")
     if name:
         return name
@@ -189,7 +190,7 @@ def kube_namespace() -> str:
         with open("/var/run/secrets/kubernetes.io/serviceaccount/namespace") as f:
             return f.read().strip() or "sandlot"
     except OSError:
-        return "sandlot"
+        return context_namespace or "sandlot"
 
 
 def kube_agent_port() -> int:

@@ -161,6 +161,9 @@ class Backend(abc.ABC):
     network_at_boot: ClassVar[bool] = False
     # Warm sandboxes of this tier are kept by the engine's pools (False: elsewhere, a cluster's warm pool).
     pooled: ClassVar[bool] = True
+    # Its sandboxes are reachable from any server that shares the database (a cluster's pods), not only from
+    # this host: servers take them over on demand instead of at start (replicas), and none marks them lost.
+    reachable_anywhere: ClassVar[bool] = False
     # Set by the engine: its sandboxes may outlive this process (a lease frame tells each how long) and
     # ``adopt()`` takes them back in the next one. Otherwise each ends with its owner.
     durable: bool = False

@@ -87,15 +87,18 @@ class _Cluster:
                 from None
         configuration = client.Configuration()
         in_cluster = os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG")
+        context_namespace = None
         try:
             if in_cluster:
                 config.load_incluster_config(client_configuration=configuration)
             else:
                 await config.load_kube_config(client_configuration=configuration)
+                _, current = config.list_kube_config_contexts()
+                context_namespace = ((current or {}).get("context") or {}).get("namespace")
         except Exception as exc:  # the client's ConfigException and file errors
             raise HostUnsupported(f"the kubernetes tier found no cluster to use: {exc} (set KUBECONFIG, or run "
                                   "the server in the cluster)") from None
-        return cls(client.ApiClient(configuration=configuration), _config.kube_namespace())
+        return cls(client.ApiClient(configuration=configuration), _config.kube_namespace(context_namespace))
 
     async def create_claim(self, body: dict) -> dict:
         return await self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, CLAIMS, body)
@@ -120,7 +123,8 @@ class _Cluster:
                 raise
 
     async def patch_claim(self, name: str, patch: dict) -> None:
-        await self.custom.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, CLAIMS, name, patch)
+        await self.custom.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, CLAIMS, name, patch,
+                                                         _content_type="application/merge-patch+json")
 
     async def list_claims(self, label_selector: str) -> list:
         listed = await self.custom.list_namespaced_custom_object(GROUP, VERSION, self.namespace, CLAIMS,
@@ -316,17 +320,26 @@ class KubernetesBackend(Backend):
     # Outlive: the pod's holder keeps the sandbox for the next owner until its lease ends (adopt()).
     capabilities = Capabilities(outlive=True)
     pooled = False  # the cluster's SandboxWarmPool is the pool
+    reachable_anywhere = True  # over the pod network, from any replica holding the key
 
     def __init__(self) -> None:
         super().__init__()
-        self._clusters: dict[int, _Cluster] = {}
+        self._clusters: dict[tuple, _Cluster] = {}
 
     async def cluster(self) -> _Cluster:
-        loop = asyncio.get_running_loop()
-        cluster = self._clusters.get(id(loop))
+        """The API client of this event loop for the cluster the environment names now (KUBECONFIG, namespace)."""
+        key = (id(asyncio.get_running_loop()), os.environ.get("KUBECONFIG"), _config.get("SANDLOT_KUBE_NAMESPACE"))
+        cluster = self._clusters.get(key)
         if cluster is None:
-            cluster = self._clusters[id(loop)] = await _Cluster.connect()
+            cluster = self._clusters[key] = await _Cluster.connect()
         return cluster
+
+    async def finish_cleanups(self) -> None:
+        """Claims of killed sandboxes deleted, then this event loop's API client closed (a later call makes one)."""
+        await super().finish_cleanups()
+        loop_id = id(asyncio.get_running_loop())
+        for key in [k for k in self._clusters if k[0] == loop_id]:
+            await self._clusters.pop(key).close()
 
     async def start(self, template: Template, limits: Limits, env: dict[str, str], *,
                     awaited: bool = False, network: bool = False, mounts: Any = None) -> KubernetesSandbox:

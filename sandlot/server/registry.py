@@ -24,6 +24,7 @@ import logging
 import time
 from typing import Any, Iterator, Mapping, Optional
 
+from .._backends.registry import backend_class
 from .._engine import Engine, LocalTransport, default_engine
 from .._local import LocalSandbox
 from .._exceptions import InvalidRequest, QuotaExceeded, SandboxNotFound, SandlotError
@@ -45,7 +46,7 @@ from .volumes import TenantVolumes, tenant_scope
 
 log = logging.getLogger("sandlot.server")
 LOST_ON_RESTART = "the server stopped (restart or crash) while it ran; its processes were ended"
-NOT_TAKEN_BACK = "the server stopped (restart or crash) while it ran, and it could not be taken back: {}"
+NOT_TAKEN_BACK = "its server stopped (restart or crash) while it ran, and it could not be taken back: {}"
 LOST_ON_SHUTDOWN = "the server shut down while it ran"
 _HOUSEKEEPING_EVERY = 300.0  # seconds between pruning old rows and sweeping stale cgroups
 
@@ -128,6 +129,7 @@ class Registry:
         self._resuming: dict[int, list[Limits]] = {}  # tenant id -> resumes in flight (they count against totals)
         self._tasks: set[asyncio.Task] = set()
         self._reaper: Optional[asyncio.Task] = None
+        self._taking: dict[str, asyncio.Lock] = {}  # sandbox id -> a takeover from another server in flight
         self.volumes = TenantVolumes(self.engine, store, settings)  # each tenant's named volumes
 
     # -- counts --------------------------------------------------------------------------------------
@@ -236,7 +238,7 @@ class Registry:
         """A copy of the tenant's live (or paused) sandbox as a new sandbox of the same tenant: it counts toward
         the quotas as a create with the parent's limits does (429 over them), gets its own row (the parent's
         template, limits and metadata) and an audit row "fork" naming the parent."""
-        parent = self.get(tenant, sandbox_id)
+        parent = await self.find(tenant, sandbox_id)
         limits = parent.limits
         quotas = quotas_for(self.settings, tenant)
         check_live(tenant.name, self.live_count(tenant), quotas)
@@ -262,6 +264,39 @@ class Registry:
         return live
 
     # -- lookup --------------------------------------------------------------------------------------
+    async def find(self, tenant: Tenant, sandbox_id: str) -> LiveSandbox:
+        """The tenant's live sandbox (``get``), or one that another server holds or held, taken over now where its
+        tier reaches it from here (a cluster's pod: replicas share the database). SandboxNotFound otherwise."""
+        try:
+            return self.get(tenant, sandbox_id)
+        except SandboxNotFound:
+            row = self.store.sandbox(tenant, sandbox_id)
+            if row is None or row.status != "running" or not self._anywhere(row.isolation):
+                raise
+        lock = self._taking.setdefault(sandbox_id, asyncio.Lock())
+        try:
+            async with lock:  # two calls for it at once take it over once
+                if sandbox_id in self.live:
+                    return self.get(tenant, sandbox_id)
+                handle = next((h for r, h in self.store.running_handles() if r.id == sandbox_id), None)
+                if handle is None:
+                    raise SandboxNotFound(f"sandbox {sandbox_id} is still being made, or its server died making it")
+                try:
+                    return await self._take_back(row, handle)
+                except (SandlotError, LookupError, OSError) as exc:
+                    self._ended_unheld(row, exc)
+                    raise SandboxNotFound(f"sandbox {sandbox_id} is gone: {exc}") from None
+        finally:
+            if not lock.locked() and not lock._waiters:  # type: ignore[attr-defined]
+                self._taking.pop(sandbox_id, None)
+
+    def _anywhere(self, isolation: str) -> bool:
+        """Whether this server reaches sandboxes of ``isolation`` wherever they were made (and enables the tier)."""
+        try:
+            return isolation in self.settings.isolations and backend_class(isolation).reachable_anywhere
+        except SandlotError:
+            return False
+
     def get(self, tenant: Tenant, sandbox_id: str) -> LiveSandbox:
         """The tenant's live sandbox, or SandboxNotFound saying what became of it."""
         live = self.live.get(sandbox_id)
@@ -287,7 +322,7 @@ class Registry:
     # -- pause and resume (gVisor tier) ------------------------------------------------------------
     async def pause(self, tenant: Tenant, sandbox_id: str) -> PauseInfo:
         """Checkpoint it to disk (the hooks check the tenant's paused bytes and record it)."""
-        live = self.get(tenant, sandbox_id)
+        live = await self.find(tenant, sandbox_id)
         was_paused = live.sandbox.is_paused
         info = await live.sandbox.pause()
         if not was_paused:
@@ -296,7 +331,7 @@ class Registry:
 
     async def resume(self, tenant: Tenant, sandbox_id: str) -> PauseInfo:
         """Wake it (the hooks check the tenant's memory and pids totals and record it)."""
-        live = self.get(tenant, sandbox_id)
+        live = await self.find(tenant, sandbox_id)
         if not live.sandbox.is_paused:
             raise InvalidRequest(f"sandbox {sandbox_id} is not paused")
         info = await live.sandbox.resume()
@@ -358,7 +393,7 @@ class Registry:
         if not self.settings.allow_network:
             raise InvalidRequest("this server gives sandboxes no network: its operator enables it with "
                                  "`sandlot serve --allow-network`")
-        live = self.get(tenant, sandbox_id)
+        live = await self.find(tenant, sandbox_id)
         if allow is not None:  # (None keeps the rules in force, checked when they were given)
             asked = NetworkPolicy.build({"allow": allow})
             self._check_special(asked)
@@ -385,6 +420,9 @@ class Registry:
     async def kill(self, tenant: Tenant, sandbox_id: str) -> SandboxRow:
         """End the tenant's sandbox. Killing one that already ended is not an error (like the SDK's kill)."""
         live = self.live.get(sandbox_id)
+        if live is None:  # held by another replica, or by none since its server stopped: taken over to end it
+            with contextlib.suppress(SandboxNotFound, InvalidRequest):
+                live = await self.find(tenant, sandbox_id)
         if live is not None and live.tenant.id == tenant.id and not live.one_shot:
             await live.sandbox.kill()
             self._finish(live, "killed by its owner", cause="owner")
@@ -430,7 +468,7 @@ class Registry:
                 self._finish(live)
 
     async def set_timeout(self, tenant: Tenant, sandbox_id: str, seconds: float) -> SandboxRow:
-        live = self.get(tenant, sandbox_id)
+        live = await self.find(tenant, sandbox_id)
         now = time.time()
         self.settings.ceilings.check_lifetime(now - live.created_at + seconds)
         check_lifetime(tenant.name, now - live.created_at + seconds, quotas_for(self.settings, tenant))
@@ -445,7 +483,10 @@ class Registry:
         outlived it (a restart, an upgrade, a crash): each is taken back, with its state, its deadline and its
         place in its tenant's quotas. The others died with it: say so to their owners and clear what is left."""
         adopted, gone = await self._take_back_running()
-        lost = self.store.mark_running_lost(LOST_ON_RESTART, keep=set(self.live))
+        # A tier reachable from any server (a cluster's) is taken over on demand (find), by whichever replica is
+        # asked: never marked lost here, where another replica may hold it now.
+        anywhere = {row.id for row, _ in self.store.running_handles() if self._anywhere(row.isolation)}
+        lost = self.store.mark_running_lost(LOST_ON_RESTART, keep=set(self.live) | anywhere)
         for sandbox_id, tenant in lost:
             self.store.audit(tenant, "lost", sandbox_id, LOST_ON_RESTART)
         if lost or gone:
@@ -469,33 +510,41 @@ class Registry:
         -> (how many were taken back, the ids of those that could not be: ended now)."""
         adopted, gone = 0, set()
         for row, handle in self.store.running_handles():
-            if handle is None or row.isolation not in self.settings.isolations:
+            if handle is None or row.isolation not in self.settings.isolations or self._anywhere(row.isolation):
                 continue
-            started = time.monotonic()
             try:
-                tenant = self.store.tenant(row.tenant)
-                spec = SandboxSpec.from_json(handle.get("spec") or {"template": row.template})
-                spec = dataclasses.replace(spec, limits=Limits.build(row.limits))  # as they were in force
-                self._network_still_granted(spec)
-                local = await self.engine.adopt(handle.get("record") or {}, spec, row.expires_at or time.time())
+                await self._take_back(row, handle)
             except (SandlotError, LookupError, OSError) as exc:
-                if row.expires_at is not None and row.expires_at <= time.time():
-                    status, reason = "ended", "its lifetime ended while no server ran"
-                else:
-                    status, reason = "lost", NOT_TAKEN_BACK.format(exc)
-                self.store.end_sandbox(row.id, status, reason)
-                self.store.audit(row.tenant, "end" if status == "ended" else "lost", row.id, reason)
+                self._ended_unheld(row, exc)
                 gone.add(row.id)
                 continue
-            sandbox = AsyncSandbox._of(local, spec, self.transport)
-            live = LiveSandbox(sandbox, tenant, row.template, row.created_at,
-                               CommandTable(self.settings.max_background_commands), local.limits)
-            self.live[live.id] = live
-            self._keep_handle(live)
-            self.store.audit(row.tenant, "readopt", row.id,
-                             json.dumps({"seconds": round(time.monotonic() - started, 4)}))
             adopted += 1
         return adopted, gone
+
+    async def _take_back(self, row: SandboxRow, handle: Mapping[str, Any]) -> LiveSandbox:
+        """The sandbox of a running row, taken over by this server from the record its last server kept."""
+        started = time.monotonic()
+        tenant = self.store.tenant(row.tenant)
+        spec = SandboxSpec.from_json(handle.get("spec") or {"template": row.template})
+        spec = dataclasses.replace(spec, limits=Limits.build(row.limits))  # as they were in force
+        self._network_still_granted(spec)
+        local = await self.engine.adopt(handle.get("record") or {}, spec, row.expires_at or time.time())
+        sandbox = AsyncSandbox._of(local, spec, self.transport)
+        live = LiveSandbox(sandbox, tenant, row.template, row.created_at,
+                           CommandTable(self.settings.max_background_commands), local.limits)
+        self.live[live.id] = live
+        self._keep_handle(live)
+        self.store.audit(row.tenant, "readopt", row.id, json.dumps({"seconds": round(time.monotonic() - started, 4)}))
+        return live
+
+    def _ended_unheld(self, row: SandboxRow, exc: BaseException) -> None:
+        """A running row whose sandbox could not be taken back: ended (past its lifetime) or lost, recorded."""
+        if row.expires_at is not None and row.expires_at <= time.time():
+            status, reason = "ended", "its lifetime ended while no server held it"
+        else:
+            status, reason = "lost", NOT_TAKEN_BACK.format(exc)
+        self.store.end_sandbox(row.id, status, reason)
+        self.store.audit(row.tenant, "end" if status == "ended" else "lost", row.id, reason)
 
     async def _sweep_tiers(self) -> None:
         """What a tier still runs for sandboxes no row calls running (a server that died between making one and

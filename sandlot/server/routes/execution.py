@@ -74,7 +74,7 @@ def _code_end(execution: Execution, emit: ndjson.Emit, live: LiveSandbox) -> dic
 @router.post("/v1/sandboxes/{sandbox_id}/code", response_model=api.Execution, responses=_CODE_STREAM,
              summary="Run Python in the sandbox's live (state persists between calls)")
 async def run_code(sandbox_id: str, body: RunCode, tenant: Owner, state: State) -> Any:
-    live = state.registry.get(tenant, sandbox_id)
+    live = await state.registry.find(tenant, sandbox_id)
     state.registry.check_call_timeout(body.timeout)
     _fits_one_frame({"t": "exec", "id": 1, "code": body.code})
     state.store.audit(tenant.name, "run_code", sandbox_id, body.code[:1000], tenant.key_id)
@@ -128,7 +128,7 @@ def _background_out(command: BackgroundCommand) -> api.BackgroundCommand:
 @router.post("/v1/sandboxes/{sandbox_id}/commands", response_model=Union[api.CommandResult, api.BackgroundCommand],
              responses=_COMMAND_STREAM, summary="Run a shell command (/bin/sh -c) in the sandbox")
 async def run_command(sandbox_id: str, body: RunCommand, tenant: Owner, state: State) -> Any:
-    live = state.registry.get(tenant, sandbox_id)
+    live = await state.registry.find(tenant, sandbox_id)
     state.registry.check_call_timeout(body.timeout)
     stdin: Union[str, bytes, None] = body.stdin
     if body.stdin is not None and body.stdin_base64:
@@ -179,7 +179,7 @@ async def list_commands(sandbox_id: str, tenant: Owner, state: State,
                         pid: Optional[int] = Query(None, ge=1, description=(
                             "Only the command with this pid, running or ended lately (the sandbox remembers its "
                             "last 16 commands): its exit code and output stay readable"))) -> list[api.RunningCommand]:
-    live = state.registry.get(tenant, sandbox_id)
+    live = await state.registry.find(tenant, sandbox_id)
     # The sandbox's agent knows its commands, also those an earlier server process started (a sandbox
     # re-adopted after a restart): those this process has not seen yet are adopted into its table.
     if pid is not None:
@@ -193,8 +193,8 @@ async def list_commands(sandbox_id: str, tenant: Owner, state: State,
     return listed
 
 
-def _command(state: ServerState, tenant: Tenant, sandbox_id: str, command_id: str) -> BackgroundCommand:
-    command = state.registry.get(tenant, sandbox_id).commands.get(command_id)
+async def _command(state: ServerState, tenant: Tenant, sandbox_id: str, command_id: str) -> BackgroundCommand:
+    command = (await state.registry.find(tenant, sandbox_id)).commands.get(command_id)
     if command is None:
         raise SandboxNotFound(f"no background command {command_id[:80]!r} in sandbox {sandbox_id}")
     return command
@@ -205,7 +205,7 @@ def _command(state: ServerState, tenant: Tenant, sandbox_id: str, command_id: st
 async def command_status(sandbox_id: str, command_id: str, tenant: Owner, state: State,
                          wait: float = Query(0, ge=0, le=3600, description="Wait up to this many seconds for it to end")
                          ) -> api.BackgroundCommand:
-    command = _command(state, tenant, sandbox_id, command_id)
+    command = await _command(state, tenant, sandbox_id, command_id)
     if wait > 0 and command.running:
         try:
             await asyncio.wait_for(command.done.wait(), wait)
@@ -224,8 +224,8 @@ async def command_stream(sandbox_id: str, command_id: str, tenant: Owner, state:
                              'event, {"type": "offsets", "stdout": N, "stderr": M}, says where the text starts, '
                              '{"type": "replayed"} follows what it had printed by then')),
                          stderr_offset: Optional[int] = Query(None, ge=0, description="stderr's own offset")) -> Any:
-    live = state.registry.get(tenant, sandbox_id)
-    command = _command(state, tenant, sandbox_id, command_id)
+    live = await state.registry.find(tenant, sandbox_id)
+    command = await _command(state, tenant, sandbox_id, command_id)
     if offset is not None or stderr_offset is not None:
         return await _stream_from(live, command, offset or 0, offset or 0 if stderr_offset is None else stderr_offset,
                                   state)
@@ -272,7 +272,7 @@ async def _stream_from(live: LiveSandbox, command: BackgroundCommand, stdout: in
              summary="Signal a background command (default SIGKILL)")
 async def command_kill(sandbox_id: str, command_id: str, body: CommandSignal, tenant: Owner,
                        state: State) -> api.BackgroundCommand:
-    command = _command(state, tenant, sandbox_id, command_id)
+    command = await _command(state, tenant, sandbox_id, command_id)
     await command.handle.kill(body.signal)
     return _background_out(command)
 
@@ -281,7 +281,7 @@ async def command_kill(sandbox_id: str, command_id: str, body: CommandSignal, te
              summary="Write to a background command's stdin")
 async def command_stdin(sandbox_id: str, command_id: str, body: CommandInput, tenant: Owner,
                         state: State) -> api.BackgroundCommand:
-    command = _command(state, tenant, sandbox_id, command_id)
+    command = await _command(state, tenant, sandbox_id, command_id)
     try:
         data = base64.b64decode(body.data, validate=True) if body.base64 else body.data.encode()
     except (binascii.Error, ValueError):

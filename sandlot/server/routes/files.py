@@ -29,7 +29,7 @@ def _entry(info) -> FileEntry:
 @router.put("", response_model=FileEntry, openapi_extra=_UPLOAD, summary="Upload (streamed) a file")
 async def upload(sandbox_id: str, path: Path, request: Request, tenant: Owner, state: State,
                  append: bool = False) -> FileEntry:
-    live = state.registry.get(tenant, sandbox_id)
+    live = await state.registry.find(tenant, sandbox_id)
     state.store.audit(tenant.name, "file_write", sandbox_id, path, tenant.key_id)
     return _entry(await live.sandbox.files.write(path, request.stream(), append=append))
 
@@ -42,7 +42,7 @@ async def upload(sandbox_id: str, path: Path, request: Request, tenant: Owner, s
                                          "the file's size (absent for a pseudo-file that reports none, like "
                                          "those in /proc: then the body is chunked)"}}}})
 async def download(sandbox_id: str, path: Path, tenant: Owner, state: State) -> Any:
-    live = state.registry.get(tenant, sandbox_id)
+    live = await state.registry.find(tenant, sandbox_id)
     entry = await live.sandbox.files.stat(path)  # a missing path is a 404 here, before any byte
     size = entry.size if entry.type == "file" else None  # a symlink's own size is not its target's: no promise
     stream = await live.sandbox.files.read(path, format="stream")
@@ -82,7 +82,7 @@ async def _chain(first: bytes, stream: AsyncIterator[bytes]) -> AsyncIterator[by
 
 @router.delete("", status_code=204, summary="Remove a file or a directory tree")
 async def remove(sandbox_id: str, path: Path, tenant: Owner, state: State) -> Response:
-    live = state.registry.get(tenant, sandbox_id)
+    live = await state.registry.find(tenant, sandbox_id)
     state.store.audit(tenant.name, "file_remove", sandbox_id, path, tenant.key_id)
     await live.sandbox.files.remove(path)
     return Response(status_code=204)
@@ -91,22 +91,22 @@ async def remove(sandbox_id: str, path: Path, tenant: Owner, state: State) -> Re
 @router.get("/list", response_model=list[FileEntry], summary="List a directory")
 async def list_dir(sandbox_id: str, tenant: Owner, state: State, path: Path = "/home/user",
                    depth: Annotated[int, Query(ge=1, le=32)] = 1) -> list[FileEntry]:
-    live = state.registry.get(tenant, sandbox_id)
+    live = await state.registry.find(tenant, sandbox_id)
     return [_entry(e) for e in await live.sandbox.files.list(path, depth=depth)]
 
 
 @router.get("/stat", response_model=FileEntry, summary="Describe one path")
 async def stat(sandbox_id: str, path: Path, tenant: Owner, state: State) -> FileEntry:
-    return _entry(await state.registry.get(tenant, sandbox_id).sandbox.files.stat(path))
+    return _entry(await (await state.registry.find(tenant, sandbox_id)).sandbox.files.stat(path))
 
 
 @router.get("/exists", response_model=PathExists, summary="Whether a path exists")
 async def exists(sandbox_id: str, path: Path, tenant: Owner, state: State) -> PathExists:
-    return PathExists(exists=await state.registry.get(tenant, sandbox_id).sandbox.files.exists(path))
+    return PathExists(exists=await (await state.registry.find(tenant, sandbox_id)).sandbox.files.exists(path))
 
 
 @router.post("/mkdir", response_model=DirCreated, summary="Make a directory and its parents")
 async def mkdir(sandbox_id: str, body: MakeDir, tenant: Owner, state: State) -> DirCreated:
-    live = state.registry.get(tenant, sandbox_id)
+    live = await state.registry.find(tenant, sandbox_id)
     state.store.audit(tenant.name, "mkdir", sandbox_id, body.path, tenant.key_id)
     return DirCreated(created=await live.sandbox.files.mkdir(body.path))

@@ -73,7 +73,7 @@ async def set_timeout(sandbox_id: str, body: SetTimeout, tenant: Owner, state: S
 
 @router.post("/{sandbox_id}/keepalive", response_model=Sandbox, summary="Restart its idle timeout")
 async def keep_alive(sandbox_id: str, tenant: Owner, state: State) -> Sandbox:
-    await state.registry.get(tenant, sandbox_id).sandbox.keep_alive()
+    await (await state.registry.find(tenant, sandbox_id)).sandbox.keep_alive()
     return sandbox_out(state.registry.row(tenant, sandbox_id))
 
 
@@ -102,13 +102,13 @@ async def fork(sandbox_id: str, tenant: Owner, state: State) -> Sandbox:
 @router.post("/{sandbox_id}/interrupt", response_model=Sandbox,
              summary="KeyboardInterrupt to the code running now (the live keeps its variables)")
 async def interrupt(sandbox_id: str, tenant: Owner, state: State) -> Sandbox:
-    await state.registry.get(tenant, sandbox_id).sandbox.interrupt()
+    await (await state.registry.find(tenant, sandbox_id)).sandbox.interrupt()
     return sandbox_out(state.registry.row(tenant, sandbox_id))
 
 
 @router.get("/{sandbox_id}/metrics", response_model=SandboxMetrics, summary="Memory, CPU, processes (from its cgroup)")
 async def metrics(sandbox_id: str, tenant: Owner, state: State) -> SandboxMetrics:
-    m = await state.registry.get(tenant, sandbox_id).sandbox.metrics()
+    m = await (await state.registry.find(tenant, sandbox_id)).sandbox.metrics()
     return SandboxMetrics(**dataclasses.asdict(m))
 
 
@@ -124,7 +124,7 @@ async def update_network(sandbox_id: str, body: UpdateNetwork, tenant: Owner, st
 async def network_log(sandbox_id: str, tenant: Owner, state: State,
                       since: Annotated[Optional[float], Query(description="only decisions after this time")] = None
                       ) -> list[NetworkDecision]:
-    entries = await state.registry.get(tenant, sandbox_id).sandbox.network.log(since)
+    entries = await (await state.registry.find(tenant, sandbox_id)).sandbox.network.log(since)
     return [NetworkDecision(**{k: v for k, v in e.items() if k in NetworkDecision.model_fields}) for e in entries]
 
 
@@ -135,7 +135,7 @@ async def port_proxy(sandbox_id: str, port: int, path: str, request: Request, te
                      state: State) -> StreamingResponse:
     from ..._net.ports import check_port
 
-    live = state.registry.get(tenant, sandbox_id)
+    live = await state.registry.find(tenant, sandbox_id)
     target = "/" + path + (f"?{request.url.query}" if request.url.query else "")
     headers = [(k, v) for k, v in request.headers.items()]
     status, out_headers, body = await live.local.proxy(check_port(port), request.method, target, headers,

@@ -1,0 +1,184 @@
+"""The kubernetes tier end to end, on an emulated cluster (tests/kube_cluster.py: a Kubernetes API over real HTTP
+with kubernetes-sigs/agent-sandbox's resources; the test plays the controller and the kubelet, and each claimed
+pod is a real local sandbox running Sandlot's pod holder and agent).
+
+From the SDK through the tier's backend to code running in the pod: claims and their lifetime, the pod address,
+the per-sandbox key, a claim that never becomes ready, a pod that dies, 410 on a watch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+import sandlot
+from sandlot import SandboxCrashed, SandboxNotFound
+from sandlot._backends import kubernetes as kube
+from sandlot._engine import Engine
+from sandlot._spec import SandboxSpec
+
+from .conftest import needs_sandbox
+
+pytestmark = [needs_sandbox]
+
+kube_cluster = pytest.importorskip("tests.kube_cluster", reason="the cluster emulator needs kmock and kubernetes_asyncio "
+                                   "(pip install -e '.[test]')")
+
+
+@pytest.fixture(scope="module")
+async def cluster():
+    async with kube_cluster.KubeCluster() as c:
+        await c.apply_template("python")
+        yield c
+
+
+@pytest.fixture
+def on_cluster(cluster, monkeypatch):
+    """This process's sandboxes of the kubernetes tier go to the emulated cluster."""
+    monkeypatch.setenv("KUBECONFIG", cluster.kubeconfig)
+    monkeypatch.setenv("SANDLOT_KUBE_NAMESPACE", cluster.namespace)
+    return cluster
+
+
+def _ours(cluster, sandbox_id: str):
+    return cluster.claim(kube.claim_name(sandbox_id))
+
+
+async def _gone(cluster, name: str, within: float = 15.0) -> None:
+    deadline = time.monotonic() + within
+    while cluster.claim(name) is not None:
+        assert time.monotonic() < deadline, f"claim {name} still there"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_sandbox_is_a_claimed_pod_running_code_commands_and_files(on_cluster):
+    cluster = on_cluster
+    async with sandlot.AsyncSandbox(isolation="kubernetes", api_url="") as sb:
+        claim = _ours(cluster, sb.sandbox_id)
+        assert claim is not None
+        assert claim["spec"]["warmPoolRef"] == {"name": "sandlot-python"}
+        assert claim["metadata"]["labels"] == {"sandlot.dev/sandbox": sb.sandbox_id, "sandlot.dev/managed-by": "sandlot",
+                                               "sandlot.dev/template": "python"}
+        assert claim["spec"]["lifecycle"]["shutdownPolicy"] == "Delete"
+        shutdown = kube_cluster._parse_time(claim["spec"]["lifecycle"]["shutdownTime"]).timestamp()
+        assert time.time() < shutdown <= time.time() + 24 * 3600 + 5  # the sandbox's lifetime: no pod outlives it
+        execution = await sb.run_code("import os\nx = 6 * 7\nprint('uid', os.getuid())\nx")
+        assert execution.error is None, execution.error
+        assert execution.logs.stdout == ["uid 1000\n"] and execution.results[0].text == "42"
+        assert (await sb.run_code("x + 1")).results[0].text == "43"  # a session: state kept between calls
+        await sb.files.write("/home/user/data.txt", b"hello pod")
+        r = await sb.commands.run("cat /home/user/data.txt; echo; hostname")
+        assert r.exit_code == 0 and r.stdout.startswith("hello pod\n")
+        assert await sb.files.read("/home/user/data.txt") == "hello pod"
+        assert (await sb.run_code("1/0")).error.name == "ZeroDivisionError"
+        name = kube.claim_name(sb.sandbox_id)
+    await _gone(cluster, name)  # kill deletes the claim: the controller deletes the pod
+
+
+async def test_one_shot_run_code_on_the_tier(on_cluster):
+    # The sync facade, as a script would call it (its own event loop in a thread; the cluster answers from ours).
+    execution = await asyncio.to_thread(sandlot.run_code, "print(sum(range(10)))", isolation="kubernetes")
+    assert execution.logs.stdout == ["45\n"]
+    deadline = time.monotonic() + 15
+    while [c for c in on_cluster.claims() if "deletionTimestamp" not in c["metadata"]]:
+        assert time.monotonic() < deadline, on_cluster.claims()
+        await asyncio.sleep(0.05)
+
+
+async def test_a_claim_that_never_becomes_ready_times_out_and_is_deleted(on_cluster, monkeypatch):
+    cluster = on_cluster
+    await cluster.apply_template("slow")
+    cluster.never_ready("sandlot-slow")
+    monkeypatch.setenv("SANDLOT_KUBE_CLAIM_TIMEOUT", "2")
+    before = {c["metadata"]["name"] for c in cluster.claims()}
+    started = time.monotonic()
+    with pytest.raises(sandlot.TimeoutError, match="no ready pod within 2 s"):
+        await sandlot.AsyncSandbox.create(template=_slow_template(), isolation="kubernetes", api_url="")
+    assert time.monotonic() - started < 10
+    _templates_forget("slow")
+    made = {c["metadata"]["name"] for c in cluster.claims()} - before
+    for name in made:
+        await _gone(cluster, name)
+
+
+def _templates_forget(name: str) -> None:
+    from sandlot import _templates
+
+    _templates.unregister_transient(name)
+
+
+def _slow_template() -> str:
+    """A Sandlot template named "slow" (the python template's copy) whose warm pool never gets ready."""
+    import dataclasses
+
+    from sandlot import _templates
+
+    _templates.register_transient(dataclasses.replace(_templates.get_template("python"), name="slow"))
+    return "slow"
+
+
+async def test_a_pod_that_dies_ends_its_sandbox(on_cluster):
+    cluster = on_cluster
+    sb = await sandlot.AsyncSandbox.create(isolation="kubernetes", api_url="")
+    try:
+        await sb.run_code("y = 1")
+        await cluster.kill_pod(kube.claim_name(sb.sandbox_id))
+        with pytest.raises((SandboxCrashed, SandboxNotFound)):
+            for _ in range(50):
+                await sb.run_code("y")
+                await asyncio.sleep(0.1)
+    finally:
+        await sb.kill()
+    await _gone(cluster, kube.claim_name(sb.sandbox_id))
+
+
+async def test_a_410_on_the_watch_is_taken_up_again(on_cluster):
+    cluster = on_cluster
+    cluster.gone_on_next_watch()
+    async with sandlot.AsyncSandbox(isolation="kubernetes", api_url="") as sb:
+        assert (await sb.run_code("2 ** 10")).results[0].text == "1024"
+
+
+async def test_the_lease_moves_the_claims_shutdown_time(on_cluster):
+    cluster = on_cluster
+    engine = Engine()
+    engine.durable = True  # as a server's
+    sandbox = await engine.create(SandboxSpec.build("python", isolation="kubernetes",
+                                                                  limits={"lifetime": 600}))
+    try:
+        claim = _ours(cluster, sandbox.sandbox_id)
+        shutdown = kube_cluster._parse_time(claim["spec"]["lifecycle"]["shutdownTime"]).timestamp()
+        assert abs(shutdown - (time.time() + 600)) < 30
+        await sandbox.set_timeout(120)
+        claim = _ours(cluster, sandbox.sandbox_id)
+        shutdown = kube_cluster._parse_time(claim["spec"]["lifecycle"]["shutdownTime"]).timestamp()
+        assert abs(shutdown - (time.time() + 120)) < 30
+    finally:
+        await sandbox.kill()
+        await engine.shutdown()
+
+
+async def test_a_pod_bound_by_someone_else_is_refused_and_its_claim_deleted(on_cluster):
+    """An unbound warm pod binds to whoever speaks first: if that was not this server, the create fails clearly
+    and the claim goes (the NetworkPolicy should have kept anyone else out)."""
+    cluster = on_cluster
+    real_wait = kube._Cluster.wait_ready
+
+    async def someone_binds_first(self, name, timeout):
+        address = await real_wait(self, name, timeout)
+        sock, _ = await kube.connect_pod(address, 8888, "s" * 43)  # an intruder's hello
+        sock.close()
+        return address
+
+    kube._Cluster.wait_ready = someone_binds_first
+    try:
+        with pytest.raises(kube.PodRefused):
+            await sandlot.AsyncSandbox.create(isolation="kubernetes", api_url="")
+    finally:
+        kube._Cluster.wait_ready = real_wait
+    deadline = time.monotonic() + 15
+    while [c for c in cluster.claims() if "deletionTimestamp" not in c["metadata"]]:
+        assert time.monotonic() < deadline, cluster.claims()
+        await asyncio.sleep(0.05)
