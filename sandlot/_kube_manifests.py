@@ -10,6 +10,7 @@ Nothing here talks to a cluster: it only builds dicts from the flags and the tem
 
 from __future__ import annotations
 
+import copy
 import re
 from typing import Any, Iterable, Optional
 
@@ -174,9 +175,8 @@ def rbac_docs(namespace: str) -> list[dict]:
     labels = {"app.kubernetes.io/name": SERVER_NAME}
     return [
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(SERVER_NAME, namespace, **labels)},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": _meta(SERVER_NAME, namespace, **labels),
-         "rules": [dict(rule, apiGroups=list(rule["apiGroups"]), resources=list(rule["resources"]),
-                        verbs=list(rule["verbs"])) for rule in SERVER_RULES]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+         "metadata": _meta(SERVER_NAME, namespace, **labels), "rules": copy.deepcopy(SERVER_RULES)},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
          "metadata": _meta(SERVER_NAME, namespace, **labels),
          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": SERVER_NAME},
@@ -313,7 +313,15 @@ def header(namespace: str, *, runtime_class: bool, db_secret: bool) -> str:
     return "".join(f"# {line}\n" if line else "#\n" for line in lines)
 
 
+class _PlainDumper(yaml.SafeDumper):
+    """Never anchors and aliases (&id001, *id001) for values used twice: a manifest reads as written."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 def render(docs: list[dict], head: str = "") -> str:
     """Multi-document YAML: ``---`` before each object (kubectl and yaml.safe_load_all read it)."""
-    body = "".join("---\n" + yaml.safe_dump(doc, sort_keys=False, default_flow_style=False) for doc in docs)
+    body = "".join("---\n" + yaml.dump(doc, Dumper=_PlainDumper, sort_keys=False, default_flow_style=False)
+                   for doc in docs)
     return head + body

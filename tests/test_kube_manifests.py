@@ -38,6 +38,7 @@ def run(*args: str):
 def documents(*args: str) -> list[dict]:
     result = run("--image", IMAGE, *args)
     assert result.exit_code == 0, result.output
+    assert not re.search(r"[&*]id\d", result.stdout), "YAML anchors or aliases"
     docs = list(yaml.safe_load_all(result.stdout))
     assert all(isinstance(d, dict) for d in docs), "an empty or non-object document"
     return docs
