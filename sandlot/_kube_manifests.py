@@ -22,7 +22,7 @@ from ._limits import Limits
 
 CRD_GROUP = "extensions.agents.x-k8s.io"
 CRD_VERSION = "v1beta1"
-AGENT_PORT = 8888  # the pod's agent port (the server's SANDLOT_KUBE_AGENT_PORT)
+AGENT_PORT = 8888  # the pod's agent port (the server's setting for it defaults to the same)
 SERVER_PORT = 8000  # `sandlot serve --port`
 SERVER_NAME = "sandlot-server"  # Deployment, Service, ServiceAccount, Role; and the label the sandboxes admit
 SANDBOX_APP = "sandlot-sandbox"
@@ -199,8 +199,6 @@ def deployment_doc(image: str, namespace: str, replicas: int = SERVER_REPLICAS) 
         "command": server_command(),
         "env": [
             {"name": "SANDLOT_DB", "valueFrom": {"secretKeyRef": {"name": DB_SECRET, "key": DB_SECRET_KEY}}},
-            {"name": "SANDLOT_KUBE_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-            {"name": "SANDLOT_KUBE_AGENT_PORT", "value": str(AGENT_PORT)},
             {"name": "SANDLOT_DATA_DIR", "value": "/var/lib/sandlot"},
             {"name": "HOME", "value": "/home/user"},
         ],

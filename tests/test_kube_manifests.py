@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -427,3 +429,13 @@ def build_model(value, type_name: str, models):
     by_key = {key: attr for attr, key in model.attribute_map.items()}
     return model(**{by_key[key]: build_model(item, model.openapi_types[by_key[key]], models)
                     for key, item in value.items()})
+
+
+@pytest.mark.skipif(not os.environ.get("KUBECONFIG") or shutil.which("kubectl") is None,
+                    reason="no cluster here (KUBECONFIG unset or kubectl missing): the API server's own dry run is "
+                           "not run")
+def test_a_real_api_server_accepts_every_object_in_a_dry_run():
+    result = run("--image", IMAGE, "--namespace", "sandlot-dry-run")
+    applied = subprocess.run(["kubectl", "apply", "--dry-run=server", "-f", "-"], input=result.stdout,
+                             capture_output=True, text=True, timeout=120)
+    assert applied.returncode == 0, applied.stderr

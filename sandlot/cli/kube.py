@@ -11,13 +11,13 @@ from typing import Optional
 import click
 from rich.markup import escape
 
-from ._common import err
+from ._common import SandlotGroup, err
 
 _TEMPLATE_HELP = ("A Sandlot template to offer (repeatable): a SandboxTemplate and a SandboxWarmPool each, with the "
                   "template's default limits as the pods' resources. [default: python]")
 
 
-@click.group(short_help="Run on Kubernetes: print the manifests, build the agent image.")
+@click.group(cls=SandlotGroup, short_help="Run on Kubernetes: print the manifests, build the agent image.")
 def kube() -> None:
     """Sandlot on Kubernetes (agent-sandbox custom resources, pods under gVisor): `manifests` prints what to apply,
     `image` builds the image the sandboxes' pods run."""
