@@ -261,19 +261,22 @@ def manifests(*, namespace: str, image: str, templates: Iterable[str] = ("python
     if db_url is not None and not _DB_URL.fullmatch(db_url):
         raise InvalidRequest("--db: a PostgreSQL URL (postgresql://USER:PASSWORD@HOST:PORT/DB) is needed; the "
                              "server's replicas share it (SQLite is one machine's)")
-    names = list(dict.fromkeys(templates)) or ["python"]
-    chosen = []
-    for name in names:
+    chosen: dict[str, tuple[str, Limits, int]] = {}
+    for entry in list(templates) or ["python"]:
+        name, _, own_image = entry.partition("=")
         template = get_template(name)  # InvalidRequest names the known ones
         object_name(name)
-        chosen.append((name, Limits.build(template.default_limits()),
-                       warm if warm is not None else (template.pool_size if template.pool_size is not None
-                                                      else _config.pool_min())))
+        if name in chosen:
+            raise InvalidRequest(f"--template {name} is given twice")
+        replicas = warm if warm is not None else (template.pool_size if template.pool_size is not None
+                                                  else _config.pool_min())
+        chosen[name] = (check_image(own_image, f"--template {name}=REF") if own_image else image,
+                        Limits.build(template.default_limits()), replicas)
     docs = [namespace_doc(namespace)]
     if runtime_class:
         docs.append(runtime_class_doc())
-    for name, limits, replicas in chosen:
-        docs.append(sandbox_template_doc(name, limits, image, namespace))
+    for name, (pod_image, limits, replicas) in chosen.items():
+        docs.append(sandbox_template_doc(name, limits, pod_image, namespace))
         docs.append(warm_pool_doc(name, replicas, namespace))
     docs += rbac_docs(namespace)
     if db_url is not None:

@@ -166,6 +166,12 @@ def test_each_template_named_gets_its_own_template_and_pool(data_dir):
     assert one(warm, "SandboxWarmPool")["spec"]["replicas"] == 7
 
 
+def test_a_template_may_run_its_own_image(data_dir):
+    docs = documents("--template", "python", "--template", "tools=registry.example/team/tools-agent:2")
+    assert pod_of_template(docs, "tools")["containers"][0]["image"] == "registry.example/team/tools-agent:2"
+    assert pod_of_template(docs, "python")["containers"][0]["image"] == IMAGE
+
+
 # -- the server --------------------------------------------------------------------------------------------
 def test_the_role_grants_exactly_what_the_server_needs():
     docs = documents()
@@ -246,6 +252,8 @@ def test_a_server_image_and_a_database_url_given():
     (["--warm", "-1"], "--warm -1"),
     (["--db", "/var/lib/sandlot/sandlot.db"], "PostgreSQL URL"),
     (["--server-image", "Not A Ref"], "--server-image"),
+    (["--template", "python=Not A Ref"], "--template python=REF"),
+    (["--template", "python", "--template", "python"], "given twice"),
 ])
 def test_bad_input_is_a_usage_error_that_says_what_is_wrong(args, message):
     result = run("--image", IMAGE, *args)

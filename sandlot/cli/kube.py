@@ -14,7 +14,8 @@ from rich.markup import escape
 from ._common import SandlotGroup, err
 
 _TEMPLATE_HELP = ("A Sandlot template to offer (repeatable): a SandboxTemplate and a SandboxWarmPool each, with the "
-                  "template's default limits as the pods' resources. [default: python]")
+                  "template's default limits as the pods' resources. NAME=REF: its pods run image REF instead of "
+                  "--image (one with what that template holds, plus the agent). [default: python]")
 
 
 @click.group(cls=SandlotGroup, short_help="Run on Kubernetes: print the manifests, build the agent image.")
@@ -27,7 +28,7 @@ def kube() -> None:
 @click.option("--namespace", "-n", default="sandlot", show_default=True, help="Namespace of everything Sandlot makes.")
 @click.option("--image", required=True, metavar="REF",
               help="The sandboxes' image: Python and Sandlot's agent (`sandlot kube image` builds it).")
-@click.option("--template", "templates", multiple=True, metavar="NAME", help=_TEMPLATE_HELP)
+@click.option("--template", "templates", multiple=True, metavar="NAME[=REF]", help=_TEMPLATE_HELP)
 @click.option("--warm", type=int, metavar="N",
               help="Pods each warm pool keeps ready. [default: the template's pool size, else SANDLOT_POOL_MIN (2)]")
 @click.option("--server-image", metavar="REF",
