@@ -136,3 +136,42 @@ def test_an_unreachable_registry_says_so(tmp_path):
                                        "--tag", f"127.0.0.1:{port}/sandlot/agent:1", "--push", "--insecure"])
     assert result.exit_code == 3, result.output
     assert "cannot reach" in result.output
+
+
+def test_python3_is_found_through_the_bases_own_symlinks_and_must_be_new_enough():
+    from sandlot import ImageError
+    from sandlot._kube_image import find_python
+
+    merged_usr = {"bin": "usr/bin", "usr": None, "usr/bin": None, "usr/bin/python3": "python3.11",
+                  "usr/bin/python3.11": None}
+    assert find_python(merged_usr, {"config": {"Env": ["PATH=/bin"]}}) == "/usr/bin/python3.11"
+    local = {"usr": None, "usr/local": None, "usr/local/bin": None,
+             "usr/local/bin/python3": "/usr/local/bin/python3.12", "usr/local/bin/python3.12": None}
+    assert find_python(local, {"config": {}}) == "/usr/local/bin/python3.12"  # no PATH: the usual one
+    old = {"usr": None, "usr/bin": None, "usr/bin/python3": "python3.6", "usr/bin/python3.6": None}
+    with pytest.raises(ImageError, match="python3 is 3.6; the agent needs 3.8"):
+        find_python(old, {"config": {"Env": ["PATH=/usr/bin"]}})
+    dangling = {"usr": None, "usr/bin": None, "usr/bin/python3": "python3.11"}
+    with pytest.raises(ImageError, match="no python3 on its PATH"):
+        find_python(dangling, {"config": {"Env": ["PATH=/usr/bin"]}})
+    loop = {"usr": None, "usr/bin": None, "usr/bin/python3": "python3"}
+    with pytest.raises(ImageError, match="no python3"):
+        find_python(loop, {"config": {"Env": ["PATH=/usr/bin"]}})
+
+
+def test_a_python3_a_later_layer_deleted_is_not_found(tmp_path):
+    from sandlot import ImageError
+    from sandlot._kube_image import _manifest, _tree, find_python
+
+    deleting = imagekit._Layer()
+    deleting.add_file("/usr/bin/.wh.python3", b"")  # an OCI whiteout: the layers below lose usr/bin/python3
+    layout = tmp_path / "layout"
+    config = {"Env": ["PATH=/usr/bin:/bin"]}
+    imagekit.write_layout(layout, {"with": ([imagekit.base_layer(), imagekit.python_layer()], config),
+                                   "without": ([imagekit.base_layer(), imagekit.python_layer(), deleting.finish()],
+                                               config)})
+    _, manifest, cfg = _manifest(layout, "with")
+    assert find_python(_tree(layout, manifest), cfg) == "/usr/bin/python3.11"
+    _, manifest, cfg = _manifest(layout, "without")
+    with pytest.raises(ImageError, match="no python3 on its PATH"):
+        find_python(_tree(layout, manifest), cfg)
