@@ -30,10 +30,16 @@ ENTRYPOINT = ["python3", "-I", "-S", "-B", "/opt/sandlot/_agent/pod.py"]
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory):
+def layers():
+    """(base, python): dash and coreutils; Debian's python3.11 on top."""
+    return imagekit.base_layer(), imagekit.python_layer()
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory, layers):
     """A registry on loopback holding sandlot/py:1 (a base with python3) and sandlot/base:1 (one without)."""
     work = tmp_path_factory.mktemp("kube-image")
-    base, py = imagekit.base_layer(), imagekit.python_layer()
+    base, py = layers
     layout = work / "layout"
     imagekit.write_layout(layout, {
         "base": ([base], {"Env": ["PATH=/usr/local/bin:/usr/bin:/bin"], "WorkingDir": "/"}),
@@ -159,7 +165,7 @@ def test_python3_is_found_through_the_bases_own_symlinks_and_must_be_new_enough(
         find_python(loop, {"config": {"Env": ["PATH=/usr/bin"]}})
 
 
-def test_a_python3_a_later_layer_deleted_is_not_found(tmp_path):
+def test_a_python3_a_later_layer_deleted_is_not_found(tmp_path, layers):
     from sandlot import ImageError
     from sandlot._kube_image import _manifest, _tree, find_python
 
@@ -167,9 +173,8 @@ def test_a_python3_a_later_layer_deleted_is_not_found(tmp_path):
     deleting.add_file("/usr/bin/.wh.python3", b"")  # an OCI whiteout: the layers below lose usr/bin/python3
     layout = tmp_path / "layout"
     config = {"Env": ["PATH=/usr/bin:/bin"]}
-    imagekit.write_layout(layout, {"with": ([imagekit.base_layer(), imagekit.python_layer()], config),
-                                   "without": ([imagekit.base_layer(), imagekit.python_layer(), deleting.finish()],
-                                               config)})
+    imagekit.write_layout(layout, {"with": (list(layers), config),
+                                   "without": ([*layers, deleting.finish()], config)})
     _, manifest, cfg = _manifest(layout, "with")
     assert find_python(_tree(layout, manifest), cfg) == "/usr/bin/python3.11"
     _, manifest, cfg = _manifest(layout, "without")
