@@ -11,6 +11,7 @@ import click
 from ._common import SandlotGroup
 from .cp import cp
 from .doctor import doctor
+from .kube import kube
 from .mounts import volume
 from .remote import fork, kill, ls
 from .run import exec_, run
@@ -25,7 +26,7 @@ def main() -> None:
     """Sandlot: self-hosted sandboxes for code written by AI agents."""
 
 
-for command in (run, shell, exec_, ls, kill, fork, cp, volume, template, serve, keys, mcp, doctor):
+for command in (run, shell, exec_, ls, kill, fork, cp, volume, template, serve, keys, mcp, kube, doctor):
     main.add_command(command)
 
 __all__ = ["main"]
