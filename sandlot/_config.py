@@ -25,7 +25,7 @@ VARIABLES: tuple[Variable, ...] = (
     # -- where sandboxes come from ---------------------------------------------------------------------
     Variable("SANDLOT_API_URL", "use the Sandlot server at this URL instead of local sandboxes", "unset: local"),
     Variable("SANDLOT_API_KEY", "the API key sent to that server", "unset"),
-    Variable("SANDLOT_ISOLATION", "the isolation tier of sandboxes that do not name one: process or gvisor",
+    Variable("SANDLOT_ISOLATION", "the isolation tier of sandboxes that do not name one: process, gvisor or kubernetes",
              "process"),
     # -- the fast path -----------------------------------------------------------------------------------
     Variable("SANDLOT_POOL_MIN", "warm sandboxes kept ready per template (0 turns pooling off)", "2"),

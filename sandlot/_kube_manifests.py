@@ -200,6 +200,8 @@ def deployment_doc(image: str, namespace: str, replicas: int = SERVER_REPLICAS) 
         "env": [
             {"name": "SANDLOT_DB", "valueFrom": {"secretKeyRef": {"name": DB_SECRET, "key": DB_SECRET_KEY}}},
             {"name": "SANDLOT_DATA_DIR", "value": "/var/lib/sandlot"},
+            # The claims go to the server's own namespace, where the templates and warm pools are.
+            {"name": "SANDLOT_KUBE_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
             {"name": "HOME", "value": "/home/user"},
         ],
         "ports": [{"containerPort": SERVER_PORT, "name": "http"}],
