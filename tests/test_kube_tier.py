@@ -182,3 +182,57 @@ async def test_a_pod_bound_by_someone_else_is_refused_and_its_claim_deleted(on_c
     while [c for c in cluster.claims() if "deletionTimestamp" not in c["metadata"]]:
         assert time.monotonic() < deadline, cluster.claims()
         await asyncio.sleep(0.05)
+
+
+# -- through a server: `sandlot serve --isolations kubernetes` ------------------------------------------------
+def _server_env(cluster) -> dict:
+    import os
+
+    return dict(os.environ, KUBECONFIG=cluster.kubeconfig, SANDLOT_KUBE_NAMESPACE=cluster.namespace)
+
+
+async def test_a_server_of_the_tier_serves_the_sdk_and_a_restarted_one_takes_its_sandboxes_back(cluster, tmp_path):
+    from .serverproc import ServerProcess
+
+    db = tmp_path / "sandlot.db"
+    server = ServerProcess(db, "--isolations", "kubernetes", env=_server_env(cluster))
+    await asyncio.to_thread(server.start)  # in a thread: the emulated cluster answers from this event loop
+    try:
+        key = server.key("alice")
+        sb = await sandlot.AsyncSandbox.create(isolation="kubernetes", api_url=server.url, api_key=key)
+        assert cluster.claim(kube.claim_name(sb.sandbox_id)) is not None
+        assert (await sb.run_code("counter = 41\ncounter + 1")).results[0].text == "42"
+        r = await sb.commands.run("echo from-the-pod")
+        assert r.stdout == "from-the-pod\n"
+        # The server restarts (an upgrade, a crash): the sandbox runs on in its pod, the next server takes it back.
+        await asyncio.to_thread(server.kill9)
+        await asyncio.to_thread(server.start)
+        again = await sandlot.AsyncSandbox.connect(sb.sandbox_id, api_url=server.url, api_key=key)
+        assert (await again.run_code("counter")).results[0].text == "41"  # its session survived
+        await again.kill()
+        await _gone(cluster, kube.claim_name(sb.sandbox_id))
+        # What a server's crash left half made (a claim no row records) is swept by the next server.
+        orphan = {"apiVersion": "extensions.agents.x-k8s.io/v1beta1", "kind": "SandboxClaim",
+                  "metadata": {"name": "sandlot-sb-0000000000ff",
+                               "labels": {"sandlot.dev/sandbox": "sb-0000000000ff", "sandlot.dev/managed-by": "sandlot"}},
+                  "spec": {"warmPoolRef": {"name": "sandlot-python"}}}
+        await cluster.apply(orphan)
+        # An API server stamps creationTimestamp itself: the claim is aged in the emulator's store (time passing).
+        from .kube_api import SANDBOX_CLAIMS
+
+        cluster.api._store[(SANDBOX_CLAIMS, cluster.namespace, "sandlot-sb-0000000000ff")]["metadata"][
+            "creationTimestamp"] = "2026-01-01T00:00:00Z"
+        young = dict(orphan, metadata=dict(orphan["metadata"], name="sandlot-sb-0000000000fe",
+                                           labels=dict(orphan["metadata"]["labels"], **{"sandlot.dev/sandbox": "sb-0000000000fe"})))
+        await cluster.apply(young)  # unrecorded but new: maybe another replica's create in flight
+        await asyncio.to_thread(server.kill9)
+        await asyncio.to_thread(server.start)
+        await _gone(cluster, "sandlot-sb-0000000000ff")
+        assert cluster.claim("sandlot-sb-0000000000fe") is not None
+        api = await cluster.api_client()
+        from kubernetes_asyncio import client as kclient
+
+        await kclient.CustomObjectsApi(api).delete_namespaced_custom_object(
+            kube.GROUP, kube.VERSION, cluster.namespace, kube.CLAIMS, "sandlot-sb-0000000000fe")
+    finally:
+        await asyncio.to_thread(server.stop)
