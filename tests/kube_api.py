@@ -403,7 +403,14 @@ class KubeAPI(kmock.KubernetesEmulator):
             return _json(obj)
         if method == "DELETE":
             options = request.data if isinstance(request.data, dict) else {}
-            return _json(await self.delete(kind, ns, request.name, options.get("preconditions")))
+            gone = await self.delete(kind, ns, request.name, options.get("preconditions"))
+            if kind.custom and key not in self._store:
+                # A custom resource deleted at once answers a Status (a pod, or an object held by its
+                # finalizers, answers the object)
+                return _json({"apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Success",
+                              "details": {"name": request.name, "group": kind.group, "kind": kind.plural,
+                                          "uid": gone["metadata"]["uid"]}})
+            return _json(gone)
         old = self._store.get(key)
         if old is None:
             raise not_found(kind, request.name)

@@ -131,9 +131,24 @@ async def test_create_get_conflict_and_not_found_answer_as_kube_apiserver(api):
         await api.get_namespaced_custom_object(GROUP, VERSION, NS, "sandboxclaims", "nobody")
     body = json.loads(err.value.body)
     assert (err.value.status, body["reason"], body["details"]["name"]) == (404, "NotFound", "nobody")
-    await api.delete_namespaced_custom_object(GROUP, VERSION, NS, "sandboxtemplates", "t-crud")
+    gone = await api.delete_namespaced_custom_object(GROUP, VERSION, NS, "sandboxtemplates", "t-crud")
+    assert (gone["kind"], gone["status"]) == ("Status", "Success")
     with pytest.raises(ApiException) as err:
         await api.delete_namespaced_custom_object(GROUP, VERSION, NS, "sandboxtemplates", "t-crud")
+    assert err.value.status == 404
+
+
+async def test_finalizers_hold_a_deleted_object_until_they_are_removed(api):
+    await api.create_namespaced_custom_object(GROUP, VERSION, NS, "sandboxtemplates", {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "SandboxTemplate",
+        "metadata": {"name": "t-fin", "finalizers": ["test/hold"]}, "spec": {}})
+    held = await api.delete_namespaced_custom_object(GROUP, VERSION, NS, "sandboxtemplates", "t-fin")
+    assert held["metadata"]["deletionTimestamp"]
+    assert (await api.get_namespaced_custom_object(GROUP, VERSION, NS, "sandboxtemplates", "t-fin"))["metadata"]["name"]
+    await api.patch_namespaced_custom_object(GROUP, VERSION, NS, "sandboxtemplates", "t-fin",
+                                             {"metadata": {"finalizers": None}}, _content_type=MERGE)
+    with pytest.raises(ApiException) as err:
+        await api.get_namespaced_custom_object(GROUP, VERSION, NS, "sandboxtemplates", "t-fin")
     assert err.value.status == 404
 
 
