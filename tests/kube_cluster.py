@@ -32,11 +32,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import inspect
 import os
 import secrets
 import shlex
 import socket
 import tempfile
+import threading
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -563,3 +565,59 @@ def socket_is_free(ip: str, port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
         return s.connect_ex((ip, port)) != 0
+
+
+class KubeClusterThread:
+    """A KubeCluster on an event loop of its own thread, for sync tests: their blocking calls (the sync SDK,
+    httpx to a subprocess server) would starve an emulator living on the test's own loop.
+
+    ``with KubeClusterThread() as cluster:`` then the same API, every method called from the test's thread
+    and run on the cluster's loop (``cluster.wait_ready(name)`` blocks; attributes such as ``kubeconfig``
+    are read as they are). On exit the cluster closes and that loop's warm sandboxes end with it."""
+
+    def __init__(self, **options: Any) -> None:
+        self._options = options
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="kubeemu-loop", daemon=True)
+        self.cluster: Optional[KubeCluster] = None
+
+    def _run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        async def call() -> Any:
+            result = fn(*args, **kwargs)
+            return await result if inspect.isawaitable(result) else result
+
+        return asyncio.run_coroutine_threadsafe(call(), self._loop).result()
+
+    def __enter__(self) -> "KubeClusterThread":
+        self._thread.start()
+        try:
+            self.cluster = self._run(lambda: KubeCluster(**self._options).start())
+        except BaseException:
+            self._stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            if self.cluster is not None:
+                self._run(self.cluster.close)
+        finally:
+            self._stop()
+
+    def _stop(self) -> None:
+        from sandlot._engine import default_engine
+
+        try:  # this loop's warm pools and the cleanups of its killed sandboxes end here
+            self._run(default_engine().shutdown)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(30)
+            self._loop.close()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or self.cluster is None:
+            raise AttributeError(name)
+        value = getattr(self.cluster, name)
+        if not callable(value):
+            return value
+        return lambda *args, **kwargs: self._run(value, *args, **kwargs)

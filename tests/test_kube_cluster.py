@@ -12,14 +12,18 @@ import datetime
 import json
 import os
 import secrets
+import socket
 import time
 
+import httpx
+
 import pytest
+import yaml
 from kubernetes_asyncio import client, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from tests.conftest import needs_sandbox
-from tests.kube_cluster import KubeCluster, socket_is_free
+from tests.kube_cluster import KubeCluster, KubeClusterThread, socket_is_free
 
 pytestmark = needs_sandbox
 
@@ -362,3 +366,31 @@ async def test_close_kills_every_pod_it_started():
     assert cluster.running_pods() == 0
     await until(lambda: not processes_with(marker))
     assert all(socket_is_free(ip, 8888) for ip in ips)
+
+
+def test_a_cluster_on_its_own_thread_serves_sync_tests():
+    """A sync test (a subprocess server, the sync SDK) blocks its thread: the cluster runs on its own loop."""
+    marker = "kubeemu-thread-" + secrets.token_hex(4)
+    with KubeClusterThread(prewarm=False) as cluster:
+        cluster.apply_template("python", command=echo_command(marker), args=[])
+        with open(cluster.kubeconfig) as f:
+            config = yaml.safe_load(f)
+        server, token = config["clusters"][0]["cluster"]["server"], config["users"][0]["user"]["token"]
+        url = f"{server}/apis/{GROUP}/{VERSION}/namespaces/{NS}/sandboxclaims"
+        headers = {"Authorization": f"Bearer {token}"}
+        made = httpx.post(url, json=claim_body("sandlot-sb-thread"), headers=headers)
+        assert made.status_code == 201
+        ip = cluster.wait_ready("sandlot-sb-thread")["status"]["sandbox"]["podIPs"][0]
+        with socket.create_connection((ip, 8888), timeout=5) as conn:
+            conn.sendall(b"sync")
+            assert conn.recv(4) == b"sync"
+        assert cluster.running_pods() == 1 and processes_with(marker)
+        assert httpx.delete(f"{url}/sandlot-sb-thread", headers=headers).status_code == 200
+        deadline = time.monotonic() + 10
+        while cluster.running_pods():
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    deadline = time.monotonic() + 10
+    while processes_with(marker):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
