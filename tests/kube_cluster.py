@@ -43,6 +43,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import aiohttp.test_utils
 import kmock
 import yaml
 
@@ -214,7 +215,9 @@ class KubeCluster:
         self.api = KubeAPI()
         self.pods: dict[tuple[str, str], Pod] = {}  # (namespace, claim name) -> its pod, while the claim lives
         self.started_sandboxes = 0
-        self._server: Optional[kmock.Server] = None
+        # aiohttp's test server directly, not kmock.Server: that one also patches aiohttp's resolver for the
+        # whole process (class-wide, undone only in LIFO order), which two clusters or threads would trip on.
+        self._server: Optional[aiohttp.test_utils.RawTestServer] = None
         self._never_ready: set[str] = set()
         self._loops: list[asyncio.Task] = []  # the controller's loops, cancelled at close
         self._tasks: set[asyncio.Task] = set()  # pods starting, status writes, teardowns: awaited at close
@@ -227,8 +230,8 @@ class KubeCluster:
 
     async def start(self) -> "KubeCluster":
         await self.api.__aenter__()
-        self._server = kmock.Server(self.api)
-        await self._server.__aenter__()
+        self._server = aiohttp.test_utils.RawTestServer(self.api, host="127.0.0.1", port=0)
+        await self._server.start_server()
         self._write_kubeconfig()
         if self.prewarm:  # the first sandbox of a process boots the template; do it before any claim
             async with sandlot.AsyncSandbox(self.sandbox_template, isolation="process", api_url="") as sb:
@@ -262,14 +265,14 @@ class KubeCluster:
                 await client.close()
         await self.api.close()
         if self._server is not None:
-            await self._server.__aexit__(None, None, None)
+            await self._server.close()
         await self.api.__aexit__(None, None, None)
         self._tmp.cleanup()
 
     @property
     def url(self) -> str:
         assert self._server is not None
-        return str(self._server.url).rstrip("/")
+        return str(self._server.make_url("")).rstrip("/")
 
     def _write_kubeconfig(self) -> None:
         config = {
