@@ -67,6 +67,35 @@ def _parse_time(text: str) -> datetime.datetime:
     return datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
+# -- pod resources ---------------------------------------------------------------------------------------------
+
+_SUFFIXES = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def quantity(text: Any) -> float:
+    """A Kubernetes quantity: "500m" -> 0.5, "512Mi" -> 536870912, "2" -> 2."""
+    value = str(text).strip()
+    if value.endswith("m"):
+        return float(value[:-1]) / 1000
+    for suffix, factor in _SUFFIXES.items():
+        if value.endswith(suffix):
+            return float(value[: -len(suffix)]) * factor
+    return float(value)
+
+
+def pod_limits(container: dict) -> dict:
+    """The container's resources.limits as the sandbox's limits (cgroups enforce both, as on a node)."""
+    wanted = (container.get("resources") or {}).get("limits") or {}
+    limits: dict[str, Any] = {}
+    if "cpu" in wanted:
+        limits["cpu"] = quantity(wanted["cpu"])
+    if "memory" in wanted:
+        limits["memory"] = int(quantity(wanted["memory"]))
+    if "ephemeral-storage" in wanted:
+        limits["disk"] = int(quantity(wanted["ephemeral-storage"]))
+    return limits
+
+
 # -- pod addresses -------------------------------------------------------------------------------------------
 
 
@@ -308,7 +337,8 @@ class KubeCluster:
         return made
 
     async def apply_template(self, template: str, *, command: Optional[list[str]] = None,
-                             args: Optional[list[str]] = None, replicas: int = 1, port: int = 8888) -> str:
+                             args: Optional[list[str]] = None, replicas: int = 1, port: int = 8888,
+                             resources: Optional[dict] = None) -> str:
         """A SandboxTemplate and a SandboxWarmPool named ``sandlot-<template>`` in the contract's shape; the
         container runs ``command`` + ``args`` (default: the contract's pod agent). Gives the pool's name."""
         name = f"sandlot-{template}"
@@ -319,6 +349,8 @@ class KubeCluster:
             "ports": [{"containerPort": port, "name": "agent"}],
             "readinessProbe": {"tcpSocket": {"port": port}, "periodSeconds": 1},
         }
+        if resources is not None:
+            container["resources"] = resources
         await self.apply(
             {"apiVersion": "extensions.agents.x-k8s.io/v1beta1", "kind": "SandboxTemplate",
              "metadata": {"name": name},
@@ -445,6 +477,15 @@ class KubeCluster:
                 "podIPs": [pod.ip] if pod.ip else []})
 
     async def _run_pod(self, pod: Pod, template: dict) -> None:
+        try:
+            await self._start_pod(pod, template)
+        except Exception as exc:  # the kubelet could not start it: the pod fails, the claim says why
+            if not pod.gone.is_set():
+                await self._fail(pod, f"the pod failed to start: {exc!r}")
+            elif pod.sandbox is not None:
+                await self._stop(pod)
+
+    async def _start_pod(self, pod: Pod, template: dict) -> None:
         pod_template = template.get("spec", {}).get("podTemplate") or {}
         spec = pod_template.get("spec") or {}
         container = (spec.get("containers") or [{}])[0]
@@ -469,7 +510,16 @@ class KubeCluster:
             return
         env = {e["name"]: str(e.get("value", "")) for e in container.get("env") or [] if "name" in e}
         argv = list(container.get("command") or []) + list(container.get("args") or [])
-        sandbox = await sandlot.AsyncSandbox.create(self.sandbox_template, isolation="process", api_url="")
+        limits = pod_limits(container)
+        try:
+            sandbox = await sandlot.AsyncSandbox.create(self.sandbox_template, isolation="process", api_url="",
+                                                        limits=limits or None)
+        except sandlot.SandlotError as exc:  # e.g. limits a sandbox refuses: the pod cannot start
+            pod.phase = "Failed"
+            await self._write_pod(pod)
+            await self._write_claim(pod.namespace, pod.claim, False, "PodFailed", f"the pod cannot start: {exc}",
+                                    pod.name, [])
+            return
         pod.sandbox = sandbox
         self.started_sandboxes += 1
         if pod.gone.is_set():  # deleted while it booted: the teardown may have run already

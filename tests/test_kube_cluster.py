@@ -394,3 +394,24 @@ def test_a_cluster_on_its_own_thread_serves_sync_tests():
     while processes_with(marker):
         assert time.monotonic() < deadline
         time.sleep(0.05)
+
+
+async def test_container_limits_become_the_sandbox_limits(cluster, api):
+    await cluster.apply_template("small", command=echo_command(MARKER), args=[],
+                                 resources={"limits": {"cpu": "500m", "memory": "256Mi"}})
+    await cluster.apply_template("tiny", command=echo_command(MARKER), args=[],
+                                 resources={"limits": {"memory": "1Mi"}})  # below what a sandbox accepts
+    await create_claim(api, "sandlot-sb-small", pool="sandlot-small")
+    await create_claim(api, "sandlot-sb-tiny", pool="sandlot-tiny")
+    await cluster.wait_ready("sandlot-sb-small")
+    limits = cluster.pods[(NS, "sandlot-sb-small")].sandbox.limits
+    assert (limits.cpu, limits.memory) == (0.5, 256 * 2**20)
+
+    def tiny_failed() -> bool:
+        conditions = ((cluster.claim("sandlot-sb-tiny") or {}).get("status") or {}).get("conditions") or []
+        return any(c["reason"] == "PodFailed" for c in conditions)
+
+    await until(tiny_failed)
+    for name in ("sandlot-sb-small", "sandlot-sb-tiny"):
+        await api.delete_namespaced_custom_object(GROUP, VERSION, NS, "sandboxclaims", name)
+    await until(lambda: cluster.running_pods() == 0)
