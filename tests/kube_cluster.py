@@ -56,6 +56,7 @@ from .kube_api import PODS, SANDBOX_CLAIMS, SANDBOX_TEMPLATES, SANDBOX_WARMPOOLS
 # would refuse the connection instead, so the forwarder resets it.
 NOTHING_LISTENS = b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 FIRST_POD_HOST = 10
+_next_host = FIRST_POD_HOST  # the next pod address to try, process-wide
 
 
 def _condition(status: str, reason: str, message: str) -> dict:
@@ -63,8 +64,12 @@ def _condition(status: str, reason: str, message: str) -> dict:
             "lastTransitionTime": now_rfc3339(), "observedGeneration": 1}
 
 
-def _parse_time(text: str) -> datetime.datetime:
+def parse_time(text: str) -> datetime.datetime:
+    """An RFC 3339 time of the API ("2026-12-02T23:00:00Z")."""
     return datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+_parse_time = parse_time
 
 
 # -- pod resources ---------------------------------------------------------------------------------------------
@@ -110,7 +115,11 @@ class PodAddress:
         self.ip = ""
 
     async def open(self, port: int, taken: set[str]) -> str:
-        for n in list(range(FIRST_POD_HOST, 255)):
+        global _next_host
+        for _ in range(FIRST_POD_HOST, 255):
+            # Round the range, as a CNI's address allocator does: an address freed a moment ago is not
+            # handed out again at once (a client still retrying it would reach another pod).
+            n, _next_host = _next_host, FIRST_POD_HOST if _next_host >= 254 else _next_host + 1
             ip = f"127.0.0.{n}"
             if ip in taken:
                 continue
@@ -593,7 +602,7 @@ class KubeCluster:
                 when = lifecycle.get("shutdownTime")
                 meta = claim["metadata"]
                 try:
-                    expired = bool(when) and _parse_time(when) <= now
+                    expired = bool(when) and parse_time(when) <= now
                 except ValueError:
                     expired = False
                 if not expired or meta.get("deletionTimestamp"):

@@ -415,3 +415,16 @@ async def test_container_limits_become_the_sandbox_limits(cluster, api):
     for name in ("sandlot-sb-small", "sandlot-sb-tiny"):
         await api.delete_namespaced_custom_object(GROUP, VERSION, NS, "sandboxclaims", name)
     await until(lambda: cluster.running_pods() == 0)
+
+
+async def test_a_freed_pod_address_is_not_handed_out_again_at_once(cluster, api):
+    """As a CNI's allocator: a client still retrying an old pod's address must not reach the next pod."""
+    await create_claim(api, "sandlot-sb-ip1")
+    first = (await cluster.wait_ready("sandlot-sb-ip1"))["status"]["sandbox"]["podIPs"][0]
+    await api.delete_namespaced_custom_object(GROUP, VERSION, NS, "sandboxclaims", "sandlot-sb-ip1")
+    await until(lambda: cluster.running_pods() == 0)
+    await create_claim(api, "sandlot-sb-ip2")
+    second = (await cluster.wait_ready("sandlot-sb-ip2"))["status"]["sandbox"]["podIPs"][0]
+    assert second != first
+    await api.delete_namespaced_custom_object(GROUP, VERSION, NS, "sandboxclaims", "sandlot-sb-ip2")
+    await until(lambda: cluster.running_pods() == 0)
