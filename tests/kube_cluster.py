@@ -555,15 +555,17 @@ class KubeCluster:
 
     async def _watch_container(self, pod: Pod) -> None:
         """restartPolicy Never: a container that exits fails its pod."""
+        code = None
         with contextlib.suppress(Exception):
-            await pod.command.wait()
+            code = (await pod.command.wait()).exit_code
         if not pod.gone.is_set() and pod.phase in ("Pending", "Running"):
-            await self._fail(pod, "the container exited")
+            await self._fail(pod, f"the container exited with code {code}", "Succeeded" if code == 0 else "Failed")
 
-    async def _fail(self, pod: Pod, message: str) -> None:
-        if pod.phase in ("Failed", "Deleted"):
+    async def _fail(self, pod: Pod, message: str, phase: str = "Failed") -> None:
+        """The pod ends (killed, or its container exited: restartPolicy Never); the claim is not Ready."""
+        if pod.phase in ("Failed", "Succeeded", "Deleted"):
             return
-        pod.phase, pod.ready = "Failed", False
+        pod.phase, pod.ready = phase, False
         await self._stop(pod)
         await self._write_pod(pod)
         await self._write_claim(pod.namespace, pod.claim, False, "PodFailed", message, pod.name, [])

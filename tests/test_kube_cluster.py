@@ -316,6 +316,10 @@ async def test_a_container_that_exits_fails_its_pod(cluster, api):
 
     await until(failed)
     assert cluster.running_pods() == 0
+    claim = cluster.claim("sandlot-sb-crash")
+    assert "code 3" in ready_condition(claim)["message"] and claim["status"]["sandbox"]["podIPs"] == []
+    pod = await client.CoreV1Api(api.api_client).read_namespaced_pod(claim["status"]["sandbox"]["name"], NS)
+    assert pod.status.phase == "Failed"
     await api.delete_namespaced_custom_object(GROUP, VERSION, NS, "sandboxclaims", "sandlot-sb-crash")
 
 
