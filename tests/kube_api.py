@@ -269,7 +269,7 @@ class KubeAPI(kmock.KubernetesEmulator):
                             kind, meta["name"])
         for transient in ("resourceVersion", "uid", "creationTimestamp", "deletionTimestamp", "generation"):
             meta.pop(transient, None)
-        if kind.status_subresource and kind.custom:
+        if kind.status_subresource:
             obj.pop("status", None)  # create cannot set status when the status subresource is on
         meta.update(uid=str(uuid.uuid4()), creationTimestamp=now_rfc3339(), generation=1)
         return await self._commit(kind, key, obj, None, "ADDED")
