@@ -6,9 +6,11 @@
 - The agent-sandbox controller and the kubelet: asyncio tasks following the store. A new SandboxClaim whose
   ``spec.warmPoolRef`` names a SandboxWarmPool whose ``spec.sandboxTemplateRef`` names a SandboxTemplate
   gets a *real local Sandlot sandbox* (process tier) running the pod template's first container
-  (``command`` + ``args``, ``env`` values, ``workingDir``) as a background command; its pod IP is a fresh
-  loopback address 127.0.0.N (N >= 10) whose port (``containerPort``, 8888) is forwarded into the sandbox
-  through ``get_url``. The readiness probe (tcpSocket) connects there until something inside answers;
+  (``command`` + ``args``, ``env`` values, ``workingDir``; ``resources.limits`` cpu, memory and
+  ephemeral-storage as the sandbox's limits) as a background command; its pod IP is a loopback address
+  127.0.0.N (N >= 10, going round the range as a CNI's allocator does) whose port (the readiness probe's
+  tcpSocket port, else the first containerPort, else 8888) is forwarded into the sandbox through
+  ``get_url``. The readiness probe connects there every 20 ms until something inside answers;
   then the claim's status is written: ``conditions: [{type: Ready, status: "True", reason:
   SandboxReady}]``, ``sandbox: {name, podIPs: ["127.0.0.N"]}``. Sandbox and Pod objects are written too.
 - Lifetime: a deleted claim kills its sandbox and closes its address; ``lifecycle.shutdownTime`` is
@@ -24,7 +26,9 @@ Usage (pytest-asyncio, asyncio_mode auto)::
         claim = await cluster.wait_ready("sandlot-sb-0123456789ab")
 
 Knobs: ``never_ready(pool_or_template)``, ``await kill_pod(claim)``, ``gone_on_next_watch()``,
-``claims()``, ``claim(name)``, ``running_pods()``, ``pods``.
+``claims()``, ``claim(name)``, ``running_pods()``, ``pods``; ``cluster.api`` is the store
+(``api.objects(kind)``, ``api.requests``: kmock's log of every HTTP request). Sync tests (a subprocess
+server, the sync SDK) use ``with KubeClusterThread() as cluster:``, the same API on a loop of its own.
 """
 
 from __future__ import annotations
