@@ -27,7 +27,8 @@ Usage (pytest-asyncio, asyncio_mode auto)::
 
 Knobs: ``never_ready(pool_or_template)``, ``await kill_pod(claim)``, ``gone_on_next_watch()``,
 ``claims()``, ``claim(name)``, ``running_pods()``, ``pods``; ``cluster.api`` is the store
-(``api.objects(kind)``, ``api.requests``: kmock's log of every HTTP request). Sync tests (a subprocess
+(``api.objects(kind)``; ``list(cluster.api)``: kmock's log of every HTTP request;
+``watch_requests(plural)``). Sync tests (a subprocess
 server, the sync SDK) use ``with KubeClusterThread() as cluster:``, the same API on a loop of its own.
 """
 
@@ -410,6 +411,14 @@ class KubeCluster:
 
     def claim(self, name: str, namespace: Optional[str] = None) -> Optional[dict]:
         return self.api.get(SANDBOX_CLAIMS, namespace or self.namespace, name)
+
+    def watch_requests(self, plural: str = "sandboxclaims") -> list[dict]:
+        """The watch requests made so far for a resource, oldest first: their query parameters
+        (resourceVersion, labelSelector, ...). kmock's own ``action.WATCH`` view misses them: it takes only
+        ``watch=true``, and kubernetes_asyncio sends ``watch=True``."""
+        return [dict(r.params) for r in self.api
+                if r.resource is not None and r.resource.plural == plural and r.name is None
+                and r.params.get("watch") in ("1", "t", "T", "true", "TRUE", "True")]
 
     def running_pods(self) -> int:
         """How many sandboxes this cluster has running now."""

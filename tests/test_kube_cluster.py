@@ -244,6 +244,7 @@ async def test_gone_on_next_watch_gives_410_until_the_watcher_lists_again(cluste
     with pytest.raises(ApiException) as err:  # the open watch ends; its return with the old version is 410
         await asyncio.wait_for(first, 10)
     assert err.value.status == 410
+    assert [w.get("resourceVersion") for w in cluster.watch_requests()][-3:] == [rv, rv, rv]  # the client retried once
     relisted = await api.list_namespaced_custom_object(GROUP, VERSION, NS, "sandboxclaims")
     assert int(relisted["metadata"]["resourceVersion"]) > int(rv)
     async with watch.Watch().stream(api.list_namespaced_custom_object, GROUP, VERSION, NS, "sandboxclaims",
