@@ -61,12 +61,12 @@ class Pod:
         r = await self.host.commands.run("pgrep -f '^python3 -I -S -B /opt/sandlot/_agent/pod.py'")
         return r.exit_code == 0
 
-    async def connect(self, key: str = KEY):
-        return await kube.connect_pod("127.0.0.1", self.port, key)
+    async def connect(self, key: str = KEY, bind: bool = False):
+        return await kube.connect_pod("127.0.0.1", self.port, key, bind=bind)
 
     async def boot(self, key: str = KEY) -> LocalSandbox:
         """What the kubernetes backend does after a claim is ready: bind, send the plan, wait for ready."""
-        sock, welcome = await self.connect(key)
+        sock, welcome = await self.connect(key, bind=True)
         assert welcome["bound"] == "now"
         template, limits = get_template("python"), Limits()
         proc = kube.KubernetesSandbox("sb-0000000000aa", "python", limits, None, "127.0.0.1", self.port, key, sock)
@@ -138,7 +138,11 @@ async def test_a_connection_that_sends_anything_but_a_hello_is_closed_and_binds_
     writer.close()
     # A short key is no key either.
     with pytest.raises(kube.PodRefused):
-        await pod.connect("short")
+        await pod.connect("short", bind=True)
+    # A hello that does not ask to bind (a server taking a sandbox back at its recorded address, which the
+    # cluster may have given a new pod since) never binds a free pod.
+    with pytest.raises(kube.PodRefused):
+        await pod.connect("z" * 43)
     sandbox = await pod.boot()  # still unbound: the real owner binds it
     assert (await sandbox.run_code("1 + 1")).results[0].text == "2"
 

@@ -168,7 +168,7 @@ async def test_a_pod_bound_by_someone_else_is_refused_and_its_claim_deleted(on_c
 
     async def someone_binds_first(self, name, timeout):
         address = await real_wait(self, name, timeout)
-        sock, _ = await kube.connect_pod(address, 8888, "s" * 43)  # an intruder's hello
+        sock, _ = await kube.connect_pod(address, 8888, "s" * 43, bind=True)  # an intruder's hello
         sock.close()
         return address
 
@@ -199,7 +199,8 @@ async def test_a_server_of_the_tier_serves_the_sdk_and_a_restarted_one_takes_its
     await asyncio.to_thread(server.start)  # in a thread: the emulated cluster answers from this event loop
     try:
         key = server.key("alice")
-        sb = await sandlot.AsyncSandbox.create(isolation="kubernetes", api_url=server.url, api_key=key)
+        # The SDK unchanged: no isolation named, the server's (first) tier is the default.
+        sb = await sandlot.AsyncSandbox.create(api_url=server.url, api_key=key)
         assert cluster.claim(kube.claim_name(sb.sandbox_id)) is not None
         assert (await sb.run_code("counter = 41\ncounter + 1")).results[0].text == "42"
         r = await sb.commands.run("echo from-the-pod")

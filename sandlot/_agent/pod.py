@@ -3,10 +3,12 @@
 ``python3 -I -S -B /opt/sandlot/_agent/pod.py --port 8888`` listens on the pod's TCP port. A server
 connects over the pod network (never through ``pods/exec``) and says who it is with the sandbox's key:
 
-- its first frame is ``{"t": "hello", "key": K}`` and nothing else until the answer;
-- a pod nobody has bound yet (a warm pod, just claimed) is bound by that hello: it keeps the key's SHA-256
-  and answers ``{"t": "welcome", "bound": "now"}``; every later connection (a restarted server, another
-  replica) must present the same key (``"bound": "before"``), or it is closed without a word;
+- its first frame is ``{"t": "hello", "key": K, "bind": B}`` and nothing else until the answer;
+- a pod nobody has bound yet (a warm pod, just claimed) is bound by a hello with ``"bind": true`` (the server
+  that made the claim): it keeps the key's SHA-256 and answers ``{"t": "welcome", "bound": "now"}``; every later
+  connection (a restarted server, another replica) must present the same key (``"bound": "before"``), or it is
+  closed without a word. A hello that does not bind (a server taking a sandbox back by its recorded address,
+  which a new pod may have been given since) never binds an unbound pod: it is refused and the pod stays free;
 - then the connection is the sandbox's owner (sandlot/_agent/owner_relay.py: whole frames, the newest
   owner takes over, leases), and the agent (boot.py in ``pod`` mode, on our stdin/stdout pipes) starts
   when the first owner is there, reading its boot plan from it as on the gVisor tier.
@@ -216,6 +218,8 @@ class PodHolder(OwnerRelay):
             return None
         digest = hashlib.sha256(key.encode()).digest()
         if self.key_digest is None:
+            if header.get("bind") is not True:
+                return None
             self.key_digest = digest
             return "now"
         return "before" if hmac.compare_digest(digest, self.key_digest) else None

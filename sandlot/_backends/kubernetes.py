@@ -194,8 +194,9 @@ def _claim_state(claim: Optional[Mapping[str, Any]]) -> str:
 
 
 # -- the pod's holder ------------------------------------------------------------------------------------
-async def connect_pod(address: str, port: int, key: str) -> "tuple[socket.socket, dict]":
-    """A TCP connection to a pod's holder that said welcome to ``key`` (pod.py), and its welcome."""
+async def connect_pod(address: str, port: int, key: str, *, bind: bool = False) -> "tuple[socket.socket, dict]":
+    """A TCP connection to a pod's holder that said welcome to ``key`` (pod.py), and its welcome. ``bind``: the
+    pod may be unbound, and this key binds it (only for the claim this server just made)."""
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(address, port, type=socket.SOCK_STREAM)
     family, _, _, _, sockaddr = infos[0]
@@ -204,7 +205,7 @@ async def connect_pod(address: str, port: int, key: str) -> "tuple[socket.socket
     try:
         await asyncio.wait_for(loop.sock_connect(sock, sockaddr), CONNECT_TIMEOUT)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        await loop.sock_sendall(sock, protocol.encode({"t": "hello", "id": 0, "key": key}))
+        await loop.sock_sendall(sock, protocol.encode({"t": "hello", "id": 0, "key": key, "bind": bind}))
         welcome = await asyncio.wait_for(_read_frame(sock), CONNECT_TIMEOUT)
     except (OSError, asyncio.TimeoutError, protocol.ProtocolError, EOFError) as exc:
         sock.close()
@@ -366,7 +367,7 @@ class KubernetesBackend(Backend):
         try:
             address = await cluster.wait_ready(name, _config.kube_claim_timeout())
             port = _config.kube_agent_port()
-            sock, welcome = await connect_pod(address, port, key)
+            sock, welcome = await connect_pod(address, port, key, bind=True)
             if welcome.get("bound") != "now":
                 sock.close()
                 raise PodRefused(f"the pod of claim {name} was bound before this server claimed it")
@@ -399,7 +400,7 @@ class KubernetesBackend(Backend):
             raise SandboxNotFound(f"sandbox {sandbox_id} is gone: its claim was deleted")
         try:
             address = _ready_address(claim, claim_name(sandbox_id)) or str(record["address"])
-            sock, _ = await connect_pod(address, int(record["port"]), str(record["key"]))
+            sock, welcome = await connect_pod(address, int(record["port"]), str(record["key"]))
         except (SandboxCrashed, PodRefused, KeyError, ValueError) as exc:
             raise SandboxNotFound(f"sandbox {sandbox_id} is gone: {exc}") from None
         limits = Limits.build(record["limits"]) if record.get("limits") else Limits()

@@ -169,9 +169,10 @@ class Registry:
 
     async def create(self, tenant: Tenant, *, template: str = "python", timeout: Optional[float] = None,
                      limits: Optional[Mapping[str, Any]] = None, env: Optional[Mapping[str, str]] = None,
-                     metadata: Optional[Mapping[str, str]] = None, isolation: str = "process",
+                     metadata: Optional[Mapping[str, str]] = None, isolation: Optional[str] = None,
                      one_shot: bool = False, network: Any = None, secrets: Any = None,
                      mounts: Any = None, on_idle: str = "kill", code: Optional[str] = None) -> LiveSandbox:
+        isolation = isolation or self.settings.isolations[0]  # the operator's first tier is the default
         if isolation not in self.settings.isolations:
             raise InvalidRequest(f"isolation {isolation[:32]!r} is not enabled on this server; "
                                  f"enabled: {list(self.settings.isolations)}")

@@ -112,8 +112,9 @@ class CreateSandbox(_Body):
                           "each at most the server's ceiling (GET /v1/info)")
     env: Optional[dict[Text, Text]] = Field(None, description="Environment of the session and commands")
     metadata: Optional[dict[Text, Text]] = Field(None, description="Your tags; filter GET /v1/sandboxes by them")
-    isolation: Text = Field("process", max_length=32,
-                            description='"process", or "gvisor" where the server enables it (GET /v1/info lists them)')
+    isolation: Optional[Text] = Field(None, max_length=32,
+                                      description='"process", "gvisor" or "kubernetes" where the server enables it '
+                                                  "(GET /v1/info lists them); default: the first it lists")
     network: Optional[Union[Text, dict[Text, list[Text]]]] = Field(
         None, description='No network (null, the default), "public", or {"allow": [rules], "deny": [rules]}: rules '
                           'are names ("pypi.org", "*.pythonhosted.org"), IPs or CIDRs, each with an optional ":port" '
@@ -183,7 +184,8 @@ class RunOnce(_Body):
     timeout: Optional[Seconds] = None
     limits: Optional[LimitOverrides] = None
     env: Optional[dict[Text, Text]] = None
-    isolation: Text = Field("process", max_length=32, description='"process", or "gvisor" where the server enables it')
+    isolation: Optional[Text] = Field(None, max_length=32, description='"process", "gvisor" or "kubernetes" where '
+                                      "the server enables it; default: the first GET /v1/info lists")
     mounts: Optional[dict[Text, Text]] = Field(None, description=MOUNTS_DOC)
     stream: bool = False
 
@@ -366,7 +368,7 @@ class Limits(BaseModel):
 class Sandbox(BaseModel):
     sandbox_id: str
     template: str
-    isolation: str = Field("process", description="the isolation tier it runs on: process or gvisor")
+    isolation: str = Field("process", description="the isolation tier it runs on: process, gvisor or kubernetes")
     status: Literal["running", "paused", "ended", "lost"] = Field(
         ..., description="paused: checkpointed to disk (the next call, or POST .../resume, wakes it); "
                          "lost: the server stopped (restart or crash) while it ran")
