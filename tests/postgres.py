@@ -64,12 +64,16 @@ class PostgresServer:
         if os.geteuid() == 0:
             user = pwd.getpwnam("postgres")
             os.chown(self.dir, user.pw_uid, user.pw_gid)
-        data = self.dir / "data"
-        out = self._run(str(self.bin / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
-                        "--no-locale", "--no-sync")
+        out = self._run(str(self.bin / "initdb"), "-D", str(self.dir / "data"), "-U", "postgres", "--auth=trust",
+                        "-E", "UTF8", "--no-locale", "--no-sync")
         assert out.returncode == 0, f"initdb failed:\n{out.stdout}\n{out.stderr}"
+        return self.start_again()
+
+    def start_again(self) -> "PostgresServer":
+        """Start the server on its data directory (after ``stop_only``: a restart, as an operator's)."""
+        data = self.dir / "data"
         options = (f"-k {self.dir} -p {self.port} -c listen_addresses=127.0.0.1 -c fsync=off "
-                   "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
+                   "-c full_page_writes=off -c max_connections=200")  # fsync off: only an OS crash loses data
         out = self._run(str(self.bin / "pg_ctl"), "-D", str(data), "-l", str(self.dir / "log"), "-w", "-t", "60",
                         "-o", options, "start")
         pid_file = data / "postmaster.pid"
@@ -93,9 +97,8 @@ class PostgresServer:
             conn.execute(f"CREATE DATABASE {name}")
         return self.url(name)
 
-    def stop(self) -> None:
-        if self.dir is None:
-            return
+    def stop_only(self) -> None:
+        """Stop the server as a crash would (immediate: clients' connections are cut); its data stays."""
         if self.postmaster is not None:
             out = self._run(str(self.bin / "pg_ctl"), "-D", str(self.dir / "data"), "-m", "immediate", "-w", "stop")
             if out.returncode != 0:  # pg_ctl could not: end the postmaster it started (its children follow)
@@ -103,6 +106,12 @@ class PostgresServer:
                     os.kill(self.postmaster, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+            self.postmaster = None
+
+    def stop(self) -> None:
+        if self.dir is None:
+            return
+        self.stop_only()
         shutil.rmtree(self.dir, ignore_errors=True)
         self.dir = None
 

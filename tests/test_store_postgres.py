@@ -219,3 +219,52 @@ def test_keys_commands_say_which_extra_to_install_without_the_driver(pg_url):
 def test_keys_commands_report_an_unreachable_database(tmp_path):
     out = cli("keys", "ls", "--db", f"postgresql://sandlot:s3cret@127.0.0.1:{free_port()}/sandlot")
     assert out.returncode == 3 and "DatabaseUnavailable" in out.stderr and "s3cret" not in out.stderr, out
+
+
+def test_a_store_outlives_a_restart_of_postgresql():
+    """PostgreSQL goes down under a running store: calls fail with DatabaseUnavailable (the first within the
+    connect timeout, the next ones at once rather than each waiting on a connect); once it is back, the
+    same store works again, with what was committed before."""
+    if postgres.why_not():
+        pytest.skip(postgres.why_not())
+    server = postgres.PostgresServer().start()
+    store = None
+    try:
+        url = server.new_database()
+        store = Store(url)
+        key = store.create_key("acme")
+        server.stop_only()
+        started = time.monotonic()
+        with pytest.raises(DatabaseUnavailable):
+            store.authenticate(key)
+        with pytest.raises(DatabaseUnavailable, match="retry shortly"):
+            store.audit("acme", "while-down")
+        assert time.monotonic() - started < 6
+        server.start_again()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                assert store.authenticate(key).name == "acme"
+                break
+            except DatabaseUnavailable:
+                assert time.monotonic() < deadline, "the store never came back"
+                time.sleep(0.2)
+        store.audit("acme", "after-restart")
+        assert [e.action for e in store.audit_log("acme")] == ["after-restart"]
+    finally:
+        if store is not None:
+            store.close()
+        server.stop()
+
+
+def test_the_variable_alone_names_a_postgresql_database(pg_url, monkeypatch):
+    monkeypatch.setenv("SANDLOT_DB", pg_url)
+    from sandlot import server
+
+    key = server.create_key("acme")  # no db_path: $SANDLOT_DB
+    store = Store()
+    try:
+        assert isinstance(store, PostgresStore) and store.authenticate(key).name == "acme"
+    finally:
+        store.close()
+    assert server.Settings().db_path == pg_url  # kept whole: a Path would fold its '//'

@@ -15,9 +15,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+import time
 from typing import Any, Iterator, Optional, Sequence
 
-from .base import describe
+from .base import default_db_path, describe
 from .errors import DatabaseUnavailable
 from .sql import SQLStore
 
@@ -84,7 +85,14 @@ CREATE INDEX IF NOT EXISTS audit_by_time ON audit(at);
 # Columns added later go here as "ALTER TABLE t ADD COLUMN IF NOT EXISTS c ..." statements, run after SCHEMA.
 ADDED: list[str] = []
 _SCHEMA_LOCK = 0x53414E444C4F54  # "SANDLOT": the advisory lock replicas take while they create the schema
-CONNECT_TIMEOUT = 5  # seconds, unless the URL says (connect_timeout=N): a wrong host fails fast
+# libpq's connection parameters, unless the URL sets them: a wrong or unreachable host fails within seconds, and
+# a connection whose peer vanished (no RST: a partition, a dead node) is found dead in about 10 s instead of
+# waiting on TCP's retransmissions for many minutes.
+DEFAULTS = {"connect_timeout": "5", "keepalives": "1", "keepalives_idle": "10", "keepalives_interval": "5",
+            "keepalives_count": "3", "tcp_user_timeout": "10000", "application_name": "sandlot"}
+# After a failed connect, calls fail at once (DatabaseUnavailable) for this long instead of each waiting on a
+# connect of its own: a server whose database is down answers 503s promptly rather than queueing on timeouts.
+RETRY_AFTER = 2.0
 
 
 @functools.lru_cache(maxsize=256)
@@ -113,7 +121,8 @@ class PostgresStore(SQLStore):
 
     schemes = ("postgresql", "postgres")
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: Optional[str] = None) -> None:
+        url = str(default_db_path()) if url is None else str(url)
         try:
             import psycopg
             from psycopg import conninfo
@@ -126,10 +135,11 @@ class PostgresStore(SQLStore):
             self._params = conninfo.conninfo_to_dict(url)
         except psycopg.Error as exc:
             raise DatabaseUnavailable(f"cannot read the database URL {describe(url)}: {exc}") from None
-        self._params.setdefault("connect_timeout", CONNECT_TIMEOUT)
-        self._params.setdefault("application_name", "sandlot")
+        for name, value in DEFAULTS.items():
+            self._params.setdefault(name, value)
         self._lock = threading.Lock()
         self._db: Optional[Any] = None
+        self._down_until = 0.0  # time.monotonic() before which a connect is not tried again
         with self._lock, self._failures():
             with self._connection().transaction():
                 self._db.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
@@ -141,9 +151,17 @@ class PostgresStore(SQLStore):
         if self._db is None or self._db.closed or self._db.broken:
             if self._db is not None:
                 self._db.close()
+                self._db = None
+            if time.monotonic() < self._down_until:
+                raise DatabaseUnavailable(f"the database {describe(self.url)} cannot be used: it could not be "
+                                          "reached a moment ago; retry shortly")
             from psycopg.rows import dict_row
 
-            self._db = self._psycopg.connect(autocommit=True, row_factory=dict_row, **self._params)
+            try:
+                self._db = self._psycopg.connect(autocommit=True, row_factory=dict_row, **self._params)
+            except self._psycopg.OperationalError:
+                self._down_until = time.monotonic() + RETRY_AFTER
+                raise
         return self._db
 
     @contextlib.contextmanager
