@@ -4,7 +4,10 @@ through the SDK and through /v1/run; what it did is in the shared database."""
 
 from __future__ import annotations
 
+import time
+
 import httpx
+import pytest
 
 from sandlot import Sandbox
 from sandlot._host import cgroups
@@ -61,3 +64,33 @@ def test_a_server_on_postgresql_runs_code(pg_url, tmp_path):
         server.stop()
         end_left_sandboxes(pg_url)
     assert list(tmp_path.glob("*.lock")) == []
+
+
+def test_a_server_rides_out_a_restart_of_its_postgresql(tmp_path):
+    """PostgreSQL goes away under a running server (a restart, a failover): requests get 503 promptly (not
+    500, not a hang), and the server serves again once the database is back, without a restart of its own."""
+    if postgres.why_not():
+        pytest.skip(postgres.why_not())
+    database = postgres.PostgresServer().start()
+    server = CliServer(tmp_path)
+    try:
+        server.db = database.new_database()
+        key = server.key("acme")
+        server.start()
+        headers = {"Authorization": f"Bearer {key}"}
+        assert httpx.get(server.url + "/v1/sandboxes", headers=headers, timeout=30).status_code == 200
+        database.stop_only()
+        started = time.monotonic()
+        for _ in range(3):
+            r = httpx.get(server.url + "/v1/sandboxes", headers=headers, timeout=30)
+            assert r.status_code == 503, r.text
+            assert "cannot be used" in r.json()["error"]["message"]
+        assert time.monotonic() - started < 10
+        database.start_again()
+        deadline = time.monotonic() + 30
+        while httpx.get(server.url + "/v1/sandboxes", headers=headers, timeout=30).status_code != 200:
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.3)
+    finally:
+        server.stop()
+        database.stop()
