@@ -2,8 +2,9 @@
 
 Synchronous, as the SQLite store: one connection and one lock per store (the work is tiny; a server holds
 one store). The connection is opened again when it broke (PostgreSQL restarted, a failover, an idle
-connection cut): a read is retried once on the new connection; a write fails with DatabaseUnavailable
-(it may or may not have been committed) and the next one goes through. Statements that count and then add
+connection cut): a read, or a transaction whose BEGIN met the cut, is tried once more on the new
+connection; a write cut later fails with DatabaseUnavailable (it may or may not have been committed), and
+the next one goes through. Statements that count and then add
 (a tenant's live sandboxes) hold the tenant's row, so servers adding at the same moment take turns.
 
 The schema is the SQLite one with PostgreSQL's types (BIGINT for sizes, DOUBLE PRECISION for times), JSON
@@ -140,11 +141,14 @@ class PostgresStore(SQLStore):
         self._lock = threading.Lock()
         self._db: Optional[Any] = None
         self._down_until = 0.0  # time.monotonic() before which a connect is not tried again
-        with self._lock, self._failures():
-            with self._connection().transaction():
-                self._db.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+        try:
+            with self._tx() as db:
+                db.execute("SELECT pg_advisory_xact_lock(?)", (_SCHEMA_LOCK,))
                 for statement in filter(str.strip, (SCHEMA + ";".join(ADDED)).split(";")):
-                    self._db.execute(statement)
+                    db.execute(statement)
+        except BaseException:
+            self.close()
+            raise
 
     def _connection(self) -> Any:
         """The open connection, opened (again) if there is none or it broke. Called with the lock held."""
@@ -178,19 +182,29 @@ class PostgresStore(SQLStore):
             if self._db is not None:
                 self._db.close()
 
+    def _cut(self) -> bool:
+        """Whether the last error was the connection's end (then a new one may do better)."""
+        return self._db is not None and (self._db.broken or self._db.closed)
+
     @contextlib.contextmanager
     def _tx(self) -> Iterator[_Connection]:
-        with self._lock, self._failures():
+        with self._lock, self._failures(), contextlib.ExitStack() as stack:
             conn = self._connection()
-            with conn.transaction():
-                yield _Connection(conn)
+            try:
+                stack.enter_context(conn.transaction())  # BEGIN: the first thing sent
+            except (self._psycopg.OperationalError, self._psycopg.InterfaceError):
+                if not self._cut():
+                    raise
+                conn = self._connection()  # nothing was written yet: once more, on a new connection
+                stack.enter_context(conn.transaction())
+            yield _Connection(conn)
 
     def _query(self, sql: str, args: Sequence[Any] = ()) -> list[dict]:
         with self._lock, self._failures():
             try:
                 return self._connection().execute(_dialect(sql), tuple(args)).fetchall()
             except (self._psycopg.OperationalError, self._psycopg.InterfaceError):
-                if self._db is None or not (self._db.broken or self._db.closed):
+                if not self._cut():
                     raise
             return self._connection().execute(_dialect(sql), tuple(args)).fetchall()  # once, on a new connection
 
