@@ -177,6 +177,8 @@ def test_a_password_never_shows_when_the_database_is_named():
     assert describe("postgresql://me:pw@db:5432/sandlot?sslmode=require") == \
         "postgresql://me:***@db:5432/sandlot?sslmode=require"
     assert describe("postgresql://me@db/sandlot") == "postgresql://me@db/sandlot"
+    assert describe("postgresql://me@db/sandlot?password=pw&sslmode=verify-full") == \
+        "postgresql://me@db/sandlot?password=***&sslmode=verify-full"
     assert describe("/var/lib/sandlot/sandlot.db") == "/var/lib/sandlot/sandlot.db"
 
 

@@ -2,7 +2,7 @@
 
 The server package (FastAPI, uvicorn) is imported only when these commands run, so `sandlot run`
 and `sandlot shell` start fast. `keys` opens the server's database directly (no HTTP): run it on the
-server's machine, as the user the server runs as.
+server's machine, as the user the server runs as (or, for a PostgreSQL database, anywhere that reaches it).
 """
 
 from __future__ import annotations
@@ -156,7 +156,8 @@ def serve(host: str, port: int, db_path: Optional[str], log_level: str, no_mcp: 
 
 @click.group(short_help="Create, list and revoke API keys.")
 def keys() -> None:
-    """Manage API keys (opens the server's database directly: run it on the server's machine)."""
+    """Manage API keys (opens the server's database directly: run it on the server's machine, or, for a
+    PostgreSQL database (--db postgresql://...), anywhere that reaches it)."""
 
 
 @keys.command(name="create")

@@ -33,11 +33,14 @@ def describe(db: "str | os.PathLike[str]") -> str:
     if not _config.is_db_url(db):
         return str(db)
     parts = urllib.parse.urlsplit(str(db))
-    if parts.password is None:
-        return str(db)
-    netloc = parts.netloc.rpartition("@")
-    user = netloc[0].partition(":")[0]
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[2]}"))
+    if parts.password is not None:
+        user, _, host = parts.netloc.rpartition("@")
+        parts = parts._replace(netloc=f"{user.partition(':')[0]}:***@{host}")
+    query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    if any(name == "password" for name, _ in query):  # libpq takes ?password=... too
+        parts = parts._replace(query="&".join(f"{name}=***" if name == "password" else f"{name}={value}"
+                                              for name, value in query))
+    return urllib.parse.urlunsplit(parts)
 
 
 class Store(abc.ABC):
