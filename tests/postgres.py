@@ -3,9 +3,10 @@
 ``PostgresServer().start()`` runs initdb into a fresh directory under /tmp and starts the server there on a
 free loopback port (trust authentication, fsync off: it holds nothing worth keeping), as the ``postgres``
 system user when the tests run as root (initdb refuses root). ``new_database()`` gives each test an empty
-database's URL; ``stop()`` stops the server (pg_ctl, else a SIGKILL to the postmaster it started) and removes
-its directory. The ``postgres_server`` fixture (one per test session) skips, with its reason, only where
-the binaries are missing; ``pg_url`` is a fresh database on it.
+database's URL; ``stop_only()``/``start_again()`` restart it on its data; ``stop()`` stops it (pg_ctl, else a
+SIGKILL to the postmaster it started) and removes its directory. The ``postgres_server`` fixture (one per test
+module that imports it) skips, with its reason, only where the binaries are missing (or, as root, the
+``postgres`` user); ``pg_url`` is a fresh database on it.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ class PostgresServer:
         self.dir = None
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # each module that imports it gets its own, stopped when the module is done
 def postgres_server() -> Iterator[PostgresServer]:
     reason = why_not()
     if reason:
