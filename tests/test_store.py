@@ -34,6 +34,14 @@ def store(db):
     opened.close()
 
 
+def at_most(n: int):
+    """A quota check for add_sandbox: at most ``n`` live sandboxes, counted from the rows."""
+    def check(counts: RowCounts) -> None:
+        if counts.live >= n:
+            raise QuotaExceeded(f"{counts.live} live sandboxes, quota {n}")
+    return check
+
+
 def add(store, sandbox_id: str, tenant, *, metadata=None, created_at=None, limits=LIMITS, **kwargs) -> None:
     now = time.time() if created_at is None else created_at
     store.add_sandbox(sandbox_id, tenant, "python", metadata or {}, limits, now, now + 3600, **kwargs)
@@ -148,15 +156,18 @@ def test_paused_sandboxes_and_counts(store):
     assert store.counts(acme) == RowCounts(2, 2 * LIMITS["memory"], 2 * LIMITS["pids"], 0)
 
 
-def test_a_tenants_live_quota_counted_as_rows_are_added(store):
+def test_a_quota_checked_on_the_rows_as_one_is_added(store):
     acme = store.create_tenant("acme")
-    add(store, "sb-1", acme, max_live=2)
-    add(store, "sb-2", acme, max_live=2)
-    with pytest.raises(QuotaExceeded, match="already has 2 live sandboxes, its quota is 2"):
-        add(store, "sb-3", acme, max_live=2)
+    seen = []
+    add(store, "sb-1", acme, check=seen.append)
+    add(store, "sb-2", acme, check=at_most(2))
+    assert seen == [RowCounts(0, 0, 0, 0)]
+    with pytest.raises(QuotaExceeded, match="2 live sandboxes, quota 2"):
+        add(store, "sb-3", acme, check=at_most(2))
     assert store.sandbox(acme, "sb-3") is None
     store.end_sandbox("sb-1", "ended", "done")
-    add(store, "sb-3", acme, max_live=2)
+    add(store, "sb-3", acme, check=seen.append)
+    assert seen[-1] == RowCounts(1, LIMITS["memory"], LIMITS["pids"], 0)
 
 
 def test_handles_restart_and_lost(store):
@@ -168,6 +179,7 @@ def test_handles_restart_and_lost(store):
     store.set_paused("sb-3", True, 1)
     handles = dict((row.id, handle) for row, handle in store.running_handles())
     assert handles == {"sb-1": {"record": {"pid": 42}, "spec": {"template": "python"}}, "sb-2": None}
+    assert store.handle("sb-1") == handles["sb-1"] and store.handle("sb-2") is None and store.handle("nope") is None
     assert store.mark_running_lost("the server stopped", keep={"sb-1"}) == [("sb-2", "acme")]
     lost = store.sandbox(acme, "sb-2")
     assert (lost.status, lost.end_reason) == ("lost", "the server stopped")

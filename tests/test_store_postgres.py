@@ -17,6 +17,7 @@ from sandlot.server import Store
 from sandlot.server.store import DatabaseUnavailable, PostgresStore, describe, lock_database
 
 from .cli_server import COMMAND, clean_env
+from .test_store import at_most
 from . import postgres
 from .serverproc import free_port
 
@@ -49,8 +50,8 @@ def test_replicas_share_tenants_keys_and_sandboxes(pg_url):
 
 
 def test_replicas_adding_at_once_keep_a_tenants_live_quota(pg_url):
-    """Eight replicas adding the same tenant's sandboxes at the same moments (three rounds) with max_live=5:
-    exactly five rows, every other attempt QuotaExceeded."""
+    """Eight replicas adding the same tenant's sandboxes at the same moments (three rounds), each checking
+    a quota of five live sandboxes on the rows: exactly five rows, every other attempt QuotaExceeded."""
     stores = replicas(pg_url, 8)
     tenant = stores[0].create_tenant("acme")
     added, refused, rounds = [], [], threading.Barrier(8)
@@ -61,7 +62,7 @@ def test_replicas_adding_at_once_keep_a_tenants_live_quota(pg_url):
             sandbox_id = f"sb-{n}-{i}"
             try:
                 now = time.time()
-                store.add_sandbox(sandbox_id, tenant, "python", {}, LIMITS, now, now + 60, max_live=5)
+                store.add_sandbox(sandbox_id, tenant, "python", {}, LIMITS, now, now + 60, check=at_most(5))
                 added.append(sandbox_id)
             except Exception as exc:  # noqa: BLE001 - counted below: only QuotaExceeded is right
                 refused.append(exc)

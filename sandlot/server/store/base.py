@@ -16,7 +16,7 @@ import abc
 import os
 import urllib.parse
 from pathlib import Path
-from typing import Any, ClassVar, Mapping, Optional
+from typing import Any, Callable, ClassVar, Mapping, Optional
 
 from ... import _config
 from ..._exceptions import InvalidRequest
@@ -120,10 +120,11 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def add_sandbox(self, sandbox_id: str, tenant: Tenant, template: str, metadata: Mapping[str, str],
                     limits: Mapping[str, Any], created_at: float, expires_at: Optional[float],
-                    isolation: str = "process", on_idle: str = "kill", *, max_live: Optional[int] = None) -> None:
-        """A new 'running' row. With ``max_live``: QuotaExceeded, and no row, if the tenant's rows already
-        hold that many live (running or paused) sandboxes, counted and added as one step, whichever servers
-        add at once."""
+                    isolation: str = "process", on_idle: str = "kill", *,
+                    check: Optional[Callable[[RowCounts], None]] = None) -> None:
+        """A new 'running' row. ``check(counts)`` is given what the tenant's rows hold just before (see
+        ``counts``) and may raise (QuotaExceeded) to add nothing: counting and adding are one step, whichever
+        servers add the tenant's sandboxes at the same moment."""
 
     @abc.abstractmethod
     def end_sandbox(self, sandbox_id: str, status: str, reason: str) -> None: ...
@@ -155,6 +156,11 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def set_handle(self, sandbox_id: str, handle: Mapping[str, Any]) -> None:
         """What a later server process needs to take this live sandbox back (``running_handles``)."""
+
+    @abc.abstractmethod
+    def handle(self, sandbox_id: str) -> Optional[dict]:
+        """What ``set_handle`` recorded for this sandbox (None: nothing, or no such sandbox): how another
+        server process reaches a sandbox it does not hold."""
 
     @abc.abstractmethod
     def running_handles(self) -> list[tuple[SandboxRow, Optional[dict]]]:

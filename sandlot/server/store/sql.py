@@ -15,9 +15,9 @@ import dataclasses
 import json
 import secrets
 import time
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
-from ..._exceptions import InvalidRequest, QuotaExceeded
+from ..._exceptions import InvalidRequest
 from ..._limits import parse_size
 from .base import Store
 from .records import (KEY_PREFIX, OPERATOR_TENANT, TENANT_NAME, AuditEntry, KeyInfo, RowCounts, SandboxRow, Tenant,
@@ -151,15 +151,12 @@ class SQLStore(Store):
     # -- sandboxes -----------------------------------------------------------------------------------
     def add_sandbox(self, sandbox_id: str, tenant: Tenant, template: str, metadata: Mapping[str, str],
                     limits: Mapping[str, Any], created_at: float, expires_at: Optional[float],
-                    isolation: str = "process", on_idle: str = "kill", *, max_live: Optional[int] = None) -> None:
+                    isolation: str = "process", on_idle: str = "kill", *,
+                    check: Optional[Callable[[RowCounts], None]] = None) -> None:
         with self._tx() as db:
-            if max_live is not None:
+            if check is not None:
                 self._hold_tenant(db, tenant.id)  # another server's count waits until this row is in
-                live = db.execute(f"SELECT COUNT(*) AS n FROM sandboxes WHERE tenant_id = ? AND status IN {_LIVE}",
-                                  (tenant.id,)).fetchone()["n"]
-                if live >= max_live:
-                    raise QuotaExceeded(f"tenant {tenant.name!r} already has {live} live sandboxes, its quota is "
-                                        f"{max_live}; kill one (or let it time out) first")
+                check(self._counts(db, tenant.id))
             db.execute("INSERT INTO sandboxes (id, tenant_id, template, status, metadata, limits,"
                        " created_at, expires_at, isolation, on_idle) VALUES (?, ?, ?, 'running', ?, ?, ?, ?, ?, ?)",
                        (sandbox_id, tenant.id, template, json.dumps(dict(metadata)), json.dumps(dict(limits)),
@@ -207,12 +204,16 @@ class SQLStore(Store):
         return [sandbox_of(r) for r in self._query(sql, tuple(args))]
 
     def counts(self, tenant: Tenant) -> RowCounts:
-        row = self._query(
+        with self._tx() as db:
+            return self._counts(db, tenant.id)
+
+    def _counts(self, db: Any, tenant_id: int) -> RowCounts:
+        row = db.execute(
             "SELECT COUNT(*) AS live,"
             f" SUM(CASE WHEN status = 'running' THEN {self._json_int('limits', 'memory')} ELSE 0 END) AS memory,"
             f" SUM(CASE WHEN status = 'running' THEN {self._json_int('limits', 'pids')} ELSE 0 END) AS pids,"
             " SUM(CASE WHEN status = 'paused' THEN checkpoint_bytes ELSE 0 END) AS paused_bytes"
-            f" FROM sandboxes WHERE tenant_id = ? AND status IN {_LIVE}", (tenant.id,))[0]
+            f" FROM sandboxes WHERE tenant_id = ? AND status IN {_LIVE}", (tenant_id,)).fetchone()
         return RowCounts(int(row["live"]), int(row["memory"] or 0), int(row["pids"] or 0),
                          int(row["paused_bytes"] or 0))
 
@@ -220,15 +221,13 @@ class SQLStore(Store):
         with self._tx() as db:
             db.execute("UPDATE sandboxes SET handle = ? WHERE id = ?", (json.dumps(dict(handle)), sandbox_id))
 
+    def handle(self, sandbox_id: str) -> Optional[dict]:
+        rows = self._query("SELECT handle FROM sandboxes WHERE id = ?", (sandbox_id,))
+        return _handle_of(rows[0]) if rows else None
+
     def running_handles(self) -> list[tuple[SandboxRow, Optional[dict]]]:
-        out = []
-        for row in self._query(_SANDBOX_ROWS + " WHERE s.status = 'running'"):
-            try:
-                handle = json.loads(row["handle"]) if row["handle"] else None
-            except ValueError:
-                handle = None
-            out.append((sandbox_of(row), handle if isinstance(handle, dict) else None))
-        return out
+        rows = self._query(_SANDBOX_ROWS + " WHERE s.status = 'running'")
+        return [(sandbox_of(row), _handle_of(row)) for row in rows]
 
     def mark_running_lost(self, reason: str, keep: "frozenset[str] | set[str]" = frozenset()) -> list[tuple[str, str]]:
         with self._tx() as db:
@@ -276,3 +275,10 @@ class SQLStore(Store):
         return [AuditEntry(r["at"], r["tenant"], r["key_id"], r["action"], r["sandbox_id"], r["detail"])
                 for r in self._query(sql, tuple(args))]
 
+
+def _handle_of(row: Mapping[str, Any]) -> Optional[dict]:
+    try:
+        handle = json.loads(row["handle"]) if row["handle"] else None
+    except ValueError:
+        handle = None
+    return handle if isinstance(handle, dict) else None
