@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -39,7 +40,8 @@ VARIABLES: tuple[Variable, ...] = (
              "/var/lib/sandlot as root, else ~/.local/share/sandlot"),
     Variable("SANDLOT_STATE_DIR", "runtime state (mountpoints, sockets); never visible inside a sandbox",
              "/run/sandlot as root, else $XDG_RUNTIME_DIR/sandlot-UID"),
-    Variable("SANDLOT_DB", "the server's SQLite database", "$SANDLOT_DATA_DIR/sandlot.db"),
+    Variable("SANDLOT_DB", "the server's database: a SQLite file, or a postgresql://USER@HOST:PORT/DB URL that "
+             "several servers (replicas) share", "$SANDLOT_DATA_DIR/sandlot.db"),
     # -- the gVisor tier ---------------------------------------------------------------------------------
     Variable("SANDLOT_RUNSC", "the runsc binary", "runsc on PATH, else /usr/bin/runsc"),
     Variable("SANDLOT_GVISOR_PLATFORM", "runsc's platform: ptrace, systrap or kvm (where /dev/kvm really works)",
@@ -174,10 +176,24 @@ def state_dir() -> Path:
     return Path(os.environ.get("XDG_RUNTIME_DIR") or "/tmp") / ("sandlot-%d" % os.getuid())
 
 
-def db_path() -> Path:
-    """The server's database: $SANDLOT_DB, else sandlot.db in the data directory."""
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_db_url(db: "str | os.PathLike[str] | None") -> bool:
+    """Whether a database is named by a URL (``postgresql://...``) rather than by a SQLite file's path."""
+    return isinstance(db, str) and _URL.match(db) is not None
+
+
+def db_location(db: "str | os.PathLike[str]") -> "Path | str":
+    """A database as given (``--db``, ``SANDLOT_DB``): a URL stays a string (a Path would fold its ``//``),
+    anything else is a SQLite file's path."""
+    return db if is_db_url(db) else Path(db)
+
+
+def db_path() -> "Path | str":
+    """The server's database: $SANDLOT_DB (a path, or a postgresql:// URL), else sandlot.db in the data directory."""
     explicit = get("SANDLOT_DB")
-    return Path(explicit) if explicit else data_dir() / "sandlot.db"
+    return db_location(explicit) if explicit else data_dir() / "sandlot.db"
 
 
 def kube_namespace(context_namespace: Optional[str] = None) -> str:

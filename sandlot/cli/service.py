@@ -2,7 +2,7 @@
 
 The server package (FastAPI, uvicorn) is imported only when these commands run, so `sandlot run`
 and `sandlot shell` start fast. `keys` opens the server's database directly (no HTTP): run it on the
-server's machine, as the user the server runs as.
+server's machine, as the user the server runs as (or, for a PostgreSQL database, anywhere that reaches it).
 """
 
 from __future__ import annotations
@@ -19,14 +19,15 @@ from rich.table import Table
 from ._common import EXIT_SANDLOT, err, json_option, out, print_json, to_jsonable
 from ._target import make_target, target_options
 
-_DB_HELP = "SQLite database of the server (tenants, keys, sandboxes, audit log)."
+_DB_HELP = ("The server's database (tenants, keys, sandboxes, audit log): a SQLite file, or a "
+            "postgresql://USER@HOST:PORT/DB URL that several servers (replicas) share.")
 
 
 def db_option(f: Callable[..., Any]) -> Callable[..., Any]:
     from .._config import data_dir  # light: no server import to print help
 
     # The path itself, as it is found without SANDLOT_DB (which the help names too).
-    return click.option("--db", "db_path", envvar="SANDLOT_DB", metavar="PATH", show_envvar=True,
+    return click.option("--db", "db_path", envvar="SANDLOT_DB", metavar="PATH|URL", show_envvar=True,
                         help=f"{_DB_HELP} [default: {data_dir() / 'sandlot.db'}]")(f)
 
 
@@ -135,7 +136,7 @@ def serve(host: str, port: int, db_path: Optional[str], log_level: str, no_mcp: 
     def listening(bound_port: int) -> None:
         # Only now, with the database locked and the port bound, is the address worth telling (--port 0: the real one).
         where = f"http://{host}:{bound_port}"
-        err.print(escape(f"Sandlot server listening on {where} (database {settings.db_path})"
+        err.print(escape(f"Sandlot server listening on {where} (database {server.describe_database(settings.db_path)})"
                          + ("" if no_mcp else f"; MCP at {where}/mcp")))
         missing = " (runsc is not installed: gVisor sandboxes cannot start; `sandlot doctor`)" if (
             "gvisor" in settings.isolations and shutil.which("runsc") is None) else ""
@@ -155,7 +156,8 @@ def serve(host: str, port: int, db_path: Optional[str], log_level: str, no_mcp: 
 
 @click.group(short_help="Create, list and revoke API keys.")
 def keys() -> None:
-    """Manage API keys (opens the server's database directly: run it on the server's machine)."""
+    """Manage API keys (opens the server's database directly: run it on the server's machine, or, for a
+    PostgreSQL database (--db postgresql://...), anywhere that reaches it)."""
 
 
 @keys.command(name="create")

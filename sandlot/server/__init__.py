@@ -10,7 +10,8 @@ For the CLI (``sandlot serve`` / ``sandlot keys ...``) and the MCP endpoint, the
     server.Settings(db_path=..., quotas=server.Quotas(max_live=20, max_lifetime=14*86400,
                                                       requests_per_minute=1200), ...)
 
-    # keys and tenants: the database directly, no HTTP (db_path=None: $SANDLOT_DB or the default path)
+    # keys and tenants: the database directly, no HTTP (db_path: a SQLite file or a postgresql:// URL;
+    # None: $SANDLOT_DB or the default path)
     server.create_key(tenant, db_path=None) -> "sl_..."   # creates the tenant if needed; shown once
     server.create_operator_key(db_path=None) -> "sl_..."  # reads /metrics; acts for no tenant
     server.list_keys(tenant=None, db_path=None) -> [KeyInfo(key_id, tenant, hint, created_at, last_used_at, revoked_at)]
@@ -25,22 +26,25 @@ For the CLI (``sandlot serve`` / ``sandlot keys ...``) and the MCP endpoint, the
                              ) -> Settings   # the operator's flags
     server.Ceilings.for_host({"memory": "8G"})   # the most a tenant may ask for, per limit
     server.default_db_path()
+    server.describe_database(db) -> str   # a path, or a URL with its password masked
 
 Mounted apps (``Mount``, authenticated by default) get the same API keys and rate limit as the REST
 routes; the caller's tenant is ``scope["sandlot.tenant"]`` and the server's state (``registry``,
 ``store``, ``settings``) is ``scope["app"].state.sandlot``. ``deps.Owner`` is the FastAPI dependency
 for routes added later (``tenant: Owner``), and ``auth.check_key(state, header)`` the plain check.
 
-Run it as ``python -m sandlot.server --port 8000 --db /path/sandlot.db`` too.
+Run it as ``python -m sandlot.server --port 8000 --db /path/sandlot.db`` too (or ``--db postgresql://...``:
+several servers may share one PostgreSQL database; ``pip install 'sandlot[postgres]'``).
 """
 
 from .app import Mount, create_app
 from .ceilings import Ceilings
 from .runner import main, serve
 from .settings import Quotas, Settings, operator_settings
-from .store import (DatabaseInUse, KeyInfo, Store, Tenant, create_key, create_operator_key, create_tenant,
-                    default_db_path, list_keys, list_tenants, revoke_key, set_quotas)
+from .store import describe as describe_database
+from .store import (DatabaseInUse, DatabaseUnavailable, KeyInfo, Store, Tenant, create_key, create_operator_key,
+                    create_tenant, default_db_path, list_keys, list_tenants, revoke_key, set_quotas)
 
 __all__ = ["serve", "main", "create_app", "Mount", "Settings", "Quotas", "Ceilings", "operator_settings", "Store",
-           "Tenant", "KeyInfo", "DatabaseInUse", "create_key", "create_operator_key", "create_tenant", "list_keys",
-           "list_tenants", "revoke_key", "set_quotas", "default_db_path"]
+           "Tenant", "KeyInfo", "DatabaseInUse", "DatabaseUnavailable", "create_key", "create_operator_key", "create_tenant", "list_keys",
+           "list_tenants", "revoke_key", "set_quotas", "default_db_path", "describe_database"]

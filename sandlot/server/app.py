@@ -90,7 +90,8 @@ def create_app(settings: Optional[Settings] = None, *, mounts: Sequence[Mount] =
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # One server per database: otherwise each would take the other's sandboxes for lost.
+        # One server per SQLite database: otherwise each would take the other's sandboxes for lost. (None for
+        # PostgreSQL, which replicas share.)
         state.lock_fd = lock_database(settings.db_path)
         try:
             await registry.startup()
@@ -102,7 +103,8 @@ def create_app(settings: Optional[Settings] = None, *, mounts: Sequence[Mount] =
         finally:
             await registry.close()
             store.close()
-            os.close(state.lock_fd)
+            if state.lock_fd is not None:
+                os.close(state.lock_fd)
 
     docs = settings.public_docs
     from .._version import __version__

@@ -13,7 +13,7 @@ import uvicorn
 from .._exceptions import InvalidRequest
 from .app import Mount, create_app
 from .settings import Quotas, Settings, operator_settings
-from .store import DatabaseInUse, default_db_path, lock_database
+from .store import DatabaseInUse, DatabaseUnavailable, default_db_path, describe, lock_database
 
 
 class _Server(uvicorn.Server):
@@ -39,11 +39,14 @@ def serve(host: str = "127.0.0.1", port: int = 8000, db_path: "str | os.PathLike
     others are ended (and reported lost to their owners).
 
     Binds 127.0.0.1 unless told otherwise: put a TLS-terminating proxy in front to serve a network.
-    Raises DatabaseInUse if another server holds ``db_path``. ``on_listening(port)`` is called once the
+    Raises DatabaseInUse if another server holds ``db_path`` (a SQLite file; a PostgreSQL URL may be shared),
+    DatabaseUnavailable if it cannot be opened. ``on_listening(port)`` is called once the
     server is ready and bound (the port actually bound, for ``port=0``).
     """
     settings = (settings or Settings()).with_db(db_path)
-    os.close(lock_database(settings.db_path))  # fail here, with a clear message, rather than inside uvicorn
+    lock = lock_database(settings.db_path)  # fail here, with a clear message, rather than inside uvicorn
+    if lock is not None:
+        os.close(lock)
     # This process serves tenants: its engine grants host directories only within the operator's roots, even
     # to a caller that forgot to pass them (the registry passes them with each create).
     from .._engine import default_engine
@@ -65,7 +68,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sandlot.server", description="Run the Sandlot HTTP server.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--db", default=None, help=f"SQLite database (default: {default_db_path()})")
+    parser.add_argument("--db", default=None, help="SQLite database file, or a postgresql://USER@HOST:PORT/DB URL "
+                                                    f"that replicas share (default: {describe(default_db_path())})")
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--max-live", type=int, default=defaults.max_live, help="default per-tenant live sandboxes")
     parser.add_argument("--max-lifetime", type=float, default=defaults.max_lifetime, help="seconds (<= 14 days)")
@@ -118,7 +122,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(str(exc))
     try:
         serve(args.host, args.port, log_level=args.log_level, settings=settings)
-    except DatabaseInUse as exc:
+    except (DatabaseInUse, DatabaseUnavailable) as exc:
         print(f"sandlot server: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from .._config import db_location
 from .._exceptions import InvalidRequest
 from .._limits import parse_size
 from .ceilings import MAX_LIFETIME, Ceilings, host_pids, physical_memory
@@ -46,7 +47,7 @@ class Quotas:
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    db_path: Path = dataclasses.field(default_factory=default_db_path)
+    db_path: "Path | str" = dataclasses.field(default_factory=default_db_path)  # a SQLite file, or a postgresql:// URL
     quotas: Quotas = Quotas()
     max_live_total: int = 1000  # across all tenants: the host's own capacity
     # The most a tenant may ask for, per limit: refused up front with a clear message, never accepted and unmet.
@@ -79,7 +80,7 @@ class Settings:
     durable: bool = True
 
     def with_db(self, db_path: "str | os.PathLike[str] | None") -> "Settings":
-        return self if db_path is None else dataclasses.replace(self, db_path=Path(db_path))
+        return self if db_path is None else dataclasses.replace(self, db_path=db_location(db_path))
 
 
 def quotas_for(settings: Settings, tenant) -> Quotas:
@@ -174,7 +175,7 @@ def operator_settings(db_path: "str | os.PathLike[str] | None" = None, *, ceilin
     if max_paused_bytes is not None:
         changes["max_paused_bytes"] = parse_size(max_paused_bytes, "max-paused-bytes")
     quotas = dataclasses.replace(quotas, **changes)
-    settings = Settings(db_path=Path(db_path) if db_path else default_db_path(), quotas=quotas,
+    settings = Settings(db_path=db_location(db_path) if db_path else default_db_path(), quotas=quotas,
                         ceilings=Ceilings.for_host({k: _number(v) for k, v in
                                                     parse_assignments(ceilings, "ceiling").items()}))
     more: dict[str, Any] = {"durable": bool(durable)}
