@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import dataclasses
 import json
 import logging
@@ -46,6 +47,7 @@ from .volumes import TenantVolumes, tenant_scope
 
 log = logging.getLogger("sandlot.server")
 LOST_ON_RESTART = "the server stopped (restart or crash) while it ran; its processes were ended"
+EXPIRED_GRACE = 60.0  # seconds past a row's lifetime before any replica records it ended (_end_expired)
 NOT_TAKEN_BACK = "its server stopped (restart or crash) while it ran, and it could not be taken back: {}"
 LOST_ON_SHUTDOWN = "the server shut down while it ran"
 _HOUSEKEEPING_EVERY = 300.0  # seconds between pruning old rows and sweeping stale cgroups
@@ -136,10 +138,21 @@ class Registry:
     def live_count(self, tenant: Optional[Tenant] = None) -> int:
         if tenant is None:
             return len(self.live) + sum(len(c) for c in self._creating.values())
+        if self.store.shared:
+            return self.usage(tenant).live
         return sum(1 for s in self.live.values() if s.tenant.id == tenant.id) + len(self._creating.get(tenant.id, ()))
 
     def usage(self, tenant: Tenant) -> Usage:
-        """What the tenant holds now: live sandboxes, and the memory and pids limits of those not paused."""
+        """What the tenant holds now: live sandboxes, and the memory and pids limits of those not paused. On a
+        database that replicas share, what every server's rows hold (this process's one-shot runs, which have no
+        row, and its creates in flight on top)."""
+        if self.store.shared:
+            rows = self.store.counts(tenant)
+            one_shots = [s.limits for s in self.live.values() if s.tenant.id == tenant.id and s.one_shot]
+            pending = one_shots + self._creating.get(tenant.id, []) + self._resuming.get(tenant.id, [])
+            return Usage(live=rows.live + len(one_shots) + len(self._creating.get(tenant.id, ())),
+                         memory=rows.memory + sum(limits.memory for limits in pending),
+                         pids=rows.pids + sum(limits.pids for limits in pending), paused_bytes=rows.paused_bytes)
         mine = [s for s in self.live.values() if s.tenant.id == tenant.id]
         holding = ([s.limits for s in mine if not s.sandbox.is_paused] + self._creating.get(tenant.id, [])
                    + self._resuming.get(tenant.id, []))
@@ -232,7 +245,8 @@ class Registry:
         the sandbox holds it; the database holds no values the owner gave it)."""
         if live.local.durable:
             kept = dataclasses.replace(live.local.current_spec(), env={})
-            self.store.set_handle(live.id, {"record": live.local.backend_sandbox.describe(), "spec": kept.to_json()})
+            self.store.set_handle(live.id, {"record": live.local.backend_sandbox.describe(), "spec": kept.to_json(),
+                                            "host": socket.gethostname()})
 
     # -- fork -----------------------------------------------------------------------------------------
     async def fork(self, tenant: Tenant, sandbox_id: str) -> LiveSandbox:
@@ -279,7 +293,7 @@ class Registry:
             async with lock:  # two calls for it at once take it over once
                 if sandbox_id in self.live:
                     return self.get(tenant, sandbox_id)
-                handle = next((h for r, h in self.store.running_handles() if r.id == sandbox_id), None)
+                handle = self.store.handle(sandbox_id)
                 if handle is None:
                     raise SandboxNotFound(f"sandbox {sandbox_id} is still being made, or its server died making it")
                 try:
@@ -350,6 +364,8 @@ class Registry:
                 local = await self.engine.adopt_paused(row.id, row.isolation, expires_at=row.expires_at,
                                                        on_idle=row.on_idle, metadata=row.metadata)
             except SandlotError as exc:
+                if self.store.shared:
+                    continue  # maybe on another replica's disk: its server holds it
                 reason = f"its checkpoint could not be taken back: {exc}"
                 self.store.end_sandbox(row.id, "ended", reason)
                 self.store.audit(tenant.name, "end", row.id, reason)
@@ -484,10 +500,15 @@ class Registry:
         outlived it (a restart, an upgrade, a crash): each is taken back, with its state, its deadline and its
         place in its tenant's quotas. The others died with it: say so to their owners and clear what is left."""
         adopted, gone = await self._take_back_running()
-        # A tier reachable from any server (a cluster's) is taken over on demand (find), by whichever replica is
-        # asked: never marked lost here, where another replica may hold it now.
-        anywhere = {row.id for row, _ in self.store.running_handles() if self._anywhere(row.isolation)}
-        lost = self.store.mark_running_lost(LOST_ON_RESTART, keep=set(self.live) | anywhere)
+        if self.store.shared:
+            # Replicas share the database: other servers' rows are theirs. This host's sandboxes that could not
+            # be taken back were recorded above; the rest end at their lifetime (the reaper: _end_expired).
+            lost = []
+        else:
+            # A tier reachable from any server (a cluster's) is taken over on demand (find), by whichever server
+            # is asked: never marked lost here.
+            anywhere = {row.id for row, _ in self.store.running_handles() if self._anywhere(row.isolation)}
+            lost = self.store.mark_running_lost(LOST_ON_RESTART, keep=set(self.live) | anywhere)
         for sandbox_id, tenant in lost:
             self.store.audit(tenant, "lost", sandbox_id, LOST_ON_RESTART)
         if lost or gone:
@@ -513,6 +534,8 @@ class Registry:
         for row, handle in self.store.running_handles():
             if handle is None or row.isolation not in self.settings.isolations or self._anywhere(row.isolation):
                 continue
+            if self.store.shared and handle.get("host") != socket.gethostname():
+                continue  # another host's sandbox (a replica's): its own server holds it
             try:
                 await self._take_back(row, handle)
             except (SandlotError, LookupError, OSError) as exc:
@@ -598,9 +621,22 @@ class Registry:
                 if time.monotonic() - last_housekeeping > _HOUSEKEEPING_EVERY:
                     last_housekeeping = time.monotonic()
                     self.store.prune(time.time() - settings.retention)
+                    if self.store.shared:
+                        self._end_expired()
                     await asyncio.to_thread(cgroups.sweep_stale)  # e.g. warm-pool leftovers of a crashed server
             except Exception:  # noqa: BLE001 - the reaper must outlive any one bad pass
                 log.exception("reaper pass failed")
+
+    def _end_expired(self) -> None:
+        """On a database replicas share: rows still 'running' well past their lifetime that no server ended (their
+        server died, or none held them since), recorded as ended. A live sandbox's own server ends it at its
+        deadline; the grace keeps this pass from racing that."""
+        now = time.time()
+        for row, _ in self.store.running_handles():
+            if row.id not in self.live and row.expires_at is not None and row.expires_at + EXPIRED_GRACE < now:
+                reason = "its lifetime ended while no server held it"
+                self.store.end_sandbox(row.id, "ended", reason)
+                self.store.audit(row.tenant, "end", row.id, reason)
 
     async def close(self) -> None:
         if self._reaper is not None:

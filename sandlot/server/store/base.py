@@ -50,6 +50,8 @@ class Store(abc.ABC):
     # URL scheme -> implementation, filled by the implementations' modules; "" is the one for paths.
     _kinds: ClassVar[dict[str, type["Store"]]] = {}
     schemes: ClassVar[tuple[str, ...]] = ()
+    # Several server processes may use this database at once (replicas): what one holds in memory is not all.
+    shared: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

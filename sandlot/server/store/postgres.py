@@ -121,6 +121,7 @@ class PostgresStore(SQLStore):
     (libpq's: ``PGPASSWORD``, ``~/.pgpass`` and ``sslmode=`` work as for psql)."""
 
     schemes = ("postgresql", "postgres")
+    shared = True
 
     def __init__(self, url: Optional[str] = None) -> None:
         url = str(default_db_path()) if url is None else str(url)
