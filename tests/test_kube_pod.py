@@ -64,20 +64,25 @@ class Pod:
     async def connect(self, key: str = KEY, bind: bool = False):
         return await kube.connect_pod("127.0.0.1", self.port, key, bind=bind)
 
+    async def owner(self, sock, key: str = KEY) -> LocalSandbox:
+        """The sandbox behind a connection that said welcome, as a server holds it."""
+        proc = kube.KubernetesSandbox("sb-0000000000aa", "python", Limits(), None, "127.0.0.1", self.port, key, sock)
+        proc.on_cleanup = lambda task: None
+        await proc.channel.open()
+        return LocalSandbox(SandboxSpec.build("python", isolation="kubernetes"), default_engine().backend("kubernetes"),
+                            proc)
+
     async def boot(self, key: str = KEY) -> LocalSandbox:
         """What the kubernetes backend does after a claim is ready: bind, send the plan, wait for ready."""
         sock, welcome = await self.connect(key, bind=True)
         assert welcome["bound"] == "now"
+        sandbox = await self.owner(sock, key)
         template, limits = get_template("python"), Limits()
-        proc = kube.KubernetesSandbox("sb-0000000000aa", "python", limits, None, "127.0.0.1", self.port, key, sock)
-        proc.on_cleanup = lambda task: None
-        await proc.channel.open()
         config = dict(template_config(template, {}), **sandbox_config(limits, sandbox_env(template, {})))
         config.update(prefixes=["/"], agent_dir=kube.POD_AGENT_DIR, preload=[])
-        await proc.channel.send({"t": "config", "config": config})
-        await asyncio.wait_for(kube._expect_ready(proc), 60)
-        return LocalSandbox(SandboxSpec.build("python", isolation="kubernetes"), default_engine().backend("kubernetes"),
-                            proc)
+        await sandbox._proc.channel.send({"t": "config", "config": config})
+        await asyncio.wait_for(kube._expect_ready(sandbox._proc), 60)
+        return sandbox
 
     async def close(self) -> None:
         await self.host.kill()
@@ -114,11 +119,7 @@ async def test_another_key_is_refused_and_the_owners_key_takes_over_the_channel(
     # The same key again (a restarted server, another replica): it becomes the owner, the session lives on.
     sock, welcome = await pod.connect()
     assert welcome["bound"] == "before"
-    proc = kube.KubernetesSandbox("sb-0000000000aa", "python", Limits(), None, "127.0.0.1", pod.port, KEY, sock)
-    proc.on_cleanup = lambda task: None
-    await proc.channel.open()
-    taken = LocalSandbox(SandboxSpec.build("python", isolation="kubernetes"), default_engine().backend("kubernetes"),
-                         proc)
+    taken = await pod.owner(sock)
     assert (await taken.run_code("x * 10")).results[0].text == "50"
     # The earlier owner was let go, told why: it forgets the sandbox instead of ending it.
     deadline = time.monotonic() + 10
@@ -156,11 +157,8 @@ async def test_without_a_lease_the_pod_ends_when_its_owner_goes_and_with_one_it_
     await asyncio.sleep(0.5)
     assert await pod.holder_running()
     sock, welcome = await pod.connect()
-    proc = kube.KubernetesSandbox("sb-0000000000aa", "python", Limits(), None, "127.0.0.1", pod.port, KEY, sock)
-    proc.on_cleanup = lambda task: None
-    await proc.channel.open()
-    again = LocalSandbox(SandboxSpec.build("python", isolation="kubernetes"), default_engine().backend("kubernetes"),
-                         proc)
+    again = await pod.owner(sock)
+    proc = again._proc
     assert (await again.run_code("kept")).results[0].text == "'yes'"
     # No lease now: the owner going away ends the sandbox, and the holder exits (in a cluster, the pod's container).
     await proc.channel.send({"t": "lease", "id": 0, "until": None})

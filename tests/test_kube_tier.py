@@ -237,3 +237,45 @@ async def test_a_server_of_the_tier_serves_the_sdk_and_a_restarted_one_takes_its
             kube.GROUP, kube.VERSION, cluster.namespace, kube.CLAIMS, "sandlot-sb-0000000000fe")
     finally:
         await asyncio.to_thread(server.stop)
+
+
+async def test_the_cli_and_mcp_work_unchanged_against_a_server_of_the_tier(on_cluster, tmp_path):
+    """`sandlot serve --isolations kubernetes` (the command the manifests' Deployment runs), then the CLI's `run` and
+    an MCP client on its /mcp, each unchanged: their sandboxes are claimed pods."""
+    import json
+    import subprocess
+
+    from .cli_server import COMMAND, CliServer, clean_env
+
+    server = CliServer(tmp_path)
+    await asyncio.to_thread(server.start, "--isolations", "kubernetes")
+    try:
+        key = await asyncio.to_thread(server.key, "carol")
+        env = clean_env(SANDLOT_API_URL=server.url, SANDLOT_API_KEY=key)
+        r = await asyncio.to_thread(subprocess.run, COMMAND + ["run", "--json", "print(7 * 6)"], capture_output=True,
+                                    text=True, env=env, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["stdout"] == "42\n"
+
+        mcp_session = pytest.importorskip("mcp").ClientSession
+        httpx2 = pytest.importorskip("httpx2")  # the transport of the mcp SDK's HTTP client
+        from mcp.client.streamable_http import streamable_http_client
+
+        async def over_mcp() -> list:
+            async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {key}"}, timeout=120) as http:
+                async with streamable_http_client(server.url + "/mcp", http_client=http) as (read, write, *_):
+                    async with mcp_session(read, write) as s:
+                        await s.initialize()
+                        made = await s.call_tool("create_session", {"ttl_seconds": 600})
+                        sid = made.structured_content["session_id"]
+                        await s.call_tool("run_code", {"code": "z = 'pod'", "session_id": sid})
+                        out = await s.call_tool("run_code", {"code": "z * 2", "session_id": sid})
+                        claimed = on_cluster.claim(kube.claim_name(sid)) is not None
+                        await s.call_tool("close_session", {"session_id": sid})
+                        return [c.text for c in out.content if c.type == "text"], claimed, sid
+
+        texts, claimed, sid = await over_mcp()
+        assert texts == ["Out[2]: 'podpod'"] and claimed  # the MCP session was a claimed pod
+        await _gone(on_cluster, kube.claim_name(sid))
+    finally:
+        await asyncio.to_thread(server.stop)

@@ -92,8 +92,10 @@ class _Cluster:
             if in_cluster:
                 config.load_incluster_config(client_configuration=configuration)
             else:
-                await config.load_kube_config(client_configuration=configuration)
-                _, current = config.list_kube_config_contexts()
+                # Named now: the client reads $KUBECONFIG once, when it is first imported.
+                config_file = os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+                await config.load_kube_config(config_file=config_file, client_configuration=configuration)
+                _, current = config.list_kube_config_contexts(config_file)
                 context_namespace = ((current or {}).get("context") or {}).get("namespace")
         except Exception as exc:  # the client's ConfigException and file errors
             raise HostUnsupported(f"the kubernetes tier found no cluster to use: {exc} (set KUBECONFIG, or run "
