@@ -317,6 +317,7 @@ class LocalSandbox(SandboxHandle):
     async def metrics(self) -> SandboxMetrics:
         """Memory, CPU and process count of the sandbox right now, from its cgroup."""
         proc = await self._awake()
+        await proc.refresh_usage()
         now = await asyncio.to_thread(proc.usage, processes=True)
         net = self.network.stats() if self.network is not None else {}
         return SandboxMetrics(memory=now.memory, memory_peak=now.memory_peak, cpu_seconds=now.cpu_seconds,
@@ -436,6 +437,7 @@ class LocalSandbox(SandboxHandle):
         async with self._exec_lock:
             proc = await self._awake()
             rid, queue = proc.channel.new_request()
+            await proc.refresh_usage(reset_peak=True)
             usage_start = self._usage_start(proc)
             output = CallOutput(self.limits.output, on_stdout, on_stderr)
             execution = Execution()
@@ -449,6 +451,7 @@ class LocalSandbox(SandboxHandle):
             execution.logs.stdout = output.chunks("stdout")
             execution.logs.stderr = output.chunks("stderr")
             execution.truncated = output.truncated
+            await proc.refresh_usage()
             execution.usage = self._usage_end(proc, usage_start, started)
             await self._finish_execution(proc, execution, done, timeout, output, usage_start)
             return execution

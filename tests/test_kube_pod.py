@@ -170,12 +170,14 @@ async def test_without_a_lease_the_pod_ends_when_its_owner_goes_and_with_one_it_
     assert "its owner went away and it has no lease" in await pod.log()
 
 
-def test_only_the_holder_says_moved_the_agent_cannot():
-    """A frame saying "moved" from the agent (the sandbox's code, had it taken the agent over) never reaches the
-    owner: otherwise a sandbox could make its server forget it, and outlive its idle timeout."""
+def test_only_the_holder_says_moved_or_counts_usage_the_agent_cannot():
+    """A frame saying "moved", or answering "pod_usage", from the agent (the sandbox's code, had it taken the agent
+    over) never reaches the owner: otherwise a sandbox could make its server forget it (and outlive its idle
+    timeout), or under-report what it uses."""
     from sandlot._agent.pod import PodHolder
 
     holder = PodHolder(0)
     forged = [protocol.encode({"t": "moved"}), protocol.encode({"pad": "x" * 300, "t": "moved"}),
-              protocol.encode({"t": "out", "id": 3, "s": "moved"})]
-    assert holder.agent_frames(forged) == forged[2:]
+              protocol.encode({"t": "pod_usage", "id": 7, "cpu_seconds": 0}),
+              protocol.encode({"t": "out", "id": 3, "s": "moved pod_usage"})]
+    assert holder.agent_frames(forged) == forged[3:]

@@ -279,3 +279,18 @@ async def test_the_cli_and_mcp_work_unchanged_against_a_server_of_the_tier(on_cl
         await _gone(on_cluster, kube.claim_name(sid))
     finally:
         await asyncio.to_thread(server.stop)
+
+
+async def test_usage_and_metrics_are_the_pods_own(on_cluster):
+    async with sandlot.AsyncSandbox(isolation="kubernetes", api_url="") as sb:
+        burn = await sb.run_code("import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass")
+        assert burn.error is None
+        assert 0.3 < burn.usage.cpu_seconds < 5
+        big = await sb.run_code("block = bytearray(120 * 1024 * 1024)\nimport time; time.sleep(0.7)\nlen(block)")
+        assert big.usage.peak_memory >= 120 * 1024 * 1024
+        m = await sb.metrics()
+        assert m.memory >= 120 * 1024 * 1024 and m.memory_peak >= m.memory
+        assert m.cpu_seconds >= 0.4 and m.processes >= 2  # the holder, the agent, the session
+        await sb.run_code("del block")
+        after = await sb.run_code("1")
+        assert after.usage.peak_memory <= big.usage.peak_memory - 100 * 1024 * 1024  # the peak starts over each call

@@ -112,6 +112,16 @@ class OwnerRelay:
         return self.owner is None and not self.ending and self.lease_until is not None \
             and time.time() >= self.lease_until
 
+    def owner_frame(self, frame: bytes) -> bool:
+        """A frame from the owner that the relay answers itself (True: not for the agent)."""
+        return False
+
+    def to_owner_now(self, frame: bytes) -> None:
+        """A whole frame of the relay's own for the owner, after what is already queued."""
+        if self.owner is not None:
+            self.to_owner += frame
+            self._flush_owner()
+
     def agent_frames(self, frames: list) -> list:
         """What of the agent's whole frames goes on to the owner (a subclass may hold some back)."""
         return frames
@@ -147,7 +157,8 @@ class OwnerRelay:
                     if is_lease:
                         self.lease_until = until
                         self.on_lease(until)
-                    self._to_agent(frame)
+                    if not self.owner_frame(frame):
+                        self._to_agent(frame)
         if mask & selectors.EVENT_WRITE and self.owner is not None:
             self._flush_owner()
         self._watch_owner()

@@ -60,6 +60,7 @@ class PodHolder(OwnerRelay):
         self.agent = None  # subprocess.Popen of boot.py, once the first owner came
         self.listener = None
         self.wakeup_r = -1
+        self.meter = PodMeter()
 
     # -- setup --------------------------------------------------------------------------------------
     def listen(self) -> None:
@@ -106,6 +107,8 @@ class PodHolder(OwnerRelay):
             for key, mask in self.sel.select(self._loop_timeout()):
                 key.data(key, mask)
             self._expire_pending()
+            if self.agent is not None and time.monotonic() >= self.meter.next_sample:
+                self.meter.sample()
             rc = self._agent_exit()
             if rc is not None:
                 return rc
@@ -114,6 +117,8 @@ class PodHolder(OwnerRelay):
 
     def _loop_timeout(self):
         timeouts = [deadline - time.monotonic() for deadline, _ in self.pending.values()]
+        if self.agent is not None:
+            timeouts.append(self.meter.next_sample - time.monotonic())
         lease = self._timeout()
         if lease is not None:
             timeouts.append(lease)
@@ -156,9 +161,26 @@ class PodHolder(OwnerRelay):
             self.to_owner = bytearray()
         super().take_owner(conn)
 
+    def owner_frame(self, frame: bytes) -> bool:
+        """``{"t": "pod_usage", "id": N, "reset_peak": bool}``: the pod's counters, answered by the holder."""
+        head_len, _ = protocol.PREFIX.unpack_from(frame)
+        head = frame[protocol.PREFIX.size:protocol.PREFIX.size + head_len]
+        if b"pod_usage" not in head:
+            return False
+        try:
+            header = protocol.decode_header(head)
+        except protocol.ProtocolError:
+            return False  # the agent's own checks close the channel for it
+        if header.get("t") != "pod_usage":
+            return False
+        counters = self.meter.read(reset_peak=header.get("reset_peak") is True)
+        self.to_owner_now(protocol.encode(dict(counters, t="pod_usage", id=header.get("id"))))
+        return True
+
     def agent_frames(self, frames: list) -> list:
-        """Only this holder says "moved": the agent (the sandbox's own code, if it took the agent over) cannot."""
-        return [f for f in frames if not _is_moved(f)]
+        """Only this holder says "moved" and answers "pod_usage": the agent (the sandbox's own code, had it taken
+        the agent over) can do neither (it would make its server forget it, or under-count it)."""
+        return [f for f in frames if not _holders_own(f)]
 
     # -- connections ------------------------------------------------------------------------------------
     def _on_accept(self, key, mask) -> None:
@@ -255,13 +277,87 @@ class PodHolder(OwnerRelay):
                 pass
 
 
-def _is_moved(frame: bytes) -> bool:
+class PodMeter:
+    """The pod's usage, as its kernel counts it (gVisor's sentry in a cluster; the sandbox's code cannot change
+    these, and the holder that reads them is not its to touch): CPU of every process, live and reaped, from
+    /proc; memory in use from the pod's memory cgroup where the runtime shows one, else the processes'
+    resident memory; its peak sampled every SAMPLE_EVERY seconds (and at each read) since the last reset."""
+
+    SAMPLE_EVERY = 0.5
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self.next_sample = time.monotonic()
+
+    def sample(self) -> int:
+        memory = _cgroup_memory()
+        if memory is None:
+            memory = sum(rss for _, rss in _processes())
+        self.peak = max(self.peak, memory)
+        self.next_sample = time.monotonic() + self.SAMPLE_EVERY
+        return memory
+
+    def read(self, reset_peak: bool = False) -> dict:
+        processes = list(_processes())
+        ticks = os.sysconf("SC_CLK_TCK")
+        memory = self.sample()
+        out = {"cpu_seconds": sum(cpu for cpu, _ in processes) / ticks, "memory": memory, "memory_peak": self.peak,
+               "processes": len(processes), "oom_kills": _cgroup_count("memory.events", "oom_kill"),
+               "memory_limit_hits": _cgroup_count("memory.events", "max"),
+               "pids_limit_hits": _cgroup_count("pids.events", "max")}
+        if reset_peak:
+            self.peak = memory
+        return out
+
+
+def _processes():
+    """(CPU ticks: own and reaped children's, resident bytes) of each process of the pod."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name, "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        # After the name: state is field 3; utime, stime, cutime, cstime are 14-17; rss (pages) is 24.
+        try:
+            yield sum(int(v) for v in fields[11:15]), int(fields[21]) * page
+        except (IndexError, ValueError):
+            continue
+
+
+def _cgroup_memory():
+    for path in ("/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory/memory.usage_in_bytes"):
+        try:
+            with open(path) as f:
+                return int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def _cgroup_count(name: str, key: str) -> int:
+    try:
+        with open("/sys/fs/cgroup/" + name) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) == 2 and parts[0] == key:
+                    return int(parts[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _holders_own(frame: bytes) -> bool:
+    """A frame of a kind only the holder sends."""
     head_len, _ = protocol.PREFIX.unpack_from(frame)
     head = frame[protocol.PREFIX.size:protocol.PREFIX.size + head_len]
-    if b"moved" not in head:  # the common case, decided without decoding
+    if b"moved" not in head and b"pod_usage" not in head:  # the common case, decided without decoding
         return False
     try:
-        return protocol.decode_header(head).get("t") == "moved"
+        return protocol.decode_header(head).get("t") in ("moved", "pod_usage")
     except protocol.ProtocolError:
         return False
 

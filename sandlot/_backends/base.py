@@ -106,6 +106,10 @@ class BackendSandbox(abc.ABC):
         InvalidRequest when the kernel refuses to lower one below current use (then nothing changed
         that matters: the caller drops the sandbox)."""
 
+    async def refresh_usage(self, *, reset_peak: bool = False) -> None:
+        """Fetch the counters now where they are not on this host (a pod's): ``usage()`` then answers from them.
+        Tiers that read the kernel's counters here do nothing."""
+
     @abc.abstractmethod
     def usage(self, *, reset_peak: bool = False, processes: bool = False) -> Counters:
         """The kernel's counters now (cheap: read around every call). ``reset_peak`` first starts the

@@ -17,7 +17,8 @@ token, default-deny egress, ingress from the server's pods only) and a ``Sandbox
 
 The pod's limits are the template's (its resources): the cluster's warm pods are made before any owner
 asks. cpu and memory other than those are refused. The kernel's counters live on the node, out of
-the server's reach: usage figures are not measured on this tier (zeros).
+the server's reach: the pod's holder reads the pod's own (gVisor's sentry's: CPU of every process,
+memory, its peak sampled) and answers ``pod_usage`` around each call (``refresh_usage``).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ LABEL_TEMPLATE = "sandlot.dev/template"
 POD_AGENT_DIR = "/opt/sandlot/_agent"
 CONNECT_TIMEOUT = 10.0
 BOOT_TIMEOUT = 120.0
+USAGE_WITHIN = 1.0  # seconds a pod's holder has to answer for its counters
 ORPHAN_AFTER = 600.0  # seconds: a claim no server recorded, younger than this, may be a create in flight
 
 
@@ -256,6 +258,8 @@ class KubernetesSandbox(BackendSandbox):
         self.killed_reason: Optional[str] = None
         self._returncode: Optional[int] = None
         self._cleanup: Optional[asyncio.Task] = None
+        self._counters = Counters(cpu_seconds=0.0, memory=0, memory_peak=0, oom_kills=0, memory_limit_hits=0,
+                                  pids_limit_hits=0, processes=0)
 
     @property
     def claim(self) -> str:
@@ -297,9 +301,24 @@ class KubernetesSandbox(BackendSandbox):
         _check_pod_limits(limits, self.limits)
         self.limits = limits
 
+    async def refresh_usage(self, *, reset_peak: bool = False) -> None:
+        """The pod's counters, from its holder (pod.py PodMeter: the pod's kernel's, which its code cannot
+        change); the last ones kept if it does not answer within a second."""
+        if not self.channel.is_open:
+            return
+        rid, queue = self.channel.new_request()
+        try:
+            await self.channel.send({"t": "pod_usage", "id": rid, "reset_peak": reset_peak})
+            item = await asyncio.wait_for(queue.get(), USAGE_WITHIN)
+        except (asyncio.TimeoutError, OSError):
+            return
+        finally:
+            self.channel.forget(rid)
+        if isinstance(item, tuple) and item[0].get("t") == "pod_usage":
+            self._counters = _counters(item[0], self._counters)
+
     def usage(self, *, reset_peak: bool = False, processes: bool = False) -> Counters:
-        return Counters(cpu_seconds=0.0, memory=0, memory_peak=0, oom_kills=0, memory_limit_hits=0,
-                        pids_limit_hits=0, processes=None)
+        return self._counters
 
     async def leased(self, until: Optional[float]) -> None:
         """The claim ends with the sandbox's deadline (a crashed server leaks no pod past it)."""
@@ -308,6 +327,19 @@ class KubernetesSandbox(BackendSandbox):
 
     def describe(self) -> dict[str, Any]:
         return dict(super().describe(), claim=self.claim, address=self.address, port=self.port, key=self.key)
+
+
+def _counters(answer: Mapping[str, Any], last: Counters) -> Counters:
+    """A holder's answer as Counters (a field missing or not a number keeps its last value)."""
+    def number(name: str, kind: type) -> Any:
+        value = answer.get(name)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+        return kind(value) if ok else getattr(last, name)
+
+    return Counters(cpu_seconds=number("cpu_seconds", float), memory=number("memory", int),
+                    memory_peak=number("memory_peak", int), oom_kills=number("oom_kills", int),
+                    memory_limit_hits=number("memory_limit_hits", int), pids_limit_hits=number("pids_limit_hits", int),
+                    processes=number("processes", int))
 
 
 def _check_pod_limits(limits: Limits, pod: Limits) -> None:
