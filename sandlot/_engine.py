@@ -119,9 +119,10 @@ class Engine:
         if spec.on_idle == "pause" and (spec.network is not None or spec.secrets is not None):
             raise InvalidRequest("on_idle='pause' cannot keep a network: a sandbox with network= or secrets= "
                                  "is killed when idle (its broker and host sockets do not survive a checkpoint)")
-        if (spec.network is not None or spec.secrets is not None) and not supports(isolation, "network"):
-            tiers = " or ".join(f"isolation={name!r}" for name in isolations_with("network"))
-            raise InvalidRequest(f"network= and secrets= need {tiers}: the {isolation} tier has no network yet")
+        if spec.network is not None or spec.secrets is not None:
+            problem = backend_class(isolation).network_problem(spec.network, spec.secrets)
+            if problem is not None:
+                raise InvalidRequest(problem)
         limits = spec.limits
         if template.limits and spec.asked != frozenset(f.name for f in dataclasses.fields(Limits)):
             asked = {name: getattr(spec.limits, name) for name in spec.asked}
@@ -149,18 +150,22 @@ class Engine:
             lean = backend.lean(template)
             if lean is not None and not wants_preload(code, template.preload):
                 template = lean
-        network = SandboxNetwork.plan(spec.network, spec.secrets)
+        # A tier whose cluster enforces the policy (kubernetes: a NetworkPolicy) gets it at start; the others get
+        # this host's broker, attached below.
+        by_cluster = spec.network if backend.network_by_cluster else None
+        network = None if backend.network_by_cluster else SandboxNetwork.plan(spec.network, spec.secrets)
         env = dict(spec.env, **(network.env() if network else {}))
         roots = self.host_dir_roots if host_dir_roots is _OWN_ROOTS else host_dir_roots
         # (No thread hop without mounts: a create claims its warm sandbox in its first step.)
         mounts = await grants.prepare_async(spec.mounts, self.volumes(scope), roots) if spec.mounts else None
         # A tier that gives a network only at boot (gVisor) never hands a warm, network-less one to it.
-        fresh = mounts is not None or (network is not None and backend.network_at_boot)
+        fresh = mounts is not None or (network is not None and backend.network_at_boot) or by_cluster is not None
         proc = None if fresh else await self._claim(backend, template, spec, env)
         if proc is None:
             try:
-                proc = await backend.start(template, spec.limits, env, awaited=True, network=network is not None,
-                                           mounts=mounts)
+                proc = await backend.start(template, spec.limits, env, awaited=True,
+                                           network=network is not None or by_cluster is not None, mounts=mounts,
+                                           **({"policy": by_cluster} if by_cluster is not None else {}))
             except BaseException:
                 if mounts is not None:  # the sandbox never took them (or its cleanup released them already)
                     mounts.release()
@@ -186,7 +191,8 @@ class Engine:
         backend = self.backend(str(record.get("isolation") or spec.isolation or "process"))
         proc = await backend.adopt(record)
         # Its namespace kept its routes and filter; its broker and DNS responder were the old owner's: served anew.
-        network = SandboxNetwork.plan(spec.network) if spec.network is not None and not spec.secrets else None
+        network = SandboxNetwork.plan(spec.network) if spec.network is not None and not spec.secrets \
+            and not backend.network_by_cluster else None
         sandbox = LocalSandbox(dataclasses.replace(spec, isolation=backend.name), backend, proc, network)
         try:
             if network is not None:

@@ -40,6 +40,8 @@ SERVER_RULES = [
      "verbs": ["get", "list", "watch", "create", "delete", "patch"]},
     {"apiGroups": [CRD_GROUP], "resources": ["sandboxtemplates", "sandboxwarmpools"],
      "verbs": ["get", "list", "watch"]},
+    # A sandbox granted a network gets a NetworkPolicy of its own pod (egress only; kube_network.py).
+    {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["create", "delete"]},
 ]
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")

@@ -77,7 +77,9 @@ SANDBOX_WARMPOOLS = Kind(EXTENSIONS_GROUP, "v1beta1", "sandboxwarmpools", "Sandb
 SANDBOX_CLAIMS = Kind(EXTENSIONS_GROUP, "v1beta1", "sandboxclaims", "SandboxClaim")
 SANDBOXES = Kind(AGENTS_GROUP, "v1beta1", "sandboxes", "Sandbox")
 PODS = Kind("", "v1", "pods", "Pod", custom=False)
-SERVED = (SANDBOX_TEMPLATES, SANDBOX_WARMPOOLS, SANDBOX_CLAIMS, SANDBOXES, PODS)
+NETWORK_POLICIES = Kind("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", status_subresource=False,
+                        custom=False)
+SERVED = (SANDBOX_TEMPLATES, SANDBOX_WARMPOOLS, SANDBOX_CLAIMS, SANDBOXES, PODS, NETWORK_POLICIES)
 
 
 def now_rfc3339() -> str:

@@ -30,7 +30,8 @@ SERVER_LABEL = {"app.kubernetes.io/name": "sandlot-server"}
 # patched for a new shutdown time; templates and pools read).
 NEEDED = {(GROUP, "sandboxclaims"): {"get", "list", "watch", "create", "delete", "patch"},
           (GROUP, "sandboxtemplates"): {"get", "list", "watch"},
-          (GROUP, "sandboxwarmpools"): {"get", "list", "watch"}}
+          (GROUP, "sandboxwarmpools"): {"get", "list", "watch"},
+          ("networking.k8s.io", "networkpolicies"): {"create", "delete"}}
 
 
 def run(*args: str):

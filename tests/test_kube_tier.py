@@ -294,3 +294,45 @@ async def test_usage_and_metrics_are_the_pods_own(on_cluster):
         await sb.run_code("del block")
         after = await sb.run_code("1")
         assert after.usage.peak_memory <= big.usage.peak_memory - 100 * 1024 * 1024  # the peak starts over each call
+
+
+async def test_a_network_policy_of_addresses_is_the_pods_own_network_policy(on_cluster):
+    """The cluster enforces egress on this tier: a sandbox's policy becomes a NetworkPolicy selecting its pod alone
+    (the template's own denies everything); names and secrets, which a NetworkPolicy cannot say, are refused."""
+    from .kube_api import NETWORK_POLICIES
+
+    cluster = on_cluster
+    policy = {"allow": ["203.0.113.0/24:443", "0.0.0.0/0:80"], "deny": ["203.0.113.7"]}
+    async with sandlot.AsyncSandbox(isolation="kubernetes", api_url="", network=policy) as sb:
+        name = kube.claim_name(sb.sandbox_id)
+        np = cluster.api.get(NETWORK_POLICIES, cluster.namespace, name)
+        assert np is not None
+        claim = cluster.claim(name)
+        assert claim["spec"]["additionalPodMetadata"]["labels"] == {"sandlot.dev/sandbox": sb.sandbox_id}
+        assert np["spec"]["podSelector"] == {"matchLabels": {"sandlot.dev/sandbox": sb.sandbox_id}}
+        assert np["spec"]["policyTypes"] == ["Egress"]
+        assert np["metadata"]["ownerReferences"][0]["uid"] == claim["metadata"]["uid"]  # goes with its claim
+        first, wide = np["spec"]["egress"]
+        assert first == {"to": [{"ipBlock": {"cidr": "203.0.113.0/24", "except": ["203.0.113.7/32"]}}],
+                         "ports": [{"protocol": "TCP", "port": 443}]}
+        # A rule wider than the special blocks does not open them (private, loopback, metadata...): as on one host.
+        excepted = set(wide["to"][0]["ipBlock"]["except"])
+        assert {"10.0.0.0/8", "169.254.0.0/16", "127.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"} <= excepted
+        assert "169.254.169.254/32" not in excepted  # inside 169.254.0.0/16 already
+        assert wide["ports"] == [{"protocol": "TCP", "port": 80}]
+        assert (await sb.run_code("1 + 1")).results[0].text == "2"
+    await _gone(cluster, name)
+    assert cluster.api.get(NETWORK_POLICIES, cluster.namespace, name) is None
+
+    async with sandlot.AsyncSandbox(isolation="kubernetes", api_url="", network="public") as sb:
+        np = cluster.api.get(NETWORK_POLICIES, cluster.namespace, kube.claim_name(sb.sandbox_id))
+        v4, v6 = np["spec"]["egress"][0]["to"]
+        assert v4["ipBlock"]["cidr"] == "0.0.0.0/0" and "10.0.0.0/8" in v4["ipBlock"]["except"]
+        assert v6["ipBlock"]["cidr"] == "::/0" and "fc00::/7" in v6["ipBlock"]["except"]
+        assert np["spec"]["egress"][1]["ports"] == [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]
+    with pytest.raises(sandlot.InvalidRequest, match="knows addresses, not names"):
+        await sandlot.AsyncSandbox.create(isolation="kubernetes", api_url="", network={"allow": ["pypi.org"]})
+    with pytest.raises(sandlot.InvalidRequest, match="secrets= need"):
+        await sandlot.AsyncSandbox.create(isolation="kubernetes", api_url="", secrets={"K": {"value": "v",
+                                                                                         "hosts": ["api.example"]}})
+    assert cluster.claims() == [c for c in cluster.claims() if "deletionTimestamp" in c["metadata"]]  # none made

@@ -163,6 +163,9 @@ class Backend(abc.ABC):
     capabilities: ClassVar[Capabilities] = Capabilities()
     # A sandbox with a network must be booted with it (start(network=True)): a warm one cannot be given one.
     network_at_boot: ClassVar[bool] = False
+    # Its sandboxes' network policy is the cluster's to enforce (given to start() as ``policy=``), not this host's
+    # broker's: no names, no secrets, no log.
+    network_by_cluster: ClassVar[bool] = False
     # Warm sandboxes of this tier are kept by the engine's pools (False: elsewhere, a cluster's warm pool).
     pooled: ClassVar[bool] = True
     # Its sandboxes are reachable from any server that shares the database (a cluster's pods), not only from
@@ -190,6 +193,14 @@ class Backend(abc.ABC):
     def close(self) -> None:
         """Stop what this backend runs besides its sandboxes (the process tier's zygotes). Live sandboxes
         do not depend on it."""
+
+    @classmethod
+    def network_problem(cls, policy: Any, secrets: Any) -> Optional[str]:
+        """Why this tier cannot give a sandbox this network policy and these secrets (None: it can)."""
+        if cls.capabilities.network:
+            return None
+        tiers = " or ".join(f"isolation={name!r}" for name in _isolations_with("network"))
+        return f"network= and secrets= need {tiers}: the {cls.name} tier has no network yet"
 
     def lean(self, template: Template) -> "Optional[Template]":
         """A cheaper variant of ``template`` for code that needs none of its preloaded modules (see _hints),

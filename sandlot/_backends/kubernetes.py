@@ -24,6 +24,7 @@ memory, its peak sampled) and answers ``pod_usage`` around each call (``refresh_
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import os
 import secrets
@@ -37,8 +38,10 @@ from .._exceptions import HostUnsupported, InvalidRequest, SandboxCrashed, Sandb
 from .._exceptions import TimeoutError as SandlotTimeout
 from .._host.channel import Channel
 from .._limits import Limits
+from .._net.policy import NetworkPolicy
 from .._templates import Template
 from ._common import boot_message, new_sandbox_id, sandbox_config, sandbox_env, template_config
+from . import kube_network
 from .base import Backend, BackendSandbox, Capabilities, Counters
 
 GROUP, VERSION = "extensions.agents.x-k8s.io", "v1beta1"
@@ -103,6 +106,21 @@ class _Cluster:
             raise HostUnsupported(f"the kubernetes tier found no cluster to use: {exc} (set KUBECONFIG, or run "
                                   "the server in the cluster)") from None
         return cls(client.ApiClient(configuration=configuration), _config.kube_namespace(context_namespace))
+
+    async def create_network_policy(self, body: dict) -> None:
+        from kubernetes_asyncio import client
+
+        await client.NetworkingV1Api(self.api_client).create_namespaced_network_policy(self.namespace, body)
+
+    async def delete_network_policy(self, name: str) -> None:
+        from kubernetes_asyncio import client
+        from kubernetes_asyncio.client.exceptions import ApiException
+
+        try:
+            await client.NetworkingV1Api(self.api_client).delete_namespaced_network_policy(name, self.namespace)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
 
     async def create_claim(self, body: dict) -> dict:
         return await self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, CLAIMS, body)
@@ -258,6 +276,7 @@ class KubernetesSandbox(BackendSandbox):
         self.killed_reason: Optional[str] = None
         self._returncode: Optional[int] = None
         self._cleanup: Optional[asyncio.Task] = None
+        self.network_policy = False  # a NetworkPolicy of its own opens its egress (kube_network.py)
         self._counters = Counters(cpu_seconds=0.0, memory=0, memory_peak=0, oom_kills=0, memory_limit_hits=0,
                                   pids_limit_hits=0, processes=0)
 
@@ -296,6 +315,11 @@ class KubernetesSandbox(BackendSandbox):
             await self.cluster.delete_claim(self.claim)
         except Exception:  # the claim's shutdownTime ends it anyway
             pass
+        if self.network_policy:
+            try:  # the cluster's garbage collector deletes it with the claim too (its owner)
+                await self.cluster.delete_network_policy(self.claim)
+            except Exception:
+                pass
 
     async def apply_limits(self, limits: Limits) -> None:
         _check_pod_limits(limits, self.limits)
@@ -326,7 +350,8 @@ class KubernetesSandbox(BackendSandbox):
             await self.cluster.patch_claim(self.claim, {"spec": {"lifecycle": {"shutdownTime": rfc3339(until)}}})
 
     def describe(self) -> dict[str, Any]:
-        return dict(super().describe(), claim=self.claim, address=self.address, port=self.port, key=self.key)
+        return dict(super().describe(), claim=self.claim, address=self.address, port=self.port, key=self.key,
+                    network_policy=self.network_policy)
 
 
 def _counters(answer: Mapping[str, Any], last: Counters) -> Counters:
@@ -355,6 +380,7 @@ class KubernetesBackend(Backend):
     # Outlive: the pod's holder keeps the sandbox for the next owner until its lease ends (adopt()).
     capabilities = Capabilities(outlive=True)
     pooled = False  # the cluster's SandboxWarmPool is the pool
+    network_by_cluster = True  # a NetworkPolicy per sandbox (kube_network.py), not this host's broker
     reachable_anywhere = True  # over the pod network, from any replica holding the key
 
     def __init__(self) -> None:
@@ -369,6 +395,10 @@ class KubernetesBackend(Backend):
             cluster = self._clusters[key] = await _Cluster.connect()
         return cluster
 
+    @classmethod
+    def network_problem(cls, policy: Any, secrets: Any) -> Optional[str]:
+        return kube_network.problem(policy, secrets)
+
     async def finish_cleanups(self) -> None:
         """Claims of killed sandboxes deleted, then this event loop's API client closed (a later call makes one)."""
         await super().finish_cleanups()
@@ -377,11 +407,15 @@ class KubernetesBackend(Backend):
             await self._clusters.pop(key).close()
 
     async def start(self, template: Template, limits: Limits, env: dict[str, str], *,
-                    awaited: bool = False, network: bool = False, mounts: Any = None) -> KubernetesSandbox:
+                    awaited: bool = False, network: bool = False, mounts: Any = None,
+                    policy: Optional[NetworkPolicy] = None) -> KubernetesSandbox:
+        """``policy``: the egress its pod gets (a NetworkPolicy of its own); without one, none (the template's
+        default deny)."""
         if mounts is not None:
             raise InvalidRequest("the kubernetes tier has no host directories or volumes yet")
-        if network:
-            raise InvalidRequest("the kubernetes tier grants no network yet: its pods have default-deny egress")
+        if network and policy is None:
+            raise InvalidRequest("the kubernetes tier's network is a policy of addresses (network=): secrets need "
+                                 "isolation='process' or 'gvisor'")
         if template.rootfs:
             raise InvalidRequest(f"the kubernetes tier runs the pod image of its templates: image template "
                                  f"{template.name!r} has no warm pool in the cluster")
@@ -390,15 +424,22 @@ class KubernetesBackend(Backend):
         sandbox_id = new_sandbox_id()
         name = claim_name(sandbox_id)
         key = secrets.token_urlsafe(32)
-        await cluster.create_claim({
+        claim = await cluster.create_claim({
             "apiVersion": f"{GROUP}/{VERSION}", "kind": "SandboxClaim",
             "metadata": {"name": name, "labels": {LABEL_SANDBOX: sandbox_id, LABEL_MANAGED: "sandlot",
                                                   LABEL_TEMPLATE: template.name}},
             "spec": {"warmPoolRef": {"name": pool_name(template.name)},
-                     "lifecycle": {"shutdownTime": rfc3339(time.time() + limits.lifetime), "shutdownPolicy": "Delete"}},
+                     "lifecycle": {"shutdownTime": rfc3339(time.time() + limits.lifetime), "shutdownPolicy": "Delete"},
+                     # The pod carries the sandbox's id too: its own NetworkPolicy, if any, selects it by that.
+                     "additionalPodMetadata": {"labels": {LABEL_SANDBOX: sandbox_id}}},
         })
         sandbox: Optional[KubernetesSandbox] = None
         try:
+            if policy is not None:
+                owner = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "SandboxClaim", "name": name,
+                         "uid": str(claim.get("metadata", {}).get("uid") or ""), "blockOwnerDeletion": False}
+                await cluster.create_network_policy(kube_network.network_policy(
+                    name, (LABEL_SANDBOX, sandbox_id), policy, owner if owner["uid"] else None))
             address = await cluster.wait_ready(name, _config.kube_claim_timeout())
             port = _config.kube_agent_port()
             sock, welcome = await connect_pod(address, port, key, bind=True)
@@ -407,6 +448,7 @@ class KubernetesBackend(Backend):
                 raise PodRefused(f"the pod of claim {name} was bound before this server claimed it")
             sandbox = KubernetesSandbox(sandbox_id, template.name, limits, cluster, address, port, key, sock)
             sandbox.on_cleanup = self.track_cleanup
+            sandbox.network_policy = policy is not None
             await sandbox.channel.open()
             env_inside = sandbox_env(template, env)
             config = dict(template_config(template, env), **sandbox_config(limits, env_inside))
@@ -420,6 +462,9 @@ class KubernetesBackend(Backend):
                 await asyncio.shield(sandbox.kill("boot failed"))
             else:
                 await asyncio.shield(cluster.delete_claim(name))
+                if policy is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(cluster.delete_network_policy(name))
             if isinstance(exc, asyncio.TimeoutError):
                 raise SandlotTimeout(f"the sandbox's agent did not boot in its pod within {BOOT_TIMEOUT:.0f} s") from None
             raise
@@ -441,6 +486,7 @@ class KubernetesBackend(Backend):
         sandbox = KubernetesSandbox(sandbox_id, str(record.get("template") or "python"), limits, cluster, address,
                                     int(record["port"]), str(record["key"]), sock)
         sandbox.on_cleanup = self.track_cleanup
+        sandbox.network_policy = bool(record.get("network_policy"))
         await sandbox.channel.open()
         return sandbox
 

@@ -266,6 +266,12 @@ _6TO4 = ipaddress.ip_network("2002::/16")
 _TEREDO = ipaddress.ip_network("2001::/32")
 
 
+def special_blocks() -> "list[IPNetwork]":
+    """Every special block (private, loopback, link-local, metadata, multicast, reserved...) and the IPv6
+    prefixes that embed an IPv4 address: what "*" and wide net rules never open."""
+    return [net for net, _ in _SPECIAL_V4 + _SPECIAL_V6] + [_MAPPED, _COMPAT, _NAT64, _6TO4, _TEREDO]
+
+
 def special_reason(ip: Any, host_addresses: Iterable[Any] = frozenset()) -> Optional[str]:
     """Why an address is special (refused unless a net rule names it), or None for a public address."""
     found = _special(parse_address(ip), host_addresses)
