@@ -344,6 +344,9 @@ class LocalSandbox(SandboxHandle):
         gets one now: its namespace is configured and served from this call on."""
         proc = await self._awake()
         if self.network is None:
+            if self._backend.network_by_cluster:
+                raise InvalidRequest(f"the {self.isolation} tier's network is the cluster's, fixed at create (a "
+                                     "NetworkPolicy of its pod): make a sandbox with the network= it needs")
             if not self._backend.capabilities.network:
                 raise InvalidRequest(f"the {self.isolation} tier has no network yet: use "
                                      f"{_isolations_that('network')}")
