@@ -189,6 +189,10 @@ class PodHolder(OwnerRelay):
         except OSError:
             return
         conn.setblocking(False)
+        try:  # small frames each way (a call, its answer): never held back for an ACK (Nagle)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
         if len(self.pending) >= MAX_PENDING:
             self._close_pending(next(iter(self.pending)))
         self.pending[conn] = [time.monotonic() + HELLO_WITHIN, WholeFrames()]
