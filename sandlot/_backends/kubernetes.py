@@ -52,7 +52,9 @@ POD_AGENT_DIR = "/opt/sandlot/_agent"
 CONNECT_TIMEOUT = 10.0
 BOOT_TIMEOUT = 120.0
 USAGE_WITHIN = 1.0  # seconds a pod's holder has to answer for its counters
-ORPHAN_AFTER = 600.0  # seconds: a claim no server recorded, younger than this, may be a create in flight
+# Seconds: a claim no server recorded, younger than this, may be a create in flight or another replica's one-shot
+# run (which has no row); older, it is what a server that died left.
+ORPHAN_AFTER = 3600.0
 
 
 def claim_name(sandbox_id: str) -> str:

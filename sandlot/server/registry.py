@@ -573,7 +573,7 @@ class Registry:
     async def _sweep_tiers(self) -> None:
         """What a tier still runs for sandboxes no row calls running (a server that died between making one and
         recording it), ended: the kubernetes tier's claims found by their label."""
-        keep = {row.id for row, _ in self.store.running_handles()}
+        keep = {row.id for row, _ in self.store.running_handles()} | set(self.live)  # one-shot runs have no row
         for isolation in self.settings.isolations:
             try:
                 ended = await self.engine.backend(isolation).sweep_orphans(keep)
@@ -623,6 +623,7 @@ class Registry:
                     self.store.prune(time.time() - settings.retention)
                     if self.store.shared:
                         self._end_expired()
+                    await self._sweep_tiers()  # what a create that died half way left in a cluster
                     await asyncio.to_thread(cgroups.sweep_stale)  # e.g. warm-pool leftovers of a crashed server
             except Exception:  # noqa: BLE001 - the reaper must outlive any one bad pass
                 log.exception("reaper pass failed")
