@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import subprocess
 import time
 
@@ -138,13 +139,33 @@ def test_shell_from_a_pipe_keeps_state():
     assert "ZeroDivisionError" in r.stderr  # an error does not end the session
 
 
+def spawn_shell_on_a_terminal(tmp_path, sigint=signal.SIG_DFL):
+    """`sandlot shell` on a pty of its own. ``sigint``: the disposition of SIGINT it inherits (whatever the
+    test runner's is otherwise: a runner started as a script's background job ignores it)."""
+    import pexpect
+    env = cli_env(TERM="xterm", PROMPT_TOOLKIT_NO_CPR="1", XDG_STATE_HOME=str(tmp_path))
+    return pexpect.spawn(COMMAND[0], COMMAND[1:] + ["shell"], env=env, encoding="utf-8", timeout=30,
+                         dimensions=(40, 200), preexec_fn=lambda: signal.signal(signal.SIGINT, sigint))
+
+
+def interrupt_a_running_cell(child) -> None:
+    """Ctrl-C once the cell runs (it says so), not while it is on its way: a loaded host may take longer
+    than any fixed pause to start it, and a Ctrl-C before that has no running code to interrupt."""
+    child.send("import time; print('cell', 'started', flush=True); time.sleep(60)\r")
+    child.expect_exact("cell started")
+    time.sleep(0.3)
+    started = time.monotonic()
+    child.sendintr()  # Ctrl-C interrupts the code, not the shell
+    child.expect_exact("KeyboardInterrupt")
+    assert time.monotonic() - started < 10
+    child.expect_exact(">>>")
+
+
 @needs_sandbox
 def test_shell_on_a_terminal(tmp_path):
     """Drive the prompt_toolkit shell through a real pty: multi-line cells, Ctrl-C, history, Ctrl-D."""
     pexpect = pytest.importorskip("pexpect")
-    env = cli_env(TERM="xterm", PROMPT_TOOLKIT_NO_CPR="1", XDG_STATE_HOME=str(tmp_path))
-    child = pexpect.spawn(COMMAND[0], COMMAND[1:] + ["shell"], env=env, encoding="utf-8", timeout=30,
-                          dimensions=(40, 200))
+    child = spawn_shell_on_a_terminal(tmp_path)
     try:
         child.expect_exact(">>>", timeout=120)  # the first sandbox of a cold host waits for the zygote's preload
         child.send("value = 21\r")
@@ -154,16 +175,7 @@ def test_shell_on_a_terminal(tmp_path):
         child.send("\r")  # a blank line ends the block
         child.expect_exact("block 42")
         child.expect_exact(">>>")
-        # Ctrl-C once the cell runs (it says so), not while it is on its way: a loaded host may take longer
-        # than any fixed pause to start it, and a Ctrl-C before that has no running code to interrupt.
-        child.send("import time; print('cell', 'started', flush=True); time.sleep(60)\r")
-        child.expect_exact("cell started")
-        time.sleep(0.3)
-        started = time.monotonic()
-        child.sendintr()  # Ctrl-C interrupts the code, not the shell
-        child.expect_exact("KeyboardInterrupt")
-        assert time.monotonic() - started < 10
-        child.expect_exact(">>>")
+        interrupt_a_running_cell(child)
         child.send("value + 1\r")
         child.expect_exact("22")  # the session kept its variables
         child.expect_exact(">>>")
@@ -174,6 +186,28 @@ def test_shell_on_a_terminal(tmp_path):
     assert child.exitstatus == 0
     history = (tmp_path / "sandlot" / "shell_history").read_text()
     assert "value = 21" in history and "print('block', value * 2)" in history
+
+
+@needs_sandbox
+def test_shell_ctrl_c_interrupts_even_when_started_with_sigint_ignored(tmp_path):
+    """A background job of a script (`cmd &` in a shell without job control, as CI steps and tools run
+    commands) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler. The shell
+    on a terminal of its own must still stop a cell on Ctrl-C (it used to do nothing); the session goes on."""
+    pexpect = pytest.importorskip("pexpect")
+    child = spawn_shell_on_a_terminal(tmp_path, sigint=signal.SIG_IGN)
+    try:
+        child.expect_exact(">>>", timeout=120)
+        child.send("value = 21\r")
+        child.expect_exact(">>>")
+        interrupt_a_running_cell(child)
+        child.send("value + 1\r")
+        child.expect_exact("22")
+        child.expect_exact(">>>")
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
 
 
 # -- commands that need a server -------------------------------------------------------------------

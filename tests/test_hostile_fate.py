@@ -9,6 +9,7 @@ The host side only kills processes this test process started (its own zygote), b
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -269,6 +270,43 @@ def _owner_shrugs_off_a_ctrl_c(zygote: str, tmp_path) -> None:
     finally:
         owner.kill()
         owner.wait()
+
+
+IGNORING_OWNER = """
+import json, signal
+import sandlot
+# As a script's background job (`cmd &` without job control) or nohup leaves them: ignored, which every
+# process the owner starts inherits across fork and exec (a handler would not survive the exec).
+IGNORED = [signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR1, signal.SIGALRM]
+for sig in IGNORED:
+    signal.signal(sig, signal.SIG_IGN)
+direct = sandlot.Sandbox(limits={"disk": "64M"})  # forked or booted for us, never pooled
+pooled = sandlot.Sandbox()
+seen = {}
+for name, sb in (("direct", direct), ("pooled", pooled)):
+    ignored = sb.run_code("import signal\\n[int(s) for s in %r if signal.getsignal(s) == signal.SIG_IGN]"
+                          % [int(s) for s in IGNORED]).text
+    command = sb.commands.run("grep SigIgn /proc/self/status").stdout.split()[-1]
+    seen[name] = {"session": ignored, "command": command}
+print(json.dumps(seen), flush=True)
+"""
+
+
+@pytest.mark.tiers("process")
+@pytest.mark.parametrize("zygote", ["1", "0"], ids=["zygote", "exec"])
+def test_signals_the_owner_ignores_are_not_ignored_in_its_sandboxes(tier, zygote, tmp_path):
+    """A sandbox does not depend on how its owner was started: signals the owner ignores (SIGHUP under
+    nohup, SIGINT and SIGQUIT in a script's background job) start at their defaults in the session and
+    in commands (they used to stay ignored there: a command's `kill -HUP` of its own child did nothing)."""
+    script = tmp_path / "owner.py"
+    script.write_text(IGNORING_OWNER)
+    repo = os.path.dirname(os.path.dirname(sandlot.__file__))
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=repo, SANDLOT_ZYGOTE=zygote))
+    assert r.returncode == 0, r.stderr
+    seen = json.loads(r.stdout)
+    for name in ("direct", "pooled"):
+        assert seen[name] == {"session": "[]", "command": "0000000000000000"}, (name, seen)
 
 
 def _cpu_ticks(pids) -> int:

@@ -14,6 +14,7 @@ FD is the host's end of a socketpair. The dance:
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 from typing import NamedTuple
@@ -48,7 +49,25 @@ def _send(sock: socket.socket, header: dict) -> None:
     sock.sendall(protocol.encode(header))
 
 
+def _forget_ignored_signals() -> None:
+    """Signals the host ignored start at their defaults here: a sandbox must not depend on how its host was started.
+
+    An ignored signal stays ignored across fork and exec, and hosts are often started with some: SIGHUP
+    under nohup, SIGINT and SIGQUIT in a script's background job, any the launcher chose. The session
+    and every command in the sandbox inherited them (a command's `kill -TERM` of its own child did
+    nothing). SIGPIPE and SIGXFSZ are Python's own ignores: subprocess restores them in what it execs.
+    """
+    for sig in signal.valid_signals():
+        if sig in (signal.SIGPIPE, signal.SIGXFSZ) or signal.getsignal(sig) is not signal.SIG_IGN:
+            continue
+        try:
+            signal.signal(sig, signal.SIG_DFL)
+        except (OSError, ValueError):
+            pass  # SIGKILL, SIGSTOP and signals the C library keeps for itself: never ignored anyway
+
+
 def main() -> None:
+    _forget_ignored_signals()
     sys.path.insert(0, _HERE)
     if len(sys.argv) > 2 and sys.argv[2] == "serve":
         _serve()  # an image's own interpreter, exec'd by pid 1: imports only what it needs

@@ -8,6 +8,8 @@ line; Ctrl-D exits. A line starting with ``!`` runs a shell command in the same 
 from __future__ import annotations
 
 import concurrent.futures
+import os
+import signal
 import sys
 from typing import Any, Optional
 
@@ -91,6 +93,25 @@ class Repl:
         self.worker.shutdown(wait=False, cancel_futures=True)
 
 
+def _take_ctrl_c() -> None:
+    """Make Ctrl-C raise KeyboardInterrupt here even if whoever started the shell ignored SIGINT.
+
+    A background job of a script (`cmd &` in a shell without job control: CI steps, tools that drive a
+    pty) inherits SIGINT ignored, and Python then installs no handler: at the prompt Ctrl-C still worked
+    (prompt_toolkit reads it as a key) but while a cell ran it did nothing at all. The ignore is meant to
+    keep the launcher's Ctrl-C away from its background jobs; a shell in the foreground of a terminal is
+    the one the keys on that terminal are for.
+    """
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        return
+    try:
+        in_foreground = os.tcgetpgrp(sys.stdin.fileno()) == os.getpgrp()
+    except OSError:
+        return  # no controlling terminal after all: nobody can type a Ctrl-C to us
+    if in_foreground:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def _banner(sandbox: Sandbox, target: Target, attached: bool) -> None:
     where = f"on {target.api_url}" if target.remote else "on this machine"
     how = "attached to" if attached else "new"
@@ -124,6 +145,8 @@ def shell(sandbox_id: Optional[str], template: str, limits: tuple[str, ...], env
     target = make_target(api_url, api_key)
     reader = make_reader()
     interactive = isinstance(reader, TerminalReader)
+    if interactive:
+        _take_ctrl_c()
     mounts = mounts_of(volumes)
     if sandbox_id and mounts:
         fail_usage("-v applies to a new sandbox, not to an attached one")
