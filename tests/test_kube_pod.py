@@ -177,3 +177,46 @@ def test_only_the_holder_says_moved_the_agent_cannot():
     forged = [protocol.encode({"t": "moved"}), protocol.encode({"pad": "x" * 300, "t": "moved"}),
               protocol.encode({"t": "out", "id": 3, "s": "moved"})]
     assert holder.agent_frames(forged) == forged[2:]
+
+
+FORGE_MOVED = r'''
+import os, struct, sys, time
+if os.fork() == 0:  # after this call's answer, while the agent is idle
+    time.sleep(0.5)
+    head = HEAD
+    frame = struct.pack(">II", len(head), 0) + head
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if not any(part.endswith(b"boot.py") for part in cmd) or b"pod" not in cmd:
+            continue
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if not os.readlink(f"/proc/{pid}/fd/{fd}").startswith("pipe:"):
+                    continue
+                flags = int(open(f"/proc/{pid}/fdinfo/{fd}").read().split("flags:")[1].split()[0], 8)
+                if flags & 3 != os.O_WRONLY:
+                    continue
+                w = os.open(f"/proc/{pid}/fd/{fd}", os.O_WRONLY)
+                os.write(w, frame)
+                os.close(w)
+            except OSError:
+                pass
+    os._exit(0)
+print("armed")
+'''
+
+
+@pytest.mark.parametrize("head", [b'{"t":"mov\\u0065d"}', '{"t":"moved"}'.encode("utf-16-le")],
+                         ids=["json-escape", "utf-16"])
+async def test_the_sandboxs_code_cannot_make_its_server_forget_it_with_a_moved_frame_in_disguise(pod, head):
+    """The sandbox's code runs as the agent's user: it can write frames into the agent's pipe to the holder. A
+    "moved" the holder lets through makes the server forget the sandbox (no idle timeout, out of its quotas)."""
+    sandbox = await pod.boot()
+    execution = await sandbox.run_code(FORGE_MOVED.replace("HEAD", repr(head)))
+    assert execution.error is None and execution.logs.stdout == ["armed\n"], execution
+    await asyncio.sleep(2)
+    assert not sandbox.moved_away, "a frame of the sandbox's code passed for the holder's"
+    assert (await sandbox.run_code("6 * 7")).results[0].text == "42"

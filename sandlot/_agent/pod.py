@@ -254,7 +254,10 @@ class PodHolder(OwnerRelay):
 def _is_moved(frame: bytes) -> bool:
     head_len, _ = protocol.PREFIX.unpack_from(frame)
     head = frame[protocol.PREFIX.size:protocol.PREFIX.size + head_len]
-    if b"moved" not in head:  # the common case, decided without decoding
+    # The common case, decided without decoding: the owner decodes a header as json.loads does (bytes: UTF-16
+    # and UTF-32 too, escapes), so "moved" can hide behind an escape (a backslash) or another encoding (NULs,
+    # since "{" is ASCII); with neither, a header that means "moved" says it literally.
+    if b"moved" not in head and b"\\" not in head and b"\0" not in head:
         return False
     try:
         return protocol.decode_header(head).get("t") == "moved"
