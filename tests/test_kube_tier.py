@@ -236,3 +236,34 @@ async def test_a_server_of_the_tier_serves_the_sdk_and_a_restarted_one_takes_its
             kube.GROUP, kube.VERSION, cluster.namespace, kube.CLAIMS, "sandlot-sb-0000000000fe")
     finally:
         await asyncio.to_thread(server.stop)
+
+
+async def test_taking_back_a_sandbox_whose_address_is_now_a_fresh_pods_never_binds_that_pod(on_cluster):
+    """A pod that died leaves its claim without an address; its recorded one may be a new warm pod's by then. A
+    server taking the sandbox back must not bind that pod with the dead sandbox's key: it is some tenant's next
+    sandbox (whose server's hello would be refused), and its agent would take the lease for its boot plan."""
+    cluster = on_cluster
+    backend = kube.KubernetesBackend()
+    engine = Engine()
+    engine.durable = True
+    sandbox = await engine.create(SandboxSpec.build("python", isolation="kubernetes", limits={"lifetime": 600}))
+    try:
+        record = sandbox.backend_sandbox.describe()
+        await cluster.kill_pod(kube.claim_name(sandbox.sandbox_id))
+        await cluster.apply({"apiVersion": "extensions.agents.x-k8s.io/v1beta1", "kind": "SandboxClaim",
+                             "metadata": {"name": "someone-elses"}, "spec": {"warmPoolRef": {"name": "sandlot-python"}}})
+        fresh = (await cluster.wait_ready("someone-elses"))["status"]["sandbox"]["podIPs"][0]
+        with pytest.raises(SandboxNotFound):
+            await backend.adopt(dict(record, address=fresh))
+        sock, welcome = await kube.connect_pod(fresh, 8888, "n" * 43)  # its own server's hello, later
+        sock.close()
+        assert welcome["bound"] == "now"
+    finally:
+        await sandbox.kill()
+        await engine.shutdown()
+        await backend.finish_cleanups()
+        api = await cluster.api_client()
+        from kubernetes_asyncio import client as kclient
+
+        await kclient.CustomObjectsApi(api).delete_namespaced_custom_object(
+            kube.GROUP, kube.VERSION, cluster.namespace, kube.CLAIMS, "someone-elses")

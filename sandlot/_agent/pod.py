@@ -6,7 +6,8 @@ connects over the pod network (never through ``pods/exec``) and says who it is w
 - its first frame is ``{"t": "hello", "key": K}`` and nothing else until the answer;
 - a pod nobody has bound yet (a warm pod, just claimed) is bound by that hello: it keeps the key's SHA-256
   and answers ``{"t": "welcome", "bound": "now"}``; every later connection (a restarted server, another
-  replica) must present the same key (``"bound": "before"``), or it is closed without a word;
+  replica) must present the same key (``"bound": "before"``), or it is closed without a word. A hello with
+  ``"bind": false`` (a server taking a sandbox back) never binds: an unbound pod closes it too;
 - then the connection is the sandbox's owner (sandlot/_agent/owner_relay.py: whole frames, the newest
   owner takes over, leases), and the agent (boot.py in ``pod`` mode, on our stdin/stdout pipes) starts
   when the first owner is there, reading its boot plan from it as on the gVisor tier.
@@ -216,6 +217,8 @@ class PodHolder(OwnerRelay):
             return None
         digest = hashlib.sha256(key.encode()).digest()
         if self.key_digest is None:
+            if header.get("bind") is False:  # a server taking back a sandbox it made: this pod is not it
+                return None
             self.key_digest = digest
             return "now"
         return "before" if hmac.compare_digest(digest, self.key_digest) else None

@@ -194,8 +194,10 @@ def _claim_state(claim: Optional[Mapping[str, Any]]) -> str:
 
 
 # -- the pod's holder ------------------------------------------------------------------------------------
-async def connect_pod(address: str, port: int, key: str) -> "tuple[socket.socket, dict]":
-    """A TCP connection to a pod's holder that said welcome to ``key`` (pod.py), and its welcome."""
+async def connect_pod(address: str, port: int, key: str, *, bind: bool = True) -> "tuple[socket.socket, dict]":
+    """A TCP connection to a pod's holder that said welcome to ``key`` (pod.py), and its welcome. ``bind=False``
+    (taking a sandbox back): a pod not bound yet refuses instead of binding to ``key`` (an address now another
+    pod's, a warm one, is never spoilt for the tenant it is meant for)."""
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(address, port, type=socket.SOCK_STREAM)
     family, _, _, _, sockaddr = infos[0]
@@ -204,7 +206,8 @@ async def connect_pod(address: str, port: int, key: str) -> "tuple[socket.socket
     try:
         await asyncio.wait_for(loop.sock_connect(sock, sockaddr), CONNECT_TIMEOUT)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        await loop.sock_sendall(sock, protocol.encode({"t": "hello", "id": 0, "key": key}))
+        hello = {"t": "hello", "id": 0, "key": key} if bind else {"t": "hello", "id": 0, "key": key, "bind": False}
+        await loop.sock_sendall(sock, protocol.encode(hello))
         welcome = await asyncio.wait_for(_read_frame(sock), CONNECT_TIMEOUT)
     except (OSError, asyncio.TimeoutError, protocol.ProtocolError, EOFError) as exc:
         sock.close()
@@ -399,7 +402,10 @@ class KubernetesBackend(Backend):
             raise SandboxNotFound(f"sandbox {sandbox_id} is gone: its claim was deleted")
         try:
             address = _ready_address(claim, claim_name(sandbox_id)) or str(record["address"])
-            sock, _ = await connect_pod(address, int(record["port"]), str(record["key"]))
+            sock, welcome = await connect_pod(address, int(record["port"]), str(record["key"]), bind=False)
+            if welcome.get("bound") != "before":
+                sock.close()
+                raise PodRefused(f"the pod at {address} is not the sandbox's (it was not bound to its key)")
         except (SandboxCrashed, PodRefused, KeyError, ValueError) as exc:
             raise SandboxNotFound(f"sandbox {sandbox_id} is gone: {exc}") from None
         limits = Limits.build(record["limits"]) if record.get("limits") else Limits()
