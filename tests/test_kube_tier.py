@@ -267,3 +267,25 @@ async def test_taking_back_a_sandbox_whose_address_is_now_a_fresh_pods_never_bin
 
         await kclient.CustomObjectsApi(api).delete_namespaced_custom_object(
             kube.GROUP, kube.VERSION, cluster.namespace, kube.CLAIMS, "someone-elses")
+
+
+async def test_a_sandbox_that_cannot_be_taken_back_is_ended_at_the_cluster_not_left_running(on_cluster):
+    """A take-back that fails (the pod refuses the key, is out of reach, or the sandbox's own code crowds its
+    holder's port) makes the server record the sandbox as lost: then nobody holds it, counts it in a quota or ends
+    it at its idle timeout. Its claim must go too, or its pod runs the tenant's code on until its lifetime."""
+    cluster = on_cluster
+    backend = kube.KubernetesBackend()
+    engine = Engine()
+    engine.durable = True
+    sandbox = await engine.create(SandboxSpec.build("python", isolation="kubernetes", limits={"lifetime": 600}))
+    name = kube.claim_name(sandbox.sandbox_id)
+    try:
+        record = sandbox.backend_sandbox.describe()
+        await sandbox.backend_sandbox.channel.aclose()  # its server is gone; the pod waits on its lease
+        with pytest.raises(SandboxNotFound):
+            await backend.adopt(dict(record, key="z" * 43))
+        await _gone(cluster, name)
+    finally:
+        await sandbox.kill()
+        await engine.shutdown()
+        await backend.finish_cleanups()

@@ -407,6 +407,9 @@ class KubernetesBackend(Backend):
                 sock.close()
                 raise PodRefused(f"the pod at {address} is not the sandbox's (it was not bound to its key)")
         except (SandboxCrashed, PodRefused, KeyError, ValueError) as exc:
+            # The caller records it as gone (lost), and nobody holds it after: its pod must not run on, out of
+            # every quota and idle timeout, until the claim's shutdownTime (its lifetime).
+            await asyncio.shield(cluster.delete_claim(claim_name(sandbox_id)))
             raise SandboxNotFound(f"sandbox {sandbox_id} is gone: {exc}") from None
         limits = Limits.build(record["limits"]) if record.get("limits") else Limits()
         sandbox = KubernetesSandbox(sandbox_id, str(record.get("template") or "python"), limits, cluster, address,
