@@ -289,3 +289,31 @@ async def test_a_sandbox_that_cannot_be_taken_back_is_ended_at_the_cluster_not_l
         await sandbox.kill()
         await engine.shutdown()
         await backend.finish_cleanups()
+
+
+async def test_a_create_cancelled_while_its_claim_is_being_made_leaves_no_claim(on_cluster):
+    """A caller that goes away (a client disconnecting, a timeout) while the API server makes the claim: the claim
+    is made, its answer not read yet. Left behind, it would hold a pod until its shutdownTime (the lifetime)."""
+    cluster = on_cluster
+    real_create = kube._Cluster.create_claim
+
+    async def slow_answer(self, body):
+        made = await real_create(self, body)
+        await asyncio.sleep(30)  # the API server's answer, on its way
+        return made
+
+    before = {c["metadata"]["name"] for c in cluster.claims()}
+    kube._Cluster.create_claim = slow_answer
+    try:
+        task = asyncio.get_running_loop().create_task(sandlot.AsyncSandbox.create(isolation="kubernetes", api_url=""))
+        deadline = time.monotonic() + 15
+        while not {c["metadata"]["name"] for c in cluster.claims()} - before:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        kube._Cluster.create_claim = real_create
+    for name in {c["metadata"]["name"] for c in cluster.claims()} - before:
+        await _gone(cluster, name)

@@ -358,15 +358,18 @@ class KubernetesBackend(Backend):
         sandbox_id = new_sandbox_id()
         name = claim_name(sandbox_id)
         key = secrets.token_urlsafe(32)
-        await cluster.create_claim({
-            "apiVersion": f"{GROUP}/{VERSION}", "kind": "SandboxClaim",
-            "metadata": {"name": name, "labels": {LABEL_SANDBOX: sandbox_id, LABEL_MANAGED: "sandlot",
-                                                  LABEL_TEMPLATE: template.name}},
-            "spec": {"warmPoolRef": {"name": pool_name(template.name)},
-                     "lifecycle": {"shutdownTime": rfc3339(time.time() + limits.lifetime), "shutdownPolicy": "Delete"}},
-        })
         sandbox: Optional[KubernetesSandbox] = None
         try:
+            # In the try: a create cancelled while the API server makes the claim (made, its answer not read yet)
+            # deletes it too.
+            await cluster.create_claim({
+                "apiVersion": f"{GROUP}/{VERSION}", "kind": "SandboxClaim",
+                "metadata": {"name": name, "labels": {LABEL_SANDBOX: sandbox_id, LABEL_MANAGED: "sandlot",
+                                                      LABEL_TEMPLATE: template.name}},
+                "spec": {"warmPoolRef": {"name": pool_name(template.name)},
+                         "lifecycle": {"shutdownTime": rfc3339(time.time() + limits.lifetime),
+                                       "shutdownPolicy": "Delete"}},
+            })
             address = await cluster.wait_ready(name, _config.kube_claim_timeout())
             port = _config.kube_agent_port()
             sock, welcome = await connect_pod(address, port, key)
@@ -386,7 +389,7 @@ class KubernetesBackend(Backend):
         except BaseException as exc:
             if sandbox is not None:
                 await asyncio.shield(sandbox.kill("boot failed"))
-            else:
+            elif getattr(exc, "status", None) != 409:  # (409: the name was taken: not our claim to delete)
                 await asyncio.shield(cluster.delete_claim(name))
             if isinstance(exc, asyncio.TimeoutError):
                 raise SandlotTimeout(f"the sandbox's agent did not boot in its pod within {BOOT_TIMEOUT:.0f} s") from None
