@@ -317,3 +317,41 @@ async def test_a_create_cancelled_while_its_claim_is_being_made_leaves_no_claim(
         kube._Cluster.create_claim = real_create
     for name in {c["metadata"]["name"] for c in cluster.claims()} - before:
         await _gone(cluster, name)
+
+
+async def test_two_replicas_hold_a_tenant_to_one_quota(on_cluster, tmp_path):
+    """Replicas share the database; each holds the sandboxes it was last asked about. A tenant at its quota on one
+    replica whose sandboxes were taken over by another (its calls land on either) is still at its quota: otherwise
+    it creates a quota's worth on one, has the other take them, and creates again, without end."""
+    from sandlot import QuotaExceeded
+    from sandlot.server.metrics import Metrics
+    from sandlot.server.registry import Registry
+    from sandlot.server.settings import Quotas, Settings
+    from sandlot.server.store import Store
+
+    store = Store(tmp_path / "shared.db")
+    settings = Settings(db_path=tmp_path / "shared.db", isolations=("kubernetes",), quotas=Quotas(max_live=1))
+    replicas = []
+    for _ in range(2):
+        engine = Engine(durable=True)
+        replicas.append(Registry(store, settings, Metrics(lambda: 0, dict), engine))
+    a, b = replicas
+    tenant = store.create_tenant("alice")
+    made = []
+    try:
+        live = await a.create(tenant, isolation="kubernetes")
+        made.append(live.id)
+        await b.find(tenant, live.id)  # the tenant's next call landed on the other replica
+        deadline = time.monotonic() + 10
+        while live.id in a.live:  # told "moved", the first forgets it
+            a.collect()
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        with pytest.raises(QuotaExceeded):
+            made.append((await a.create(tenant, isolation="kubernetes")).id)
+    finally:
+        for sandbox_id in made:
+            await b.kill(tenant, sandbox_id)
+        for registry in replicas:
+            await registry.close()
+        store.close()
