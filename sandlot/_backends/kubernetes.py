@@ -92,8 +92,11 @@ class _Cluster:
             if in_cluster:
                 config.load_incluster_config(client_configuration=configuration)
             else:
-                await config.load_kube_config(client_configuration=configuration)
-                _, current = config.list_kube_config_contexts()
+                # KUBECONFIG as it is now: the client reads it once, when it is imported (the cache in cluster()
+                # keys on it, so a process that changes it gets the cluster it names)
+                kubeconfig = os.environ.get("KUBECONFIG") or None
+                await config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+                _, current = config.list_kube_config_contexts(config_file=kubeconfig)
                 context_namespace = ((current or {}).get("context") or {}).get("namespace")
         except Exception as exc:  # the client's ConfigException and file errors
             raise HostUnsupported(f"the kubernetes tier found no cluster to use: {exc} (set KUBECONFIG, or run "
