@@ -355,3 +355,38 @@ async def test_two_replicas_hold_a_tenant_to_one_quota(on_cluster, tmp_path):
         for registry in replicas:
             await registry.close()
         store.close()
+
+
+async def test_an_api_server_that_never_answers_fails_the_create_in_its_time(tmp_path, monkeypatch):
+    """A connection to the API server that went dead without a word (a load balancer that dropped it): the client
+    has no timeout of its own, so a create (and a kill's delete, a lease's patch) would wait for ever, holding its
+    tenant's quota. It fails as a timeout instead."""
+    import yaml
+
+    async def never_answer(reader, writer):
+        await reader.read()  # reads, answers nothing
+        writer.close()
+
+    server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "dead",
+        "clusters": [{"name": "dead", "cluster": {"server": f"http://127.0.0.1:{port}"}}],
+        "users": [{"name": "dead", "user": {"token": "t"}}],
+        "contexts": [{"name": "dead", "context": {"cluster": "dead", "user": "dead", "namespace": "default"}}]}))
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    monkeypatch.setenv("SANDLOT_KUBE_CLAIM_TIMEOUT", "2")
+    monkeypatch.setattr(kube, "API_TIMEOUT", 2.0, raising=False)
+    backend = kube.KubernetesBackend()
+    from sandlot._templates import get_template
+    from sandlot._limits import Limits
+
+    started = time.monotonic()
+    try:
+        with pytest.raises(sandlot.TimeoutError):
+            await asyncio.wait_for(backend.start(get_template("python"), Limits(), {}), 30)
+        assert time.monotonic() - started < 15
+    finally:
+        await backend.finish_cleanups()
+        server.close()

@@ -48,6 +48,9 @@ POD_AGENT_DIR = "/opt/sandlot/_agent"
 CONNECT_TIMEOUT = 10.0
 BOOT_TIMEOUT = 120.0
 ORPHAN_AFTER = 600.0  # seconds: a claim no server recorded, younger than this, may be a create in flight
+# seconds for one call of the API server: its client has no timeout, and a connection that died without a word
+# (a load balancer dropping it) would hold a create, a kill or a lease for ever
+API_TIMEOUT = 30.0
 
 
 def claim_name(sandbox_id: str) -> str:
@@ -104,13 +107,15 @@ class _Cluster:
         return cls(client.ApiClient(configuration=configuration), _config.kube_namespace(context_namespace))
 
     async def create_claim(self, body: dict) -> dict:
-        return await self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, CLAIMS, body)
+        return await _answered(self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, CLAIMS,
+                                                                            body))
 
     async def get_claim(self, name: str) -> Optional[dict]:
         from kubernetes_asyncio.client.exceptions import ApiException
 
         try:
-            return await self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, CLAIMS, name)
+            return await _answered(self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, CLAIMS,
+                                                                            name))
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -120,24 +125,31 @@ class _Cluster:
         from kubernetes_asyncio.client.exceptions import ApiException
 
         try:
-            await self.custom.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, CLAIMS, name)
+            await _answered(self.custom.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, CLAIMS, name))
         except ApiException as exc:
             if exc.status != 404:
                 raise
 
     async def patch_claim(self, name: str, patch: dict) -> None:
-        await self.custom.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, CLAIMS, name, patch,
-                                                         _content_type="application/merge-patch+json")
+        await _answered(self.custom.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, CLAIMS, name, patch,
+                                                                   _content_type="application/merge-patch+json"))
 
     async def list_claims(self, label_selector: str) -> list:
-        listed = await self.custom.list_namespaced_custom_object(GROUP, VERSION, self.namespace, CLAIMS,
-                                                                 label_selector=label_selector)
+        listed = await _answered(self.custom.list_namespaced_custom_object(GROUP, VERSION, self.namespace, CLAIMS,
+                                                                           label_selector=label_selector))
         return list(listed.get("items") or [])
 
     async def wait_ready(self, name: str, timeout: float) -> str:
         """The claimed pod's address once the claim is Ready; SandboxCrashed if the claim goes away or
         fails, TimeoutError after ``timeout``. A watch from the claim's resourceVersion; a 410 (the version
         is too old: the API server compacted its history) starts over from a fresh read."""
+        try:  # (a watch whose connection died without a word would never end, nor see the deadline)
+            return await asyncio.wait_for(self._wait_ready(name, timeout), timeout + API_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise SandlotTimeout(f"the cluster gave sandbox claim {name} no ready pod within {timeout:.0f} s "
+                                 "(its API server stopped answering)") from None
+
+    async def _wait_ready(self, name: str, timeout: float) -> str:
         from kubernetes_asyncio import watch
         from kubernetes_asyncio.client.exceptions import ApiException
 
@@ -175,6 +187,14 @@ class _Cluster:
 
     async def close(self) -> None:
         await self.api_client.close()
+
+
+async def _answered(call: Any) -> Any:
+    """An API call's answer within API_TIMEOUT, else TimeoutError."""
+    try:
+        return await asyncio.wait_for(call, API_TIMEOUT)
+    except asyncio.TimeoutError:
+        raise SandlotTimeout(f"the cluster's API server did not answer within {API_TIMEOUT:.0f} s") from None
 
 
 def _ready_address(claim: Optional[Mapping[str, Any]], name: str) -> Optional[str]:
