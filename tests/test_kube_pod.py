@@ -220,3 +220,15 @@ async def test_the_sandboxs_code_cannot_make_its_server_forget_it_with_a_moved_f
     await asyncio.sleep(2)
     assert not sandbox.moved_away, "a frame of the sandbox's code passed for the holder's"
     assert (await sandbox.run_code("6 * 7")).results[0].text == "42"
+
+
+async def test_a_header_too_deep_to_decode_ends_the_sandbox_instead_of_silencing_its_channel(pod):
+    """JSON nested 100000 deep fits in a header and makes json.loads raise RecursionError, which is no ProtocolError:
+    the server's reader died without closing the channel, and every later call waited for an answer for ever."""
+    sandbox = await pod.boot()
+    head = b'{"t":"x","a":' + b"[" * 100000 + b"]" * 100000 + b"}"
+    execution = await sandbox.run_code(FORGE_MOVED.replace("HEAD", repr(head)))
+    assert execution.logs.stdout == ["armed\n"], execution
+    await asyncio.sleep(2)
+    with pytest.raises((sandlot.SandboxCrashed, sandlot.SandboxNotFound)):
+        await asyncio.wait_for(sandbox.run_code("6 * 7"), 15)

@@ -127,7 +127,7 @@ class Channel:
                     queue.put_nowait((header, payload))
         except asyncio.IncompleteReadError:
             pass
-        except protocol.ProtocolError as exc:
+        except (protocol.ProtocolError, RecursionError) as exc:  # (RecursionError: a header's JSON nested too deep)
             reason = "the agent broke the protocol: %s" % exc
         except (ConnectionError, OSError) as exc:
             reason = "channel error: %s" % exc
