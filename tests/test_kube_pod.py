@@ -232,3 +232,19 @@ async def test_a_header_too_deep_to_decode_ends_the_sandbox_instead_of_silencing
     await asyncio.sleep(2)
     with pytest.raises((sandlot.SandboxCrashed, sandlot.SandboxNotFound)):
         await asyncio.wait_for(sandbox.run_code("6 * 7"), 15)
+
+
+@pytest.mark.parametrize("head", [b'{"t":"hello","key":"' + b"\\ud800" * 40 + b'"}',
+                                  b'{"t":"hello","key":' + b"[" * 100000 + b"]" * 100000 + b"}"],
+                         ids=["lone-surrogates", "nested-too-deep"])
+async def test_a_hello_the_holder_cannot_read_is_refused_and_the_pod_lives_on(pod, head):
+    """Whoever reaches the port before the owner (or the sandbox's own code, over the pod's loopback) must not be
+    able to crash pid 1, which ends the pod."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", pod.port)
+    writer.write(protocol.PREFIX.pack(len(head), 0) + head)
+    await writer.drain()
+    assert await asyncio.wait_for(reader.read(), 10) == b""
+    writer.close()
+    assert await pod.holder_running(), await pod.log()
+    sandbox = await pod.boot()
+    assert (await sandbox.run_code("1 + 1")).results[0].text == "2"

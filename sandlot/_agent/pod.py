@@ -208,13 +208,13 @@ class PodHolder(OwnerRelay):
     def _check_hello(self, frame: bytes):
         """"now" (this hello bound the pod), "before" (it presented the key the pod is bound to), or None."""
         head_len, _ = protocol.PREFIX.unpack_from(frame)
-        try:
+        try:  # (whoever reaches the port may send anything: nothing it sends may end pid 1, and with it the pod)
             header = protocol.decode_header(frame[protocol.PREFIX.size:protocol.PREFIX.size + head_len])
-        except protocol.ProtocolError:
+        except (protocol.ProtocolError, RecursionError):  # RecursionError: JSON nested too deep
             return None
         key = header.get("key") if header.get("t") == "hello" else None
-        if not isinstance(key, str) or len(key) < 32:
-            return None
+        if not isinstance(key, str) or len(key) < 32 or not key.isascii():  # (a server's keys are URL-safe base64;
+            return None  # JSON may hold lone surrogates, which no encoding takes)
         digest = hashlib.sha256(key.encode()).digest()
         if self.key_digest is None:
             if header.get("bind") is False:  # a server taking back a sandbox it made: this pod is not it
@@ -266,6 +266,8 @@ def _is_moved(frame: bytes) -> bool:
         return protocol.decode_header(head).get("t") == "moved"
     except protocol.ProtocolError:
         return False
+    except RecursionError:  # nested too deep for its owner to read either: held back (the holder lives on)
+        return True
 
 
 def main(argv: "list[str]") -> int:
