@@ -390,3 +390,31 @@ async def test_an_api_server_that_never_answers_fails_the_create_in_its_time(tmp
     finally:
         await backend.finish_cleanups()
         server.close()
+
+
+async def test_an_owner_let_go_without_hearing_moved_does_not_end_the_sandbox_its_successor_holds(on_cluster):
+    """The holder tells the owner it lets go ("moved") with 2 s to take it: one not reading then (its loop busy, a
+    slow download filling its buffers) or cut off from the pod network gets the close alone, which is what a pod
+    that died looks like. Its kill (its registry's, its idle watchdog's) must not delete the claim: the sandbox is
+    another replica's now, in use."""
+    cluster = on_cluster
+    first, second = Engine(durable=True), Engine(durable=True)
+    sandbox = await first.create(SandboxSpec.build("python", isolation="kubernetes", limits={"lifetime": 600}))
+    taken = None
+    try:
+        await sandbox.run_code("x = 7")
+        sandbox.backend_sandbox.channel.honours_moved = False  # as if the "moved" never reached it
+        taken = await second.adopt(sandbox.backend_sandbox.describe(), sandbox.spec, time.time() + 600)
+        deadline = time.monotonic() + 10
+        while sandbox.backend_sandbox.channel.is_open:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        await sandbox.kill()  # what the first replica does with a sandbox whose channel closed
+        await first.backend("kubernetes").finish_cleanups()
+        assert (await taken.run_code("x * 6")).results[0].text == "42"
+        assert cluster.claim(kube.claim_name(sandbox.sandbox_id)) is not None
+    finally:
+        if taken is not None:
+            await taken.kill()
+        await first.shutdown()
+        await second.shutdown()

@@ -51,6 +51,7 @@ ORPHAN_AFTER = 600.0  # seconds: a claim no server recorded, younger than this, 
 # seconds for one call of the API server: its client has no timeout, and a connection that died without a word
 # (a load balancer dropping it) would hold a create, a kill or a lease for ever
 API_TIMEOUT = 30.0
+HOLDER_CLOSED = "the agent closed the channel"  # Channel.closed_reason when the pod's holder closed it
 
 
 def claim_name(sandbox_id: str) -> str:
@@ -302,16 +303,23 @@ class KubernetesSandbox(BackendSandbox):
     async def kill(self, reason: str = "killed") -> None:
         if self.killed_reason is None:
             self.killed_reason = reason
+        let_go = self.channel.closed_reason == HOLDER_CLOSED  # before we asked: see _delete_claim
         await self.channel.aclose()
         self._returncode = -9
         if self._cleanup is None and not self.channel.moved:  # moved: the sandbox is another owner's now
-            self._cleanup = asyncio.get_running_loop().create_task(self._delete_claim())
+            self._cleanup = asyncio.get_running_loop().create_task(self._delete_claim(let_go))
             self.on_cleanup(self._cleanup)
         if self._cleanup is not None:
             await asyncio.shield(self._cleanup)
 
-    async def _delete_claim(self) -> None:
+    async def _delete_claim(self, let_go: bool = False) -> None:
+        """``let_go``: the holder closed our channel without a "moved" we read. It closes an owner only for a newer
+        one (its "moved" lost: we did not read it within its 2 s, or were cut off) or as the pod ends: while the
+        claim still names a ready pod at our address, the sandbox is another owner's, in use, and not ours to end."""
         try:
+            if let_go and _ready_address(await self.cluster.get_claim(self.claim), self.claim) == self.address:
+                self.channel.moved = True
+                return
             await self.cluster.delete_claim(self.claim)
         except Exception:  # the claim's shutdownTime ends it anyway
             pass
