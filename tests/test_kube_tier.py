@@ -418,3 +418,48 @@ async def test_an_owner_let_go_without_hearing_moved_does_not_end_the_sandbox_it
             await taken.kill()
         await first.shutdown()
         await second.shutdown()
+
+
+async def test_waiting_for_a_pod_does_not_spin_on_watches_that_end_at_once(tmp_path, monkeypatch):
+    """An API server (or a proxy before it) that ends each watch at once, or answers each with 410 Gone: the wait
+    reads the claim and watches again, paced, not as fast as the loop can go (many creates at once would flood
+    the API server for their whole claim timeout)."""
+    import yaml
+    from aiohttp import web
+
+    calls = {"get": 0, "watch": 0}
+    path = "/apis/extensions.agents.x-k8s.io/v1beta1/namespaces/default/sandboxclaims"
+
+    async def get_claim(request):
+        calls["get"] += 1
+        return web.json_response({"apiVersion": "extensions.agents.x-k8s.io/v1beta1", "kind": "SandboxClaim",
+                                  "metadata": {"name": "sandlot-sb-000000000001", "resourceVersion": "7"}})
+
+    async def watch(request):
+        calls["watch"] += 1
+        return web.Response(text="", content_type="application/json")  # the stream ends at once
+
+    app = web.Application()
+    app.router.add_get(path + "/{name}", get_claim)
+    app.router.add_get(path, watch)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "c", "cluster": {"server": f"http://127.0.0.1:{port}"}}],
+        "users": [{"name": "c", "user": {"token": "t"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "c", "namespace": "default"}}]}))
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    backend = kube.KubernetesBackend()
+    try:
+        cluster = await backend.cluster()
+        with pytest.raises(sandlot.TimeoutError):
+            await cluster.wait_ready("sandlot-sb-000000000001", 3)
+        assert calls["watch"] <= 15, calls
+    finally:
+        await backend.finish_cleanups()
+        await runner.cleanup()

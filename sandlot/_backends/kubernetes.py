@@ -51,6 +51,7 @@ ORPHAN_AFTER = 600.0  # seconds: a claim no server recorded, younger than this, 
 # seconds for one call of the API server: its client has no timeout, and a connection that died without a word
 # (a load balancer dropping it) would hold a create, a kill or a lease for ever
 API_TIMEOUT = 30.0
+WATCH_AGAIN_AFTER = 1.0  # seconds: the least time between two watches of a claim
 HOLDER_CLOSED = "the agent closed the channel"  # Channel.closed_reason when the pod's holder closed it
 
 
@@ -165,6 +166,7 @@ class _Cluster:
                 raise SandlotTimeout(f"the cluster gave sandbox claim {name} no ready pod within {timeout:.0f} s "
                                      f"({_claim_state(claim)})")
             stream = watch.Watch()
+            watched_at = time.monotonic()
             try:
                 async with stream:
                     async for event in stream.stream(
@@ -184,7 +186,10 @@ class _Cluster:
             except ApiException as exc:
                 if exc.status != 410:
                     raise
-            # 410 Gone, or the watch's own timeout: read the claim afresh and watch again
+            # 410 Gone, or the watch's own timeout: read the claim afresh and watch again; at most once a second
+            # (a server or proxy that ends every watch at once would have us flood it for the whole timeout)
+            await asyncio.sleep(max(0.0, min(WATCH_AGAIN_AFTER - (time.monotonic() - watched_at),
+                                             deadline - time.monotonic())))
 
     async def close(self) -> None:
         await self.api_client.close()
