@@ -214,7 +214,8 @@ async def test_a_server_of_the_tier_serves_the_sdk_and_a_restarted_one_takes_its
         # What a server's crash left half made (a claim no row records) is swept by the next server.
         orphan = {"apiVersion": "extensions.agents.x-k8s.io/v1beta1", "kind": "SandboxClaim",
                   "metadata": {"name": "sandlot-sb-0000000000ff",
-                               "labels": {"sandlot.dev/sandbox": "sb-0000000000ff", "sandlot.dev/managed-by": "sandlot"}},
+                               "labels": {"sandlot.dev/sandbox": "sb-0000000000ff", "sandlot.dev/managed-by": "sandlot",
+                                          "sandlot.dev/durable": "true"}},
                   "spec": {"warmPoolRef": {"name": "sandlot-python"}}}
         await cluster.apply(orphan)
         # An API server stamps creationTimestamp itself: the claim is aged in the emulator's store (time passing).
@@ -463,3 +464,30 @@ async def test_waiting_for_a_pod_does_not_spin_on_watches_that_end_at_once(tmp_p
     finally:
         await backend.finish_cleanups()
         await runner.cleanup()
+
+
+async def test_a_servers_sweep_leaves_alone_the_sandboxes_of_a_program_using_the_sdk_directly(on_cluster):
+    """`Sandbox(isolation="kubernetes")` works from any process with a kubeconfig: such a program's sandboxes have
+    no row in any server's database. A server starting in the same namespace (a new replica, a rolling update)
+    must not take them for what a crashed server left, however long they have run."""
+    cluster = on_cluster
+    async with sandlot.AsyncSandbox(isolation="kubernetes", api_url="") as sb:
+        name = kube.claim_name(sb.sandbox_id)
+        from .kube_api import SANDBOX_CLAIMS
+
+        cluster.api._store[(SANDBOX_CLAIMS, cluster.namespace, name)]["metadata"]["creationTimestamp"] = \
+            "2026-01-01T00:00:00Z"  # it has run for hours
+        backend = kube.KubernetesBackend()  # a server's, starting
+        try:
+            await backend.sweep_orphans(set())
+        finally:
+            await backend.finish_cleanups()
+        assert cluster.claim(name) is not None
+        assert (await sb.run_code("1 + 1")).results[0].text == "2"
+    engine = Engine(durable=True)  # a server's: its claims are the sweep's to judge
+    sandbox = await engine.create(SandboxSpec.build("python", isolation="kubernetes"))
+    try:
+        assert _ours(cluster, sandbox.sandbox_id)["metadata"]["labels"]["sandlot.dev/durable"] == "true"
+    finally:
+        await sandbox.kill()
+        await engine.shutdown()

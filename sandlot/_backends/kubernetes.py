@@ -44,6 +44,9 @@ GROUP, VERSION = "extensions.agents.x-k8s.io", "v1beta1"
 CLAIMS = "sandboxclaims"
 LABEL_SANDBOX, LABEL_MANAGED = "sandlot.dev/sandbox", "sandlot.dev/managed-by"
 LABEL_TEMPLATE = "sandlot.dev/template"
+# On the claims of a durable engine's sandboxes (a server's: recorded in its database), the only ones a server's
+# sweep may take for leftovers; a program using the SDK directly records its sandboxes nowhere.
+LABEL_DURABLE = "sandlot.dev/durable"
 POD_AGENT_DIR = "/opt/sandlot/_agent"
 CONNECT_TIMEOUT = 10.0
 BOOT_TIMEOUT = 120.0
@@ -398,10 +401,12 @@ class KubernetesBackend(Backend):
         try:
             # In the try: a create cancelled while the API server makes the claim (made, its answer not read yet)
             # deletes it too.
+            labels = {LABEL_SANDBOX: sandbox_id, LABEL_MANAGED: "sandlot", LABEL_TEMPLATE: template.name}
+            if self.durable:
+                labels[LABEL_DURABLE] = "true"
             await cluster.create_claim({
                 "apiVersion": f"{GROUP}/{VERSION}", "kind": "SandboxClaim",
-                "metadata": {"name": name, "labels": {LABEL_SANDBOX: sandbox_id, LABEL_MANAGED: "sandlot",
-                                                      LABEL_TEMPLATE: template.name}},
+                "metadata": {"name": name, "labels": labels},
                 "spec": {"warmPoolRef": {"name": pool_name(template.name)},
                          "lifecycle": {"shutdownTime": rfc3339(time.time() + limits.lifetime),
                                        "shutdownPolicy": "Delete"}},
@@ -458,11 +463,11 @@ class KubernetesBackend(Backend):
         return sandbox
 
     async def sweep_orphans(self, keep: "set[str]") -> int:
-        """Claims Sandlot made (found by label) for sandboxes no server recorded, deleted once older than
+        """Claims a server made (found by label) for sandboxes no server recorded, deleted once older than
         ORPHAN_AFTER (younger ones may be another replica's creates in flight)."""
         cluster = await self.cluster()
         deleted = 0
-        for claim in await cluster.list_claims(f"{LABEL_MANAGED}=sandlot"):
+        for claim in await cluster.list_claims(f"{LABEL_MANAGED}=sandlot,{LABEL_DURABLE}=true"):
             meta = claim.get("metadata") or {}
             sandbox_id = (meta.get("labels") or {}).get(LABEL_SANDBOX)
             if sandbox_id in keep or _age(meta.get("creationTimestamp")) < ORPHAN_AFTER:
