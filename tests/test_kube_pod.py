@@ -248,3 +248,47 @@ async def test_a_hello_the_holder_cannot_read_is_refused_and_the_pod_lives_on(po
     assert await pod.holder_running(), await pod.log()
     sandbox = await pod.boot()
     assert (await sandbox.run_code("1 + 1")).results[0].text == "2"
+
+
+FLOOD_CONTROL = r'''
+import os, struct, time
+if os.fork() == 0:
+    time.sleep(0.5)
+    head = b'{"t":"junk"}'
+    frame = struct.pack(">II", len(head), 1024 * 1024) + head + b"j" * (1024 * 1024)
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if not any(part.endswith(b"boot.py") for part in cmd) or b"pod" not in cmd:
+            continue
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if not os.readlink(f"/proc/{pid}/fd/{fd}").startswith("pipe:"):
+                    continue
+                flags = int(open(f"/proc/{pid}/fdinfo/{fd}").read().split("flags:")[1].split()[0], 8)
+                if flags & 3 != os.O_WRONLY:
+                    continue
+                w = os.open(f"/proc/{pid}/fd/{fd}", os.O_WRONLY)
+                for _ in range(COUNT):
+                    os.write(w, frame)
+                os.close(w)
+            except OSError:
+                pass
+    os._exit(0)
+print("armed")
+'''
+
+
+async def test_frames_without_an_id_after_boot_do_not_pile_up_in_the_servers_memory(pod):
+    """Frames with no request id go to the channel's control queue, read only while the agent boots. The sandbox's
+    code writing them into its agent's pipe made its server keep every one (1 MiB each) for the sandbox's life:
+    one tenant could run a server replica, and every other tenant's sandboxes on it, out of memory."""
+    sandbox = await pod.boot()
+    execution = await sandbox.run_code(FLOOD_CONTROL.replace("COUNT", "64"))
+    assert execution.logs.stdout == ["armed\n"], execution
+    await asyncio.sleep(4)
+    control = sandbox._proc.channel.control
+    held = sum(len(item[1]) for item in control._queue if isinstance(item, tuple))
+    assert held < 8 * 1024 * 1024, f"{control.qsize()} frames, {held} payload bytes held"
