@@ -491,3 +491,25 @@ async def test_a_servers_sweep_leaves_alone_the_sandboxes_of_a_program_using_the
     finally:
         await sandbox.kill()
         await engine.shutdown()
+
+
+async def test_a_pod_that_died_before_its_claim_says_so_still_has_its_claim_deleted(on_cluster, monkeypatch):
+    """The claim's Ready lags its pod's death by seconds: an owner whose channel the dying holder closed finds the
+    claim still Ready, and must still delete it (the holder is gone: nobody took the sandbox over)."""
+    cluster = on_cluster
+    engine = Engine(durable=True)
+    sandbox = await engine.create(SandboxSpec.build("python", isolation="kubernetes", limits={"lifetime": 600}))
+    name = kube.claim_name(sandbox.sandbox_id)
+    try:
+        monkeypatch.setattr(cluster, "_fail", lambda pod, message: asyncio.sleep(0))  # the controller, behind
+        await cluster.pods[(cluster.namespace, name)].sandbox.kill()  # the pod dies; its claim still says Ready
+        deadline = time.monotonic() + 10
+        while sandbox.backend_sandbox.channel.is_open:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        assert cluster.claim(name)["status"]["conditions"][0]["status"] == "True"
+        await sandbox.kill()
+        await engine.backend("kubernetes").finish_cleanups()
+        await _gone(cluster, name)
+    finally:
+        await engine.shutdown()

@@ -325,12 +325,31 @@ class KubernetesSandbox(BackendSandbox):
         one (its "moved" lost: we did not read it within its 2 s, or were cut off) or as the pod ends: while the
         claim still names a ready pod at our address, the sandbox is another owner's, in use, and not ours to end."""
         try:
-            if let_go and _ready_address(await self.cluster.get_claim(self.claim), self.claim) == self.address:
+            if let_go and _ready_address(await self.cluster.get_claim(self.claim), self.claim) == self.address \
+                    and await self._holder_listens():  # (a claim's status lags its pod's death by seconds)
                 self.channel.moved = True
                 return
             await self.cluster.delete_claim(self.claim)
         except Exception:  # the claim's shutdownTime ends it anyway
             pass
+
+    async def _holder_listens(self) -> bool:
+        """Whether the pod's holder still takes connections: one it keeps open, silent, waiting for a hello (a dead
+        pod's address refuses, resets or closes it), closed by us without a word."""
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(self.address, self.port),
+                                                    CONNECT_TIMEOUT / 3)
+        except (OSError, asyncio.TimeoutError):
+            return False
+        try:
+            await asyncio.wait_for(reader.read(1), 0.5)
+            return False  # closed (or spoke): no holder behind it
+        except asyncio.TimeoutError:
+            return True
+        except OSError:
+            return False
+        finally:
+            writer.close()
 
     async def apply_limits(self, limits: Limits) -> None:
         _check_pod_limits(limits, self.limits)
