@@ -215,7 +215,8 @@ async def test_a_server_of_the_tier_serves_the_sdk_and_a_restarted_one_takes_its
         # What a server's crash left half made (a claim no row records) is swept by the next server.
         orphan = {"apiVersion": "extensions.agents.x-k8s.io/v1beta1", "kind": "SandboxClaim",
                   "metadata": {"name": "sandlot-sb-0000000000ff",
-                               "labels": {"sandlot.dev/sandbox": "sb-0000000000ff", "sandlot.dev/managed-by": "sandlot"}},
+                               "labels": {"sandlot.dev/sandbox": "sb-0000000000ff", "sandlot.dev/managed-by": "sandlot",
+                                          "sandlot.dev/durable": "true"}},
                   "spec": {"warmPoolRef": {"name": "sandlot-python"}}}
         await cluster.apply(orphan)
         # An API server stamps creationTimestamp itself: the claim is aged in the emulator's store (time passing).
@@ -336,3 +337,279 @@ async def test_a_network_policy_of_addresses_is_the_pods_own_network_policy(on_c
         await sandlot.AsyncSandbox.create(isolation="kubernetes", api_url="", secrets={"K": {"value": "v",
                                                                                          "hosts": ["api.example"]}})
     assert cluster.claims() == [c for c in cluster.claims() if "deletionTimestamp" in c["metadata"]]  # none made
+
+
+async def test_taking_back_a_sandbox_whose_address_is_now_a_fresh_pods_never_binds_that_pod(on_cluster):
+    """A pod that died leaves its claim without an address; its recorded one may be a new warm pod's by then. A
+    server taking the sandbox back must not bind that pod with the dead sandbox's key: it is some tenant's next
+    sandbox (whose server's hello would be refused), and its agent would take the lease for its boot plan."""
+    cluster = on_cluster
+    backend = kube.KubernetesBackend()
+    engine = Engine()
+    engine.durable = True
+    sandbox = await engine.create(SandboxSpec.build("python", isolation="kubernetes", limits={"lifetime": 600}))
+    try:
+        record = sandbox.backend_sandbox.describe()
+        await cluster.kill_pod(kube.claim_name(sandbox.sandbox_id))
+        await cluster.apply({"apiVersion": "extensions.agents.x-k8s.io/v1beta1", "kind": "SandboxClaim",
+                             "metadata": {"name": "someone-elses"}, "spec": {"warmPoolRef": {"name": "sandlot-python"}}})
+        fresh = (await cluster.wait_ready("someone-elses"))["status"]["sandbox"]["podIPs"][0]
+        with pytest.raises(SandboxNotFound):
+            await backend.adopt(dict(record, address=fresh))
+        sock, welcome = await kube.connect_pod(fresh, 8888, "n" * 43)  # its own server's hello, later
+        sock.close()
+        assert welcome["bound"] == "now"
+    finally:
+        await sandbox.kill()
+        await engine.shutdown()
+        await backend.finish_cleanups()
+        api = await cluster.api_client()
+        from kubernetes_asyncio import client as kclient
+
+        await kclient.CustomObjectsApi(api).delete_namespaced_custom_object(
+            kube.GROUP, kube.VERSION, cluster.namespace, kube.CLAIMS, "someone-elses")
+
+
+async def test_a_sandbox_that_cannot_be_taken_back_is_ended_at_the_cluster_not_left_running(on_cluster):
+    """A take-back that fails (the pod refuses the key, is out of reach, or the sandbox's own code crowds its
+    holder's port) makes the server record the sandbox as lost: then nobody holds it, counts it in a quota or ends
+    it at its idle timeout. Its claim must go too, or its pod runs the tenant's code on until its lifetime."""
+    cluster = on_cluster
+    backend = kube.KubernetesBackend()
+    engine = Engine()
+    engine.durable = True
+    sandbox = await engine.create(SandboxSpec.build("python", isolation="kubernetes", limits={"lifetime": 600}))
+    name = kube.claim_name(sandbox.sandbox_id)
+    try:
+        record = sandbox.backend_sandbox.describe()
+        await sandbox.backend_sandbox.channel.aclose()  # its server is gone; the pod waits on its lease
+        with pytest.raises(SandboxNotFound):
+            await backend.adopt(dict(record, key="z" * 43))
+        await _gone(cluster, name)
+    finally:
+        await sandbox.kill()
+        await engine.shutdown()
+        await backend.finish_cleanups()
+
+
+async def test_a_create_cancelled_while_its_claim_is_being_made_leaves_no_claim(on_cluster):
+    """A caller that goes away (a client disconnecting, a timeout) while the API server makes the claim: the claim
+    is made, its answer not read yet. Left behind, it would hold a pod until its shutdownTime (the lifetime)."""
+    cluster = on_cluster
+    real_create = kube._Cluster.create_claim
+
+    async def slow_answer(self, body):
+        made = await real_create(self, body)
+        await asyncio.sleep(30)  # the API server's answer, on its way
+        return made
+
+    before = {c["metadata"]["name"] for c in cluster.claims()}
+    kube._Cluster.create_claim = slow_answer
+    try:
+        task = asyncio.get_running_loop().create_task(sandlot.AsyncSandbox.create(isolation="kubernetes", api_url=""))
+        deadline = time.monotonic() + 15
+        while not {c["metadata"]["name"] for c in cluster.claims()} - before:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        kube._Cluster.create_claim = real_create
+    for name in {c["metadata"]["name"] for c in cluster.claims()} - before:
+        await _gone(cluster, name)
+
+
+async def test_two_replicas_hold_a_tenant_to_one_quota(on_cluster, tmp_path):
+    """Replicas share the database; each holds the sandboxes it was last asked about. A tenant at its quota on one
+    replica whose sandboxes were taken over by another (its calls land on either) is still at its quota: otherwise
+    it creates a quota's worth on one, has the other take them, and creates again, without end."""
+    from sandlot import QuotaExceeded
+    from sandlot.server.metrics import Metrics
+    from sandlot.server.registry import Registry
+    from sandlot.server.settings import Quotas, Settings
+    from sandlot.server.store import Store
+
+    store = Store(tmp_path / "shared.db")
+    settings = Settings(db_path=tmp_path / "shared.db", isolations=("kubernetes",), quotas=Quotas(max_live=1))
+    replicas = []
+    for _ in range(2):
+        engine = Engine(durable=True)
+        replicas.append(Registry(store, settings, Metrics(lambda: 0, dict), engine))
+    a, b = replicas
+    tenant = store.create_tenant("alice")
+    made = []
+    try:
+        live = await a.create(tenant, isolation="kubernetes")
+        made.append(live.id)
+        await b.find(tenant, live.id)  # the tenant's next call landed on the other replica
+        deadline = time.monotonic() + 10
+        while live.id in a.live:  # told "moved", the first forgets it
+            a.collect()
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        with pytest.raises(QuotaExceeded):
+            made.append((await a.create(tenant, isolation="kubernetes")).id)
+    finally:
+        for sandbox_id in made:
+            await b.kill(tenant, sandbox_id)
+        for registry in replicas:
+            await registry.close()
+        store.close()
+
+
+async def test_an_api_server_that_never_answers_fails_the_create_in_its_time(tmp_path, monkeypatch):
+    """A connection to the API server that went dead without a word (a load balancer that dropped it): the client
+    has no timeout of its own, so a create (and a kill's delete, a lease's patch) would wait for ever, holding its
+    tenant's quota. It fails as a timeout instead."""
+    import yaml
+
+    async def never_answer(reader, writer):
+        await reader.read()  # reads, answers nothing
+        writer.close()
+
+    server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "dead",
+        "clusters": [{"name": "dead", "cluster": {"server": f"http://127.0.0.1:{port}"}}],
+        "users": [{"name": "dead", "user": {"token": "t"}}],
+        "contexts": [{"name": "dead", "context": {"cluster": "dead", "user": "dead", "namespace": "default"}}]}))
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    monkeypatch.setenv("SANDLOT_KUBE_CLAIM_TIMEOUT", "2")
+    monkeypatch.setattr(kube, "API_TIMEOUT", 2.0, raising=False)
+    backend = kube.KubernetesBackend()
+    from sandlot._templates import get_template
+    from sandlot._limits import Limits
+
+    started = time.monotonic()
+    try:
+        with pytest.raises(sandlot.TimeoutError):
+            await asyncio.wait_for(backend.start(get_template("python"), Limits(), {}), 30)
+        assert time.monotonic() - started < 15
+    finally:
+        await backend.finish_cleanups()
+        server.close()
+
+
+async def test_an_owner_let_go_without_hearing_moved_does_not_end_the_sandbox_its_successor_holds(on_cluster):
+    """The holder tells the owner it lets go ("moved") with 2 s to take it: one not reading then (its loop busy, a
+    slow download filling its buffers) or cut off from the pod network gets the close alone, which is what a pod
+    that died looks like. Its kill (its registry's, its idle watchdog's) must not delete the claim: the sandbox is
+    another replica's now, in use."""
+    cluster = on_cluster
+    first, second = Engine(durable=True), Engine(durable=True)
+    sandbox = await first.create(SandboxSpec.build("python", isolation="kubernetes", limits={"lifetime": 600}))
+    taken = None
+    try:
+        await sandbox.run_code("x = 7")
+        sandbox.backend_sandbox.channel.honours_moved = False  # as if the "moved" never reached it
+        taken = await second.adopt(sandbox.backend_sandbox.describe(), sandbox.spec, time.time() + 600)
+        deadline = time.monotonic() + 10
+        while sandbox.backend_sandbox.channel.is_open:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        await sandbox.kill()  # what the first replica does with a sandbox whose channel closed
+        await first.backend("kubernetes").finish_cleanups()
+        assert (await taken.run_code("x * 6")).results[0].text == "42"
+        assert cluster.claim(kube.claim_name(sandbox.sandbox_id)) is not None
+    finally:
+        if taken is not None:
+            await taken.kill()
+        await first.shutdown()
+        await second.shutdown()
+
+
+async def test_waiting_for_a_pod_does_not_spin_on_watches_that_end_at_once(tmp_path, monkeypatch):
+    """An API server (or a proxy before it) that ends each watch at once, or answers each with 410 Gone: the wait
+    reads the claim and watches again, paced, not as fast as the loop can go (many creates at once would flood
+    the API server for their whole claim timeout)."""
+    import yaml
+    from aiohttp import web
+
+    calls = {"get": 0, "watch": 0}
+    path = "/apis/extensions.agents.x-k8s.io/v1beta1/namespaces/default/sandboxclaims"
+
+    async def get_claim(request):
+        calls["get"] += 1
+        return web.json_response({"apiVersion": "extensions.agents.x-k8s.io/v1beta1", "kind": "SandboxClaim",
+                                  "metadata": {"name": "sandlot-sb-000000000001", "resourceVersion": "7"}})
+
+    async def watch(request):
+        calls["watch"] += 1
+        return web.Response(text="", content_type="application/json")  # the stream ends at once
+
+    app = web.Application()
+    app.router.add_get(path + "/{name}", get_claim)
+    app.router.add_get(path, watch)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "c", "cluster": {"server": f"http://127.0.0.1:{port}"}}],
+        "users": [{"name": "c", "user": {"token": "t"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "c", "namespace": "default"}}]}))
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    backend = kube.KubernetesBackend()
+    try:
+        cluster = await backend.cluster()
+        with pytest.raises(sandlot.TimeoutError):
+            await cluster.wait_ready("sandlot-sb-000000000001", 3)
+        assert calls["watch"] <= 15, calls
+    finally:
+        await backend.finish_cleanups()
+        await runner.cleanup()
+
+
+async def test_a_servers_sweep_leaves_alone_the_sandboxes_of_a_program_using_the_sdk_directly(on_cluster):
+    """`Sandbox(isolation="kubernetes")` works from any process with a kubeconfig: such a program's sandboxes have
+    no row in any server's database. A server starting in the same namespace (a new replica, a rolling update)
+    must not take them for what a crashed server left, however long they have run."""
+    cluster = on_cluster
+    async with sandlot.AsyncSandbox(isolation="kubernetes", api_url="") as sb:
+        name = kube.claim_name(sb.sandbox_id)
+        from .kube_api import SANDBOX_CLAIMS
+
+        cluster.api._store[(SANDBOX_CLAIMS, cluster.namespace, name)]["metadata"]["creationTimestamp"] = \
+            "2026-01-01T00:00:00Z"  # it has run for hours
+        backend = kube.KubernetesBackend()  # a server's, starting
+        try:
+            await backend.sweep_orphans(set())
+        finally:
+            await backend.finish_cleanups()
+        assert cluster.claim(name) is not None
+        assert (await sb.run_code("1 + 1")).results[0].text == "2"
+    engine = Engine(durable=True)  # a server's: its claims are the sweep's to judge
+    sandbox = await engine.create(SandboxSpec.build("python", isolation="kubernetes"))
+    try:
+        assert _ours(cluster, sandbox.sandbox_id)["metadata"]["labels"]["sandlot.dev/durable"] == "true"
+    finally:
+        await sandbox.kill()
+        await engine.shutdown()
+
+
+async def test_a_pod_that_died_before_its_claim_says_so_still_has_its_claim_deleted(on_cluster, monkeypatch):
+    """The claim's Ready lags its pod's death by seconds: an owner whose channel the dying holder closed finds the
+    claim still Ready, and must still delete it (the holder is gone: nobody took the sandbox over)."""
+    cluster = on_cluster
+    engine = Engine(durable=True)
+    sandbox = await engine.create(SandboxSpec.build("python", isolation="kubernetes", limits={"lifetime": 600}))
+    name = kube.claim_name(sandbox.sandbox_id)
+    try:
+        monkeypatch.setattr(cluster, "_fail", lambda pod, message: asyncio.sleep(0))  # the controller, behind
+        await cluster.pods[(cluster.namespace, name)].sandbox.kill()  # the pod dies; its claim still says Ready
+        deadline = time.monotonic() + 10
+        while sandbox.backend_sandbox.channel.is_open:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        assert cluster.claim(name)["status"]["conditions"][0]["status"] == "True"
+        await sandbox.kill()
+        await engine.backend("kubernetes").finish_cleanups()
+        await _gone(cluster, name)
+    finally:
+        await engine.shutdown()

@@ -235,13 +235,13 @@ class PodHolder(OwnerRelay):
     def _check_hello(self, frame: bytes):
         """"now" (this hello bound the pod), "before" (it presented the key the pod is bound to), or None."""
         head_len, _ = protocol.PREFIX.unpack_from(frame)
-        try:
+        try:  # (whoever reaches the port may send anything: nothing it sends may end pid 1, and with it the pod)
             header = protocol.decode_header(frame[protocol.PREFIX.size:protocol.PREFIX.size + head_len])
-        except protocol.ProtocolError:
+        except (protocol.ProtocolError, RecursionError):  # RecursionError: JSON nested too deep
             return None
         key = header.get("key") if header.get("t") == "hello" else None
-        if not isinstance(key, str) or len(key) < 32:
-            return None
+        if not isinstance(key, str) or len(key) < 32 or not key.isascii():  # (a server's keys are URL-safe base64;
+            return None  # JSON may hold lone surrogates, which no encoding takes)
         digest = hashlib.sha256(key.encode()).digest()
         if self.key_digest is None:
             if header.get("bind") is not True:
@@ -358,12 +358,17 @@ def _holders_own(frame: bytes) -> bool:
     """A frame of a kind only the holder sends."""
     head_len, _ = protocol.PREFIX.unpack_from(frame)
     head = frame[protocol.PREFIX.size:protocol.PREFIX.size + head_len]
-    if b"moved" not in head and b"pod_usage" not in head:  # the common case, decided without decoding
+    # The common case, decided without decoding: the owner decodes a header as json.loads does (bytes: UTF-16
+    # and UTF-32 too, escapes), so a kind can hide behind an escape (a backslash) or another encoding (NULs,
+    # since "{" is ASCII); with neither, a header that means one says it literally.
+    if b"moved" not in head and b"pod_usage" not in head and b"\\" not in head and b"\0" not in head:
         return False
     try:
         return protocol.decode_header(head).get("t") in ("moved", "pod_usage")
     except protocol.ProtocolError:
         return False
+    except RecursionError:  # nested too deep for its owner to read either: held back (the holder lives on)
+        return True
 
 
 def main(argv: "list[str]") -> int:

@@ -48,6 +48,9 @@ GROUP, VERSION = "extensions.agents.x-k8s.io", "v1beta1"
 CLAIMS = "sandboxclaims"
 LABEL_SANDBOX, LABEL_MANAGED = "sandlot.dev/sandbox", "sandlot.dev/managed-by"
 LABEL_TEMPLATE = "sandlot.dev/template"
+# On the claims of a durable engine's sandboxes (a server's: recorded in its database), the only ones a server's
+# sweep may take for leftovers; a program using the SDK directly records its sandboxes nowhere.
+LABEL_DURABLE = "sandlot.dev/durable"
 POD_AGENT_DIR = "/opt/sandlot/_agent"
 CONNECT_TIMEOUT = 10.0
 BOOT_TIMEOUT = 120.0
@@ -55,6 +58,11 @@ USAGE_WITHIN = 1.0  # seconds a pod's holder has to answer for its counters
 # Seconds: a claim no server recorded, younger than this, may be a create in flight or another replica's one-shot
 # run (which has no row); older, it is what a server that died left.
 ORPHAN_AFTER = 3600.0
+# seconds for one call of the API server: its client has no timeout, and a connection that died without a word
+# (a load balancer dropping it) would hold a create, a kill or a lease for ever
+API_TIMEOUT = 30.0
+WATCH_AGAIN_AFTER = 1.0  # seconds: the least time between two watches of a claim
+HOLDER_CLOSED = "the agent closed the channel"  # Channel.closed_reason when the pod's holder closed it
 
 
 def claim_name(sandbox_id: str) -> str:
@@ -112,26 +120,28 @@ class _Cluster:
     async def create_network_policy(self, body: dict) -> None:
         from kubernetes_asyncio import client
 
-        await client.NetworkingV1Api(self.api_client).create_namespaced_network_policy(self.namespace, body)
+        await _answered(client.NetworkingV1Api(self.api_client).create_namespaced_network_policy(self.namespace, body))
 
     async def delete_network_policy(self, name: str) -> None:
         from kubernetes_asyncio import client
         from kubernetes_asyncio.client.exceptions import ApiException
 
         try:
-            await client.NetworkingV1Api(self.api_client).delete_namespaced_network_policy(name, self.namespace)
+            await _answered(client.NetworkingV1Api(self.api_client).delete_namespaced_network_policy(name, self.namespace))
         except ApiException as exc:
             if exc.status != 404:
                 raise
 
     async def create_claim(self, body: dict) -> dict:
-        return await self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, CLAIMS, body)
+        return await _answered(self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, CLAIMS,
+                                                                            body))
 
     async def get_claim(self, name: str) -> Optional[dict]:
         from kubernetes_asyncio.client.exceptions import ApiException
 
         try:
-            return await self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, CLAIMS, name)
+            return await _answered(self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, CLAIMS,
+                                                                            name))
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -141,24 +151,31 @@ class _Cluster:
         from kubernetes_asyncio.client.exceptions import ApiException
 
         try:
-            await self.custom.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, CLAIMS, name)
+            await _answered(self.custom.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, CLAIMS, name))
         except ApiException as exc:
             if exc.status != 404:
                 raise
 
     async def patch_claim(self, name: str, patch: dict) -> None:
-        await self.custom.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, CLAIMS, name, patch,
-                                                         _content_type="application/merge-patch+json")
+        await _answered(self.custom.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, CLAIMS, name, patch,
+                                                                   _content_type="application/merge-patch+json"))
 
     async def list_claims(self, label_selector: str) -> list:
-        listed = await self.custom.list_namespaced_custom_object(GROUP, VERSION, self.namespace, CLAIMS,
-                                                                 label_selector=label_selector)
+        listed = await _answered(self.custom.list_namespaced_custom_object(GROUP, VERSION, self.namespace, CLAIMS,
+                                                                           label_selector=label_selector))
         return list(listed.get("items") or [])
 
     async def wait_ready(self, name: str, timeout: float) -> str:
         """The claimed pod's address once the claim is Ready; SandboxCrashed if the claim goes away or
         fails, TimeoutError after ``timeout``. A watch from the claim's resourceVersion; a 410 (the version
         is too old: the API server compacted its history) starts over from a fresh read."""
+        try:  # (a watch whose connection died without a word would never end, nor see the deadline)
+            return await asyncio.wait_for(self._wait_ready(name, timeout), timeout + API_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise SandlotTimeout(f"the cluster gave sandbox claim {name} no ready pod within {timeout:.0f} s "
+                                 "(its API server stopped answering)") from None
+
+    async def _wait_ready(self, name: str, timeout: float) -> str:
         from kubernetes_asyncio import watch
         from kubernetes_asyncio.client.exceptions import ApiException
 
@@ -173,6 +190,7 @@ class _Cluster:
                 raise SandlotTimeout(f"the cluster gave sandbox claim {name} no ready pod within {timeout:.0f} s "
                                      f"({_claim_state(claim)})")
             stream = watch.Watch()
+            watched_at = time.monotonic()
             try:
                 async with stream:
                     async for event in stream.stream(
@@ -192,10 +210,21 @@ class _Cluster:
             except ApiException as exc:
                 if exc.status != 410:
                     raise
-            # 410 Gone, or the watch's own timeout: read the claim afresh and watch again
+            # 410 Gone, or the watch's own timeout: read the claim afresh and watch again; at most once a second
+            # (a server or proxy that ends every watch at once would have us flood it for the whole timeout)
+            await asyncio.sleep(max(0.0, min(WATCH_AGAIN_AFTER - (time.monotonic() - watched_at),
+                                             deadline - time.monotonic())))
 
     async def close(self) -> None:
         await self.api_client.close()
+
+
+async def _answered(call: Any) -> Any:
+    """An API call's answer within API_TIMEOUT, else TimeoutError."""
+    try:
+        return await asyncio.wait_for(call, API_TIMEOUT)
+    except asyncio.TimeoutError:
+        raise SandlotTimeout(f"the cluster's API server did not answer within {API_TIMEOUT:.0f} s") from None
 
 
 def _ready_address(claim: Optional[Mapping[str, Any]], name: str) -> Optional[str]:
@@ -304,16 +333,24 @@ class KubernetesSandbox(BackendSandbox):
     async def kill(self, reason: str = "killed") -> None:
         if self.killed_reason is None:
             self.killed_reason = reason
+        let_go = self.channel.closed_reason == HOLDER_CLOSED  # before we asked: see _delete_claim
         await self.channel.aclose()
         self._returncode = -9
         if self._cleanup is None and not self.channel.moved:  # moved: the sandbox is another owner's now
-            self._cleanup = asyncio.get_running_loop().create_task(self._delete_claim())
+            self._cleanup = asyncio.get_running_loop().create_task(self._delete_claim(let_go))
             self.on_cleanup(self._cleanup)
         if self._cleanup is not None:
             await asyncio.shield(self._cleanup)
 
-    async def _delete_claim(self) -> None:
+    async def _delete_claim(self, let_go: bool = False) -> None:
+        """``let_go``: the holder closed our channel without a "moved" we read. It closes an owner only for a newer
+        one (its "moved" lost: we did not read it within its 2 s, or were cut off) or as the pod ends: while the
+        claim still names a ready pod at our address, the sandbox is another owner's, in use, and not ours to end."""
         try:
+            if let_go and _ready_address(await self.cluster.get_claim(self.claim), self.claim) == self.address \
+                    and await self._holder_listens():  # (a claim's status lags its pod's death by seconds)
+                self.channel.moved = True
+                return
             await self.cluster.delete_claim(self.claim)
         except Exception:  # the claim's shutdownTime ends it anyway
             pass
@@ -322,6 +359,24 @@ class KubernetesSandbox(BackendSandbox):
                 await self.cluster.delete_network_policy(self.claim)
             except Exception:
                 pass
+
+    async def _holder_listens(self) -> bool:
+        """Whether the pod's holder still takes connections: one it keeps open, silent, waiting for a hello (a dead
+        pod's address refuses, resets or closes it), closed by us without a word."""
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(self.address, self.port),
+                                                    CONNECT_TIMEOUT / 3)
+        except (OSError, asyncio.TimeoutError):
+            return False
+        try:
+            await asyncio.wait_for(reader.read(1), 0.5)
+            return False  # closed (or spoke): no holder behind it
+        except asyncio.TimeoutError:
+            return True
+        except OSError:
+            return False
+        finally:
+            writer.close()
 
     async def apply_limits(self, limits: Limits) -> None:
         _check_pod_limits(limits, self.limits)
@@ -426,17 +481,22 @@ class KubernetesBackend(Backend):
         sandbox_id = new_sandbox_id()
         name = claim_name(sandbox_id)
         key = secrets.token_urlsafe(32)
-        claim = await cluster.create_claim({
-            "apiVersion": f"{GROUP}/{VERSION}", "kind": "SandboxClaim",
-            "metadata": {"name": name, "labels": {LABEL_SANDBOX: sandbox_id, LABEL_MANAGED: "sandlot",
-                                                  LABEL_TEMPLATE: template.name}},
-            "spec": {"warmPoolRef": {"name": pool_name(template.name)},
-                     "lifecycle": {"shutdownTime": rfc3339(time.time() + limits.lifetime), "shutdownPolicy": "Delete"},
-                     # The pod carries the sandbox's id too: its own NetworkPolicy, if any, selects it by that.
-                     "additionalPodMetadata": {"labels": {LABEL_SANDBOX: sandbox_id}}},
-        })
         sandbox: Optional[KubernetesSandbox] = None
         try:
+            # In the try: a create cancelled while the API server makes the claim (made, its answer not read yet)
+            # deletes it too.
+            labels = {LABEL_SANDBOX: sandbox_id, LABEL_MANAGED: "sandlot", LABEL_TEMPLATE: template.name}
+            if self.durable:
+                labels[LABEL_DURABLE] = "true"
+            claim = await cluster.create_claim({
+                "apiVersion": f"{GROUP}/{VERSION}", "kind": "SandboxClaim",
+                "metadata": {"name": name, "labels": labels},
+                "spec": {"warmPoolRef": {"name": pool_name(template.name)},
+                         "lifecycle": {"shutdownTime": rfc3339(time.time() + limits.lifetime),
+                                       "shutdownPolicy": "Delete"},
+                         # The pod carries the sandbox's id too: its own NetworkPolicy, if any, selects it by that.
+                         "additionalPodMetadata": {"labels": {LABEL_SANDBOX: sandbox_id}}},
+            })
             if policy is not None:
                 owner = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "SandboxClaim", "name": name,
                          "uid": str(claim.get("metadata", {}).get("uid") or ""), "blockOwnerDeletion": False}
@@ -462,7 +522,7 @@ class KubernetesBackend(Backend):
         except BaseException as exc:
             if sandbox is not None:
                 await asyncio.shield(sandbox.kill("boot failed"))
-            else:
+            elif getattr(exc, "status", None) != 409:  # (409: the name was taken: not our claim to delete)
                 await asyncio.shield(cluster.delete_claim(name))
                 if policy is not None:
                     with contextlib.suppress(Exception):
@@ -481,8 +541,14 @@ class KubernetesBackend(Backend):
             raise SandboxNotFound(f"sandbox {sandbox_id} is gone: its claim was deleted")
         try:
             address = _ready_address(claim, claim_name(sandbox_id)) or str(record["address"])
-            sock, welcome = await connect_pod(address, int(record["port"]), str(record["key"]))
+            sock, welcome = await connect_pod(address, int(record["port"]), str(record["key"]), bind=False)
+            if welcome.get("bound") != "before":
+                sock.close()
+                raise PodRefused(f"the pod at {address} is not the sandbox's (it was not bound to its key)")
         except (SandboxCrashed, PodRefused, KeyError, ValueError) as exc:
+            # The caller records it as gone (lost), and nobody holds it after: its pod must not run on, out of
+            # every quota and idle timeout, until the claim's shutdownTime (its lifetime).
+            await asyncio.shield(cluster.delete_claim(claim_name(sandbox_id)))
             raise SandboxNotFound(f"sandbox {sandbox_id} is gone: {exc}") from None
         limits = Limits.build(record["limits"]) if record.get("limits") else Limits()
         sandbox = KubernetesSandbox(sandbox_id, str(record.get("template") or "python"), limits, cluster, address,
@@ -493,11 +559,11 @@ class KubernetesBackend(Backend):
         return sandbox
 
     async def sweep_orphans(self, keep: "set[str]") -> int:
-        """Claims Sandlot made (found by label) for sandboxes no server recorded, deleted once older than
+        """Claims a server made (found by label) for sandboxes no server recorded, deleted once older than
         ORPHAN_AFTER (younger ones may be another replica's creates in flight)."""
         cluster = await self.cluster()
         deleted = 0
-        for claim in await cluster.list_claims(f"{LABEL_MANAGED}=sandlot"):
+        for claim in await cluster.list_claims(f"{LABEL_MANAGED}=sandlot,{LABEL_DURABLE}=true"):
             meta = claim.get("metadata") or {}
             sandbox_id = (meta.get("labels") or {}).get(LABEL_SANDBOX)
             if sandbox_id in keep or _age(meta.get("creationTimestamp")) < ORPHAN_AFTER:

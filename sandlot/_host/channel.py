@@ -15,6 +15,9 @@ from typing import Optional
 from .._agent import protocol
 
 CLOSED = object()  # queued to every open request when the channel ends
+# Frames without an id (boot messages) waiting to be read: they are read only while the agent boots, so an agent
+# (or the sandbox's code, through it) sending more afterwards would have them kept for the sandbox's life.
+CONTROL_BACKLOG = 8
 MOVED = "another owner took the sandbox over"  # closed_reason after a holder's "moved" frame
 
 
@@ -114,7 +117,8 @@ class Channel:
                         self.moved = True
                         reason = MOVED
                         break
-                    self.control.put_nowait((header, payload))
+                    if self.control.qsize() < CONTROL_BACKLOG:  # (boot messages carry no payload: none is kept)
+                        self.control.put_nowait((header, b""))
                     continue
                 queue = self._queues.get(rid) if isinstance(rid, int) else None
                 if queue is not None:
@@ -127,7 +131,7 @@ class Channel:
                     queue.put_nowait((header, payload))
         except asyncio.IncompleteReadError:
             pass
-        except protocol.ProtocolError as exc:
+        except (protocol.ProtocolError, RecursionError) as exc:  # (RecursionError: a header's JSON nested too deep)
             reason = "the agent broke the protocol: %s" % exc
         except (ConnectionError, OSError) as exc:
             reason = "channel error: %s" % exc

@@ -138,14 +138,13 @@ class Registry:
     def live_count(self, tenant: Optional[Tenant] = None) -> int:
         if tenant is None:
             return len(self.live) + sum(len(c) for c in self._creating.values())
-        if self.store.shared:
-            return self.usage(tenant).live
-        return sum(1 for s in self.live.values() if s.tenant.id == tenant.id) + len(self._creating.get(tenant.id, ()))
+        return self.usage(tenant).live
 
     def usage(self, tenant: Tenant) -> Usage:
         """What the tenant holds now: live sandboxes, and the memory and pids limits of those not paused. On a
         database that replicas share, what every server's rows hold (this process's one-shot runs, which have no
-        row, and its creates in flight on top)."""
+        row, and its creates in flight on top); else with the sandboxes of a tier any server reaches that no
+        process holds now (their running rows, taken back on demand)."""
         if self.store.shared:
             rows = self.store.counts(tenant)
             one_shots = [s.limits for s in self.live.values() if s.tenant.id == tenant.id and s.one_shot]
@@ -154,12 +153,23 @@ class Registry:
                          memory=rows.memory + sum(limits.memory for limits in pending),
                          pids=rows.pids + sum(limits.pids for limits in pending), paused_bytes=rows.paused_bytes)
         mine = [s for s in self.live.values() if s.tenant.id == tenant.id]
+        elsewhere = self._held_elsewhere(tenant)
         holding = ([s.limits for s in mine if not s.sandbox.is_paused] + self._creating.get(tenant.id, [])
-                   + self._resuming.get(tenant.id, []))
+                   + self._resuming.get(tenant.id, []) + elsewhere)
         paused_bytes = sum(s.local.checkpoint_bytes for s in mine if s.sandbox.is_paused)
-        return Usage(live=len(mine) + len(self._creating.get(tenant.id, ())),
+        return Usage(live=len(mine) + len(self._creating.get(tenant.id, ())) + len(elsewhere),
                      memory=sum(limits.memory for limits in holding), pids=sum(limits.pids for limits in holding),
                      paused_bytes=paused_bytes)
+
+    def _held_elsewhere(self, tenant: Tenant) -> "list[Limits]":
+        """The limits of the tenant's running sandboxes on a tier any replica reaches that this one does not hold
+        (another replica's, or no server's since one died: their pods run on their lease until their lifetime)."""
+        if not any(self._anywhere(isolation) for isolation in self.settings.isolations):
+            return []
+        now = time.time()
+        return [Limits.build(row.limits) for row in self.store.sandboxes(tenant, status="running", limit=1_000_000)
+                if row.id not in self.live and self._anywhere(row.isolation)
+                and (row.expires_at is None or row.expires_at > now)]
 
     # -- create --------------------------------------------------------------------------------------
     def _limits(self, tenant: Tenant, limits: Optional[Mapping[str, Any]], timeout: Optional[float]) -> Limits:
