@@ -356,7 +356,7 @@ async def test_taking_back_a_sandbox_whose_address_is_now_a_fresh_pods_never_bin
         fresh = (await cluster.wait_ready("someone-elses"))["status"]["sandbox"]["podIPs"][0]
         with pytest.raises(SandboxNotFound):
             await backend.adopt(dict(record, address=fresh))
-        sock, welcome = await kube.connect_pod(fresh, 8888, "n" * 43)  # its own server's hello, later
+        sock, welcome = await kube.connect_pod(fresh, 8888, "n" * 43, bind=True)  # its own server's hello, later
         sock.close()
         assert welcome["bound"] == "now"
     finally:
