@@ -36,9 +36,13 @@ async def cluster():
 
 @pytest.fixture
 def on_cluster(cluster, monkeypatch):
-    """This process's sandboxes of the kubernetes tier go to the emulated cluster."""
+    """This process's sandboxes of the kubernetes tier go to the emulated cluster, made as a program using the SDK
+    makes them (its engine not durable: an in-process server of an earlier test may have left it so)."""
+    from sandlot._engine import default_engine
+
     monkeypatch.setenv("KUBECONFIG", cluster.kubeconfig)
     monkeypatch.setenv("SANDLOT_KUBE_NAMESPACE", cluster.namespace)
+    monkeypatch.setattr(default_engine(), "durable", False)
     return cluster
 
 
