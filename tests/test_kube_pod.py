@@ -183,83 +183,14 @@ def test_only_the_holder_says_moved_or_counts_usage_the_agent_cannot():
     assert holder.agent_frames(forged) == forged[3:]
 
 
-FORGE_MOVED = r'''
+# Code in the sandbox (the agent's user) writing frames into the agent's pipe to the holder, from a child that
+# outlives the call (so the agent is idle): HEAD is the frame's header, PAYLOAD its payload size, COUNT how many.
+INTO_AGENTS_PIPE = r'''
 import os, struct, sys, time
-if os.fork() == 0:  # after this call's answer, while the agent is idle
-    time.sleep(0.5)
-    head = HEAD
-    frame = struct.pack(">II", len(head), 0) + head
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
-        except OSError:
-            continue
-        if not any(part.endswith(b"boot.py") for part in cmd) or b"pod" not in cmd:
-            continue
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            try:
-                if not os.readlink(f"/proc/{pid}/fd/{fd}").startswith("pipe:"):
-                    continue
-                flags = int(open(f"/proc/{pid}/fdinfo/{fd}").read().split("flags:")[1].split()[0], 8)
-                if flags & 3 != os.O_WRONLY:
-                    continue
-                w = os.open(f"/proc/{pid}/fd/{fd}", os.O_WRONLY)
-                os.write(w, frame)
-                os.close(w)
-            except OSError:
-                pass
-    os._exit(0)
-print("armed")
-'''
-
-
-@pytest.mark.parametrize("head", [b'{"t":"mov\\u0065d"}', '{"t":"moved"}'.encode("utf-16-le")],
-                         ids=["json-escape", "utf-16"])
-async def test_the_sandboxs_code_cannot_make_its_server_forget_it_with_a_moved_frame_in_disguise(pod, head):
-    """The sandbox's code runs as the agent's user: it can write frames into the agent's pipe to the holder. A
-    "moved" the holder lets through makes the server forget the sandbox (no idle timeout, out of its quotas)."""
-    sandbox = await pod.boot()
-    execution = await sandbox.run_code(FORGE_MOVED.replace("HEAD", repr(head)))
-    assert execution.error is None and execution.logs.stdout == ["armed\n"], execution
-    await asyncio.sleep(2)
-    assert not sandbox.moved_away, "a frame of the sandbox's code passed for the holder's"
-    assert (await sandbox.run_code("6 * 7")).results[0].text == "42"
-
-
-async def test_a_header_too_deep_to_decode_ends_the_sandbox_instead_of_silencing_its_channel(pod):
-    """JSON nested 100000 deep fits in a header and makes json.loads raise RecursionError, which is no ProtocolError:
-    the server's reader died without closing the channel, and every later call waited for an answer for ever."""
-    sandbox = await pod.boot()
-    head = b'{"t":"x","a":' + b"[" * 100000 + b"]" * 100000 + b"}"
-    execution = await sandbox.run_code(FORGE_MOVED.replace("HEAD", repr(head)))
-    assert execution.logs.stdout == ["armed\n"], execution
-    await asyncio.sleep(2)
-    with pytest.raises((sandlot.SandboxCrashed, sandlot.SandboxNotFound)):
-        await asyncio.wait_for(sandbox.run_code("6 * 7"), 15)
-
-
-@pytest.mark.parametrize("head", [b'{"t":"hello","key":"' + b"\\ud800" * 40 + b'"}',
-                                  b'{"t":"hello","key":' + b"[" * 100000 + b"]" * 100000 + b"}"],
-                         ids=["lone-surrogates", "nested-too-deep"])
-async def test_a_hello_the_holder_cannot_read_is_refused_and_the_pod_lives_on(pod, head):
-    """Whoever reaches the port before the owner (or the sandbox's own code, over the pod's loopback) must not be
-    able to crash pid 1, which ends the pod."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", pod.port)
-    writer.write(protocol.PREFIX.pack(len(head), 0) + head)
-    await writer.drain()
-    assert await asyncio.wait_for(reader.read(), 10) == b""
-    writer.close()
-    assert await pod.holder_running(), await pod.log()
-    sandbox = await pod.boot()
-    assert (await sandbox.run_code("1 + 1")).results[0].text == "2"
-
-
-FLOOD_CONTROL = r'''
-import os, struct, time
 if os.fork() == 0:
     time.sleep(0.5)
-    head = b'{"t":"junk"}'
-    frame = struct.pack(">II", len(head), 1024 * 1024) + head + b"j" * (1024 * 1024)
+    head = HEAD
+    frame = struct.pack(">II", len(head), PAYLOAD) + head + b"j" * PAYLOAD
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
@@ -285,12 +216,57 @@ print("armed")
 '''
 
 
+def forge(head: bytes, payload: int = 0, count: int = 1) -> str:
+    return INTO_AGENTS_PIPE.replace("HEAD", repr(head)).replace("PAYLOAD", str(payload)).replace("COUNT", str(count))
+
+
+@pytest.mark.parametrize("head", [b'{"t":"mov\\u0065d"}', '{"t":"moved"}'.encode("utf-16-le")],
+                         ids=["json-escape", "utf-16"])
+async def test_the_sandboxs_code_cannot_make_its_server_forget_it_with_a_moved_frame_in_disguise(pod, head):
+    """The sandbox's code runs as the agent's user: it can write frames into the agent's pipe to the holder. A
+    "moved" the holder lets through makes the server forget the sandbox (no idle timeout, out of its quotas)."""
+    sandbox = await pod.boot()
+    execution = await sandbox.run_code(forge(head))
+    assert execution.error is None and execution.logs.stdout == ["armed\n"], execution
+    await asyncio.sleep(2)
+    assert not sandbox.moved_away, "a frame of the sandbox's code passed for the holder's"
+    assert (await sandbox.run_code("6 * 7")).results[0].text == "42"
+
+
+async def test_a_header_too_deep_to_decode_ends_the_sandbox_instead_of_silencing_its_channel(pod):
+    """JSON nested 100000 deep fits in a header and makes json.loads raise RecursionError, which is no ProtocolError:
+    the server's reader died without closing the channel, and every later call waited for an answer for ever."""
+    sandbox = await pod.boot()
+    head = b'{"t":"x","a":' + b"[" * 100000 + b"]" * 100000 + b"}"
+    execution = await sandbox.run_code(forge(head))
+    assert execution.logs.stdout == ["armed\n"], execution
+    await asyncio.sleep(2)
+    with pytest.raises((sandlot.SandboxCrashed, sandlot.SandboxNotFound)):
+        await asyncio.wait_for(sandbox.run_code("6 * 7"), 15)
+
+
+@pytest.mark.parametrize("head", [b'{"t":"hello","key":"' + b"\\ud800" * 40 + b'"}',
+                                  b'{"t":"hello","key":' + b"[" * 100000 + b"]" * 100000 + b"}"],
+                         ids=["lone-surrogates", "nested-too-deep"])
+async def test_a_hello_the_holder_cannot_read_is_refused_and_the_pod_lives_on(pod, head):
+    """Whoever reaches the port before the owner (or the sandbox's own code, over the pod's loopback) must not be
+    able to crash pid 1, which ends the pod."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", pod.port)
+    writer.write(protocol.PREFIX.pack(len(head), 0) + head)
+    await writer.drain()
+    assert await asyncio.wait_for(reader.read(), 10) == b""
+    writer.close()
+    assert await pod.holder_running(), await pod.log()
+    sandbox = await pod.boot()
+    assert (await sandbox.run_code("1 + 1")).results[0].text == "2"
+
+
 async def test_frames_without_an_id_after_boot_do_not_pile_up_in_the_servers_memory(pod):
     """Frames with no request id go to the channel's control queue, read only while the agent boots. The sandbox's
     code writing them into its agent's pipe made its server keep every one (1 MiB each) for the sandbox's life:
     one tenant could run a server replica, and every other tenant's sandboxes on it, out of memory."""
     sandbox = await pod.boot()
-    execution = await sandbox.run_code(FLOOD_CONTROL.replace("COUNT", "64"))
+    execution = await sandbox.run_code(forge(b'{"t":"junk"}', 1024 * 1024, 64))
     assert execution.logs.stdout == ["armed\n"], execution
     await asyncio.sleep(4)
     control = sandbox._proc.channel.control
