@@ -265,3 +265,20 @@ def test_code_in_a_sandbox_cannot_take_the_channel_kept_for_its_next_owner(tmp_p
     assert kept == "'still here'"
     assert "pidfd -1" not in log and "tries 0" not in log, log  # it did hold pid 1 and try, all along
     assert "taken []" in log, log
+
+
+def test_an_embedded_server_makes_its_engine_durable_only_while_it_serves(tmp_path):
+    """A program that embeds the server (create_app) and also uses the SDK: while the server runs, sandboxes outlive
+    the process (the next server takes them back); once it stopped, the program's own sandboxes end with it again."""
+    from fastapi.testclient import TestClient
+
+    from sandlot._engine import default_engine
+    from sandlot.server import create_app
+    from sandlot.server.settings import Settings
+
+    before = default_engine().durable
+    app = create_app(Settings(db_path=tmp_path / "sandlot.db"))
+    assert default_engine().durable == before  # made, not serving yet
+    with TestClient(app):
+        assert default_engine().durable is True
+    assert default_engine().durable == before

@@ -82,7 +82,6 @@ def create_app(settings: Optional[Settings] = None, *, mounts: Sequence[Mount] =
     settings = settings or Settings()
     store = Store(settings.db_path)
     engine = default_engine()  # this process's backends, zygotes and warm pools
-    engine.durable = settings.durable  # its sandboxes outlive this process (the next server takes them back)
     metrics = Metrics(lambda: registry.live_count(), engine.pools.stats,  # registry: bound on the next line
                       lambda: registry.network_totals())
     registry = Registry(store, settings, metrics, engine)
@@ -93,6 +92,9 @@ def create_app(settings: Optional[Settings] = None, *, mounts: Sequence[Mount] =
         # One server per SQLite database: otherwise each would take the other's sandboxes for lost. (None for
         # PostgreSQL, which replicas share.)
         state.lock_fd = lock_database(settings.db_path)
+        # While it serves, the engine's sandboxes outlive this process (the next server takes them back); after,
+        # the process's engine is what it was (an embedding program's own SDK sandboxes end with it again).
+        was_durable, engine.durable = engine.durable, settings.durable
         try:
             await registry.startup()
             async with contextlib.AsyncExitStack() as stack:
@@ -102,6 +104,7 @@ def create_app(settings: Optional[Settings] = None, *, mounts: Sequence[Mount] =
                 yield
         finally:
             await registry.close()
+            engine.durable = was_durable
             store.close()
             if state.lock_fd is not None:
                 os.close(state.lock_fd)
