@@ -261,8 +261,15 @@ def test_fuzz_the_api_from_its_openapi_spec(server):
             return {"sandbox_id": c.post("/v1/sandboxes", json={}).json()["sandbox_id"]}
 
         def command() -> str:  # short-lived: following its stream must end soon
-            return c.post(f"/v1/sandboxes/{live['sandbox_id']}/commands",
-                          json={"cmd": "sleep 2", "background": True}).json()["command_id"]
+            for attempt in range(2):
+                r = c.post(f"/v1/sandboxes/{live['sandbox_id']}/commands",
+                           json={"cmd": "sleep 2", "background": True})
+                if r.status_code == 200:
+                    return r.json()["command_id"]
+                # The fuzzer's own calls may have ended the live sandbox since it was last looked at
+                # (a POST .../timeout of 2 s runs out a moment later): aim at a fresh one.
+                live.update(fresh())
+            raise AssertionError(f"a background command in a fresh sandbox: {r.status_code} {r.text[:300]}")
 
         live = fresh()
         for result in schema.get_all_operations():
