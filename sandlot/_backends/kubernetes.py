@@ -326,8 +326,7 @@ class KubernetesSandbox(BackendSandbox):
         return self._returncode
 
     async def wait(self) -> int:
-        while self.channel.is_open:
-            await asyncio.sleep(0.05)
+        await self.channel.closed()
         return self.returncode or 0
 
     async def kill(self, reason: str = "killed") -> None:

@@ -36,6 +36,7 @@ class Channel:
         # whose holder is trusted to say it and filters it out of what its agent sends (a pod's: pod.py).
         self.honours_moved = False
         self.moved = False
+        self._ended = asyncio.Event()  # set when the channel closes, for whoever waits on its end
 
     async def open(self) -> None:
         if isinstance(self._sock, tuple):  # (read pipe, write pipe): a gVisor container's stdout/stdin
@@ -143,11 +144,18 @@ class Channel:
         if self.closed_reason is not None:
             return
         self.closed_reason = reason
+        self._ended.set()
         for queue in self._queues.values():
             queue.put_nowait(CLOSED)
         self.control.put_nowait(CLOSED)
         if self._writer is not None:
             self._writer.close()
+
+    async def closed(self) -> str:
+        """Wait until the channel closes (the agent's end, or ours); its reason."""
+        await self._ended.wait()
+        assert self.closed_reason is not None
+        return self.closed_reason
 
     async def aclose(self) -> None:
         self._close("channel closed by the host")
