@@ -15,7 +15,7 @@ from sandlot._engine import Engine
 from sandlot._host import cgroups
 from sandlot._spec import SandboxSpec
 
-from .conftest import needs_sandbox, processes_in_sandbox
+from .conftest import RUNSC_MISSING, needs_sandbox, processes_in_sandbox
 from .test_durable import uid_range_taken
 
 pytestmark = needs_sandbox
@@ -108,6 +108,49 @@ def ownerless_life(limits: dict, *command_and_timeout: str) -> float:
 
 def test_a_durable_sandbox_whose_timeout_was_shortened_ends_at_the_shorter_one():
     assert ownerless_life({"lifetime": 600}, "sleep 600", "3") < 10
+
+
+# The owner's lease comes while pid 1 is busy (a large remove), and the owner dies before pid 1 reads it:
+# pid 1's next write (the remove's answer) fails first. What the owner sent before it died still counts.
+BUSY_OWNER = """
+import asyncio, json, sys, time
+from sandlot._engine import Engine
+from sandlot._spec import SandboxSpec
+
+async def main():
+    engine = Engine(durable=True)
+    sb = await engine.create(SandboxSpec.build("python", isolation=sys.argv[1], limits={"lifetime": 600}))
+    await sb.commands.run("mkdir -p /tmp/big && cd /tmp/big && seq 1 60000 | xargs touch")
+    remove = asyncio.ensure_future(sb.files.remove("/tmp/big"))
+    await asyncio.sleep(0.3)  # pid 1 is in the remove now
+    assert not remove.done(), "the remove ended too soon to hold pid 1"
+    await sb.set_timeout(3)
+    print(sb.sandbox_id, flush=True)
+    time.sleep(600)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("isolation", ["process", pytest.param("gvisor", marks=pytest.mark.skipif(
+    RUNSC_MISSING is not None, reason=str(RUNSC_MISSING)))])
+def test_a_lease_the_owner_sent_just_before_it_died_counts_though_pid_1_was_busy(isolation):
+    """On gVisor the keeper relays the channel and keeps the lease: the same holds of it."""
+    owner = subprocess.Popen([sys.executable, "-c", BUSY_OWNER, isolation], stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout is not None
+        sid = owner.stdout.readline().strip()
+        assert sid, "the owner made no sandbox"
+    finally:
+        owner.kill()
+        owner.wait()
+    gone_at = time.monotonic()
+    try:
+        while processes_in_sandbox(sid) and time.monotonic() - gone_at < 20:
+            time.sleep(0.2)
+        assert not processes_in_sandbox(sid), "it outlived the lease its owner set last"
+    finally:
+        cgroups.remove_named({sid})
 
 
 def test_a_grandchild_flooding_a_finished_commands_pipe_does_not_hold_pid_1_past_the_lease():

@@ -77,6 +77,7 @@ class OwnerRelay:
     def __init__(self, lease_until=None) -> None:
         self.sel = selectors.DefaultSelector()
         self.owner = None  # the connected owner's socket
+        self.lost = False  # a write to the owner failed: what it sent last is being read, then it is dropped
         self.owners = 0  # owners connected so far: from the second on, the agent is told of each
         self.from_owner = WholeFrames()
         self.from_agent = WholeFrames()
@@ -100,6 +101,7 @@ class OwnerRelay:
             self._drop_owner()
         conn.setblocking(False)
         self.owner = conn
+        self.lost = False
         self.owners += 1
         self.from_owner = WholeFrames()
         self.to_owner = bytearray()
@@ -139,39 +141,55 @@ class OwnerRelay:
 
     def _on_owner(self, key, mask) -> None:
         if mask & selectors.EVENT_READ:
-            try:
-                data = self.owner.recv(READ_SIZE)
-            except BlockingIOError:
-                data = None
-            except OSError:
-                data = b""
-            if data == b"":
+            if self._read_owner() is False:
                 return self._owner_gone()
-            if data:
-                try:
-                    frames = self.from_owner.feed(data)
-                    leases = [lease_of(frame) for frame in frames]
-                except protocol.ProtocolError:
-                    return self._owner_gone()  # not our owner's framing: treated as gone
-                for frame, (is_lease, until) in zip(frames, leases):
-                    if is_lease:
-                        self.lease_until = until
-                        self.on_lease(until)
-                    if not self.owner_frame(frame):
-                        self._to_agent(frame)
         if mask & selectors.EVENT_WRITE and self.owner is not None:
             self._flush_owner()
         self._watch_owner()
         self._watch_agent()
 
+    def _read_owner(self):
+        """One read of what the owner sent: True (frames taken), None (nothing now), False (it is gone: end of
+        stream, reset, or not our framing)."""
+        try:
+            data = self.owner.recv(READ_SIZE)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return False
+        if not data:
+            return False
+        try:
+            frames = self.from_owner.feed(data)
+            leases = [lease_of(frame) for frame in frames]
+        except protocol.ProtocolError:
+            return False  # not our owner's framing: treated as gone
+        for frame, (is_lease, until) in zip(frames, leases):
+            if is_lease:
+                self.lease_until = until
+                self.on_lease(until)
+            if not self.owner_frame(frame):
+                self._to_agent(frame)
+        return True
+
     def _flush_owner(self) -> None:
         """Send what waits for the owner now (the common case: all of it, no extra turn of the loop)."""
+        if self.lost:
+            self.to_owner = bytearray()
+            return
         while self.to_owner and self.owner is not None:
             try:
                 sent = self.owner.send(self.to_owner)
             except BlockingIOError:
                 break
             except OSError:
+                # Gone (EPIPE, ECONNRESET). What it sent before it went is taken first: a lease that shortened
+                # its deadline may be among it, not read yet because the agent's frame came first. (Answers
+                # the relay gives meanwhile go nowhere: ``lost`` stops them here.)
+                self.to_owner, self.lost = bytearray(), True
+                for _ in range(64):
+                    if not self._read_owner():
+                        break
                 return self._owner_gone()
             del self.to_owner[:sent]
         self._watch_owner()

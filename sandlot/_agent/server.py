@@ -368,6 +368,10 @@ class Agent:
             except BlockingIOError:
                 break
             except OSError:
+                # The owner is gone (EPIPE, ECONNRESET). What it sent before it went is read first: a lease
+                # that shortened its deadline may be among it (it arrived while we were busy).
+                self.out.clear()
+                self._read_what_is_left()
                 self._host_gone()  # pid 1 exits (the kernel ends the whole sandbox), or waits for a new owner
                 return
             del self.out[:sent]
@@ -401,6 +405,19 @@ class Agent:
                     self.sel.unregister(self.kernel.ctl)
                 else:
                     self.sel.register(self.kernel.ctl, selectors.EVENT_READ, self._on_kernel_ctl)
+
+    def _read_what_is_left(self) -> None:
+        """Dispatch the frames a gone owner sent that we had not read yet (answers go nowhere: dropped)."""
+        for _ in range(64):  # a gone owner sends nothing more: its queued bytes end soon
+            try:
+                data = self.host.recv(1 << 20)
+            except OSError:  # EAGAIN: all read; ECONNRESET: all read, then the reset
+                return
+            if not data:
+                return
+            for header, payload in self.inbox.feed(data):
+                self._dispatch(header, payload)
+            self.out.clear()
 
     def _on_host(self, key, mask) -> None:
         if mask & selectors.EVENT_READ:
