@@ -158,8 +158,10 @@ def sandbox_template_doc(template: str, limits: Limits, image: str, namespace: s
                             "spec": pod_spec},
             "networkPolicyManagement": "Managed",
             "networkPolicy": {
+                # The server's pods, on every TCP port: the holder's (AGENT_PORT) and the servers the sandbox's
+                # code starts (get_url). A port without "port" is every port of its protocol.
                 "ingress": [{"from": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": SERVER_NAME}}}],
-                             "ports": [{"protocol": "TCP", "port": AGENT_PORT}]}],
+                             "ports": [{"protocol": "TCP"}]}],
                 "egress": [],
             },
         },
@@ -300,7 +302,7 @@ def header(namespace: str, *, runtime_class: bool, db_secret: bool) -> str:
          if runtime_class else f"    (left out: the cluster's own RuntimeClass {RUNTIME_CLASS!r} must exist, as on"),
         "    print with --no-runtime-class);" if runtime_class else "    GKE Sandbox);",
         "  - a network plugin that enforces NetworkPolicy: without one, nothing holds the sandboxes'",
-        "    default-deny network (egress: none; ingress: the server's pods on the agent port);",
+        "    default-deny network (egress: none; ingress: the server's pods only, on TCP);",
     ]
     if db_secret:
         lines += ["  - PostgreSQL, reachable from the server's pods (its URL is in the Secret sandlot-db below:",

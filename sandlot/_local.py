@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import time
 from datetime import datetime, timezone
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Optional, Protocol, Union
@@ -362,7 +363,7 @@ class LocalSandbox(SandboxHandle):
         proc = await self._awake()
         forwarder = self._forwarders.get(port)
         if forwarder is None:
-            forwarder = PortForwarder(proc.netns_pid(), port)
+            forwarder = PortForwarder(functools.partial(proc.open_port, port), port)
             await forwarder.start()
             self._forwarders[port] = forwarder
         return forwarder.url
@@ -370,7 +371,7 @@ class LocalSandbox(SandboxHandle):
     async def proxy(self, port: int, method: str, target: str, headers: list, body: Any) -> tuple:
         """One HTTP request to the sandbox's server on ``port`` (the server's /ports/ route)."""
         proc = await self._awake()
-        return await proxy_request(proc.netns_pid(), port, method, target, headers, body)
+        return await proxy_request(functools.partial(proc.open_port, port), port, method, target, headers, body)
 
     async def network_log(self, since: Optional[float] = None) -> "list[dict]":
         await self._awake()

@@ -11,6 +11,10 @@
   127.0.0.N (N >= 10, going round the range as a CNI's allocator does) whose port (the readiness probe's
   tcpSocket port, else the first containerPort, else 8888) is forwarded into the sandbox through
   ``get_url``. The readiness probe connects there every 20 ms until something inside answers;
+  every other TCP port something in the sandbox listens on at every address (0.0.0.0 or ::, as a pod's address
+  reaches) is forwarded the same way from 127.0.0.N:P while it listens (looked up every 20 ms in the sandbox's
+  /proc/net/tcp{,6}): a port nothing listens on has no listener at the address, so its connections are refused
+  as a pod's are, and a server bound to 127.0.0.1 inside is not reached, as in a pod;
   then the claim's status is written: ``conditions: [{type: Ready, status: "True", reason:
   SandboxReady}]``, ``sandbox: {name, podIPs: ["127.0.0.N"]}``. Sandbox and Pod objects are written too.
 - Lifetime: a deleted claim kills its sandbox and closes its address; ``lifecycle.shutdownTime`` is
@@ -119,6 +123,21 @@ class PodAddress:
         self._conns: dict[asyncio.Task, list[asyncio.StreamWriter]] = {}  # open connections, both their ends
         self.ip = ""
 
+    async def listen(self, ip: str, port: int) -> bool:
+        """Listen at ip:port (again, after ``stop_listening``); False when another socket holds it."""
+        try:
+            self._server = await asyncio.start_server(self._serve, ip, port, reuse_address=True)
+        except OSError:
+            return False
+        self.ip = ip
+        return True
+
+    def stop_listening(self) -> None:
+        """New connections are refused; open ones go on (a server that stops listening keeps its connections)."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+
     async def open(self, port: int, taken: set[str]) -> str:
         global _next_host
         for _ in range(FIRST_POD_HOST, 255):
@@ -128,12 +147,9 @@ class PodAddress:
             ip = f"127.0.0.{n}"
             if ip in taken:
                 continue
-            try:
-                self._server = await asyncio.start_server(self._serve, ip, port, reuse_address=True)
-            except OSError:
-                continue  # another cluster (another test process) holds this address
-            self.ip = ip
-            return ip
+            if await self.listen(ip, port):
+                return ip
+            # else another cluster (another test process) holds this address
         raise RuntimeError("no free pod address in 127.0.0.10-254")
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -204,6 +220,25 @@ class PodAddress:
             await self._server.wait_closed()
 
 
+def listening_ports(pid: int) -> set[int]:
+    """The TCP ports something listens on at every address (0.0.0.0 or ::) in the network namespace of host process
+    ``pid``: what a pod's address reaches (one bound to 127.0.0.1 inside is the pod's own)."""
+    found = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/{pid}/net/{table}") as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:  # the sandbox is gone
+            continue
+        for row in rows:
+            fields = row.split()  # sl local_address rem_address st ...; st 0A: LISTEN
+            if len(fields) > 3 and fields[3] == "0A":
+                address, _, port = fields[1].rpartition(":")
+                if set(address) == {"0"}:
+                    found.add(int(port, 16))
+    return found
+
+
 async def tcp_probe(ip: str, port: int, settle: float = 0.1) -> bool:
     """The kubelet's tcpSocket probe: the connection is accepted and not reset at once (the forwarder
     resets it when nothing listens inside)."""
@@ -241,6 +276,8 @@ class Pod:
     command: Any = None
     address: Optional[PodAddress] = None
     ip: str = ""
+    ports: dict[int, PodAddress] = field(default_factory=dict)  # the code's own servers' ports, forwarded at ip
+    port_forwarder: Optional[asyncio.Task] = None
     phase: str = "Pending"  # Pending, Running (ready), Failed, Deleted
     ready: bool = False
     task: Optional[asyncio.Task] = None
@@ -563,6 +600,7 @@ class KubeCluster:
         pod.address = PodAddress(await sandbox.get_url(port))
         pod.ip = await pod.address.open(port, {p.ip for p in self.pods.values() if p is not pod and p.ip})
         pod.watcher = self._spawn(self._watch_container(pod))
+        pod.port_forwarder = self._spawn(self._forward_ports(pod, port))
         await self._write_pod(pod)
         if pod.pool in self._never_ready or pod.template in self._never_ready:
             return  # it runs, but its probe never passes
@@ -576,6 +614,27 @@ class KubeCluster:
         await self._write_pod(pod)
         await self._write_claim(pod.namespace, pod.claim, True, "SandboxReady", "the sandbox is ready",
                                 pod.name, [pod.ip])
+
+    async def _forward_ports(self, pod: Pod, holder_port: int) -> None:
+        """The ports the pod's code listens on at every address are open at the pod's address while they listen (a
+        connection to one that does not is refused: no listener there). The sandbox's netns pid is the engine's own
+        (the test process made the sandbox)."""
+        netns_pid = pod.sandbox._handle._proc.netns_pid()
+        while not pod.gone.is_set() and pod.phase in ("Pending", "Running"):
+            inside = listening_ports(netns_pid) - {holder_port}
+            for port in sorted(inside):
+                address = pod.ports.get(port)
+                if address is None:
+                    try:
+                        address = pod.ports[port] = PodAddress(await pod.sandbox.get_url(port))
+                    except sandlot.SandlotError:
+                        return  # the sandbox ended
+                if address._server is None:
+                    await address.listen(pod.ip, port)  # (held by another socket of this host: tried again)
+            for port, address in pod.ports.items():
+                if port not in inside:
+                    address.stop_listening()
+            await asyncio.sleep(self.probe_interval)
 
     async def _watch_container(self, pod: Pod) -> None:
         """restartPolicy Never: a container that exits fails its pod."""
@@ -595,6 +654,12 @@ class KubeCluster:
         await self._write_claim(pod.namespace, pod.claim, False, "PodFailed", message, pod.name, [])
 
     async def _stop(self, pod: Pod) -> None:
+        if pod.port_forwarder is not None and pod.port_forwarder is not asyncio.current_task():
+            pod.port_forwarder.cancel()
+            with contextlib.suppress(BaseException):
+                await pod.port_forwarder
+        for address in pod.ports.values():
+            await address.close()
         if pod.address is not None:
             await pod.address.close()
             # Let get_url's listener see the resets before the kill closes it: it cancels the connections

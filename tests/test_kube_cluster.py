@@ -12,6 +12,7 @@ import datetime
 import json
 import os
 import secrets
+import shlex
 import socket
 import time
 
@@ -278,6 +279,54 @@ async def test_a_claim_becomes_ready_with_a_pod_ip_that_reaches_its_container(cl
     await api.delete_namespaced_custom_object(GROUP, VERSION, NS, "sandboxclaims", "sandlot-sb-ready")
     await until(lambda: cluster.running_pods() == 0 and not processes_with(MARKER))
     assert socket_is_free(ip, 8888)
+
+
+async def _refused(ip: str, port: int) -> bool:
+    try:
+        _, writer = await asyncio.open_connection(ip, port)
+    except ConnectionRefusedError:
+        return True
+    writer.close()
+    return False
+
+
+async def _echoes(ip: str, port: int) -> bool:
+    try:
+        reader, writer = await asyncio.open_connection(ip, port)
+    except OSError:
+        return False
+    try:
+        writer.write(b"ping")
+        await writer.drain()
+        return await asyncio.wait_for(reader.readexactly(4), 5) == b"ping"
+    except (OSError, asyncio.IncompleteReadError):
+        return False
+    finally:
+        writer.close()
+
+
+async def test_the_pod_address_reaches_every_port_its_code_listens_on_at_every_address(cluster, api):
+    """As on a pod network: a server the pod's code starts on 0.0.0.0 is reached at the pod's address while it
+    listens; a port nothing listens on, or one bound to the pod's loopback, refuses the connection."""
+    await create_claim(api, "sandlot-sb-ports")
+    ip = (await cluster.wait_ready("sandlot-sb-ports"))["status"]["sandbox"]["podIPs"][0]
+    sandbox = cluster.pods[(NS, "sandlot-sb-ports")].sandbox
+    assert await _refused(ip, 8001)
+    server = await sandbox.commands.run("exec python3 -c " + shlex.quote(ECHO.replace("8888", "8001")),
+                                        background=True)
+    await sandbox.commands.run("exec python3 -c " + shlex.quote(ECHO.replace("'0.0.0.0',8888", "'127.0.0.1',8002")),
+                               background=True)
+    deadline = time.monotonic() + 10
+    while not await _echoes(ip, 8001):
+        assert time.monotonic() < deadline, "port 8001 never reached"
+        await asyncio.sleep(0.05)
+    r = await sandbox.commands.run("python3 -c \"import socket; socket.create_connection(('127.0.0.1', 8002), 5)\"")
+    assert r.exit_code == 0  # it listens, on the pod's loopback only
+    assert await _refused(ip, 8002) and await _refused(ip, 8003)
+    await server.kill()
+    await until(lambda: socket_is_free(ip, 8001))  # it stopped listening: refused again
+    await api.delete_namespaced_custom_object(GROUP, VERSION, NS, "sandboxclaims", "sandlot-sb-ports")
+    await until(lambda: cluster.running_pods() == 0 and not processes_with(MARKER))
 
 
 async def test_claims_are_listed_by_label_and_each_pod_has_its_own_ip(cluster, api):

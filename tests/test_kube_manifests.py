@@ -1,7 +1,7 @@
 """`sandlot kube manifests`: what an operator applies to a cluster. Every document is parsed back and checked for
 what the kubernetes tier's safety rests on: sandboxes under gVisor, non-root, without a token or privileges, with a
-default-deny network that admits only the server on the agent port; a server Role that can make claims and read
-templates, never exec into a pod or read a secret. The agent-sandbox objects are checked against the facts of
+default-deny network that admits only the server's pods (on TCP: the holder and get_url); a server Role that can
+make claims and read templates, never exec into a pod or read a secret. The agent-sandbox objects are checked against the facts of
 their CRDs (v1beta1) written below; where the real CRD files are at hand ($SANDLOT_AGENT_SANDBOX_CRDS, a directory
 holding extensions.agents.x-k8s.io_*.yaml from kubernetes-sigs/agent-sandbox k8s/crds/), against their full
 schemas too, pod specs included; the core objects against the official client's models (kubernetes_asyncio).
@@ -128,7 +128,7 @@ def test_sandbox_pods_run_under_gvisor_as_nobody_in_particular_with_nothing_to_e
     assert all(set(volumes[name]) == {"name", "emptyDir"} for name in mounts.values())  # no host paths
 
 
-def test_the_sandbox_network_denies_everything_but_the_server_on_the_agent_port():
+def test_the_sandbox_network_denies_everything_but_the_servers_pods_on_tcp():
     docs = documents()
     template = one(docs, "SandboxTemplate")["spec"]
     assert template["networkPolicyManagement"] == "Managed"
@@ -136,7 +136,8 @@ def test_the_sandbox_network_denies_everything_but_the_server_on_the_agent_port(
     assert policy["egress"] == []  # present and empty: the controller denies all egress
     [rule] = policy["ingress"]
     assert rule["from"] == [{"podSelector": {"matchLabels": SERVER_LABEL}}]
-    assert [p["port"] for p in rule["ports"]] == [8888] and rule["ports"][0].get("protocol", "TCP") == "TCP"
+    # Every TCP port (no "port": all of them): the holder's 8888 and the servers the code starts (get_url).
+    assert rule["ports"] == [{"protocol": "TCP"}]
     # The selector admits the server's pods and not the sandboxes themselves.
     server_pod_labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
     assert SERVER_LABEL.items() <= server_pod_labels.items()

@@ -39,3 +39,28 @@ async def test_a_sandbox_on_a_real_cluster_runs_under_gvisor_and_its_claim_goes_
     while await cluster.get_claim(name) is not None:
         assert time.monotonic() < deadline, f"claim {name} still there a minute after the kill"
         await asyncio.sleep(1)
+
+
+async def test_get_url_reaches_a_server_in_the_pod_over_the_pod_network():
+    """Reached as the holder is (this process must reach pod addresses, as the server's pods do)."""
+    import urllib.error
+    import urllib.request
+
+    pytest.importorskip("kubernetes_asyncio", reason="the tier's client: pip install 'sandlot[kubernetes]'")
+
+    def get(url: str, within: float) -> "bytes | int":
+        deadline = time.monotonic() + within
+        while True:
+            try:
+                return urllib.request.urlopen(url, timeout=10).read()
+            except urllib.error.HTTPError as exc:
+                if time.monotonic() > deadline:
+                    return exc.code
+                time.sleep(0.5)
+
+    async with sandlot.AsyncSandbox(isolation="kubernetes", api_url="") as sb:
+        await sb.commands.run("mkdir -p /tmp/site && cd /tmp/site && echo hi-from-the-pod > index.html && "
+                              "exec python3 -m http.server 8000 --bind 0.0.0.0", background=True)
+        url = await sb.get_url(8000)
+        assert await asyncio.to_thread(get, url + "index.html", 30) == b"hi-from-the-pod\n"
+        assert await asyncio.to_thread(get, await sb.get_url(8002), 0) == 502  # nothing listens there

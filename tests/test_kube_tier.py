@@ -617,3 +617,90 @@ async def test_a_pod_that_died_before_its_claim_says_so_still_has_its_claim_dele
         await _gone(cluster, name)
     finally:
         await engine.shutdown()
+
+
+# -- get_url: a server the sandbox's code started in its pod ---------------------------------------------------
+# Bound to every address: the server reaches the pod at its address (one bound to 127.0.0.1 is the pod's own).
+BIG = 8 * 1024 * 1024  # a body several times the carriers' 64 KiB chunks: it streams
+SERVE = ("mkdir -p /tmp/site && cd /tmp/site && echo hi-from-the-pod > index.html && "
+         "python3 -c 'import sys; sys.stdout.buffer.write(bytes(range(256)) * (%d // 256))' > big.bin && "
+         "exec python3 -m http.server 8000 --bind 0.0.0.0" % BIG)
+
+
+async def _fetch(url: str, headers: "dict | None" = None, within: float = 20.0) -> bytes:
+    """The body of a GET, once the server answers 200 (it takes a moment to start); from a thread, as the emulated
+    cluster answers from this event loop."""
+    import urllib.request
+
+    def get() -> bytes:
+        deadline = time.monotonic() + within
+        while True:
+            try:
+                return urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=10).read()
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+    return await asyncio.to_thread(get)
+
+
+async def _status(url: str, headers: "dict | None" = None) -> int:
+    import urllib.error
+    import urllib.request
+
+    def get() -> int:
+        try:
+            return urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=30).status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+    return await asyncio.to_thread(get)
+
+
+def _big() -> bytes:
+    return bytes(range(256)) * (BIG // 256)
+
+
+async def test_get_url_reaches_a_server_the_code_started_in_its_pod(on_cluster):
+    async with sandlot.AsyncSandbox(isolation="kubernetes", api_url="") as sb:
+        await sb.commands.run(SERVE, background=True)
+        url = await sb.get_url(8000)
+        assert url.startswith("http://127.0.0.1:") and await sb.get_url(8000) == url
+        assert await _fetch(url + "index.html") == b"hi-from-the-pod\n"
+        assert await _fetch(url + "index.html", within=0) == b"hi-from-the-pod\n"  # a second connection
+        assert await _fetch(url + "big.bin", within=0) == _big()
+        # Nothing listens on 8002 in the pod: its address refuses the connection, the URL answers 502.
+        assert await _status(await sb.get_url(8002)) == 502
+        # A server bound to the pod's loopback is the pod's own: not reached from outside either.
+        await sb.commands.run("exec python3 -m http.server 8001 --bind 127.0.0.1", background=True)
+        r = await sb.run_code("import socket, time\nfor _ in range(100):\n    try:\n"
+                              "        socket.create_connection(('127.0.0.1', 8001), 1).close(); break\n"
+                              "    except OSError:\n        time.sleep(0.1)\n'up'")
+        assert r.results[0].text == "'up'"
+        assert await _status(await sb.get_url(8001)) == 502
+        # The pod's holder's port is Sandlot's, not a server of the code.
+        assert await _status(await sb.get_url(8888)) == 502
+        with pytest.raises(sandlot.InvalidRequest, match="port must be"):
+            await sb.get_url(70000)
+    with pytest.raises(OSError):  # the listener ends with the sandbox
+        await _fetch(url, within=0)
+
+
+async def test_get_url_through_a_server_of_the_tier_needs_the_tenants_key(cluster, tmp_path):
+    from .serverproc import ServerProcess
+
+    server = ServerProcess(tmp_path / "sandlot.db", "--isolations", "kubernetes", env=_server_env(cluster))
+    await asyncio.to_thread(server.start)  # in a thread: the emulated cluster answers from this event loop
+    try:
+        key = server.key("alice")
+        auth = {"Authorization": "Bearer " + key}
+        async with sandlot.AsyncSandbox(api_url=server.url, api_key=key) as sb:
+            assert sb.isolation == "kubernetes"
+            await sb.commands.run(SERVE, background=True)
+            url = await sb.get_url(8000)
+            assert url.startswith(server.url) and f"/sandboxes/{sb.sandbox_id}/ports/8000/" in url
+            assert await _fetch(url + "index.html", auth) == b"hi-from-the-pod\n"
+            assert await _fetch(url + "big.bin", auth, within=0) == _big()  # streamed through the server
+            assert await _status(url + "index.html") == 401  # the server's own key check, as on the other tiers
+            assert await _status(url.replace("/ports/8000/", "/ports/8002/"), auth) == 502  # nothing listens there
+    finally:
+        await asyncio.to_thread(server.stop)

@@ -144,6 +144,14 @@ class BackendSandbox(abc.ABC):
         """A host pid whose network namespace is the sandbox's, for the host to configure and serve."""
         raise self._unsupported("network")
 
+    async def open_port(self, port: int) -> "tuple[asyncio.StreamReader, asyncio.StreamWriter]":
+        """A new TCP connection to ``port`` of the sandbox (a server its code started: ``get_url`` and the server's
+        /ports/ route); PortUnreachable when nothing answers there. The host tiers connect inside its network
+        namespace, to its loopback."""
+        from .._net.ports import connect_inside
+
+        return await connect_inside(self.netns_pid(), port)
+
     async def leased(self, until: Optional[float]) -> None:
         """Its owner told it its deadline (unix time): a tier that keeps its own record of the sandbox's
         end (a cluster's claim) moves it too."""

@@ -11,6 +11,8 @@ token, default-deny egress, ingress from the server's pods only) and a ``Sandbox
   with a key made for this sandbox, which binds the pod; the agent boots from the plan sent on that channel.
 - the channel is Sandlot's wire protocol over TCP, exactly as on the other tiers (everything above the
   backend is unchanged); a lease moves the claim's shutdownTime with the sandbox's deadline.
+- get_url (a server the sandbox's code started): a TCP connection to that port at the pod's address, over the
+  pod network as the holder's channel (``open_port``).
 - kill: the claim deleted (the controller deletes the Sandbox and its pod).
 - adopt (a restarted server): the record (claim name, pod address, key) names the pod; the key proves the
   server is the owner, and the newest owner takes over the channel.
@@ -39,6 +41,7 @@ from .._exceptions import TimeoutError as SandlotTimeout
 from .._host.channel import Channel
 from .._limits import Limits
 from .._net.policy import NetworkPolicy
+from .._net.ports import PortUnreachable, connect_address
 from .._templates import Template
 from ._common import boot_message, new_sandbox_id, sandbox_config, sandbox_env, template_config
 from . import kube_network
@@ -53,6 +56,9 @@ LABEL_TEMPLATE = "sandlot.dev/template"
 LABEL_DURABLE = "sandlot.dev/durable"
 POD_AGENT_DIR = "/opt/sandlot/_agent"
 CONNECT_TIMEOUT = 10.0
+# seconds a connection to a server of the sandbox's code (get_url) may take: a pod gone or a NetworkPolicy that
+# drops the packets answers nothing, and the caller's 502 should not wait for TCP's own minutes
+PORT_CONNECT_TIMEOUT = 5.0
 BOOT_TIMEOUT = 120.0
 USAGE_WITHIN = 1.0  # seconds a pod's holder has to answer for its counters
 # Seconds: a claim no server recorded, younger than this, may be a create in flight or another replica's one-shot
@@ -399,6 +405,14 @@ class KubernetesSandbox(BackendSandbox):
 
     def usage(self, *, reset_peak: bool = False, processes: bool = False) -> Counters:
         return self._counters
+
+    async def open_port(self, port: int) -> "tuple[asyncio.StreamReader, asyncio.StreamWriter]":
+        """``port`` at the pod's address, over the pod network as the holder's channel (the manifests' NetworkPolicy
+        lets the server's pods reach every TCP port of a sandbox pod); refused or unreachable: PortUnreachable."""
+        if port == self.port:  # the holder's own: nothing of the sandbox's can listen there
+            raise PortUnreachable(f"port {port} of a kubernetes sandbox is its pod's holder (Sandlot's), not a server "
+                                  "of its code: serve on another port")
+        return await connect_address(self.address, port, PORT_CONNECT_TIMEOUT)
 
     async def leased(self, until: Optional[float]) -> None:
         """The claim ends with the sandbox's deadline (a crashed server leaks no pod past it)."""

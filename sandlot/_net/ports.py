@@ -1,8 +1,10 @@
 """Reaching a sandbox's own servers from the host: ``sb.get_url(port)``.
 
 A server the code starts in the sandbox listens inside the sandbox's network namespace, which nothing
-outside can reach. The host makes its connection *inside* that namespace (netns.open_connection_inside:
-a socket created there, connected to 127.0.0.1:PORT) and carries bytes between it and:
+outside can reach. Each tier opens the connection its own way (``BackendSandbox.open_port``): the host tiers
+*inside* that namespace (``connect_inside``: a socket created there, connected to 127.0.0.1:PORT), the
+kubernetes tier to the pod's address over the pod network (``connect_address``). Bytes are carried between it
+and:
 
 - locally, a listener on the host's 127.0.0.1 (``PortForwarder``): the URL is ``http://127.0.0.1:P/``; it
   carries any TCP protocol (HTTP, WebSocket, a database) for as long as the sandbox lives;
@@ -10,14 +12,15 @@ a socket created there, connected to 127.0.0.1:PORT) and carries bytes between i
   behind the server's own API-key check; the request goes to the sandbox's server as HTTP/1.1 (h11)
   and the answer streams back.
 
-Only the sandbox's loopback is reached: the sandbox's server must listen on 127.0.0.1 or 0.0.0.0.
+On the host tiers only the sandbox's loopback is reached: its server must listen on 127.0.0.1 or 0.0.0.0; a
+pod's server is reached at the pod's address: it must listen on 0.0.0.0 (or ::).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import AsyncIterator, Iterable, Optional
+from typing import AsyncIterator, Awaitable, Callable, Iterable, Optional
 
 import h11
 
@@ -26,6 +29,11 @@ from .._exceptions import InvalidRequest, SandlotError
 CHUNK = 64 * 1024
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
               "transfer-encoding", "upgrade", "host", "content-length", "authorization"}
+
+
+Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+# Opens one new connection to the sandbox's port (a tier's BackendSandbox.open_port, the port bound).
+Connect = Callable[[], Awaitable[Streams]]
 
 
 class PortUnreachable(SandlotError):
@@ -40,7 +48,8 @@ def check_port(port: object) -> int:
     return port
 
 
-async def connect_inside(pid: int, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def connect_inside(pid: int, port: int) -> Streams:
+    """Port ``port`` on the loopback of the network namespace of host process ``pid`` (the host tiers)."""
     from .netns import open_connection_inside
 
     try:
@@ -49,6 +58,16 @@ async def connect_inside(pid: int, port: int) -> tuple[asyncio.StreamReader, asy
         raise PortUnreachable(f"nothing answers on port {port} inside the sandbox ({exc.strerror or exc}); "
                               "its server must listen on 127.0.0.1 or 0.0.0.0") from None
     return await asyncio.open_connection(sock=sock, limit=CHUNK)
+
+
+async def connect_address(host: str, port: int, timeout: float) -> Streams:
+    """Port ``port`` at ``host`` over the network (a pod's address), connected within ``timeout`` seconds."""
+    try:
+        return await asyncio.wait_for(asyncio.open_connection(host, port, limit=CHUNK), timeout)
+    except (OSError, asyncio.TimeoutError) as exc:
+        why = "no answer within %g s" % timeout if isinstance(exc, asyncio.TimeoutError) else exc.strerror or exc
+        raise PortUnreachable(f"nothing answers on port {port} of the sandbox at {host} ({why}); its server must "
+                              "listen on 0.0.0.0") from None
 
 
 async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -67,8 +86,8 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 class PortForwarder:
     """A listener on the host's 127.0.0.1 for one port of one sandbox, open until ``close()``."""
 
-    def __init__(self, pid: int, port: int) -> None:
-        self.pid, self.port = pid, port
+    def __init__(self, connect: Connect, port: int) -> None:
+        self.connect, self.port = connect, port
         self._server: Optional[asyncio.AbstractServer] = None
         self._conns: set[asyncio.Task] = set()
         self.url = ""
@@ -85,7 +104,7 @@ class PortForwarder:
             self._conns.add(task)
         try:
             try:
-                inner_reader, inner_writer = await connect_inside(self.pid, self.port)
+                inner_reader, inner_writer = await self.connect()
             except SandlotError:
                 writer.write(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
                 return
@@ -115,7 +134,7 @@ async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader) -> obj
         conn.receive_data(await reader.read(CHUNK))
 
 
-async def proxy_request(pid: int, port: int, method: str, target: str, headers: Iterable[tuple[str, str]],
+async def proxy_request(connect: Connect, port: int, method: str, target: str, headers: Iterable[tuple[str, str]],
                         body: AsyncIterator[bytes]) -> tuple[int, list[tuple[str, str]], AsyncIterator[bytes]]:
     """One HTTP request to the sandbox's server; its status, headers and a stream of its body. The
     caller's credentials (Authorization) and hop-by-hop headers are not passed on; the body keeps the
@@ -128,7 +147,7 @@ async def proxy_request(pid: int, port: int, method: str, target: str, headers: 
         framing = [("Transfer-Encoding", "chunked")]
     else:
         framing = []
-    reader, writer = await connect_inside(pid, port)
+    reader, writer = await connect()
     conn = h11.Connection(h11.CLIENT)
     forwarded = [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP]
     request = h11.Request(method=method, target=target or "/",
@@ -150,6 +169,9 @@ async def proxy_request(pid: int, port: int, method: str, target: str, headers: 
     except h11.RemoteProtocolError as exc:
         writer.close()
         raise PortUnreachable(f"the server on port {port} did not answer in HTTP/1.1: {exc}") from None
+    except (ConnectionError, OSError) as exc:  # it reset the connection before answering: a bad gateway too
+        writer.close()
+        raise PortUnreachable(f"the server on port {port} cut the connection without answering ({exc})") from None
     except BaseException:
         writer.close()
         raise
