@@ -704,3 +704,20 @@ async def test_get_url_through_a_server_of_the_tier_needs_the_tenants_key(cluste
             assert await _status(url.replace("/ports/8000/", "/ports/8002/"), auth) == 502  # nothing listens there
     finally:
         await asyncio.to_thread(server.stop)
+
+
+async def test_an_async_program_using_the_tier_ends_without_leaving_its_api_client_open(cluster):
+    """`asyncio.run(main())` with sandboxes on the tier: its Kubernetes API client (an HTTP session) is closed
+    when the event loop ends, not left for the interpreter to warn about ("Unclosed client session")."""
+    import subprocess
+    import sys
+
+    program = ("import asyncio, sandlot\n"
+               "async def main():\n"
+               "    async with await sandlot.AsyncSandbox.create(isolation='kubernetes', api_url='') as sb:\n"
+               "        print((await sb.run_code('6 * 7')).text, flush=True)\n"
+               "asyncio.run(main())\n")
+    done = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", program], env=_server_env(cluster),
+                                   capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout == "42\n", done.stderr
+    assert "Unclosed" not in done.stderr, done.stderr

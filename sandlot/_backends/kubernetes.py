@@ -456,6 +456,7 @@ class KubernetesBackend(Backend):
     def __init__(self) -> None:
         super().__init__()
         self._clusters: dict[tuple, _Cluster] = {}
+        self._closers: dict[tuple, asyncio.Task] = {}  # closes a client when its event loop ends: see cluster()
 
     async def cluster(self) -> _Cluster:
         """The API client of this event loop for the cluster the environment names now (KUBECONFIG, namespace)."""
@@ -463,7 +464,20 @@ class KubernetesBackend(Backend):
         cluster = self._clusters.get(key)
         if cluster is None:
             cluster = self._clusters[key] = await _Cluster.connect()
+            # asyncio.run() cancels the tasks left when its main ends: this one closes the client then (an HTTP
+            # session), which the interpreter would otherwise warn about at exit.
+            self._closers[key] = asyncio.get_running_loop().create_task(self._close_at_loop_end(key, cluster))
         return cluster
+
+    async def _close_at_loop_end(self, key: tuple, cluster: "_Cluster") -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            if self._clusters.get(key) is cluster:
+                del self._clusters[key]
+            if self._closers.get(key) is asyncio.current_task():
+                del self._closers[key]
+            await cluster.close()
 
     @classmethod
     def network_problem(cls, policy: Any, secrets: Any) -> Optional[str]:
@@ -473,8 +487,10 @@ class KubernetesBackend(Backend):
         """Claims of killed sandboxes deleted, then this event loop's API client closed (a later call makes one)."""
         await super().finish_cleanups()
         loop_id = id(asyncio.get_running_loop())
-        for key in [k for k in self._clusters if k[0] == loop_id]:
-            await self._clusters.pop(key).close()
+        for key in [k for k in self._closers if k[0] == loop_id]:
+            closer = self._closers[key]
+            closer.cancel()  # it closes the client as it ends
+            await asyncio.gather(closer, return_exceptions=True)
 
     async def start(self, template: Template, limits: Limits, env: dict[str, str], *,
                     awaited: bool = False, network: bool = False, mounts: Any = None,
