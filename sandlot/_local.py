@@ -363,6 +363,7 @@ class LocalSandbox(SandboxHandle):
         proc = await self._awake()
         forwarder = self._forwarders.get(port)
         if forwarder is None:
+            proc.check_ports()
             forwarder = PortForwarder(functools.partial(proc.open_port, port), port)
             await forwarder.start()
             self._forwarders[port] = forwarder

@@ -200,3 +200,11 @@ def test_pause_and_resume_through_the_server_survive_its_restart(tmp_path):
         assert Sandbox.list(status="ended", **remote)[0].sandbox_id == sb.sandbox_id
     finally:
         second.stop()
+
+
+def test_get_url_of_a_sandbox_made_without_a_network_says_how_to_get_one():
+    """runsc's network is fixed at boot: get_url of a sandbox made without one is refused with the way out, not
+    answered with a URL that only ever gives 502."""
+    with Sandbox(isolation="gvisor") as sb:
+        with pytest.raises(sandlot.InvalidRequest, match="network="):
+            sb.get_url(8000)

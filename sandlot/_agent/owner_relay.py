@@ -145,6 +145,7 @@ class OwnerRelay:
                 return self._owner_gone()
         if mask & selectors.EVENT_WRITE and self.owner is not None:
             self._flush_owner()
+        self._settle_lost()
         self._watch_owner()
         self._watch_agent()
 
@@ -183,17 +184,25 @@ class OwnerRelay:
             except BlockingIOError:
                 break
             except OSError:
-                # Gone (EPIPE, ECONNRESET). What it sent before it went is taken first: a lease that shortened
-                # its deadline may be among it, not read yet because the agent's frame came first. (Answers
-                # the relay gives meanwhile go nowhere: ``lost`` stops them here.)
+                # Gone (EPIPE, ECONNRESET). It is let go at the end of this turn (_settle_lost), after what it
+                # sent before it went, in order: a lease that shortened its deadline may be among it. (Answers the
+                # relay gives meanwhile go nowhere: ``lost`` drops them above.)
                 self.to_owner, self.lost = bytearray(), True
-                for _ in range(64):
-                    if not self._read_owner():
-                        break
-                return self._owner_gone()
+                return
             del self.to_owner[:sent]
         self._watch_owner()
         self._watch_agent()  # drained below the high-water mark: read the agent again (a large download)
+
+    def _settle_lost(self) -> None:
+        """At the end of a turn in which a write to the owner failed: the rest of what it sent is taken (in order,
+        after the frames of the read in progress), then it is let go. Never called inside a read: a nested read
+        would pass later frames on before earlier ones."""
+        if not self.lost or self.owner is None:
+            return
+        for _ in range(64):  # a gone owner sends nothing more: its queued bytes end soon
+            if not self._read_owner():
+                break
+        self._owner_gone()
 
     def _owner_gone(self) -> None:
         self._drop_owner()
@@ -271,6 +280,7 @@ class OwnerRelay:
         if self.owner is not None and frames:
             self.to_owner += b"".join(frames)
             self._flush_owner()
+            self._settle_lost()
         self._watch_agent()
 
     def _on_agent_writable(self, key, mask) -> None:

@@ -371,7 +371,8 @@ class Agent:
                 # The owner is gone (EPIPE, ECONNRESET). What it sent before it went is read first: a lease
                 # that shortened its deadline may be among it (it arrived while we were busy).
                 self.out.clear()
-                self._read_what_is_left()
+                if getattr(self.host, "write_fileno", None) is None:  # (on pipes, gVisor's, it ends anyway)
+                    self._read_what_is_left()
                 self._host_gone()  # pid 1 exits (the kernel ends the whole sandbox), or waits for a new owner
                 return
             del self.out[:sent]

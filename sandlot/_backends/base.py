@@ -144,6 +144,11 @@ class BackendSandbox(abc.ABC):
         """A host pid whose network namespace is the sandbox's, for the host to configure and serve."""
         raise self._unsupported("network")
 
+    def check_ports(self) -> None:
+        """Raise what keeps ``open_port`` from reaching any port of this sandbox (a gVisor sandbox made without a
+        network), so ``get_url`` says so at once instead of handing out a URL that only ever answers 502."""
+        self.netns_pid()
+
     async def open_port(self, port: int) -> "tuple[asyncio.StreamReader, asyncio.StreamWriter]":
         """A new TCP connection to ``port`` of the sandbox (a server its code started: ``get_url`` and the server's
         /ports/ route); PortUnreachable when nothing answers there. The host tiers connect inside its network

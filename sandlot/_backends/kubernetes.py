@@ -406,9 +406,14 @@ class KubernetesSandbox(BackendSandbox):
     def usage(self, *, reset_peak: bool = False, processes: bool = False) -> Counters:
         return self._counters
 
+    def check_ports(self) -> None:
+        """Every pod's ports are reachable from the server's pods (the manifests' NetworkPolicy)."""
+
     async def open_port(self, port: int) -> "tuple[asyncio.StreamReader, asyncio.StreamWriter]":
         """``port`` at the pod's address, over the pod network as the holder's channel (the manifests' NetworkPolicy
         lets the server's pods reach every TCP port of a sandbox pod); refused or unreachable: PortUnreachable."""
+        if not self.channel.is_open:  # the pod is gone (its address may be another pod's by now)
+            raise PortUnreachable(f"sandbox {self.id} has ended: {self.channel.closed_reason}")
         if port == self.port:  # the holder's own: nothing of the sandbox's can listen there
             raise PortUnreachable(f"port {port} of a kubernetes sandbox is its pod's holder (Sandlot's), not a server "
                                   "of its code: serve on another port")
@@ -463,7 +468,12 @@ class KubernetesBackend(Backend):
         key = (id(asyncio.get_running_loop()), os.environ.get("KUBECONFIG"), _config.get("SANDLOT_KUBE_NAMESPACE"))
         cluster = self._clusters.get(key)
         if cluster is None:
-            cluster = self._clusters[key] = await _Cluster.connect()
+            made = await _Cluster.connect()
+            cluster = self._clusters.get(key)
+            if cluster is not None:  # another call of this loop connected meanwhile: its client is the one
+                await made.close()
+                return cluster
+            cluster = self._clusters[key] = made
             # asyncio.run() cancels the tasks left when its main ends: this one closes the client then (an HTTP
             # session), which the interpreter would otherwise warn about at exit.
             self._closers[key] = asyncio.get_running_loop().create_task(self._close_at_loop_end(key, cluster))
@@ -488,6 +498,7 @@ class KubernetesBackend(Backend):
         await super().finish_cleanups()
         loop_id = id(asyncio.get_running_loop())
         for key in [k for k in self._closers if k[0] == loop_id]:
+            self._clusters.pop(key, None)  # a later call makes a new client, never gets the one closing
             closer = self._closers[key]
             closer.cancel()  # it closes the client as it ends
             await asyncio.gather(closer, return_exceptions=True)

@@ -169,7 +169,7 @@ async def proxy_request(connect: Connect, port: int, method: str, target: str, h
     except h11.RemoteProtocolError as exc:
         writer.close()
         raise PortUnreachable(f"the server on port {port} did not answer in HTTP/1.1: {exc}") from None
-    except (ConnectionError, OSError) as exc:  # it reset the connection before answering: a bad gateway too
+    except ConnectionError as exc:  # it reset the connection before answering: a bad gateway too
         writer.close()
         raise PortUnreachable(f"the server on port {port} cut the connection without answering ({exc})") from None
     except BaseException:
