@@ -64,10 +64,14 @@ async def connect_address(host: str, port: int, timeout: float) -> Streams:
     """Port ``port`` at ``host`` over the network (a pod's address), connected within ``timeout`` seconds."""
     try:
         return await asyncio.wait_for(asyncio.open_connection(host, port, limit=CHUNK), timeout)
-    except (OSError, asyncio.TimeoutError) as exc:
-        why = "no answer within %g s" % timeout if isinstance(exc, asyncio.TimeoutError) else exc.strerror or exc
-        raise PortUnreachable(f"nothing answers on port {port} of the sandbox at {host} ({why}); its server must "
-                              "listen on 0.0.0.0") from None
+    except asyncio.TimeoutError:
+        raise PortUnreachable(f"no answer from port {port} of the sandbox at {host} within {timeout:g} s: its pod is "
+                              "gone, or a NetworkPolicy drops the connection (Sandlot's manifests let the server's "
+                              "pods reach every TCP port of a sandbox pod)") from None
+    except OSError as exc:
+        everywhere = "::" if ":" in host else "0.0.0.0"  # an IPv6 pod address: the server must listen on IPv6
+        raise PortUnreachable(f"nothing answers on port {port} of the sandbox at {host} ({exc.strerror or exc}); "
+                              f"its server must listen on {everywhere} (all the pod's addresses)") from None
 
 
 async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
