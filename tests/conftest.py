@@ -129,6 +129,21 @@ def sandbox_processes(uid_range: tuple[int, int] | None = None) -> list[int]:
     return pids
 
 
+def http_body_once_up(url: str, headers: "dict | None" = None, within: float = 20.0) -> bytes:
+    """The body of a GET of ``url``, retried until its server answers 2xx (a server just started takes a moment)
+    or ``within`` seconds have passed (then the last error)."""
+    import urllib.request
+
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=10).read()
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def processes_in_sandbox(sandbox_id: str) -> dict[int, int]:
     """Host pid -> host uid of every process in the sandbox's cgroup (found from the host side)."""
     found = {}

@@ -19,7 +19,7 @@ from sandlot._backends import kubernetes as kube
 from sandlot._engine import Engine
 from sandlot._spec import SandboxSpec
 
-from .conftest import needs_sandbox
+from .conftest import http_body_once_up, needs_sandbox
 
 pytestmark = [needs_sandbox]
 
@@ -628,20 +628,8 @@ SERVE = ("mkdir -p /tmp/site && cd /tmp/site && echo hi-from-the-pod > index.htm
 
 
 async def _fetch(url: str, headers: "dict | None" = None, within: float = 20.0) -> bytes:
-    """The body of a GET, once the server answers 200 (it takes a moment to start); from a thread, as the emulated
-    cluster answers from this event loop."""
-    import urllib.request
-
-    def get() -> bytes:
-        deadline = time.monotonic() + within
-        while True:
-            try:
-                return urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=10).read()
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
-    return await asyncio.to_thread(get)
+    """From a thread: the emulated cluster answers from this event loop."""
+    return await asyncio.to_thread(http_body_once_up, url, headers, within)
 
 
 async def _status(url: str, headers: "dict | None" = None) -> int:

@@ -18,7 +18,7 @@ import pytest
 import sandlot
 
 from . import netlab
-from .conftest import needs_sandbox
+from .conftest import http_body_once_up, needs_sandbox
 
 pytestmark = [needs_sandbox]
 lab = netlab.lab_fixture()
@@ -433,20 +433,6 @@ SERVE = ("mkdir -p /tmp/site && echo hi-from-the-sandbox > /tmp/site/index.html 
          "cd /tmp/site && exec python3 -m http.server 8000 --bind 127.0.0.1")
 
 
-def _wait_for(url: str, headers: dict | None = None) -> bytes:
-    import time
-    import urllib.request
-
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            return urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=5).read()
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-
-
 def test_get_url_reaches_a_server_the_code_started_and_nothing_else():
     import urllib.error
     import urllib.request
@@ -455,7 +441,7 @@ def test_get_url_reaches_a_server_the_code_started_and_nothing_else():
         sb.commands.run(SERVE, background=True)
         url = sb.get_url(8000)
         assert url.startswith("http://127.0.0.1:") and sb.get_url(8000) == url
-        assert _wait_for(url + "index.html") == b"hi-from-the-sandbox\n"
+        assert http_body_once_up(url + "index.html") == b"hi-from-the-sandbox\n"
         # Another sandbox's port 8000 is its own (nothing listens there): 502, never the first one's.
         with pytest.raises(urllib.error.HTTPError) as info:
             urllib.request.urlopen(other.get_url(8000), timeout=5)
